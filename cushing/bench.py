@@ -1,0 +1,158 @@
+"""`cushing bench`: the engine's paper-shaped epoch against the compute floor, per backbone.
+
+Paper shape (Table I): 115 training subjects with 17 patients -> 183 images per epoch after x5 oversampling,
+batch 32, plus a 114-image validation pass. Weights are random: speed does not depend on them.
+floor = 183/32 x (fwd+bwd step on static device tensors) + 114/128 x (fwd at batch 128), as in
+../shared/bench/gpu_anchor.py. The engine's epoch includes augmentation, the validation pass, metrics and the
+one host sync per epoch.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import build_model, get_spec, preprocess_of
+from .data import DeviceAugment, ImageBank, pick_device
+from .engine import FitSettings, autocast_for, fit, oversampled
+
+__all__ = ["run_bench", "BenchRow", "paper_shaped_labels"]
+
+N_TRAIN, N_TRAIN_POS, N_VAL = 115, 17, 114
+
+
+@dataclass
+class BenchRow:
+    model: str
+    frozen: bool
+    epoch_s: float  # median engine epoch (fine-tune) or per-epoch share of the whole frozen run
+    floor_s: float
+    ratio: float
+    total_s: float  # frozen: features + all head epochs; fine-tune: timed epochs
+    images_per_epoch: int
+    note: str = ""
+
+
+def paper_shaped_labels(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    tr = np.r_[np.ones(N_TRAIN_POS, int), np.zeros(N_TRAIN - N_TRAIN_POS, int)]
+    va = np.r_[np.ones(16, int), np.zeros(N_VAL - 16, int)]
+    return np.r_[rng.permutation(tr), rng.permutation(va)]
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, reps: int, dev: torch.device) -> float:
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: int, n_val: int,
+                  frozen: bool) -> float:
+    """Pure compute: fwd+bwd+step at batch `bs` on one static tensor, and fwd at batch 128."""
+    cl = spec.channels_last and dev.type == "cuda"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    xb = torch.randn(bs, 3, img, img, device=dev).contiguous(memory_format=fmt)
+    yb = torch.randint(0, 2, (bs,), device=dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **({"fused": True} if dev.type == "cuda" else {}))
+
+    def step():
+        with autocast_for(dev):
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.train()
+    step()
+    reps = 5 if dev.type == "cuda" else 1
+    t_step = _timed(lambda: [step() for _ in range(reps)], 3, dev) / reps
+    xv = torch.randn(min(128, n_val), 3, img, img, device=dev).contiguous(memory_format=fmt)
+    model.eval()
+
+    def fwd():
+        with torch.no_grad(), autocast_for(dev):
+            model(xv)
+    fwd()
+    t_fwd = _timed(fwd, 3, dev)
+    return n_train / bs * t_step + n_val / xv.shape[0] * t_fwd
+
+
+def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: int, head_epochs: int = 200
+              ) -> BenchRow:
+    spec = get_spec(name)
+    labels = paper_shaped_labels()
+    tr, va = np.arange(N_TRAIN), np.arange(N_TRAIN, N_TRAIN + N_VAL)
+    n_epoch = len(oversampled(labels[tr], 5))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (len(labels), 3, img, img), dtype=torch.uint8, generator=g)
+    model = build_model(name, pretrained=False, img_size=img, freeze=frozen).to(dev)
+    if spec.channels_last and dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    bank = ImageBank(images, dev, 8 * 2**30)
+    aug = DeviceAugment(preprocess_of(model, img), dev, 1.0, spec.channels_last and dev.type == "cuda")
+    warm = 2
+    s = FitSettings(epochs=(head_epochs if frozen else epochs + warm), batch_size=32, lr=1e-3, momentum=0.9,
+                    weight_decay=0.0, oversample=5, aug_strength=1.0, aug_views=8, seed=0, frozen=frozen,
+                    progress=False, desc=name)
+    if frozen:
+        fit(model, bank, labels, tr, va, aug, FitSettings(**{**asdict(s), "epochs": 2}))  # warm-up
+        _sync(dev)
+        t = time.perf_counter()
+        fit(model, bank, labels, tr, va, aug, s)
+        _sync(dev)
+        total = time.perf_counter() - t
+        floor = compute_floor(model, spec, dev, img, 32, 0, len(labels) + 7 * N_TRAIN, frozen)
+        return BenchRow(name, True, total / head_epochs, floor / head_epochs, total / max(floor, 1e-9), total,
+                        n_epoch, f"features once ({8} views/train image) + {head_epochs} head epochs; "
+                        f"floor = one forward of every image and view")
+    result = fit(model, bank, labels, tr, va, aug, s)
+    epoch_s = statistics.median(result.epoch_seconds[warm:])
+    floor = compute_floor(model, spec, dev, img, 32, n_epoch, N_VAL, frozen)
+    return BenchRow(name, False, epoch_s, floor, epoch_s / floor, sum(result.epoch_seconds[warm:]), n_epoch)
+
+
+def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size: int = 224, device: str = "auto",
+              out: str = "bench.json") -> list[BenchRow]:
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86_64'})"
+    rows = []
+    plan = [(m, False) for m in models] + [(m, True) for m in frozen]
+    print(f"device: {name}; {N_TRAIN} train subjects -> {len(oversampled(paper_shaped_labels()[:N_TRAIN], 5))} "
+          f"images/epoch, {N_VAL} val; img {img_size}; batch 32")
+    print(f"{'model':10s} {'mode':10s} {'epoch s':>9s} {'floor s':>9s} {'ratio':>6s}")
+    for m, fr in plan:
+        try:
+            r = bench_one(m, fr, dev=dev, img=img_size, epochs=epochs)
+        except Exception as e:  # one model failing must not lose the others
+            r = BenchRow(m, fr, float("nan"), float("nan"), float("nan"), float("nan"), 0, f"error: {e!r}"[:300])
+        rows.append(r)
+        print(f"{r.model:10s} {'frozen' if r.frozen else 'fine-tune':10s} {r.epoch_s:9.4f} {r.floor_s:9.4f} "
+              f"{r.ratio:6.2f}{'  ' + r.note if r.note.startswith('error') else ''}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    payload = {"device": name, "torch": torch.__version__, "img_size": img_size, "epochs": epochs,
+               "rows": [asdict(r) for r in rows]}
+    with open(out, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {out}")
+    return rows

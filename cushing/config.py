@@ -1,0 +1,244 @@
+"""Typed configuration, declared once.
+
+Defaults live in frozen dataclasses. Overrides come from the CLI, MLproject parameters (all strings) or study
+files (YAML); unknown or mistyped keys are errors that name the key (and the YAML line when there is one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "load_yaml_with_lines"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it (and where it came from)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the paper's protocol (Song et al.) where the paper states one."""
+
+    model: str = "vit_b_32"
+    freeze: bool | None = None  # None: the registry's policy (DINOv2 frozen, others fine-tuned)
+    data: str = "demo"  # "demo" or a manifest CSV
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3  # the paper does not state its learning rate; 1e-3 is our choice (README)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    split_seed: int = 0  # kept apart from `seed` so repeated seeds train on the same split
+    split_ratios: str = "1:1:1"
+    pretrained: bool = True
+    weights: str | None = None
+    img_size: int = 224
+    oversample: int = 5  # each training positive appears this many times per epoch, as augmented views
+    aug_strength: float = 1.0  # scales rotation, crop and brightness ranges; 0 disables augmentation
+    aug_views: int = 8  # frozen backbones: cached augmented views per training image
+    device: str = "auto"
+    select_metric: str = "val/f1"  # chooses the best epoch; validation only
+    threshold: str = "f1"  # f1 | youden | sensitivity:0.9 | a number; chosen on validation
+    calibrate: bool = False  # temperature scaling fitted on validation
+    prevalence: float | None = None  # screening prevalence for PPV/NPV; None = training prevalence
+    min_positives: int = 5  # subgroups with fewer positives are not estimable
+    bootstrap: int = 2000  # bootstrap resamples for F1/AUC intervals (0 = off)
+    cv_folds: int = 0  # >1: stratified group k-fold, one child run per fold
+    seeds: int = 1  # >1: repeat with seeds seed..seed+N-1, one child run per seed
+    cam: bool = True
+    allow_phi_artifacts: bool = False  # per-image overlays, crops, file names: off unless explicitly allowed
+    experiment: str = "cushing"
+    run_name: str | None = None
+    memory_budget_gb: float = 4.0  # decoded uint8 images above this stream from host memory
+    patience: int = 0  # stop after this many epochs without improvement (0 = never; the paper trains 200)
+    log_model: bool = True
+    decode_workers: int = 0  # 0 = one per CPU core
+
+    def __post_init__(self) -> None:
+        _validate_train(self)
+
+    @property
+    def ratios(self) -> tuple[float, float, float]:
+        return _parse_ratios(self.split_ratios)
+
+
+def _parse_ratios(text: str) -> tuple[float, float, float]:
+    parts = str(text).replace(",", ":").split(":")
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"split_ratios: expected three numbers like 1:1:1, got {text!r}") from None
+    if len(vals) != 3 or any(v < 0 or not math.isfinite(v) for v in vals) or vals[0] <= 0 or sum(vals) <= 0:
+        raise ConfigError(f"split_ratios: expected train:val:test with train > 0, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _validate_train(c: TrainConfig) -> None:
+    from .backbones import MODEL_NAMES
+
+    problems = []
+    if c.model not in MODEL_NAMES:
+        problems.append(f"model: unknown {c.model!r}; choose one of: {' '.join(MODEL_NAMES)}")
+    for name in ("epochs", "batch_size", "img_size", "oversample", "aug_views", "bootstrap"):
+        if getattr(c, name) < (0 if name == "bootstrap" else 1):
+            problems.append(f"{name}: must be >= {0 if name == 'bootstrap' else 1}, got {getattr(c, name)}")
+    if c.lr <= 0:
+        problems.append(f"lr: must be > 0, got {c.lr}")
+    if not 0 <= c.momentum < 1:
+        problems.append(f"momentum: must be in [0, 1), got {c.momentum}")
+    if c.weight_decay < 0:
+        problems.append(f"weight_decay: must be >= 0, got {c.weight_decay}")
+    if c.aug_strength < 0:
+        problems.append(f"aug_strength: must be >= 0, got {c.aug_strength}")
+    if c.prevalence is not None and not 0 < c.prevalence < 1:
+        problems.append(f"prevalence: must be in (0, 1), got {c.prevalence}")
+    if c.cv_folds == 1 or c.cv_folds < 0:
+        problems.append(f"cv_folds: 0 (off) or >= 2, got {c.cv_folds}")
+    if c.seeds < 1:
+        problems.append(f"seeds: must be >= 1, got {c.seeds}")
+    if c.device not in ("auto", "cpu", "cuda", "mps") and not c.device.startswith("cuda:"):
+        problems.append(f"device: auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
+    if not c.select_metric.startswith("val/"):
+        problems.append(f"select_metric: must be a validation metric (val/...), got {c.select_metric!r}")
+    try:
+        _parse_ratios(c.split_ratios)
+    except ConfigError as e:
+        problems.append(str(e))
+    try:
+        from .evidence import parse_threshold_rule
+        parse_threshold_rule(c.threshold)
+    except ValueError as e:
+        problems.append(f"threshold: {e}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+_NONE_WORDS = ("", "none", "null", "auto")
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        return _coerce(args[0], value)
+    if tp is bool:
+        return parse_bool(value)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {type(value).__name__}")
+        return str(value)
+    return value
+
+
+def resolve(cls: type, overrides: Mapping[str, Any] | None = None, *, base: Any = None,
+            lines: Mapping[str, int] | None = None, source: str = "") -> Any:
+    """A frozen `cls` from `base` (or the defaults) with `overrides` applied, every key checked and coerced."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    values = dataclasses.asdict(base) if base is not None else {}
+    problems = []
+    for key, raw in (overrides or {}).items():
+        where = _where(source, lines, key)
+        if key not in names:
+            close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{where}unknown key {key!r}{hint}")
+            continue
+        try:
+            values[key] = _coerce(hints[key], raw)
+        except ValueError as e:
+            problems.append(f"{where}{key}: {e}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        if source:
+            raise ConfigError(f"{source}: {e}") from None
+        raise
+
+
+def _where(source: str, lines: Mapping[str, int] | None, key: str) -> str:
+    if lines and key in lines:
+        return f"{source}:{lines[key]}: "
+    return f"{source}: " if source else ""
+
+
+def to_params(cfg: Any) -> dict[str, str]:
+    """Flat string params for MLflow (None -> 'auto' for freeze, '' otherwise)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = ("auto" if f.name == "freeze" else "") if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+def load_yaml_with_lines(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML and record the line of every mapping key, by its path of keys/indexes."""
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    lines: dict[tuple, int] = {}
+
+    def walk(n, prefix: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = prefix + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
+    if node is not None:
+        walk(node, ())
+    return yaml.safe_load(text), lines
+
+
+def lines_under(lines: Mapping[tuple, int], prefix: tuple) -> dict[str, int]:
+    """Key -> line for the mapping at `prefix`."""
+    n = len(prefix)
+    return {k[n]: v for k, v in lines.items() if len(k) == n + 1 and k[:n] == prefix and isinstance(k[n], str)}
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)
+

@@ -1,0 +1,295 @@
+"""The training engine: the paper's protocol, built for speed. Returns values; logs nothing.
+
+Fine-tuning: uint8 images resident on the device, augmentation on the device, bf16 autocast and channels_last
+(CNNs) on CUDA, one host sync per epoch. Frozen backbones: features of every image (and of `aug_views`
+augmented views per training image) are computed once and the head alone trains on them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DeviceAugment, ImageBank
+from .metrics import point_metrics
+
+__all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
+           "features_of", "autocast_for"]
+
+
+class StopTraining(Exception):
+    """Raised by an epoch callback to end training early (e.g. an Optuna pruner); carries the reason."""
+
+
+class EpochCallback(Protocol):
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    oversample: int
+    aug_strength: float
+    aug_views: int
+    seed: int
+    frozen: bool
+    select_metric: str = "val/f1"
+    patience: int = 0
+    eval_batch: int = 128
+    progress: bool = True
+    desc: str = "train"
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]]
+    epochs_run: int
+    seconds: float
+    stopped: str = ""  # why training ended early, if it did
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def oversampled(labels: np.ndarray, factor: int) -> np.ndarray:
+    """Positions into `labels` where each minority-class item appears `factor` times (train only)."""
+    labels = np.asarray(labels)
+    minority = 1 if (labels == 1).sum() <= (labels == 0).sum() else 0
+    pos = np.arange(len(labels))
+    return np.concatenate([pos] + [pos[labels == minority]] * (max(1, factor) - 1))
+
+
+def _batches(n: int, bs: int) -> list[tuple[int, int]]:
+    """Batch bounds that never leave a batch of one (BatchNorm cannot train on it)."""
+    bounds = [(i, min(i + bs, n)) for i in range(0, n, bs)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], n)
+        bounds.pop()
+    return bounds
+
+
+@torch.no_grad()
+def features_of(model, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@torch.no_grad()
+def predict_proba(model, bank: ImageBank, idx: np.ndarray, aug: DeviceAugment, batch: int = 128
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(probability of class 1, logit difference) for the images at `idx`; eval mode, no augmentation."""
+    model.eval()
+    dev = bank.device
+    probs, diffs = [], []
+    t_idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
+    for a, b in _batches(len(t_idx), batch):
+        with autocast_for(dev):
+            logits = model(aug.normalize(bank.take(t_idx[a:b]))).float()
+        probs.append(logits.softmax(1)[:, 1])
+        diffs.append(logits[:, 1] - logits[:, 0])
+    if not probs:
+        return np.zeros(0), np.zeros(0)
+    return torch.cat(probs).cpu().numpy().astype(np.float64), torch.cat(diffs).cpu().numpy().astype(np.float64)
+
+
+def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
+    y_t = torch.as_tensor(y_val, device=logits.device)
+    loss = F.cross_entropy(logits.float(), y_t).item() if len(y_val) else float("nan")
+    p = logits.float().softmax(1)[:, 1].cpu().numpy()
+    m = point_metrics(y_val, p, 0.5)
+    return {"val/loss": loss, "val/f1": m["f1"], "val/auc": m["auc"], "val/accuracy": m["accuracy"],
+            "val/recall": m["recall"], "val/specificity": m["specificity"], "val/precision": m["precision"]}
+
+
+class _Selector:
+    """Tracks the best epoch on a validation metric (higher is better; val/loss lower is better)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.sign = -1.0 if metric.endswith("loss") else 1.0
+        self.best = -math.inf
+        self.best_epoch = 0
+        self.best_loss = math.inf
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if self.metric not in metrics:
+            raise KeyError(f"select_metric {self.metric!r} is not computed per epoch; choose one of {sorted(metrics)}")
+        v = metrics[self.metric]
+        score = self.sign * v if math.isfinite(v) else -math.inf
+        loss = metrics.get("val/loss", math.inf)
+        # ties (common with small validation sets) go to the lower validation loss
+        if score > self.best or (score == self.best and loss < self.best_loss) or self.best_epoch == 0:
+            self.best, self.best_epoch, self.best_loss = score, epoch, loss
+            return True
+        return False
+
+
+def fit(model, bank: ImageBank, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+        aug: DeviceAugment, s: FitSettings, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train `model` in place; on return it holds the weights of the best validation epoch."""
+    torch.manual_seed(s.seed)
+    gen = torch.Generator(device=bank.device)
+    gen.manual_seed(s.seed)
+    if s.frozen:
+        return _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch)
+    return _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch)
+
+
+def _optimizer(params, s: FitSettings, device: torch.device):
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, **kw)
+
+
+def _progress(s: FitSettings):
+    from tqdm.auto import tqdm
+    return tqdm(total=s.epochs, desc=s.desc, unit="ep", disable=not s.progress, leave=False, mininterval=0.5)
+
+
+def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snapshot: Callable[[], object],
+          restore: Callable[[object], None], on_epoch: EpochCallback | None) -> FitResult:
+    """The epoch loop shared by both paths: selection, patience, callbacks, progress, timing."""
+    sel = _Selector(s.select_metric)
+    history: list[dict[str, float]] = []
+    best_state = None
+    stopped = ""
+    times = []
+    t0 = time.perf_counter()
+    bar = _progress(s)
+    try:
+        for epoch in range(1, s.epochs + 1):
+            te = time.perf_counter()
+            metrics = run_epoch(epoch)
+            times.append(time.perf_counter() - te)
+            history.append({"epoch": epoch, **metrics})
+            if sel.update(epoch, metrics):
+                best_state = snapshot()
+            bar.update(1)
+            bar.set_postfix(val_f1=f"{metrics['val/f1']:.3f}", best=sel.best_epoch, refresh=False)
+            if on_epoch is not None:
+                try:
+                    on_epoch(epoch, metrics)
+                except StopTraining as e:
+                    stopped = str(e) or "stopped by callback"
+                    break
+            if s.patience and epoch - sel.best_epoch >= s.patience:
+                stopped = f"no improvement in {s.patience} epochs"
+                break
+    finally:
+        bar.close()
+    if best_state is not None:
+        restore(best_state)
+    best_score = sel.sign * sel.best if math.isfinite(sel.best) else float("nan")
+    return FitResult(sel.best_epoch, best_score, history, len(history), time.perf_counter() - t0, stopped, times)
+
+
+def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) -> FitResult:
+    dev = bank.device
+    y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=dev)
+    epoch_pos = torch.as_tensor(np.asarray(train_idx)[oversampled(labels[train_idx], s.oversample)], device=dev)
+    val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.long, device=dev)
+    y_val = np.asarray(labels)[val_idx]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, s, dev)
+    bounds = _batches(len(epoch_pos), s.batch_size)
+
+    def run_epoch(epoch: int) -> dict[str, float]:
+        model.train()
+        order = epoch_pos[torch.randperm(len(epoch_pos), device=dev, generator=gen)]
+        loss_sum = torch.zeros((), device=dev)
+        for a, b in bounds:
+            idx = order[a:b]
+            x = aug(bank.take(idx), gen)
+            with autocast_for(dev):
+                loss = F.cross_entropy(model(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * (b - a)
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([_logits(model, aug, bank, val_t[a:b]) for a, b in _batches(len(val_t), s.eval_batch)])
+        metrics = _epoch_metrics(y_val, logits)
+        metrics["train/loss"] = loss_sum.item() / len(epoch_pos)
+        return metrics
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _loop(s, run_epoch, snapshot, model.load_state_dict, on_epoch)
+
+
+def _logits(model, aug, bank, idx):
+    with autocast_for(bank.device):
+        return model(aug.normalize(bank.take(idx))).float()
+
+
+@torch.no_grad()
+def _feature_bank(model, bank, idx: torch.Tensor, aug: DeviceAugment, views: int, gen, batch: int) -> torch.Tensor:
+    """[views, N, D] features; view 0 is un-augmented when views > 1 is not asked (val/test)."""
+    model.eval()
+    out = []
+    for v in range(views):
+        feats = []
+        for a, b in _batches(len(idx), batch):
+            x = bank.take(idx[a:b])
+            x = aug(x, gen) if views > 1 else aug.normalize(x)
+            with autocast_for(bank.device):
+                feats.append(features_of(model, x).float())
+        out.append(torch.cat(feats))
+    return torch.stack(out)
+
+
+def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) -> FitResult:
+    from .backbones import head_of
+
+    dev = bank.device
+    tr_t = torch.as_tensor(np.asarray(train_idx), dtype=torch.long, device=dev)
+    val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.long, device=dev)
+    train_views = _feature_bank(model, bank, tr_t, aug, max(2, s.aug_views) if s.aug_strength > 0 else 1, gen,
+                                s.eval_batch)
+    val_feats = _feature_bank(model, bank, val_t, aug, 1, gen, s.eval_batch)[0]
+    head = copy.deepcopy(head_of(model)).float().train()
+    opt = _optimizer(list(head.parameters()), s, dev)
+    y_tr = torch.as_tensor(np.asarray(labels)[train_idx], dtype=torch.long, device=dev)
+    y_val = np.asarray(labels)[val_idx]
+    epoch_pos = torch.as_tensor(oversampled(np.asarray(labels)[train_idx], s.oversample), device=dev)
+    n_views = train_views.shape[0]
+    bounds = _batches(len(epoch_pos), s.batch_size)
+
+    def run_epoch(epoch: int) -> dict[str, float]:
+        order = epoch_pos[torch.randperm(len(epoch_pos), device=dev, generator=gen)]
+        view = torch.randint(0, n_views, (len(order),), device=dev, generator=gen)
+        loss_sum = torch.zeros((), device=dev)
+        for a, b in bounds:
+            loss = F.cross_entropy(head(train_views[view[a:b], order[a:b]]), y_tr[order[a:b]])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * (b - a)
+        with torch.no_grad():
+            metrics = _epoch_metrics(y_val, head(val_feats))
+        metrics["train/loss"] = loss_sum.item() / len(epoch_pos)
+        return metrics
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    def restore(state) -> None:
+        head.load_state_dict(state)
+    result = _loop(s, run_epoch, snapshot, restore, on_epoch)
+    target = head_of(model)
+    target.load_state_dict({k: v.to(next(target.parameters()).dtype) for k, v in head.state_dict().items()})
+    return result

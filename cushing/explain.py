@@ -1,0 +1,252 @@
+"""Grad-CAM for every backbone family, PHI-safe aggregates by default. Returns values and writes only to the
+folder it is given.
+
+The target layer and the token-to-grid reshape come from the backbone registry (derived from the built model:
+patch grid, prefix tokens, Swin's NHWC layout). Default artifacts are aggregates: mean CAM maps per true label
+x predicted label x sex, drawn without any face pixels, and the share of CAM mass per facial region. Overlays on
+individual faces exist only when allow_phi is set, named by hashed subject id.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .backbones import cam_reshape, cam_target_layer, last_block
+
+__all__ = ["compute_cams", "grad_cam", "CamReport", "explain_outcome", "explain_images", "region_masks",
+           "REGIONS", "randomization_check", "template_regions", "landmark_regions"]
+
+REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "neck_background")
+
+
+def _require_grad_cam():
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as e:  # pragma: no cover - pinned dependency
+        raise ImportError("Grad-CAM needs the `grad-cam` package: pip install grad-cam==1.5.7") from e
+    return GradCAM, ClassifierOutputTarget
+
+
+@contextmanager
+def grad_cam(model, name: str) -> Iterator:
+    """A pytorch-grad-cam GradCAM on the registry's layer and reshape; hooks are removed on exit."""
+    GradCAM, _ = _require_grad_cam()
+    cam = GradCAM(model=model, target_layers=[cam_target_layer(model, name)], reshape_transform=cam_reshape(model, name))
+    cam.compute_input_gradient = True  # frozen backbones: activations need grad through the input
+    try:
+        yield cam
+    finally:
+        cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+
+
+def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32) -> np.ndarray:
+    """[N, H, W] Grad-CAM maps in [0, 1] for class `target`, batched on x's device; x is not modified."""
+    _, ClassifierOutputTarget = _require_grad_cam()
+    was_training = model.training
+    out = []
+    with grad_cam(model, name) as cam:
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].detach().clone().float()
+            out.append(cam(input_tensor=xb, targets=[ClassifierOutputTarget(target)] * len(xb)).astype(np.float32))
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+
+
+def randomization_check(model, name: str, x: torch.Tensor, maps: np.ndarray, *, seed: int = 0, n: int = 32) -> float:
+    """Adebayo et al.: mean Spearman correlation between the trained model's CAMs and those after the head and
+    the last block are re-initialised. Near 1 means the map does not depend on the learned weights."""
+    from scipy.stats import spearmanr
+
+    k = min(n, len(x))
+    if k == 0:
+        return float("nan")
+    rand = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in (rand.get_classifier(), last_block(rand, name)):
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    rmaps = compute_cams(rand, name, x[:k])
+    rhos = []
+    for a, b in zip(maps[:k], rmaps):
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            continue
+        rhos.append(spearmanr(a.ravel(), b.ravel()).statistic)
+    del rand
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ regions
+
+def template_regions(size: int) -> np.ndarray:
+    """Region index per pixel for a centred, eye-level face filling an aligned square crop."""
+    yy, xx = np.mgrid[0:size, 0:size] / float(size)
+    lab = np.full((size, size), REGIONS.index("neck_background"), np.int8)
+    face = ((xx - 0.5) / 0.36) ** 2 + ((yy - 0.5) / 0.46) ** 2 <= 1
+    boxes = [("forehead", 0.06, 0.33, 0.2, 0.8), ("periorbital", 0.33, 0.47, 0.15, 0.85),
+             ("cheeks", 0.47, 0.76, 0.12, 0.88), ("nose_mouth", 0.40, 0.78, 0.37, 0.63),
+             ("chin_jowls", 0.76, 0.97, 0.2, 0.8)]
+    for region, y0, y1, x0, x1 in boxes:
+        lab[face & (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)] = REGIONS.index(region)
+    return lab
+
+
+def landmark_regions(points: np.ndarray, size: int) -> np.ndarray:
+    """Region index per pixel from dlib's 68 landmarks (in crop pixels at `size`)."""
+    import cv2
+
+    p = np.asarray(points, np.float64).reshape(68, 2)
+    lab = np.full((size, size), REGIONS.index("neck_background"), np.uint8)
+    jaw, brows = p[0:17], p[17:27]
+    eye_h = np.linalg.norm(p[45] - p[36])
+    top = brows[:, 1].min() - 0.9 * eye_h  # forehead extends about an eye-span above the brows
+    face_poly = np.vstack([jaw, [[p[16][0], top], [p[0][0], top]]])
+
+    def fill(poly, region):
+        cv2.fillPoly(lab, [np.round(poly).astype(np.int32)], int(REGIONS.index(region)))
+    fill(face_poly, "cheeks")
+    fill(np.vstack([[p[0][0], top], [p[16][0], top], p[26], p[17]]), "forehead")
+    fill(np.vstack([p[4], p[5:12], p[12], p[54], p[57], p[48]]), "chin_jowls")
+    fill(cv2.convexHull(np.vstack([p[17:27], p[36:48], p[[0, 16]]]).astype(np.float32))[:, 0], "periorbital")
+    fill(cv2.convexHull(np.vstack([p[27:36], p[48:60]]).astype(np.float32))[:, 0], "nose_mouth")
+    return lab.astype(np.int8)
+
+
+def region_masks(n: int, size: int, landmarks: list | None) -> tuple[np.ndarray, str]:
+    """[N, S, S] region labels and which source made them."""
+    if landmarks is not None and all(lm is not None for lm in landmarks):
+        return np.stack([landmark_regions(lm, size) for lm in landmarks]), "dlib_landmarks"
+    return np.broadcast_to(template_regions(size), (n, size, size)), "template (aligned crop)"
+
+
+def region_shares(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[N, R] share of each map's CAM mass in each region."""
+    total = maps.reshape(len(maps), -1).sum(1) + 1e-12
+    return np.stack([(maps * (labels == r)).reshape(len(maps), -1).sum(1) / total for r in range(len(REGIONS))], 1)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+@dataclass
+class CamReport:
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    files: list[str] = field(default_factory=list)
+    groups: pd.DataFrame | None = None
+    seconds: float = 0.0
+
+
+def _group_key(label: int, pred: int, sex: str) -> str:
+    return f"true{int(label)}_pred{int(pred)}_{'female' if sex == 'F' else 'male'}"
+
+
+def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> None:
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    ax.imshow(m, cmap="inferno", vmin=0, vmax=max(1e-6, float(m.max())))
+    ax.contour(outline, levels=np.arange(len(REGIONS)) + 0.5, colors="white", linewidths=0.5, alpha=0.6)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _overlay(path: Path, img: np.ndarray, m: np.ndarray) -> None:
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = img.transpose(1, 2, 0).astype(np.float32) / 255.0
+    Image.fromarray(show_cam_on_image(rgb, m, use_rgb=True)).save(path)
+
+
+def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndarray, labels: np.ndarray,
+                   preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path,
+                   allow_phi: bool = False, landmarks: list | None = None, seed: int = 0) -> CamReport:
+    """CAMs of the positive class for a batch of images; aggregates (and, if allowed, overlays) into out_dir."""
+    import time
+
+    t0 = time.perf_counter()
+    maps = compute_cams(model, name, x_norm)
+    seconds = time.perf_counter() - t0
+    rho = randomization_check(model, name, x_norm, maps, seed=seed)
+    size = maps.shape[-1]
+    labs, source = region_masks(len(maps), size, landmarks)
+    shares = region_shares(maps, labs)
+    cam_dir = out_dir / "cam"
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    keys = np.array([_group_key(a, b, c) for a, b, c in zip(labels, preds, sexes)])
+    outline = template_regions(size) if source.startswith("template") else np.round(labs.mean(0)).astype(np.int8)
+    rows, files, means = [], [], {}
+    for key in sorted(set(keys)) + ["all"]:
+        sel = keys == key if key != "all" else np.ones(len(keys), bool)
+        mean = maps[sel].mean(0)
+        means[key] = mean
+        fname = f"cam/mean_{key}.png"
+        _draw_mean(out_dir / fname, mean, f"{key.replace('_', ' ')} (n={int(sel.sum())})", outline)
+        files.append(fname)
+        for r, region in enumerate(REGIONS):
+            rows.append({"group": key, "n": int(sel.sum()), "region": region, "share": float(shares[sel, r].mean()),
+                         "region_source": source})
+    np.savez_compressed(cam_dir / "mean_maps.npz", **{k: v.astype(np.float16) for k, v in means.items()},
+                        counts=np.array([int((keys == k).sum()) if k != "all" else len(keys) for k in means]),
+                        names=np.array(list(means)))
+    regions = pd.DataFrame(rows)
+    regions.to_csv(out_dir / "cam_regions.csv", index=False)
+    (cam_dir / "README.txt").write_text(
+        "Grad-CAM (positive class) with the best-epoch model on the test split. mean_*.png: mean map per true "
+        "label x predicted label x sex, drawn without face pixels; outlines = facial regions "
+        f"({source}). cam_regions.csv: share of CAM mass per region. Per-image overlays: "
+        f"{'included (allow_phi_artifacts=true), named by hashed subject id' if allow_phi else 'not logged'}.\n")
+    if allow_phi:
+        (cam_dir / "overlays").mkdir(exist_ok=True)
+        for i, (img, m, s) in enumerate(zip(images_u8, maps, subjects)):
+            _overlay(cam_dir / "overlays" / f"{s}_{i}.png", img, m)
+    metrics = {"cam/randomization_spearman": rho, "cam/seconds": seconds, "cam/images": float(len(maps))}
+    for region in REGIONS:
+        metrics[f"cam/share/{region}"] = float(regions[(regions["group"] == "all") & (regions["region"] == region)]
+                                                ["share"].iloc[0])
+    tags = {"cam_region_source": source, "cam_overlays": str(bool(allow_phi)).lower()}
+    return CamReport(metrics, tags, files, regions, seconds)
+
+
+def _landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None:
+    if "face_landmarks" not in table.columns:
+        return None
+    out = []
+    for v in table["face_landmarks"].iloc[idx]:
+        if not isinstance(v, str) or not v.startswith("["):
+            return None
+        pts = np.asarray(json.loads(v), float).reshape(68, 2)
+        out.append(pts * size / 224.0)  # face crops are 224 px; images were letterboxed to `size`
+    return out
+
+
+def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test") -> CamReport:
+    """CAMs for a finished training: best-epoch model, the given split, positive class."""
+    from .data import DeviceAugment
+
+    dev = next(outcome.model.parameters()).device
+    idx = cohort.index(split)
+    if len(idx) == 0:
+        return CamReport({"cam/images": 0.0}, {"cam": f"no {split} images"})
+    pred = outcome.predictions[outcome.predictions["split"] == split]
+    aug = DeviceAugment(outcome.preprocess, dev, 0.0)
+    x = aug.normalize(cohort.images[torch.as_tensor(idx)].to(dev)).contiguous()
+    return explain_images(outcome.model, outcome.config.model, x, images_u8=cohort.images[torch.as_tensor(idx)].numpy(),
+                          labels=pred["label"].to_numpy(), preds=pred["prediction"].to_numpy(),
+                          sexes=pred["sex"].to_numpy(), subjects=pred["subject"].tolist(), out_dir=out_dir,
+                          allow_phi=allow_phi, landmarks=_landmarks_of(cohort.table, idx, cohort.img_size),
+                          seed=outcome.config.seed)

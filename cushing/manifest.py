@@ -1,0 +1,182 @@
+"""The manifest contract: load, validate (every problem at once), digest.
+
+Columns: image (path, relative to the manifest's folder or absolute), label (0/1), sex (F/M), subject_id
+(defaults to the image stem), optional split (train/val/test). Extra columns are kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Manifest", "ManifestError", "load_manifest", "REQUIRED", "SPLITS", "hash_subject", "sha256_file"]
+
+REQUIRED = ("image", "label", "sex")
+SPLITS = ("train", "val", "test")
+SEXES = ("F", "M")
+
+
+class ManifestError(ValueError):
+    """Every problem found in a manifest, each with its CSV line; nothing was written."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        head = f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the manifest"
+        super().__init__(head + ":\n  " + "\n  ".join(problems[:200])
+                         + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated cohort. `table` has the contract columns plus `path` (absolute) and `sha256` (image bytes)."""
+
+    source: Path
+    table: pd.DataFrame
+    digest: str  # sha256 over image bytes, labels, sexes, subjects and splits (not file names)
+    synthetic: bool
+
+    @property
+    def has_split(self) -> bool:
+        return "split" in self.table.columns and self.table["split"].notna().all()
+
+    def subject_hashes(self) -> pd.Series:
+        return self.table["subject_id"].map(lambda s: hash_subject(s, self.digest))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_subject(subject_id: str, key: str) -> str:
+    """Keyed hash of a subject id: stable within a cohort, not reversible by dictionary without the images."""
+    return hmac.new(key.encode(), str(subject_id).encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _check_image(path: Path) -> tuple[str | None, str | None]:
+    """(sha256, problem) for one image file; reads the header and verifies the data without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        return None, "file not found"
+    if not path.is_file():
+        return None, "not a file"
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or e})"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return digest, f"not a readable image ({type(e).__name__}: {str(e)[:120]})"
+    return digest, None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+    except FileNotFoundError:
+        raise ManifestError(path, ["manifest file not found"]) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ManifestError(path, [f"not a readable CSV: {e}"]) from None
+
+
+def _row_problems(df: pd.DataFrame) -> list[str]:
+    problems = []
+    for i, row in df.iterrows():
+        line = i + 2  # header is line 1
+        if not row["image"].strip():
+            problems.append(f"line {line}: image is empty")
+        if row["label"].strip() not in ("0", "1"):
+            problems.append(f"line {line}: label must be 0 or 1, got {row['label']!r}")
+        if row["sex"].strip() not in SEXES:
+            problems.append(f"line {line}: sex must be F or M, got {row['sex']!r}")
+        if "split" in df.columns and row["split"].strip() not in SPLITS + ("",):
+            problems.append(f"line {line}: split must be train, val or test, got {row['split']!r}")
+    return problems
+
+
+def _group_problems(df: pd.DataFrame) -> list[str]:
+    problems = []
+    for key, what in (("path", "the same image file"), ("sha256", "identical image bytes")):
+        col = df[key]
+        dup = df[col.notna() & col.duplicated(keep=False)]
+        for _, grp in dup.groupby(key):
+            lines = ", ".join(str(i + 2) for i in grp.index)
+            problems.append(f"lines {lines}: duplicate images ({what})")
+    sexes = df[df["sex"].isin(SEXES)].groupby("subject_id")["sex"].nunique()
+    for subject in sexes[sexes > 1].index:
+        lines = ", ".join(str(i + 2) for i in df.index[df["subject_id"] == subject])
+        problems.append(f"lines {lines}: subject {subject!r} has two sexes")
+    if "split" in df.columns:
+        splits = df[df["split"].isin(SPLITS)].groupby("subject_id")["split"].nunique()
+        for subject in splits[splits > 1].index:
+            lines = ", ".join(str(i + 2) for i in df.index[df["subject_id"] == subject])
+            problems.append(f"lines {lines}: subject {subject!r} is in more than one split (leakage)")
+        filled = (df["split"].str.strip() != "").sum()
+        if 0 < filled < len(df):
+            problems.append(f"split column is filled on {filled} of {len(df)} rows: fill all or none")
+    return problems
+
+
+def _digest(df: pd.DataFrame) -> str:
+    cols = ["sha256", "label", "sex", "subject_id"] + (["split"] if "split" in df.columns else [])
+    rows = sorted("|".join(str(r[c]) for c in cols) for _, r in df[cols].iterrows())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = True) -> Manifest:
+    """Load and validate a manifest; raise ManifestError listing every problem at once."""
+    path = Path(path).expanduser().resolve()
+    df = _read_csv(path)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ManifestError(path, [f"missing column(s): {', '.join(missing)} (found: {', '.join(df.columns)})"])
+    if df.empty:
+        raise ManifestError(path, ["the manifest has no rows"])
+    df = df.copy()
+    df["image"] = df["image"].str.strip()
+    df["sex"] = df["sex"].str.strip().str.upper()
+    if "subject_id" not in df.columns:
+        df["subject_id"] = ""
+    stems = df["image"].map(lambda s: Path(s).stem)
+    df["subject_id"] = df["subject_id"].str.strip().where(df["subject_id"].str.strip() != "", stems)
+    if "split" in df.columns:
+        df["split"] = df["split"].str.strip().str.lower()
+    problems = _row_problems(df)
+    root = path.parent
+    df["path"] = [str((root / p).resolve()) if p else None for p in df["image"]]
+    results = _check_all(df["path"], workers) if check_images else [(None, None)] * len(df)
+    df["sha256"] = [r[0] for r in results]
+    for i, (_, problem) in enumerate(results):
+        if problem:
+            problems.append(f"line {i + 2}: {df.at[i, 'image']}: {problem}")
+    problems += _group_problems(df)
+    if problems:
+        raise ManifestError(path, problems)
+    df["label"] = df["label"].astype(int)
+    if "split" in df.columns and (df["split"] == "").all():
+        df = df.drop(columns="split")
+    synthetic = "synthetic" in df.columns and df["synthetic"].astype(str).str.lower().isin(["1", "true"]).all()
+    return Manifest(source=path, table=df, digest=_digest(df) if check_images else "", synthetic=bool(synthetic))
+
+
+def _check_all(paths: pd.Series, workers: int) -> list[tuple[str | None, str | None]]:
+    def one(p):
+        return (None, "image is empty") if not p else _check_image(Path(p))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(one, paths))
+
+
+def label_prevalence(table: pd.DataFrame) -> float:
+    return float(np.mean(table["label"].to_numpy())) if len(table) else float("nan")

@@ -1,0 +1,108 @@
+"""Figures people would rather look at than read. Each function writes one PNG to the path it is given."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "roc_points"]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) from the highest threshold down, starting at (0, 0)."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(-np.asarray(p, float), kind="stable")
+    ps, ys = np.asarray(p, float)[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
+    tps = np.cumsum(ys)[distinct]
+    fps = np.cumsum(~ys)[distinct]
+    tpr = np.r_[0, tps / max(1, y.sum())]
+    fpr = np.r_[0, fps / max(1, (~y).sum())]
+    return fpr, tpr
+
+
+def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    from .metrics import auc_score
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, split in zip(axes, ("val", "test")):
+        part = pred[pred["split"] == split]
+        for label, sub, style in (("all", part, "-"), ("female", part[part["sex"] == "F"], "--"),
+                                  ("male", part[part["sex"] == "M"], ":")):
+            y, p = sub["label"].to_numpy(), sub["probability"].to_numpy()
+            if y.sum() == 0 or y.sum() == len(y):
+                continue
+            fpr, tpr = roc_points(y, p)
+            ax.plot(fpr, tpr, style, drawstyle="steps-post",
+                    label=f"{label} AUC {auc_score(y, p):.3f} (n={len(y)}, pos={int(y.sum())})")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{split} ROC", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_plot(pred: pd.DataFrame, threshold: float, path: str | Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    for ax, split in zip(axes, ("val", "test")):
+        part = pred[pred["split"] == split]
+        y = part["label"].to_numpy()
+        yh = (part["probability"].to_numpy() >= threshold).astype(int)
+        m = np.array([[((y == a) & (yh == b)).sum() for b in (0, 1)] for a in (0, 1)])
+        ax.imshow(m, cmap="Blues")
+        for a in (0, 1):
+            for b in (0, 1):
+                ax.text(b, a, str(m[a, b]), ha="center", va="center", fontsize=14,
+                        color="white" if m[a, b] > m.max() / 2 else "black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["control", "patient"], yticklabels=["control", "patient"],
+               xlabel="predicted", ylabel="true", title=f"{split} (threshold {threshold:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_plot(history: list[dict[str, float]], best_epoch: int, path: str | Path) -> None:
+    plt = _plt()
+    h = pd.DataFrame(history)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(h["epoch"], h["train/loss"], label="train")
+    a1.plot(h["epoch"], h["val/loss"], label="val")
+    a1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    a2.plot(h["epoch"], h["val/f1"], label="val F1", color="C2")
+    if "val/auc" in h:
+        a2.plot(h["epoch"], h["val/auc"], label="val AUC", color="C3", alpha=0.7)
+    a2.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
+    for ax in (a1, a2):
+        ax.axvline(best_epoch, color="0.5", ls="--", lw=0.8, label=f"best epoch {best_epoch}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, label="perfect")
+    for split, r in reliability.items():
+        r = r[r["count"] > 0]
+        ax.plot(r["mean_predicted"], r["observed_rate"], "o-", label=f"{split} (n={int(r['count'].sum())})")
+    ax.set(xlabel="mean predicted probability", ylabel="observed patient rate", xlim=(0, 1), ylim=(0, 1),
+           title="reliability")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""Release: the logged pyfunc model, the registry (promotion) and serving. The only other mlflow importer."""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["log_model", "model_config", "pip_requirements", "load_model"]
+
+REGISTERED_MODEL = "cushing"
+
+
+def pip_requirements() -> list[str]:
+    try:
+        reqs = [r for r in (metadata.requires("cushing") or []) if "extra ==" not in r]
+    except metadata.PackageNotFoundError:
+        reqs = []
+    return reqs or ["torch", "timm", "mlflow", "safetensors", "pillow", "pandas", "numpy"]
+
+
+def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str) -> dict[str, Any]:
+    """What the pyfunc needs to rebuild and apply the model, and what the registry records about it."""
+    cfg = outcome.config
+    pre = outcome.preprocess
+    return {
+        "model": cfg.model, "timm_id": outcome.spec.timm_id, "frozen": outcome.frozen, "img_size": cfg.img_size,
+        "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
+        "threshold": float(outcome.threshold), "threshold_rule": cfg.threshold,
+        "temperature": float(outcome.temperature), "faces": faces, "data_digest": data_digest,
+        "best_epoch": outcome.fit.best_epoch,
+    }
+
+
+def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, name: str = "model") -> str:
+    """Log the trained model as a models-from-code pyfunc; returns its models:/ URI."""
+    import mlflow
+
+    from ..demo import synthetic_jpeg_b64
+    from . import pyfunc
+
+    cfg = model_config(outcome, faces=faces, data_digest=data_digest)
+    package = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="cushing-model-") as d, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        artifacts = pyfunc.save_model_artifacts(Path(d), model=outcome.model, cfg=cfg)
+        import pandas as pd
+
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("model_code.py")),
+            artifacts=artifacts,
+            code_paths=[str(package)],
+            signature=pyfunc.signature(),
+            input_example=pd.DataFrame({"image": [synthetic_jpeg_b64(seed=7)]}),
+            pip_requirements=pip_requirements(),
+            metadata={"cushing": {k: v for k, v in cfg.items() if k != "faces"}, "description":
+                      pyfunc.model_description(cfg)},
+            tags={"model": cfg["model"], "freeze": str(cfg["frozen"]).lower()},
+        )
+    return info.model_uri
+
+
+def load_model(uri: str):
+    import mlflow
+
+    from ..tracking import configure
+
+    configure()
+    return mlflow.pyfunc.load_model(uri)

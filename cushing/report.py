@@ -1,0 +1,76 @@
+"""The evaluation of a predictions table: metrics with intervals, per-sex table, calibration, sex gaps.
+
+Used for training runs, pooled cross-validation and external validation alike, so every report has the same
+names. The operating threshold is given (chosen on validation elsewhere); nothing here chooses anything.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from . import evidence
+from .metrics import MetricRow, not_estimable, per_sex_table, rows_to_metrics, summarize
+
+__all__ = ["Report", "build_report"]
+
+
+@dataclass
+class Report:
+    metrics: dict[str, float]
+    rows: list[MetricRow]
+    per_sex: pd.DataFrame
+    tags: dict[str, str]
+    reliability: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...] = ("val", "test"),
+                 min_positives: int = 5, bootstrap: int = 2000, seed: int = 0, prevalence: float | None = None,
+                 argmax_split: str | None = "test") -> Report:
+    rows: list[MetricRow] = []
+    metrics: dict[str, float] = {"threshold": float(threshold)}
+    tags: dict[str, str] = {}
+    reliability = {}
+    present = [s for s in splits if (pred["split"] == s).any()]
+    for split in present:
+        split_rows = summarize(pred, split=split, threshold=threshold, min_positives=min_positives,
+                               bootstrap=bootstrap, seed=seed)
+        rows += split_rows
+        part = pred[pred["split"] == split]
+        y, p = part["label"].to_numpy(), part["probability"].to_numpy()
+        metrics[f"{split}/brier"] = evidence.brier(y, p)
+        metrics[f"{split}/ece"] = evidence.ece(y, p)
+        reliability[split] = evidence.reliability(y, p)
+        metrics.update(_gaps(part, split, threshold, bootstrap, seed, min_positives, tags))
+        if prevalence is not None:
+            sens = next(r.value for r in split_rows if r.group == "overall" and r.metric == "recall")
+            spec = next(r.value for r in split_rows if r.group == "overall" and r.metric == "specificity")
+            ppv, npv = evidence.ppv_npv(sens, spec, prevalence)
+            metrics[f"{split}/ppv"], metrics[f"{split}/npv"] = ppv, npv
+    if argmax_split in present and not math.isclose(threshold, 0.5):
+        rows += summarize(pred, split=argmax_split, threshold=0.5, min_positives=min_positives, bootstrap=0,
+                          label=f"{argmax_split}_argmax")
+    elif argmax_split in present:  # the chosen threshold is argmax: the same numbers under the paper's name
+        rows += [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
+    metrics.update(rows_to_metrics(rows))
+    if prevalence is not None:
+        metrics["prevalence"] = float(prevalence)
+    for name in not_estimable(rows):
+        r = next(r for r in rows if r.name == name)
+        tags[f"not_estimable/{name}"] = f"{r.positives} positives < min_positives={min_positives}" \
+            if r.positives < min_positives else "undefined (no positives, negatives or predicted positives)"
+    return Report(metrics, rows, per_sex_table(rows), tags, reliability)
+
+
+def _gaps(part: pd.DataFrame, split: str, threshold: float, bootstrap: int, seed: int, min_positives: int,
+          tags: dict[str, str]) -> dict[str, float]:
+    out = {}
+    for metric, (gap, lo, hi, est) in evidence.sex_gaps(part, threshold, bootstrap, seed, min_positives).items():
+        name = f"{split}/{metric}/sex_gap"
+        out[name] = gap
+        if est and math.isfinite(lo):
+            out[f"{name}/ci_low"], out[f"{name}/ci_high"] = lo, hi
+        if not est:
+            tags[f"not_estimable/{name}"] = f"a sex has fewer than min_positives={min_positives} positives"
+    return out

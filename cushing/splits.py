@@ -1,0 +1,92 @@
+"""Subject-grouped, label x sex stratified splits and folds. No subject is ever in two splits."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .manifest import SPLITS
+
+__all__ = ["assign_splits", "assign_folds", "split_table", "check_no_leak", "SplitError"]
+
+
+class SplitError(ValueError):
+    pass
+
+
+def _subjects(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per subject with its stratum: label (1 if any image is positive) x sex."""
+    g = table.groupby("subject_id", sort=True)
+    subj = pd.DataFrame({"label": g["label"].max(), "sex": g["sex"].first(), "n": g.size()})
+    subj["stratum"] = subj["sex"] + subj["label"].astype(str)
+    return subj
+
+
+def _allocate(n: int, ratios: tuple[float, ...]) -> list[int]:
+    """Largest-remainder allocation of n items to parts with the given ratios (exact total)."""
+    r = np.asarray(ratios, float) / float(sum(ratios))
+    raw = r * n
+    counts = np.floor(raw).astype(int)
+    order = np.argsort(-(raw - counts), kind="stable")
+    for i in order[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def assign_splits(table: pd.DataFrame, ratios: tuple[float, float, float] = (1, 1, 1), seed: int = 0) -> pd.Series:
+    """Split per image, honouring a filled `split` column (checked for leakage) or drawing one."""
+    if "split" in table.columns:
+        check_no_leak(table, table["split"])
+        return table["split"].copy()
+    subj = _subjects(table)
+    rng = np.random.default_rng(seed)
+    where: dict[str, str] = {}
+    for stratum in sorted(subj["stratum"].unique()):
+        ids = subj.index[subj["stratum"] == stratum].to_numpy()
+        ids = ids[rng.permutation(len(ids))]
+        counts = _allocate(len(ids), ratios)
+        start = 0
+        for split, c in zip(SPLITS, counts):
+            for s in ids[start:start + c]:
+                where[s] = split
+            start += c
+    out = table["subject_id"].map(where)
+    check_no_leak(table, out)
+    return out.rename("split")
+
+
+def assign_folds(table: pd.DataFrame, k: int, seed: int = 0) -> pd.Series:
+    """Stratified group k-fold: fold index per image; subjects whole, strata label x sex balanced across folds."""
+    if k < 2:
+        raise SplitError(f"cv_folds must be >= 2, got {k}")
+    subj = _subjects(table)
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for stratum in sorted(subj["stratum"].unique()):
+        ids = subj.index[subj["stratum"] == stratum].to_numpy()
+        ids = ids[rng.permutation(len(ids))]
+        for j, s in enumerate(ids):
+            fold_of[s] = (j + offset) % k
+        offset += len(ids)  # rotate so small strata do not all start at fold 0
+    return table["subject_id"].map(fold_of).astype(int).rename("fold")
+
+
+def check_no_leak(table: pd.DataFrame, split: pd.Series) -> None:
+    bad = set(split.dropna().unique()) - set(SPLITS)
+    if bad:
+        raise SplitError(f"unknown split value(s): {sorted(bad)}")
+    per_subject = pd.DataFrame({"s": table["subject_id"], "split": split}).groupby("s")["split"].nunique()
+    leaked = per_subject[per_subject > 1]
+    if len(leaked):
+        raise SplitError(f"{len(leaked)} subject(s) appear in more than one split, e.g. {list(leaked.index[:3])}")
+    for need in ("train", "val"):
+        if not (split == need).any():
+            raise SplitError(f"the {need} split is empty")
+
+
+def split_table(table: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
+    """The paper's Table I: images and subjects per split x sex x label."""
+    df = pd.DataFrame({"split": split, "sex": table["sex"], "label": table["label"], "s": table["subject_id"]})
+    out = df.groupby(["split", "sex", "label"]).agg(images=("s", "size"), subjects=("s", "nunique")).reset_index()
+    out["split"] = pd.Categorical(out["split"], SPLITS, ordered=True)
+    return out.sort_values(["split", "sex", "label"]).reset_index(drop=True)

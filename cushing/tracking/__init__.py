@@ -1,0 +1,221 @@
+"""The one place that logs runs to MLflow (the release package handles registry and serving).
+
+Tracking URI: MLFLOW_TRACKING_URI when set, else the embedded default: `sqlite:///mlflow.db` with artifacts in
+`./mlruns`, both in the working directory (MLflow's own default, made explicit).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pandas as pd
+
+__all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
+           "find_runs", "download_artifact", "run_tags", "get_run"]
+
+# Client-side retries so a brief server restart does not kill a run (MLflow's own variables).
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
+}
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def configure() -> str:
+    """Point MLflow at the resolved tracking URI and set retry defaults; returns the URI."""
+    import mlflow
+
+    for k, v in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client():
+    import mlflow
+
+    configure()
+    return mlflow.MlflowClient()
+
+
+@contextmanager
+def artifact_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="cushing-art-") as d:
+        yield Path(d)
+
+
+def _clean(metrics: Mapping[str, float]) -> dict[str, float]:
+    """MLflow forbids '=' in names; NaN is allowed and means 'not estimable'."""
+    out = {}
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        if "=" in k:
+            raise ValueError(f"metric name {k!r} contains '=', which MLflow forbids")
+        out[k] = float(v)
+    return out
+
+
+class RunLogger:
+    """Everything a training run logs, one method per kind of thing."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """One batched, asynchronous call per epoch: the training loop never waits on the server."""
+        import mlflow
+
+        mlflow.log_metrics(_clean(metrics), step=epoch, synchronous=False)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = _clean(metrics)
+        items = list(clean.items())
+        for i in range(0, len(items), 900):  # log_batch takes at most 1000 metrics per call
+            mlflow.log_metrics(dict(items[i:i + 900]), step=step)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+    def log_table(self, df: pd.DataFrame, name: str) -> None:
+        import mlflow
+
+        with artifact_dir() as d:
+            path = d / Path(name).name
+            df.to_csv(path, index=False)
+            mlflow.log_artifact(str(path), str(Path(name).parent) if Path(name).parent != Path(".") else None)
+
+    def log_files(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifacts(str(folder), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, name)
+
+    def log_dataset(self, table: pd.DataFrame, *, digest: str, name: str, context: str = "training") -> None:
+        """The cohort as a run input: hashed subjects, split, sex and label only (no paths, no file names)."""
+        import mlflow
+
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        source = CodeDatasetSource({"cohort_digest": digest, "note": "file paths withheld (faces are PHI)"})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*integer column.*")
+            ds = mlflow.data.from_pandas(table, source=source, name=name, digest=digest[:36], targets="label")
+        mlflow.log_input(ds, context=context)
+
+    def flush(self) -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
+
+
+def _active_env_run() -> str | None:
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+@contextmanager
+def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+              parent_run_id: str | None = None, use_env_run: bool = True) -> Iterator[RunLogger]:
+    """A run in `experiment`: the one `mlflow run` created (MLFLOW_RUN_ID) or a new (child) run.
+
+    The run ends FAILED when the body raises, KILLED on Ctrl-C, else FINISHED.
+    """
+    import mlflow
+
+    configure()
+    env_run = _active_env_run() if use_env_run and parent_run_id is None else None
+    if env_run:
+        run = mlflow.start_run(run_id=env_run)
+        mlflow.set_tag("mlflow.runName", run_name)
+    else:
+        exp = mlflow.set_experiment(experiment)
+        run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
+                               nested=parent_run_id is not None or mlflow.active_run() is not None,
+                               parent_run_id=parent_run_id)
+    logger = RunLogger(run.info.run_id)
+    if tags:
+        logger.set_tags(tags)
+    status = "FINISHED"
+    try:
+        yield logger
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            mlflow.flush_async_logging()
+        finally:
+            mlflow.end_run(status=status)
+
+
+def get_run(run_id: str):
+    return client().get_run(run_id)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(get_run(run_id).data.tags)
+
+
+def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | None = None,
+              max_results: int = 5000) -> list:
+    """Runs of an experiment (optionally the children of one parent), newest first."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    f = filter_string
+    if parent_run_id:
+        clause = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        f = f"{f} and {clause}" if f else clause
+    return list(c.search_runs([exp.experiment_id], filter_string=f, max_results=max_results,
+                              order_by=["attributes.start_time DESC"]))
+
+
+def download_artifact(run_id: str, path: str, dst: str | Path) -> Path:
+    import mlflow
+
+    configure()
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def json_safe(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)

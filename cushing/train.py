@@ -1,0 +1,163 @@
+"""Core training: cohort -> trained model, predictions table, operating threshold. No logging, no files.
+
+The data DAG: manifest (validated, digested) -> split (grouped, stratified) -> decoded uint8 bank -> training.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import evidence
+from .backbones import BackboneSpec, Preprocess, build_model, get_spec, preprocess_of
+from .config import TrainConfig
+from .data import DeviceAugment, ImageBank, decode_images, pick_device
+from .engine import EpochCallback, FitResult, FitSettings, fit, predict_proba
+from .manifest import Manifest, hash_subject, load_manifest
+from .splits import assign_splits, split_table
+
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "cache_home", "predictions_frame"]
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("CUSHING_HOME", Path.home() / ".cache" / "cushing")).expanduser()
+
+
+def resolve_data(data: str) -> Path:
+    """'demo' -> the demo cohort's manifest (made on first use, atomically); else the manifest path."""
+    if data != "demo":
+        return Path(data).expanduser()
+    from .demo import make_demo_cohort
+
+    root = cache_home() / "demo-v1"
+    manifest = root / "manifest.csv"
+    if manifest.exists():
+        return manifest
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="demo-", dir=root.parent))
+    make_demo_cohort(tmp)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+@dataclass
+class Cohort:
+    """A validated manifest with its split and decoded images (decoded once, shared by folds and seeds)."""
+
+    manifest: Manifest
+    split: pd.Series
+    images: torch.Tensor  # uint8 [N, 3, S, S] on the CPU
+    img_size: int
+    interpolation: str
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.manifest.table
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.table["label"].to_numpy()
+
+    def index(self, split: str) -> np.ndarray:
+        return np.flatnonzero((self.split == split).to_numpy())
+
+    def split_table(self) -> pd.DataFrame:
+        return split_table(self.table, self.split)
+
+    def with_split(self, split: pd.Series) -> "Cohort":
+        return Cohort(self.manifest, split, self.images, self.img_size, self.interpolation)
+
+
+def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:
+    manifest = manifest or load_manifest(resolve_data(cfg.data))
+    split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed)
+    # interpolation is a property of the backbone's pretrained config; read it without building weights
+    interp = _interpolation_of(cfg.model)
+    images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
+                           progress=progress)
+    return Cohort(manifest, split, images, cfg.img_size, interp)
+
+
+def _interpolation_of(name: str) -> str:
+    import timm
+
+    return str(timm.models.get_pretrained_cfg(get_spec(name).timm_id).to_dict().get("interpolation", "bicubic"))
+
+
+@dataclass
+class TrainOutcome:
+    config: TrainConfig
+    spec: BackboneSpec
+    frozen: bool
+    model: torch.nn.Module  # best-epoch weights, eval mode
+    preprocess: Preprocess
+    fit: FitResult
+    predictions: pd.DataFrame  # subject (hashed), split, sex, label, probability, logit, prediction
+    threshold: float
+    temperature: float
+    device: str
+
+
+def predictions_frame(cohort: Cohort, idx: np.ndarray, split_names: np.ndarray, prob: np.ndarray,
+                      logit: np.ndarray) -> pd.DataFrame:
+    t = cohort.table.iloc[idx]
+    return pd.DataFrame({
+        "subject": [hash_subject(s, cohort.manifest.digest) for s in t["subject_id"]],
+        "split": split_names, "sex": t["sex"].to_numpy(), "label": t["label"].to_numpy(),
+        "probability": prob, "logit": logit,
+    })
+
+
+def fit_settings(cfg: TrainConfig, frozen: bool, progress: bool, desc: str) -> FitSettings:
+    return FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, oversample=cfg.oversample, aug_strength=cfg.aug_strength,
+                       aug_views=cfg.aug_views, seed=cfg.seed, frozen=frozen, select_metric=cfg.select_metric,
+                       patience=cfg.patience, progress=progress, desc=desc)
+
+
+def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,
+          model_factory: Callable[..., torch.nn.Module] = build_model) -> TrainOutcome:
+    """Train one configuration on a prepared cohort and score its validation and test splits."""
+    spec = get_spec(cfg.model)
+    frozen = spec.default_freeze if cfg.freeze is None else cfg.freeze
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = model_factory(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
+                          freeze=frozen).to(device)
+    if spec.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    pre = preprocess_of(model, cfg.img_size)
+    bank = ImageBank(cohort.images, device, cfg.memory_budget_gb * 2**30)
+    aug = DeviceAugment(pre, device, cfg.aug_strength, spec.channels_last and device.type == "cuda")
+    tr, va, te = cohort.index("train"), cohort.index("val"), cohort.index("test")
+    desc = f"{cfg.model}{'-frozen' if frozen else ''}"
+    result = fit(model, bank, cohort.labels, tr, va, aug, fit_settings(cfg, frozen, progress, desc), on_epoch)
+    model.eval()
+    scored = np.concatenate([va, te])
+    prob, logit = predict_proba(model, bank, scored, aug)
+    names = np.array(["val"] * len(va) + ["test"] * len(te))
+    pred = predictions_frame(cohort, scored, names, prob, logit)
+    temperature = 1.0
+    if cfg.calibrate:
+        is_val = pred["split"] == "val"
+        temperature = evidence.fit_temperature(pred.loc[is_val, "label"], pred.loc[is_val, "probability"])
+        pred["probability"] = evidence.apply_temperature(pred["probability"].to_numpy(), temperature)
+    val = pred[pred["split"] == "val"]
+    threshold = evidence.choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(), cfg.threshold)
+    pred["prediction"] = (pred["probability"] >= threshold).astype(int)
+    del bank
+    return TrainOutcome(cfg, spec, frozen, model, pre, result, pred, threshold, temperature, str(device))

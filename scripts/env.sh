@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Source me: makes (once) and activates the project's virtual environment, installs the Debian packages the
+# tests use when missing, and installs this checkout into the venv (editable).
+#
+# The venv lives outside the clone, keyed by the hash of the pinned requirements and the Python version, so CI
+# runs and fresh clones reuse it instead of reinstalling ~6 GB of PyTorch. Override with CUSHING_VENV=/path.
+_cushing_saved_opts="$(set +o)"
+set -euo pipefail
+CUSHING_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CUSHING_ROOT
+
+_cushing_log() { printf '[cushing env] %s\n' "$*" >&2; }
+
+# pip's notes about this machine's local index folders are noise; real errors still show
+_cushing_quiet() { grep -vE "^WARNING: Location .* is ignored|BuildBackendWarning|^\s*$|^  " >&2 || true; }
+
+_cushing_apt() {
+  local need=()
+  ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  if [ "${#need[@]}" -eq 0 ] || [ "${CUSHING_SKIP_APT:-0}" = 1 ]; then return 0; fi
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  _cushing_log "installing Debian packages: ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+}
+
+_cushing_python() {
+  for p in python3.11 python3; do command -v "$p" >/dev/null 2>&1 && { command -v "$p"; return; }; done
+  _cushing_log "no python3 found"; return 1
+}
+
+_cushing_venv() {
+  local py hash
+  py="$(_cushing_python)"
+  hash="$("$py" - "$CUSHING_ROOT/pyproject.toml" <<'PY'
+import hashlib, sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+pins = sorted(p["dependencies"]) + sorted(p["optional-dependencies"]["test"])
+print(hashlib.sha256(("\n".join(pins) + sys.version[:4]).encode()).hexdigest()[:12])
+PY
+)"
+  CUSHING_VENV="${CUSHING_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cushing/venv-$hash}"
+  export CUSHING_VENV
+  if [ ! -f "$CUSHING_VENV/.complete" ]; then
+    _cushing_log "creating $CUSHING_VENV (first run: installs PyTorch and the pinned requirements)"
+    rm -rf "$CUSHING_VENV"
+    "$py" -m venv "$CUSHING_VENV"
+    "$CUSHING_VENV/bin/pip" install -q --upgrade pip setuptools wheel 2>&1 | _cushing_quiet
+    "$CUSHING_VENV/bin/pip" install -q -r <("$CUSHING_VENV/bin/python" - "$CUSHING_ROOT/pyproject.toml" <<'PY'
+import sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))
+PY
+) 2>&1 | _cushing_quiet
+    touch "$CUSHING_VENV/.complete"
+  fi
+  "$CUSHING_VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$CUSHING_ROOT" 2>&1 | _cushing_quiet
+  # shellcheck disable=SC1091
+  source "$CUSHING_VENV/bin/activate"
+}
+
+_cushing_apt
+_cushing_venv
+eval "$_cushing_saved_opts"
+unset _cushing_saved_opts

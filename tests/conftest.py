@@ -1,0 +1,94 @@
+"""Shared fixtures. Tests run on a CPU with no network; real faces are read from ../shared at test time."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub from tests
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+
+
+def _shared_candidates() -> list[Path]:
+    env = os.environ.get("CUSHING_SHARED")
+    cands = [Path(env)] if env else []
+    return cands + [ROOT.parent / "shared", Path("/work/shared")]
+
+
+def shared_root() -> Path:
+    for c in _shared_candidates():
+        if (c / "data" / "celeba-chubby" / "manifest.csv").exists():
+            return c
+    pytest.fail("the shared data folder (../shared/data/celeba-chubby) was not found; set CUSHING_SHARED=/path/to/shared")
+
+
+@pytest.fixture(scope="session")
+def celeba_dir() -> Path:
+    return shared_root() / "data" / "celeba-chubby"
+
+
+@pytest.fixture(scope="session")
+def celeba_manifest(celeba_dir) -> pd.DataFrame:
+    df = pd.read_csv(celeba_dir / "manifest.csv")
+    df["image"] = [str(celeba_dir / p) for p in df["image"]]
+    return df
+
+
+@pytest.fixture(scope="session")
+def cushing_home(tmp_path_factory) -> Path:
+    """One CUSHING_HOME (demo cohort, caches) for the session, so the demo cohort is drawn once."""
+    home = tmp_path_factory.mktemp("cushing-home")
+    os.environ["CUSHING_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(cushing_home) -> Path:
+    from cushing.train import resolve_data
+
+    return resolve_data("demo")
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch):
+    """A fresh embedded MLflow store for one test; returns its URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory, demo_manifest) -> Path:
+    """The demo cohort with its paper split, as a manifest in a tmp folder (absolute image paths)."""
+    d = tmp_path_factory.mktemp("small-demo")
+    df = pd.read_csv(demo_manifest)
+    df["image"] = [str(demo_manifest.parent / p) for p in df["image"]]
+    out = d / "manifest.csv"
+    df.to_csv(out, index=False)
+    return out
+
+
+def copy_demo_images(demo_manifest: Path, dst: Path, n: int) -> list[Path]:
+    """A few synthetic demo images copied into a test folder (never real faces)."""
+    df = pd.read_csv(demo_manifest).head(n)
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in df["image"]:
+        target = dst / Path(p).name
+        shutil.copy(demo_manifest.parent / p, target)
+        out.append(target)
+    return out

@@ -1,0 +1,130 @@
+"""End to end: `mlflow run . --env-manager local` on the demo cohort, checked through the MLflow client."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, demo_manifest):
+    work = tmp_path_factory.mktemp("mlflow-run")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "cushing"}
+    env.pop("MLFLOW_RUN_ID", None)
+    cmd = ["mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "cushing",
+           "-P", "model=resnet18", "-P", "pretrained=false", "-P", "epochs=2", "-P", "img_size=64",
+           "-P", "bootstrap=200", "-P", "seed=1"]
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("cushing")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0], uri, r
+
+
+def test_run_is_finished_with_params_and_tags(finished_run):
+    client, run, _, _ = finished_run
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model"] == "resnet18" and p["epochs"] == "2" and p["pretrained"] == "false" and p["lr"] == "0.001"
+    for key in ("batch_size", "oversample", "seed", "weights", "img_size", "device", "freeze"):
+        assert key in p
+    t = run.data.tags
+    assert t["mlflow.runName"] == "resnet18" and t["model"] == "resnet18" and t["freeze"] == "false"
+    assert t["synthetic_data"] == "true" and "SYNTHETIC" in t["data_note"]
+
+
+def test_metric_names_overall_and_per_sex(finished_run):
+    client, run, _, _ = finished_run
+    m = run.data.metrics
+    for split in ("val", "test"):
+        for metric in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
+            assert f"{split}/{metric}" in m
+            assert f"{split}/{metric}/female" in m and f"{split}/{metric}/male" in m
+    assert "test/recall/ci_low" in m and "test/f1/female/ci_high" in m
+    hist = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [h.step for h in hist] == [1, 2]
+    assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/loss")) == [1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "val/f1")) >= 2
+    assert not any("=" in k for k in m)
+
+
+def test_artifacts_and_no_file_names(finished_run, demo_manifest):
+    client, run, _, _ = finished_run
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "splits.csv", "predictions.csv", "per_sex.csv", "plots"} <= names
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/roc.png", "plots/confusion.png", "plots/curves.png", "plots/calibration.png"} <= plots
+    import mlflow
+
+    d = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv")
+    pred = pd.read_csv(d)
+    assert list(pred.columns) == ["subject", "split", "sex", "label", "probability", "prediction"]
+    assert len(pred) == 114 + 114 and set(pred["split"]) == {"val", "test"}
+    stems = set(pd.read_csv(demo_manifest)["subject_id"])
+    assert not stems & set(pred["subject"].astype(str)), "subjects are hashed"
+    splits = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="splits.csv"))
+    assert splits["subjects"].sum() == 343
+    per_sex = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_sex.csv"))
+    assert {"female", "male", "overall"} <= set(per_sex["group"])
+
+
+def test_dataset_input_logged_with_digest(finished_run):
+    client, run, _, _ = finished_run
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert ds.name == "demo-cohort" and run.data.tags["data_digest"].startswith(ds.digest)
+    assert "images/" not in ds.source and ".jpg" not in ds.profile + ds.schema + ds.source
+
+
+def test_model_reloads_weights_only_and_scores_a_synthetic_face(finished_run, monkeypatch):
+    client, run, uri, _ = finished_run
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    import mlflow
+
+    from cushing.demo import synthetic_jpeg_b64
+
+    model_uri = run.data.tags["model_uri"]
+    model = mlflow.pyfunc.load_model(model_uri)
+    out = model.predict(pd.DataFrame({"image": [synthetic_jpeg_b64(seed=s) for s in range(3)]}))
+    assert list(out.columns) == ["probability", "label", "face_status"]
+    assert ((out["probability"] >= 0) & (out["probability"] <= 1)).all()
+    thr = run.data.metrics["threshold"]
+    assert (out["label"] == (out["probability"] >= thr).astype(int)).all()
+    assert (out["face_status"] == "not_applied").all()
+    # the weights file is safetensors (no pickle anywhere in the model)
+    local = mlflow.artifacts.download_artifacts(model_uri)
+    files = [f for _, _, fs in os.walk(local) for f in fs]
+    assert "weights.safetensors" in files and not any(f.endswith((".pkl", ".pt", ".pth")) for f in files)
+
+
+def test_model_matches_logged_test_predictions(finished_run, demo_manifest):
+    """The logged model reproduces the run's own test probabilities (same preprocessing end to end)."""
+    client, run, _, _ = finished_run
+    import mlflow
+
+    from cushing.manifest import hash_subject, load_manifest
+
+    pred = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv"))
+    m = load_manifest(demo_manifest).table
+    m["subject"] = [hash_subject(s, run.data.tags["data_digest"]) for s in m["subject_id"]]
+    sample = pred[pred["split"] == "test"].head(5).merge(m[["subject", "path"]], on="subject")
+    model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    payload = [base64.b64encode(open(p, "rb").read()).decode() for p in sample["path"]]
+    out = model.predict(pd.DataFrame({"image": payload}))
+    assert np.allclose(out["probability"].to_numpy(), sample["probability"].to_numpy(), atol=2e-3)

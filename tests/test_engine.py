@@ -1,0 +1,118 @@
+"""The training engine: oversampling, best-epoch restore, frozen-feature path, streaming, determinism."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cushing.backbones import build_model, preprocess_of
+from cushing.config import TrainConfig
+from cushing.data import DeviceAugment, ImageBank
+from cushing.engine import FitSettings, _batches, fit, oversampled, predict_proba
+from cushing.metrics import point_metrics
+from cushing.train import prepare_cohort, train
+
+
+def test_oversampling_counts_minority_times_factor():
+    labels = np.r_[np.zeros(98, int), np.ones(17, int)]
+    idx = oversampled(labels, 5)
+    assert len(idx) == 98 + 17 * 5 == 183  # the paper's epoch: about 185 images
+    assert (labels[idx] == 1).sum() == 85
+    assert np.array_equal(np.bincount(idx, minlength=115)[labels == 1], np.full(17, 5))
+
+
+def test_batches_never_leave_a_single_image():
+    for n in range(1, 100):
+        b = _batches(n, 32)
+        assert b[0][0] == 0 and b[-1][1] == n
+        assert all(hi - lo >= 2 for lo, hi in b) or n == 1
+
+
+@pytest.fixture(scope="module")
+def cohort(small_demo):
+    cfg = TrainConfig(data=str(small_demo), model="resnet18", pretrained=False, img_size=48, epochs=1)
+    return prepare_cohort(cfg, progress=False)
+
+
+def _settings(**kw):
+    base = dict(epochs=4, batch_size=32, lr=0.01, momentum=0.9, weight_decay=0.0, oversample=5, aug_strength=1.0,
+                aug_views=3, seed=0, frozen=False, progress=False)
+    return FitSettings(**{**base, **kw})
+
+
+def _setup(cohort, name="resnet18", frozen=False, budget=8 * 2**30):
+    torch.manual_seed(0)
+    model = build_model(name, pretrained=False, img_size=48 if name == "resnet18" else 56, freeze=frozen)
+    dev = torch.device("cpu")
+    return model, ImageBank(cohort.images, dev, budget), DeviceAugment(preprocess_of(model, 48), dev, 1.0)
+
+
+def test_best_epoch_weights_are_restored(cohort):
+    model, bank, aug = _setup(cohort)
+    seen = []
+    res = fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug,
+              _settings(select_metric="val/auc"), on_epoch=lambda e, m: seen.append(dict(m)))
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4] and len(seen) == 4
+    assert res.best_epoch == 1 + int(np.nanargmax([m["val/auc"] for m in seen]))
+    prob, _ = predict_proba(model, bank, cohort.index("val"), aug)
+    auc = point_metrics(cohort.labels[cohort.index("val")], prob)["auc"]
+    assert auc == pytest.approx(res.history[res.best_epoch - 1]["val/auc"], abs=1e-6)
+    assert all(np.isfinite(h["train/loss"]) for h in res.history)
+
+
+def test_frozen_path_trains_head_on_cached_features(cohort):
+    model, bank, aug = _setup(cohort, frozen=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"n": 0}
+    orig = model.forward_features
+
+    def counting(x):
+        calls["n"] += 1
+        return orig(x)
+    model.forward_features = counting
+    fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug, _settings(epochs=2, frozen=True))
+    two = calls["n"]
+    calls["n"] = 0
+    fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug, _settings(epochs=12, frozen=True))
+    assert calls["n"] == two, "features are computed once, not per epoch"
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+
+
+def test_streaming_from_host_memory_matches_resident(cohort):
+    outs = []
+    for budget in (8 * 2**30, 0):
+        model, bank, aug = _setup(cohort, budget=budget)
+        assert bank.resident == (budget > 0)
+        fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug, _settings(epochs=2))
+        outs.append(predict_proba(model, bank, cohort.index("val"), aug)[0])
+    assert np.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_augment_is_seeded_and_strength_zero_only_normalises(cohort):
+    model, bank, aug = _setup(cohort)
+    x = bank.take(torch.arange(8))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(aug(x, g1), aug(x, g2))
+    assert not torch.equal(aug(x, torch.Generator().manual_seed(2)), aug.normalize(x))
+    plain = DeviceAugment(aug.pre, aug.device, 0.0)
+    assert torch.equal(plain(x), aug.normalize(x))
+    assert x.dtype == torch.uint8  # inputs are not mutated into floats
+
+
+def test_threshold_never_reads_test_labels(cohort):
+    cfg = TrainConfig(data="unused", model="resnet18", pretrained=False, img_size=48, epochs=2, cam=False)
+    a = train(cfg, cohort, progress=False)
+    shuffled_labels = cohort.table.copy()
+    te = np.flatnonzero((cohort.split == "test").to_numpy())
+    rng = np.random.default_rng(0)
+    shuffled_labels.loc[shuffled_labels.index[te], "label"] = rng.permutation(shuffled_labels["label"].to_numpy()[te])
+    shuffled_labels.loc[shuffled_labels.index[te[:10]], "label"] = 1 - shuffled_labels["label"].to_numpy()[te[:10]]
+    other = dataclasses.replace(cohort, manifest=dataclasses.replace(cohort.manifest, table=shuffled_labels))
+    b = train(cfg, other, progress=False)
+    assert a.threshold == b.threshold
+    assert a.fit.best_epoch == b.fit.best_epoch
+    assert not np.array_equal(a.predictions["label"], b.predictions["label"])  # test labels did change

@@ -1,0 +1,76 @@
+"""Splits: grouped by subject, stratified on label x sex, seeded, deterministic; folds likewise."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cushing.demo import TABLE_I
+from cushing.manifest import load_manifest
+from cushing.splits import SplitError, assign_folds, assign_splits, check_no_leak, split_table
+
+
+@pytest.fixture(scope="module")
+def celeba_table(celeba_manifest):
+    # several images per subject; one sex per subject (the contract) by majority
+    df = celeba_manifest.copy()
+    df["sex"] = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda s: s.mode()[0]))
+    return df[["image", "label", "sex", "subject_id"]]
+
+
+def test_no_subject_in_two_splits_ever(celeba_table):
+    for seed in range(3):
+        split = assign_splits(celeba_table, (1, 1, 1), seed=seed)
+        assert split.notna().all()
+        per_subject = pd.DataFrame({"s": celeba_table["subject_id"], "split": split}).groupby("s")["split"].nunique()
+        assert per_subject.max() == 1
+    assert celeba_table["subject_id"].duplicated().any()  # the check is meaningful: subjects have several images
+
+
+def test_stratified_on_label_and_sex(celeba_table):
+    split = assign_splits(celeba_table, (1, 1, 1), seed=0)
+    subj = celeba_table.assign(split=split).groupby("subject_id").agg(label=("label", "max"), sex=("sex", "first"),
+                                                                      split=("split", "first"))
+    counts = subj.groupby(["sex", "label", "split"]).size().unstack("split")
+    for _, row in counts.iterrows():
+        assert row.max() - row.min() <= 1, row  # subjects of each stratum spread evenly over the three splits
+
+
+def test_deterministic_and_seeded(celeba_table):
+    a = assign_splits(celeba_table, seed=3)
+    b = assign_splits(celeba_table, seed=3)
+    c = assign_splits(celeba_table, seed=4)
+    assert (a == b).all() and (a != c).any()
+
+
+def test_ratios_respected(celeba_table):
+    split = assign_splits(celeba_table, (2, 1, 1), seed=0)
+    subj = pd.DataFrame({"s": celeba_table["subject_id"], "split": split}).drop_duplicates("s")
+    share = subj["split"].value_counts(normalize=True)
+    assert abs(share["train"] - 0.5) < 0.01 and abs(share["val"] - 0.25) < 0.01
+
+
+def test_manifest_split_is_honoured_and_checked(demo_manifest):
+    m = load_manifest(demo_manifest)
+    split = assign_splits(m.table, seed=99)
+    assert (split == m.table["split"]).all()
+    table = split_table(m.table, split)
+    got = {(r.split, r.sex, int(r.label)): int(r.subjects) for r in table.itertuples()}
+    assert got == TABLE_I  # the paper's Table I, exactly
+    leaky = m.table.copy()
+    leaky.loc[leaky.index[:2], "subject_id"] = "same"
+    leaky.loc[leaky.index[1], "split"] = "test" if leaky.loc[leaky.index[0], "split"] != "test" else "val"
+    with pytest.raises(SplitError, match="more than one split"):
+        check_no_leak(leaky, leaky["split"])
+
+
+def test_folds_group_subjects_balance_strata_and_reproduce(celeba_table):
+    f1 = assign_folds(celeba_table, 5, seed=1)
+    f2 = assign_folds(celeba_table, 5, seed=1)
+    assert (f1 == f2).all() and (assign_folds(celeba_table, 5, seed=2) != f1).any()
+    per_subject = pd.DataFrame({"s": celeba_table["subject_id"], "f": f1}).groupby("s")["f"].nunique()
+    assert per_subject.max() == 1
+    pos_subjects = celeba_table.assign(f=f1).groupby("subject_id").agg(label=("label", "max"), f=("f", "first"))
+    per_fold = pos_subjects[pos_subjects["label"] == 1]["f"].value_counts()
+    assert per_fold.max() - per_fold.min() <= 1
+    assert sorted(np.unique(f1)) == [0, 1, 2, 3, 4]
