@@ -132,6 +132,180 @@ def _bench(ns: argparse.Namespace) -> int:
 COMMANDS["bench"] = ("time the engine's epoch against the compute floor (or the face stage)", _bench_args, _bench)
 
 
+# ------------------------------------------------------------------------------------------------ explain
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-id", default=None, help="a training run: CAMs are logged into it")
+    p.add_argument("--model", default=None, help="a model URI (models:/cushing@champion): CAMs go to a new run")
+    p.add_argument("--manifest", default=None, help="images to explain (default: the run's own data, test split)")
+    p.add_argument("--split", default="test", help="train/val/test, or all")
+    p.add_argument("--allow-phi-artifacts", default="false", help="true: also per-image overlays (hashed names)")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--device", default="auto")
+
+
+def _explain(ns: argparse.Namespace) -> int:
+    from .analysis import run_explain
+    from .config import parse_bool
+
+    run_id, rep = run_explain(run_id=ns.run_id, model_uri=ns.model, manifest=ns.manifest, split=ns.split,
+                              allow_phi=parse_bool(ns.allow_phi_artifacts), experiment=ns.experiment, device=ns.device)
+    print(f"Grad-CAM for {int(rep.metrics.get('cam/images', 0))} images logged to run {run_id}: "
+          f"cam/mean_*.png, cam_regions.csv; randomisation Spearman {rep.metrics.get('cam/randomization_spearman', float('nan')):.3f}")
+    return 0
+
+
+COMMANDS["explain"] = ("Grad-CAM aggregates for an existing run or registered model", _explain_args, _explain)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="models:/cushing@champion, models:/cushing/3, runs:/ID/model")
+    p.add_argument("--manifest", required=True, help="the external cohort (same manifest contract)")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--min-positives", type=int, default=5)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--prevalence", type=float, default=None, help="screening prevalence for PPV/NPV")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from .analysis import run_evaluate
+
+    res = run_evaluate(model_uri=ns.model, manifest=ns.manifest, experiment=ns.experiment,
+                       min_positives=ns.min_positives, bootstrap=ns.bootstrap, seed=ns.seed, prevalence=ns.prevalence)
+    print(f"external validation run {res.run_id}")
+    print(res.report.per_sex.to_string(index=False, columns=[c for c in ("group", "n", "positives", "recall",
+          "specificity", "f1", "auc") if c in res.report.per_sex.columns]))
+    return 0
+
+
+COMMANDS["evaluate"] = ("score a registered model on a new cohort (external validation)", _evaluate_args, _evaluate)
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_ids", nargs="*", help="runs evaluated on the same test subjects")
+    p.add_argument("--parent-run", default=None, help="compare the children of this sweep run")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--log", action="store_true", help="log comparison.csv (to the parent run, or a new run)")
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from .analysis import compare_runs
+    from .tracking import find_runs
+
+    ids = list(ns.run_ids)
+    if ns.parent_run:
+        ids += [r.info.run_id for r in find_runs(ns.experiment, parent_run_id=ns.parent_run)
+                if r.info.status == "FINISHED" and "model_uri" in r.data.tags]
+    res = compare_runs(ids, log_to=(ns.parent_run or "") if ns.log else None, experiment=ns.experiment)
+    cols = ["model_a", "model_b", "n", "auc_a", "auc_b", "delong_p", "delong_p_holm", "acc_a", "acc_b",
+            "mcnemar_p", "mcnemar_p_holm"]
+    print(res.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if res.run_id:
+        print(f"logged comparison.csv to run {res.run_id}")
+    return 0
+
+
+COMMANDS["compare"] = ("paired DeLong and McNemar tests between runs (Holm-corrected)", _compare_args, _compare)
+
+
+# ------------------------------------------------------------------------------------------------ promote
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--parent-run", default=None, help="rank only the children of this (sweep) run")
+    p.add_argument("--metric", default=None, help="validation metric to rank on (default val/f1)")
+    p.add_argument("--min-value", type=float, default=None, help="gate: the metric must reach this")
+    p.add_argument("--max-sex-gap", type=float, default=None, help="gate: |female - male| of the metric")
+    p.add_argument("--project", default=None, help="a study file whose `promote:` section sets the policy")
+
+
+def _promote(ns: argparse.Namespace) -> int:
+    from .release.registry import PromotionPolicy, promote
+    from .studies import promotion_overrides
+
+    base = promotion_overrides(ns.project) if ns.project else {}
+    given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap))
+             if v is not None}
+    policy = PromotionPolicy(**{**base, **given})
+    d = promote(experiment=ns.experiment, policy=policy, parent_run_id=ns.parent_run)
+    if not d.ranking.empty:
+        cols = ["rank", "run_name", policy.metric, "sex_gap", "val/auc", "test/f1 (not used)", "eligible",
+                "excluded_because"]
+        print(d.ranking[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(d.reason if d.changed or d.winner_run is None else f"no change: {d.reason}")
+    if d.logged_run:
+        print(f"decision logged to run {d.logged_run}")
+    return 0 if d.winner_run else 1
+
+
+COMMANDS["promote"] = ("register the best run on validation; move challenger/champion aliases", _promote_args,
+                       _promote)
+
+
+# ------------------------------------------------------------------------------------------------ stack
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "down", "mlflow-server", "migrate"],
+                   help="up/down: a throwaway PostgreSQL + mlflow server on 127.0.0.1 (no Docker); "
+                        "mlflow-server/migrate: what the docker-compose services run")
+    p.add_argument("--dir", default=".stack", help="up/down: where the cluster, artifacts and env.sh live")
+    p.add_argument("--port", type=int, default=5000, help="MLflow server port")
+    p.add_argument("--pg-port", type=int, default=0, help="PostgreSQL port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--db-host", default="postgres")
+    p.add_argument("--db-port", type=int, default=5432)
+    p.add_argument("--db-password-file", default=None)
+    p.add_argument("--admin-password-file", default=None)
+    p.add_argument("--secret-key-file", default=None)
+    p.add_argument("--artifacts", default="/mlartifacts")
+    p.add_argument("--allowed-hosts", default="127.0.0.1:5000,localhost:5000")
+    p.add_argument("--workers", type=int, default=4)
+
+
+def _stack(ns: argparse.Namespace) -> int:
+    import os
+
+    from . import stack
+
+    if ns.action == "mlflow-server":
+        stack.exec_mlflow_server(db_host=ns.db_host, db_port=ns.db_port, db_password_file=ns.db_password_file,
+                                 admin_password_file=ns.admin_password_file, secret_key_file=ns.secret_key_file,
+                                 artifacts=ns.artifacts, host=ns.host, port=ns.port, allowed_hosts=ns.allowed_hosts,
+                                 workers=ns.workers)
+        return 0
+    if ns.action == "migrate":
+        stack.migrate_from_secrets(db_host=ns.db_host, db_port=ns.db_port, db_password_file=ns.db_password_file)
+        print("mlflow db upgrade: done")
+        return 0
+    base = Path(ns.dir).resolve()
+    if ns.action == "down":
+        stack.stop_saved(base)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+        print(f"stopped the stack and removed {base} (a throwaway cluster)")
+        return 0
+    if (base / "stack.json").exists():
+        print(f"{base} already holds a stack; `cushing stack down --dir {ns.dir}` first", file=sys.stderr)
+        return 1
+    kw = {"admin_password": os.environ["MLFLOW_ADMIN_PASSWORD"]} if os.environ.get("MLFLOW_ADMIN_PASSWORD") else {}
+    s = stack.LocalStack(base=base, pg_port=ns.pg_port, port=ns.port, **kw).start()
+    s.save_state()
+    env = s.write_env_file()
+    print(f"PostgreSQL on 127.0.0.1:{s.pg.port}, MLflow server (basic-auth) on {s.server.url}\n"
+          f"credentials and URIs: source {env}\nstop with: cushing stack down --dir {ns.dir}")
+    return 0
+
+
+COMMANDS["stack"] = ("PostgreSQL + MLflow server (basic-auth) without Docker; the compose services' commands",
+                     _stack_args, _stack)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,12 +329,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return int(ns.func(ns) or 0)
-    except (ConfigError, ManifestError, SplitError) as e:
+    except (ConfigError, ManifestError, SplitError, _stack_error()) as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
     except _user_errors() as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
+
+
+def _stack_error() -> type[BaseException]:
+    from .stack import StackError
+
+    return StackError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -1,13 +1,14 @@
 """Release: the logged pyfunc model, the registry (promotion) and serving. The only other mlflow importer."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["log_model", "model_config", "pip_requirements", "load_model"]
+__all__ = ["log_model", "model_config", "pip_requirements", "load_model", "load_torch_model", "REGISTERED_MODEL"]
 
 REGISTERED_MODEL = "cushing"
 
@@ -44,14 +45,16 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, name: 
     package = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="cushing-model-") as d, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hints.*")
-        artifacts = pyfunc.save_model_artifacts(Path(d), model=outcome.model, cfg=cfg)
+        artifacts = pyfunc.save_model_artifacts(Path(d) / "artifacts", model=outcome.model, cfg=cfg)
+        code = Path(d) / "code" / "cushing"  # the package travels with the model, without bytecode caches
+        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         import pandas as pd
 
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("model_code.py")),
             artifacts=artifacts,
-            code_paths=[str(package)],
+            code_paths=[str(code)],
             signature=pyfunc.signature(),
             input_example=pd.DataFrame({"image": [synthetic_jpeg_b64(seed=7)]}),
             pip_requirements=pip_requirements(),
@@ -62,6 +65,29 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, name: 
     return info.model_uri
 
 
+def load_torch_model(uri: str):
+    """(torch model in eval mode, its cushing_model.json) from a logged/registered model, weights-only."""
+    import json
+
+    import mlflow
+    from safetensors.torch import load_file
+
+    from ..backbones import build_model
+    from ..tracking import configure
+    from .pyfunc import MODEL_CONFIG, WEIGHTS
+
+    configure()
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    cfg_path = next(local.rglob(MODEL_CONFIG), None)
+    weights = next(local.rglob(WEIGHTS), None)
+    if cfg_path is None or weights is None:
+        raise FileNotFoundError(f"{uri} is not a cushing model (no {MODEL_CONFIG} / {WEIGHTS} in its artifacts)")
+    cfg = json.loads(cfg_path.read_text())
+    model = build_model(cfg["model"], pretrained=False, img_size=int(cfg["img_size"]), freeze=False)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), cfg
+
+
 def load_model(uri: str):
     import mlflow
 
@@ -69,3 +95,15 @@ def load_model(uri: str):
 
     configure()
     return mlflow.pyfunc.load_model(uri)
+
+
+def model_version_of(model_uri: str) -> str | None:
+    from .registry import model_version_of as resolve
+
+    return resolve(model_uri)
+
+
+def link_evaluation(model_uri: str, run_id: str) -> None:
+    from .registry import link_evaluation as link
+
+    link(model_uri, run_id)

@@ -17,6 +17,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import pandas as pd
 
 __all__ = ["CushingModel", "MODEL_CONFIG", "MAX_IMAGE_B64", "PayloadError", "save_model_artifacts", "signature",
@@ -28,8 +29,11 @@ MAX_IMAGE_B64 = 20 * 1024 * 1024  # characters of base64 per image (about 15 MB 
 MAX_ROWS = 256
 
 
-class PayloadError(ValueError):
+class PayloadError(mlflow.exceptions.MlflowException):
     """A request the model cannot score; the scoring server answers 400 with this message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def signature():

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
-           "find_runs", "download_artifact", "run_tags", "get_run"]
+           "find_runs", "download_artifact", "run_tags", "get_run", "resume_run"]
 
 # Client-side retries so a brief server restart does not kill a run (MLflow's own variables).
 HTTP_RETRY_DEFAULTS = {
@@ -181,6 +181,20 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(status=status)
+
+
+@contextmanager
+def resume_run(run_id: str) -> Iterator[RunLogger]:
+    """Log more into an existing run (e.g. CAMs computed later); its status is left FINISHED."""
+    import mlflow
+
+    configure()
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield RunLogger(run_id)
+    finally:
+        mlflow.flush_async_logging()
+        mlflow.end_run()
 
 
 def get_run(run_id: str):

@@ -1,0 +1,213 @@
+"""Work on models that already exist: Grad-CAM for a run or a registered model, external validation, paired
+comparison of runs. Composes the pure modules with tracking (runs) and release (models); no mlflow import here.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import evidence, plots, release, tracking
+from .explain import CamReport, _landmarks_of, explain_images
+from .manifest import Manifest, hash_subject, load_manifest
+from .report import Report, build_report
+from .splits import assign_splits
+from .train import resolve_data
+
+__all__ = ["run_explain", "run_evaluate", "compare_runs", "CompareError", "ComparisonResult"]
+
+
+def _rows_for(manifest: Manifest, split: str, run_params: dict | None, run_digest: str | None) -> np.ndarray:
+    """Which rows to use: the run's own split when this is its training cohort, else the manifest's split
+    column, else every row (an external cohort)."""
+    table = manifest.table
+    if run_params is not None and run_digest and manifest.digest == run_digest:
+        from .config import _parse_ratios
+
+        s = assign_splits(table, _parse_ratios(run_params.get("split_ratios", "1:1:1")),
+                          seed=int(run_params.get("split_seed", 0)))
+        return np.flatnonzero((s == split).to_numpy())
+    if "split" in table.columns and split != "all":
+        return np.flatnonzero((table["split"] == split).to_numpy())
+    return np.arange(len(table))
+
+
+def run_explain(*, run_id: str | None = None, model_uri: str | None = None, manifest: str | None = None,
+                split: str = "test", allow_phi: bool = False, experiment: str = "cushing",
+                device: str = "auto") -> tuple[str, CamReport]:
+    """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run)."""
+    from .data import DeviceAugment, decode_images, pick_device
+    from .backbones import Preprocess
+
+    params, digest = None, None
+    if run_id:
+        run = tracking.get_run(run_id)
+        params, digest = dict(run.data.params), run.data.tags.get("data_digest")
+        model_uri = model_uri or run.data.tags.get("model_uri")
+        if not model_uri:
+            raise ValueError(f"run {run_id} has no logged model (log_model=false?); pass --model")
+    if not model_uri:
+        raise ValueError("give --run-id or --model")
+    data = manifest or (params or {}).get("data")
+    if not data:
+        raise ValueError("give --manifest (the images to explain)")
+    m = load_manifest(resolve_data(data))
+    idx = _rows_for(m, split, params, digest)
+    model, mcfg = release.load_torch_model(model_uri)
+    dev = pick_device(device)
+    model = model.to(dev)
+    size = int(mcfg["img_size"])
+    images = decode_images(m.table["path"].iloc[idx].tolist(), size, mcfg.get("interpolation", "bicubic"))
+    pre = Preprocess(tuple(mcfg["mean"]), tuple(mcfg["std"]), mcfg.get("interpolation", "bicubic"), size)
+    x = DeviceAugment(pre, dev, 0.0).normalize(images.to(dev)).contiguous()
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 64]).float() for i in range(0, len(x), 64)])
+    prob = torch.sigmoid((logits[:, 1] - logits[:, 0]) / float(mcfg.get("temperature", 1.0))).cpu().numpy()
+    t = m.table.iloc[idx]
+    with tracking.artifact_dir() as d:
+        report = explain_images(
+            model, mcfg["model"], x, images_u8=images.numpy(), labels=t["label"].to_numpy(),
+            preds=(prob >= float(mcfg["threshold"])).astype(int), sexes=t["sex"].to_numpy(),
+            subjects=[hash_subject(s, m.digest) for s in t["subject_id"]], out_dir=d, allow_phi=allow_phi,
+            landmarks=_landmarks_of(m.table, idx, size))
+        if run_id:
+            with tracking.resume_run(run_id) as r:
+                _log_cam(r, d, report)
+            return run_id, report
+        with tracking.start_run(experiment=experiment, run_name=f"explain-{mcfg['model']}",
+                                tags={"task": "explain", "source_model_uri": model_uri,
+                                      "synthetic_data": str(m.synthetic).lower()}) as r:
+            _log_cam(r, d, report)
+            return r.run_id, report
+
+
+def _log_cam(r: tracking.RunLogger, folder: Path, report: CamReport) -> None:
+    r.log_files(folder)
+    r.log_metrics(report.metrics)
+    r.set_tags(report.tags)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+@dataclass
+class EvaluationResult:
+    run_id: str
+    report: Report
+    predictions: pd.DataFrame
+
+
+def _score_with_pyfunc(model, paths: list[str], batch: int = 32) -> pd.DataFrame:
+    outs = []
+    for i in range(0, len(paths), batch):
+        payload = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths[i:i + batch]]
+        outs.append(model.predict(pd.DataFrame({"image": payload})))
+    return pd.concat(outs, ignore_index=True)
+
+
+def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", min_positives: int = 5,
+                 bootstrap: int = 2000, seed: int = 0, prevalence: float | None = None) -> EvaluationResult:
+    """External validation: score a cohort with the served pyfunc (same face stage, stored threshold) and log the
+    same metrics, intervals, per-sex table and calibration as a new run linked to the model."""
+    m = load_manifest(resolve_data(manifest))
+    pyf = release.load_model(model_uri)
+    meta = pyf.metadata.metadata.get("cushing", {}) if pyf.metadata.metadata else {}
+    threshold = float(meta.get("threshold", 0.5))
+    out = _score_with_pyfunc(pyf, m.table["path"].tolist())
+    t = m.table
+    pred = pd.DataFrame({"subject": [hash_subject(s, m.digest) for s in t["subject_id"]], "split": "external",
+                         "sex": t["sex"].to_numpy(), "label": t["label"].to_numpy(),
+                         "probability": out["probability"].to_numpy(), "face_status": out["face_status"].to_numpy()})
+    scored = pred[pred["probability"].notna()].copy()
+    scored["prediction"] = (scored["probability"] >= threshold).astype(int)
+    report = build_report(scored, threshold=threshold, splits=("external",), min_positives=min_positives,
+                          bootstrap=bootstrap, seed=seed, prevalence=prevalence, argmax_split=None)
+    version = release.model_version_of(model_uri)
+    tags = {"task": "external_validation", "source_model_uri": model_uri, "data_digest": m.digest,
+            "synthetic_data": str(m.synthetic).lower(), **({"model_version": version} if version else {}),
+            **report.tags}
+    with tracking.start_run(experiment=experiment, run_name=f"evaluate-{meta.get('model', 'model')}", tags=tags) as r:
+        r.log_params({"model_uri": model_uri, "threshold": threshold, "min_positives": min_positives,
+                      "bootstrap": bootstrap, "prevalence": "" if prevalence is None else prevalence})
+        r.log_metrics({**report.metrics, "external/unscored": float(pred["probability"].isna().sum())})
+        r.log_table(scored[["subject", "split", "sex", "label", "probability", "prediction"]], "predictions.csv")
+        r.log_table(report.per_sex, "per_sex.csv")
+        r.log_table(pred["face_status"].value_counts().rename_axis("face_status").reset_index(), "face_status.csv")
+        with tracking.artifact_dir() as d:
+            plots.calibration_plot(report.reliability, d / "calibration.png")
+            r.log_files(d, "plots")
+        ds = scored[["subject", "sex", "label"]].assign(split="external")
+        r.log_dataset(ds, digest=m.digest, name="external-cohort", context="evaluation")
+        if version:
+            release.link_evaluation(model_uri, r.run_id)
+        return EvaluationResult(r.run_id, report, scored)
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+class CompareError(ValueError):
+    pass
+
+
+@dataclass
+class ComparisonResult:
+    table: pd.DataFrame
+    run_id: str | None
+
+
+def _test_predictions(run_id: str) -> tuple[pd.DataFrame, float, str]:
+    run = tracking.get_run(run_id)
+    with tracking.artifact_dir() as d:
+        pred = pd.read_csv(tracking.download_artifact(run_id, "predictions.csv", d))
+    thr = run.data.metrics.get("threshold", 0.5)
+    return pred[pred["split"] == "test"].sort_values("subject").reset_index(drop=True), float(thr), \
+        run.data.tags.get("mlflow.runName", run_id)
+
+
+def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: str = "cushing") -> ComparisonResult:
+    """Paired tests on the same test subjects: DeLong for AUC, McNemar at each model's own threshold, Holm."""
+    if len(run_ids) < 2:
+        raise CompareError("compare needs at least two runs")
+    loaded = {rid: _test_predictions(rid) for rid in run_ids}
+    ref_id = run_ids[0]
+    ref = loaded[ref_id][0]
+    for rid, (pred, _, name) in loaded.items():
+        if len(pred) != len(ref) or not (pred["subject"].to_numpy() == ref["subject"].to_numpy()).all() \
+                or not (pred["label"].to_numpy() == ref["label"].to_numpy()).all():
+            raise CompareError(f"run {rid} ({name}) was evaluated on different test subjects than run {ref_id}: "
+                               "paired tests need the same cohort and split (same data digest and split seed)")
+    rows = []
+    ids = list(loaded)
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            (pa, ta, na), (pb, tb, nb) = loaded[ids[i]], loaded[ids[j]]
+            y = pa["label"].to_numpy()
+            d = evidence.delong_test(y, pa["probability"].to_numpy(), pb["probability"].to_numpy())
+            ca = (pa["probability"].to_numpy() >= ta).astype(int) == y
+            cb = (pb["probability"].to_numpy() >= tb).astype(int) == y
+            mc = evidence.mcnemar_test(ca, cb)
+            rows.append({"run_a": ids[i], "model_a": na, "run_b": ids[j], "model_b": nb, "n": len(y),
+                         "auc_a": d["auc1"], "auc_b": d["auc2"], "auc_diff": d["diff"], "delong_z": d["z"],
+                         "delong_p": d["p_value"], "acc_a": ca.mean(), "acc_b": cb.mean(), "mcnemar_b": mc["b"],
+                         "mcnemar_c": mc["c"], "mcnemar_p": mc["p_value"]})
+    table = pd.DataFrame(rows)
+    table["delong_p_holm"] = evidence.holm(table["delong_p"].tolist())
+    table["mcnemar_p_holm"] = evidence.holm(table["mcnemar_p"].tolist())
+    run_id = None
+    if log_to is not None:
+        run_id = _log_comparison(table, run_ids, log_to, experiment)
+    return ComparisonResult(table, run_id)
+
+
+def _log_comparison(table: pd.DataFrame, run_ids: list[str], parent: str, experiment: str) -> str:
+    if parent:
+        with tracking.resume_run(parent) as r:
+            r.log_table(table, "comparison.csv")
+            return parent
+    with tracking.start_run(experiment=experiment, run_name="compare", tags={"task": "compare",
+                            "compared_runs": ",".join(run_ids)}) as r:
+        r.log_table(table, "comparison.csv")
+        return r.run_id

@@ -1,0 +1,203 @@
+"""Promotion in the model registry: rank runs on a validation metric, gate, register, move aliases.
+
+Registered model `cushing`, aliases `challenger` (the best of the candidates just ranked) and `champion` (moved
+only when the challenger beats it on validation). Test metrics are shown in the ranking, never used to choose.
+Idempotent: a second call with nothing new changes nothing and logs nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..tracking import artifact_dir, client, find_runs, start_run
+from . import REGISTERED_MODEL
+
+__all__ = ["PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of", "link_evaluation"]
+
+TIE_BREAKERS = (("val/auc", False), ("val/brier", True))  # (metric, lower is better); then the older run
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    metric: str = "val/f1"
+    min_value: float | None = None  # gate: the metric must reach this
+    max_sex_gap: float | None = None  # gate: |female - male| of the metric (its /sex_gap) at most this
+    registered_model: str = REGISTERED_MODEL
+
+    def __post_init__(self) -> None:
+        if not self.metric.startswith("val/"):
+            raise ValueError(f"promotion ranks on validation metrics only (val/...), got {self.metric!r}")
+
+
+@dataclass
+class Decision:
+    winner_run: str | None
+    version: str | None
+    challenger_moved: bool
+    champion_moved: bool
+    registered_new_version: bool
+    reason: str
+    ranking: pd.DataFrame = field(default_factory=pd.DataFrame)
+    logged_run: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.challenger_moved or self.champion_moved or self.registered_new_version
+
+
+def _lower_better(metric: str) -> bool:
+    return metric.endswith(("loss", "brier", "ece"))
+
+
+def _gap_metric(metric: str) -> str:
+    return metric + "/sex_gap"
+
+
+def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
+    """One row per run with a logged model: validation metric, tie-breakers, gates, test metrics for show."""
+    rows = []
+    for r in runs:
+        m, tags = r.data.metrics, r.data.tags
+        if r.info.status != "FINISHED" or "model_uri" not in tags:
+            continue
+        value = m.get(policy.metric, math.nan)
+        gap = m.get(_gap_metric(policy.metric), math.nan)
+        why = []
+        if not math.isfinite(value):
+            why.append(f"{policy.metric} missing or not estimable")
+        elif policy.min_value is not None and (value < policy.min_value if not _lower_better(policy.metric)
+                                               else value > policy.min_value):
+            why.append(f"{policy.metric}={value:.4f} misses the gate {policy.min_value}")
+        if policy.max_sex_gap is not None and (not math.isfinite(gap) or abs(gap) > policy.max_sex_gap):
+            why.append(f"sex gap {gap:.4f} exceeds {policy.max_sex_gap}" if math.isfinite(gap)
+                       else "sex gap not estimable")
+        rows.append({"run_id": r.info.run_id, "run_name": tags.get("mlflow.runName", ""), "model": tags.get("model"),
+                     "freeze": tags.get("freeze"), policy.metric: value, "sex_gap": gap,
+                     **{t: m.get(t, math.nan) for t, _ in TIE_BREAKERS},
+                     "test/f1 (not used)": m.get("test/f1", math.nan), "test/auc (not used)": m.get("test/auc", math.nan),
+                     "start_time": r.info.start_time, "eligible": not why, "excluded_because": "; ".join(why),
+                     "model_uri": tags["model_uri"], "threshold": m.get("threshold", math.nan),
+                     "data_digest": tags.get("data_digest", "")})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    keys = [policy.metric] + [t for t, _ in TIE_BREAKERS] + ["start_time"]
+    asc = [_lower_better(policy.metric)] + [lo for _, lo in TIE_BREAKERS] + [True]
+    df = df.sort_values(["eligible"] + keys, ascending=[False] + asc, na_position="last", kind="mergesort")
+    df.insert(0, "rank", range(1, len(df) + 1))
+    return df.reset_index(drop=True)
+
+
+def _version_for_run(c, name: str, run_id: str):
+    try:
+        versions = c.search_model_versions(f"name = '{name}' and tags.source_run = '{run_id}'")
+    except Exception:  # the registered model does not exist yet
+        return None
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _alias_version(c, name: str, alias: str):
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
+
+
+def _register(c, policy: PromotionPolicy, row: pd.Series):
+    import mlflow
+
+    try:
+        c.get_registered_model(policy.registered_model)
+    except Exception:
+        c.create_registered_model(policy.registered_model, description=(
+            "Cushing's syndrome screening from frontal facial photos (research use). Aliases: challenger = best of "
+            "the last ranked candidates, champion = best on validation so far."))
+    mv = mlflow.register_model(row["model_uri"], policy.registered_model, tags={
+        "source_run": row["run_id"], "model": str(row["model"]), "freeze": str(row["freeze"]),
+        "threshold": f"{row['threshold']:.6f}", "data_digest": row["data_digest"], "selection_metric": policy.metric,
+        "selection_value": f"{row[policy.metric]:.6f}"})
+    return mv
+
+
+def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), parent_run_id: str | None = None,
+            log: bool = True) -> Decision:
+    c = client()
+    ranking = rank_candidates(find_runs(experiment, parent_run_id=parent_run_id), policy)
+    eligible = ranking[ranking["eligible"]] if not ranking.empty else ranking
+    if eligible.empty:
+        return Decision(None, None, False, False, False,
+                        "no eligible run (finished, with a logged model, passing the gates)", ranking)
+    best = eligible.iloc[0]
+    name = policy.registered_model
+    mv = _version_for_run(c, name, best["run_id"])
+    new_version = mv is None
+    if new_version:
+        mv = _register(c, policy, best)
+    challenger = _alias_version(c, name, "challenger")
+    moved_challenger = challenger is None or challenger.version != mv.version
+    if moved_challenger:
+        c.set_registered_model_alias(name, "challenger", mv.version)
+    champion = _alias_version(c, name, "champion")
+    champ_value = float(champion.tags.get("selection_value", "nan")) if champion else math.nan
+    better = champion is None or (champion.tags.get("selection_metric") != policy.metric) or (
+        best[policy.metric] < champ_value if _lower_better(policy.metric) else best[policy.metric] > champ_value)
+    moved_champion = champion is None or (champion.version != mv.version and better)
+    if moved_champion:
+        c.set_registered_model_alias(name, "champion", mv.version)
+    reason = _reason(best, policy, champion, champ_value, moved_champion, mv.version)
+    d = Decision(best["run_id"], mv.version, moved_challenger, moved_champion, new_version, reason, ranking)
+    if log and d.changed:
+        d.logged_run = _log_decision(experiment, d, policy)
+    return d
+
+
+def _reason(best, policy, champion, champ_value, moved, version) -> str:
+    head = f"best eligible run {best['run_id']} ({best['run_name']}) with {policy.metric}={best[policy.metric]:.4f}"
+    if champion is None:
+        return f"{head}; no champion yet: version {version} becomes champion"
+    if champion.version == version:
+        return f"{head}; already champion (version {version})"
+    if moved:
+        return f"{head} beats champion version {champion.version} ({champ_value:.4f}): champion moved to {version}"
+    return f"{head} does not beat champion version {champion.version} ({champ_value:.4f}): champion stays"
+
+
+def _log_decision(experiment: str, d: Decision, policy: PromotionPolicy) -> str:
+    with start_run(experiment=experiment, run_name="promote", tags={"task": "promote", "decision": d.reason[:4900],
+                   "promoted_version": str(d.version), "winner_run": str(d.winner_run)}, use_env_run=True) as r:
+        r.log_params({"metric": policy.metric, "min_value": policy.min_value, "max_sex_gap": policy.max_sex_gap,
+                      "registered_model": policy.registered_model})
+        r.log_table(d.ranking.drop(columns=["model_uri"]), "ranking.csv")
+        with artifact_dir() as folder:
+            (folder / "decision.json").write_text(json.dumps({
+                "winner_run": d.winner_run, "version": d.version, "challenger_moved": d.challenger_moved,
+                "champion_moved": d.champion_moved, "registered_new_version": d.registered_new_version,
+                "reason": d.reason, "policy": policy.__dict__}, indent=1, default=str))
+            r.log_files(folder)
+        return r.run_id
+
+
+def model_version_of(model_uri: str) -> str | None:
+    """'models:/name@alias' or 'models:/name/3' -> the version number; None for run or logged-model URIs."""
+    if not model_uri.startswith("models:/"):
+        return None
+    rest = model_uri[len("models:/"):]
+    c = client()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        mv = _alias_version(c, name, alias)
+        return mv.version if mv else None
+    parts = rest.split("/")
+    return parts[1] if len(parts) == 2 and parts[1].isdigit() else None
+
+
+def link_evaluation(model_uri: str, run_id: str) -> None:
+    """Record an external-validation run on the model version it evaluated."""
+    rest = model_uri[len("models:/"):]
+    name = rest.split("@")[0].split("/")[0]
+    version = model_version_of(model_uri)
+    if version:
+        client().set_model_version_tag(name, version, f"external_validation/{run_id}", "see run")
