@@ -15,6 +15,11 @@ __all__ = ["main", "build_parser"]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
+def _opt_float(text: str) -> float | None:
+    """A float option that MLproject may pass as '' (unset)."""
+    return None if text in ("", "none", "None") else float(text)
+
+
 def add_config_options(p: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """One --option per config field, all parsed as strings and coerced by the typed config."""
     hints = typing.get_type_hints(cls)
@@ -166,7 +171,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--min-positives", type=int, default=5)
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--prevalence", type=float, default=None, help="screening prevalence for PPV/NPV")
+    p.add_argument("--prevalence", type=_opt_float, default=None, help="screening prevalence for PPV/NPV")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -219,8 +224,8 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--parent-run", default=None, help="rank only the children of this (sweep) run")
     p.add_argument("--metric", default=None, help="validation metric to rank on (default val/f1)")
-    p.add_argument("--min-value", type=float, default=None, help="gate: the metric must reach this")
-    p.add_argument("--max-sex-gap", type=float, default=None, help="gate: |female - male| of the metric")
+    p.add_argument("--min-value", type=_opt_float, default=None, help="gate: the metric must reach this")
+    p.add_argument("--max-sex-gap", type=_opt_float, default=None, help="gate: |female - male| of the metric")
     p.add_argument("--project", default=None, help="a study file whose `promote:` section sets the policy")
 
 
@@ -230,9 +235,9 @@ def _promote(ns: argparse.Namespace) -> int:
 
     base = promotion_overrides(ns.project) if ns.project else {}
     given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap))
-             if v is not None}
+             if v not in (None, "")}
     policy = PromotionPolicy(**{**base, **given})
-    d = promote(experiment=ns.experiment, policy=policy, parent_run_id=ns.parent_run)
+    d = promote(experiment=ns.experiment, policy=policy, parent_run_id=ns.parent_run or None)
     if not d.ranking.empty:
         cols = ["rank", "run_name", policy.metric, "sex_gap", "val/auc", "test/f1 (not used)", "eligible",
                 "excluded_because"]

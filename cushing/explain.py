@@ -49,40 +49,48 @@ def grad_cam(model, name: str) -> Iterator:
         model.zero_grad(set_to_none=True)
 
 
-def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32) -> np.ndarray:
-    """[N, H, W] Grad-CAM maps in [0, 1] for class `target`, batched on x's device; x is not modified."""
+def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32,
+                 raw: bool = False) -> np.ndarray:
+    """[N, H, W] Grad-CAM maps in [0, 1] for class `target`, batched on x's device; x is not modified.
+
+    raw=True gives the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
+    keep their ranking information even where the ReLU'd map is all zero.
+    """
     _, ClassifierOutputTarget = _require_grad_cam()
     was_training = model.training
     out = []
     with grad_cam(model, name) as cam:
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].detach().clone().float()
-            out.append(cam(input_tensor=xb, targets=[ClassifierOutputTarget(target)] * len(xb)).astype(np.float32))
+            maps = cam(input_tensor=xb, targets=[ClassifierOutputTarget(target)] * len(xb)).astype(np.float32)
+            if raw:
+                acts = cam.activations_and_grads.activations[0].float().numpy()
+                grads = cam.activations_and_grads.gradients[0].float().numpy()
+                maps = (grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32)
+            out.append(maps)
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
 
 
-def randomization_check(model, name: str, x: torch.Tensor, maps: np.ndarray, *, seed: int = 0, n: int = 32) -> float:
-    """Adebayo et al.: mean Spearman correlation between the trained model's CAMs and those after the head and
-    the last block are re-initialised. Near 1 means the map does not depend on the learned weights."""
+def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32) -> float:
+    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
+    the head and the last block are re-initialised. Near 1 means the map does not depend on the learned weights."""
     from scipy.stats import spearmanr
 
     k = min(n, len(x))
     if k == 0:
         return float("nan")
+    trained = compute_cams(model, name, x[:k], raw=True)
     rand = copy.deepcopy(model)
     torch.manual_seed(seed)
     for module in (rand.get_classifier(), last_block(rand, name)):
         for m in module.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    rmaps = compute_cams(rand, name, x[:k])
-    rhos = []
-    for a, b in zip(maps[:k], rmaps):
-        if np.ptp(a) == 0 or np.ptp(b) == 0:
-            continue
-        rhos.append(spearmanr(a.ravel(), b.ravel()).statistic)
+    rmaps = compute_cams(rand, name, x[:k], raw=True)
     del rand
+    rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(trained, rmaps)
+            if np.ptp(a) > 0 and np.ptp(b) > 0]
     return float(np.mean(rhos)) if rhos else float("nan")
 
 
@@ -181,7 +189,7 @@ def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndar
     t0 = time.perf_counter()
     maps = compute_cams(model, name, x_norm)
     seconds = time.perf_counter() - t0
-    rho = randomization_check(model, name, x_norm, maps, seed=seed)
+    rho = randomization_check(model, name, x_norm, seed=seed)
     size = maps.shape[-1]
     labs, source = region_masks(len(maps), size, landmarks)
     shares = region_shares(maps, labs)

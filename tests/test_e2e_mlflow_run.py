@@ -128,3 +128,33 @@ def test_model_matches_logged_test_predictions(finished_run, demo_manifest):
     payload = [base64.b64encode(open(p, "rb").read()).decode() for p in sample["path"]]
     out = model.predict(pd.DataFrame({"image": payload}))
     assert np.allclose(out["probability"].to_numpy(), sample["probability"].to_numpy(), atol=2e-3)
+
+
+def test_cam_aggregates_logged_without_overlays(finished_run):
+    client, run, _, _ = finished_run
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "cam")}
+    assert "cam/mean_all.png" in names and any(n.startswith("cam/mean_true1_") for n in names)
+    assert "cam/overlays" not in names
+    assert "cam_regions.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert -1 <= run.data.metrics["cam/randomization_spearman"] <= 1
+    assert run.data.tags["cam_overlays"] == "false"
+
+
+def test_cli_explain_a_registered_or_logged_model(finished_run, demo_manifest, tmp_path):
+    client, run, uri, _ = finished_run
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    r = subprocess.run([sys.executable, "-m", "cushing", "explain", "--model", run.data.tags["model_uri"],
+                        "--manifest", str(demo_manifest), "--split", "val", "--allow-phi-artifacts", "true"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new_id = r.stdout.split("logged to run ")[1].split(":")[0]
+    new = client.get_run(new_id)
+    assert new.data.tags["task"] == "explain" and new.data.metrics["cam/images"] == 114
+    overlays = [a.path for a in client.list_artifacts(new_id, "cam/overlays")]
+    assert len(overlays) == 114
+    stems = set(pd.read_csv(demo_manifest)["subject_id"])
+    assert not any(s in o for o in overlays for s in stems), "overlays are named by hashed subject ids"

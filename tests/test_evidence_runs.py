@@ -1,0 +1,116 @@
+"""Cross-validation, repeated seeds, paired comparison and external validation, end to end through MLflow."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from cushing.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, cushing_home):
+    import os
+
+    import mlflow
+
+    d = tmp_path_factory.mktemp("evidence-store")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _cfg(small_demo, **kw):
+    return TrainConfig(**{**dict(data=str(small_demo), model="resnet18", pretrained=False, epochs=1, img_size=48,
+                                 bootstrap=200, cam=False, experiment="evidence"), **kw})
+
+
+@pytest.fixture(scope="module")
+def cv(store, small_demo):
+    from cushing.experiment import run_experiment
+
+    return run_experiment(_cfg(small_demo, cv_folds=3, log_model=False), progress=False)
+
+
+def test_cv_parent_children_and_pooled_metrics(cv, small_demo):
+    import mlflow
+
+    c = mlflow.MlflowClient()
+    assert len(cv.children) == 3
+    kids = [c.get_run(k.run_id) for k in cv.children]
+    assert all(k.info.status == "FINISHED" and k.data.tags["mlflow.parentRunId"] == cv.run_id for k in kids)
+    assert sorted(k.data.tags["fold"] for k in kids) == ["0", "1", "2"]
+    parent = c.get_run(cv.run_id)
+    m = parent.data.metrics
+    for key in ("oof/f1", "oof/f1/ci_low", "oof/auc", "oof/recall/female", "test/f1/mean", "test/f1/std"):
+        assert key in m, key
+    assert m["oof/recall/ci_low"] <= m["oof/recall"] <= m["oof/recall/ci_high"]
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=cv.run_id, artifact_path="oof_predictions.csv"))
+    assert len(oof) == 343 and oof["subject"].is_unique, "every subject is held out exactly once"
+    assert sorted(oof["fold"].unique()) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def seeds(store, small_demo):
+    from cushing.experiment import run_experiment
+
+    return run_experiment(_cfg(small_demo, seeds=2), progress=False)
+
+
+def test_seeds_report_mean_and_std(seeds):
+    import mlflow
+
+    s = seeds
+    parent = mlflow.MlflowClient().get_run(s.run_id)
+    vals = [k.metrics["val/auc"] for k in s.children]
+    assert parent.data.metrics["val/auc/mean"] == pytest.approx(sum(vals) / 2)
+    assert parent.data.metrics["val/auc/std"] == pytest.approx(pd.Series(vals).std(ddof=1))
+    assert [k.run_name for k in s.children] == ["resnet18-seed0", "resnet18-seed1"]
+
+
+def test_paired_comparison_and_refusal(seeds, cv):
+    from cushing.analysis import CompareError, compare_runs
+
+    a, b = seeds.children
+    res = compare_runs([a.run_id, b.run_id], log_to="")
+    row = res.table.iloc[0]
+    assert row["n"] == 114 and 0 <= row["delong_p"] <= 1 and 0 <= row["mcnemar_p"] <= 1
+    assert row["delong_p_holm"] == pytest.approx(row["delong_p"])  # one comparison: Holm changes nothing
+    assert res.run_id is not None
+    with pytest.raises(CompareError, match="different test subjects"):
+        compare_runs([a.run_id, cv.children[0].run_id])
+
+
+def test_external_validation_of_a_logged_model(seeds, celeba_manifest, tmp_path):
+    import mlflow
+
+    from cushing.analysis import run_evaluate
+
+    a = seeds.children[0]
+    model_uri = mlflow.MlflowClient().get_run(a.run_id).data.tags["model_uri"]
+    df = celeba_manifest.copy()
+    df["sex"] = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda s: s.mode()[0]))
+    df = df.drop_duplicates("subject_id")
+    ext = pd.concat([df[df["label"] == 1].head(20), df[df["label"] == 0].head(40)])
+    path = tmp_path / "external.csv"
+    ext[["image", "label", "sex", "subject_id"]].to_csv(path, index=False)
+    res = run_evaluate(model_uri=model_uri, manifest=str(path), experiment="evidence", bootstrap=200)
+    run = mlflow.MlflowClient().get_run(res.run_id)
+    m = run.data.metrics
+    assert run.data.tags["task"] == "external_validation" and run.data.tags["source_model_uri"] == model_uri
+    assert m["threshold"] == pytest.approx(a.metrics["threshold"]), "scored at the model's stored threshold"
+    for key in ("external/f1", "external/auc", "external/recall/ci_low", "external/brier", "external/ece"):
+        assert key in m
+    assert len(res.predictions) == 60 and not math.isnan(m["external/auc"])
+    names = {x.path for x in mlflow.MlflowClient().list_artifacts(res.run_id)}
+    assert {"per_sex.csv", "predictions.csv", "plots"} <= names
