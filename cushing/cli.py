@@ -137,6 +137,58 @@ def _bench(ns: argparse.Namespace) -> int:
 COMMANDS["bench"] = ("time the engine's epoch against the compute floor (or the face stage)", _bench_args, _bench)
 
 
+# ------------------------------------------------------------------------------------------------ faces
+
+def _faces_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="photos: a manifest CSV (image, label, sex, ...)")
+    p.add_argument("--out", required=True, help="folder for crops/, manifest.csv, faces_report.csv")
+    p.add_argument("--sam-checkpoint", default=None, help="SAM weights (vit_h, vit_l or vit_b .pth)")
+    p.add_argument("--sam-model-type", default=None, help="vit_h | vit_l | vit_b (default: read from the weights)")
+    p.add_argument("--mask", default="auto", help="auto | sam | landmark_hull | none")
+    p.add_argument("--detector", default="hog", help="hog | cnn (dlib's mmod detector)")
+    p.add_argument("--max-upsample", type=int, default=2)
+    p.add_argument("--margin", type=float, default=0.15)
+    p.add_argument("--cache-dir", default=None, help="content-addressed cache (default ~/.cache/cushing/faces)")
+    p.add_argument("--workers", type=int, default=0, help="dlib processes (default: one per core)")
+    p.add_argument("--device", default="auto", help="where SAM runs")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any photo was rejected")
+    p.add_argument("--allow-phi-artifacts", default="false", help="true: log montages of crops and failures")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def _faces(ns: argparse.Namespace) -> int:
+    from .config import parse_bool
+    from .faces import FaceSettings
+    from .faces_run import run_faces
+
+    settings = FaceSettings(detector=ns.detector, max_upsample=ns.max_upsample, margin=ns.margin, mask=ns.mask,
+                            sam_checkpoint=ns.sam_checkpoint or None, sam_model_type=ns.sam_model_type or None,
+                            device=ns.device)
+    res = run_faces(manifest=ns.manifest, out=ns.out, settings=settings, cache_dir=ns.cache_dir or None,
+                    workers=ns.workers, experiment=ns.experiment, allow_phi=parse_bool(ns.allow_phi_artifacts),
+                    track=not ns.no_track)
+    o = res.outcome
+    rep = o.report
+    print(f"extracted {o.extracted} of {len(rep)} photos ({o.cached} from cache, {o.processed} processed, "
+          f"{o.seconds:.1f} s; mask: {o.settings.mask_method})")
+    for reason, n in rep.loc[rep["status"] != "ok", "reason"].value_counts().items():
+        print(f"  rejected {n:4d} {reason}")
+    print(f"face-crop manifest: {o.manifest}\nreport: {o.manifest.parent / 'faces_report.csv'}")
+    if res.run_id:
+        print(f"audit logged to run {res.run_id}")
+    if o.extracted == 0:
+        print("cushing faces: no face could be extracted", file=sys.stderr)
+        return 3
+    if ns.strict and o.extracted < len(rep):
+        print(f"cushing faces: --strict and {len(rep) - o.extracted} photos were rejected", file=sys.stderr)
+        return 3
+    return 0
+
+
+COMMANDS["faces"] = ("extract aligned, masked face crops (dlib + SAM or landmark hull), cached", _faces_args, _faces)
+
+
 # ------------------------------------------------------------------------------------------------ explain
 
 def _explain_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,202 @@
+"""The face stage as a tracked step: extract, then log a PHI-safe quality audit to MLflow.
+
+The audit has detection failure rates, mask sources and mask area/score summaries by sex x label (preprocessing can
+itself be biased by sex), and the face-crop manifest's digest as the run's dataset. No face pixels and no file
+names reach MLflow unless allow_phi_artifacts is set (then a montage of crops and failures, named by hashed ids).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import tracking
+from .faces import FaceSettings, FacesOutcome, extract_faces
+from .manifest import hash_subject, load_manifest
+
+__all__ = ["run_faces", "audit_table", "bench_faces"]
+
+
+def audit_table(report: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per sex x label: photos, rejected, failure rate, mask sources, mask area and score summaries."""
+    ok = manifest.copy()
+    rows = []
+    groups = [("all", report, ok)] + [
+        (f"{'female' if s == 'F' else 'male'}/{'patient' if lab == 1 else 'control'}",
+         report[(report["sex"] == s) & (report["label"] == lab)], ok[(ok["sex"] == s) & (ok["label"] == lab)])
+        for s in ("F", "M") for lab in (0, 1)]
+    for name, rep, good in groups:
+        n = len(rep)
+        rejected = int((rep["status"] != "ok").sum())
+        row = {"group": name, "photos": n, "extracted": n - rejected, "rejected": rejected,
+               "failure_rate": rejected / n if n else float("nan")}
+        for src in ("sam", "landmark_hull", "none"):
+            row[f"mask_{src}"] = int((good.get("face_mask_source", pd.Series(dtype=str)) == src).sum())
+        for col in ("face_mask_area", "face_mask_score"):
+            v = pd.to_numeric(good.get(col, pd.Series(dtype=float)), errors="coerce").dropna()
+            row[f"{col[5:]}_mean"] = float(v.mean()) if len(v) else float("nan")
+            row[f"{col[5:]}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+        for reason, cnt in rep.loc[rep["status"] != "ok", "reason"].value_counts().items():
+            row[f"reason_{reason}"] = int(cnt)
+        rows.append(row)
+    return pd.DataFrame(rows).fillna({c: 0 for c in pd.DataFrame(rows).columns if c.startswith("reason_")})
+
+
+def _audit_metrics(audit: pd.DataFrame) -> dict[str, float]:
+    m = {}
+    for _, r in audit.iterrows():
+        suffix = "" if r["group"] == "all" else f"/{r['group']}"
+        m[f"faces/failure_rate{suffix}"] = r["failure_rate"]
+        m[f"faces/mask_area_mean{suffix}"] = r["mask_area_mean"]
+        if np.isfinite(r["mask_score_mean"]):
+            m[f"faces/mask_score_mean{suffix}"] = r["mask_score_mean"]
+        if r["group"] == "all":
+            m.update({"faces/photos": r["photos"], "faces/extracted": r["extracted"], "faces/rejected": r["rejected"]})
+            m.update({f"faces/{k}": float(v) for k, v in r.items() if str(k).startswith(("reason_", "mask_"))
+                      and not str(k).startswith(("mask_area", "mask_score"))})
+    return m
+
+
+def _audit_plot(audit: pd.DataFrame, path: Path) -> None:
+    from .plots import _plt
+
+    plt = _plt()
+    a = audit[audit["group"] != "all"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.bar(a["group"], a["failure_rate"], color="C3")
+    ax1.set(title="detection / extraction failure rate", ylim=(0, max(0.05, float(a["failure_rate"].max()) * 1.2)))
+    ax2.bar(a["group"], a["mask_area_mean"], yerr=a["mask_area_sd"].fillna(0), color="C0")
+    ax2.set(title="mask area (share of the aligned crop)", ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _montage(paths: list[Path], names: list[str], path: Path, title: str) -> None:
+    from PIL import Image, ImageDraw
+
+    tiles = [Image.open(p).convert("RGB").resize((112, 112)) for p in paths[:48]]
+    if not tiles:
+        return
+    cols = 8
+    canvas = Image.new("RGB", (cols * 112, ((len(tiles) + cols - 1) // cols) * 124 + 16), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((4, 2), title, fill="black")
+    for k, (t, n) in enumerate(zip(tiles, names)):
+        x, y = (k % cols) * 112, 16 + (k // cols) * 124
+        canvas.paste(t, (x, y))
+        d.text((x + 2, y + 112), n[:16], fill="black")
+    canvas.save(path)
+
+
+@dataclass
+class FacesRun:
+    outcome: FacesOutcome
+    run_id: str | None
+    audit: pd.DataFrame
+
+
+def run_faces(*, manifest: str, out: str, settings: FaceSettings, cache_dir: str | None = None, workers: int = 0,
+              experiment: str = "cushing", allow_phi: bool = False, track: bool = True,
+              progress: bool = True) -> FacesRun:
+    outcome = extract_faces(manifest, out, settings, cache_dir=cache_dir, workers=workers, progress=progress)
+    crops = pd.read_csv(outcome.manifest)
+    audit = audit_table(outcome.report, crops)
+    if not track:
+        return FacesRun(outcome, None, audit)
+    tags = {"task": "faces", "face_mask_method": settings.mask_method, "face_detector": settings.detector,
+            "allow_phi_artifacts": str(allow_phi).lower()}
+    with tracking.start_run(experiment=experiment, run_name=f"faces-{settings.mask_method}", tags=tags) as run:
+        run.log_params({k: v for k, v in settings.to_dict().items() if k != "sam_checkpoint"} |
+                       {"sam_checkpoint": Path(settings.sam_checkpoint).name if settings.sam_checkpoint else ""})
+        run.log_metrics({**_audit_metrics(audit), "faces/seconds": outcome.seconds,
+                         "faces/cached": float(outcome.cached), "faces/processed": float(outcome.processed)})
+        run.log_table(audit, "faces_audit.csv")
+        _log_hashed_report(run, outcome)
+        with tracking.artifact_dir() as d:
+            _audit_plot(audit, d / "faces_audit.png")
+            if allow_phi:
+                _phi_montages(outcome, crops, d)
+            run.log_files(d, "plots")
+        if len(crops):
+            fm = load_manifest(outcome.manifest)
+            ds = pd.DataFrame({"subject": fm.subject_hashes(), "sex": fm.table["sex"], "label": fm.table["label"]})
+            run.log_dataset(ds, digest=fm.digest, name="face-crops", context="face-extraction")
+            run.set_tags({"face_crop_digest": fm.digest})
+        return FacesRun(outcome, run.run_id, audit)
+
+
+def _log_hashed_report(run, outcome: FacesOutcome) -> None:
+    """The report without file names: hashed subject, sex, label, status, reason."""
+    rep = outcome.report
+    key = str(outcome.settings.to_dict())
+    safe = pd.DataFrame({"subject": [hash_subject(s, key) for s in rep["subject_id"]], "sex": rep["sex"],
+                         "label": rep["label"], "status": rep["status"], "reason": rep["reason"]})
+    run.log_table(safe, "faces_report_hashed.csv")
+
+
+def _phi_montages(outcome: FacesOutcome, crops: pd.DataFrame, d: Path) -> None:
+    key = str(outcome.settings.to_dict())
+    base = outcome.manifest.parent
+    _montage([base / p for p in crops["image"]], [hash_subject(s, key) for s in crops["subject_id"]],
+             d / "crops_montage.png", "face crops (allow_phi_artifacts=true)")
+    failed = outcome.report[outcome.report["status"] != "ok"]
+    readable = [r for _, r in failed.iterrows() if _thumb_ok(Path(r["path"]))]
+    _montage([Path(r["path"]) for r in readable], [r["reason"] for r in readable], d / "failures_montage.png",
+             "rejected photos (allow_phi_artifacts=true)")
+
+
+def _thumb_ok(p: Path) -> bool:
+    try:
+        from .imageio import open_rgb
+
+        open_rgb(p, max_pixels=40_000_000, draft=256)
+        return True
+    except Exception:
+        return False
+
+
+def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None, out: str) -> dict:
+    """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
+    import json
+    import os
+    import platform
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos", limit or 343)
+        if limit:
+            df = pd.read_csv(src).head(limit)
+            df["image"] = [str((src.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
+            src = Path(tmp) / "subset.csv"
+            df.to_csv(src, index=False)
+        s = FaceSettings(sam_checkpoint=sam_checkpoint)
+        t = time.perf_counter()
+        cold = extract_faces(src, Path(tmp) / "cold", s, cache_dir=Path(tmp) / "cache", progress=False)
+        t_cold = time.perf_counter() - t
+        t = time.perf_counter()
+        warm = extract_faces(src, Path(tmp) / "warm", s, cache_dir=Path(tmp) / "cache", progress=False)
+        t_warm = time.perf_counter() - t
+    n = len(cold.report)
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()} "
+           f"({platform.processor() or platform.machine()})", "photos": n, "extracted": cold.extracted,
+           "mask": s.mask_method, "cold_s": t_cold, "warm_s": t_warm, "cold_photos_per_s": n / t_cold,
+           "warm_photos_per_s": n / t_warm, "warm_speedup": t_cold / t_warm, "warm_processed": warm.processed}
+    print(f"{n} photos ({cold.extracted} extracted, mask {s.mask_method}) on {res['device']}: cold {t_cold:.2f} s "
+          f"({n / t_cold:.1f} photos/s), warm {t_warm:.3f} s ({n / t_warm:.0f} photos/s), {t_cold / t_warm:.0f}x")
+    Path(out).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _synthetic_photos(folder: Path, n: int) -> Path:
+    """Demo-cohort faces as stand-in photos (drawn faces: dlib finds few of them; use --manifest for real ones)."""
+    from .demo import make_demo_cohort
+
+    return make_demo_cohort(folder, size=448)

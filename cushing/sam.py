@@ -1,0 +1,124 @@
+"""Segment Anything for face masks: checkpoint loading (model type inferred from its weights) and batched,
+prompted inference (the image encoder runs once per batch on the device, bf16 on CUDA).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["SamMasker", "infer_model_type", "load_sam", "SamPrompt"]
+
+KNOWN = {(1280, 32): "vit_h", (1024, 24): "vit_l", (768, 12): "vit_b"}
+
+
+def _require():
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError as e:  # pragma: no cover - pinned dependency
+        raise ImportError("SAM masks need `segment-anything` (pip install segment-anything==1.0)") from e
+
+
+def _state(path: str | Path) -> dict:
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or "image_encoder.patch_embed.proj.weight" not in sd:
+        raise ValueError(f"{path}: not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight)")
+    return sd
+
+
+def _architecture(sd: dict) -> dict:
+    """Encoder width, depth, heads and global-attention blocks, read from the weights themselves."""
+    dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
+    blocks = sorted({int(k.split(".")[2]) for k in sd if k.startswith("image_encoder.blocks.")})
+    depth = len(blocks)
+    head_dim = sd["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+    grid = 1024 // 16
+    global_idx = [i for i in blocks if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * grid - 1]
+    return {"encoder_embed_dim": dim, "encoder_depth": depth, "encoder_num_heads": dim // head_dim,
+            "encoder_global_attn_indexes": global_idx}
+
+
+def infer_model_type(path: str | Path) -> str:
+    arch = _architecture(_state(path))
+    return KNOWN.get((arch["encoder_embed_dim"], arch["encoder_depth"]), "custom")
+
+
+def load_sam(path: str | Path, model_type: str | None = None, device: str | torch.device = "cpu"):
+    """Build SAM for a checkpoint (vit_h / vit_l / vit_b, or any size: the architecture is read from the file)."""
+    _require()
+    from segment_anything.build_sam import _build_sam
+
+    sd = _state(path)
+    arch = _architecture(sd)
+    inferred = KNOWN.get((arch["encoder_embed_dim"], arch["encoder_depth"]), "custom")
+    if model_type and model_type != "auto" and model_type != inferred:
+        raise ValueError(f"{path}: --sam-model-type {model_type} given, but the weights are {inferred} "
+                         f"(width {arch['encoder_embed_dim']}, depth {arch['encoder_depth']})")
+    sam = _build_sam(checkpoint=None, **arch)
+    sam.load_state_dict(sd)
+    return sam.to(device).eval(), inferred
+
+
+@dataclass
+class SamPrompt:
+    points: np.ndarray  # [K, 2] x, y in image pixels; all positive
+    box: np.ndarray  # [4] x0, y0, x1, y1
+
+
+class SamMasker:
+    """Masks for many images: encoder batched on the device, prompts decoded per image."""
+
+    def __init__(self, checkpoint: str | Path, model_type: str | None = None, device: str = "auto",
+                 batch: int = 8):
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        self.device = dev
+        self.sam, self.model_type = load_sam(checkpoint, model_type, dev)
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        self.batch = batch
+
+    @torch.no_grad()
+    def _embed(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        xs, sizes = [], []
+        for img in images:
+            x = self.transform.apply_image(img)
+            sizes.append(x.shape[:2])
+            t = torch.as_tensor(x, device=self.device).permute(2, 0, 1).float()
+            xs.append(self.sam.preprocess(t[None])[0])
+        x = torch.stack(xs)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        with ctx:
+            emb = self.sam.image_encoder(x)
+        return emb.float(), sizes
+
+    @torch.no_grad()
+    def masks(self, images: list[np.ndarray], prompts: list[SamPrompt]) -> list[tuple[np.ndarray, float]]:
+        """(boolean mask at the image's size, predicted IoU score) per image."""
+        out = []
+        for i in range(0, len(images), self.batch):
+            emb, sizes = self._embed(images[i:i + self.batch])
+            for j, (img, prompt) in enumerate(zip(images[i:i + self.batch], prompts[i:i + self.batch])):
+                out.append(self._decode(emb[j:j + 1], sizes[j], img.shape[:2], prompt))
+        return out
+
+    def _decode(self, emb: torch.Tensor, input_size, original_size, prompt: SamPrompt) -> tuple[np.ndarray, float]:
+        pts = self.transform.apply_coords(prompt.points.astype(np.float64), original_size)
+        box = self.transform.apply_boxes(prompt.box[None].astype(np.float64), original_size)
+        coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[None]
+        labels = torch.ones((1, len(pts)), dtype=torch.int, device=self.device)
+        sparse, dense = self.sam.prompt_encoder(points=(coords, labels),
+                                                boxes=torch.as_tensor(box, dtype=torch.float, device=self.device),
+                                                masks=None)
+        low, iou = self.sam.mask_decoder(image_embeddings=emb, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=True)
+        masks = self.sam.postprocess_masks(low, input_size, original_size) > self.sam.mask_threshold
+        best = int(iou[0].argmax())
+        return masks[0, best].cpu().numpy(), float(iou[0, best])

@@ -1,0 +1,293 @@
+"""The face stage: real dlib on real faces (../shared), bad photos with exact reason codes, cache, SAM code path
+with a tiny random SAM saved to a checkpoint, the MLflow audit, and training + serving on the face crops."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cushing.faces import FaceSettings, extract_faces
+from cushing.imageio import BadImage, open_rgb
+
+pytestmark = [pytest.mark.dlib, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def photos(celeba_manifest, tmp_path_factory):
+    """80 real photos (one sex per subject, the contract), label = sex so a small model has a signal."""
+    df = celeba_manifest.copy()
+    df["sex"] = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda s: s.mode()[0]))
+    df = df.drop_duplicates("subject_id").head(80).copy()
+    df["label"] = (df["sex"] == "M").astype(int)
+    path = tmp_path_factory.mktemp("photos") / "manifest.csv"
+    df[["image", "label", "sex", "subject_id"]].to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extracted(photos, tmp_path_factory):
+    d = tmp_path_factory.mktemp("faces")
+    out = extract_faces(photos, d / "out", FaceSettings(), cache_dir=d / "cache", progress=False)
+    return out, d
+
+
+def test_real_faces_detected_aligned_and_masked(extracted):
+    out, _ = extracted
+    rate = out.extracted / len(out.report)
+    assert rate >= 0.85, f"detection rate {rate:.2f} on 89x109 CelebA photos"
+    fm = pd.read_csv(out.manifest)
+    assert (fm["face_upsample"] >= 1).mean() > 0.8, "small faces need the upsampling path"
+    assert (fm["face_mask_source"] == "landmark_hull").all() and fm["face_mask_score"].isna().all()
+    for _, r in fm.head(20).iterrows():
+        img = np.asarray(Image.open(out.manifest.parent / r["image"]))
+        assert img.shape == (224, 224, 3)
+        assert (img[0, 0] == 255).all() and (img[-1, -1] == 255).all(), "background is white"
+        lm = np.asarray(json.loads(r["face_landmarks"]))
+        left, right = lm[36:42].mean(0), lm[42:48].mean(0)
+        assert abs(left[1] - right[1]) < 1.5, "eyes are level after alignment"
+        assert lm[19, 1] < lm[30, 1] < lm[8, 1], "brows above the nose above the chin"
+    assert set(out.report["status"]) <= {"ok", "rejected"} and len(out.report) == 80
+    assert (out.report.loc[out.report["status"] != "ok", "reason"] == "no_face").all()
+
+
+def test_rerun_hits_the_cache_and_loads_no_model(photos, extracted, monkeypatch):
+    out, d = extracted
+    import cushing.faces as faces
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded on a fully cached rerun")
+    monkeypatch.setattr(faces, "_Dlib", forbidden)
+    monkeypatch.setattr(faces, "ProcessPoolExecutor", forbidden)
+    again = extract_faces(photos, d / "again", FaceSettings(), cache_dir=d / "cache", progress=False)
+    assert again.processed == 0 and again.cached == 80 and again.extracted == out.extracted
+    a, b = pd.read_csv(out.manifest), pd.read_csv(again.manifest)
+    assert (a["image"] == b["image"]).all()
+
+
+def test_partial_runs_resume(photos, tmp_path):
+    df = pd.read_csv(photos)
+    half = tmp_path / "half.csv"
+    df.head(30).to_csv(half, index=False)
+    first = extract_faces(half, tmp_path / "a", FaceSettings(), cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert first.processed == 30
+    full = extract_faces(photos, tmp_path / "b", FaceSettings(), cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert full.cached == 30 and full.processed == 50
+
+
+# ------------------------------------------------------------------------------------------------ bad photos
+
+def _chunk(t: bytes, d: bytes) -> bytes:
+    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+
+def _bomb(w: int, h: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bad_set(celeba_dir, tmp_path_factory):
+    """Every kind of bad input the stage must survive, built at test time from real photos (never committed)."""
+    d = tmp_path_factory.mktemp("bad")
+    faces = sorted((celeba_dir / "images").glob("*.jpg"))
+    src = Image.open(faces[0]).convert("RGB")
+    big = src.resize((356, 436), Image.BICUBIC)  # a comfortable size for the format variants
+    raw = faces[0].read_bytes()
+    expect = {}
+
+    def put(name, data, reason):
+        (d / name).write_bytes(data) if isinstance(data, bytes) else data.save(d / name)
+        expect[name] = reason
+    put("plain.jpg", raw, "ok")
+    put("cmyk.jpg", big.convert("CMYK"), "ok")
+    rgba = big.convert("RGBA")
+    a = np.asarray(rgba).copy()
+    a[:40, :, 3] = 0  # a transparent band: composited on white, not black
+    put("rgba.png", Image.fromarray(a), "ok")
+    put("palette.png", big.convert("P", palette=Image.ADAPTIVE, colors=256), "ok")
+    put("gray.jpg", big.convert("L"), "ok")
+    g16 = (np.asarray(big.convert("L")).astype(np.uint16) * 257)
+    im16 = Image.fromarray(g16)
+    assert im16.mode.startswith("I;16")
+    put("gray16.png", im16, "ok")
+    rotated = big.rotate(90, expand=True)  # stored sideways, EXIF says how to turn it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(d / "exif_rotated.jpg", exif=exif)
+    expect["exif_rotated.jpg"] = "ok"
+    put("empty.jpg", b"", "empty_file")
+    put("text.jpg", b"notes from clinic, not a photo\n" * 20, "not_an_image")
+    put("truncated.jpg", raw[: len(raw) // 2], "truncated")
+    png = io.BytesIO()
+    big.save(png, "PNG")
+    broken = bytearray(png.getvalue())
+    i = broken.index(b"IDAT")
+    for k in range(i + 8, i + 300):
+        broken[k] ^= 0x5A
+    put("corrupt.png", bytes(broken), "corrupt")
+    put("bomb.png", _bomb(60000, 60000), "decompression_bomb")
+    put("bomb_small_header.png", _bomb(9000, 9000), "decompression_bomb")
+    put("noface.png", Image.fromarray(np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (300, 1))).convert("RGB"),
+        "no_face")
+    two = Image.new("RGB", (2 * 356, 436), "white")
+    two.paste(big, (0, 0))
+    two.paste(Image.open(faces[3]).convert("RGB").resize((356, 436)), (356, 0))
+    put("two_faces.jpg", two, "multiple_faces")
+    expect["missing.jpg"] = "file_not_found"
+    rows = [{"image": n, "label": i % 2, "sex": "F", "subject_id": f"s{i}"} for i, n in enumerate(expect)]
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    return d, expect
+
+
+def test_bad_photos_get_exact_reason_codes_and_nothing_is_lost(bad_set, tmp_path):
+    d, expect = bad_set
+    out = extract_faces(d / "manifest.csv", tmp_path / "out", FaceSettings(), cache_dir=tmp_path / "c",
+                        progress=False)
+    rep = out.report.set_index("image")
+    assert len(rep) == len(expect), "every input photo is in the report"
+    for name, reason in expect.items():
+        got = rep.loc[name, "reason"] or "ok"
+        assert got == reason, f"{name}: expected {reason}, got {got} ({rep.loc[name, 'detail']})"
+    fm = pd.read_csv(out.manifest)
+    assert len(fm) == sum(r == "ok" for r in expect.values()), "zero good photos lost"
+    assert all(rep.loc[n, "detail"] for n, r in expect.items() if r != "ok"), "rejections say why"
+
+
+def test_odd_modes_convert_without_clipping(bad_set):
+    d, _ = bad_set
+    gray = open_rgb(d / "gray.jpg")
+    g16 = open_rgb(d / "gray16.png")
+    assert g16.dtype == np.uint8 and g16.shape[2] == 3
+    assert g16.max() < 255 or g16.mean() < 200, "16-bit values are scaled, not clipped to white"
+    assert abs(float(g16.mean()) - float(gray.mean())) < 3
+    rgba = open_rgb(d / "rgba.png")
+    assert (rgba[:40] == 255).all(), "transparent pixels become white"
+    cmyk = open_rgb(d / "cmyk.jpg")
+    plain = np.asarray(Image.open(d / "plain.jpg").convert("RGB").resize((356, 436)))
+    assert abs(float(cmyk.mean()) - float(plain.mean())) < 12
+    rotated = open_rgb(d / "exif_rotated.jpg")
+    assert rotated.shape[:2] == (436, 356), "EXIF orientation applied"
+
+
+def test_bombs_are_refused_from_the_header(bad_set):
+    d, _ = bad_set
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    t = time.perf_counter()
+    for name in ("bomb.png", "bomb_small_header.png"):
+        with pytest.raises(BadImage) as e:
+            open_rgb(d / name)
+        assert e.value.reason == "decompression_bomb"
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 * 2**20 and time.perf_counter() - t < 5
+
+
+# ------------------------------------------------------------------------------------------------ SAM
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    """A small, randomly initialised SAM saved as a checkpoint file (real SAM weights are not available here)."""
+    import torch
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    sam = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1],
+                     checkpoint=None)
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def test_sam_checkpoint_path_end_to_end(tiny_sam, photos, tmp_path):
+    from cushing.cli import main
+    from cushing.sam import infer_model_type, load_sam
+
+    assert infer_model_type(tiny_sam) == "custom"
+    with pytest.raises(ValueError, match="weights are custom"):
+        load_sam(tiny_sam, "vit_h")
+    df = pd.read_csv(photos).head(8)
+    small = tmp_path / "m.csv"
+    df.to_csv(small, index=False)
+    rc = main(["faces", "--manifest", str(small), "--out", str(tmp_path / "out"), "--sam-checkpoint", str(tiny_sam),
+               "--cache-dir", str(tmp_path / "c"), "--workers", "1", "--no-track"])
+    assert rc == 0
+    fm = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(fm) >= 4 and (fm["face_mask_source"] == "sam").all()
+    assert np.isfinite(fm["face_mask_score"]).all()
+    settings = json.loads((tmp_path / "out" / "faces_settings.json").read_text())
+    assert settings["mask_method"] == "sam" and len(settings["weights"]["sam"]) == 64
+    rep = pd.read_csv(tmp_path / "out" / "faces_report.csv")
+    assert set(rep["reason"].fillna("")) <= {"", "no_face", "empty_mask"}
+
+
+def test_no_checkpoint_means_landmark_hull_and_is_recorded(extracted):
+    out, _ = extracted
+    settings = json.loads((out.manifest.parent / "faces_settings.json").read_text())
+    assert settings["mask_method"] == "landmark_hull" and settings["sam_checkpoint"] is None
+
+
+# ------------------------------------------------------------------------------------------------ MLflow + training
+
+def test_audit_logged_without_phi(photos, tracking, tmp_path):
+    import mlflow
+
+    from cushing.faces_run import run_faces
+    from cushing.manifest import load_manifest
+
+    res = run_faces(manifest=str(photos), out=str(tmp_path / "out"), settings=FaceSettings(),
+                    cache_dir=str(tmp_path / "c"), experiment="faces-audit", progress=False)
+    run = mlflow.MlflowClient().get_run(res.run_id)
+    m = run.data.metrics
+    assert m["faces/photos"] == 80 and m["faces/extracted"] == res.outcome.extracted
+    for g in ("female/control", "male/patient"):
+        assert f"faces/failure_rate/{g}" in m and f"faces/mask_area_mean/{g}" in m
+    assert m["faces/mask_landmark_hull"] == res.outcome.extracted
+    assert run.data.tags["face_mask_method"] == "landmark_hull"
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(res.run_id)}
+    assert {"faces_audit.csv", "faces_report_hashed.csv", "plots"} <= names
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(res.run_id, "plots")}
+    assert plots == {"plots/faces_audit.png"}, "no montages unless allow_phi_artifacts"
+    rep = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="faces_report_hashed.csv"))
+    assert list(rep.columns) == ["subject", "sex", "label", "status", "reason"]
+    text = rep.to_csv()
+    assert ".jpg" not in text and "celeba_" not in text
+    digest = load_manifest(res.outcome.manifest).digest
+    assert run.inputs.dataset_inputs[0].dataset.digest == digest[:36]
+
+
+def test_train_on_face_crops_and_serve_raw_photos(extracted, tracking, celeba_dir):
+    import mlflow
+
+    from cushing.config import TrainConfig
+    from cushing.experiment import run_single
+
+    out, _ = extracted
+    cfg = TrainConfig(data=str(out.manifest), model="resnet18", pretrained=False, epochs=1, img_size=64,
+                      bootstrap=0, experiment="faces-train", min_positives=1)
+    s = run_single(cfg, progress=False)
+    run = mlflow.MlflowClient().get_run(s.run_id)
+    assert run.data.tags["face_mask_source"] == "landmark_hull"
+    assert run.data.tags["cam_region_source"] == "dlib_landmarks"
+    model = mlflow.pyfunc.load_model(s.model_uri)
+    from pathlib import Path
+
+    raw = [Path(p) for p in out.report.loc[out.report["status"] == "ok", "path"].head(3)]
+    blank = io.BytesIO()
+    Image.new("RGB", (200, 200), (120, 160, 200)).save(blank, "JPEG")
+    payload = [base64.b64encode(p.read_bytes()).decode() for p in raw] + [base64.b64encode(blank.getvalue()).decode()]
+    res = model.predict(pd.DataFrame({"image": payload}))
+    assert (res["face_status"].iloc[:3] == "ok").all(), "serving finds the faces the stage found"
+    assert res["face_status"].iloc[3] == "no_face"
+    assert np.isnan(res["probability"].iloc[3]) and res["label"].iloc[3] == -1
+    ok = res[res["face_status"] == "ok"]
+    assert ((ok["probability"] >= 0) & (ok["probability"] <= 1)).all()
