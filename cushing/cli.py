@@ -304,6 +304,104 @@ COMMANDS["promote"] = ("register the best run on validation; move challenger/cha
                        _promote)
 
 
+# ------------------------------------------------------------------------------------------------ sweep / tune
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="a sweep study file, e.g. projects/paper.yaml")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by workers (default: SQLite next to "
+                                                   "the MLflow store; postgresql://... for several hosts)")
+    p.add_argument("--workers", type=int, default=1, help="trainings at once on this host (processes)")
+    p.add_argument("--report", action="store_true", help="only print Table II and III from the tracking store")
+    p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def _print_tables(t2, t3) -> None:
+    if t2.empty:
+        print("no finished configurations yet")
+        return
+    cols2 = [c for c in t2.columns if not c.endswith(("ci_low", "ci_high")) and c != "run_id"]
+    print("Table II (ranked on validation; test metrics alongside)")
+    print(t2[cols2].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\nTable III (per sex, test)")
+    print(t3.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _sweep(ns: argparse.Namespace) -> int:
+    from .optimize import report_sweep, run_sweep, sweep_worker
+    from .studies import load_study
+
+    if ns.worker:
+        sweep_worker(load_study(ns.project), ns.storage, ns.parent_run, progress=False)
+        return 0
+    if ns.report:
+        parent, t2, t3 = report_sweep(ns.project, ns.storage or None)
+        if parent is None:
+            print(f"no sweep of {ns.project} in this storage yet", file=sys.stderr)
+            return 1
+        print(f"sweep parent run {parent}")
+        _print_tables(t2, t3)
+        return 0
+    res = run_sweep(ns.project, storage=ns.storage or None, workers=ns.workers, parent_run_id=ns.parent_run or None)
+    print(f"sweep {res.study_name}: parent run {res.parent_run_id}, {res.seconds:.0f} s"
+          + (f", trained {res.trained} here" if res.trained >= 0 else ""))
+    for r in res.retried:
+        print(f"  retried: trial {r['retry_of']} ({r['config']}) as trial {r['trial']} -> {r['state']}")
+    _print_tables(res.table2, res.table3)
+    return 0
+
+
+COMMANDS["sweep"] = ("run a study file's grid (e.g. the paper's 23 configurations), resumable, multi-worker",
+                     _sweep_args, _sweep)
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="a tune study file, e.g. projects/tune_vit.yaml")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (shared by workers and hosts)")
+    p.add_argument("--n-trials", type=int, default=None, help="trials for this worker (default: the file's)")
+
+
+def _tune(ns: argparse.Namespace) -> int:
+    from .optimize import run_tune
+
+    res = run_tune(ns.project, storage=ns.storage or None, n_trials=ns.n_trials or None)
+    print(f"tune {res.study_name}: parent run {res.parent_run_id}; {res.n_complete} complete, {res.n_pruned} pruned")
+    print(f"best value {res.best_value:.4f} with {res.best_params}")
+    if not res.importances.empty:
+        print(res.importances.to_string(index=False))
+    return 0
+
+
+COMMANDS["tune"] = ("Optuna TPE search with pruning; trials as nested MLflow runs", _tune_args, _tune)
+
+
+# ------------------------------------------------------------------------------------------------ dashboard
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--parent-run", default=None, help="only the children of this run (a sweep); logged there")
+    p.add_argument("--out", default="dashboard.html")
+    p.add_argument("--definition", default="paper", help="a dashboards/<name>.yaml definition")
+    p.add_argument("--no-log", action="store_true", help="do not log the page to MLflow")
+
+
+def _dashboard(ns: argparse.Namespace) -> int:
+    from .dashboard import DashboardError, build_dashboard
+
+    try:
+        path = build_dashboard(experiment=ns.experiment, parent_run_id=ns.parent_run or None, out=ns.out,
+                               name=ns.definition, log=not ns.no_log)
+    except DashboardError as e:
+        print(f"cushing dashboard: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (self-contained; open it in a browser or in the MLflow UI's artifact view)")
+    return 0
+
+
+COMMANDS["dashboard"] = ("build the self-contained HTML dashboard (Tables I-III, ROC, calibration, CAMs)",
+                         _dashboard_args, _dashboard)
+
+
 # ------------------------------------------------------------------------------------------------ stack
 
 def _stack_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ class RunSummary:
     model_uri: str | None = None
     children: list["RunSummary"] = field(default_factory=list)
     predictions: pd.DataFrame | None = None  # the run's predictions table (hashed subjects), when it trained
+    stopped: str = ""  # why training ended early (patience, a pruner), if it did
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -119,11 +120,13 @@ def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
 
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
                on_epoch: EpochCallback | None = None, progress: bool = True,
-               extra_tags: dict[str, str] | None = None) -> RunSummary:
+               extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> RunSummary:
     cohort = cohort or prepare_cohort(cfg, progress=progress)
     name = run_name(cfg)
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), **(extra_tags or {})},
                             parent_run_id=parent_run_id) as run:
+        if on_start is not None:
+            on_start(run.run_id)
         _log_setup(run, cfg, cohort)
         outcome = train(cfg, cohort, on_epoch=_chain(run.log_epoch, on_epoch), progress=progress)
         run.flush()
@@ -138,7 +141,8 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
 
             uri = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest)
             run.set_tags({"model_uri": uri})
-        return RunSummary(run.run_id, name, report.metrics, uri, predictions=outcome.predictions)
+        return RunSummary(run.run_id, name, report.metrics, uri, predictions=outcome.predictions,
+                          stopped=outcome.fit.stopped)
 
 
 def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> None:

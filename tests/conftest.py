@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on a CPU with no network; real faces are read from ../shared at test time."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -92,3 +93,52 @@ def copy_demo_images(demo_manifest: Path, dst: Path, n: int) -> list[Path]:
         shutil.copy(demo_manifest.parent / p, target)
         out.append(target)
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_stack():
+    """One real PostgreSQL + `mlflow server` (basic-auth) on loopback for the whole session."""
+    from cushing.stack import LocalStack
+
+    s = LocalStack().start()
+    yield s
+    s.stop()
+
+
+@contextlib.contextmanager
+def env_vars(values: dict):
+    """Set environment variables (and MLflow's cached tracking URI) for a block; restore afterwards."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in [*values, "MLFLOW_RUN_ID"]}
+    os.environ.update(values)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(values.get("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri()))
+    try:
+        yield
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)
+
+
+@pytest.fixture(scope="session")
+def demo_sweep(tmp_path_factory, cushing_home):
+    """`cushing sweep projects/demo.yaml --workers 2` once, on its own embedded store and SQLite Optuna storage."""
+    import subprocess
+    import sys
+
+    d = tmp_path_factory.mktemp("demo-sweep")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("CUSHING_OPTUNA_STORAGE", None)
+    r = subprocess.run([sys.executable, "-m", "cushing", "sweep", str(ROOT / "projects" / "demo.yaml"),
+                        "--workers", "2"], cwd=d, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"uri": uri, "dir": d, "stdout": r.stdout, "storage": f"sqlite:///{d / 'optuna.db'}"}

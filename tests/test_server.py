@@ -79,21 +79,11 @@ def test_default_admin_passwords_are_refused():
 # ------------------------------------------------------------------------------------------------ services
 
 @pytest.fixture(scope="module")
-def stack(cushing_home):
-    s = LocalStack().start()
-    saved = {k: os.environ.get(k) for k in s.env()}
-    os.environ.update(s.env())
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    import mlflow
+def stack(pg_stack, cushing_home):
+    from tests.conftest import env_vars
 
-    mlflow.set_tracking_uri(s.server.url)
-    yield s
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    s.stop()
+    with env_vars(pg_stack.env()):
+        yield pg_stack
 
 
 def test_auth_required_and_foreign_host_refused(stack):

@@ -201,3 +201,16 @@ def link_evaluation(model_uri: str, run_id: str) -> None:
     version = model_version_of(model_uri)
     if version:
         client().set_model_version_tag(name, version, f"external_validation/{run_id}", "see run")
+
+
+def registry_status(name: str = REGISTERED_MODEL) -> list[dict[str, str]]:
+    """Champion and challenger of the registered model, if any (for reports and dashboards)."""
+    c = client()
+    out = []
+    for alias in ("champion", "challenger"):
+        mv = _alias_version(c, name, alias)
+        if mv is not None:
+            out.append({"alias": alias, "version": mv.version, "model": mv.tags.get("model", ""),
+                        "run": mv.tags.get("source_run", ""), "selection":
+                        f"{mv.tags.get('selection_metric', '')} = {mv.tags.get('selection_value', '')}"})
+    return out

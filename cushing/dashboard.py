@@ -1,0 +1,285 @@
+"""`cushing dashboard`: the paper's tables and figures from MLflow runs, as one self-contained HTML file.
+
+Definitions (template, styles, script, what to show) live in the top-level dashboards/ folder. The page embeds
+only aggregates (metrics, hashed-id predictions turned into curves, mean CAM maps) and loads nothing at view
+time: figures are inline PNGs, scripts and styles are inlined, and a Content-Security-Policy forbids requests.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, tracking
+from .metrics import auc_score
+
+__all__ = ["DashboardError", "build_dashboard", "collect", "dashboards_dir"]
+
+
+class DashboardError(RuntimeError):
+    pass
+
+
+def dashboards_dir() -> Path:
+    env = os.environ.get("CUSHING_DASHBOARDS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "dashboards"
+
+
+def _definition(name: str) -> tuple[dict[str, Any], Path]:
+    import yaml
+
+    root = dashboards_dir()
+    path = root / f"{name}.yaml"
+    if not path.exists():
+        raise DashboardError(f"no dashboard definition {path}")
+    return yaml.safe_load(path.read_text()), root
+
+
+@dataclass
+class RunData:
+    run: Any
+    predictions: pd.DataFrame | None
+    cam: dict[str, np.ndarray]
+    splits: pd.DataFrame | None
+
+
+def _artifact(run_id: str, path: str, d: Path):
+    try:
+        return tracking.download_artifact(run_id, path, d)
+    except Exception:  # not logged by this run
+        return None
+
+
+def _has_overlays(run_id: str) -> bool:
+    try:
+        return any(a.path.endswith("overlays") for a in tracking.client().list_artifacts(run_id, "cam"))
+    except Exception:
+        return False
+
+
+def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
+    """Finished training runs (with test metrics) of an experiment or of one parent, with their aggregates."""
+    runs = [r for r in tracking.find_runs(experiment, parent_run_id=parent_run_id)
+            if r.info.status == "FINISHED" and "test/f1" in r.data.metrics and "model" in r.data.tags]
+    if parent_run_id is None:
+        runs = [r for r in runs if r.data.tags.get("task") not in ("explain", "external_validation")]
+    if not runs:
+        where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
+        raise DashboardError(f"{where} has no finished training runs with test metrics: nothing to show. "
+                             "Train or sweep first (e.g. `cushing sweep projects/demo.yaml`).")
+    for r in runs:
+        if _has_overlays(r.info.run_id) and r.data.tags.get("allow_phi_artifacts") != "true":
+            raise DashboardError(f"run {r.info.run_id} holds per-image artifacts (cam/overlays) but was not run with "
+                                 "allow_phi_artifacts=true: refusing to build a dashboard from it")
+    out = []
+    with tracking.artifact_dir() as d:
+        for r in runs:
+            rid = r.info.run_id
+            sub = d / rid
+            pred = _artifact(rid, "predictions.csv", sub)
+            npz = _artifact(rid, "cam/mean_maps.npz", sub)
+            spl = _artifact(rid, "splits.csv", sub)
+            cam = {}
+            if npz is not None:
+                with np.load(npz) as z:
+                    cam = {str(k): z[str(k)].astype(np.float32) for k in z["names"]}
+            out.append(RunData(r, pd.read_csv(pred) if pred else None, cam, pd.read_csv(spl) if spl else None))
+    return out
+
+
+def _label(r) -> str:
+    return r.data.tags.get("sweep_config") or r.data.tags.get("mlflow.runName") or r.info.run_id[:8]
+
+
+def _fmt(v: float | None, tag: str | None = None) -> dict[str, Any]:
+    if tag or v is None or not math.isfinite(v):
+        return {"value": "", "text": "not estimable" if tag else "n/a", "na": True, "ci": ""}
+    return {"value": f"{v:.6f}", "text": f"{v:.3f}", "na": False, "ci": ""}
+
+
+def _cell(m: dict, tags: dict, name: str) -> dict[str, Any]:
+    c = _fmt(m.get(name), tags.get(f"not_estimable/{name}"))
+    lo, hi = m.get(f"{name}/ci_low"), m.get(f"{name}/ci_high")
+    if not c["na"] and lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+        c["ci"] = f"[{lo:.2f}, {hi:.2f}]"
+    return c
+
+
+def _png(fig) -> str:
+    from .plots import _plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _plt().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _roc_figure(ranked: list[RunData], top: int) -> str:
+    from .plots import _plt, roc_points
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    for rd in ranked[:top]:
+        if rd.predictions is None:
+            continue
+        t = rd.predictions[rd.predictions["split"] == "test"]
+        y, p = t["label"].to_numpy(), t["probability"].to_numpy()
+        if 0 < y.sum() < len(y):
+            fpr, tpr = roc_points(y, p)
+            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{_label(rd.run)} ({auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="test ROC (AUC)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _calibration_figure(ranked: list[RunData], top: int) -> str:
+    from . import evidence
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    for rd in ranked[:top]:
+        if rd.predictions is None:
+            continue
+        t = rd.predictions[rd.predictions["split"] == "test"]
+        rel = evidence.reliability(t["label"].to_numpy(), t["probability"].to_numpy())
+        rel = rel[rel["count"] > 0]
+        ax.plot(rel["mean_predicted"], rel["observed_rate"], "o-", ms=3,
+                label=f"{_label(rd.run)} (ECE {evidence.ece(t['label'], t['probability']):.3f})")
+    ax.set(xlabel="mean predicted probability", ylabel="observed patient rate", xlim=(0, 1), ylim=(0, 1),
+           title="test calibration")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _per_sex_figure(ranked: list[RunData]) -> str:
+    from .plots import _plt
+
+    plt = _plt()
+    labels = [_label(rd.run) for rd in ranked]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.1 * len(labels) + 3), 3.6))
+    x = np.arange(len(labels))
+    for ax, metric in zip(axes, ("f1", "recall")):
+        for k, (group, color) in enumerate((("female", "C1"), ("male", "C0"))):
+            vals, hatch = [], []
+            for rd in ranked:
+                m, t = rd.run.data.metrics, rd.run.data.tags
+                na = bool(t.get(f"not_estimable/test/{metric}/{group}")) or not math.isfinite(
+                    m.get(f"test/{metric}/{group}", math.nan))
+                vals.append(0.02 if na else m[f"test/{metric}/{group}"])
+                hatch.append(na)
+            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=group)
+            for b, na in zip(bars, hatch):
+                if na:
+                    b.set_hatch("//")
+                    b.set_alpha(0.4)
+        ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7)
+        ax.set(ylim=(0, 1.05), title=f"test {metric} by sex")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _cam_figure(ranked: list[RunData], n: int) -> str | None:
+    from .plots import _plt
+
+    with_cam = [rd for rd in ranked if "all" in rd.cam][:n]
+    if not with_cam:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(with_cam), figsize=(2.2 * len(with_cam), 2.5), squeeze=False)
+    for ax, rd in zip(axes[0], with_cam):
+        ax.imshow(rd.cam["all"], cmap="inferno")
+        ax.set_title(_label(rd.run), fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _cohort(runs: list[RunData]) -> tuple[list[dict] | None, str]:
+    tables = [rd.splits for rd in runs if rd.splits is not None]
+    if not tables:
+        return None, ""
+    digests = {rd.run.data.tags.get("data_digest") for rd in runs if rd.splits is not None}
+    note = "" if len(digests) <= 1 else f"Runs come from {len(digests)} different cohorts; the first is shown."
+    return tables[0].to_dict("records"), note
+
+
+def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: str | Path = "dashboard.html",
+                    name: str = "paper", log: bool = True) -> Path:
+    import jinja2
+
+    from .release.registry import registry_status
+
+    spec, root = _definition(name)
+    runs = collect(experiment, parent_run_id)
+    rank_metric = next((r.run.data.params.get("select_metric") for r in runs if r.run.data.params.get("select_metric")),
+                       "val/f1")
+    ranked = sorted(runs, key=lambda rd: -rd.run.data.metrics.get(rank_metric, -math.inf)
+                    if math.isfinite(rd.run.data.metrics.get(rank_metric, math.nan)) else math.inf)
+    registry = registry_status()
+    by_run = {a["run"]: a["alias"] for a in reversed(registry)}
+    rows, per_sex = [], []
+    for rd in ranked:
+        m, t = rd.run.data.metrics, rd.run.data.tags
+        rv = m.get(rank_metric, math.nan)
+        rows.append({"label": _label(rd.run), "freeze": t.get("freeze", ""), "kind": t.get("model_type", ""),
+                     "rank_value": f"{rv:.6f}" if math.isfinite(rv) else "", "rank_text": f"{rv:.3f}"
+                     if math.isfinite(rv) else "n/a", "alias": by_run.get(rd.run.info.run_id, ""),
+                     "test": {k: _cell(m, t, f"test/{k}") for k in spec["leaderboard_metrics"]}})
+        for group in ("female", "male"):
+            pos = None
+            if rd.predictions is not None:
+                sub = rd.predictions[(rd.predictions["split"] == "test") & (rd.predictions["sex"] == group[0].upper())]
+                pos = int(sub["label"].sum())
+            per_sex.append({"label": _label(rd.run), "group": group, "positives": "" if pos is None else pos,
+                            "metrics": {k: _cell(m, t, f"test/{k}/{group}") for k in spec["per_sex_metrics"]}})
+    cohort, cohort_note = _cohort(runs)
+    figures = {"roc": _roc_figure(ranked, spec["roc_top"]), "calibration": _calibration_figure(ranked,
+               spec["calibration_top"]), "per_sex": _per_sex_figure(ranked), "cam": _cam_figure(ranked,
+               spec["cam_models"])}
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), autoescape=True)
+    html = env.get_template(spec["template"]).render(
+        title=spec["title"], experiment=experiment, parent=parent_run_id, runs=rows, per_sex=per_sex,
+        leaderboard_metrics=spec["leaderboard_metrics"], per_sex_metrics=spec["per_sex_metrics"],
+        rank_metric=rank_metric, roc_top=spec["roc_top"], cohort=cohort, cohort_note=cohort_note,
+        figures=figures, registry=registry, version=__version__,
+        synthetic=any(rd.run.data.tags.get("synthetic_data") == "true" for rd in runs),
+        built=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        css=(root / spec["styles"]).read_text(), js=(root / spec["script"]).read_text())
+    out = Path(out)
+    out.write_text(html)
+    if log:
+        _log(out, experiment, parent_run_id)
+    return out
+
+
+def _log(path: Path, experiment: str, parent_run_id: str | None) -> None:
+    if parent_run_id:
+        with tracking.resume_run(parent_run_id) as r:
+            r.log_files(_single(path))
+        return
+    with tracking.start_run(experiment=experiment, run_name="dashboard", tags={"task": "dashboard"}) as r:
+        r.log_files(_single(path))
+
+
+def _single(path: Path) -> Path:
+    """A folder holding only the dashboard, named dashboard.html, for log_artifacts."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="cushing-dash-"))
+    shutil.copy(path, d / "dashboard.html")
+    return d
