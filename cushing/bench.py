@@ -150,9 +150,13 @@ def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size
               f"{r.ratio:6.2f}{'  ' + r.note if r.note.startswith('error') else ''}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    payload = {"device": name, "torch": torch.__version__, "img_size": img_size, "epochs": epochs,
+        _write(out, name, img_size, epochs, rows)  # after every model: an interrupted bench keeps what it measured
+    print(f"wrote {out}")
+    return rows
+
+
+def _write(out: str, device: str, img_size: int, epochs: int, rows: list[BenchRow]) -> None:
+    payload = {"device": device, "torch": torch.__version__, "img_size": img_size, "epochs": epochs,
                "rows": [asdict(r) for r in rows]}
     with open(out, "w") as f:
         json.dump(payload, f, indent=1)
-    print(f"wrote {out}")
-    return rows

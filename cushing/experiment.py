@@ -86,14 +86,14 @@ def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
     return float(cohort.labels[cohort.index("train")].mean())
 
 
-def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report) -> None:
+def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report) -> dict[str, float]:
     from .tracking import artifact_dir
 
     fit = outcome.fit
-    run.log_metrics({**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-                     "train_seconds": fit.seconds, "temperature": outcome.temperature,
-                     "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan},
-                    step=fit.epochs_run)  # at the last epoch's step, so the run's value is the final one
+    metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+               "train_seconds": fit.seconds, "temperature": outcome.temperature,
+               "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan}
+    run.log_metrics(metrics, step=fit.epochs_run)  # at the last epoch's step, so the run's value is the final one
     tags = dict(report.tags)
     tags["device"] = outcome.device
     if fit.stopped:
@@ -109,6 +109,7 @@ def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report)
         plots.curves_plot(fit.history, fit.best_epoch, d / "curves.png")
         plots.calibration_plot(report.reliability, d / "calibration.png")
         run.log_files(d, "plots")
+    return metrics
 
 
 def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
@@ -132,20 +133,20 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
         run.flush()
         report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort))
-        _log_results(run, outcome, report)
+        metrics = _log_results(run, outcome, report)
         if cfg.cam:
-            _log_cams(run, outcome, cohort)
+            metrics.update(_log_cams(run, outcome, cohort))
         uri = None
         if cfg.log_model:
             from . import release
 
             uri = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest)
             run.set_tags({"model_uri": uri})
-        return RunSummary(run.run_id, name, report.metrics, uri, predictions=outcome.predictions,
+        return RunSummary(run.run_id, name, metrics, uri, predictions=outcome.predictions,
                           stopped=outcome.fit.stopped)
 
 
-def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> None:
+def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> dict[str, float]:
     from . import explain
     from .tracking import artifact_dir
 
@@ -154,6 +155,7 @@ def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) ->
         run.log_files(d, None)
         run.log_metrics(result.metrics)
         run.set_tags(result.tags)
+    return result.metrics
 
 
 def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:

@@ -110,9 +110,11 @@ def env_vars(values: dict):
     """Set environment variables (and MLflow's cached tracking URI) for a block; restore afterwards."""
     import mlflow
 
-    saved = {k: os.environ.get(k) for k in [*values, "MLFLOW_RUN_ID"]}
+    saved = {k: os.environ.get(k) for k in [*values, "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"]}
     os.environ.update(values)
-    os.environ.pop("MLFLOW_RUN_ID", None)
+    for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        if k not in values:
+            os.environ.pop(k, None)
     mlflow.set_tracking_uri(values.get("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri()))
     try:
         yield

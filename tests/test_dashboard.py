@@ -88,8 +88,7 @@ def test_refuses_runs_with_per_image_artifacts(tmp_path, demo_manifest):
     from cushing.dashboard import DashboardError, collect
 
     with env_vars({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'phi.db'}"}):
-        mlflow.set_experiment("phi")
-        with mlflow.start_run() as run:
+        with mlflow.start_run(experiment_id=mlflow.MlflowClient().create_experiment("phi")) as run:
             mlflow.set_tags({"model": "resnet18", "allow_phi_artifacts": "false"})
             mlflow.log_metric("test/f1", 0.5)
             (tmp_path / "overlays").mkdir()

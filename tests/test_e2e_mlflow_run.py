@@ -21,6 +21,7 @@ def finished_run(tmp_path_factory, demo_manifest):
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "cushing"}
     env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
     cmd = ["mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "cushing",
            "-P", "model=resnet18", "-P", "pretrained=false", "-P", "epochs=2", "-P", "img_size=64",
            "-P", "bootstrap=200", "-P", "seed=1"]

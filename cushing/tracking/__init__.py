@@ -141,6 +141,25 @@ class RunLogger:
         mlflow.flush_async_logging()
 
 
+def experiment_id(name: str) -> str:
+    """The id of an experiment, created (with the server's default artifact location) when missing.
+
+    Unlike mlflow.set_experiment this leaves no process-wide state behind (it would export MLFLOW_EXPERIMENT_ID
+    to every subprocess, which then clashes with `mlflow run --experiment-name`).
+    """
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # another worker created it first
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def _active_env_run() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
@@ -160,8 +179,7 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
         run = mlflow.start_run(run_id=env_run)
         mlflow.set_tag("mlflow.runName", run_name)
     else:
-        exp = mlflow.set_experiment(experiment)
-        run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
+        run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
                                nested=parent_run_id is not None or mlflow.active_run() is not None,
                                parent_run_id=parent_run_id)
     logger = RunLogger(run.info.run_id)
