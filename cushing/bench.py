@@ -80,8 +80,8 @@ def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: in
         opt.step()
     model.train()
     step()
-    reps = 5 if dev.type == "cuda" else 1
-    t_step = _timed(lambda: [step() for _ in range(reps)], 3, dev) / reps
+    n = 10 if dev.type == "cuda" else 1
+    t_step = _timed(lambda: [step() for _ in range(n)], 5 if dev.type == "cuda" else 2, dev) / n
     xv = torch.randn(min(128, n_val), 3, img, img, device=dev).contiguous(memory_format=fmt)
     model.eval()
 
@@ -89,7 +89,7 @@ def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: in
         with torch.no_grad(), autocast_for(dev):
             model(xv)
     fwd()
-    t_fwd = _timed(fwd, 3, dev)
+    t_fwd = _timed(fwd, 5 if dev.type == "cuda" else 2, dev)
     return n_train / bs * t_step + n_val / xv.shape[0] * t_fwd
 
 

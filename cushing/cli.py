@@ -112,7 +112,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="train: engine epoch vs compute floor; faces: face-stage photos/s cold and warm")
     p.add_argument("--models", default="resnet50,vit_b_16,swin_b,dinov2_b")
     p.add_argument("--frozen", default="dinov2_b", help="comma list also benchmarked with a frozen backbone")
-    p.add_argument("--epochs", type=int, default=6, help="timed epochs after warm-up")
+    p.add_argument("--epochs", type=int, default=10, help="timed epochs after warm-up (median reported)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench.json")
@@ -123,7 +123,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def _bench(ns: argparse.Namespace) -> int:
     if ns.what == "faces":
-        from .faces_bench import bench_faces
+        from .faces_run import bench_faces
 
         bench_faces(manifest=ns.manifest, limit=ns.limit, sam_checkpoint=ns.sam_checkpoint, out=ns.out)
         return 0

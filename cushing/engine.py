@@ -106,13 +106,20 @@ def predict_proba(model, bank: ImageBank, idx: np.ndarray, aug: DeviceAugment, b
     return torch.cat(probs).cpu().numpy().astype(np.float64), torch.cat(diffs).cpu().numpy().astype(np.float64)
 
 
-def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
-    y_t = torch.as_tensor(y_val, device=logits.device)
-    loss = F.cross_entropy(logits.float(), y_t).item() if len(y_val) else float("nan")
-    p = logits.float().softmax(1)[:, 1].cpu().numpy()
+def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor, loss_sum: torch.Tensor, n_train: int) -> dict[str, float]:
+    """Validation metrics and the mean training loss, from one device-to-host copy (one sync per epoch)."""
+    packed = torch.cat([logits.float().reshape(-1), loss_sum.float().reshape(1)]).cpu().numpy().astype(np.float64)
+    z = packed[:-1].reshape(-1, 2)
+    if len(y_val):
+        lse = np.logaddexp(z[:, 0], z[:, 1])
+        loss = float(np.mean(lse - z[np.arange(len(z)), np.asarray(y_val, int)]))
+    else:
+        loss = float("nan")
+    p = 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))
     m = point_metrics(y_val, p, 0.5)
     return {"val/loss": loss, "val/f1": m["f1"], "val/auc": m["auc"], "val/accuracy": m["accuracy"],
-            "val/recall": m["recall"], "val/specificity": m["specificity"], "val/precision": m["precision"]}
+            "val/recall": m["recall"], "val/specificity": m["specificity"], "val/precision": m["precision"],
+            "train/loss": float(packed[-1]) / max(1, n_train)}
 
 
 class _Selector:
@@ -159,12 +166,34 @@ def _progress(s: FitSettings):
     return tqdm(total=s.epochs, desc=s.desc, unit="ep", disable=not s.progress, leave=False, mininterval=0.5)
 
 
-def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snapshot: Callable[[], object],
-          restore: Callable[[object], None], on_epoch: EpochCallback | None) -> FitResult:
+class _Snapshot:
+    """The best epoch's weights, kept on the device: buffers allocated once, refreshed with one foreach copy."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.saved: list[torch.Tensor] | None = None
+
+    def _live(self) -> list[torch.Tensor]:
+        return [t.detach() for t in self.module.state_dict().values()]
+
+    def take(self) -> None:
+        live = self._live()
+        if self.saved is None:
+            self.saved = [t.clone() for t in live]
+        else:
+            torch._foreach_copy_(self.saved, live)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live(), self.saved)
+
+
+def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _Snapshot,
+          on_epoch: EpochCallback | None) -> FitResult:
     """The epoch loop shared by both paths: selection, patience, callbacks, progress, timing."""
     sel = _Selector(s.select_metric)
     history: list[dict[str, float]] = []
-    best_state = None
     stopped = ""
     times = []
     t0 = time.perf_counter()
@@ -176,7 +205,7 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snapshot
             times.append(time.perf_counter() - te)
             history.append({"epoch": epoch, **metrics})
             if sel.update(epoch, metrics):
-                best_state = snapshot()
+                snap.take()
             bar.update(1)
             bar.set_postfix(val_f1=f"{metrics['val/f1']:.3f}", best=sel.best_epoch, refresh=False)
             if on_epoch is not None:
@@ -190,8 +219,7 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snapshot
                 break
     finally:
         bar.close()
-    if best_state is not None:
-        restore(best_state)
+    snap.restore()
     best_score = sel.sign * sel.best if math.isfinite(sel.best) else float("nan")
     return FitResult(sel.best_epoch, best_score, history, len(history), time.perf_counter() - t0, stopped, times)
 
@@ -222,13 +250,9 @@ def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) ->
         model.eval()
         with torch.no_grad():
             logits = torch.cat([_logits(model, aug, bank, val_t[a:b]) for a, b in _batches(len(val_t), s.eval_batch)])
-        metrics = _epoch_metrics(y_val, logits)
-        metrics["train/loss"] = loss_sum.item() / len(epoch_pos)
-        return metrics
+        return _epoch_metrics(y_val, logits, loss_sum, len(epoch_pos))
 
-    def snapshot():
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return _loop(s, run_epoch, snapshot, model.load_state_dict, on_epoch)
+    return _loop(s, run_epoch, _Snapshot(model), on_epoch)
 
 
 def _logits(model, aug, bank, idx):
@@ -280,16 +304,9 @@ def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) ->
             opt.step()
             loss_sum += loss.detach() * (b - a)
         with torch.no_grad():
-            metrics = _epoch_metrics(y_val, head(val_feats))
-        metrics["train/loss"] = loss_sum.item() / len(epoch_pos)
-        return metrics
+            return _epoch_metrics(y_val, head(val_feats), loss_sum, len(epoch_pos))
 
-    def snapshot():
-        return {k: v.detach().clone() for k, v in head.state_dict().items()}
-
-    def restore(state) -> None:
-        head.load_state_dict(state)
-    result = _loop(s, run_epoch, snapshot, restore, on_epoch)
+    result = _loop(s, run_epoch, _Snapshot(head), on_epoch)
     target = head_of(model)
     target.load_state_dict({k: v.to(next(target.parameters()).dtype) for k, v in head.state_dict().items()})
     return result

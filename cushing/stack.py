@@ -193,6 +193,7 @@ class MlflowServer:
     port: int = 0
     host: str = "127.0.0.1"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # CSRF key of the auth app
+    workers: int = 2
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -212,7 +213,8 @@ class MlflowServer:
                "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key}
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = mlflow_server_command(backend_uri=self.backend_uri, artifacts=str(self.artifacts), host=self.host,
-                                    port=self.port, allowed_hosts=f"127.0.0.1:{self.port},localhost:{self.port}")
+                                    port=self.port, allowed_hosts=f"127.0.0.1:{self.port},localhost:{self.port}",
+                                    workers=self.workers)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"{self.url}/health", timeout, proc=self.proc, log=self.log)
@@ -242,6 +244,7 @@ class LocalStack:
     optuna_db_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     pg_port: int = 0
     port: int = 0
+    workers: int = 2  # uvicorn workers of the MLflow server
 
     def __post_init__(self) -> None:
         # not under a 0700 folder (pytest's tmp): the postgres user must be able to reach the cluster
@@ -261,7 +264,7 @@ class LocalStack:
         backend = self.pg.uri("mlflow", "mlflow", self.mlflow_db_password)
         migrate(backend)
         self.server = MlflowServer(self.base, backend, self.pg.uri("mlflow_auth", "mlflow", self.mlflow_db_password),
-                                   self.admin_password, self.port).start()
+                                   self.admin_password, self.port, workers=self.workers).start()
         return self
 
     def stop(self, remove: bool = True) -> None:

@@ -100,7 +100,7 @@ def pg_stack():
     """One real PostgreSQL + `mlflow server` (basic-auth) on loopback for the whole session."""
     from cushing.stack import LocalStack
 
-    s = LocalStack().start()
+    s = LocalStack(workers=1).start()  # one uvicorn worker starts (and restarts) fastest on a small CPU
     yield s
     s.stop()
 

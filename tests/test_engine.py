@@ -116,3 +116,20 @@ def test_threshold_never_reads_test_labels(cohort):
     assert a.threshold == b.threshold
     assert a.fit.best_epoch == b.fit.best_epoch
     assert not np.array_equal(a.predictions["label"], b.predictions["label"])  # test labels did change
+
+
+def test_bench_prints_and_writes_json(tmp_path, capsys):
+    import json
+
+    from cushing.bench import run_bench
+
+    rows = run_bench(models=["resnet18"], frozen=["dinov2_s"], epochs=1, img_size=56, device="cpu",
+                     out=str(tmp_path / "bench.json"))
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["device"].startswith("cpu") and len(data["rows"]) == 2
+    ft, fr = data["rows"]
+    assert ft["model"] == "resnet18" and not ft["frozen"] and ft["epoch_s"] > 0 and ft["floor_s"] > 0
+    assert ft["images_per_epoch"] == 183 and ft["ratio"] == ft["epoch_s"] / ft["floor_s"]
+    assert fr["frozen"] and fr["total_s"] > 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "floor s" in out and len(rows) == 2

@@ -291,3 +291,13 @@ def test_train_on_face_crops_and_serve_raw_photos(extracted, tracking, celeba_di
     assert np.isnan(res["probability"].iloc[3]) and res["label"].iloc[3] == -1
     ok = res[res["face_status"] == "ok"]
     assert ((ok["probability"] >= 0) & (ok["probability"] <= 1)).all()
+
+
+def test_bench_faces_reports_cold_and_warm(photos, tmp_path):
+    from cushing.faces_run import bench_faces
+
+    res = bench_faces(manifest=str(photos), limit=20, sam_checkpoint=None, out=str(tmp_path / "faces.json"))
+    saved = json.loads((tmp_path / "faces.json").read_text())
+    assert saved["photos"] == 20 and saved["warm_processed"] == 0
+    assert saved["cold_photos_per_s"] > 0 and saved["warm_s"] < saved["cold_s"]
+    assert res["mask"] == "landmark_hull"

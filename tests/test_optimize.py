@@ -157,11 +157,11 @@ def test_a_killed_worker_is_retried_and_completed(tmp_path, cushing_home):
 
 # ------------------------------------------------------------------------------------------------ tune
 
-def _tune_file(tmp_path: Path, name: str, trials: int) -> Path:
+def _tune_file(tmp_path: Path, name: str, trials: int, epochs: int = 3) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "name": name, "kind": "tune", "experiment": name,
-        "base": {"data": "demo", "model": "resnet18", "pretrained": False, "epochs": 3, "img_size": 48,
+        "base": {"data": "demo", "model": "resnet18", "pretrained": False, "epochs": epochs, "img_size": 48,
                  "bootstrap": 0, "cam": False, "log_model": False},
         "objective": {"metric": "val/auc"}, "n_trials": trials,
         "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
@@ -210,7 +210,7 @@ def test_sweep_and_tune_on_postgres_storage(pg_stack, tmp_path, cushing_home):
     storage = pg_stack.optuna_storage
     with env_vars(pg_stack.env()):
         res = run_sweep(_small_sweep(tmp_path, "pgsweep", epochs=1), storage=storage, workers=2, progress=False)
-        tres = run_tune(_tune_file(tmp_path, "pgtune", 2), storage=storage, progress=False)
+        tres = run_tune(_tune_file(tmp_path, "pgtune", 2, epochs=1), storage=storage, progress=False)
     with env_vars(pg_stack.env()):
         import mlflow
 
