@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .backbones import build_model, get_spec, preprocess_of
 from .data import DeviceAugment, ImageBank, pick_device
-from .engine import FitSettings, autocast_for, fit, oversampled
+from .engine import FitSettings, _batches, autocast_for, fit, oversampled
 
 __all__ = ["run_bench", "BenchRow", "paper_shaped_labels"]
 
@@ -32,8 +32,10 @@ class BenchRow:
     model: str
     frozen: bool
     epoch_s: float  # median engine epoch (fine-tune) or per-epoch share of the whole frozen run
-    floor_s: float
+    floor_s: float  # the same batches (183 = 5 x 32 + 23) and validation pass, as pure compute on static tensors
     ratio: float
+    floor_anchor_s: float  # gpu_anchor.py's formula: 183/32 full steps + 114/128 of a 128-image forward
+    ratio_anchor: float
     total_s: float  # frozen: features + all head epochs; fine-tune: timed epochs
     images_per_epoch: int
     note: str = ""
@@ -63,34 +65,47 @@ def _timed(fn, reps: int, dev: torch.device) -> float:
 
 
 def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: int, n_val: int,
-                  frozen: bool) -> float:
-    """Pure compute: fwd+bwd+step at batch `bs` on one static tensor, and fwd at batch 128."""
+                  frozen: bool) -> tuple[float, float]:
+    """Pure compute on static device tensors: (exact, anchor).
+
+    exact: the epoch's own shapes, batch by batch (the last batch of 183 is 23 images) plus the validation forward
+    at its size; anchor: ../shared/bench/gpu_anchor.py's formula, n/bs full steps plus n_val/128 of a 128 forward.
+    """
     cl = spec.channels_last and dev.type == "cuda"
     fmt = torch.channels_last if cl else torch.contiguous_format
-    xb = torch.randn(bs, 3, img, img, device=dev).contiguous(memory_format=fmt)
-    yb = torch.randint(0, 2, (bs,), device=dev)
+    sizes = [b - a for a, b in _batches(n_train, bs)] if n_train else []
+    xs = {k: torch.randn(k, 3, img, img, device=dev).contiguous(memory_format=fmt) for k in set(sizes) | {bs}}
+    ys = {k: torch.randint(0, 2, (k,), device=dev) for k in xs}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **({"fused": True} if dev.type == "cuda" else {}))
 
-    def step():
+    def step(k: int):
         with autocast_for(dev):
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xs[k]), ys[k])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.train()
-    step()
+    for k in xs:
+        step(k)
+    reps = 5 if dev.type == "cuda" else 2
     n = 10 if dev.type == "cuda" else 1
-    t_step = _timed(lambda: [step() for _ in range(n)], 5 if dev.type == "cuda" else 2, dev) / n
+    t_step = _timed(lambda: [step(bs) for _ in range(n)], reps, dev) / n
+    t_epoch_steps = _timed(lambda: [step(k) for k in sizes], reps, dev) if sizes else 0.0
     xv = torch.randn(min(128, n_val), 3, img, img, device=dev).contiguous(memory_format=fmt)
+    xv_exact = torch.randn(n_val, 3, img, img, device=dev).contiguous(memory_format=fmt) if n_val <= 128 else xv
     model.eval()
 
-    def fwd():
+    def fwd(x):
         with torch.no_grad(), autocast_for(dev):
-            model(xv)
-    fwd()
-    t_fwd = _timed(fwd, 5 if dev.type == "cuda" else 2, dev)
-    return n_train / bs * t_step + n_val / xv.shape[0] * t_fwd
+            for i in range(0, len(x), 128):
+                model(x[i:i + 128])
+    fwd(xv)
+    fwd(xv_exact)
+    t_fwd = _timed(lambda: fwd(xv), reps, dev)
+    t_val = _timed(lambda: fwd(xv_exact), reps, dev) if n_val <= 128 else n_val / 128 * t_fwd
+    anchor = n_train / bs * t_step + n_val / xv.shape[0] * t_fwd
+    return t_epoch_steps + t_val, anchor
 
 
 def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: int, head_epochs: int = 200
@@ -117,14 +132,16 @@ def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: i
         fit(model, bank, labels, tr, va, aug, s)
         _sync(dev)
         total = time.perf_counter() - t
-        floor = compute_floor(model, spec, dev, img, 32, 0, len(labels) + 7 * N_TRAIN, frozen)
-        return BenchRow(name, True, total / head_epochs, floor / head_epochs, total / max(floor, 1e-9), total,
-                        n_epoch, f"features once ({8} views/train image) + {head_epochs} head epochs; "
+        floor, _ = compute_floor(model, spec, dev, img, 32, 0, len(labels) + 7 * N_TRAIN, frozen)
+        return BenchRow(name, True, total / head_epochs, floor / head_epochs, total / max(floor, 1e-9),
+                        floor / head_epochs, total / max(floor, 1e-9), total, n_epoch,
+                        f"features once ({8} views/train image) + {head_epochs} head epochs; "
                         f"floor = one forward of every image and view")
     result = fit(model, bank, labels, tr, va, aug, s)
     epoch_s = statistics.median(result.epoch_seconds[warm:])
-    floor = compute_floor(model, spec, dev, img, 32, n_epoch, N_VAL, frozen)
-    return BenchRow(name, False, epoch_s, floor, epoch_s / floor, sum(result.epoch_seconds[warm:]), n_epoch)
+    floor, anchor = compute_floor(model, spec, dev, img, 32, n_epoch, N_VAL, frozen)
+    return BenchRow(name, False, epoch_s, floor, epoch_s / floor, anchor, epoch_s / anchor,
+                    sum(result.epoch_seconds[warm:]), n_epoch)
 
 
 def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size: int = 224, device: str = "auto",
@@ -139,15 +156,17 @@ def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size
     plan = [(m, False) for m in models] + [(m, True) for m in frozen]
     print(f"device: {name}; {N_TRAIN} train subjects -> {len(oversampled(paper_shaped_labels()[:N_TRAIN], 5))} "
           f"images/epoch, {N_VAL} val; img {img_size}; batch 32")
-    print(f"{'model':10s} {'mode':10s} {'epoch s':>9s} {'floor s':>9s} {'ratio':>6s}")
+    print(f"{'model':11s} {'mode':10s} {'epoch s':>9s} {'floor s':>9s} {'ratio':>6s} {'anchor floor':>12s} {'ratio':>6s}")
     for m, fr in plan:
         try:
             r = bench_one(m, fr, dev=dev, img=img_size, epochs=epochs)
         except Exception as e:  # one model failing must not lose the others
-            r = BenchRow(m, fr, float("nan"), float("nan"), float("nan"), float("nan"), 0, f"error: {e!r}"[:300])
+            nan = float("nan")
+            r = BenchRow(m, fr, nan, nan, nan, nan, nan, nan, 0, f"error: {e!r}"[:300])
         rows.append(r)
-        print(f"{r.model:10s} {'frozen' if r.frozen else 'fine-tune':10s} {r.epoch_s:9.4f} {r.floor_s:9.4f} "
-              f"{r.ratio:6.2f}{'  ' + r.note if r.note.startswith('error') else ''}", flush=True)
+        print(f"{r.model:11s} {'frozen' if r.frozen else 'fine-tune':10s} {r.epoch_s:9.4f} {r.floor_s:9.4f} "
+              f"{r.ratio:6.2f} {r.floor_anchor_s:12.4f} {r.ratio_anchor:6.2f}"
+              f"{'  ' + r.note if r.note.startswith('error') else ''}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         _write(out, name, img_size, epochs, rows)  # after every model: an interrupted bench keeps what it measured

@@ -130,6 +130,7 @@ def test_bench_prints_and_writes_json(tmp_path, capsys):
     ft, fr = data["rows"]
     assert ft["model"] == "resnet18" and not ft["frozen"] and ft["epoch_s"] > 0 and ft["floor_s"] > 0
     assert ft["images_per_epoch"] == 183 and ft["ratio"] == ft["epoch_s"] / ft["floor_s"]
+    assert ft["floor_anchor_s"] > 0 and ft["ratio_anchor"] == ft["epoch_s"] / ft["floor_anchor_s"]
     assert fr["frozen"] and fr["total_s"] > 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "floor s" in out and len(rows) == 2

@@ -126,12 +126,25 @@ def test_delong_against_reference_and_known_example():
     # identical models: no difference
     same = evidence.delong_test(y, p1, p1)
     assert same["diff"] == 0 and same["p_value"] == 1.0
-    # a published example (Sun & Xu 2014 / pROC's aSAH-like toy): perfect vs chance separation is significant
+    # perfect vs chance separation is decisively significant
     y2 = np.r_[np.ones(30, int), np.zeros(30, int)]
     perfect = np.r_[np.linspace(0.6, 1, 30), np.linspace(0, 0.4, 30)]
     chance = np.tile([0.2, 0.8], 30)
     res = evidence.delong_test(y2, perfect, chance)
     assert res["auc1"] == 1.0 and res["auc2"] == 0.5 and res["p_value"] < 1e-6
+
+
+def test_published_example_hanley_mcneil_1982():
+    """Hanley & McNeil (Radiology 1982), Table 1: 109 CT images rated 1-5 by a radiologist, 58 normal and
+    51 abnormal; the published area under the ROC curve (ties counted half) is 0.893."""
+    normal = np.repeat([1, 2, 3, 4, 5], [33, 6, 6, 11, 2])
+    abnormal = np.repeat([1, 2, 3, 4, 5], [3, 2, 2, 11, 33])
+    y = np.r_[np.zeros(58, int), np.ones(51, int)]
+    ratings = np.r_[normal, abnormal].astype(float)
+    res = evidence.delong_test(y, ratings, ratings[::-1].copy())
+    assert round(res["auc1"], 3) == 0.893
+    auc, pval = _delong_reference(y, ratings, ratings[::-1].copy())
+    assert res["p_value"] == pytest.approx(pval, rel=1e-9)
 
 
 def test_mcnemar_hand_checked_and_holm():

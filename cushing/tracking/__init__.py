@@ -178,6 +178,13 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
     if env_run:
         run = mlflow.start_run(run_id=env_run)
         mlflow.set_tag("mlflow.runName", run_name)
+        actual = client().get_experiment(run.info.experiment_id).name
+        if actual != experiment:
+            import sys
+
+            print(f"note: this run is in experiment {actual!r} (chosen by `mlflow run --experiment-name` or "
+                  f"MLFLOW_EXPERIMENT_NAME), not {experiment!r}; promotion and reports look in the experiment you "
+                  f"name, so pass --experiment-name {experiment}", file=sys.stderr)
     else:
         run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
                                nested=parent_run_id is not None or mlflow.active_run() is not None,
