@@ -171,7 +171,7 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos", limit or 343)
+        src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
         if limit:
             df = pd.read_csv(src).head(limit)
             df["image"] = [str((src.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
@@ -195,8 +195,9 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
     return res
 
 
-def _synthetic_photos(folder: Path, n: int) -> Path:
-    """Demo-cohort faces as stand-in photos (drawn faces: dlib finds few of them; use --manifest for real ones)."""
+def _synthetic_photos(folder: Path) -> Path:
+    """The 343 demo-cohort faces at 448 px as stand-in photos (dlib finds about half of these drawn faces; use
+    --manifest with real photos for real figures)."""
     from .demo import make_demo_cohort
 
     return make_demo_cohort(folder, size=448)
