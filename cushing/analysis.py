@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import evidence, plots, release, tracking
-from .explain import CamReport, _landmarks_of, explain_images
+from .explain import CamReport, explain_images, landmarks_of
 from .manifest import Manifest, hash_subject, load_manifest
 from .report import Report, build_report
 from .splits import assign_splits
@@ -26,9 +25,9 @@ def _rows_for(manifest: Manifest, split: str, run_params: dict | None, run_diges
     column, else every row (an external cohort)."""
     table = manifest.table
     if run_params is not None and run_digest and manifest.digest == run_digest:
-        from .config import _parse_ratios
+        from .config import parse_ratios
 
-        s = assign_splits(table, _parse_ratios(run_params.get("split_ratios", "1:1:1")),
+        s = assign_splits(table, parse_ratios(run_params.get("split_ratios", "1:1:1")),
                           seed=int(run_params.get("split_seed", 0)))
         return np.flatnonzero((s == split).to_numpy())
     if "split" in table.columns and split != "all":
@@ -40,8 +39,9 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
                 split: str = "test", allow_phi: bool = False, experiment: str = "cushing",
                 device: str = "auto") -> tuple[str, CamReport]:
     """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run)."""
-    from .data import DeviceAugment, decode_images, pick_device
     from .backbones import Preprocess
+    from .data import DeviceAugment, ImageBank, decode_images, pick_device
+    from .engine import predict_proba
 
     params, digest = None, None
     if run_id:
@@ -63,17 +63,17 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
     size = int(mcfg["img_size"])
     images = decode_images(m.table["path"].iloc[idx].tolist(), size, mcfg.get("interpolation", "bicubic"))
     pre = Preprocess(tuple(mcfg["mean"]), tuple(mcfg["std"]), mcfg.get("interpolation", "bicubic"), size)
-    x = DeviceAugment(pre, dev, 0.0).normalize(images.to(dev)).contiguous()
-    with torch.no_grad():
-        logits = torch.cat([model(x[i:i + 64]).float() for i in range(0, len(x), 64)])
-    prob = torch.sigmoid((logits[:, 1] - logits[:, 0]) / float(mcfg.get("temperature", 1.0))).cpu().numpy()
+    aug = DeviceAugment(pre, dev, 0.0)
+    prob, _ = predict_proba(model, ImageBank(images, dev, 2**34), np.arange(len(images)), aug)
+    prob = evidence.apply_temperature(prob, float(mcfg.get("temperature", 1.0)))
+    x = aug.normalize(images.to(dev)).contiguous()
     t = m.table.iloc[idx]
     with tracking.artifact_dir() as d:
         report = explain_images(
             model, mcfg["model"], x, images_u8=images.numpy(), labels=t["label"].to_numpy(),
             preds=(prob >= float(mcfg["threshold"])).astype(int), sexes=t["sex"].to_numpy(),
             subjects=[hash_subject(s, m.digest) for s in t["subject_id"]], out_dir=d, allow_phi=allow_phi,
-            landmarks=_landmarks_of(m.table, idx, size))
+            landmarks=landmarks_of(m.table, idx, size))
         if run_id:
             with tracking.resume_run(run_id) as r:
                 _log_cam(r, d, report)

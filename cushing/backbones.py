@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = [
-    "BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable",
+    "BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable", "resolve_freeze",
+    "interpolation_of",
     "Preprocess", "preprocess_of", "cam_target_layer", "cam_reshape", "cam_grid", "last_block", "param_count", "head_of",
 ]
 
@@ -85,6 +86,19 @@ def get_spec(name: str) -> BackboneSpec:
         raise ValueError(f"unknown model {name!r}; choose one of: {' '.join(MODEL_NAMES)}") from None
 
 
+def resolve_freeze(name: str, freeze: bool | None) -> bool:
+    """The freeze setting a run uses: the given one, else the registry's policy for the backbone."""
+    return get_spec(name).default_freeze if freeze is None else bool(freeze)
+
+
+def interpolation_of(name: str) -> str:
+    """Resize interpolation of the backbone's pretrained config, read without building the model."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(get_spec(name).timm_id).to_dict()
+    return str(cfg.get("interpolation", "bicubic"))
+
+
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded; the message says how to provide them."""
 
@@ -138,7 +152,7 @@ def build_model(name: str, *, pretrained: bool = True, weights: str | None = Non
     if pretrained and not weights and os.environ.get("CUSHING_OFFLINE") == "1":
         raise WeightsUnavailable(_weights_help(spec, "CUSHING_OFFLINE=1 forbids downloads"))
     model = _create(spec, pretrained=pretrained, weights=weights, num_classes=num_classes, img_size=img_size)
-    frozen = spec.default_freeze if freeze is None else freeze
+    frozen = resolve_freeze(name, freeze)
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "load_yaml_with_lines"]
+__all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios",
+           "load_yaml_with_lines", "cache_home"]
 
 
 class ConfigError(ValueError):
@@ -64,10 +65,16 @@ class TrainConfig:
 
     @property
     def ratios(self) -> tuple[float, float, float]:
-        return _parse_ratios(self.split_ratios)
+        return parse_ratios(self.split_ratios)
+
+    @property
+    def frozen(self) -> bool:
+        from .backbones import resolve_freeze
+
+        return resolve_freeze(self.model, self.freeze)
 
 
-def _parse_ratios(text: str) -> tuple[float, float, float]:
+def parse_ratios(text: str) -> tuple[float, float, float]:
     parts = str(text).replace(",", ":").split(":")
     try:
         vals = tuple(float(p) for p in parts)
@@ -106,7 +113,7 @@ def _validate_train(c: TrainConfig) -> None:
     if not c.select_metric.startswith("val/"):
         problems.append(f"select_metric: must be a validation metric (val/...), got {c.select_metric!r}")
     try:
-        _parse_ratios(c.split_ratios)
+        parse_ratios(c.split_ratios)
     except ConfigError as e:
         problems.append(str(e))
     try:
@@ -239,6 +246,9 @@ def lines_under(lines: Mapping[tuple, int], prefix: tuple) -> dict[str, int]:
     return {k[n]: v for k, v in lines.items() if len(k) == n + 1 and k[:n] == prefix and isinstance(k[n], str)}
 
 
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)
+def cache_home() -> Path:
+    """Where demo data and caches live: CUSHING_HOME, else ~/.cache/cushing."""
+    import os
+
+    return Path(os.environ.get("CUSHING_HOME", Path.home() / ".cache" / "cushing")).expanduser()
 

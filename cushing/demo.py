@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["TABLE_I", "make_demo_cohort", "draw_face", "FaceTraits", "demo_manifest_path"]
+__all__ = ["TABLE_I", "make_demo_cohort", "draw_face", "FaceTraits", "synthetic_jpeg_b64"]
 
 # (split, sex, label) -> subjects, from Song et al. Table I: 343 subjects, 49 patients.
 TABLE_I: dict[tuple[str, str, int], int] = {
@@ -115,10 +115,6 @@ def _light(img: Image.Image, light: float) -> Image.Image:
     return Image.fromarray(np.clip(arr * (1 + ramp), 0, 255).astype(np.uint8))
 
 
-def demo_manifest_path(root: str | Path) -> Path:
-    return Path(root) / "manifest.csv"
-
-
 def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: int = 1) -> Path:
     """Write images/ and manifest.csv (Table I counts x `scale`); returns the manifest path."""
     out = Path(out)
@@ -133,7 +129,7 @@ def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: 
             draw_face(traits, size=size, seed=seed * 100003 + i).save(out / name, quality=92)
             rows.append({"image": name, "label": label, "sex": sex, "subject_id": f"demo_{i:04d}", "split": split,
                          "synthetic": 1, "roundness": round(traits.roundness, 4), "redness": round(traits.redness, 4)})
-    manifest = demo_manifest_path(out)
+    manifest = out / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     (out / "SYNTHETIC.txt").write_text(
         "Synthetic demo cohort drawn by `cushing demo-data`: procedurally drawn faces, no real person.\n"

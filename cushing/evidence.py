@@ -13,7 +13,7 @@ import pandas as pd
 
 __all__ = [
     "wilson", "bootstrap_metrics", "parse_threshold_rule", "choose_threshold", "ThresholdRule",
-    "brier", "ece", "reliability", "fit_temperature", "apply_temperature", "ppv_npv", "delong_test",
+    "brier", "ece", "reliability", "fit_temperature", "apply_temperature", "ppv_npv", "logit", "delong_test",
     "mcnemar_test", "holm", "subject_weights", "sex_gaps",
 ]
 
@@ -231,7 +231,7 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     return float((r["count"] * (r["observed_rate"] - r["mean_predicted"]).abs()).sum() / r["count"].sum())
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7)
     return np.log(p / (1 - p))
 
@@ -240,7 +240,7 @@ def fit_temperature(y_val: np.ndarray, p_val: np.ndarray) -> float:
     """Temperature T minimising validation NLL of sigmoid(logit(p) / T)."""
     from scipy.optimize import minimize_scalar
 
-    z, y = _logit(p_val), np.asarray(y_val, float)
+    z, y = logit(p_val), np.asarray(y_val, float)
 
     def nll(log_t: float) -> float:
         q = np.clip(1 / (1 + np.exp(-z / math.exp(log_t))), 1e-12, 1 - 1e-12)
@@ -252,7 +252,7 @@ def fit_temperature(y_val: np.ndarray, p_val: np.ndarray) -> float:
 def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
     if temperature == 1.0:
         return np.asarray(p, float)
-    return 1 / (1 + np.exp(-_logit(p) / temperature))
+    return 1 / (1 + np.exp(-logit(p) / temperature))
 
 
 def ppv_npv(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:

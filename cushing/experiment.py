@@ -38,15 +38,13 @@ class RunSummary:
 
 
 def run_name(cfg: TrainConfig) -> str:
-    frozen = get_spec(cfg.model).default_freeze if cfg.freeze is None else cfg.freeze
-    return cfg.run_name or f"{cfg.model}{'-frozen' if frozen else ''}"
+    return cfg.run_name or f"{cfg.model}{'-frozen' if cfg.frozen else ''}"
 
 
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
     spec = get_spec(cfg.model)
-    frozen = spec.default_freeze if cfg.freeze is None else cfg.freeze
     table = cohort.table
-    tags = {"model": cfg.model, "freeze": str(frozen).lower(), "model_type": spec.kind, "timm_id": spec.timm_id,
+    tags = {"model": cfg.model, "freeze": str(cfg.frozen).lower(), "model_type": spec.kind, "timm_id": spec.timm_id,
             "synthetic_data": str(cohort.manifest.synthetic).lower(), "data_digest": cohort.manifest.digest,
             "split_source": "manifest" if cohort.manifest.has_split else f"drawn (seed {cfg.split_seed})",
             "cushing_version": __version__, "allow_phi_artifacts": str(cfg.allow_phi_artifacts).lower(),
@@ -68,11 +66,15 @@ def _chain(*callbacks: EpochCallback | None) -> EpochCallback:
     return call
 
 
-def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> None:
-    params = to_params(cfg)
-    existing = tracking.get_run(run.run_id).data.params  # `mlflow run` already logged the -P values
-    run.log_params({k: v for k, v in params.items() if k not in existing})
+def _log_config(run: tracking.RunLogger, cfg: TrainConfig) -> None:
+    """The resolved configuration as params (except those `mlflow run` already logged from -P) and config.yaml."""
+    existing = tracking.get_run(run.run_id).data.params
+    run.log_params({k: v for k, v in to_params(cfg).items() if k not in existing})
     run.log_dict(dataclasses.asdict(cfg), "config.yaml")
+
+
+def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> None:
+    _log_config(run, cfg)
     run.log_table(cohort.split_table(), "splits.csv")
     ds = pd.DataFrame({"subject": cohort.manifest.subject_hashes(), "split": cohort.split.to_numpy(),
                        "sex": cohort.table["sex"].to_numpy(), "label": cohort.table["label"].to_numpy()})
@@ -166,10 +168,10 @@ def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
 
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
-    from .evidence import _logit
+    from .evidence import logit
 
     out = pred.copy()
-    out["probability"] = 1 / (1 + np.exp(-(_logit(out["probability"].to_numpy()) - _logit(np.array([threshold]))[0])))
+    out["probability"] = 1 / (1 + np.exp(-(logit(out["probability"].to_numpy()) - logit(np.array([threshold]))[0])))
     return out
 
 
@@ -183,9 +185,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
     name = f"{run_name(cfg)}-cv{k}"
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), "cv_folds": str(k)},
                             parent_run_id=parent_run_id) as parent:
-        parent.log_params({k_: v for k_, v in to_params(cfg).items()
-                           if k_ not in tracking.get_run(parent.run_id).data.params})
-        parent.log_dict(dataclasses.asdict(cfg), "config.yaml")
+        _log_config(parent, cfg)
         children, pooled = [], []
         for i in range(k):
             fold_cohort = cohort.with_split(_fold_split(folds, i, k))
@@ -199,14 +199,15 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
         report = build_report(oof, threshold=0.5, splits=("oof",), min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
                               argmax_split=None)
-        parent.log_metrics({**report.metrics, **_spread(children)})
+        metrics = {**report.metrics, **_spread(children)}
+        parent.log_metrics(metrics)
         parent.set_tags(report.tags)
         parent.log_table(oof[["subject", "fold", "sex", "label", "probability"]], "oof_predictions.csv")
         parent.log_table(report.per_sex, "per_sex.csv")
         parent.log_table(pd.DataFrame({"fold": folds.to_numpy(), "sex": cohort.table["sex"].to_numpy(),
                                        "label": cohort.labels}).value_counts().rename("images").reset_index()
                          .sort_values(["fold", "sex", "label"]), "folds.csv")
-        return RunSummary(parent.run_id, name, {**report.metrics, **_spread(children)}, None, children)
+        return RunSummary(parent.run_id, name, metrics, None, children)
 
 
 def _spread(children: list[RunSummary]) -> dict[str, float]:
@@ -229,9 +230,7 @@ def run_seeds(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool 
     name = f"{run_name(cfg)}-seeds{cfg.seeds}"
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort),
                             "seeds": str(cfg.seeds)}, parent_run_id=parent_run_id) as parent:
-        parent.log_params({k: v for k, v in to_params(cfg).items()
-                           if k not in tracking.get_run(parent.run_id).data.params})
-        parent.log_dict(dataclasses.asdict(cfg), "config.yaml")
+        _log_config(parent, cfg)
         children = []
         for j in range(cfg.seeds):
             scfg = dataclasses.replace(cfg, seeds=1, cv_folds=0, seed=cfg.seed + j,

@@ -22,7 +22,7 @@ import torch
 from .backbones import cam_reshape, cam_target_layer, last_block
 
 __all__ = ["compute_cams", "grad_cam", "CamReport", "explain_outcome", "explain_images", "region_masks",
-           "REGIONS", "randomization_check", "template_regions", "landmark_regions"]
+           "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
 
 REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "neck_background")
 
@@ -230,7 +230,7 @@ def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndar
     return CamReport(metrics, tags, files, regions, seconds)
 
 
-def _landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None:
+def landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None:
     if "face_landmarks" not in table.columns:
         return None
     out = []
@@ -251,10 +251,10 @@ def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, 
     if len(idx) == 0:
         return CamReport({"cam/images": 0.0}, {"cam": f"no {split} images"})
     pred = outcome.predictions[outcome.predictions["split"] == split]
-    aug = DeviceAugment(outcome.preprocess, dev, 0.0)
-    x = aug.normalize(cohort.images[torch.as_tensor(idx)].to(dev)).contiguous()
-    return explain_images(outcome.model, outcome.config.model, x, images_u8=cohort.images[torch.as_tensor(idx)].numpy(),
+    images = cohort.images[torch.as_tensor(idx)]
+    x = DeviceAugment(outcome.preprocess, dev, 0.0).normalize(images.to(dev)).contiguous()
+    return explain_images(outcome.model, outcome.config.model, x, images_u8=images.numpy(),
                           labels=pred["label"].to_numpy(), preds=pred["prediction"].to_numpy(),
                           sexes=pred["sex"].to_numpy(), subjects=pred["subject"].tolist(), out_dir=out_dir,
-                          allow_phi=allow_phi, landmarks=_landmarks_of(cohort.table, idx, cohort.img_size),
+                          allow_phi=allow_phi, landmarks=landmarks_of(cohort.table, idx, cohort.img_size),
                           seed=outcome.config.seed)

@@ -332,7 +332,7 @@ def _detect_one(item: tuple[int, str]) -> tuple[int, Any]:
         return i, d
     mask = hull_mask(d, s) if s.mask_method == "landmark_hull" else None
     r = _result(d, mask, float("nan"), s)
-    return i, r if r.status == "ok" else (r.status, "")
+    return i, r
 
 
 @dataclass
@@ -374,9 +374,11 @@ class _Cache:
 
         png, meta = self._paths(key)
         png.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(result, FaceResult):
+        if isinstance(result, FaceResult) and result.status == "ok":
             Image.fromarray(result.crop).save(png)
             rec = {"status": "ok", **result.record}
+        elif isinstance(result, FaceResult):
+            rec = {"status": result.status, "detail": ""}
         else:
             rec = {"status": result[0], "detail": result[1]}
         tmp = meta.with_suffix(".tmp")
@@ -443,7 +445,7 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
 
 
 def _default_cache() -> Path:
-    from .train import cache_home
+    from .config import cache_home
 
     return cache_home() / "faces"
 
@@ -466,8 +468,7 @@ def _process(table, todo, keys, settings, cache, workers, bar):
         res = masker.masks([d.image for _, d in pending], [sam_prompt(d) for _, d in pending])
         done = []
         for (i, d), (mask, score) in zip(pending, res):
-            r = _result(d, mask, score, settings)
-            done.append((i, cache.put(keys[i], r if r.status == "ok" else (r.status, ""))))
+            done.append((i, cache.put(keys[i], _result(d, mask, score, settings))))
         pending.clear()
         return done
 

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 __all__ = ["Manifest", "ManifestError", "load_manifest", "REQUIRED", "SPLITS", "hash_subject", "sha256_file"]
@@ -177,6 +176,3 @@ def _check_all(paths: pd.Series, workers: int) -> list[tuple[str | None, str | N
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(one, paths))
 
-
-def label_prevalence(table: pd.DataFrame) -> float:
-    return float(np.mean(table["label"].to_numpy())) if len(table) else float("nan")

@@ -127,9 +127,10 @@ class _CohortMemo:
         self.memo: dict[tuple, Any] = {}
 
     def get(self, cfg: TrainConfig):
-        from .train import _interpolation_of, prepare_cohort
+        from .backbones import interpolation_of
+        from .train import prepare_cohort
 
-        key = (cfg.data, cfg.img_size, cfg.split_ratios, cfg.split_seed, _interpolation_of(cfg.model))
+        key = (cfg.data, cfg.img_size, cfg.split_ratios, cfg.split_seed, interpolation_of(cfg.model))
         if key not in self.memo:
             self.memo[key] = prepare_cohort(cfg, progress=False)
         return self.memo[key]
@@ -161,33 +162,36 @@ def _open(study: Study, storage: str, sampler):
                                direction=study.direction, load_if_exists=True)
 
 
-def _sweep_state(ostudy, n: int) -> tuple[int, int]:
-    """(grid points finished, trials started or queued) ignoring failed attempts."""
+def _open_grid(study: Study, storage: str):
+    optuna = _optuna()
+    n = len(study.configurations)
+    return _open(study, storage, optuna.samplers.GridSampler({"config": list(range(n))}, seed=0))
+
+
+def _sweep_state(ostudy) -> tuple[int, int, bool]:
+    """(grid points finished, trials started or queued ignoring failed attempts, any queued retry)."""
     from optuna.trial import TrialState
 
     trials = ostudy.get_trials(deepcopy=False)
     done = {t.params.get("config") for t in trials if t.state == TrialState.COMPLETE}
     live = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED)
                for t in trials)
-    return len(done), live
+    return len(done), live, any(t.state == TrialState.WAITING for t in trials)
 
 
 def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, progress: bool = False) -> int:
     """Train configurations until the grid is covered; returns how many this worker trained."""
-    optuna = _optuna()
     n = len(study.configurations)
-    ostudy = _open(study, storage, optuna.samplers.GridSampler({"config": list(range(n))}, seed=0))
-    parent = _parent_run(ostudy, study, parent_run_id)
-    memo = _CohortMemo()
+    ostudy = _open_grid(study, storage)
+    objective = _sweep_objective(study, _parent_run(ostudy, study, parent_run_id), _CohortMemo(), progress)
     trained = 0
     while True:
         for t in _fail_stale(ostudy):
             _end_orphan(t)
-        done, live = _sweep_state(ostudy, n)
-        waiting = any(t.state.name == "WAITING" for t in ostudy.get_trials(deepcopy=False))
+        done, live, waiting = _sweep_state(ostudy)
         if done >= n or (live >= n and not waiting):
             return trained
-        ostudy.optimize(_sweep_objective(study, parent, memo, progress), n_trials=1, catch=())
+        ostudy.optimize(objective, n_trials=1, catch=())
         trained += 1
 
 
@@ -228,13 +232,12 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int = 1,
               parent_run_id: str | None = None) -> SweepResult:
     """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables."""
     t0 = time.perf_counter()
-    optuna = _optuna()
     study = load_study(path)
     if study.kind != "sweep":
         raise ValueError(f"{path} is a {study.kind} study; use `cushing tune`")
     storage = storage or default_storage()
     n = len(study.configurations)
-    ostudy = _open(study, storage, optuna.samplers.GridSampler({"config": list(range(n))}, seed=0))
+    ostudy = _open_grid(study, storage)
     parent = _parent_run(ostudy, study, parent_run_id)
     if workers > 1:
         codes = _spawn_workers(study.path, storage, parent, workers)
@@ -245,7 +248,7 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int = 1,
         trained = sweep_worker(study, storage, parent, progress)
     t2, t3 = sweep_tables(parent, study)
     retried = _retries(ostudy)
-    _log_tables(parent, t2, t3, retried, time.perf_counter() - t0, _sweep_state(ostudy, n)[0], n)
+    _log_tables(parent, t2, t3, retried, time.perf_counter() - t0, _sweep_state(ostudy)[0], n)
     return SweepResult(parent, ostudy.study_name, trained, t2, t3, retried, time.perf_counter() - t0)
 
 

@@ -4,7 +4,6 @@ The data DAG: manifest (validated, digested) -> split (grouped, stratified) -> d
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,18 +15,14 @@ import pandas as pd
 import torch
 
 from . import evidence
-from .backbones import BackboneSpec, Preprocess, build_model, get_spec, preprocess_of
-from .config import TrainConfig
+from .backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
+from .config import TrainConfig, cache_home
 from .data import DeviceAugment, ImageBank, decode_images, pick_device
 from .engine import EpochCallback, FitResult, FitSettings, fit, predict_proba
 from .manifest import Manifest, hash_subject, load_manifest
 from .splits import assign_splits, split_table
 
-__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "cache_home", "predictions_frame"]
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("CUSHING_HOME", Path.home() / ".cache" / "cushing")).expanduser()
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame"]
 
 
 def resolve_data(data: str) -> Path:
@@ -82,16 +77,10 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
     manifest = manifest or load_manifest(resolve_data(cfg.data))
     split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed)
     # interpolation is a property of the backbone's pretrained config; read it without building weights
-    interp = _interpolation_of(cfg.model)
+    interp = interpolation_of(cfg.model)
     images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
                            progress=progress)
     return Cohort(manifest, split, images, cfg.img_size, interp)
-
-
-def _interpolation_of(name: str) -> str:
-    import timm
-
-    return str(timm.models.get_pretrained_cfg(get_spec(name).timm_id).to_dict().get("interpolation", "bicubic"))
 
 
 @dataclass
@@ -129,7 +118,7 @@ def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = 
           model_factory: Callable[..., torch.nn.Module] = build_model) -> TrainOutcome:
     """Train one configuration on a prepared cohort and score its validation and test splits."""
     spec = get_spec(cfg.model)
-    frozen = spec.default_freeze if cfg.freeze is None else cfg.freeze
+    frozen = cfg.frozen
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

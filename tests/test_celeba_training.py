@@ -6,7 +6,6 @@ clearly above chance and not flaky. The run itself is seeded and deterministic o
 """
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from cushing.config import TrainConfig

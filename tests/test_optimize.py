@@ -185,7 +185,7 @@ def _check_tune(res, uri: str, experiment: str, trials: int) -> None:
     assert {"best_params.json", "param_importances.csv", "trials.csv"} <= names
     assert set(res.best_params) == {"lr", "aug_strength"}
     assert parent.data.tags["best_param/lr"] == str(res.best_params["lr"])
-    assert f"best/val/auc" in parent.data.metrics
+    assert "best/val/auc" in parent.data.metrics
     pruned = [k for k in kids if "pruned" in k.data.tags]
     assert len(pruned) == res.n_pruned
 

@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from cushing.config import TrainConfig
-from cushing.stack import LocalStack, StackError, check_admin_password, free_port, wait_http
+from cushing.stack import StackError, check_admin_password, free_port, wait_http
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -5,8 +5,6 @@ Tracking URI: MLFLOW_TRACKING_URI when set, else the embedded default: `sqlite:/
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import tempfile
 import warnings
@@ -17,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
-           "find_runs", "download_artifact", "run_tags", "get_run", "resume_run"]
+           "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id"]
 
 # Client-side retries so a brief server restart does not kill a run (MLflow's own variables).
 HTTP_RETRY_DEFAULTS = {
@@ -117,11 +115,6 @@ class RunLogger:
         import mlflow
 
         mlflow.log_artifacts(str(folder), artifact_path)
-
-    def log_text(self, text: str, name: str) -> None:
-        import mlflow
-
-        mlflow.log_text(text, name)
 
     def log_dataset(self, table: pd.DataFrame, *, digest: str, name: str, context: str = "training") -> None:
         """The cohort as a run input: hashed subjects, split, sex and label only (no paths, no file names)."""
@@ -226,10 +219,6 @@ def get_run(run_id: str):
     return client().get_run(run_id)
 
 
-def run_tags(run_id: str) -> dict[str, str]:
-    return dict(get_run(run_id).data.tags)
-
-
 def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | None = None,
               max_results: int = 5000) -> list:
     """Runs of an experiment (optionally the children of one parent), newest first."""
@@ -251,10 +240,3 @@ def download_artifact(run_id: str, path: str, dst: str | Path) -> Path:
     configure()
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
 
-
-def json_safe(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)
