@@ -1,0 +1,47 @@
+"""The run logger against a real embedded MLflow store: per-epoch metrics written in the background, in order,
+flushed on demand, failures surfaced in the training thread, and the run's status set by what happened."""
+from __future__ import annotations
+
+import pytest
+
+from cushing import tracking as trk
+
+
+def _history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in trk.client().get_metric_history(run_id, key))
+
+
+def test_epoch_metrics_land_in_order_and_flush_waits_for_them(tracking):  # `tracking`: a fresh embedded store
+    with tracking_run("epochs") as run:
+        for epoch in range(1, 121):
+            run.log_epoch(epoch, {"val/f1": epoch / 120, "train/loss": 1.0 / epoch})
+        run.flush()  # every queued epoch is in the store when flush returns
+        assert _history(run.run_id, "val/f1") == [(e, e / 120) for e in range(1, 121)]
+        run.log_epoch(121, {"val/f1": 1.0})
+    # closing the run writes what is still queued
+    assert _history(run.run_id, "val/f1")[-1] == (121, 1.0)
+    assert tracking_status(run.run_id) == "FINISHED"
+
+
+def test_a_failed_write_is_raised_in_the_training_thread_and_fails_the_run(tracking):
+    with pytest.raises(RuntimeError, match="per-epoch metrics"):
+        with tracking_run("bad") as run:
+            run.log_epoch(1, {"k" * 300: 0.5})  # MLflow rejects metric names over 250 characters
+            run.flush()
+    assert tracking_status(run.run_id) == "FAILED"
+
+
+def test_the_body_error_is_not_masked_by_a_logging_error(tracking):
+    with pytest.raises(KeyError, match="the body's own error"):
+        with tracking_run("both") as run:
+            run.log_epoch(1, {"k" * 300: 0.5})
+            raise KeyError("the body's own error")
+    assert tracking_status(run.run_id) == "FAILED"
+
+
+def tracking_run(name: str):
+    return trk.start_run(experiment="tracking-test", run_name=name, use_env_run=False)
+
+
+def tracking_status(run_id: str) -> str:
+    return trk.get_run(run_id).info.status
