@@ -39,6 +39,8 @@ class BenchRow:
     total_s: float  # frozen: features + all head epochs; fine-tune: timed epochs
     images_per_epoch: int
     note: str = ""
+    compile: str = "none"
+    first_epoch_s: float = float("nan")  # fine-tune: the first epoch, with cuDNN autotuning and any compile
 
 
 def paper_shaped_labels(seed: int = 0) -> np.ndarray:
@@ -108,8 +110,8 @@ def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: in
     return t_epoch_steps + t_val, anchor
 
 
-def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: int, head_epochs: int = 200
-              ) -> BenchRow:
+def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: int, head_epochs: int = 200,
+              compile: str = "none") -> BenchRow:
     spec = get_spec(name)
     labels = paper_shaped_labels()
     tr, va = np.arange(N_TRAIN), np.arange(N_TRAIN, N_TRAIN + N_VAL)
@@ -124,7 +126,7 @@ def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: i
     warm = 2
     s = FitSettings(epochs=(head_epochs if frozen else epochs + warm), batch_size=32, lr=1e-3, momentum=0.9,
                     weight_decay=0.0, oversample=5, aug_strength=1.0, aug_views=8, seed=0, frozen=frozen,
-                    progress=False, desc=name)
+                    progress=False, desc=name, compile="none" if frozen else compile)
     if frozen:
         fit(model, bank, labels, tr, va, aug, FitSettings(**{**asdict(s), "epochs": 2}))  # warm-up
         _sync(dev)
@@ -141,11 +143,12 @@ def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: i
     epoch_s = statistics.median(result.epoch_seconds[warm:])
     floor, anchor = compute_floor(model, spec, dev, img, 32, n_epoch, N_VAL, frozen)
     return BenchRow(name, False, epoch_s, floor, epoch_s / floor, anchor, epoch_s / anchor,
-                    sum(result.epoch_seconds[warm:]), n_epoch)
+                    sum(result.epoch_seconds[warm:]), n_epoch, compile=compile,
+                    first_epoch_s=result.epoch_seconds[0])
 
 
 def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size: int = 224, device: str = "auto",
-              out: str = "bench.json") -> list[BenchRow]:
+              out: str = "bench.json", compile: str = "none") -> list[BenchRow]:
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -155,17 +158,18 @@ def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size
     rows = []
     plan = [(m, False) for m in models] + [(m, True) for m in frozen]
     print(f"device: {name}; {N_TRAIN} train subjects -> {len(oversampled(paper_shaped_labels()[:N_TRAIN], 5))} "
-          f"images/epoch, {N_VAL} val; img {img_size}; batch 32")
-    print(f"{'model':11s} {'mode':10s} {'epoch s':>9s} {'floor s':>9s} {'ratio':>6s} {'anchor floor':>12s} {'ratio':>6s}")
+          f"images/epoch, {N_VAL} val; img {img_size}; batch 32; compile {compile} (floor: eager)")
+    print(f"{'model':11s} {'mode':10s} {'epoch s':>9s} {'floor s':>9s} {'ratio':>6s} {'anchor floor':>12s} "
+          f"{'ratio':>6s} {'1st epoch s':>11s}")
     for m, fr in plan:
         try:
-            r = bench_one(m, fr, dev=dev, img=img_size, epochs=epochs)
+            r = bench_one(m, fr, dev=dev, img=img_size, epochs=epochs, compile=compile)
         except Exception as e:  # one model failing must not lose the others
             nan = float("nan")
             r = BenchRow(m, fr, nan, nan, nan, nan, nan, nan, 0, f"error: {e!r}"[:300])
         rows.append(r)
         print(f"{r.model:11s} {'frozen' if r.frozen else 'fine-tune':10s} {r.epoch_s:9.4f} {r.floor_s:9.4f} "
-              f"{r.ratio:6.2f} {r.floor_anchor_s:12.4f} {r.ratio_anchor:6.2f}"
+              f"{r.ratio:6.2f} {r.floor_anchor_s:12.4f} {r.ratio_anchor:6.2f} {r.first_epoch_s:11.2f}"
               f"{'  ' + r.note if r.note.startswith('error') else ''}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -179,3 +183,47 @@ def _write(out: str, device: str, img_size: int, epochs: int, rows: list[BenchRo
                "rows": [asdict(r) for r in rows]}
     with open(out, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, repeats: int = 3,
+              device: str = "auto", cam: bool = True, out: str = "bench_run.json") -> list[dict]:
+    """Whole runs (`run_single` on the demo cohort, random weights) split into the training loop and the rest:
+    setup logging, scoring, bootstrap, plots, Grad-CAM, model logging. The per-run cost a sweep pays 23 times.
+    Logs into a throwaway embedded store, not yours; median of `repeats` after one warm-up run."""
+    import os
+    import tempfile
+
+    from .config import TrainConfig
+    from .experiment import run_single
+    from .train import prepare_cohort
+
+    cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
+                      experiment="cushing-bench")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+        try:
+            cohort = prepare_cohort(cfg, progress=False)
+            run_single(cfg, cohort=cohort, progress=False)  # warm-up: imports, allocator, cuDNN autotuning
+            rows = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                summary = run_single(cfg, cohort=cohort, progress=False)
+                wall = time.perf_counter() - t
+                train_s = summary.metrics["train_seconds"]
+                rows.append({"wall_s": wall, "train_s": train_s, "other_s": wall - train_s})
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+    med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "train_s", "other_s")}
+    dev = pick_device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86_64'})"
+    print(f"device: {name}; {model} at {img_size} px, {epochs} epochs, Grad-CAM {'on' if cam else 'off'}; "
+          f"median of {repeats} runs")
+    print(f"run {med['wall_s']:.2f} s = training loop {med['train_s']:.2f} s + the rest {med['other_s']:.2f} s")
+    with open(out, "w") as f:
+        json.dump({"device": name, "model": model, "img_size": img_size, "epochs": epochs, "cam": cam,
+                   "median": med, "runs": rows}, f, indent=1)
+    return rows

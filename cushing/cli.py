@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import ConfigError, TrainConfig, resolve
+from .config import COMPILE_MODES, ConfigError, TrainConfig, resolve
 
 __all__ = ["main", "build_parser"]
 
@@ -108,13 +108,16 @@ COMMANDS["models"] = ("list the 20 backbones: name, timm id, parameters, default
 # ------------------------------------------------------------------------------------------------ bench
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", default="train", choices=["train", "faces"],
-                   help="train: engine epoch vs compute floor; faces: face-stage photos/s cold and warm")
+    p.add_argument("what", nargs="?", default="train", choices=["train", "run", "faces"],
+                   help="train: engine epoch vs compute floor; run: whole runs split into training and the rest "
+                        "(--models: the first one); faces: face-stage photos/s cold and warm")
     p.add_argument("--models", default="resnet50,vit_b_16,swin_b,dinov2_b")
     p.add_argument("--frozen", default="dinov2_b", help="comma list also benchmarked with a frozen backbone")
     p.add_argument("--epochs", type=int, default=10, help="timed epochs after warm-up (median reported)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default="none", choices=list(COMPILE_MODES),
+                   help="torch.compile mode of the fine-tuning engine (the floor stays eager)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--manifest", default=None, help="faces: photos to time (default: a synthetic set)")
     p.add_argument("--limit", type=int, default=0, help="faces: at most this many photos")
@@ -127,10 +130,16 @@ def _bench(ns: argparse.Namespace) -> int:
 
         bench_faces(manifest=ns.manifest, limit=ns.limit, sam_checkpoint=ns.sam_checkpoint, out=ns.out)
         return 0
+    if ns.what == "run":
+        from .bench import bench_run
+
+        bench_run(model=ns.models.split(",")[0], img_size=ns.img_size, epochs=ns.epochs, device=ns.device,
+                  out=ns.out)
+        return 0
     from .bench import run_bench
 
     run_bench(models=[m for m in ns.models.split(",") if m], frozen=[m for m in ns.frozen.split(",") if m],
-              epochs=ns.epochs, img_size=ns.img_size, device=ns.device, out=ns.out)
+              epochs=ns.epochs, img_size=ns.img_size, device=ns.device, out=ns.out, compile=ns.compile)
     return 0
 
 
@@ -312,8 +321,40 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
                                                    "the MLflow store; postgresql://... for several hosts)")
     p.add_argument("--workers", type=int, default=1, help="trainings at once on this host (processes)")
     p.add_argument("--report", action="store_true", help="only print Table II and III from the tracking store")
+    p.add_argument("--plan", action="store_true",
+                   help="only print the estimated wall time on one H200 for 1, 2 and 4 workers (trains nothing)")
+    _compile_option(p)
     p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def _compile_mode(text: str) -> str | None:
+    """A compile mode, or None for '' (MLproject's unset)."""
+    if text in ("", "None"):
+        return None
+    if text not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(COMPILE_MODES)}, got {text!r}")
+    return text
+
+
+def _compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", default=None, type=_compile_mode, metavar="MODE",
+                   help=f"{' | '.join(COMPILE_MODES)}: torch.compile mode for every fine-tuned configuration "
+                        "(default: the file's); pays off with a warm compile cache (a rerun, other folds, seeds or "
+                        "trials of the same architecture)")
+
+
+def _print_plan(project: str, workers: int, compile: str | None) -> None:
+    from .optimize import plan_sweep
+
+    counts = sorted({1, 2, 4, max(1, workers)})
+    table, wall = plan_sweep(project, counts, compile)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
+    how = "cold compile cache" if compile and compile != "none" else "as the file says"
+    print(f"\nestimated wall time on one NVIDIA H200 (registry epoch costs, compile: {how}; other GPUs scale; "
+          "measure with the sweep itself):")
+    for w, sec in wall.items():
+        print(f"  --workers {w}: {sec / 60:5.1f} min")
 
 
 def _print_tables(t2, t3) -> None:
@@ -328,11 +369,13 @@ def _print_tables(t2, t3) -> None:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from .optimize import report_sweep, run_sweep, sweep_worker
-    from .studies import load_study
+    from .optimize import load_for, report_sweep, run_sweep, sweep_worker
 
+    if ns.plan:
+        _print_plan(ns.project, ns.workers, ns.compile)
+        return 0
     if ns.worker:
-        sweep_worker(load_study(ns.project), ns.storage, ns.parent_run, progress=False)
+        sweep_worker(load_for(ns.project, "sweep", ns.compile), ns.storage, ns.parent_run, progress=False)
         return 0
     if ns.report:
         parent, t2, t3 = report_sweep(ns.project, ns.storage or None)
@@ -342,7 +385,8 @@ def _sweep(ns: argparse.Namespace) -> int:
         print(f"sweep parent run {parent}")
         _print_tables(t2, t3)
         return 0
-    res = run_sweep(ns.project, storage=ns.storage or None, workers=ns.workers, parent_run_id=ns.parent_run or None)
+    res = run_sweep(ns.project, storage=ns.storage or None, workers=ns.workers, parent_run_id=ns.parent_run or None,
+                    compile=ns.compile)
     print(f"sweep {res.study_name}: parent run {res.parent_run_id}, {res.seconds:.0f} s"
           + (f", trained {res.trained} here" if res.trained >= 0 else ""))
     for r in res.retried:
@@ -359,12 +403,13 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="a tune study file, e.g. projects/tune_vit.yaml")
     p.add_argument("--storage", default=None, help="Optuna storage URL (shared by workers and hosts)")
     p.add_argument("--n-trials", type=int, default=None, help="trials for this worker (default: the file's)")
+    _compile_option(p)
 
 
 def _tune(ns: argparse.Namespace) -> int:
     from .optimize import run_tune
 
-    res = run_tune(ns.project, storage=ns.storage or None, n_trials=ns.n_trials or None)
+    res = run_tune(ns.project, storage=ns.storage or None, n_trials=ns.n_trials or None, compile=ns.compile)
     print(f"tune {res.study_name}: parent run {res.parent_run_id}; {res.n_complete} complete, {res.n_pruned} pruned")
     print(f"best value {res.best_value:.4f} with {res.best_params}")
     if not res.importances.empty:

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios",
-           "load_yaml_with_lines", "cache_home"]
+           "load_yaml_with_lines", "cache_home", "COMPILE_MODES"]
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without improvement (0 = never; the paper trains 200)
     log_model: bool = True
     decode_workers: int = 0  # 0 = one per CPU core
+    compile: str = "none"  # torch.compile mode for fine-tuning: none | default | reduce-overhead | max-autotune
 
     def __post_init__(self) -> None:
         _validate_train(self)
@@ -110,6 +114,8 @@ def _validate_train(c: TrainConfig) -> None:
         problems.append(f"seeds: must be >= 1, got {c.seeds}")
     if c.device not in ("auto", "cpu", "cuda", "mps") and not c.device.startswith("cuda:"):
         problems.append(f"device: auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
+    if c.compile not in COMPILE_MODES:
+        problems.append(f"compile: one of {' | '.join(COMPILE_MODES)}, got {c.compile!r}")
     if not c.select_metric.startswith("val/"):
         problems.append(f"select_metric: must be a validation metric (val/...), got {c.select_metric!r}")
     try:

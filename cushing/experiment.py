@@ -94,7 +94,9 @@ def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report)
     fit = outcome.fit
     metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                "train_seconds": fit.seconds, "temperature": outcome.temperature,
-               "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan}
+               "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
+               # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
+               "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
     run.log_metrics(metrics, step=fit.epochs_run)  # at the last epoch's step, so the run's value is the final one
     tags = dict(report.tags)
     tags["device"] = outcome.device

@@ -111,7 +111,7 @@ def fit_settings(cfg: TrainConfig, frozen: bool, progress: bool, desc: str) -> F
     return FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, oversample=cfg.oversample, aug_strength=cfg.aug_strength,
                        aug_views=cfg.aug_views, seed=cfg.seed, frozen=frozen, select_metric=cfg.select_metric,
-                       patience=cfg.patience, progress=progress, desc=desc)
+                       patience=cfg.patience, progress=progress, desc=desc, compile=cfg.compile)
 
 
 def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,

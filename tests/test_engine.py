@@ -134,3 +134,54 @@ def test_bench_prints_and_writes_json(tmp_path, capsys):
     assert fr["frozen"] and fr["total_s"] > 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "floor s" in out and len(rows) == 2
+
+
+def test_compiled_training_matches_eager_and_reuses_the_disk_cache(cohort, tmp_path, monkeypatch):
+    """compile=default trains through Inductor (CPU here) to the eager result; a second training of the same
+    architecture after the in-process reset compiles from the on-disk cache instead of from scratch."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    one_shape = dict(epochs=2, batch_size=4096, eval_batch=4096)  # one train and one eval shape: two graphs
+    model, bank, aug = _setup(cohort)
+    eager = fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug, _settings(**one_shape))
+    counters.clear()
+    results = []
+    for _ in range(2):
+        model, bank, aug = _setup(cohort)
+        results.append(fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug,
+                           _settings(compile="default", **one_shape)))
+        assert not hasattr(model, "_orig_mod") and "fc.weight" in model.state_dict()  # the caller's module, trained
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 2, "the first training compiled its graphs with Inductor"
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2, "the second training loaded them from the disk cache"
+    assert any((tmp_path / "inductor").rglob("*")), "compiled code is kept on disk"
+    for got in results:
+        for h_eager, h_comp in zip(eager.history, got.history):
+            assert h_comp["train/loss"] == pytest.approx(h_eager["train/loss"], rel=1e-3)
+            assert h_comp["val/loss"] == pytest.approx(h_eager["val/loss"], rel=1e-3)
+
+
+def test_compile_mode_is_validated():
+    from cushing.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile: one of none"):
+        TrainConfig(compile="fastest")
+    assert TrainConfig(compile="reduce-overhead").compile == "reduce-overhead"
+
+
+def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys, cushing_home, monkeypatch):
+    import json
+
+    from cushing.bench import bench_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
+    rows = bench_run(model="resnet18", img_size=32, epochs=1, repeats=1, device="cpu", cam=False,
+                     out=str(tmp_path / "run.json"))
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert len(rows) == 1 and len(data["runs"]) == 1 and data["median"]["wall_s"] == rows[0]["wall_s"]
+    for r in rows:
+        assert 0 < r["train_s"] < r["wall_s"] and r["other_s"] == pytest.approx(r["wall_s"] - r["train_s"])
+    assert "training loop" in capsys.readouterr().out
+    import os
+    assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
+    assert not (tmp_path / "mine.db").exists(), "benchmark runs go to a throwaway store, not the user's"
