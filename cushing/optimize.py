@@ -26,9 +26,10 @@ import pandas as pd
 from . import tracking
 from .config import TrainConfig
 from .engine import StopTraining
-from .studies import Study, config_digest, load_study
+from .studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
 
-__all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult"]
+__all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
+           "plan_sweep"]
 
 MAX_RETRY = 2
 
@@ -78,7 +79,8 @@ def _study_name(study: Study) -> str:
     if study.kind == "sweep":
         ident = [config_digest(c) for c in study.configurations]
     else:
-        ident = [study.base, [dataclasses.asdict(p) for p in study.space], study.objective_metric]
+        base = {k: v for k, v in study.base.items() if k not in EXECUTION_FIELDS}
+        ident = [base, [dataclasses.asdict(p) for p in study.space], study.objective_metric]
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{study.kind}:{study.name}:{digest}"
 
@@ -220,27 +222,37 @@ class SweepResult:
     seconds: float
 
 
-def _spawn_workers(path: Path, storage: str, parent: str, n: int) -> list[int]:
+def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
+    extra = ["--compile", compile] if compile else []
     procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--storage", storage,
-                               "--parent-run", parent, "--worker"], env=env) for _ in range(n)]
+                               "--parent-run", parent, "--worker", *extra], env=env) for _ in range(n)]
     return [p.wait() for p in procs]
 
 
-def run_sweep(path: str | Path, *, storage: str | None = None, workers: int = 1, progress: bool = True,
-              parent_run_id: str | None = None) -> SweepResult:
-    """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables."""
-    t0 = time.perf_counter()
+def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
+    """The study file, checked to be a `kind` study, with a command-line compile mode applied to it."""
     study = load_study(path)
-    if study.kind != "sweep":
-        raise ValueError(f"{path} is a {study.kind} study; use `cushing tune`")
+    if study.kind != kind:
+        raise ValueError(f"{path} is a {study.kind} study; use `cushing {study.kind}`")
+    return with_execution(study, compile=compile) if compile else study
+
+
+def run_sweep(path: str | Path, *, storage: str | None = None, workers: int = 1, progress: bool = True,
+              parent_run_id: str | None = None, compile: str | None = None) -> SweepResult:
+    """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
+
+    `compile` (a torch.compile mode) overrides the file's for every configuration; it does not change the study's
+    identity, so a sweep can be resumed with or without it."""
+    t0 = time.perf_counter()
+    study = load_for(path, "sweep", compile)
     storage = storage or default_storage()
     n = len(study.configurations)
     ostudy = _open_grid(study, storage)
     parent = _parent_run(ostudy, study, parent_run_id)
     if workers > 1:
-        codes = _spawn_workers(study.path, storage, parent, workers)
+        codes = _spawn_workers(study.path, storage, parent, workers, compile)
         trained = -1
         if any(codes):
             raise RuntimeError(f"sweep workers exited with {codes}")
@@ -270,6 +282,19 @@ def _log_tables(parent: str, t2: pd.DataFrame, t3: pd.DataFrame, retried: list[d
             r.log_table(pd.DataFrame(retried), "retried_trials.csv")
         r.log_metrics({"sweep/configurations_done": float(done), "sweep/configurations": float(n),
                        "sweep/retried_trials": float(len(retried)), "sweep/last_pass_seconds": seconds})
+
+
+def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
+               ) -> tuple[pd.DataFrame, dict[int, float]]:
+    """Per-configuration estimates (H200 seconds; `schedule`) and the estimated wall time per worker count."""
+    from .schedule import estimate, makespan
+
+    study = load_for(path, "sweep", compile)
+    est = [estimate(c) for c in study.configurations]
+    table = pd.DataFrame({"configuration": study.labels, "compile_s": [e.compile_s for e in est],
+                          "train_s": [e.gpu_s for e in est], "other_s": [e.overhead_s for e in est],
+                          "total_s": [e.total_s for e in est]})
+    return table, {w: makespan(est, w) for w in workers}
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -321,7 +346,7 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
 
 def report_sweep(path: str | Path, storage: str | None = None) -> tuple[str | None, pd.DataFrame, pd.DataFrame]:
     """The tables of a sweep from the tracking store, at any time (also while it runs)."""
-    study = load_study(path)
+    study = load_for(path, "sweep")
     optuna = _optuna()
     try:
         ostudy = optuna.load_study(study_name=_study_name(study), storage=_storage(storage or default_storage()))
@@ -409,11 +434,9 @@ class TuneResult:
 
 
 def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | None = None, progress: bool = True,
-             parent_run_id: str | None = None) -> TuneResult:
+             parent_run_id: str | None = None, compile: str | None = None) -> TuneResult:
     optuna = _optuna()
-    study = load_study(path)
-    if study.kind != "tune":
-        raise ValueError(f"{path} is a {study.kind} study; use `cushing sweep`")
+    study = load_for(path, "tune", compile)
     ostudy = optuna.create_study(study_name=_study_name(study), storage=_storage(storage or default_storage()),
                                  sampler=_sampler(study), pruner=_pruner(study), direction=study.direction,
                                  load_if_exists=True)

@@ -13,7 +13,8 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve
 
-__all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS"]
+__all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution",
+           "EXECUTION_FIELDS"]
 
 STUDY_KEYS = {"name", "kind", "description", "experiment", "base", "configurations", "promote", "objective",
               "n_trials", "sampler", "pruner", "space"}
@@ -205,12 +206,26 @@ def promotion_overrides(path: str | Path) -> dict[str, Any]:
     return dict(load_study(path).promote)
 
 
+# How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
+EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb")
+
+
+def with_execution(study: Study, **fields: Any) -> Study:
+    """The study with execution fields (e.g. compile) set on its base and every configuration."""
+    bad = set(fields) - set(EXECUTION_FIELDS)
+    if bad:
+        raise ConfigError(f"not execution fields: {sorted(bad)}; allowed: {', '.join(EXECUTION_FIELDS)}")
+    configs = tuple(resolve(TrainConfig, fields, base=c, source="command line") for c in study.configurations)
+    return dataclasses.replace(study, base={**study.base, **fields}, configurations=configs)
+
+
 def config_digest(cfg: TrainConfig) -> str:
-    """Identity of a configuration for resumable sweeps (ignores run naming)."""
+    """Identity of a configuration for resumable sweeps (ignores how it executes: EXECUTION_FIELDS)."""
     import hashlib
     import json
 
     d = dataclasses.asdict(cfg)
-    d.pop("run_name", None)
+    for k in EXECUTION_FIELDS:
+        d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

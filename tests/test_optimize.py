@@ -56,6 +56,58 @@ def test_bad_study_files_name_the_line(tmp_path, text, needle):
     assert needle in str(e.value) and str(path) in str(e.value)
 
 
+def test_compile_override_reaches_every_configuration_without_changing_the_study():
+    from cushing.optimize import _study_name, load_for
+
+    for name, kind in (("paper.yaml", "sweep"), ("tune_vit.yaml", "tune")):
+        plain = load_for(ROOT / "projects" / name, kind)
+        compiled = load_for(ROOT / "projects" / name, kind, compile="reduce-overhead")
+        assert all(c.compile == "reduce-overhead" for c in compiled.configurations)
+        assert compiled.base["compile"] == "reduce-overhead"
+        assert compiled.config_for({}).compile == "reduce-overhead"  # tuning trials too
+        assert [c.model for c in compiled.configurations] == [c.model for c in plain.configurations]
+        assert _study_name(compiled) == _study_name(plain), "how a run executes is not what it trains: same study"
+    edited = load_for(ROOT / "projects" / "paper.yaml", "sweep")
+    import dataclasses
+    other = dataclasses.replace(edited, configurations=(dataclasses.replace(edited.configurations[0], lr=0.5),
+                                                        *edited.configurations[1:]))
+    assert _study_name(other) != _study_name(edited), "what it trains is"
+    with pytest.raises(ValueError, match="tune study; use `cushing tune`"):
+        load_for(ROOT / "projects" / "tune_vit.yaml", "sweep")
+
+
+def test_wall_time_model_shares_the_gpu_and_overlaps_cpu_work():
+    from cushing.schedule import GPU_SHARING, Estimate, makespan
+
+    a = Estimate(compile_s=0.0, gpu_s=10.0, overhead_s=5.0)
+    assert makespan([a, a], 1) == pytest.approx(30.0)  # one worker: everything in sequence
+    # two workers: both train at once at 1.5x the throughput of one, then finish on the CPU side by side
+    assert makespan([a, a], 2) == pytest.approx(20.0 / GPU_SHARING[2] + 5.0)
+    # a job in its CPU phase leaves the GPU to the other: 10 s alone, then 10 s of the second job's CPU work
+    b = Estimate(compile_s=10.0, gpu_s=0.0, overhead_s=0.0)
+    assert makespan([a, b], 2) == pytest.approx(15.0)
+    assert makespan([], 3) == 0.0
+
+
+def test_sweep_plan_prints_estimates_for_the_paper_grid(capsys):
+    from cushing.cli import main
+    from cushing.optimize import plan_sweep
+
+    table, wall = plan_sweep(ROOT / "projects" / "paper.yaml", [1, 2, 4])
+    assert len(table) == 23
+    assert wall[1] == pytest.approx(table["total_s"].sum())  # one worker: the sum of the configurations
+    assert wall[4] < wall[2] < wall[1]
+    frozen = table[table["configuration"].str.endswith("-frozen")]
+    assert len(frozen) == 3 and (frozen["train_s"] < table["train_s"].median()).all()
+    ctable, _ = plan_sweep(ROOT / "projects" / "paper.yaml", [1], compile="reduce-overhead")
+    tuned = ~table["configuration"].str.endswith("-frozen")
+    assert (ctable.loc[tuned, "train_s"] < table.loc[tuned, "train_s"]).all()
+    assert (ctable.loc[tuned, "compile_s"] > 0).all() and (ctable.loc[~tuned, "compile_s"] == 0).all()
+    assert main(["sweep", str(ROOT / "projects" / "paper.yaml"), "--plan", "--workers", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "swin_l" in out and "--workers 3:" in out and "H200" in out
+
+
 # ------------------------------------------------------------------------------------------------ sweep
 
 def _children(uri: str, experiment: str):

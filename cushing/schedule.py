@@ -1,0 +1,83 @@
+"""Roughly how long a sweep takes on one GPU, before it runs (`cushing sweep FILE --plan`).
+
+A configuration is three phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the
+training loop (CPU: model build, bootstrap, plots, Grad-CAM, model logging). Training seconds are
+    runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup
+with the backbone's epoch cost and compile effect from the registry (H200 figures), runs = folds x seeds, and a
+frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features once, then the head). Concurrent trainings share the
+GPU with the total throughput measured in ../shared/bench/gpu_ceiling_h200_2026-11-26.json (two at once: 1.5x
+one; four: 1.6x); CPU phases run in parallel. On another GPU the seconds scale; compare with a measured sweep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backbones import get_spec
+from .config import TrainConfig
+
+__all__ = ["Estimate", "estimate", "makespan", "RUN_OVERHEAD_S"]
+
+# Per run outside training: 14 s measured on the ViT-B/32 paper run (H200, README), less the ~2 s per run of MLflow
+# async-queue waits that the run logger's own epoch writer removed (measured on CPU: 8.75 -> 6.6 s per short run).
+RUN_OVERHEAD_S = 12.0
+FROZEN_EPOCH_EQUIV = 7.0  # frozen DINOv2: features once + 200 head epochs took about 7 fine-tuning epochs (bench)
+GPU_SHARING = {1: 1.0, 2: 1.5, 3: 1.55, 4: 1.6}  # total throughput of k trainings on one GPU vs one
+
+
+@dataclass(frozen=True)
+class Estimate:
+    compile_s: float  # cold torch.compile (CPU), 0 when eager
+    gpu_s: float  # training loop, alone on the GPU
+    overhead_s: float  # the run's work outside the training loop (CPU)
+
+    @property
+    def total_s(self) -> float:
+        return self.compile_s + self.gpu_s + self.overhead_s
+
+
+def estimate(cfg: TrainConfig) -> Estimate:
+    """Approximate seconds of one configuration on an H200 (cold compile cache when compiling)."""
+    spec = get_spec(cfg.model)
+    runs = max(1, cfg.cv_folds) * cfg.seeds
+    per_epoch = spec.epoch_cost_s * (cfg.img_size / 224) ** 2
+    if cfg.frozen:
+        return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * RUN_OVERHEAD_S)
+    compiled = cfg.compile != "none"
+    speedup = spec.compile_speedup if compiled else 1.0
+    return Estimate(runs * spec.compile_s if compiled else 0.0, runs * cfg.epochs * per_epoch / speedup,
+                    runs * RUN_OVERHEAD_S)
+
+
+def _sharing(k: int) -> float:
+    return GPU_SHARING.get(k, GPU_SHARING[max(GPU_SHARING)])
+
+
+def makespan(estimates: list[Estimate], workers: int) -> float:
+    """Wall seconds for `workers` processes taking the jobs in order, all training on one GPU.
+
+    k jobs in their GPU phase each progress at sharing(k)/k; CPU phases run at full speed. Event-driven: time
+    advances to the next phase end.
+    """
+    queue = [[["cpu", e.compile_s], ["gpu", e.gpu_s], ["cpu", e.overhead_s]] for e in estimates]
+    running: list[list[list]] = []  # per job: its remaining phases [kind, seconds at full speed]
+    t = 0.0
+    while True:
+        running = [job for job in map(_drop_done, running) if job]
+        while queue and len(running) < max(1, workers):
+            job = _drop_done(queue.pop(0))
+            if job:
+                running.append(job)
+        if not running:
+            return t
+        k = sum(job[0][0] == "gpu" for job in running)
+        rates = [_sharing(k) / k if job[0][0] == "gpu" else 1.0 for job in running]
+        dt = min(job[0][1] / r for job, r in zip(running, rates))
+        t += dt
+        for job, r in zip(running, rates):
+            job[0][1] -= dt * r
+
+
+def _drop_done(job: list[list]) -> list[list]:
+    while job and job[0][1] <= 1e-9:
+        job.pop(0)
+    return job
