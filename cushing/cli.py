@@ -319,13 +319,27 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="a sweep study file, e.g. projects/paper.yaml")
     p.add_argument("--storage", default=None, help="Optuna storage URL shared by workers (default: SQLite next to "
                                                    "the MLflow store; postgresql://... for several hosts)")
-    p.add_argument("--workers", type=int, default=1, help="trainings at once on this host (processes)")
+    p.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                   help="trainings at once on this host, as processes (default auto: 2 with a CUDA GPU, else 1)")
     p.add_argument("--report", action="store_true", help="only print Table II and III from the tracking store")
     p.add_argument("--plan", action="store_true",
                    help="only print the estimated wall time on one H200 for 1, 2 and 4 workers (trains nothing)")
     _compile_option(p)
     p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def _workers(text: str) -> int | None:
+    """A worker count, or None for auto."""
+    if text in ("", "auto", "0"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of workers or auto, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 worker, got {n}")
+    return n
 
 
 def _compile_mode(text: str) -> str | None:
@@ -344,10 +358,10 @@ def _compile_option(p: argparse.ArgumentParser) -> None:
                         "trials of the same architecture)")
 
 
-def _print_plan(project: str, workers: int, compile: str | None) -> None:
+def _print_plan(project: str, workers: int | None, compile: str | None) -> None:
     from .optimize import plan_sweep
 
-    counts = sorted({1, 2, 4, max(1, workers)})
+    counts = sorted({1, 2, 4, workers or 1})
     table, wall = plan_sweep(project, counts, compile)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
     how = "cold compile cache" if compile and compile != "none" else "as the file says"

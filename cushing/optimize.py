@@ -29,7 +29,7 @@ from .engine import StopTraining
 from .studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
 
 __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
-           "plan_sweep"]
+           "plan_sweep", "auto_workers"]
 
 MAX_RETRY = 2
 
@@ -231,6 +231,14 @@ def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str |
     return [p.wait() for p in procs]
 
 
+def auto_workers() -> int:
+    """Trainings at once on this host when not told: two on a CUDA machine (two paper-sized trainings share one
+    GPU at 1.5x the throughput of one, ../shared/bench/gpu_ceiling_h200_2026-11-26.json), one on a CPU."""
+    import torch
+
+    return 2 if torch.cuda.is_available() else 1
+
+
 def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
     """The study file, checked to be a `kind` study, with a command-line compile mode applied to it."""
     study = load_study(path)
@@ -239,15 +247,17 @@ def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
     return with_execution(study, compile=compile) if compile else study
 
 
-def run_sweep(path: str | Path, *, storage: str | None = None, workers: int = 1, progress: bool = True,
+def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | None = None, progress: bool = True,
               parent_run_id: str | None = None, compile: str | None = None) -> SweepResult:
     """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
+    workers=None: `auto_workers()`.
 
     `compile` (a torch.compile mode) overrides the file's for every configuration; it does not change the study's
     identity, so a sweep can be resumed with or without it."""
     t0 = time.perf_counter()
     study = load_for(path, "sweep", compile)
     storage = storage or default_storage()
+    workers = workers or auto_workers()
     n = len(study.configurations)
     ostudy = _open_grid(study, storage)
     parent = _parent_run(ostudy, study, parent_run_id)

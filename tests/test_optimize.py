@@ -106,6 +106,21 @@ def test_sweep_plan_prints_estimates_for_the_paper_grid(capsys):
     assert main(["sweep", str(ROOT / "projects" / "paper.yaml"), "--plan", "--workers", "3"]) == 0
     out = capsys.readouterr().out
     assert "swin_l" in out and "--workers 3:" in out and "H200" in out
+    with pytest.raises(SystemExit):
+        main(["sweep", str(ROOT / "projects" / "paper.yaml"), "--plan", "--workers", "-2"])
+    assert "at least 1 worker" in capsys.readouterr().err
+
+
+def test_auto_workers_are_two_on_a_gpu_and_one_on_a_cpu():
+    import torch
+
+    from cushing.cli import build_parser
+    from cushing.optimize import auto_workers
+
+    assert auto_workers() == (2 if torch.cuda.is_available() else 1)
+    ns = build_parser().parse_args(["sweep", "projects/paper.yaml", "--workers", "auto"])
+    assert ns.workers is None  # resolved by run_sweep with auto_workers()
+    assert build_parser().parse_args(["sweep", "projects/paper.yaml", "--workers", "3"]).workers == 3
 
 
 # ------------------------------------------------------------------------------------------------ sweep
