@@ -225,8 +225,6 @@ class SweepResult:
 def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
-    # the CPU cores split between workers, not oversubscribed N times (bootstrap, plots and decoding are CPU work)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     extra = ["--compile", compile] if compile else []
     procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--storage", storage,
                                "--parent-run", parent, "--worker", *extra], env=env) for _ in range(n)]
