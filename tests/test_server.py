@@ -43,6 +43,8 @@ def test_compose_file_properties():
     assert "models:/cushing@champion" in " ".join(s["serve"]["command"])
     gpu = s["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
+    assert any(v.startswith("cushing-cache:") for v in s["trainer"]["volumes"]), "caches persist between runs"
+    assert "cushing-cache" in c["volumes"]
     assert set(c["secrets"]) >= {"mlflow_admin_password", "mlflow_db_password", "optuna_db_password"}
     text = (ROOT / "docker-compose.yml").read_text()
     env_example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
