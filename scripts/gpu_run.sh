@@ -2,7 +2,7 @@
 # A GPU session's checks, in priority order, each bounded in time; results land in $OUT.
 #   bash scripts/gpu_run.sh sweep   # the sweep's speed (issue 7): a measured 20-epoch grid, compile, per-run cost
 #   bash scripts/gpu_run.sh engine  # the engine against the compute floor, CUDA training, Grad-CAM, SAM
-# Expects the project's extra wheels in .whl/ (see the README's GPU section) on a machine with PyTorch and timm.
+# Expects the project's extra wheels in .whl/ (README, Benchmarks: "GPU checks") on a machine with PyTorch and timm.
 set -uo pipefail
 what=${1:-sweep}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
