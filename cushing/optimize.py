@@ -250,10 +250,9 @@ def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
 def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | None = None, progress: bool = True,
               parent_run_id: str | None = None, compile: str | None = None) -> SweepResult:
     """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
-    workers=None: `auto_workers()`.
 
-    `compile` (a torch.compile mode) overrides the file's for every configuration; it does not change the study's
-    identity, so a sweep can be resumed with or without it."""
+    workers=None takes `auto_workers()`. `compile` (a torch.compile mode) overrides the file's for every
+    configuration; it does not change the study's identity, so a sweep can be resumed with or without it."""
     t0 = time.perf_counter()
     study = load_for(path, "sweep", compile)
     storage = storage or default_storage()
