@@ -9,7 +9,6 @@ one host sync per epoch.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import build_model, get_spec, preprocess_of
-from .data import DeviceAugment, ImageBank, pick_device
+from .data import DeviceAugment, ImageBank, device_name, pick_device
 from .engine import FitSettings, _batches, autocast_for, fit, oversampled
 
 __all__ = ["run_bench", "BenchRow", "paper_shaped_labels"]
@@ -154,7 +153,7 @@ def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86_64'})"
+    name = device_name(dev)
     rows = []
     plan = [(m, False) for m in models] + [(m, True) for m in frozen]
     print(f"device: {name}; {N_TRAIN} train subjects -> {len(oversampled(paper_shaped_labels()[:N_TRAIN], 5))} "
@@ -218,8 +217,7 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved
     med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "train_s", "other_s")}
-    dev = pick_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86_64'})"
+    name = device_name(pick_device(device))
     print(f"device: {name}; {model} at {img_size} px, {epochs} epochs, Grad-CAM {'on' if cam else 'off'}; "
           f"median of {repeats} runs")
     print(f"run {med['wall_s']:.2f} s = training loop {med['train_s']:.2f} s + the rest {med['other_s']:.2f} s")

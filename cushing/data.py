@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .backbones import Preprocess
 
-__all__ = ["decode_image", "decode_images", "ImageBank", "DeviceAugment", "pick_device", "letterbox"]
+__all__ = ["decode_image", "decode_images", "ImageBank", "DeviceAugment", "pick_device", "device_name", "letterbox"]
 
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
 
@@ -31,6 +31,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here; use device=auto or cpu")
     return dev
+
+
+def device_name(dev: torch.device) -> str:
+    """What benchmarks print and record: the GPU's name, or the CPU's core count and processor."""
+    import os
+    import platform
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"
 
 
 def letterbox(img, size: int, interpolation: str = "bicubic", fill: int = 255):

@@ -165,10 +165,9 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
     """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
     import json
     import os
-    import platform
     import tempfile
 
-    import torch
+    from .data import device_name, pick_device
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
@@ -185,8 +184,7 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
         warm = extract_faces(src, Path(tmp) / "warm", s, cache_dir=Path(tmp) / "cache", progress=False)
         t_warm = time.perf_counter() - t
     n = len(cold.report)
-    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()} "
-           f"({platform.processor() or platform.machine()})", "photos": n, "extracted": cold.extracted,
+    res = {"device": device_name(pick_device("auto")), "photos": n, "extracted": cold.extracted,
            "mask": s.mask_method, "cold_s": t_cold, "warm_s": t_warm, "cold_photos_per_s": n / t_cold,
            "warm_photos_per_s": n / t_warm, "warm_speedup": t_cold / t_warm, "warm_processed": warm.processed}
     print(f"{n} photos ({cold.extracted} extracted, mask {s.mask_method}) on {res['device']}: cold {t_cold:.2f} s "
