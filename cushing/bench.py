@@ -189,33 +189,26 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     """Whole runs (`run_single` on the demo cohort, random weights) split into the training loop and the rest:
     setup logging, scoring, bootstrap, plots, Grad-CAM, model logging. The per-run cost a sweep pays 23 times.
     Logs into a throwaway embedded store, not yours; median of `repeats` after one warm-up run."""
-    import os
     import tempfile
 
+    from . import tracking
     from .config import TrainConfig
     from .experiment import run_single
     from .train import prepare_cohort
 
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
-        try:
-            cohort = prepare_cohort(cfg, progress=False)
-            run_single(cfg, cohort=cohort, progress=False)  # warm-up: imports, allocator, cuDNN autotuning
-            rows = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                summary = run_single(cfg, cohort=cohort, progress=False)
-                wall = time.perf_counter() - t
-                train_s = summary.metrics["train_seconds"]
-                rows.append({"wall_s": wall, "train_s": train_s, "other_s": wall - train_s})
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved
+    with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \
+            tracking.using_store(f"sqlite:///{d}/mlflow.db"):
+        cohort = prepare_cohort(cfg, progress=False)
+        run_single(cfg, cohort=cohort, progress=False)  # warm-up: imports, allocator, cuDNN autotuning
+        rows = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            summary = run_single(cfg, cohort=cohort, progress=False)
+            wall = time.perf_counter() - t
+            train_s = summary.metrics["train_seconds"]
+            rows.append({"wall_s": wall, "train_s": train_s, "other_s": wall - train_s})
     med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "train_s", "other_s")}
     name = device_name(pick_device(device))
     print(f"device: {name}; {model} at {img_size} px, {epochs} epochs, Grad-CAM {'on' if cam else 'off'}; "
