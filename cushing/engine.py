@@ -252,13 +252,6 @@ def release_compiled(mode: str) -> None:
 
 
 def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) -> FitResult:
-    try:
-        return _fit_full_inner(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch)
-    finally:
-        release_compiled(s.compile)
-
-
-def _fit_full_inner(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) -> FitResult:
     dev = bank.device
     forward, step_begin = compiled_forward(model, s.compile)
     y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=dev)
@@ -289,7 +282,10 @@ def _fit_full_inner(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epo
                                 for a, b in _batches(len(val_t), s.eval_batch)])
         return _epoch_metrics(y_val, logits, loss_sum, len(epoch_pos))
 
-    return _loop(s, run_epoch, _Snapshot(model), on_epoch)
+    try:
+        return _loop(s, run_epoch, _Snapshot(model), on_epoch)
+    finally:
+        release_compiled(s.compile)  # torch.compile is lazy: nothing compiles before the loop runs
 
 
 def _logits(forward, step_begin, aug, bank, idx):
