@@ -114,9 +114,10 @@ def bootstrap_metrics(part: pd.DataFrame, *, threshold: float, n_boot: int = 200
     return out
 
 
-def sex_gaps(part: pd.DataFrame, threshold: float, n_boot: int, seed: int, min_positives: int
-             ) -> dict[str, tuple[float, float, float, bool]]:
-    """metric -> (female - male, ci_low, ci_high, estimable) for recall, specificity, f1."""
+def sex_gaps(part: pd.DataFrame, threshold: float, boot: dict[tuple[str, str], tuple[float, float]],
+             min_positives: int) -> dict[str, tuple[float, float, float, bool]]:
+    """metric -> (female - male, ci_low, ci_high, estimable) for recall, specificity, f1; intervals from the
+    ("gap", metric) entries of `boot` (bootstrap_metrics of the same rows; empty: no intervals)."""
     from .metrics import point_metrics
 
     f, m = part[part["sex"] == "F"], part[part["sex"] == "M"]
@@ -124,7 +125,6 @@ def sex_gaps(part: pd.DataFrame, threshold: float, n_boot: int, seed: int, min_p
         return {}
     pf = point_metrics(f["label"].to_numpy(), f["probability"].to_numpy(), threshold)
     pm = point_metrics(m["label"].to_numpy(), m["probability"].to_numpy(), threshold)
-    boot = bootstrap_metrics(part, threshold=threshold, n_boot=n_boot, seed=seed, metrics=()) if n_boot else {}
     enough = min(int(f["label"].sum()), int(m["label"].sum())) >= min_positives
     out = {}
     for metric in ("recall", "specificity", "f1"):

@@ -81,18 +81,18 @@ class MetricRow:
 
 
 def summarize(pred: pd.DataFrame, *, split: str, threshold: float, min_positives: int = 0,
-              bootstrap: int = 0, seed: int = 0, label: str | None = None) -> list[MetricRow]:
-    """Every metric for one split, overall and per sex, with intervals when bootstrap > 0.
+              boot: dict[tuple[str, str], tuple[float, float]] | None = None, label: str | None = None
+              ) -> list[MetricRow]:
+    """Every metric for one split, overall and per sex; F1/AUC intervals from `boot` (evidence.bootstrap_metrics
+    of this split) when given, Wilson intervals for proportions always.
 
     `label` renames the split in metric names (e.g. test_argmax) without changing which rows are used.
     A sex subgroup with fewer than `min_positives` positives gets NaN for the positive-dependent metrics and
     `estimable=False`; a subgroup with no positives or no negatives gets NaN where the metric is undefined.
     """
-    from . import evidence
-
     part = pred[pred["split"] == split]
     name = label or split
-    boot = evidence.bootstrap_metrics(part, threshold=threshold, n_boot=bootstrap, seed=seed) if bootstrap else {}
+    boot = boot or {}
     rows = []
     for group, sex in GROUPS.items():
         sub = part if sex is None else part[part["sex"] == sex]

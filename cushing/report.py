@@ -34,22 +34,23 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
     reliability = {}
     present = [s for s in splits if (pred["split"] == s).any()]
     for split in present:
-        split_rows = summarize(pred, split=split, threshold=threshold, min_positives=min_positives,
-                               bootstrap=bootstrap, seed=seed)
-        rows += split_rows
         part = pred[pred["split"] == split]
+        # one bootstrap per split serves the F1/AUC intervals and the sex-gap intervals
+        boot = evidence.bootstrap_metrics(part, threshold=threshold, n_boot=bootstrap, seed=seed)
+        split_rows = summarize(pred, split=split, threshold=threshold, min_positives=min_positives, boot=boot)
+        rows += split_rows
         y, p = part["label"].to_numpy(), part["probability"].to_numpy()
         metrics[f"{split}/brier"] = evidence.brier(y, p)
         metrics[f"{split}/ece"] = evidence.ece(y, p)
         reliability[split] = evidence.reliability(y, p)
-        metrics.update(_gaps(part, split, threshold, bootstrap, seed, min_positives, tags))
+        metrics.update(_gaps(part, split, threshold, boot, min_positives, tags))
         if prevalence is not None:
             sens = next(r.value for r in split_rows if r.group == "overall" and r.metric == "recall")
             spec = next(r.value for r in split_rows if r.group == "overall" and r.metric == "specificity")
             ppv, npv = evidence.ppv_npv(sens, spec, prevalence)
             metrics[f"{split}/ppv"], metrics[f"{split}/npv"] = ppv, npv
     if argmax_split in present and not math.isclose(threshold, 0.5):
-        rows += summarize(pred, split=argmax_split, threshold=0.5, min_positives=min_positives, bootstrap=0,
+        rows += summarize(pred, split=argmax_split, threshold=0.5, min_positives=min_positives,
                           label=f"{argmax_split}_argmax")
     elif argmax_split in present:  # the chosen threshold is argmax: the same numbers under the paper's name
         rows += [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
@@ -63,10 +64,10 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
     return Report(metrics, rows, per_sex_table(rows), tags, reliability)
 
 
-def _gaps(part: pd.DataFrame, split: str, threshold: float, bootstrap: int, seed: int, min_positives: int,
+def _gaps(part: pd.DataFrame, split: str, threshold: float, boot: dict, min_positives: int,
           tags: dict[str, str]) -> dict[str, float]:
     out = {}
-    for metric, (gap, lo, hi, est) in evidence.sex_gaps(part, threshold, bootstrap, seed, min_positives).items():
+    for metric, (gap, lo, hi, est) in evidence.sex_gaps(part, threshold, boot, min_positives).items():
         name = f"{split}/{metric}/sex_gap"
         out[name] = gap
         if est and math.isfinite(lo):
