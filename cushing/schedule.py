@@ -3,10 +3,11 @@
 A configuration is three phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the
 training loop (CPU: model build, bootstrap, plots, Grad-CAM, model logging). Training seconds are
     runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup
-with the backbone's epoch cost and compile effect from the registry (H200 figures), runs = folds x seeds, and a
-frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features once, then the head). Concurrent trainings share the
-GPU with the total throughput measured in ../shared/bench/gpu_ceiling_h200_2026-11-26.json (two at once: 1.5x
-one; four: 1.6x); CPU phases run in parallel. On another GPU the seconds scale; compare with a measured sweep.
+with the backbone's epoch cost and compile effect from the registry (H200 figures), runs = the CV folds (else the
+seeds; cross-validation ignores seeds), and a frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features once,
+then the head). Concurrent trainings share the GPU with the total throughput measured in
+../shared/bench/gpu_ceiling_h200_2026-11-26.json (two at once: 1.5x one; four: 1.6x); CPU phases run in parallel.
+On another GPU the seconds scale; compare with a measured sweep.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Estimate:
 def estimate(cfg: TrainConfig) -> Estimate:
     """Approximate seconds of one configuration on an H200 (cold compile cache when compiling)."""
     spec = get_spec(cfg.model)
-    runs = max(1, cfg.cv_folds) * cfg.seeds
+    runs = cfg.cv_folds if cfg.cv_folds > 1 else cfg.seeds  # as experiment.run_experiment dispatches
     per_epoch = spec.epoch_cost_s * (cfg.img_size / 224) ** 2
     if cfg.frozen:
         return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * RUN_OVERHEAD_S)
