@@ -89,7 +89,8 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         import torch
         from safetensors.torch import load_file
 
-        from cushing.backbones import build_model
+        from cushing.backbones import Preprocess, build_model
+        from cushing.data import DeviceAugment
 
         self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
         c = self.cfg
@@ -98,6 +99,9 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         want = os.environ.get("CUSHING_SERVE_DEVICE", "cpu")
         self.device = torch.device(want if (want != "cuda" or torch.cuda.is_available()) else "cpu")
         self.model = model.eval().to(self.device)
+        # the training engine's own normalisation (uint8 -> float, mean/std), not a re-implementation of it
+        pre = Preprocess(tuple(c["mean"]), tuple(c["std"]), c.get("interpolation", "bicubic"), int(c["img_size"]))
+        self.normalize = DeviceAugment(pre, self.device, strength=0.0).normalize
         self.faces = None
         if c.get("faces"):
             from cushing.faces import FaceSettings, FaceExtractor
@@ -142,13 +146,10 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         ok = [i for i, a in enumerate(arrays) if a is not None]
         prob = np.full(len(df), math.nan)
         if ok:
-            c = self.cfg
-            x = torch.from_numpy(np.stack([arrays[i] for i in ok])).to(self.device).float()
-            mean = torch.tensor(c["mean"], device=self.device).view(1, 3, 1, 1)
-            std = torch.tensor(c["std"], device=self.device).view(1, 3, 1, 1)
+            x = torch.from_numpy(np.stack([arrays[i] for i in ok])).to(self.device)
             with torch.no_grad():
-                logits = self.model((x / 255.0 - mean) / std).float()
-            z = (logits[:, 1] - logits[:, 0]).cpu().numpy() / float(c.get("temperature", 1.0))
+                logits = self.model(self.normalize(x)).float()
+            z = (logits[:, 1] - logits[:, 0]).cpu().numpy() / float(self.cfg.get("temperature", 1.0))
             prob[ok] = 1.0 / (1.0 + np.exp(-z))
         thr = float(self.cfg["threshold"])
         label = np.where(np.isnan(prob), -1, (prob >= thr).astype(int))
