@@ -202,6 +202,11 @@ class Preprocess:
     interpolation: str
     img_size: int
 
+    @classmethod
+    def from_model_config(cls, c: dict) -> "Preprocess":
+        """From a logged model's config (release: mean, std, interpolation, img_size)."""
+        return cls(tuple(c["mean"]), tuple(c["std"]), c.get("interpolation", "bicubic"), int(c["img_size"]))
+
 
 def preprocess_of(model, img_size: int) -> Preprocess:
     cfg = getattr(model, "pretrained_cfg", {}) or {}

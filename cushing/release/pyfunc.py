@@ -100,8 +100,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         self.device = torch.device(want if (want != "cuda" or torch.cuda.is_available()) else "cpu")
         self.model = model.eval().to(self.device)
         # the training engine's own normalisation (uint8 -> float, mean/std), not a re-implementation of it
-        pre = Preprocess(tuple(c["mean"]), tuple(c["std"]), c.get("interpolation", "bicubic"), int(c["img_size"]))
-        self.normalize = DeviceAugment(pre, self.device, strength=0.0).normalize
+        self.normalize = DeviceAugment(Preprocess.from_model_config(c), self.device, strength=0.0).normalize
         self.faces = None
         if c.get("faces"):
             from cushing.faces import FaceSettings, FaceExtractor
