@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DeviceAugment, ImageBank
-from .metrics import point_metrics
+from .metrics import lower_is_better, point_metrics
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
            "features_of", "autocast_for", "compiled_forward", "release_compiled"]
@@ -127,11 +127,11 @@ def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor, loss_sum: torch.Tens
 
 
 class _Selector:
-    """Tracks the best epoch on a validation metric (higher is better; val/loss lower is better)."""
+    """Tracks the best epoch on a validation metric, in the metric's direction (`lower_is_better`)."""
 
     def __init__(self, metric: str):
         self.metric = metric
-        self.sign = -1.0 if metric.endswith("loss") else 1.0
+        self.sign = -1.0 if lower_is_better(metric) else 1.0
         self.best = -math.inf
         self.best_epoch = 0
         self.best_loss = math.inf

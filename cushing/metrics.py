@@ -12,9 +12,15 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["METRICS", "PROPORTIONS", "GROUPS", "point_metrics", "auc_score", "summarize", "MetricRow",
-           "rows_to_metrics", "per_sex_table", "metric_name", "GATED"]
+           "rows_to_metrics", "per_sex_table", "metric_name", "GATED", "lower_is_better"]
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+
+
+def lower_is_better(name: str) -> bool:
+    """Direction of a logged metric (best-epoch selection, study objectives, promotion): losses, Brier score and
+    calibration error go down, everything else up."""
+    return name.endswith(("loss", "brier", "ece"))
 PROPORTIONS = ("accuracy", "precision", "recall", "specificity")  # Wilson intervals
 GATED = ("precision", "recall", "f1", "auc")  # need enough positives to mean anything
 GROUPS = {"overall": None, "female": "F", "male": "M"}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve
+from .metrics import lower_is_better
 
 __all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution",
            "EXECUTION_FIELDS"]
@@ -177,7 +178,7 @@ def load_study(path: str | Path) -> Study:
     metric = objective.get("metric", "val/f1")
     if not str(metric).startswith("val/"):
         problems.append(_err(path, lines, ("objective", "metric"), "the objective must be a validation metric"))
-    direction = objective.get("direction", "minimize" if str(metric).endswith("loss") else "maximize")
+    direction = objective.get("direction", "minimize" if lower_is_better(str(metric)) else "maximize")
     if direction not in ("maximize", "minimize"):
         problems.append(_err(path, lines, ("objective", "direction"), "direction must be maximize or minimize"))
     space = _space(path, lines, data.get("space") or {}, problems) if kind == "tune" else ()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ..metrics import lower_is_better
 from ..tracking import artifact_dir, client, find_runs, start_run
 from . import REGISTERED_MODEL
 
@@ -48,10 +49,6 @@ class Decision:
         return self.challenger_moved or self.champion_moved or self.registered_new_version
 
 
-def _lower_better(metric: str) -> bool:
-    return metric.endswith(("loss", "brier", "ece"))
-
-
 def _gap_metric(metric: str) -> str:
     return metric + "/sex_gap"
 
@@ -68,7 +65,7 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
         why = []
         if not math.isfinite(value):
             why.append(f"{policy.metric} missing or not estimable")
-        elif policy.min_value is not None and (value < policy.min_value if not _lower_better(policy.metric)
+        elif policy.min_value is not None and (value < policy.min_value if not lower_is_better(policy.metric)
                                                else value > policy.min_value):
             why.append(f"{policy.metric}={value:.4f} misses the gate {policy.min_value}")
         if policy.max_sex_gap is not None and (not math.isfinite(gap) or abs(gap) > policy.max_sex_gap):
@@ -85,7 +82,7 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
     if df.empty:
         return df
     keys = [policy.metric] + [t for t, _ in TIE_BREAKERS] + ["start_time"]
-    asc = [_lower_better(policy.metric)] + [lo for _, lo in TIE_BREAKERS] + [True]
+    asc = [lower_is_better(policy.metric)] + [lo for _, lo in TIE_BREAKERS] + [True]
     df = df.sort_values(["eligible"] + keys, ascending=[False] + asc, na_position="last", kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.reset_index(drop=True)
@@ -143,7 +140,7 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     champion = _alias_version(c, name, "champion")
     champ_value = float(champion.tags.get("selection_value", "nan")) if champion else math.nan
     better = champion is None or (champion.tags.get("selection_metric") != policy.metric) or (
-        best[policy.metric] < champ_value if _lower_better(policy.metric) else best[policy.metric] > champ_value)
+        best[policy.metric] < champ_value if lower_is_better(policy.metric) else best[policy.metric] > champ_value)
     moved_champion = champion is None or (champion.version != mv.version and better)
     if moved_champion:
         c.set_registered_model_alias(name, "champion", mv.version)
