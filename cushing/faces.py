@@ -102,11 +102,9 @@ def _file_hash(path: Path, memo: Path | None) -> str:
     table = json.loads(memo.read_text()) if memo and memo.exists() else {}
     if key in table:
         return table[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    table[key] = h.hexdigest()
+    from .manifest import sha256_file
+
+    table[key] = sha256_file(path, chunk=1 << 22)
     if memo:
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps(table))
