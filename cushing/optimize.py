@@ -138,6 +138,12 @@ class _CohortMemo:
         return self.memo[key]
 
 
+def _objective_value(metrics: dict[str, float], study: Study) -> float:
+    """The trial's value: the objective metric, or the worst value when it is missing or not estimable."""
+    value = metrics.get(study.objective_metric, math.nan)
+    return value if math.isfinite(value) else (-1.0 if study.direction == "maximize" else 1e9)
+
+
 def _sweep_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool):
     from .experiment import run_single
 
@@ -153,8 +159,7 @@ def _sweep_objective(study: Study, parent: str, memo: _CohortMemo, progress: boo
                 **({"retry_of_trial": str(retried)} if retried is not None else {})}
         summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=parent, progress=progress, extra_tags=tags,
                              on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
-        value = summary.metrics.get(study.objective_metric, math.nan)
-        return value if math.isfinite(value) else (-1.0 if study.direction == "maximize" else 1e9)
+        return _objective_value(summary.metrics, study)
     return objective
 
 
@@ -426,8 +431,7 @@ def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool
         if summary.stopped.startswith("pruned"):
             tracking.client().set_tag(summary.run_id, "pruned", summary.stopped)
             raise optuna.TrialPruned(summary.stopped)
-        value = summary.metrics.get(study.objective_metric, math.nan)
-        return value if math.isfinite(value) else (-1.0 if study.direction == "maximize" else 1e9)
+        return _objective_value(summary.metrics, study)
     return objective
 
 
