@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import build_model, get_spec, preprocess_of
-from .data import DeviceAugment, ImageBank, device_name, pick_device
+from .data import DeviceAugment, ImageBank, device_name, pick_device, training_device
 from .engine import FitSettings, _batches, autocast_for, fit, oversampled
 
 __all__ = ["run_bench", "BenchRow", "paper_shaped_labels"]
@@ -148,11 +148,7 @@ def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: i
 
 def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size: int = 224, device: str = "auto",
               out: str = "bench.json", compile: str = "none") -> list[BenchRow]:
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dev = training_device(device)
     name = device_name(dev)
     rows = []
     plan = [(m, False) for m in models] + [(m, True) for m in frozen]

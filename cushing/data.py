@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .backbones import Preprocess
 
-__all__ = ["decode_image", "decode_images", "ImageBank", "DeviceAugment", "pick_device", "device_name", "letterbox"]
+__all__ = ["decode_image", "decode_images", "ImageBank", "DeviceAugment", "pick_device", "training_device", "device_name", "letterbox"]
 
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
 
@@ -30,6 +30,16 @@ def pick_device(name: str = "auto") -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here; use device=auto or cpu")
+    return dev
+
+
+def training_device(name: str = "auto") -> torch.device:
+    """The device to train on, with cuDNN autotuning and TF32 matmuls switched on when it is a GPU."""
+    dev = pick_device(name)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return dev
 
 

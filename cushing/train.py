@@ -17,7 +17,7 @@ import torch
 from . import evidence
 from .backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
 from .config import TrainConfig, cache_home
-from .data import DeviceAugment, ImageBank, decode_images, pick_device
+from .data import DeviceAugment, ImageBank, decode_images, training_device
 from .engine import EpochCallback, FitResult, FitSettings, fit, predict_proba
 from .manifest import Manifest, hash_subject, load_manifest
 from .splits import assign_splits, split_table
@@ -119,11 +119,7 @@ def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = 
     """Train one configuration on a prepared cohort and score its validation and test splits."""
     spec = get_spec(cfg.model)
     frozen = cfg.frozen
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = training_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = model_factory(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
                           freeze=frozen).to(device)
