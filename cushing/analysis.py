@@ -119,7 +119,8 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
     t = m.table
     pred = pd.DataFrame({"subject": [hash_subject(s, m.digest) for s in t["subject_id"]], "split": "external",
                          "sex": t["sex"].to_numpy(), "label": t["label"].to_numpy(),
-                         "probability": out["probability"].to_numpy(), "face_status": out["face_status"].to_numpy()})
+                         "probability": pd.to_numeric(out["probability"]).to_numpy(float),
+                         "face_status": out["face_status"].to_numpy()})
     scored = pred[pred["probability"].notna()].copy()
     scored["prediction"] = (scored["probability"] >= threshold).astype(int)
     report = build_report(scored, threshold=threshold, splits=("external",), min_positives=min_positives,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +52,8 @@ def _train(ns: argparse.Namespace) -> int:
     summary = run_experiment(cfg, progress=True)
     m = summary.metrics
     print(f"run {summary.run_id} ({summary.run_name}) in {tracking_uri()}")
+    if summary.selection:
+        print(f"  {summary.selection}")
     for key in ("val/f1", "val/auc", "test/f1", "test/auc", "test/recall", "test/specificity"):
         if key in m:
             lo, hi = m.get(f"{key}/ci_low"), m.get(f"{key}/ci_high")
@@ -254,8 +258,7 @@ COMMANDS["evaluate"] = ("score a registered model on a new cohort (external vali
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_ids", nargs="*", help="runs evaluated on the same test subjects")
-    p.add_argument("--parent-run", default=None, help="compare the children of this sweep run")
-    p.add_argument("--experiment", default="cushing")
+    _scope_options(p, "compare")
     p.add_argument("--log", action="store_true", help="log comparison.csv (to the parent run, or a new run)")
 
 
@@ -264,10 +267,11 @@ def _compare(ns: argparse.Namespace) -> int:
     from .tracking import find_runs
 
     ids = list(ns.run_ids)
-    if ns.parent_run:
-        ids += [r.info.run_id for r in find_runs(ns.experiment, parent_run_id=ns.parent_run)
+    scope = _scope(ns)
+    if scope.parent_run_id:
+        ids += [r.info.run_id for r in find_runs(scope.experiment, parent_run_id=scope.parent_run_id)
                 if r.info.status == "FINISHED" and "model_uri" in r.data.tags]
-    res = compare_runs(ids, log_to=(ns.parent_run or "") if ns.log else None, experiment=ns.experiment)
+    res = compare_runs(ids, log_to=(scope.parent_run_id or "") if ns.log else None, experiment=scope.experiment)
     cols = ["model_a", "model_b", "n", "auc_a", "auc_b", "delong_p", "delong_p_holm", "acc_a", "acc_b",
             "mcnemar_p", "mcnemar_p_holm"]
     print(res.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -281,24 +285,44 @@ COMMANDS["compare"] = ("paired DeLong and McNemar tests between runs (Holm-corre
 
 # ------------------------------------------------------------------------------------------------ promote
 
+def _scope_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--experiment", default=None,
+                   help="experiment to look in (default: that of --parent-run or --project, else "
+                        "MLFLOW_EXPERIMENT_NAME or the `mlflow run` run's, else cushing)")
+    p.add_argument("--parent-run", default=None, help=f"{what} only the children of this (sweep) run")
+    p.add_argument("--project", default=None, help="a study file: its experiment and its sweep's parent run"
+                                                   " (and, for promote, its `promote:` policy)")
+    p.add_argument("--storage", default=None, help="the study's Optuna storage (default as for `cushing sweep`)")
+
+
+def _scope(ns: argparse.Namespace):
+    from .optimize import resolve_scope
+
+    return resolve_scope(experiment=ns.experiment or None, parent_run_id=ns.parent_run or None,
+                         project=ns.project or None, storage=ns.storage or None)
+
+
 def _promote_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default="cushing")
-    p.add_argument("--parent-run", default=None, help="rank only the children of this (sweep) run")
+    _scope_options(p, "rank")
     p.add_argument("--metric", default=None, help="validation metric to rank on (default val/f1)")
     p.add_argument("--min-value", type=_opt_float, default=None, help="gate: the metric must reach this")
     p.add_argument("--max-sex-gap", type=_opt_float, default=None, help="gate: |female - male| of the metric")
-    p.add_argument("--project", default=None, help="a study file whose `promote:` section sets the policy")
+    p.add_argument("--allow-synthetic", default="false", metavar="BOOL",
+                   help="true: a model trained on synthetic data (the demo cohort) may become champion")
 
 
 def _promote(ns: argparse.Namespace) -> int:
+    from .config import parse_bool
     from .release.registry import PromotionPolicy, promote
     from .studies import promotion_overrides
 
     base = promotion_overrides(ns.project) if ns.project else {}
     given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap))
              if v not in (None, "")}
-    policy = PromotionPolicy(**{**base, **given})
-    d = promote(experiment=ns.experiment, policy=policy, parent_run_id=ns.parent_run or None)
+    policy = PromotionPolicy(**{**base, **given, "allow_synthetic": parse_bool(ns.allow_synthetic)})
+    scope = _scope(ns)
+    print(f"ranking runs of {scope.how} in experiment {scope.experiment!r}")
+    d = promote(experiment=scope.experiment, policy=policy, parent_run_id=scope.parent_run_id)
     if not d.ranking.empty:
         cols = ["rank", "run_name", policy.metric, "sex_gap", "val/auc", "test/f1 (not used)", "eligible",
                 "excluded_because"]
@@ -383,13 +407,14 @@ def _print_tables(t2, t3) -> None:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from .optimize import load_for, report_sweep, run_sweep, sweep_worker
+    from .optimize import default_storage, load_for, report_sweep, run_sweep, sweep_worker
 
     if ns.plan:
         _print_plan(ns.project, ns.workers, ns.compile)
         return 0
     if ns.worker:
-        sweep_worker(load_for(ns.project, "sweep", ns.compile), ns.storage, ns.parent_run, progress=False)
+        sweep_worker(load_for(ns.project, "sweep", ns.compile), ns.storage or default_storage(), ns.parent_run,
+                     progress=False)
         return 0
     if ns.report:
         parent, t2, t3 = report_sweep(ns.project, ns.storage or None)
@@ -437,8 +462,7 @@ COMMANDS["tune"] = ("Optuna TPE search with pruning; trials as nested MLflow run
 # ------------------------------------------------------------------------------------------------ dashboard
 
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default="cushing")
-    p.add_argument("--parent-run", default=None, help="only the children of this run (a sweep); logged there")
+    _scope_options(p, "show")
     p.add_argument("--out", default="dashboard.html")
     p.add_argument("--definition", default="paper", help="a dashboards/<name>.yaml definition")
     p.add_argument("--no-log", action="store_true", help="do not log the page to MLflow")
@@ -447,13 +471,15 @@ def _dashboard_args(p: argparse.ArgumentParser) -> None:
 def _dashboard(ns: argparse.Namespace) -> int:
     from .dashboard import DashboardError, build_dashboard
 
+    scope = _scope(ns)
     try:
-        path = build_dashboard(experiment=ns.experiment, parent_run_id=ns.parent_run or None, out=ns.out,
+        path = build_dashboard(experiment=scope.experiment, parent_run_id=scope.parent_run_id, out=ns.out,
                                name=ns.definition, log=not ns.no_log)
     except DashboardError as e:
         print(f"cushing dashboard: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {path} (self-contained; open it in a browser or in the MLflow UI's artifact view)")
+    print(f"wrote {path} from {scope.how} (self-contained; open it in a browser or in the MLflow UI's artifact "
+          "view)")
     return 0
 
 
@@ -535,14 +561,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, a scheduler, a CI timeout), handled like Ctrl-C: the run ends KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signame = signal.Signals(signum).name
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _stopped(command: str, e: KeyboardInterrupt) -> int:
+    """One line instead of a traceback: what stopped, which run is KILLED, how to continue it."""
+    name = getattr(e, "signame", "SIGINT")
+    run = getattr(e, "cushing_run", None)
+    where = f"; run {run} is marked KILLED" if run else ""
+    hint = f" (continue it from its last checkpoint: cushing train --resume {run})" if run and command == "train" \
+        else ""
+    print(f"cushing {command}: stopped by {name}{where}{hint}", file=sys.stderr)
+    return 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .manifest import ManifestError
     from .splits import SplitError
 
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(ns.func(ns) or 0)
+    except KeyboardInterrupt as e:
+        return _stopped(ns.command, e)
     except (ConfigError, ManifestError, SplitError, _stack_error()) as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
@@ -559,8 +612,10 @@ def _stack_error() -> type[BaseException]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .backbones import WeightsUnavailable
+    from .experiment import ResumeError
+    from .tracking import TrackingUnavailable
 
-    return (WeightsUnavailable, FileNotFoundError)
+    return (WeightsUnavailable, FileNotFoundError, TrackingUnavailable, ResumeError)
 
 
 if __name__ == "__main__":

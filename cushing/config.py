@@ -63,6 +63,9 @@ class TrainConfig:
     log_model: bool = True
     decode_workers: int = 0  # 0 = one per CPU core
     compile: str = "none"  # torch.compile mode for fine-tuning: none | default | reduce-overhead | max-autotune
+    checkpoint_every: int = 10  # write a resumable checkpoint every N epochs (0 = never)
+    log_checkpoint: bool = False  # also log the checkpoint as a run artifact (to resume on another host)
+    resume: str | None = None  # a run id to continue from its last checkpoint, or "true": see README, Reliability
 
     def __post_init__(self) -> None:
         _validate_train(self)
@@ -95,9 +98,12 @@ def _validate_train(c: TrainConfig) -> None:
     problems = []
     if c.model not in MODEL_NAMES:
         problems.append(f"model: unknown {c.model!r}; choose one of: {' '.join(MODEL_NAMES)}")
-    for name in ("epochs", "batch_size", "img_size", "oversample", "aug_views", "bootstrap"):
-        if getattr(c, name) < (0 if name == "bootstrap" else 1):
-            problems.append(f"{name}: must be >= {0 if name == 'bootstrap' else 1}, got {getattr(c, name)}")
+    for name in ("epochs", "batch_size", "img_size", "oversample", "aug_views", "bootstrap", "checkpoint_every"):
+        low = 0 if name in ("bootstrap", "checkpoint_every") else 1
+        if getattr(c, name) < low:
+            problems.append(f"{name}: must be >= {low}, got {getattr(c, name)}")
+    if c.resume is not None and c.resume != "true" and not (len(c.resume) == 32 and c.resume.isalnum()):
+        problems.append(f"resume: a run id (32 characters) or true, got {c.resume!r}")
     if c.lr <= 0:
         problems.append(f"lr: must be > 0, got {c.lr}")
     if not 0 <= c.momentum < 1:

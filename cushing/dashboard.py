@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, tracking
-from .metrics import auc_score
+from .metrics import auc_score, lower_is_better
 
 __all__ = ["DashboardError", "build_dashboard", "collect", "dashboards_dir"]
 
@@ -73,8 +73,11 @@ def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
         runs = [r for r in runs if r.data.tags.get("task") not in ("explain", "external_validation")]
     if not runs:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
-        raise DashboardError(f"{where} has no finished training runs with test metrics: nothing to show. "
-                             "Train or sweep first (e.g. `cushing sweep projects/demo.yaml`).")
+        others = ", ".join(f"{name!r} ({n} runs)" for name, n in tracking.experiments_with_runs()
+                           if name != experiment)
+        hint = (f"Experiments with runs: {others} (pass --experiment NAME or --project STUDY.yaml)." if others
+                else "Train or sweep first (e.g. `cushing sweep projects/demo.yaml`).")
+        raise DashboardError(f"{where} has no finished training runs with test metrics: nothing to show. {hint}")
     for r in runs:
         if _has_overlays(r.info.run_id) and r.data.tags.get("allow_phi_artifacts") != "true":
             raise DashboardError(f"run {r.info.run_id} holds per-image artifacts (cam/overlays) but was not run with "
@@ -99,14 +102,17 @@ def _label(r) -> str:
     return r.data.tags.get("sweep_config") or r.data.tags.get("mlflow.runName") or r.info.run_id[:8]
 
 
-def _fmt(v: float | None, tag: str | None = None) -> dict[str, Any]:
-    if tag or v is None or not math.isfinite(v):
-        return {"value": "", "text": "not estimable" if tag else "n/a", "na": True, "ci": ""}
+def _fmt(v: float | None) -> dict[str, Any]:
+    """A table cell; a logged NaN is a metric the run could not estimate (its `not_estimable` tag says why)."""
+    if v is None:
+        return {"value": "", "text": "n/a", "na": True, "ci": ""}
+    if not math.isfinite(v):
+        return {"value": "", "text": "not estimable", "na": True, "ci": ""}
     return {"value": f"{v:.6f}", "text": f"{v:.3f}", "na": False, "ci": ""}
 
 
-def _cell(m: dict, tags: dict, name: str) -> dict[str, Any]:
-    c = _fmt(m.get(name), tags.get(f"not_estimable/{name}"))
+def _cell(m: dict, name: str) -> dict[str, Any]:
+    c = _fmt(m.get(name))
     lo, hi = m.get(f"{name}/ci_low"), m.get(f"{name}/ci_high")
     if not c["na"] and lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
         c["ci"] = f"[{lo:.2f}, {hi:.2f}]"
@@ -175,9 +181,8 @@ def _per_sex_figure(ranked: list[RunData]) -> str:
         for k, (group, color) in enumerate((("female", "C1"), ("male", "C0"))):
             vals, hatch = [], []
             for rd in ranked:
-                m, t = rd.run.data.metrics, rd.run.data.tags
-                na = bool(t.get(f"not_estimable/test/{metric}/{group}")) or not math.isfinite(
-                    m.get(f"test/{metric}/{group}", math.nan))
+                m = rd.run.data.metrics
+                na = not math.isfinite(m.get(f"test/{metric}/{group}", math.nan))
                 vals.append(0.02 if na else m[f"test/{metric}/{group}"])
                 hatch.append(na)
             bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=group)
@@ -217,6 +222,17 @@ def _cohort(runs: list[RunData]) -> tuple[list[dict] | None, str]:
     return tables[0].to_dict("records"), note
 
 
+def rank_runs(runs: list[RunData], metric: str) -> list[RunData]:
+    """Best first in the metric's own direction (`lower_is_better`: a loss or Brier score ranks ascending);
+    runs without a finite value last."""
+    sign = 1.0 if lower_is_better(metric) else -1.0
+
+    def key(rd: RunData) -> float:
+        v = rd.run.data.metrics.get(metric, math.nan)
+        return sign * v if math.isfinite(v) else math.inf
+    return sorted(runs, key=key)
+
+
 def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: str | Path = "dashboard.html",
                     name: str = "paper", log: bool = True) -> Path:
     import jinja2
@@ -227,8 +243,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
     runs = collect(experiment, parent_run_id)
     rank_metric = next((r.run.data.params.get("select_metric") for r in runs if r.run.data.params.get("select_metric")),
                        "val/f1")
-    ranked = sorted(runs, key=lambda rd: -rd.run.data.metrics.get(rank_metric, -math.inf)
-                    if math.isfinite(rd.run.data.metrics.get(rank_metric, math.nan)) else math.inf)
+    ranked = rank_runs(runs, rank_metric)
     registry = registry_status()
     by_run = {a["run"]: a["alias"] for a in reversed(registry)}
     rows, per_sex = [], []
@@ -238,14 +253,14 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
         rows.append({"label": _label(rd.run), "freeze": t.get("freeze", ""), "kind": t.get("model_type", ""),
                      "rank_value": f"{rv:.6f}" if math.isfinite(rv) else "", "rank_text": f"{rv:.3f}"
                      if math.isfinite(rv) else "n/a", "alias": by_run.get(rd.run.info.run_id, ""),
-                     "test": {k: _cell(m, t, f"test/{k}") for k in spec["leaderboard_metrics"]}})
+                     "test": {k: _cell(m, f"test/{k}") for k in spec["leaderboard_metrics"]}})
         for group in ("female", "male"):
             pos = None
             if rd.predictions is not None:
                 sub = rd.predictions[(rd.predictions["split"] == "test") & (rd.predictions["sex"] == group[0].upper())]
                 pos = int(sub["label"].sum())
             per_sex.append({"label": _label(rd.run), "group": group, "positives": "" if pos is None else pos,
-                            "metrics": {k: _cell(m, t, f"test/{k}/{group}") for k in spec["per_sex_metrics"]}})
+                            "metrics": {k: _cell(m, f"test/{k}/{group}") for k in spec["per_sex_metrics"]}})
     cohort, cohort_note = _cohort(runs)
     figures = {"roc": _roc_figure(ranked, spec["roc_top"]), "calibration": _calibration_figure(ranked,
                spec["calibration_top"]), "per_sex": _per_sex_figure(ranked), "cam": _cam_figure(ranked,
@@ -267,11 +282,14 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
 
 
 def _log(path: Path, experiment: str, parent_run_id: str | None) -> None:
-    if parent_run_id:
+    """Into the run `mlflow run -e dashboard` created (nested under the sweep shown); else into the sweep's
+    parent run; else a new run named dashboard."""
+    if parent_run_id and not tracking.env_run_id():
         with tracking.resume_run(parent_run_id) as r:
             r.log_files(_single(path))
         return
     with tracking.start_run(experiment=experiment, run_name="dashboard", tags={"task": "dashboard"}) as r:
+        r.nest_under(parent_run_id)
         r.log_files(_single(path))
 
 

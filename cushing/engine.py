@@ -9,6 +9,7 @@ alone trains on them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -24,7 +25,7 @@ from .data import DeviceAugment, ImageBank
 from .metrics import lower_is_better, point_metrics
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
-           "features_of", "autocast_for", "compiled_forward", "release_compiled"]
+           "features_of", "autocast_for", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback"]
 
 
 class StopTraining(Exception):
@@ -53,6 +54,35 @@ class FitSettings:
     progress: bool = True
     desc: str = "train"
     compile: str = "none"  # torch.compile mode for fine-tuning; "none" runs eager
+    checkpoint_every: int = 0  # hand a FitState to on_checkpoint every N epochs (0 = never)
+
+
+@dataclass
+class FitState:
+    """Everything needed to continue a fit after `epoch` exactly as if it had not stopped: weights, optimizer
+    buffers, the random streams (the augmentation generator and torch's global one), the best-epoch selection and
+    snapshot, history and timings. Plain tensors, numbers and lists: torch.load(weights_only=True) reads it."""
+
+    epoch: int
+    module: dict[str, torch.Tensor]
+    optimizer: dict
+    generator: torch.Tensor
+    cpu_rng: torch.Tensor
+    selector: list[float]  # best (signed), best epoch, best epoch's validation loss
+    best: list[torch.Tensor]
+    history: list[dict[str, float]]
+    epoch_seconds: list[float]
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+CheckpointCallback = Callable[[FitState], None]
 
 
 @dataclass
@@ -136,6 +166,10 @@ class _Selector:
         self.best_epoch = 0
         self.best_loss = math.inf
 
+    def value(self) -> float:
+        """The best epoch's value of the metric (per epoch: at argmax), in the metric's own units."""
+        return self.sign * self.best if math.isfinite(self.best) else float("nan")
+
     def update(self, epoch: int, metrics: dict[str, float]) -> bool:
         if self.metric not in metrics:
             raise KeyError(f"select_metric {self.metric!r} is not computed per epoch; choose one of {sorted(metrics)}")
@@ -150,14 +184,64 @@ class _Selector:
 
 
 def fit(model, bank: ImageBank, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-        aug: DeviceAugment, s: FitSettings, on_epoch: EpochCallback | None = None) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch."""
+        aug: DeviceAugment, s: FitSettings, on_epoch: EpochCallback | None = None, *,
+        resume: FitState | None = None, on_checkpoint: CheckpointCallback | None = None) -> FitResult:
+    """Train `model` in place; on return it holds the weights of the best validation epoch.
+
+    With `resume` (a FitState handed out by `on_checkpoint` earlier, every `s.checkpoint_every` epochs) training
+    continues after that epoch; on the CPU the result equals that of a fit that never stopped."""
     torch.manual_seed(s.seed)
     gen = torch.Generator(device=bank.device)
     gen.manual_seed(s.seed)
+    ckpt = _Checkpoints(resume, on_checkpoint, s.checkpoint_every)
     if s.frozen:
-        return _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch)
-    return _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch)
+        return _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt)
+    return _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class _Checkpoints:
+    """Where a fit starts (a FitState to continue from) and where its periodic states go."""
+
+    resume: FitState | None
+    callback: CheckpointCallback | None
+    every: int
+
+    def due(self, epoch: int, last: int) -> bool:
+        return bool(self.callback and self.every and epoch % self.every == 0 and epoch < last)
+
+    def capture(self, epoch: int, module, opt, gen, sel: "_Selector", snap: "_Snapshot", history: list,
+                times: list) -> FitState:
+        return FitState(epoch, _to_cpu(module.state_dict()), _to_cpu(opt.state_dict()), gen.get_state(),
+                        torch.get_rng_state(), [sel.best, sel.best_epoch, sel.best_loss], _to_cpu(snap.saved or []),
+                        [dict(h) for h in history], list(times),
+                        [t.cpu() for t in torch.cuda.get_rng_state_all()] if gen.device.type == "cuda" else [])
+
+    def restore(self, module, opt, gen, sel: "_Selector", snap: "_Snapshot") -> tuple[int, list, list]:
+        """Put the saved state back; returns (first epoch to run, history, epoch times)."""
+        r = self.resume
+        if r is None:
+            return 1, [], []
+        module.load_state_dict(r.module)
+        opt.load_state_dict(r.optimizer)
+        gen.set_state(r.generator)
+        torch.set_rng_state(r.cpu_rng)
+        if r.cuda_rng and gen.device.type == "cuda":
+            torch.cuda.set_rng_state_all(r.cuda_rng)
+        sel.best, sel.best_epoch, sel.best_loss = float(r.selector[0]), int(r.selector[1]), float(r.selector[2])
+        device = next(iter(module.state_dict().values())).device
+        snap.saved = [t.to(device) for t in r.best] or None
+        return r.epoch + 1, [dict(h) for h in r.history], list(r.epoch_seconds)
 
 
 def _optimizer(params, s: FitSettings, device: torch.device):
@@ -194,24 +278,25 @@ class _Snapshot:
 
 
 def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _Snapshot,
-          on_epoch: EpochCallback | None) -> FitResult:
-    """The epoch loop shared by both paths: selection, patience, callbacks, progress, timing."""
+          on_epoch: EpochCallback | None, ckpt: _Checkpoints, opt, gen) -> FitResult:
+    """The epoch loop shared by both paths: selection, patience, callbacks, checkpoints, progress, timing."""
     sel = _Selector(s.select_metric)
-    history: list[dict[str, float]] = []
+    start, history, times = ckpt.restore(snap.module, opt, gen, sel, snap)
     stopped = ""
-    times = []
     t0 = time.perf_counter()
     bar = _progress(s)
+    bar.update(start - 1)
     try:
-        for epoch in range(1, s.epochs + 1):
+        for epoch in range(start, s.epochs + 1):
             te = time.perf_counter()
             metrics = run_epoch(epoch)
             times.append(time.perf_counter() - te)
             history.append({"epoch": epoch, **metrics})
             if sel.update(epoch, metrics):
                 snap.take()
+            bar.set_postfix_str(f"{s.select_metric} {metrics[s.select_metric]:.3f} | best "
+                                f"{sel.value():.3f} @ epoch {sel.best_epoch}", refresh=False)
             bar.update(1)
-            bar.set_postfix(val_f1=f"{metrics['val/f1']:.3f}", best=sel.best_epoch, refresh=False)
             if on_epoch is not None:
                 try:
                     on_epoch(epoch, metrics)
@@ -221,11 +306,12 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
             if s.patience and epoch - sel.best_epoch >= s.patience:
                 stopped = f"no improvement in {s.patience} epochs"
                 break
+            if ckpt.due(epoch, s.epochs):
+                ckpt.callback(ckpt.capture(epoch, snap.module, opt, gen, sel, snap, history, times))
     finally:
         bar.close()
     snap.restore()
-    best_score = sel.sign * sel.best if math.isfinite(sel.best) else float("nan")
-    return FitResult(sel.best_epoch, best_score, history, len(history), time.perf_counter() - t0, stopped, times)
+    return FitResult(sel.best_epoch, sel.value(), history, len(history), time.perf_counter() - t0, stopped, times)
 
 
 def compiled_forward(model: torch.nn.Module, mode: str):
@@ -251,7 +337,7 @@ def release_compiled(mode: str) -> None:
         torch._dynamo.reset()
 
 
-def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) -> FitResult:
+def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt: _Checkpoints) -> FitResult:
     dev = bank.device
     forward, step_begin = compiled_forward(model, s.compile)
     y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=dev)
@@ -283,7 +369,7 @@ def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) ->
         return _epoch_metrics(y_val, logits, loss_sum, len(epoch_pos))
 
     try:
-        return _loop(s, run_epoch, _Snapshot(model), on_epoch)
+        return _loop(s, run_epoch, _Snapshot(model), on_epoch, ckpt, opt, gen)
     finally:
         release_compiled(s.compile)  # torch.compile is lazy: nothing compiles before the loop runs
 
@@ -311,7 +397,7 @@ def _feature_bank(model, bank, idx: torch.Tensor, aug: DeviceAugment, views: int
     return torch.stack(out)
 
 
-def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) -> FitResult:
+def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt: _Checkpoints) -> FitResult:
     from .backbones import head_of
 
     dev = bank.device
@@ -341,7 +427,7 @@ def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch) ->
         with torch.no_grad():
             return _epoch_metrics(y_val, head(val_feats), loss_sum, len(epoch_pos))
 
-    result = _loop(s, run_epoch, _Snapshot(head), on_epoch)
+    result = _loop(s, run_epoch, _Snapshot(head), on_epoch, ckpt, opt, gen)
     target = head_of(model)
     target.load_state_dict({k: v.to(next(target.parameters()).dtype) for k, v in head.state_dict().items()})
     return result

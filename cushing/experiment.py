@@ -16,12 +16,14 @@ import pandas as pd
 from . import __version__, plots, tracking
 from .backbones import get_spec
 from .config import TrainConfig, to_params
-from .engine import EpochCallback
+from .checkpoint import Checkpointer, remove_checkpoint
+from .engine import EpochCallback, FitState
 from .report import Report, build_report
 from .splits import assign_folds
 from .train import Cohort, TrainOutcome, prepare_cohort, train
 
-__all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds", "run_name", "HEADLINE"]
+__all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds", "run_name", "HEADLINE",
+           "resume_single", "ResumeError"]
 
 HEADLINE = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
@@ -35,6 +37,7 @@ class RunSummary:
     children: list["RunSummary"] = field(default_factory=list)
     predictions: pd.DataFrame | None = None  # the run's predictions table (hashed subjects), when it trained
     stopped: str = ""  # why training ended early (patience, a pruner), if it did
+    selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -42,13 +45,15 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
+    from .studies import config_digest
+
     spec = get_spec(cfg.model)
     table = cohort.table
     tags = {"model": cfg.model, "freeze": str(cfg.frozen).lower(), "model_type": spec.kind, "timm_id": spec.timm_id,
             "synthetic_data": str(cohort.manifest.synthetic).lower(), "data_digest": cohort.manifest.digest,
             "split_source": "manifest" if cohort.manifest.has_split else f"drawn (seed {cfg.split_seed})",
             "cushing_version": __version__, "allow_phi_artifacts": str(cfg.allow_phi_artifacts).lower(),
-            "pretrained": str(cfg.pretrained or bool(cfg.weights)).lower()}
+            "pretrained": str(cfg.pretrained or bool(cfg.weights)).lower(), "config_digest": config_digest(cfg)}
     if "face_mask_source" in table.columns:
         sources = sorted(table["face_mask_source"].astype(str).unique())
         tags["face_mask_source"] = ",".join(sources)
@@ -97,7 +102,7 @@ def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report)
                "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
                # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
                "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
-    run.log_metrics(metrics, step=fit.epochs_run)  # at the last epoch's step, so the run's value is the final one
+    run.log_metrics(metrics)  # final results at step 0; per-epoch series are under epoch/
     tags = dict(report.tags)
     tags["device"] = outcome.device
     if fit.stopped:
@@ -123,9 +128,31 @@ def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
     return settings_for_manifest(cohort.manifest.source)
 
 
+class _Stages:
+    """One progress line for the work after the epoch bar (intervals, model, tables and plots, Grad-CAM), so the
+    seconds it takes are not silent."""
+
+    def __init__(self, names: list[str], progress: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), desc="after training", unit="stage", disable=not progress, leave=False,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
                on_epoch: EpochCallback | None = None, progress: bool = True,
                extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> RunSummary:
+    tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
     cohort = cohort or prepare_cohort(cfg, progress=progress)
     name = run_name(cfg)
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), **(extra_tags or {})},
@@ -133,21 +160,136 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
         if on_start is not None:
             on_start(run.run_id)
         _log_setup(run, cfg, cohort)
-        outcome = train(cfg, cohort, on_epoch=_chain(run.log_epoch, on_epoch), progress=progress)
-        run.flush()
+        return _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+
+
+def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
+                   progress: bool, resume: FitState | None = None, logged: int = 0) -> RunSummary:
+    """Train (from the start, or on from a checkpoint), then evaluate and log everything into `run`. Epochs up to
+    `logged` (a resumed run's epochs already in MLflow before it stopped) are recomputed but not logged twice."""
+    saver = None
+    if cfg.checkpoint_every:
+        saver = Checkpointer(run.run_id, lambda path, epoch: run.note_checkpoint(path, epoch, cfg.log_checkpoint))
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch > logged:
+            run.log_epoch(epoch, metrics)
+    outcome = train(cfg, cohort, on_epoch=_chain(log_epoch, on_epoch), progress=progress, resume=resume,
+                    on_checkpoint=saver)
+    run.flush()
+    stages = _Stages(["intervals"] + ["model"] * cfg.log_model + ["tables and plots"] + ["Grad-CAM"] * cfg.cam,
+                     progress)
+    try:
+        stages("intervals (bootstrap)")
         report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort))
+        uri = None
+        if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
+            stages("model")
+            uri = _log_model(run, outcome, cohort)
+        stages("tables and plots")
         metrics = _log_results(run, outcome, report)
         if cfg.cam:
+            stages("Grad-CAM")
             metrics.update(_log_cams(run, outcome, cohort))
-        uri = None
-        if cfg.log_model:
-            from . import release
+    finally:
+        stages.close()
+    remove_checkpoint(run.run_id)  # finished: nothing to resume
+    fit = outcome.fit
+    selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
+                 f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
+                 f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
+    return RunSummary(run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions, stopped=fit.stopped,
+                      selection=selection)
 
-            uri = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest)
-            run.set_tags({"model_uri": uri})
-        return RunSummary(run.run_id, name, metrics, uri, predictions=outcome.predictions,
-                          stopped=outcome.fit.stopped)
+
+class ResumeError(ValueError):
+    """A run that cannot be continued; the message says why and what to do instead."""
+
+
+def resume_single(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
+    """Continue a stopped run (cfg.resume: its id, or "true" for the latest stopped run of this configuration)
+    from its last checkpoint, in the same MLflow run, with the configuration it was started with."""
+    tracking.check_reachable()
+    env_run = tracking.env_run_id()
+    target = _resume_target(cfg, env_run)
+    saved = _saved_config(target, cfg)
+    state = _checkpoint_of(target)
+    cohort = prepare_cohort(saved, progress=progress)
+    digest = tracking.get_run(target).data.tags.get("data_digest")
+    if digest and digest != cohort.manifest.digest:
+        raise ResumeError(f"run {target} trained on data with digest {digest[:12]}; {saved.data} now has "
+                          f"{cohort.manifest.digest[:12]}: resuming would mix cohorts")
+    if env_run and env_run != target:  # `mlflow run -P resume=...` made a new run: point it at the resumed one
+        with tracking.resume_run(env_run) as pointer:
+            pointer.set_tags({"mlflow.runName": f"resume-{target[:8]}", "resumed_run": target, "task": "resume"})
+            pointer.nest_under(target)
+    logged = tracking.last_step(target, f"{tracking.EPOCH_PREFIX}train/loss")
+    with tracking.start_run(experiment=saved.experiment, run_name=run_name(saved), run_id=target) as run:
+        run.set_tags({"resumed_from_epoch": state.epoch})
+        return _train_and_log(run, saved, cohort, on_epoch=None, progress=progress, resume=state, logged=logged)
+
+
+def _resume_target(cfg: TrainConfig, env_run: str | None) -> str:
+    from .studies import config_digest
+
+    if cfg.resume and cfg.resume != "true":
+        return cfg.resume
+    if env_run and _has_checkpoint(env_run):  # `mlflow run --run-id ID -P resume=true`
+        return env_run
+    digest = config_digest(cfg)
+    for r in tracking.find_runs(cfg.experiment, filter_string=f"tags.config_digest = '{digest}'"):
+        if r.info.status != "FINISHED" and "checkpoint_epoch" in r.data.tags:
+            return r.info.run_id
+    raise ResumeError(f"no stopped run of this configuration (config digest {digest}) with a checkpoint in "
+                      f"experiment {cfg.experiment!r}; pass its run id (--resume RUN_ID)")
+
+
+def _has_checkpoint(run_id: str) -> bool:
+    return "checkpoint_epoch" in tracking.get_run(run_id).data.tags
+
+
+def _saved_config(run_id: str, cfg: TrainConfig) -> TrainConfig:
+    """The configuration the run was started with (its config.yaml), with how it executes taken from `cfg`."""
+    import yaml
+
+    from .config import resolve
+    from .studies import EXECUTION_FIELDS
+
+    run = tracking.get_run(run_id)
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"run {run_id} finished; there is nothing to resume")
+    if run.info.status == "RUNNING" and not tracking.reap([run]):
+        raise ResumeError(f"run {run_id} is still running (its process is alive and beating); stop it first")
+    with tracking.artifact_dir() as d:
+        saved = yaml.safe_load(tracking.download_artifact(run_id, "config.yaml", d).read_text())
+    keep = {k: getattr(cfg, k) for k in EXECUTION_FIELDS if k not in ("run_name", "resume")}
+    return resolve(TrainConfig, {**saved, **keep, "resume": None})
+
+
+def _checkpoint_of(run_id: str) -> FitState:
+    from .checkpoint import CHECKPOINT, checkpoint_dir, load_checkpoint
+
+    local = checkpoint_dir(run_id) / CHECKPOINT
+    if local.exists():
+        return load_checkpoint(local)
+    try:
+        with tracking.artifact_dir() as d:
+            return load_checkpoint(tracking.download_artifact(run_id, f"checkpoint/{CHECKPOINT}", d))
+    except Exception:
+        host = tracking.get_run(run_id).data.tags.get("checkpoint_host", "another host")
+        raise ResumeError(f"run {run_id} has no checkpoint here: it stopped before its first checkpoint, or the "
+                          f"checkpoint is on {host} (log_checkpoint=true puts it in the run's artifacts)") from None
+
+
+def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
+    from . import release
+
+    logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
+                               synthetic=cohort.manifest.synthetic)
+    run.model_id = logged.model_id
+    run.set_tags({"model_uri": logged.uri})
+    return logged.uri
 
 
 def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> dict[str, float]:
@@ -247,6 +389,8 @@ def run_seeds(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool 
 def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCallback | None = None,
                    parent_run_id: str | None = None) -> RunSummary:
     """The main job: a single run, CV folds or seed repeats, as the config asks."""
+    if cfg.resume:
+        return resume_single(cfg, progress=progress)
     if cfg.cv_folds > 1:
         return run_cv(cfg, progress=progress, parent_run_id=parent_run_id)
     if cfg.seeds > 1:

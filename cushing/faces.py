@@ -13,32 +13,31 @@ import importlib.util
 import json
 import math
 import os
+import queue
+import threading
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from .imageio import REASONS as IMAGE_REASONS
 
 __all__ = ["FaceSettings", "FaceResult", "FaceExtractor", "extract_faces", "FacesOutcome", "landmark_model_path",
            "settings_for_manifest", "SETTINGS_FILE", "REASONS"]
 
 SETTINGS_FILE = "faces_settings.json"
-REASONS = {
+REASONS = {  # the decoder's codes (imageio.REASONS) plus the face stage's own
+    **IMAGE_REASONS,
     "file_not_found": "the photo file does not exist",
-    "empty_file": "the file has 0 bytes",
-    "not_an_image": "not an image (wrong content for its name?)",
-    "truncated": "the image data ends early",
-    "corrupt": "the image data could not be decoded",
-    "decompression_bomb": "more pixels than allowed (possible decompression bomb)",
-    "unreadable": "the file could not be read",
-    "unsupported_mode": "an image mode that cannot be converted to RGB",
     "no_face": "no face found (HOG detector, upsampled up to max_upsample)",
     "multiple_faces": "two or more faces of similar size: which one is the patient is ambiguous",
     "empty_mask": "the mask covered nothing",
+    "duplicate_of": "the same pixels as an earlier photo of the manifest (detail: its line)",
 }
 WORK = 448  # working resolution of the aligned crop (2x the output): SAM and the hull run here
 
@@ -259,17 +258,35 @@ class FaceResult:
 
 
 class FaceExtractor:
-    """The whole pipeline for single photos (serving): models load on first use."""
+    """The whole pipeline for single photos (serving), safe to call from many threads at once.
 
-    def __init__(self, settings: FaceSettings):
+    The scoring server calls `predict` from a pool of threads; dlib's detector and shape predictor crash the process
+    when two threads use one object (seen: signal 11 at 4 concurrent clients). Each call borrows one of at most
+    `pool` dlib model sets (made on first need, about 100 MB each) and returns it; SAM, which keeps per-image state,
+    runs one image at a time behind a lock."""
+
+    def __init__(self, settings: FaceSettings, pool: int | None = None):
         self.s = settings
-        self._dlib: _Dlib | None = None
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._made = 0
+        self._limit = max(1, pool or min(4, os.cpu_count() or 1))
+        self._lock = threading.Lock()
         self._sam = None
+        self._sam_lock = threading.Lock()
 
-    def _models(self) -> _Dlib:
-        if self._dlib is None:
-            self._dlib = _Dlib(self.s)
-        return self._dlib
+    @contextmanager
+    def _models(self) -> Iterator[_Dlib]:
+        try:
+            models = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self._limit
+                self._made += make
+            models = _Dlib(self.s) if make else self._free.get()
+        try:
+            yield models
+        finally:
+            self._free.put(models)
 
     def _masker(self):
         if self._sam is None:
@@ -279,7 +296,8 @@ class FaceExtractor:
         return self._sam
 
     def extract(self, rgb: np.ndarray) -> FaceResult:
-        d = detect(rgb, self._models(), self.s)
+        with self._models() as models:
+            d = detect(rgb, models, self.s)
         if isinstance(d, str):
             return FaceResult(d)
         mask, score = self._mask(d)
@@ -288,7 +306,8 @@ class FaceExtractor:
     def _mask(self, d: Detection) -> tuple[np.ndarray | None, float]:
         method = self.s.mask_method
         if method == "sam":
-            return self._masker().masks([d.image], [sam_prompt(d)])[0]
+            with self._sam_lock:
+                return self._masker().masks([d.image], [sam_prompt(d)])[0]
         if method == "landmark_hull":
             return hull_mask(d, self.s), float("nan")
         return None, float("nan")
@@ -433,9 +452,9 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
         for i, rec in _process(table, todo, keys, settings, cache, workers, bar):
             records[i] = rec
         bar.close()
-    report, rows = _assemble(table, records, keys, shas, cache, out)
+    report, crops = _assemble(table, records, keys, shas, cache, out)
     fm = out / "manifest.csv"
-    pd.DataFrame(rows).to_csv(fm, index=False)
+    crops.to_csv(fm, index=False)  # with its header even when no photo gave a crop
     report.to_csv(out / "faces_report.csv", index=False)
     (out / SETTINGS_FILE).write_text(json.dumps({**settings.to_dict(), "mask_method": settings.mask_method,
                                                  "weights": fp}, indent=1))
@@ -497,14 +516,22 @@ def _process(table, todo, keys, settings, cache, workers, bar):
 
 
 def _assemble(table, records, keys, shas, cache, out):
+    """The report (every photo) and the face-crop manifest rows (the ones that gave a crop). The same pixels under
+    two names (a JPEG and a PNG of one photo) give the same crop: the later one is rejected as `duplicate_of` the
+    first, so the crop manifest never holds one face twice."""
     import shutil
 
-    from .manifest import REQUIRED
+    from .manifest import REQUIRED, sha256_file
 
-    report, rows = [], []
+    report, rows, first = [], [], {}
     for i in range(len(table)):
         row = table.iloc[i]
         rec = records[i]
+        if rec["status"] == "ok":
+            pixels = sha256_file(cache.crop_path(keys[i]))
+            if pixels in first:
+                rec = {"status": "duplicate_of", "detail": f"line {first[pixels]}"}
+            first.setdefault(pixels, i + 2)
         ok = rec["status"] == "ok"
         report.append({"line": i + 2, "image": row["image"], "path": row["path"], "subject_id": row["subject_id"],
                        "sex": row["sex"],
@@ -523,7 +550,9 @@ def _assemble(table, records, keys, shas, cache, out):
         extra = {k: row[k] for k in table.columns if k not in (*REQUIRED, "path", "sha256", "image")}
         rows.append({"image": name, "label": int(row["label"]), "sex": row["sex"], **extra,
                      "source_image": row["path"], **{k: v for k, v in rec.items() if k.startswith("face_")}})
-    return pd.DataFrame(report), rows
+    columns = ["image", "label", "sex", *[k for k in table.columns if k not in (*REQUIRED, "path", "sha256", "image")],
+               "source_image"]
+    return pd.DataFrame(report), pd.DataFrame(rows, columns=columns if not rows else None)
 
 
 def settings_for_manifest(manifest: str | Path) -> dict[str, Any] | None:

@@ -62,22 +62,24 @@ def hash_subject(subject_id: str, key: str) -> str:
 
 
 def _check_image(path: Path) -> tuple[str | None, str | None]:
-    """(sha256, problem) for one image file; reads the header and verifies the data without decoding it."""
-    from PIL import Image, UnidentifiedImageError
+    """(sha256, problem) for one image file. The photo is decoded by the decoder training and serving use (at a
+    reduced JPEG scale, which still reads every byte), so a truncated file, a corrupt one or one over the pixel
+    limit is refused here, with its line, instead of crashing training later."""
+    from .imageio import BadImage, open_rgb
 
     if not path.exists():
         return None, "file not found"
     if not path.is_file():
         return None, "not a file"
     try:
-        digest = sha256_file(path)
+        data = path.read_bytes()
     except OSError as e:
         return None, f"unreadable ({e.strerror or e})"
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return digest, f"not a readable image ({type(e).__name__}: {str(e)[:120]})"
+        open_rgb(data, draft=256)
+    except BadImage as e:
+        return digest, f"not a readable image ({e})"
     return digest, None
 
 

@@ -1,37 +1,47 @@
 """Sweeps (the paper's grid) and tuning, on Optuna's RDB storage so that many processes or hosts share one study.
 
-Sweep: a GridSampler over the study file's configurations. Optuna numbers trials atomically in its storage and the
-grid sampler maps the first n trial numbers one-to-one onto the n grid points, so workers never train a
-configuration twice; a worker that dies leaves a trial whose heartbeat goes stale, which is failed and re-queued
-(RetryHeartbeatStaleTrialCallback) and reported. Rerunning a finished sweep trains nothing.
+Sweep: every configuration of the study file is trained exactly once, however many launchers and workers share
+the storage. A worker claims a configuration by inserting (study, configuration, attempt) into a table whose
+primary key lets one inserter win (`claims.GridClaims`), then creates the Optuna trial itself with the
+configuration's real fields as parameters (`config` = its label, plus every training option that varies across
+the grid: model, freeze, batch_size, ...), so optuna-dashboard and `optuna trials` read sensibly. A worker that dies
+stops beating; its trial is failed after the grace period and the configuration is claimed again (attempt + 1, at
+most MAX_RETRY times) by a worker still alive: workers wait while others train, so a death is always picked up.
+A configuration whose training raised is failed and not retried (the error would repeat). Rerunning a finished
+sweep trains nothing.
 Tune: TPE with median or successive-halving pruning on the per-epoch validation metric.
 Every trial is a child MLflow run under one parent run per study. Optuna is imported here only.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
 from . import tracking
+from .claims import GridClaims, store_lock
 from .config import TrainConfig
 from .engine import StopTraining
 from .studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
 
 __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
-           "plan_sweep", "auto_workers"]
+           "plan_sweep", "auto_workers", "sweep_worker", "resolve_scope", "Scope", "default_experiment"]
 
 MAX_RETRY = 2
+GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
 
 
 def _beat() -> tuple[int, int]:
@@ -58,26 +68,30 @@ def default_storage() -> str:
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
-def _storage(url: str):
+def _storage(url: str, retry_stale: bool = False):
+    """Optuna's RDB storage with heartbeats; its schema is created under a lock (two first launches on a fresh
+    PostgreSQL database otherwise race: `type studydirection already exists`)."""
     import warnings
 
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    from .claims import sqlalchemy_url, sqlite_path
+
+    url = sqlalchemy_url(url)
     heartbeat, grace = _beat()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat, grace_period=grace,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    engine = {"connect_args": {"timeout": 60}} if sqlite_path(url) else {"pool_pre_ping": True}
+    callback = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY) if retry_stale else None
+    with warnings.catch_warnings(), store_lock(url, "optuna-schema"):
+        warnings.simplefilter("ignore")  # the heartbeat API is marked experimental
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=grace, heartbeat_stale_trial_callback=callback)
 
 
 def _study_name(study: Study) -> str:
     """Name plus a digest of what it trains: editing the file starts a new study instead of mixing grids."""
     if study.kind == "sweep":
-        ident = [config_digest(c) for c in study.configurations]
+        ident = [GRID_LAYOUT] + [config_digest(c) for c in study.configurations]
     else:
         base = {k: v for k, v in study.base.items() if k not in EXECUTION_FIELDS}
         ident = [base, [dataclasses.asdict(p) for p in study.space], study.objective_metric]
@@ -85,25 +99,48 @@ def _study_name(study: Study) -> str:
     return f"{study.kind}:{study.name}:{digest}"
 
 
-def _parent_run(ostudy, study: Study, parent_run_id: str | None) -> str:
-    """One MLflow parent run per Optuna study, recorded in the study so every worker and host logs under it."""
+def _parent_run(ostudy, study: Study, claims: GridClaims, parent_run_id: str | None) -> str:
+    """One MLflow parent run per Optuna study, recorded in the study so every worker and host logs under it.
+
+    Exactly one launcher creates it (a claim); the parent is the run `mlflow run` created when there is one."""
     if parent_run_id:
         ostudy.set_user_attr("mlflow_parent_run", parent_run_id)
         return parent_run_id
     existing = ostudy.user_attrs.get("mlflow_parent_run")
     if existing:
         return existing
-    with tracking.start_run(experiment=study.experiment, run_name=f"{study.kind}-{study.name}", use_env_run=True,
+    if not claims.claim(ostudy.study_name, "__parent_run__"):
+        return _wait_for_parent(ostudy)
+    env = tracking.env_run_id()  # `mlflow run`'s run becomes the parent when it is in the study's experiment
+    same = env is not None and tracking.experiment_of_run(env) == study.experiment
+    with tracking.start_run(experiment=study.experiment, run_name=f"{study.kind}-{study.name}", use_env_run=same,
                             tags={"task": study.kind, "study": ostudy.study_name,
                                   "study_file": study.path.name}) as parent:
         parent.log_dict({"study": ostudy.study_name, "file": study.path.read_text()}, "study.json")
         run_id = parent.run_id
     ostudy.set_user_attr("mlflow_parent_run", run_id)
-    time.sleep(0.5)  # two first workers racing: the last writer wins, the loser's empty parent is removed
-    winner = ostudy.user_attrs.get("mlflow_parent_run", run_id)
-    if winner != run_id:
-        tracking.client().delete_run(run_id)
-    return winner
+    return run_id
+
+
+def _wait_for_parent(ostudy, timeout: float = 300.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        parent = ostudy.user_attrs.get("mlflow_parent_run")  # read from the storage each time
+        if parent:
+            return parent
+        time.sleep(0.5)
+    raise RuntimeError(f"study {ostudy.study_name}: another launcher claimed the parent run but did not record it "
+                       f"within {timeout:.0f} s (did it die?)")
+
+
+def _study_parent(study: Study, storage: str | None) -> str | None:
+    """The parent run of a study file's Optuna study in `storage`, if it has been launched."""
+    optuna = _optuna()
+    try:
+        ostudy = optuna.load_study(study_name=_study_name(study), storage=_storage(storage or default_storage()))
+    except KeyError:
+        return None
+    return ostudy.user_attrs.get("mlflow_parent_run")
 
 
 def _end_orphan(frozen_trial) -> None:
@@ -144,66 +181,214 @@ def _objective_value(metrics: dict[str, float], study: Study) -> float:
     return value if math.isfinite(value) else (-1.0 if study.direction == "maximize" else 1e9)
 
 
-def _sweep_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool):
-    from .experiment import run_single
+def grid_parameters(study: Study) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(Optuna distributions, one params dict per configuration): every training option that varies across the
+    grid, with its real values (`freeze` resolved to what trains: DINOv2's auto is frozen). The configuration's
+    label is the trial's user attribute `label`."""
+    from optuna.distributions import CategoricalDistribution
 
-    n = len(study.configurations)
-
-    def objective(trial) -> float:
-        i = trial.suggest_categorical("config", list(range(n)))
-        cfg = dataclasses.replace(study.configurations[i], experiment=study.experiment,
-                                  run_name=study.labels[i])
-        trial.set_user_attr("label", study.labels[i])
-        retried = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
-        tags = {"sweep": study.name, "sweep_config": study.labels[i], "optuna_trial": str(trial.number),
-                **({"retry_of_trial": str(retried)} if retried is not None else {})}
-        summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=parent, progress=progress, extra_tags=tags,
-                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
-        return _objective_value(summary.metrics, study)
-    return objective
+    skip = set(EXECUTION_FIELDS) | {"experiment"}
+    rows = [{**dataclasses.asdict(c), "freeze": c.frozen} for c in study.configurations]
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in skip]
+    dists: dict[str, Any] = {}
+    for name in names:
+        choices = list(dict.fromkeys(r[name] for r in rows))
+        if len(choices) > 1:
+            dists[name] = CategoricalDistribution(choices)
+    return dists, [{k: r[k] for k in dists} for r in rows]
 
 
-def _open(study: Study, storage: str, sampler):
+@dataclass
+class _Grid:
+    """An open sweep: the Optuna study and storage, the claims table, the parent run and the trial parameters."""
+
+    study: Study
+    ostudy: Any
+    storage: Any
+    claims: GridClaims
+    parent: str
+    dists: dict[str, Any]
+    params: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.ostudy.study_name
+
+
+def _open_grid(study: Study, storage: str, parent_run_id: str | None = None) -> _Grid:
     optuna = _optuna()
-    return optuna.create_study(study_name=_study_name(study), storage=_storage(storage), sampler=sampler,
-                               direction=study.direction, load_if_exists=True)
+    rdb = _storage(storage)
+    ostudy = optuna.create_study(study_name=_study_name(study), storage=rdb, direction=study.direction,
+                                 load_if_exists=True)
+    _name_metric(ostudy, study)
+    claims = GridClaims(storage)
+    dists, params = grid_parameters(study)
+    return _Grid(study, ostudy, rdb, claims, _parent_run(ostudy, study, claims, parent_run_id), dists, params)
 
 
-def _open_grid(study: Study, storage: str):
-    optuna = _optuna()
-    n = len(study.configurations)
-    return _open(study, storage, optuna.samplers.GridSampler({"config": list(range(n))}, seed=0))
+def _name_metric(ostudy, study: Study) -> None:
+    """The objective's name in the study (optuna-dashboard shows it instead of "Objective 0")."""
+    import warnings
+
+    if ostudy.metric_names != [study.objective_metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks set_metric_names experimental
+            ostudy.set_metric_names([study.objective_metric])
 
 
-def _sweep_state(ostudy) -> tuple[int, int, bool]:
-    """(grid points finished, trials started or queued ignoring failed attempts, any queued retry)."""
+@dataclass
+class _Attempts:
+    """Where one configuration stands: done, training somewhere, failed for good, or which attempt to claim."""
+
+    done: bool = False
+    live: bool = False
+    errored: bool = False
+    next_attempt: int | None = 0
+
+
+def _attempts(grid: _Grid) -> dict[str, _Attempts]:
     from optuna.trial import TrialState
 
-    trials = ostudy.get_trials(deepcopy=False)
-    done = {t.params.get("config") for t in trials if t.state == TrialState.COMPLETE}
-    live = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED)
-               for t in trials)
-    return len(done), live, any(t.state == TrialState.WAITING for t in trials)
+    _, grace = _beat()
+    claims = grid.claims.claimed(grid.name)
+    trials: dict[tuple[str, int], Any] = {}
+    for t in grid.ostudy.get_trials(deepcopy=False):
+        trials[(t.user_attrs.get("label"), int(t.system_attrs.get("grid_attempt", 0)))] = t
+    out = {}
+    for label in grid.study.labels:
+        a = _Attempts()
+        tried = sorted(k[1] for k in claims if k[0] == label)
+        if tried:
+            last = tried[-1]
+            t = trials.get((label, last))
+            a.done = t is not None and t.state == TrialState.COMPLETE
+            a.errored = t is not None and t.state == TrialState.FAIL and "error" in t.user_attrs
+            starting = t is None and time.time() - _claim_time(grid, label, last) < grace
+            a.live = (t is not None and t.state == TrialState.RUNNING) or starting
+            dead = not (a.done or a.errored or a.live)
+            a.next_attempt = last + 1 if dead and last < MAX_RETRY else None
+        out[label] = a
+    return out
 
 
-def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, progress: bool = False) -> int:
-    """Train configurations until the grid is covered; returns how many this worker trained."""
-    n = len(study.configurations)
-    ostudy = _open_grid(study, storage)
-    objective = _sweep_objective(study, _parent_run(ostudy, study, parent_run_id), _CohortMemo(), progress)
-    trained = 0
+def _claim_time(grid: _Grid, label: str, attempt: int) -> float:
+    import sqlalchemy as sa
+
+    tbl = grid.claims.table
+    with grid.claims.engine.connect() as conn:
+        row = conn.execute(sa.select(tbl.c.claimed_at).where(
+            (tbl.c.study == grid.name) & (tbl.c.key == label) & (tbl.c.attempt == attempt))).first()
+    return float(row[0]) if row else 0.0
+
+
+@contextmanager
+def _heartbeat(storage, trial_id: int) -> Iterator[None]:
+    """Beat for a trial while its configuration trains, as Optuna's own optimize loop does."""
+    interval, _ = _beat()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a brief database outage: the next beat tries again
+                pass
+            if stop.wait(interval):
+                return
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _new_trial(grid: _Grid, label: str, attempt: int, retry_of: int | None):
+    """A RUNNING trial with the configuration's real parameters (created directly: the claim already decided)."""
+    optuna = _optuna()
+    from optuna.trial import FrozenTrial, TrialState
+
+    storage = grid.storage
+    params = grid.params[grid.study.labels.index(label)]
+    system = {"grid_attempt": attempt, **({"retry_of": retry_of} if retry_of is not None else {})}
+    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
+                           datetime_start=dt.datetime.now(), datetime_complete=None, params=params,
+                           distributions={k: grid.dists[k] for k in params}, user_attrs={"label": label},
+                           system_attrs=system, intermediate_values={}, trial_id=-1)
+    trial_id = storage.create_new_trial(storage.get_study_id_from_name(grid.name), template_trial=template)
+    return optuna.trial.Trial(grid.ostudy, trial_id)
+
+
+def _previous_trial(grid: _Grid, label: str, attempt: int) -> int | None:
+    for t in grid.ostudy.get_trials(deepcopy=False):
+        if t.user_attrs.get("label") == label and int(t.system_attrs.get("grid_attempt", 0)) == attempt - 1:
+            return t.number
+    return None
+
+
+def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, progress: bool) -> float:
+    from optuna.trial import TrialState
+
+    from .experiment import run_single
+
+    study = grid.study
+    i = study.labels.index(label)
+    retry_of = _previous_trial(grid, label, attempt) if attempt else None
+    trial = _new_trial(grid, label, attempt, retry_of)
+    cfg = dataclasses.replace(study.configurations[i], experiment=study.experiment, run_name=label)
+    tags = {"sweep": study.name, "sweep_config": label, "optuna_trial": str(trial.number),
+            **({"retry_of_trial": str(retry_of)} if retry_of is not None else {})}
+    with _heartbeat(grid.storage, trial._trial_id):
+        try:
+            summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=grid.parent, progress=progress,
+                                 extra_tags=tags, on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        except BaseException as e:
+            # stopped (SIGTERM, Ctrl-C): claimed again by the next worker; a training error would only repeat
+            key = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            trial.set_user_attr(key, f"{type(e).__name__}: {e}"[:2000])
+            grid.ostudy.tell(trial, state=TrialState.FAIL)
+            raise
+    value = _objective_value(summary.metrics, study)
+    grid.ostudy.tell(trial, value)
+    return value
+
+
+def _say(grid: _Grid, text: str) -> None:
+    print(f"[sweep {grid.study.name}] {text}", flush=True)
+
+
+def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, progress: bool = False,
+                 grid: _Grid | None = None) -> int:
+    """Claim and train configurations until every one is done or failed for good; returns how many this worker
+    trained. While others train the last ones, it waits, so that a configuration whose worker dies is retried."""
+    grid = grid or _open_grid(study, storage, parent_run_id)
+    memo, trained, n = _CohortMemo(), 0, len(study.labels)
+    interval, _ = _beat()
     while True:
-        for t in _fail_stale(ostudy):
+        for t in _fail_stale(grid.ostudy):
             _end_orphan(t)
-        done, live, waiting = _sweep_state(ostudy)
-        if done >= n or (live >= n and not waiting):
+        states = _attempts(grid)
+        todo = [(label, a.next_attempt) for label, a in states.items() if a.next_attempt is not None]
+        if not todo and not any(a.live for a in states.values()):
             return trained
-        ostudy.optimize(objective, n_trials=1, catch=())
+        won = next(((label, k) for label, k in todo if grid.claims.claim(grid.name, label, k)), None)
+        if won is None:
+            time.sleep(min(interval, 2.0))  # the rest are training elsewhere: wait, in case a worker dies
+            continue
+        label, attempt = won
+        done = sum(a.done for a in states.values())
+        _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: training"
+                   f"{f' (retry {attempt})' if attempt else ''}; {done}/{n} done")
+        value = _train_claimed(grid, label, attempt, memo, progress)
         trained += 1
+        done = sum(a.done for a in _attempts(grid).values())
+        _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: {study.objective_metric} "
+                   f"{value:.4f}; {done}/{n} done")
 
 
 def _fail_stale(ostudy) -> list:
-    """Fail trials whose worker stopped beating (their retries are queued by the storage's callback)."""
+    """Fail trials whose worker stopped beating (sweeps claim their retries; tuning re-queues them)."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
@@ -228,12 +413,26 @@ class SweepResult:
 
 
 def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
+    """N worker processes; the storage URL (which may hold a password) reaches them through the environment,
+    never their command line (which every account on the host can read). A stop (SIGTERM, Ctrl-C) is passed on."""
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
+    env["CUSHING_OPTUNA_STORAGE"] = storage
     extra = ["--compile", compile] if compile else []
-    procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--storage", storage,
-                               "--parent-run", parent, "--worker", *extra], env=env) for _ in range(n)]
-    return [p.wait() for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--parent-run", parent,
+                               "--worker", *extra], env=env) for _ in range(n)]
+    try:
+        return [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
 
 
 def auto_workers() -> int:
@@ -257,33 +456,49 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
     """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
 
     workers=None takes `auto_workers()`. `compile` (a torch.compile mode) overrides the file's for every
-    configuration; it does not change the study's identity, so a sweep can be resumed with or without it."""
+    configuration; it does not change the study's identity, so a sweep can be resumed with or without it.
+    Under `mlflow run`, the run it created becomes the study's parent on the first launch, and on later launches
+    a child of that parent recording what this launch trained."""
     t0 = time.perf_counter()
     study = load_for(path, "sweep", compile)
     storage = storage or default_storage()
     workers = workers or auto_workers()
-    n = len(study.configurations)
-    ostudy = _open_grid(study, storage)
-    parent = _parent_run(ostudy, study, parent_run_id)
+    launcher_run = tracking.env_run_id()  # read before the parent run may take it
+    grid = _open_grid(study, storage, parent_run_id)
     if workers > 1:
-        codes = _spawn_workers(study.path, storage, parent, workers, compile)
+        codes = _spawn_workers(study.path, storage, grid.parent, workers, compile)
         trained = -1
         if any(codes):
             raise RuntimeError(f"sweep workers exited with {codes}")
     else:
-        trained = sweep_worker(study, storage, parent, progress)
-    t2, t3 = sweep_tables(parent, study)
-    retried = _retries(ostudy)
-    _log_tables(parent, t2, t3, retried, time.perf_counter() - t0, _sweep_state(ostudy)[0], n)
-    return SweepResult(parent, ostudy.study_name, trained, t2, t3, retried, time.perf_counter() - t0)
+        trained = sweep_worker(study, storage, progress=progress, grid=grid)
+    t2, t3 = sweep_tables(grid.parent, study)
+    retried = _retries(grid.ostudy)
+    states = _attempts(grid)
+    done = sum(a.done for a in states.values())
+    _log_tables(grid.parent, t2, t3, retried, time.perf_counter() - t0, done, len(study.labels))
+    if launcher_run and launcher_run != grid.parent:
+        _log_pass(launcher_run, grid, trained, done)
+    grid.claims.close()
+    return SweepResult(grid.parent, grid.name, trained, t2, t3, retried, time.perf_counter() - t0)
+
+
+def _log_pass(run_id: str, grid: _Grid, trained: int, done: int) -> None:
+    """A later `mlflow run -e sweep` on a study that already has its parent: its run becomes a child of that
+    parent saying what this pass did, instead of an empty top-level run."""
+    with tracking.resume_run(run_id) as r:
+        r.nest_under(grid.parent)
+        r.set_tags({"mlflow.runName": f"sweep-{grid.study.name}-pass", "task": "sweep-pass", "study": grid.name})
+        r.log_metrics({"sweep/configurations_done": float(done), "sweep/trained_here": float(max(trained, 0))})
 
 
 def _retries(ostudy) -> list[dict]:
     out = []
     for t in ostudy.get_trials(deepcopy=False):
-        if "failed_trial" in t.system_attrs:
-            out.append({"trial": t.number, "retry_of": t.system_attrs["failed_trial"],
-                        "config": t.user_attrs.get("label", t.params.get("config")), "state": t.state.name})
+        if "retry_of" in t.system_attrs or "failed_trial" in t.system_attrs:
+            out.append({"trial": t.number, "retry_of": t.system_attrs.get("retry_of", t.system_attrs.get(
+                "failed_trial")), "config": t.user_attrs.get("label", t.params.get("config")),
+                "state": t.state.name})
     return out
 
 
@@ -295,7 +510,21 @@ def _log_tables(parent: str, t2: pd.DataFrame, t3: pd.DataFrame, retried: list[d
         if retried:
             r.log_table(pd.DataFrame(retried), "retried_trials.csv")
         r.log_metrics({"sweep/configurations_done": float(done), "sweep/configurations": float(n),
-                       "sweep/retried_trials": float(len(retried)), "sweep/last_pass_seconds": seconds})
+                       "sweep/retried_trials": float(len(retried)), "sweep/last_pass_seconds": seconds,
+                       **_best_of(t2)})
+
+
+def _best_of(t2: pd.DataFrame) -> dict[str, float]:
+    """The top configuration's (ranked on validation) final test results on the parent, under `best/`, so the
+    parent shows numbers in the MLflow UI's chart and compare views without expanding the sweep."""
+    if t2.empty:
+        return {}
+    top = t2.iloc[0]
+    out = {f"best/{c}": float(top[c]) for c in t2.columns if c.startswith("test/") and not c.endswith(("ci_low",
+                                                                                                   "ci_high"))}
+    rank_col = next(c for c in t2.columns if c.startswith("rank_by"))
+    out[f"best/{rank_col[len('rank_by ('):-1]}"] = float(top[rank_col])
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
@@ -344,7 +573,7 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
                  f"rank_by ({metric})": m.get(metric, math.nan)}
             for k in TABLE2:
                 v = m.get(f"test/{k}/{group}", math.nan)
-                g[f"test/{k}"] = "not estimable" if t.get(f"not_estimable/test/{k}/{group}") else v
+                g[f"test/{k}"] = v if math.isfinite(v) else "not estimable"
             rows3.append(g)
     t2 = pd.DataFrame(rows2)
     t3 = pd.DataFrame(rows3)
@@ -361,16 +590,43 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
 def report_sweep(path: str | Path, storage: str | None = None) -> tuple[str | None, pd.DataFrame, pd.DataFrame]:
     """The tables of a sweep from the tracking store, at any time (also while it runs)."""
     study = load_for(path, "sweep")
-    optuna = _optuna()
-    try:
-        ostudy = optuna.load_study(study_name=_study_name(study), storage=_storage(storage or default_storage()))
-    except KeyError:
-        return None, pd.DataFrame(), pd.DataFrame()
-    parent = ostudy.user_attrs.get("mlflow_parent_run")
+    parent = _study_parent(study, storage)
     if not parent:
         return None, pd.DataFrame(), pd.DataFrame()
     t2, t3 = sweep_tables(parent, study)
     return parent, t2, t3
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which runs a utility command (promote, dashboard) looks at, and how that was decided."""
+
+    experiment: str
+    parent_run_id: str | None
+    how: str
+
+
+def default_experiment() -> str:
+    """MLFLOW_EXPERIMENT_NAME, else the experiment of the run `mlflow run` created, else `cushing`."""
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return os.environ["MLFLOW_EXPERIMENT_NAME"]
+    run = tracking.env_run_id()
+    return tracking.experiment_of_run(run) if run else "cushing"
+
+
+def resolve_scope(*, experiment: str | None = None, parent_run_id: str | None = None, project: str | None = None,
+                  storage: str | None = None) -> Scope:
+    """The experiment (and sweep parent) a user means: a parent run's own experiment; a study file's experiment
+    and the parent run of its study in the Optuna storage; else the experiment named, else the default."""
+    if parent_run_id:
+        return Scope(tracking.experiment_of_run(parent_run_id), parent_run_id, f"parent run {parent_run_id}")
+    if project:
+        study = load_study(project)
+        parent = _study_parent(study, storage)
+        return Scope(experiment or study.experiment, parent,
+                     f"study {study.path.name}" + (f" (parent run {parent})" if parent else " (not launched yet)"))
+    name = experiment or default_experiment()
+    return Scope(name, None, f"experiment {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------ tune
@@ -448,17 +704,41 @@ class TuneResult:
 
 def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | None = None, progress: bool = True,
              parent_run_id: str | None = None, compile: str | None = None) -> TuneResult:
+    """This worker's `n_trials` of the study (any number of workers and hosts may share the storage)."""
     optuna = _optuna()
     study = load_for(path, "tune", compile)
-    ostudy = optuna.create_study(study_name=_study_name(study), storage=_storage(storage or default_storage()),
+    storage = storage or default_storage()
+    launcher_run = tracking.env_run_id()
+    ostudy = optuna.create_study(study_name=_study_name(study), storage=_storage(storage, retry_stale=True),
                                  sampler=_sampler(study), pruner=_pruner(study), direction=study.direction,
                                  load_if_exists=True)
-    parent = _parent_run(ostudy, study, parent_run_id)
+    _name_metric(ostudy, study)
+    claims = GridClaims(storage)
+    parent = _parent_run(ostudy, study, claims, parent_run_id)
+    claims.close()
     memo = _CohortMemo()
     for t in _fail_stale(ostudy):
         _end_orphan(t)
-    ostudy.optimize(_tune_objective(study, parent, memo, progress), n_trials=n_trials or study.n_trials, catch=())
-    return _finish_tune(ostudy, study, parent)
+    n = n_trials or study.n_trials
+    ostudy.optimize(_tune_objective(study, parent, memo, progress), n_trials=n, catch=(),
+                    callbacks=[_tune_progress(study.name, n)])
+    result = _finish_tune(ostudy, study, parent)
+    if launcher_run and launcher_run != parent:
+        with tracking.resume_run(launcher_run) as r:
+            r.nest_under(parent)
+            r.set_tags({"mlflow.runName": f"tune-{study.name}-pass", "task": "tune-pass", "study": ostudy.study_name})
+            r.log_metrics({"tune/trials_here": float(n), "tune/complete": float(result.n_complete)})
+    return result
+
+
+def _tune_progress(name: str, n: int):
+    count = {"i": 0}
+
+    def callback(ostudy, trial) -> None:
+        count["i"] += 1
+        value = "pruned" if trial.value is None else f"{trial.value:.4f}"
+        print(f"[tune {name}] trial {count['i']}/{n} (study trial {trial.number}): {value}", flush=True)
+    return callback
 
 
 def _finish_tune(ostudy, study: Study, parent: str) -> TuneResult:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from . import evidence
-from .metrics import MetricRow, not_estimable, per_sex_table, rows_to_metrics, summarize
+from .metrics import MetricRow, metric_name, per_sex_table, rows_to_metrics, summarize
 
 __all__ = ["Report", "build_report"]
 
@@ -31,6 +31,7 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
     rows: list[MetricRow] = []
     metrics: dict[str, float] = {"threshold": float(threshold)}
     tags: dict[str, str] = {}
+    gap_reasons: dict[str, str] = {}
     reliability = {}
     present = [s for s in splits if (pred["split"] == s).any()]
     for split in present:
@@ -43,7 +44,7 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
         metrics[f"{split}/brier"] = evidence.brier(y, p)
         metrics[f"{split}/ece"] = evidence.ece(y, p)
         reliability[split] = evidence.reliability(y, p)
-        metrics.update(_gaps(part, split, threshold, boot, min_positives, tags))
+        metrics.update(_gaps(part, split, threshold, boot, min_positives, gap_reasons))
         if prevalence is not None:
             sens = next(r.value for r in split_rows if r.group == "overall" and r.metric == "recall")
             spec = next(r.value for r in split_rows if r.group == "overall" and r.metric == "specificity")
@@ -55,17 +56,44 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
     elif argmax_split in present:  # the chosen threshold is argmax: the same numbers under the paper's name
         rows += [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
     metrics.update(rows_to_metrics(rows))
+    metrics.update(_counts(rows))
     if prevalence is not None:
         metrics["prevalence"] = float(prevalence)
-    for name in not_estimable(rows):
-        r = next(r for r in rows if r.name == name)
-        tags[f"not_estimable/{name}"] = f"{r.positives} positives < min_positives={min_positives}" \
-            if r.positives < min_positives else "undefined (no positives, negatives or predicted positives)"
+    summary = _not_estimable_summary(rows, min_positives) + [f"{k}: {v}" for k, v in gap_reasons.items()]
+    if summary:
+        tags["not_estimable"] = "; ".join(summary)
     return Report(metrics, rows, per_sex_table(rows), tags, reliability)
 
 
+def _counts(rows: list[MetricRow]) -> dict[str, float]:
+    """Images and positives per split and subgroup (`test/positives/male`): finite numbers the MLflow UI shows,
+    which explain a not-estimable (NaN, hidden by the UI) subgroup metric beside it."""
+    out = {}
+    for r in rows:
+        if r.metric == "accuracy" and not r.split.endswith("_argmax"):
+            out[metric_name(r.split, "n", r.group)] = float(r.n)
+            out[metric_name(r.split, "positives", r.group)] = float(r.positives)
+    return out
+
+
+def _not_estimable_summary(rows: list[MetricRow], min_positives: int) -> list[str]:
+    """One readable line per split x subgroup: which metrics are not estimable and why."""
+    lines = []
+    by_group: dict[tuple[str, str], list[MetricRow]] = {}
+    for r in rows:
+        if not r.estimable:
+            by_group.setdefault((r.split, r.group), []).append(r)
+    for (split, group), rs in by_group.items():
+        names = ", ".join(r.metric for r in rs)
+        pos = rs[0].positives
+        why = (f"{pos} positives < min_positives={min_positives}" if group != "overall" and pos < min_positives
+               else "undefined: no positives, no negatives or no predicted positives")
+        lines.append(f"{split}/{group}: {names} ({why})")
+    return lines
+
+
 def _gaps(part: pd.DataFrame, split: str, threshold: float, boot: dict, min_positives: int,
-          tags: dict[str, str]) -> dict[str, float]:
+          reasons: dict[str, str]) -> dict[str, float]:
     out = {}
     for metric, (gap, lo, hi, est) in evidence.sex_gaps(part, threshold, boot, min_positives).items():
         name = f"{split}/{metric}/sex_gap"
@@ -73,5 +101,5 @@ def _gaps(part: pd.DataFrame, split: str, threshold: float, boot: dict, min_posi
         if est and math.isfinite(lo):
             out[f"{name}/ci_low"], out[f"{name}/ci_high"] = lo, hi
         if not est:
-            tags[f"not_estimable/{name}"] = f"a sex has fewer than min_positives={min_positives} positives"
+            reasons[name] = f"a sex has fewer than min_positives={min_positives} positives"
     return out

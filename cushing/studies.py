@@ -208,7 +208,8 @@ def promotion_overrides(path: str | Path) -> dict[str, Any]:
 
 
 # How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
-EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb")
+EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every", "log_checkpoint",
+                    "resume")
 
 
 def with_execution(study: Study, **fields: Any) -> Study:

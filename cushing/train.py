@@ -18,7 +18,7 @@ from . import evidence
 from .backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
 from .config import TrainConfig, cache_home
 from .data import DeviceAugment, ImageBank, decode_images, training_device
-from .engine import EpochCallback, FitResult, FitSettings, fit, predict_proba
+from .engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
 from .manifest import Manifest, hash_subject, load_manifest
 from .splits import assign_splits, split_table
 
@@ -111,12 +111,15 @@ def fit_settings(cfg: TrainConfig, frozen: bool, progress: bool, desc: str) -> F
     return FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, oversample=cfg.oversample, aug_strength=cfg.aug_strength,
                        aug_views=cfg.aug_views, seed=cfg.seed, frozen=frozen, select_metric=cfg.select_metric,
-                       patience=cfg.patience, progress=progress, desc=desc, compile=cfg.compile)
+                       patience=cfg.patience, progress=progress, desc=desc, compile=cfg.compile,
+                       checkpoint_every=cfg.checkpoint_every)
 
 
 def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,
-          model_factory: Callable[..., torch.nn.Module] = build_model) -> TrainOutcome:
-    """Train one configuration on a prepared cohort and score its validation and test splits."""
+          model_factory: Callable[..., torch.nn.Module] = build_model, resume: FitState | None = None,
+          on_checkpoint: CheckpointCallback | None = None) -> TrainOutcome:
+    """Train one configuration on a prepared cohort and score its validation and test splits (continuing from
+    `resume`, a checkpointed FitState, when given)."""
     spec = get_spec(cfg.model)
     frozen = cfg.frozen
     device = training_device(cfg.device)
@@ -130,7 +133,8 @@ def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = 
     aug = DeviceAugment(pre, device, cfg.aug_strength, spec.channels_last and device.type == "cuda")
     tr, va, te = cohort.index("train"), cohort.index("val"), cohort.index("test")
     desc = f"{cfg.model}{'-frozen' if frozen else ''}"
-    result = fit(model, bank, cohort.labels, tr, va, aug, fit_settings(cfg, frozen, progress, desc), on_epoch)
+    result = fit(model, bank, cohort.labels, tr, va, aug, fit_settings(cfg, frozen, progress, desc), on_epoch,
+                 resume=resume, on_checkpoint=on_checkpoint)
     model.eval()
     scored = np.concatenate([va, te])
     prob, logit = predict_proba(model, bank, scored, aug)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -129,18 +130,40 @@ def env_vars(values: dict):
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)
 
 
+def mlflow_run(work: Path, env: dict, entry: str, *params: str, experiment: str = "cushing",
+               timeout: int = 900) -> tuple[str, subprocess.CompletedProcess]:
+    """`mlflow run <project> --env-manager local -e ENTRY -P ...` as a user types it; returns (the run id MLflow
+    created, the finished process). Fails the test with the output's tail when the run fails."""
+    import re
+
+    cmd = ["mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", experiment, "-e", entry]
+    for p in params:
+        cmd += ["-P", p]
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"mlflow run -e {entry} failed:\n" + r.stdout[-3000:] + r.stderr[-4000:]
+    found = re.search(r"Run \(ID '([0-9a-f]+)'\) succeeded", r.stdout + r.stderr)
+    assert found, (r.stdout + r.stderr)[-2000:]
+    return found.group(1), r
+
+
 @pytest.fixture(scope="session")
 def demo_sweep(tmp_path_factory, cushing_home):
-    """`cushing sweep projects/demo.yaml --workers 2` once, on its own embedded store and SQLite Optuna storage."""
-    import subprocess
-    import sys
-
+    """The README's demo flow, once, through MLflow's own launcher on an embedded store: `mlflow run -e sweep`
+    (projects/demo.yaml, two workers), `-e promote --allow-synthetic` twice (the second changes nothing) and
+    `-e dashboard`, all with `''` for their other optional string parameters."""
     d = tmp_path_factory.mktemp("demo-sweep")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    env.pop("MLFLOW_RUN_ID", None)
-    env.pop("CUSHING_OPTUNA_STORAGE", None)
-    r = subprocess.run([sys.executable, "-m", "cushing", "sweep", str(ROOT / "projects" / "demo.yaml"),
-                        "--workers", "2"], cwd=d, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return {"uri": uri, "dir": d, "stdout": r.stdout, "storage": f"sqlite:///{d / 'optuna.db'}"}
+    for k in ("MLFLOW_RUN_ID", "CUSHING_OPTUNA_STORAGE", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(k, None)
+    project = str(ROOT / "projects" / "demo.yaml")
+    kw = {"experiment": "cushing-demo"}
+    sweep_id, sweep = mlflow_run(d, env, "sweep", f"project={project}", "workers=2", "storage=", "compile=", **kw)
+    scope = [f"project={project}", "experiment=", "parent_run=", "storage="]
+    promote_id, promote = mlflow_run(d, env, "promote", *scope, "allow_synthetic=true", "min_value=",
+                                     "max_sex_gap=", **kw)
+    again_id, again = mlflow_run(d, env, "promote", *scope, "allow_synthetic=true", **kw)
+    dash_id, _ = mlflow_run(d, env, "dashboard", *scope, f"out={d / 'dashboard.html'}", **kw)
+    return {"uri": uri, "dir": d, "stdout": sweep.stdout, "storage": f"sqlite:///{d / 'optuna.db'}", "env": env,
+            "runs": {"sweep": sweep_id, "promote": promote_id, "promote_again": again_id, "dashboard": dash_id},
+            "promote_stdout": promote.stdout + again.stdout}

@@ -56,11 +56,44 @@ def test_metric_names_overall_and_per_sex(finished_run):
             assert f"{split}/{metric}" in m
             assert f"{split}/{metric}/female" in m and f"{split}/{metric}/male" in m
     assert "test/recall/ci_low" in m and "test/f1/female/ci_high" in m
-    hist = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [h.step for h in hist] == [1, 2]
-    assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/loss")) == [1, 2]
-    assert len(client.get_metric_history(run.info.run_id, "val/f1")) >= 2
     assert not any("=" in k for k in m)
+
+
+def test_one_name_one_meaning_per_epoch_curves_and_final_values(finished_run):
+    """Per-epoch series under epoch/ (one point per epoch); final results once, at step 0."""
+    client, run, _, _ = finished_run
+    rid = run.info.run_id
+    for key in ("epoch/train/loss", "epoch/val/loss", "epoch/val/f1", "epoch/val/auc"):
+        assert [h.step for h in client.get_metric_history(rid, key)] == [1, 2], key
+    for key in ("val/f1", "test/f1", "test/f1/female", "test/auc/ci_low", "threshold", "best_epoch"):
+        assert [h.step for h in client.get_metric_history(rid, key)] == [0], key
+    assert not any(k.startswith(("train/", "epoch/test")) for k in run.data.metrics)
+
+
+def test_not_estimable_subgroups_are_explained_by_visible_counts(finished_run):
+    client, run, _, _ = finished_run
+    m, tags = run.data.metrics, run.data.tags
+    # the paper split has 4 male test positives < min_positives=5: male F1 is NaN (hidden by the UI) ...
+    assert m["test/positives/male"] == 4 and m["test/n/male"] == 15 and m["test/positives/female"] == 12
+    assert m["test/n"] == 114 and m["test/positives"] == 16
+    assert m["test/f1/male"] != m["test/f1/male"]
+    # ... and one readable tag says why, instead of one tag per metric
+    assert "test/male: precision, recall, f1, auc (4 positives < min_positives=5)" in tags["not_estimable"]
+    assert not [k for k in tags if k.startswith("not_estimable/")]
+    assert not any(k.endswith("/male") and "female" in k for k in m), "searching '/male' finds only male"
+
+
+def test_logged_model_carries_the_final_results(finished_run):
+    import mlflow
+
+    client, run, _, _ = finished_run
+    model_id = run.data.tags["model_uri"].split("/")[-1]
+    lm = mlflow.get_logged_model(model_id)
+    linked = {x.key: x.value for x in lm.metrics}
+    for key in ("val/f1", "test/f1", "test/auc", "test/recall", "test/specificity", "threshold"):
+        assert linked[key] == pytest.approx(run.data.metrics[key]), key
+    assert lm.params["threshold"] == str(run.data.metrics["threshold"]) and lm.params["synthetic_data"] == "true"
+    assert lm.tags["synthetic_data"] == "true"
 
 
 def test_artifacts_and_no_file_names(finished_run, demo_manifest):

@@ -288,7 +288,7 @@ def test_train_on_face_crops_and_serve_raw_photos(extracted, tracking, celeba_di
     res = model.predict(pd.DataFrame({"image": payload}))
     assert (res["face_status"].iloc[:3] == "ok").all(), "serving finds the faces the stage found"
     assert res["face_status"].iloc[3] == "no_face"
-    assert np.isnan(res["probability"].iloc[3]) and res["label"].iloc[3] == -1
+    assert res["probability"].iloc[3] is None and res["label"].iloc[3] == -1  # JSON null when served
     ok = res[res["face_status"] == "ok"]
     assert ((ok["probability"] >= 0) & (ok["probability"] <= 1)).all()
 

@@ -208,7 +208,7 @@ def test_a_killed_worker_is_retried_and_completed(tmp_path, cushing_home):
             _, kids, _ = _children(uri, "killtest")
         except Exception:  # the store or experiment does not exist yet
             continue
-        running = [k for k in kids if k.info.status == "RUNNING" and "train/loss" in k.data.metrics]
+        running = [k for k in kids if k.info.status == "RUNNING" and "epoch/train/loss" in k.data.metrics]
     assert running, "the worker never started training"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)

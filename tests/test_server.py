@@ -167,9 +167,11 @@ def test_client_retries_survive_a_brief_server_restart(stack, small_demo):
 # ------------------------------------------------------------------------------------------------ registry
 
 def _promote(**kw):
+    """Promotion as the demo flow runs it: these runs train on the synthetic demo cohort (--allow-synthetic)."""
     from cushing.release.registry import PromotionPolicy, promote
 
-    return promote(experiment="cushing", policy=PromotionPolicy(**kw.pop("policy", {})), **kw)
+    return promote(experiment="cushing", policy=PromotionPolicy(**{"allow_synthetic": True, **kw.pop("policy", {})}),
+                   **kw)
 
 
 def _set_val_f1(run_id: str, value: float) -> None:
@@ -225,6 +227,21 @@ def test_promotion_is_idempotent_and_moves_champion_only_when_better(stack, firs
     assert "test/f1 (not used)" in ranking.columns and ranking["rank"].tolist() == sorted(ranking["rank"])
 
 
+def test_a_synthetic_data_run_becomes_challenger_but_not_champion_unless_allowed(stack, first_run):
+    import mlflow
+
+    c = mlflow.MlflowClient()
+    name = "cushing-synthetic-check"
+    d = _promote(policy={"registered_model": name, "allow_synthetic": False}, log=False)
+    assert d.winner_run and not d.champion_moved and "SYNTHETIC" in d.reason and "--allow-synthetic" in d.reason
+    assert c.get_model_version_by_alias(name, "challenger").tags["synthetic_data"] == "true"
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="champion"):
+        c.get_model_version_by_alias(name, "champion")
+    assert _promote(policy={"registered_model": name}, log=False).champion_moved  # the demo flow allows it
+
+
 def test_gates_exclude_runs(stack, first_run):
     d = _promote(policy={"min_value": 0.99}, log=False)
     assert d.winner_run is None and not d.ranking["eligible"].any()
@@ -255,7 +272,7 @@ def _b64(path) -> str:
 
 
 def test_served_champion_scores_real_faces(served, celeba_dir):
-    url, _ = served
+    url, log = served
     photos = sorted((celeba_dir / "images").glob("*.jpg"))[:6]
     body = {"dataframe_records": [{"image": _b64(p)} for p in photos]}
     r1 = requests.post(f"{url}/invocations", json=body, timeout=60)
@@ -264,6 +281,7 @@ def test_served_champion_scores_real_faces(served, celeba_dir):
     out1 = pd.DataFrame(r1.json()["predictions"])
     out2 = pd.DataFrame(r2.json()["predictions"])
     assert list(out1.columns) == ["probability", "label", "face_status"]
+    assert "TRAINED ON SYNTHETIC DATA" in log.read_text(), "the server says so when it loads a synthetic model"
     p = out1["probability"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all() and np.allclose(p, out2["probability"].to_numpy())
     assert set(out1["label"]) <= {0, 1}

@@ -16,10 +16,11 @@ def test_epoch_metrics_land_in_order_and_flush_waits_for_them(tracking):  # `tra
         for epoch in range(1, 121):
             run.log_epoch(epoch, {"val/f1": epoch / 120, "train/loss": 1.0 / epoch})
         run.flush()  # every queued epoch is in the store when flush returns
-        assert _history(run.run_id, "val/f1") == [(e, e / 120) for e in range(1, 121)]
+        assert _history(run.run_id, "epoch/val/f1") == [(e, e / 120) for e in range(1, 121)]
         run.log_epoch(121, {"val/f1": 1.0})
     # closing the run writes what is still queued
-    assert _history(run.run_id, "val/f1")[-1] == (121, 1.0)
+    assert _history(run.run_id, "epoch/val/f1")[-1] == (121, 1.0)
+    assert _history(run.run_id, "val/f1") == [], "per-epoch values never land under the final name"
     assert tracking_status(run.run_id) == "FINISHED"
 
 
@@ -37,6 +38,19 @@ def test_the_body_error_is_not_masked_by_a_logging_error(tracking):
             run.log_epoch(1, {"k" * 300: 0.5})
             raise KeyError("the body's own error")
     assert tracking_status(run.run_id) == "FAILED"
+
+
+def test_final_metrics_at_step_zero_and_params_kept_from_mlflow_run(tracking):
+    with tracking_run("final") as run:
+        import mlflow
+
+        mlflow.log_params({"weights": "''", "epochs": "3"})  # as `mlflow run` logs -P weights= and -P epochs=3
+        run.log_params({"weights": None, "epochs": 3, "lr": 0.01, "freeze": "auto"})
+        run.log_params({"epochs": 5})  # a value that really differs is kept beside the original
+        run.log_metrics({"test/f1": 0.5, "val/f1": 0.25})
+    p = trk.get_run(run.run_id).data.params
+    assert p["weights"] == "''" and p["epochs"] == "3" and p["lr"] == "0.01" and p["resolved/epochs"] == "5"
+    assert _history(run.run_id, "test/f1") == [(0, 0.5)]
 
 
 def tracking_run(name: str):

@@ -1,14 +1,17 @@
 """Release: the logged pyfunc model, the registry (promotion) and serving. The only other mlflow importer."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-import warnings
 from importlib import metadata
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["log_model", "model_config", "pip_requirements", "load_model", "load_torch_model", "REGISTERED_MODEL"]
+__all__ = ["log_model", "model_config", "pip_requirements", "load_model", "load_torch_model", "REGISTERED_MODEL",
+           "LoggedModel"]
 
 REGISTERED_MODEL = "cushing"
 
@@ -21,7 +24,13 @@ def pip_requirements() -> list[str]:
     return reqs or ["torch", "timm", "mlflow", "safetensors", "pillow", "pandas", "numpy"]
 
 
-def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LoggedModel:
+    uri: str  # models:/m-...
+    model_id: str  # MLflow 3's logged-model id: metrics logged with it show on the model's pages
+
+
+def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthetic: bool) -> dict[str, Any]:
     """What the pyfunc needs to rebuild and apply the model, and what the registry records about it."""
     cfg = outcome.config
     pre = outcome.preprocess
@@ -30,21 +39,46 @@ def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str) -> 
         "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
         "threshold": float(outcome.threshold), "threshold_rule": cfg.threshold,
         "temperature": float(outcome.temperature), "faces": faces, "data_digest": data_digest,
-        "best_epoch": outcome.fit.best_epoch,
+        "synthetic_data": bool(synthetic), "best_epoch": outcome.fit.best_epoch,
     }
 
 
-def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, name: str = "model") -> str:
-    """Log the trained model as a models-from-code pyfunc; returns its models:/ URI."""
+def _model_params(cfg: dict[str, Any]) -> dict[str, str]:
+    """Shown on the logged-model page beside its metrics."""
+    keys = ("model", "frozen", "img_size", "threshold", "threshold_rule", "temperature", "best_epoch",
+            "synthetic_data", "data_digest")
+    return {k: str(cfg[k]).lower() if isinstance(cfg[k], bool) else str(cfg[k]) for k in keys}
+
+
+@contextmanager
+def _logging_model():
+    """MLflow loads the model once to validate the input example; its load-time synthetic-data warning is meant
+    for servers, not for the training run that is logging it."""
+    import logging
+
+    log = logging.getLogger("mlflow.pyfunc")  # its INFO "Validating input example" line is noise in a run
+    level = log.level
+    os.environ["CUSHING_LOGGING_MODEL"] = "1"
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        os.environ.pop("CUSHING_LOGGING_MODEL", None)
+        log.setLevel(level)
+
+
+def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthetic: bool,
+              name: str = "model") -> LoggedModel:
+    """Log the trained model as a models-from-code pyfunc in the active run, before its final metrics (which
+    are then linked to it)."""
     import mlflow
 
     from ..demo import synthetic_jpeg_b64
     from . import pyfunc
 
-    cfg = model_config(outcome, faces=faces, data_digest=data_digest)
+    cfg = model_config(outcome, faces=faces, data_digest=data_digest, synthetic=synthetic)
     package = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="cushing-model-") as d, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints.*")
+    with tempfile.TemporaryDirectory(prefix="cushing-model-") as d, _logging_model():
         artifacts = pyfunc.save_model_artifacts(Path(d) / "artifacts", model=outcome.model, cfg=cfg)
         code = Path(d) / "code" / "cushing"  # the package travels with the model, without bytecode caches
         shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -59,10 +93,12 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, name: 
             input_example=pd.DataFrame({"image": [synthetic_jpeg_b64(seed=7)]}),
             pip_requirements=pip_requirements(),
             metadata={"cushing": {k: v for k, v in cfg.items() if k != "faces"}, "description":
-                      pyfunc.model_description(cfg)},
-            tags={"model": cfg["model"], "freeze": str(cfg["frozen"]).lower()},
+                      pyfunc.model_description(cfg), "synthetic_data": cfg["synthetic_data"]},
+            params=_model_params(cfg),
+            tags={"model": cfg["model"], "freeze": str(cfg["frozen"]).lower(),
+                  "synthetic_data": str(cfg["synthetic_data"]).lower(), "data_digest": data_digest},
         )
-    return info.model_uri
+    return LoggedModel(info.model_uri, info.model_id)
 
 
 def load_torch_model(uri: str):

@@ -1,8 +1,8 @@
 """The logged and served model: an MLflow pyfunc that takes raw photos and returns a screening decision.
 
 Input: a DataFrame with a string column `image` (base64-encoded JPEG/PNG bytes).
-Output: `probability` (of Cushing's), `label` (1/0 at the threshold chosen on validation and stored with the
-model; -1 when no usable face) and `face_status`.
+Output: `probability` (of Cushing's; null when there is no usable face), `label` (1/0 at the threshold chosen on
+validation and stored with the model; -1 when no usable face) and `face_status`.
 Weights are safetensors (no pickle); the model is logged as code (`model_code.py`), so loading it unpickles
 nothing and works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ def model_description(cfg: dict[str, Any]) -> str:
     faces = cfg.get("faces")
     how = (f"applies the face stage it was trained with (dlib + {faces.get('mask_method')} mask) to each photo"
            if faces else "expects face crops like its training images (no face extraction is applied)")
-    return (f"Cushing's syndrome screening model ({cfg['model']}{', frozen backbone' if cfg.get('frozen') else ''}). "
+    warning = ("TRAINED ON SYNTHETIC DATA (the procedurally drawn demo cohort, not patients): for trying the "
+               "service only, never for real photos. " if cfg.get("synthetic_data") else "")
+    return (f"{warning}Cushing's syndrome screening model ({cfg['model']}"
+            f"{', frozen backbone' if cfg.get('frozen') else ''}). "
             f"Input: column `image`, base64 JPEG/PNG. It {how}. Output: probability, label at threshold "
             f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status. "
             f"A screening aid, not a diagnosis.")
@@ -94,6 +98,10 @@ class CushingModel(mlflow.pyfunc.PythonModel):
 
         self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
         c = self.cfg
+        if c.get("synthetic_data") and not os.environ.get("CUSHING_LOGGING_MODEL"):
+            logging.getLogger("cushing.serve").warning(
+                "this model was TRAINED ON SYNTHETIC DATA (the demo cohort, data digest %s): its outputs on real "
+                "photos mean nothing; use it only to try the service", str(c.get("data_digest", ""))[:12])
         model = build_model(c["model"], pretrained=False, img_size=int(c["img_size"]), freeze=False)
         model.load_state_dict(load_file(context.artifacts["weights"]))
         want = os.environ.get("CUSHING_SERVE_DEVICE", "cpu")
@@ -127,7 +135,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         img = letterbox(Image.fromarray(rgb), size, self.cfg.get("interpolation", "bicubic"))
         return np.asarray(img).transpose(2, 0, 1), status
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -152,4 +160,6 @@ class CushingModel(mlflow.pyfunc.PythonModel):
             prob[ok] = 1.0 / (1.0 + np.exp(-z))
         thr = float(self.cfg["threshold"])
         label = np.where(np.isnan(prob), -1, (prob >= thr).astype(int))
-        return pd.DataFrame({"probability": prob, "label": label.astype(np.int64), "face_status": statuses})
+        # no usable face: probability None (JSON null; NaN would make the served response invalid JSON)
+        probability = pd.Series([float(v) if math.isfinite(v) else None for v in prob], dtype=object)
+        return pd.DataFrame({"probability": probability, "label": label.astype(np.int64), "face_status": statuses})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..metrics import lower_is_better
-from ..tracking import artifact_dir, client, find_runs, start_run
+from ..tracking import artifact_dir, client, env_run_id, experiments_with_runs, find_runs, start_run
 from . import REGISTERED_MODEL
 
 __all__ = ["PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of", "link_evaluation"]
@@ -27,6 +27,7 @@ class PromotionPolicy:
     min_value: float | None = None  # gate: the metric must reach this
     max_sex_gap: float | None = None  # gate: |female - male| of the metric (its /sex_gap) at most this
     registered_model: str = REGISTERED_MODEL
+    allow_synthetic: bool = False  # a model trained on synthetic data may become champion (the demo flow only)
 
     def __post_init__(self) -> None:
         if not self.metric.startswith("val/"):
@@ -77,7 +78,8 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
                      "test/f1 (not used)": m.get("test/f1", math.nan), "test/auc (not used)": m.get("test/auc", math.nan),
                      "start_time": r.info.start_time, "eligible": not why, "excluded_because": "; ".join(why),
                      "model_uri": tags["model_uri"], "threshold": m.get("threshold", math.nan),
-                     "data_digest": tags.get("data_digest", "")})
+                     "data_digest": tags.get("data_digest", ""),
+                     "synthetic_data": tags.get("synthetic_data", "false") == "true"})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -115,7 +117,11 @@ def _register(c, policy: PromotionPolicy, row: pd.Series):
     mv = mlflow.register_model(row["model_uri"], policy.registered_model, tags={
         "source_run": row["run_id"], "model": str(row["model"]), "freeze": str(row["freeze"]),
         "threshold": f"{row['threshold']:.6f}", "data_digest": row["data_digest"], "selection_metric": policy.metric,
-        "selection_value": f"{row[policy.metric]:.6f}"})
+        "selection_value": f"{row[policy.metric]:.6f}", "synthetic_data": str(bool(row["synthetic_data"])).lower()})
+    if row["synthetic_data"]:
+        c.update_model_version(policy.registered_model, mv.version, description=(
+            "TRAINED ON SYNTHETIC DATA (the procedurally drawn demo cohort, not patients): for trying the service "
+            "only, never for real photos."))
     return mv
 
 
@@ -125,8 +131,10 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     ranking = rank_candidates(find_runs(experiment, parent_run_id=parent_run_id), policy)
     eligible = ranking[ranking["eligible"]] if not ranking.empty else ranking
     if eligible.empty:
-        return Decision(None, None, False, False, False,
-                        "no eligible run (finished, with a logged model, passing the gates)", ranking)
+        d = Decision(None, None, False, False, False, _nothing_eligible(experiment, parent_run_id, ranking), ranking)
+        if log and env_run_id():
+            d.logged_run = _log_decision(experiment, d, policy, parent_run_id)
+        return d
     best = eligible.iloc[0]
     name = policy.registered_model
     mv = _version_for_run(c, name, best["run_id"])
@@ -141,14 +149,27 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     champ_value = float(champion.tags.get("selection_value", "nan")) if champion else math.nan
     better = champion is None or (champion.tags.get("selection_metric") != policy.metric) or (
         best[policy.metric] < champ_value if lower_is_better(policy.metric) else best[policy.metric] > champ_value)
-    moved_champion = champion is None or (champion.version != mv.version and better)
+    refused = bool(best["synthetic_data"]) and not policy.allow_synthetic
+    moved_champion = not refused and (champion is None or (champion.version != mv.version and better))
     if moved_champion:
         c.set_registered_model_alias(name, "champion", mv.version)
     reason = _reason(best, policy, champion, champ_value, moved_champion, mv.version)
+    if refused and (champion is None or champion.version != mv.version):
+        reason = (f"best eligible run {best['run_id']} ({best['run_name']}) was trained on SYNTHETIC data: version "
+                  f"{mv.version} is challenger but is not made champion without --allow-synthetic")
     d = Decision(best["run_id"], mv.version, moved_challenger, moved_champion, new_version, reason, ranking)
-    if log and d.changed:
-        d.logged_run = _log_decision(experiment, d, policy)
+    if log and (d.changed or env_run_id()):
+        d.logged_run = _log_decision(experiment, d, policy, parent_run_id)
     return d
+
+
+def _nothing_eligible(experiment: str, parent_run_id: str | None, ranking: pd.DataFrame) -> str:
+    if not ranking.empty:
+        return (f"no eligible run: {len(ranking)} candidates, none passing the gates (see excluded_because)")
+    where = f"the children of run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
+    others = ", ".join(f"{name!r} ({n} runs)" for name, n in experiments_with_runs() if name != experiment)
+    return (f"no candidate in {where}: no finished run with a logged model"
+            + (f". Experiments with runs: {others}" if others else ""))
 
 
 def _reason(best, policy, champion, champ_value, moved, version) -> str:
@@ -162,17 +183,24 @@ def _reason(best, policy, champion, champ_value, moved, version) -> str:
     return f"{head} does not beat champion version {champion.version} ({champ_value:.4f}): champion stays"
 
 
-def _log_decision(experiment: str, d: Decision, policy: PromotionPolicy) -> str:
-    with start_run(experiment=experiment, run_name="promote", tags={"task": "promote", "decision": d.reason[:4900],
-                   "promoted_version": str(d.version), "winner_run": str(d.winner_run)}, use_env_run=True) as r:
+def _log_decision(experiment: str, d: Decision, policy: PromotionPolicy, parent_run_id: str | None) -> str:
+    """The decision in a run tagged task=promote: the run `mlflow run -e promote` created (even when nothing
+    changed, so it is never left empty), nested under the sweep it ranked; else a new run, only on a change."""
+    decision = d.reason if d.changed else f"no change: {d.reason}"
+    with start_run(experiment=experiment, run_name="promote", tags={"task": "promote", "decision": decision[:4900],
+                   "promoted_version": str(d.version), "winner_run": str(d.winner_run),
+                   "changed": str(d.changed).lower()}, use_env_run=True) as r:
+        r.nest_under(parent_run_id)
         r.log_params({"metric": policy.metric, "min_value": policy.min_value, "max_sex_gap": policy.max_sex_gap,
-                      "registered_model": policy.registered_model})
-        r.log_table(d.ranking.drop(columns=["model_uri"]), "ranking.csv")
+                      "registered_model": policy.registered_model,
+                      "allow_synthetic": str(policy.allow_synthetic).lower()})
+        if not d.ranking.empty:
+            r.log_table(d.ranking.drop(columns=["model_uri"]), "ranking.csv")
         with artifact_dir() as folder:
             (folder / "decision.json").write_text(json.dumps({
                 "winner_run": d.winner_run, "version": d.version, "challenger_moved": d.challenger_moved,
                 "champion_moved": d.champion_moved, "registered_new_version": d.registered_new_version,
-                "reason": d.reason, "policy": policy.__dict__}, indent=1, default=str))
+                "reason": decision, "policy": policy.__dict__}, indent=1, default=str))
             r.log_files(folder)
         return r.run_id
 

@@ -2,23 +2,38 @@
 
 Tracking URI: MLFLOW_TRACKING_URI when set, else the embedded default: `sqlite:///mlflow.db` with artifacts in
 `./mlruns`, both in the working directory (MLflow's own default, made explicit).
+
+Metric names: one name, one meaning. Per-epoch series live under `epoch/` with step = epoch (`epoch/val/f1`,
+`epoch/train/loss`, ...): the MLflow UI draws them as curves in their own chart section. Final results (best
+epoch, operating threshold chosen on validation) keep the contract names (`val/f1`, `test/f1/female`,
+`test/f1/ci_low`, ...) and are logged once at step 0, so the UI shows them as single values (bar charts) that the
+compare view lines up across runs.
+
+Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every entry point logs into the run
+`mlflow run` created (MLflow's multistep-workflow convention) instead of opening a second one.
 """
 from __future__ import annotations
 
 import os
 import queue
+import socket
 import tempfile
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
+from ..claims import sqlite_path, store_lock
+
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
-           "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store"]
+           "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
+           "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
+           "TrackingUnavailable", "last_step"]
+
+EPOCH_PREFIX = "epoch/"  # per-epoch series: epoch/val/f1 at step = epoch; final results keep the bare names
 
 # Client-side retries so a brief server restart does not kill a run (MLflow's own variables).
 HTTP_RETRY_DEFAULTS = {
@@ -34,15 +49,58 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_READY: set[str] = set()  # stores this process has opened (a SQLite store is created or migrated on first use)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; the message names the URI and what to do."""
+
+
+def check_reachable(timeout: float | None = None) -> None:
+    """Fail fast, naming the URI, when an http(s) tracking server does not answer: MLflow's own client retries
+    (set for surviving a server restart mid-run) would otherwise spend minutes in silence before a traceback.
+    Runs once per URI and process, before any data is decoded."""
+    uri = tracking_uri()
+    if uri in _READY or not uri.startswith(("http://", "https://")):
+        return
+    from urllib.parse import urlparse
+
+    timeout = float(os.environ.get("CUSHING_TRACKING_CONNECT_S", "20")) if timeout is None else timeout
+    u = urlparse(uri)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    deadline, last = time.time() + timeout, ""
+    while True:
+        try:
+            socket.create_connection((u.hostname, port), timeout=min(5.0, timeout)).close()
+            _READY.add(uri)
+            return
+        except OSError as e:
+            last = e.strerror or str(e)
+        if time.time() >= deadline:
+            raise TrackingUnavailable(
+                f"the MLflow tracking server at {uri} is not reachable ({last}; tried for {timeout:.0f} s). Start "
+                "it (`cushing stack up`, `docker compose up -d`), fix MLFLOW_TRACKING_URI, or unset it to use the "
+                "embedded store in this folder.")
+        time.sleep(1.0)
+
+
 def configure() -> str:
-    """Point MLflow at the resolved tracking URI and set retry defaults; returns the URI."""
+    """Point MLflow at the resolved tracking URI and set retry defaults; returns the URI.
+
+    The first use of an embedded SQLite store creates or migrates its schema; two launchers starting at once on a
+    fresh store would race in that migration (`duplicate column name`), so it runs under a file lock."""
     import mlflow
 
     for k, v in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
+    check_reachable()
     mlflow.set_tracking_uri(uri)
+    if uri not in _READY and sqlite_path(uri) is not None:
+        with store_lock(uri, "mlflow-schema"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        _READY.add(uri)
     return uri
 
 
@@ -133,12 +191,117 @@ class _EpochWriter:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
 
 
+def _process_id(pid: int) -> str:
+    """pid:start-time, so that a recycled pid is not taken for the process that died."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid}:{start}"
+
+
+def _alive(process: str) -> bool:
+    pid = int(process.split(":")[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _process_id(pid) == process or process.endswith(":?")
+
+
+class _Heartbeat:
+    """A daemon thread that tags its run `cushing.heartbeat` (unix seconds) every CUSHING_RUN_HEARTBEAT_S."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.interval = float(os.environ.get("CUSHING_RUN_HEARTBEAT_S", "30"))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"run-heartbeat-{run_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        client().set_tag(self.run_id, "cushing.process", f"{socket.gethostname()}/{_process_id(os.getpid())}")
+        self._beat()
+        self.thread.start()
+
+    def _beat(self) -> None:
+        client().set_tag(self.run_id, "cushing.heartbeat", str(int(time.time())))
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # a brief server outage; the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+
+
+def _dead_because(run, now: float) -> str | None:
+    """Why a RUNNING run's process is gone, or None while it may still live."""
+    tags = run.data.tags
+    beat = tags.get("cushing.heartbeat")
+    if run.info.status != "RUNNING" or beat is None:
+        return None
+    host, _, process = tags.get("cushing.process", "/").partition("/")
+    if host == socket.gethostname() and process and not _alive(process):
+        return f"its process ({process.split(':')[0]} on {host}) is gone"
+    stale = float(os.environ.get("CUSHING_RUN_STALE_S", "180"))
+    if now - float(beat) > stale:
+        return f"no heartbeat for {now - float(beat):.0f} s (more than {stale:.0f} s)"
+    return None
+
+
+def reap(runs: list) -> int:
+    """Mark FAILED, with a `cushing.died` tag saying why, every RUNNING run whose process died (SIGKILL, OOM, a
+    lost node): the run's own host and pid are gone, or its heartbeat is older than CUSHING_RUN_STALE_S. Returns
+    how many were marked."""
+    now, n = time.time(), 0
+    for r in runs:
+        why = _dead_because(r, now)
+        if why:
+            c = client()
+            c.set_tag(r.info.run_id, "cushing.died", why)
+            c.set_terminated(r.info.run_id, "FAILED")
+            n += 1
+    return n
+
+
+def _param_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _same_param(logged: str, value: str) -> bool:
+    """`mlflow run` records an empty -P value as the two characters '' (its shell quoting)."""
+    return logged == value or (logged in ("''", '""') and value == "")
+
+
 class RunLogger:
-    """Everything a training run logs, one method per kind of thing."""
+    """Everything a run logs, one method per kind of thing."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._epochs = _EpochWriter(run_id)
+        self.model_id: str | None = None  # set by the release module once the model is logged
+        self._beat: _Heartbeat | None = None
+
+    def start_heartbeat(self) -> None:
+        """Tag the run with this process (host, pid and start time) and a heartbeat every
+        CUSHING_RUN_HEARTBEAT_S seconds, so the next command that meets the run after a SIGKILL marks it FAILED."""
+        self._beat = _Heartbeat(self.run_id)
+        self._beat.start()
+
+    def note_checkpoint(self, path: Path, epoch: int, upload: bool = False) -> None:
+        """Record the run's latest checkpoint (and upload it as the artifact checkpoint/checkpoint.pt if asked)."""
+        import mlflow
+
+        self.set_tags({"checkpoint_epoch": epoch, "checkpoint_host": socket.gethostname()})
+        if upload:
+            mlflow.log_artifact(str(path), "checkpoint")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         import mlflow
@@ -146,22 +309,35 @@ class RunLogger:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params, keeping those `mlflow run` already logged from -P. A value that really differs from the one
+        `mlflow run` logged (MLflow refuses to change a param) is logged as `resolved/<name>`."""
         import mlflow
 
-        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        logged = client().get_run(self.run_id).data.params
+        out = {}
+        for k, v in params.items():
+            text = _param_text(v)
+            if k not in logged:
+                out[k] = text
+            elif not _same_param(logged[k], text) and f"resolved/{k}" not in logged:
+                out[f"resolved/{k}"] = text
+        items = list(out.items())
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            mlflow.log_params(dict(items[i:i + 100]))
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Queued for a background `log_batch` (one call per epoch, or fewer): the training loop never waits on the
-        tracking server."""
-        self._epochs.put(epoch, _clean(metrics))
+        tracking server. Names get the `epoch/` prefix: `val/f1` of epoch 3 is `epoch/val/f1` at step 3."""
+        self._epochs.put(epoch, {EPOCH_PREFIX + k: v for k, v in _clean(metrics).items()})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Final results, at step 0 by default; linked to the run's logged model once there is one (so the
+        logged-model page, the Models tab and the registered version show them)."""
         import mlflow
 
-        clean = _clean(metrics)
-        items = list(clean.items())
+        items = list(_clean(metrics).items())
         for i in range(0, len(items), 900):  # log_batch takes at most 1000 metrics per call
-            mlflow.log_metrics(dict(items[i:i + 900]), step=step)
+            mlflow.log_metrics(dict(items[i:i + 900]), step=step, run_id=self.run_id, model_id=self.model_id)
 
     def log_dict(self, data: Any, name: str) -> None:
         import mlflow
@@ -182,23 +358,47 @@ class RunLogger:
         mlflow.log_artifacts(str(folder), artifact_path)
 
     def log_dataset(self, table: pd.DataFrame, *, digest: str, name: str, context: str = "training") -> None:
-        """The cohort as a run input: hashed subjects, split, sex and label only (no paths, no file names)."""
+        """The cohort as a run input: hashed subjects, split, sex and label only (no paths, no file names).
+
+        Integer columns are logged as floats: MLflow's schema inference warns that an integer column cannot hold
+        a missing value, and declaring them as doubles is the remedy it recommends. Concurrent workers logging
+        the same dataset to one server can collide on its unique key; the loser retries and finds it."""
         import mlflow
 
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
+        table = table.astype({c: "float64" for c in table.columns if pd.api.types.is_integer_dtype(table[c])})
         source = CodeDatasetSource({"cohort_digest": digest, "note": "file paths withheld (faces are PHI)"})
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer column.*")
-            ds = mlflow.data.from_pandas(table, source=source, name=name, digest=digest[:36], targets="label")
-        mlflow.log_input(ds, context=context)
+        ds = mlflow.data.from_pandas(table, source=source, name=name, digest=digest[:36], targets="label")
+        for attempt in range(4):
+            try:
+                mlflow.log_input(ds, context=context)
+                return
+            except Exception:  # e.g. a unique violation on the dataset row another worker just created
+                if attempt == 3:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    def nest_under(self, parent_run_id: str | None) -> None:
+        """Show this run as a child of `parent_run_id` in the MLflow UI (used for the run `mlflow run` created,
+        whose parent cannot be chosen when it is created). The UI nests runs only within one experiment; across
+        experiments the run records the parent as `related_run` instead."""
+        if not parent_run_id or parent_run_id == self.run_id:
+            return
+        c = client()
+        same = c.get_run(parent_run_id).info.experiment_id == c.get_run(self.run_id).info.experiment_id
+        self.set_tags({"mlflow.parentRunId" if same else "related_run": parent_run_id})
 
     def flush(self) -> None:
         """Wait until every queued epoch is written (raises if writing failed)."""
         self._epochs.flush()
 
     def close(self) -> None:
-        self._epochs.close()
+        try:
+            self._epochs.close()
+        finally:
+            if self._beat is not None:
+                self._beat.stop()
 
 
 def experiment_id(name: str) -> str:
@@ -220,22 +420,31 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
-def _active_env_run() -> str | None:
+def env_run_id() -> str | None:
+    """The run `mlflow run` created for this process, if any."""
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
 @contextmanager
-def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
-              parent_run_id: str | None = None, use_env_run: bool = True) -> Iterator[RunLogger]:
-    """A run in `experiment`: the one `mlflow run` created (MLFLOW_RUN_ID) or a new (child) run.
+def _without_env_run() -> Iterator[None]:
+    """mlflow.start_run() resumes MLFLOW_RUN_ID whenever it is set; hide it while starting a different run."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
 
-    The run ends FAILED when the body raises, KILLED on Ctrl-C, else FINISHED.
-    """
+
+def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env_run: bool, run_id: str | None):
     import mlflow
 
-    configure()
-    env_run = _active_env_run() if use_env_run and parent_run_id is None else None
+    if run_id:  # continue an existing run (resume after a stop)
+        with _without_env_run():
+            return mlflow.start_run(run_id=run_id)
+    env_run = env_run_id() if use_env_run and parent_run_id is None else None
     if env_run:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
         run = mlflow.start_run(run_id=env_run)
         mlflow.set_tag("mlflow.runName", run_name)
         actual = client().get_experiment(run.info.experiment_id).name
@@ -245,18 +454,38 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
             print(f"note: this run is in experiment {actual!r} (chosen by `mlflow run --experiment-name` or "
                   f"MLFLOW_EXPERIMENT_NAME), not {experiment!r}; promotion and reports look in the experiment you "
                   f"name, so pass --experiment-name {experiment}", file=sys.stderr)
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
-                               nested=parent_run_id is not None or mlflow.active_run() is not None,
-                               parent_run_id=parent_run_id)
+        return run
+    with _without_env_run():
+        return mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
+                                nested=parent_run_id is not None or mlflow.active_run() is not None,
+                                parent_run_id=parent_run_id)
+
+
+@contextmanager
+def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+              parent_run_id: str | None = None, use_env_run: bool = True,
+              run_id: str | None = None) -> Iterator[RunLogger]:
+    """A run in `experiment`: the one `mlflow run` created (MLFLOW_RUN_ID; taken once per process), `run_id`
+    (continued), or a new (child) run. While it is open it beats (`RunLogger.start_heartbeat`).
+
+    The run ends FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (the interrupt carries the run id as
+    `cushing_run` for the one-line message), else FINISHED.
+    """
+    import mlflow
+
+    configure()
+    run = _open_run(experiment, run_name, parent_run_id, use_env_run, run_id)
     logger = RunLogger(run.info.run_id)
     if tags:
         logger.set_tags(tags)
     status = "FINISHED"
     try:
+        logger.start_heartbeat()
         yield logger
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status = "KILLED"
+        if not getattr(e, "cushing_run", None):
+            e.cushing_run = logger.run_id  # the innermost run: the one training when the signal came
         raise
     except BaseException:
         status = "FAILED"
@@ -294,7 +523,8 @@ def resume_run(run_id: str) -> Iterator[RunLogger]:
     import mlflow
 
     configure()
-    mlflow.start_run(run_id=run_id)
+    with _without_env_run():
+        mlflow.start_run(run_id=run_id)
     logger = RunLogger(run_id)
     try:
         yield logger
@@ -311,7 +541,8 @@ def get_run(run_id: str):
 
 def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | None = None,
               max_results: int = 5000) -> list:
-    """Runs of an experiment (optionally the children of one parent), newest first."""
+    """Runs of an experiment (optionally the children of one parent), newest first. Runs whose process died are
+    marked FAILED on the way (`reap`): the next command that meets a SIGKILLed run cleans it up."""
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -320,8 +551,33 @@ def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | 
     if parent_run_id:
         clause = f"tags.mlflow.parentRunId = '{parent_run_id}'"
         f = f"{f} and {clause}" if f else clause
-    return list(c.search_runs([exp.experiment_id], filter_string=f, max_results=max_results,
-                              order_by=["attributes.start_time DESC"]))
+    def search() -> list:
+        return list(c.search_runs([exp.experiment_id], filter_string=f, max_results=max_results,
+                                  order_by=["attributes.start_time DESC"]))
+    runs = search()
+    return search() if reap(runs) else runs
+
+
+def experiments_with_runs() -> list[tuple[str, int]]:
+    """(experiment name, number of runs) for every experiment holding runs, most runs first: what an empty
+    experiment's error message offers instead."""
+    c = client()
+    out = []
+    for exp in c.search_experiments():
+        n = len(c.search_runs([exp.experiment_id], max_results=1000))
+        if n:
+            out.append((exp.name, n))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def last_step(run_id: str, key: str) -> int:
+    """The highest step logged for a metric of a run (0 when none)."""
+    return max((m.step for m in client().get_metric_history(run_id, key)), default=0)
+
+
+def experiment_of_run(run_id: str) -> str:
+    c = client()
+    return c.get_experiment(c.get_run(run_id).info.experiment_id).name
 
 
 def download_artifact(run_id: str, path: str, dst: str | Path) -> Path:

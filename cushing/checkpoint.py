@@ -1,0 +1,73 @@
+"""Checkpoints of a training run, so a stopped run (SIGTERM, SIGKILL, a lost node) continues instead of starting over.
+
+Every `checkpoint_every` epochs the engine hands out a FitState; it is written atomically (a temporary file, fsync,
+rename) to `<cache_home>/checkpoints/<run_id>/checkpoint.pt`, so a kill in the middle of a write leaves the previous
+checkpoint intact. It stays out of the run's artifacts unless `log_checkpoint` asks for it (then resuming works on
+another host too). It is removed when the run finishes. Loading unpickles nothing (torch.load weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import cache_home
+from .engine import FitState
+
+__all__ = ["CHECKPOINT", "checkpoint_dir", "Checkpointer", "load_checkpoint", "remove_checkpoint", "FAULT_ENV"]
+
+CHECKPOINT = "checkpoint.pt"
+FAULT_ENV = "CUSHING_FAULT"  # fault injection for the fault suite: "kill-in-checkpoint:<epoch>"
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    return cache_home() / "checkpoints" / run_id
+
+
+class Checkpointer:
+    """The engine's checkpoint callback for one run; `on_saved(path, epoch)` runs after each completed write."""
+
+    def __init__(self, run_id: str, on_saved: Callable[[Path, int], None] | None = None):
+        self.dir = checkpoint_dir(run_id)
+        self.on_saved = on_saved
+
+    def __call__(self, state: FitState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / CHECKPOINT
+        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
+        for stale in self.dir.glob(f".{CHECKPOINT}.*.tmp"):  # a write that was killed halfway
+            stale.unlink(missing_ok=True)
+        torch.save(state.to_dict(), tmp)
+        _fault(state.epoch, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        meta = self.dir / "checkpoint.json"
+        meta_tmp = meta.with_suffix(".tmp")
+        meta_tmp.write_text(json.dumps({"epoch": state.epoch}))
+        os.replace(meta_tmp, meta)
+        if self.on_saved is not None:
+            self.on_saved(path, state.epoch)
+
+
+def _fault(epoch: int, tmp: Path) -> None:
+    """`CUSHING_FAULT=kill-in-checkpoint:<epoch>`: die by SIGKILL halfway through writing that epoch's checkpoint,
+    as an out-of-memory kill or a lost node would (the fault suite checks the previous checkpoint survives)."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"kill-in-checkpoint:{epoch}":
+        with open(tmp, "r+b") as f:
+            f.truncate(max(1, tmp.stat().st_size // 2))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_checkpoint(path: str | Path) -> FitState:
+    return FitState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def remove_checkpoint(run_id: str) -> None:
+    shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
