@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import evidence, plots, release, tracking
+from . import release, tracking
 from .explain import CamReport, explain_images, landmarks_of
 from .manifest import Manifest, hash_subject, load_manifest
-from .report import Report, build_report
+from .stats import plots
+from .stats.calibration import apply_temperature
+from .stats.paired import delong_test, holm, mcnemar_test
+from .stats.report import Report, build_report
 from .splits import assign_splits
 from .train import resolve_data
 
@@ -64,7 +67,7 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
     images = decode_images(m.table["path"].iloc[idx].tolist(), size, mcfg.get("interpolation", "bicubic"))
     aug = DeviceAugment(Preprocess.from_model_config(mcfg), dev, 0.0)
     prob, _ = predict_proba(model, ImageBank(images, dev, 2**34), np.arange(len(images)), aug)
-    prob = evidence.apply_temperature(prob, float(mcfg.get("temperature", 1.0)))
+    prob = apply_temperature(prob, float(mcfg.get("temperature", 1.0)))
     x = aug.normalize(images.to(dev)).contiguous()
     t = m.table.iloc[idx]
     with tracking.artifact_dir() as d:
@@ -185,17 +188,17 @@ def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: s
         for j in range(i + 1, len(ids)):
             (pa, ta, na), (pb, tb, nb) = loaded[ids[i]], loaded[ids[j]]
             y = pa["label"].to_numpy()
-            d = evidence.delong_test(y, pa["probability"].to_numpy(), pb["probability"].to_numpy())
+            d = delong_test(y, pa["probability"].to_numpy(), pb["probability"].to_numpy())
             ca = (pa["probability"].to_numpy() >= ta).astype(int) == y
             cb = (pb["probability"].to_numpy() >= tb).astype(int) == y
-            mc = evidence.mcnemar_test(ca, cb)
+            mc = mcnemar_test(ca, cb)
             rows.append({"run_a": ids[i], "model_a": na, "run_b": ids[j], "model_b": nb, "n": len(y),
                          "auc_a": d["auc1"], "auc_b": d["auc2"], "auc_diff": d["diff"], "delong_z": d["z"],
                          "delong_p": d["p_value"], "acc_a": ca.mean(), "acc_b": cb.mean(), "mcnemar_b": mc["b"],
                          "mcnemar_c": mc["c"], "mcnemar_p": mc["p_value"]})
     table = pd.DataFrame(rows)
-    table["delong_p_holm"] = evidence.holm(table["delong_p"].tolist())
-    table["mcnemar_p_holm"] = evidence.holm(table["mcnemar_p"].tolist())
+    table["delong_p_holm"] = holm(table["delong_p"].tolist())
+    table["mcnemar_p_holm"] = holm(table["mcnemar_p"].tolist())
     run_id = None
     if log_to is not None:
         run_id = _log_comparison(table, run_ids, log_to, experiment)

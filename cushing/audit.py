@@ -38,10 +38,10 @@ __all__ = [
     "AuditSettings", "FaceDescriptor", "FaceDescriber", "Signatures", "SignatureCache", "CohortAudit",
     "perceptual_hash", "hamming_pairs", "duplicate_pairs", "descriptor_pairs", "photo_signatures",
     "audit_manifest", "merged_groups", "evaluate_same_person", "evaluate_duplicates", "SamePersonEvaluation",
-    "DESCRIPTOR_SOURCES", "PAIR_KINDS", "main",
+    "DESCRIPTOR_SOURCES", "PAIR_KINDS", "audit_settings", "color_thumbnail", "color_distance",
 ]
 
-HASH_VERSION = 1  # bump when the hash computation changes: old cache entries are then ignored
+HASH_VERSION = 2  # bump when the hash computation changes: old cache entries are then ignored
 FACE_VERSION = 1
 DESCRIPTOR_SOURCES = ("detected", "whole_image")
 PAIR_KINDS = ("duplicate_photo", "same_person")
@@ -56,6 +56,10 @@ class AuditSettings:
     # of 256 bits: re-saved copies (PNG, JPEG q60, 0.5-3x resizes, mirrored) drifted <= 26 bits; the closest two
     # photos of different CelebA identities, over all 28.1M pairs of the 7,499, were 48 bits apart
     duplicate_max_bits: int = 40
+    # a pHash match is confirmed by colour: mean |difference| of 8x8 RGB thumbnails (0-255). Re-saved CelebA copies
+    # differ by <= 4.6 (0.5x at JPEG q40, the harshest), different photos by >= 15; two different drawings of the
+    # synthetic demo cohort that pHash cannot tell apart (same layout) differ by >= 5.2
+    duplicate_max_color: float = 5.0
     mirror: bool = True  # also match horizontally flipped copies (selfie cameras, flip augmentation)
     faces: bool = True  # compute face descriptors (dlib); False audits duplicates only
     # Euclidean. dlib's documented 0.6 (LFW) matches 0.84% of stranger pairs on 89x109 CelebA photos (~500 false
@@ -75,6 +79,12 @@ class AuditSettings:
             raise ValueError("same_person_max_distance must be > 0")
 
 
+def audit_settings(manifest: Manifest) -> AuditSettings:
+    """The defaults, without the same-person check on a synthetic cohort: dlib's face-recognition model was
+    trained on photos and sees every drawn demo face as one person, so its distances mean nothing there."""
+    return AuditSettings(faces=not manifest.synthetic)
+
+
 # ------------------------------------------------------------------------------------------ perceptual hash
 
 def perceptual_hash(rgb: np.ndarray, *, size: int = 64, block: int = 16, mirror: bool = False) -> np.ndarray:
@@ -90,6 +100,20 @@ def perceptual_hash(rgb: np.ndarray, *, size: int = 64, block: int = 16, mirror:
     coeffs = dctn(g, type=2, norm="ortho")[:block, :block].ravel()
     bits = (coeffs > np.median(coeffs)).astype(np.uint8)
     return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+def color_thumbnail(rgb: np.ndarray, side: int = 8) -> np.ndarray:
+    """uint8 [side, side, 3] box-filtered thumbnail: what a duplicate's colours must also match."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((side, side), Image.Resampling.BOX),
+                      dtype=np.uint8)
+
+
+def color_distance(a: np.ndarray, b: np.ndarray, mirrored: bool = False) -> float:
+    """Mean absolute difference of two thumbnails (0-255), one of them flipped for a mirrored copy."""
+    b = b[:, ::-1] if mirrored else b
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
 def _hamming_block(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -122,8 +146,10 @@ def hamming_pairs(a: np.ndarray, max_bits: int, *, b: np.ndarray | None = None,
 
 
 def duplicate_pairs(hashes: np.ndarray, max_bits: int, *, mirrors: np.ndarray | None = None,
-                    valid: np.ndarray | None = None) -> pd.DataFrame:
-    """Rows (i, j, distance, mirrored) with i < j: the smaller of the direct and mirrored Hamming distances."""
+                    valid: np.ndarray | None = None, thumbs: np.ndarray | None = None,
+                    max_color: float = float("inf")) -> pd.DataFrame:
+    """Rows (i, j, distance, mirrored) with i < j: the smaller of the direct and mirrored Hamming distances,
+    kept when the colour thumbnails (if given) also agree within `max_color`."""
     idx = np.arange(len(hashes)) if valid is None else np.flatnonzero(valid)
     parts = [pd.DataFrame(dict(zip("ijd", hamming_pairs(hashes[idx], max_bits))), dtype=np.int64).assign(m=False)]
     if mirrors is not None and len(idx):
@@ -132,8 +158,12 @@ def duplicate_pairs(hashes: np.ndarray, max_bits: int, *, mirrors: np.ndarray | 
                      .assign(m=True))
     df = pd.concat(parts, ignore_index=True).sort_values(["i", "j", "d", "m"])
     df = df.drop_duplicates(["i", "j"], keep="first")
-    return pd.DataFrame({"i": idx[df["i"].to_numpy()], "j": idx[df["j"].to_numpy()],
-                         "distance": df["d"].to_numpy(), "mirrored": df["m"].to_numpy(dtype=bool)})
+    out = pd.DataFrame({"i": idx[df["i"].to_numpy()], "j": idx[df["j"].to_numpy()],
+                        "distance": df["d"].to_numpy(), "mirrored": df["m"].to_numpy(dtype=bool)})
+    if thumbs is None or out.empty:
+        return out
+    color = [color_distance(thumbs[i], thumbs[j], m) for i, j, m in zip(out["i"], out["j"], out["mirrored"])]
+    return out[np.asarray(color) <= max_color].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------ face descriptors
@@ -347,7 +377,8 @@ def _compute_one(item: tuple[int, str, bool, bool]) -> tuple[int, dict | None, d
     if want_hash:
         h = {"status": "ok",
              "hash": perceptual_hash(rgb, size=s.hash_image, block=s.hash_block).tobytes().hex(),
-             "mirror": perceptual_hash(rgb, size=s.hash_image, block=s.hash_block, mirror=True).tobytes().hex()}
+             "mirror": perceptual_hash(rgb, size=s.hash_image, block=s.hash_block, mirror=True).tobytes().hex(),
+             "thumb": color_thumbnail(rgb).tobytes().hex()}
     if want_face:
         if "describer" not in _STATE:
             _STATE["describer"] = FaceDescriber(s)
@@ -393,6 +424,7 @@ class Signatures:
     cached: int  # photos served entirely from the cache
     computed: int  # photos decoded in this call
     seconds: float
+    thumbs: np.ndarray | None = None  # [N, 8, 8, 3] uint8 colour thumbnails (zeros where status != ok)
 
     @property
     def ok(self) -> np.ndarray:
@@ -458,10 +490,12 @@ def _assemble(hrec: list[dict], frec: list[dict] | None, s: AuditSettings, cache
     words = s.hash_block ** 2 // 64
     hashes = np.zeros((len(hrec), words), np.uint64)
     mirrors = np.zeros_like(hashes)
+    thumbs = np.zeros((len(hrec), 8, 8, 3), np.uint8)
     for i, r in enumerate(hrec):
         if r["status"] == "ok":
             hashes[i] = np.frombuffer(bytes.fromhex(r["hash"]), np.uint64)
             mirrors[i] = np.frombuffer(bytes.fromhex(r["mirror"]), np.uint64)
+            thumbs[i] = np.frombuffer(bytes.fromhex(r["thumb"]), np.uint8).reshape(8, 8, 3)
     desc = None
     source = detector = [""] * len(hrec)
     if frec is not None:
@@ -475,7 +509,7 @@ def _assemble(hrec: list[dict], frec: list[dict] | None, s: AuditSettings, cache
             source.append(r.get("source", "") if ok else "")
             detector.append(r.get("detector", "") if ok else "")
     return Signatures([r["status"] for r in hrec], hashes, mirrors, desc, source, detector, cached, computed,
-                      seconds)
+                      seconds, thumbs)
 
 
 def _default_cache() -> Path:
@@ -546,7 +580,7 @@ def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series
 
 def _find_pairs(sig: Signatures, subject_ids: np.ndarray, s: AuditSettings) -> list[pd.DataFrame]:
     dup = duplicate_pairs(sig.hashes, s.duplicate_max_bits, mirrors=sig.mirrors if s.mirror else None,
-                          valid=sig.ok)
+                          valid=sig.ok, thumbs=sig.thumbs, max_color=s.duplicate_max_color)
     rows = [dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""))
             .drop(columns="mirrored")]
     if sig.descriptors is not None:
@@ -637,7 +671,7 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
 
 
 def _rate(k: int, n: int) -> tuple[float, float, float]:
-    from .evidence import wilson
+    from .stats.intervals import wilson
 
     lo, hi = wilson(int(k), int(n))
     return (k / n if n else float("nan")), lo, hi
@@ -726,10 +760,14 @@ def _copy_distances(paths: Sequence[str], hashes: np.ndarray, mirrors: np.ndarra
                     s: AuditSettings) -> pd.DataFrame:
     rows = []
     for p, h, m in zip(paths, hashes, mirrors):
+        original = color_thumbnail(_decode(p, s.max_side))
         for name, data in _variants(Path(p).read_bytes()).items():
-            c = perceptual_hash(_decode(data, s.max_side), size=s.hash_image, block=s.hash_block)
+            rgb = _decode(data, s.max_side)
+            c = perceptual_hash(rgb, size=s.hash_image, block=s.hash_block)
             direct, flipped = int(np.bitwise_count(c ^ h).sum()), int(np.bitwise_count(c ^ m).sum())
-            rows.append({"variant": name, "bits": min(direct, flipped) if s.mirror else direct})
+            mirrored = s.mirror and flipped < direct
+            rows.append({"variant": name, "bits": flipped if mirrored else direct,
+                         "color": color_distance(original, color_thumbnail(rgb), mirrored)})
     return pd.DataFrame(rows)
 
 
@@ -778,69 +816,6 @@ def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300,
             "stranger_bits_quantiles": {q: int(np.searchsorted(np.cumsum(strangers), q * strangers.sum()))
                                         for q in (1e-6, 1e-5, 1e-4, 1e-3, 0.5)},
             "same_identity_pairs_flagged": int(same[:s.duplicate_max_bits + 1].sum()),
-            "copies": copies.groupby("variant")["bits"].agg(["max", "mean", "count"]).reset_index(),
-            "copies_found": float((copies["bits"] <= s.duplicate_max_bits).mean()), "seconds": sig.seconds}
-
-
-# ------------------------------------------------------------------------------------------ entry point
-
-def _report_evaluation(manifest: str, args: Any) -> int:
-    s = AuditSettings()
-    ev = evaluate_same_person(manifest, n_photos=args.photos, seed=args.seed, cache_dir=args.cache_dir,
-                              workers=args.workers)
-    dup = evaluate_duplicates(manifest, n_photos=args.dup_photos, seed=args.seed, cache_dir=args.cache_dir,
-                              workers=args.workers)
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_columns", 30)
-    cols = ["threshold", "group", "pos_pairs", "neg_pairs", "tp", "fp", "precision", "precision_lo",
-            "precision_hi", "recall", "recall_lo", "recall_hi", "false_match_rate", "fmr_hi", "false_pairs_per_343"]
-    print(f"same person: {ev.photos} photos, {ev.identities} identities, detected {ev.detected_rate:.3f} "
-          f"{ev.detector_counts}, {ev.seconds:.1f} s")
-    print(ev.table[cols].round(4).to_string(index=False))
-    print(f"duplicates: {json.dumps({k: v for k, v in dup.items() if k != 'copies'}, default=str)}")
-    print(dup["copies"].to_string(index=False))
-    print(f"defaults: duplicate_max_bits={s.duplicate_max_bits}, same_person_max_distance="
-          f"{s.same_person_max_distance}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        ev.table.to_csv(Path(args.out) / "same_person_thresholds.csv", index=False)
-        dup["copies"].to_csv(Path(args.out) / "duplicate_copies.csv", index=False)
-    return 0
-
-
-def _report_audit(manifest: str, args: Any) -> int:
-    from .manifest import load_manifest
-
-    m = load_manifest(manifest)
-    res = audit_manifest(m, settings=AuditSettings(faces=not args.no_faces), cache_dir=args.cache_dir,
-                         workers=args.workers)
-    n = len(res.photos)
-    print(f"{n} photos in {res.seconds:.2f} s ({n / max(res.seconds, 1e-9):.1f} photos/s; "
-          f"{res.computed} computed, {res.cached} cached)")
-    print(json.dumps(res.summary()))
-    if args.out:
-        res.pairs.to_csv(args.out, index=False)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cushing.audit MANIFEST [--out audit.csv]` audits a cohort; `--evaluate` measures the
-    thresholds on a manifest of real identities (CelebA)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m cushing.audit", description=main.__doc__)
-    ap.add_argument("manifest")
-    ap.add_argument("--evaluate", action="store_true")
-    ap.add_argument("--photos", type=int, default=2000, help="--evaluate: photos for the same-person pairs")
-    ap.add_argument("--dup-photos", type=int, default=300, help="--evaluate: photos for the duplicate check")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="audit.csv (audit) or a folder for the evaluation tables")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--no-faces", action="store_true")
-    args = ap.parse_args(argv)
-    return (_report_evaluation if args.evaluate else _report_audit)(args.manifest, args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            "copies": copies.groupby("variant")[["bits", "color"]].agg(["max", "mean"]).reset_index(),
+            "copies_found": float(((copies["bits"] <= s.duplicate_max_bits)
+                                   & (copies["color"] <= s.duplicate_max_color)).mean()), "seconds": sig.seconds}

@@ -112,9 +112,14 @@ COMMANDS["models"] = ("list the 20 backbones: name, timm id, parameters, default
 # ------------------------------------------------------------------------------------------------ bench
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", default="train", choices=["train", "run", "faces"],
+    p.add_argument("what", nargs="?", default="train", choices=["train", "run", "faces", "serve"],
                    help="train: engine epoch vs compute floor; run: whole runs split into training and the rest "
-                        "(--models: the first one); faces: face-stage photos/s cold and warm")
+                        "(--models: the first one); faces: face-stage photos/s cold and warm; serve: latency and "
+                        "requests/s of served models (--model-uri, --url) at 1, 4 and 8 concurrent clients")
+    p.add_argument("--model-uri", action="append", default=[], help="serve: a model to serve and time (repeatable)")
+    p.add_argument("--url", action="append", default=[], help="serve: an already running scoring server")
+    p.add_argument("--clients", default="1,4,8", help="serve: concurrent clients, comma list")
+    p.add_argument("--requests", type=int, default=20, help="serve: requests per client")
     p.add_argument("--models", default="resnet50,vit_b_16,swin_b,dinov2_b")
     p.add_argument("--frozen", default="dinov2_b", help="comma list also benchmarked with a frozen backbone")
     p.add_argument("--epochs", type=int, default=10, help="timed epochs after warm-up (median reported)")
@@ -129,6 +134,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(ns: argparse.Namespace) -> int:
+    if ns.what == "serve":
+        from .bench_serve import bench_serve
+        from .manifest import load_manifest
+        from .train import resolve_data
+
+        photos = load_manifest(resolve_data(ns.manifest or "demo"), check_images=False).table["path"].tolist()
+        bench_serve(model_uris=ns.model_uri, urls=ns.url, photos=photos[: ns.limit or None],
+                    clients=tuple(int(c) for c in ns.clients.split(",")), per_client=ns.requests,
+                    out=ns.out if ns.out != "bench.json" else "bench_serve.json")
+        return 0
     if ns.what == "faces":
         from .faces_run import bench_faces
 
@@ -200,6 +215,50 @@ def _faces(ns: argparse.Namespace) -> int:
 
 
 COMMANDS["faces"] = ("extract aligned, masked face crops (dlib + SAM or landmark hull), cached", _faces_args, _faces)
+
+
+# ------------------------------------------------------------------------------------------------ audit
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
+    p.add_argument("--out", required=True, help="folder for audit.csv (with --evaluate: the threshold tables)")
+    p.add_argument("--no-faces", action="store_true", help="duplicates only: skip the same-person check (dlib)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--cache-dir", default=None, help="hash/descriptor cache (default ~/.cache/cushing/audit)")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--evaluate", action="store_true",
+                   help="measure the same-person and duplicate thresholds on a manifest of true identities")
+    p.add_argument("--photos", type=int, default=2000, help="--evaluate: photos sampled for same-person pairs")
+
+
+def _audit(ns: argparse.Namespace) -> int:
+    from .audit_run import run_audit, run_evaluation
+
+    if ns.evaluate:
+        table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, workers=ns.workers,
+                                    cache_dir=ns.cache_dir)
+        cols = ["threshold", "group", "pos_pairs", "precision", "precision_lo", "precision_hi", "recall",
+                "recall_lo", "recall_hi", "false_pairs_per_343"]
+        print(table[[c for c in cols if c in table.columns]].round(3).to_string(index=False))
+        print(f"duplicates: {dup['false_pairs']} false pairs among {dup['stranger_pairs']:,} pairs of different "
+              f"people (closest {dup['min_stranger_bits']} bits); copies found: {dup['copies_found']:.3f}")
+        return 0
+    res = run_audit(manifest=ns.manifest, out=ns.out, faces=not ns.no_faces, workers=ns.workers,
+                    cache_dir=ns.cache_dir, experiment=ns.experiment, track=not ns.no_track)
+    a = res.audit
+    n = len(a.photos)
+    print(f"{n} photos in {a.seconds:.2f} s ({n / max(a.seconds, 1e-9):.1f} photos/s; {a.computed} computed, "
+          f"{a.cached} from cache){'' if res.faces else '; same-person check skipped (synthetic or --no-faces)'}")
+    different = a.pairs[~a.pairs["same_subject"]]
+    for kind, count in different["kind"].value_counts().items():
+        print(f"  {count:4d} {kind} pairs of different subject ids")
+    print(f"audit: {res.out}" + (f" (logged to run {res.run_id})" if res.run_id else ""))
+    return 0
+
+
+COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",
+                     _audit_args, _audit)
 
 
 # ------------------------------------------------------------------------------------------------ explain
@@ -307,6 +366,8 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default=None, help="validation metric to rank on (default val/f1)")
     p.add_argument("--min-value", type=_opt_float, default=None, help="gate: the metric must reach this")
     p.add_argument("--max-sex-gap", type=_opt_float, default=None, help="gate: |female - male| of the metric")
+    p.add_argument("--max-subgroup-gap", type=_opt_float, default=None,
+                   help="gate: best - worst subgroup of the metric, for every subgroup column other than sex")
     p.add_argument("--allow-synthetic", default="false", metavar="BOOL",
                    help="true: a model trained on synthetic data (the demo cohort) may become champion")
 
@@ -317,8 +378,8 @@ def _promote(ns: argparse.Namespace) -> int:
     from .studies import promotion_overrides
 
     base = promotion_overrides(ns.project) if ns.project else {}
-    given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap))
-             if v not in (None, "")}
+    given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap),
+                               ("max_subgroup_gap", ns.max_subgroup_gap)) if v not in (None, "")}
     policy = PromotionPolicy(**{**base, **given, "allow_synthetic": parse_bool(ns.allow_synthetic)})
     scope = _scope(ns)
     print(f"ranking runs of {scope.how} in experiment {scope.experiment!r}")
@@ -351,6 +412,104 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     _compile_option(p)
     p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    _launcher_options(p, "one per configuration still to train")
+
+
+def _launcher_options(p: argparse.ArgumentParser, tasks: str) -> None:
+    """Where the workers run: here (processes) or a Slurm job array. Empty values (MLproject's unset) are defaults."""
+    p.add_argument("--launcher", type=lambda s: s or "local", choices=("local", "slurm"), default="local",
+                   help="local: processes on this host (default); slurm: a job array through submitit, one worker "
+                        "per task (needs a tracking server and a PostgreSQL Optuna storage the nodes reach)")
+    p.add_argument("--array", type=_opt_count, default=None, metavar="N", help=f"array tasks (default: {tasks}, "
+                                                                                "capped by --max-parallel)")
+    p.add_argument("--max-parallel", type=_opt_count, default=None, metavar="N",
+                   help="at most N tasks at once (and the default array size's cap)")
+    p.add_argument("--wait", type=_yes, nargs="?", const=True, default=False, metavar="true|false",
+                   help="follow the array until it is done, then log the results on the parent run")
+    p.add_argument("--slurm-partition", default=None, help="sbatch --partition")
+    p.add_argument("--slurm-account", default=None, help="sbatch --account")
+    p.add_argument("--slurm-time", type=_slurm_time, default=None, metavar="TIME",
+                   help="time limit per task: minutes or [D-]HH:MM[:SS] (default 24:00:00; above 10 minutes a "
+                        "preempted task is requeued)")
+    p.add_argument("--slurm-gpus", type=_opt_count, default=None, metavar="N", help="GPUs per task")
+    p.add_argument("--slurm-cpus", type=_opt_count, default=None, metavar="N", help="CPUs per task")
+    p.add_argument("--slurm-mem-gb", type=_opt_float, default=None, metavar="GB", help="memory per task")
+    p.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. qos=high or constraint=a100 (repeatable; several in one "
+                        "value separated by spaces)")
+    p.add_argument("--slurm-logs", default=None, metavar="DIR",
+                   help="submission scripts and task logs, on storage the nodes share (default ./slurm-logs)")
+    p.add_argument("--no-requeue", action="store_true", help="do not requeue preempted tasks (default: requeue)")
+
+
+def _opt_count(text: str) -> int | None:
+    """A positive count, or None for '' (MLproject's unset)."""
+    if text in ("", "None", "0"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a positive number, got {n}")
+    return n
+
+
+def _yes(text: str) -> bool:
+    value = {"": False, "true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+        str(text).strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"true or false, got {text!r}")
+    return value
+
+
+def _slurm_time(text: str) -> int | None:
+    from .cluster import ClusterError, parse_time
+
+    try:
+        return parse_time(text)
+    except ClusterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _slurm_options(ns: argparse.Namespace):
+    """The job array's SlurmOptions from the command line (ClusterError when they do not make sense)."""
+    from .cluster import DEFAULT_TIME_MIN, SlurmOptions
+
+    extra = tuple(item for value in ns.slurm_option for item in value.split() if item not in ("''", '""'))
+    kwargs = {"partition": ns.slurm_partition or None, "account": ns.slurm_account or None,
+              "time_min": ns.slurm_time or DEFAULT_TIME_MIN, "gpus_per_task": ns.slurm_gpus,
+              "cpus_per_task": ns.slurm_cpus, "mem_gb": ns.slurm_mem_gb, "array": ns.array,
+              "max_parallel": ns.max_parallel, "extra": extra, "requeue": not ns.no_requeue}
+    if ns.slurm_logs:
+        kwargs["folder"] = Path(ns.slurm_logs)
+    return SlurmOptions(**kwargs)
+
+
+def _sweep_on_slurm(ns: argparse.Namespace) -> int:
+    from .cluster import ClusterError, submit_sweep
+
+    if ns.workers and ns.workers > 1:
+        print("cushing sweep: --workers counts processes on this host; with --launcher slurm each array task is one "
+              "worker: use --array N", file=sys.stderr)
+        return 2
+    try:
+        sub = submit_sweep(ns.project, _slurm_options(ns), storage=ns.storage or None, compile=ns.compile,
+                           wait=ns.wait)
+    except ClusterError as e:
+        print(f"cushing sweep: {e}", file=sys.stderr)
+        return 2
+    if sub.sweep is not None:
+        _print_sweep_result(sub.sweep)
+    return 0
+
+
+def _print_sweep_result(res) -> None:
+    print(f"sweep {res.study_name}: parent run {res.parent_run_id}, {res.seconds:.0f} s"
+          + (f", trained {res.trained} here" if res.trained >= 0 else ""))
+    for r in res.retried:
+        print(f"  retried: trial {r['retry_of']} ({r['config']}) as trial {r['trial']} -> {r['state']}")
+    _print_tables(res.table2, res.table3)
 
 
 def _workers(text: str) -> int | None:
@@ -424,13 +583,11 @@ def _sweep(ns: argparse.Namespace) -> int:
         print(f"sweep parent run {parent}")
         _print_tables(t2, t3)
         return 0
+    if ns.launcher == "slurm":
+        return _sweep_on_slurm(ns)
     res = run_sweep(ns.project, storage=ns.storage or None, workers=ns.workers, parent_run_id=ns.parent_run or None,
                     compile=ns.compile)
-    print(f"sweep {res.study_name}: parent run {res.parent_run_id}, {res.seconds:.0f} s"
-          + (f", trained {res.trained} here" if res.trained >= 0 else ""))
-    for r in res.retried:
-        print(f"  retried: trial {r['retry_of']} ({r['config']}) as trial {r['trial']} -> {r['state']}")
-    _print_tables(res.table2, res.table3)
+    _print_sweep_result(res)
     return 0
 
 
@@ -441,18 +598,40 @@ COMMANDS["sweep"] = ("run a study file's grid (e.g. the paper's 23 configuration
 def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="a tune study file, e.g. projects/tune_vit.yaml")
     p.add_argument("--storage", default=None, help="Optuna storage URL (shared by workers and hosts)")
-    p.add_argument("--n-trials", type=int, default=None, help="trials for this worker (default: the file's)")
+    p.add_argument("--n-trials", type=int, default=None, help="trials for this worker (default: the file's; with "
+                                                               "--launcher slurm, shared by the array's tasks)")
     _compile_option(p)
+    _launcher_options(p, "one per trial")
+
+
+def _tune_on_slurm(ns: argparse.Namespace) -> int:
+    from .cluster import ClusterError, submit_tune
+
+    try:
+        sub = submit_tune(ns.project, _slurm_options(ns), storage=ns.storage or None, n_trials=ns.n_trials or None,
+                          compile=ns.compile, wait=ns.wait)
+    except ClusterError as e:
+        print(f"cushing tune: {e}", file=sys.stderr)
+        return 2
+    if sub.tune is not None:
+        _print_tune_result(sub.tune)
+    return 0
+
+
+def _print_tune_result(res) -> None:
+    print(f"tune {res.study_name}: parent run {res.parent_run_id}; {res.n_complete} complete, {res.n_pruned} pruned")
+    print(f"best value {res.best_value:.4f} with {res.best_params}")
+    if not res.importances.empty:
+        print(res.importances.to_string(index=False))
 
 
 def _tune(ns: argparse.Namespace) -> int:
     from .optimize import run_tune
 
+    if ns.launcher == "slurm":
+        return _tune_on_slurm(ns)
     res = run_tune(ns.project, storage=ns.storage or None, n_trials=ns.n_trials or None, compile=ns.compile)
-    print(f"tune {res.study_name}: parent run {res.parent_run_id}; {res.n_complete} complete, {res.n_pruned} pruned")
-    print(f"best value {res.best_value:.4f} with {res.best_params}")
-    if not res.importances.empty:
-        print(res.importances.to_string(index=False))
+    _print_tune_result(res)
     return 0
 
 
@@ -490,10 +669,11 @@ COMMANDS["dashboard"] = ("build the self-contained HTML dashboard (Tables I-III,
 # ------------------------------------------------------------------------------------------------ stack
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["up", "down", "mlflow-server", "migrate"],
-                   help="up/down: a throwaway PostgreSQL + mlflow server on 127.0.0.1 (no Docker); "
+    p.add_argument("action", choices=["up", "down", "restart", "mlflow-server", "migrate"],
+                   help="up/down/restart: a throwaway PostgreSQL + mlflow server on 127.0.0.1 (no Docker); "
                         "mlflow-server/migrate: what the docker-compose services run")
-    p.add_argument("--dir", default=".stack", help="up/down: where the cluster, artifacts and env.sh live")
+    p.add_argument("--dir", default=".stack", help="up/down/restart: where the stack's state, logs, artifacts "
+                                                   "and env.sh live")
     p.add_argument("--port", type=int, default=5000, help="MLflow server port")
     p.add_argument("--pg-port", type=int, default=0, help="PostgreSQL port (default: a free one)")
     p.add_argument("--host", default="127.0.0.1")
@@ -523,22 +703,46 @@ def _stack(ns: argparse.Namespace) -> int:
         print("mlflow db upgrade: done")
         return 0
     base = Path(ns.dir).resolve()
+    saved = (base / "stack.json").exists()
+    if ns.action in ("down", "restart") and not saved:
+        print(f"no stack in {base} (no stack.json): nothing to {ns.action}", file=sys.stderr)
+        return 1
     if ns.action == "down":
-        stack.stop_saved(base)
-        import shutil
-
-        shutil.rmtree(base, ignore_errors=True)
-        print(f"stopped the stack and removed {base} (a throwaway cluster)")
+        return _stack_down(base, ns.dir)
+    if ns.action == "restart":
+        s = stack.restart_saved(base)
+        print(f"restarted: PostgreSQL on 127.0.0.1:{s.pg.port}, MLflow server on {s.server.url}")
         return 0
-    if (base / "stack.json").exists():
+    if saved:
         print(f"{base} already holds a stack; `cushing stack down --dir {ns.dir}` first", file=sys.stderr)
         return 1
     kw = {"admin_password": os.environ["MLFLOW_ADMIN_PASSWORD"]} if os.environ.get("MLFLOW_ADMIN_PASSWORD") else {}
     s = stack.LocalStack(base=base, pg_port=ns.pg_port, port=ns.port, **kw).start()
     s.save_state()
     env = s.write_env_file()
-    print(f"PostgreSQL on 127.0.0.1:{s.pg.port}, MLflow server (basic-auth) on {s.server.url}\n"
+    where = "" if str(s.pg.root).startswith(str(base)) else f" (cluster in {s.pg.root}: the postgres user cannot " \
+                                                               f"enter {base})"
+    print(f"PostgreSQL on 127.0.0.1:{s.pg.port}{where}, MLflow server (basic-auth) on {s.server.url}\n"
           f"credentials and URIs: source {env}\nstop with: cushing stack down --dir {ns.dir}")
+    return 0
+
+
+def _stack_down(base: Path, name: str) -> int:
+    import json
+    import shutil
+
+    from . import stack
+
+    state = json.loads((base / "stack.json").read_text())
+    problems = stack.stop_saved(base)
+    if problems:
+        print("cushing stack down: could not stop everything, so nothing was removed: " + "; ".join(problems),
+              file=sys.stderr)
+        return 1
+    shutil.rmtree(base, ignore_errors=True)
+    if state.get("pg_root") and not state["pg_root"].startswith(str(base)):
+        shutil.rmtree(state["pg_root"], ignore_errors=True)
+    print(f"stopped the MLflow server on port {state['port']} and PostgreSQL, removed {base}")
     return 0
 
 
@@ -613,9 +817,11 @@ def _stack_error() -> type[BaseException]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .backbones import WeightsUnavailable
     from .experiment import ResumeError
+    from .stats.subgroups import SubgroupError
     from .tracking import TrackingUnavailable
+    from .train import AuditError
 
-    return (WeightsUnavailable, FileNotFoundError, TrackingUnavailable, ResumeError)
+    return (WeightsUnavailable, FileNotFoundError, TrackingUnavailable, ResumeError, AuditError, SubgroupError)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class TrainConfig:
     log_model: bool = True
     decode_workers: int = 0  # 0 = one per CPU core
     compile: str = "none"  # torch.compile mode for fine-tuning: none | default | reduce-overhead | max-autotune
+    subgroups: str = "sex"  # manifest columns reported like sex (metrics, intervals, gaps), comma-separated
+    split_strata: str = "label,sex"  # columns the drawn split is stratified on (label is always one of them)
+    audit: str = "warn"  # cohort audit before splitting: off | warn (merge likely same-person ids) | strict (refuse)
     checkpoint_every: int = 10  # write a resumable checkpoint every N epochs (0 = never)
     log_checkpoint: bool = False  # also log the checkpoint as a run artifact (to resume on another host)
     resume: str | None = None  # a run id to continue from its last checkpoint, or "true": see README, Reliability
@@ -75,10 +78,23 @@ class TrainConfig:
         return parse_ratios(self.split_ratios)
 
     @property
+    def subgroup_columns(self) -> tuple[str, ...]:
+        return _columns(self.subgroups)
+
+    @property
+    def strata_columns(self) -> tuple[str, ...]:
+        cols = _columns(self.split_strata)
+        return cols if "label" in cols else ("label", *cols)
+
+    @property
     def frozen(self) -> bool:
         from .backbones import resolve_freeze
 
         return resolve_freeze(self.model, self.freeze)
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c.strip() for c in str(text).split(",") if c.strip()))
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:
@@ -122,6 +138,10 @@ def _validate_train(c: TrainConfig) -> None:
         problems.append(f"device: auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
     if c.compile not in COMPILE_MODES:
         problems.append(f"compile: one of {' | '.join(COMPILE_MODES)}, got {c.compile!r}")
+    if c.audit not in ("off", "warn", "strict"):
+        problems.append(f"audit: off, warn or strict, got {c.audit!r}")
+    if not _columns(c.subgroups):
+        problems.append("subgroups: at least one manifest column (default sex)")
     if not c.select_metric.startswith("val/"):
         problems.append(f"select_metric: must be a validation metric (val/...), got {c.select_metric!r}")
     try:
@@ -129,7 +149,7 @@ def _validate_train(c: TrainConfig) -> None:
     except ConfigError as e:
         problems.append(str(e))
     try:
-        from .evidence import parse_threshold_rule
+        from .stats.thresholds import parse_threshold_rule
         parse_threshold_rule(c.threshold)
     except ValueError as e:
         problems.append(f"threshold: {e}")

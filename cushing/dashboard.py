@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, tracking
-from .metrics import auc_score, lower_is_better
+from .stats import calibration
+from .stats.metrics import auc, lower_is_better, roc_points
+from .stats.plots import pyplot
 
 __all__ = ["DashboardError", "build_dashboard", "collect", "dashboards_dir"]
 
@@ -120,18 +122,16 @@ def _cell(m: dict, name: str) -> dict[str, Any]:
 
 
 def _png(fig) -> str:
-    from .plots import _plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _roc_figure(ranked: list[RunData], top: int) -> str:
-    from .plots import _plt, roc_points
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
     for rd in ranked[:top]:
         if rd.predictions is None:
@@ -140,7 +140,7 @@ def _roc_figure(ranked: list[RunData], top: int) -> str:
         y, p = t["label"].to_numpy(), t["probability"].to_numpy()
         if 0 < y.sum() < len(y):
             fpr, tpr = roc_points(y, p)
-            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{_label(rd.run)} ({auc_score(y, p):.3f})")
+            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{_label(rd.run)} ({float(auc(y, p)[0]):.3f})")
     ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="test ROC (AUC)")
     ax.legend(fontsize=7, loc="lower right")
@@ -149,20 +149,18 @@ def _roc_figure(ranked: list[RunData], top: int) -> str:
 
 
 def _calibration_figure(ranked: list[RunData], top: int) -> str:
-    from . import evidence
-    from .plots import _plt
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
     ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
     for rd in ranked[:top]:
         if rd.predictions is None:
             continue
         t = rd.predictions[rd.predictions["split"] == "test"]
-        rel = evidence.reliability(t["label"].to_numpy(), t["probability"].to_numpy())
+        rel = calibration.reliability(t["label"].to_numpy(), t["probability"].to_numpy())
         rel = rel[rel["count"] > 0]
         ax.plot(rel["mean_predicted"], rel["observed_rate"], "o-", ms=3,
-                label=f"{_label(rd.run)} (ECE {evidence.ece(t['label'], t['probability']):.3f})")
+                label=f"{_label(rd.run)} (ECE {calibration.ece(t['label'], t['probability']):.3f})")
     ax.set(xlabel="mean predicted probability", ylabel="observed patient rate", xlim=(0, 1), ylim=(0, 1),
            title="test calibration")
     ax.legend(fontsize=7, loc="upper left")
@@ -171,9 +169,8 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
 
 
 def _per_sex_figure(ranked: list[RunData]) -> str:
-    from .plots import _plt
 
-    plt = _plt()
+    plt = pyplot()
     labels = [_label(rd.run) for rd in ranked]
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.1 * len(labels) + 3), 3.6))
     x = np.arange(len(labels))
@@ -198,12 +195,11 @@ def _per_sex_figure(ranked: list[RunData]) -> str:
 
 
 def _cam_figure(ranked: list[RunData], n: int) -> str | None:
-    from .plots import _plt
 
     with_cam = [rd for rd in ranked if "all" in rd.cam][:n]
     if not with_cam:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(with_cam), figsize=(2.2 * len(with_cam), 2.5), squeeze=False)
     for ax, rd in zip(axes[0], with_cam):
         ax.imshow(rd.cam["all"], cmap="inferno")
@@ -220,6 +216,11 @@ def _cohort(runs: list[RunData]) -> tuple[list[dict] | None, str]:
     digests = {rd.run.data.tags.get("data_digest") for rd in runs if rd.splits is not None}
     note = "" if len(digests) <= 1 else f"Runs come from {len(digests)} different cohorts; the first is shown."
     return tables[0].to_dict("records"), note
+
+
+def _other_subgroups(metrics: dict[str, float]) -> list[str]:
+    """Subgroups of manifest columns other than sex (`site:A`), from the run's `test/n/<column>:<value>` counts."""
+    return sorted(k[len("test/n/"):] for k in metrics if k.startswith("test/n/") and ":" in k)
 
 
 def rank_runs(runs: list[RunData], metric: str) -> list[RunData]:
@@ -246,7 +247,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
     ranked = rank_runs(runs, rank_metric)
     registry = registry_status()
     by_run = {a["run"]: a["alias"] for a in reversed(registry)}
-    rows, per_sex = [], []
+    rows, per_sex, per_subgroup = [], [], []
     for rd in ranked:
         m, t = rd.run.data.metrics, rd.run.data.tags
         rv = m.get(rank_metric, math.nan)
@@ -261,6 +262,10 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
                 pos = int(sub["label"].sum())
             per_sex.append({"label": _label(rd.run), "group": group, "positives": "" if pos is None else pos,
                             "metrics": {k: _cell(m, f"test/{k}/{group}") for k in spec["per_sex_metrics"]}})
+        for group in _other_subgroups(m):
+            per_subgroup.append({"label": _label(rd.run), "group": group.replace(":", " = ", 1),
+                                 "positives": int(m.get(f"test/positives/{group}", 0)),
+                                 "metrics": {k: _cell(m, f"test/{k}/{group}") for k in spec["per_sex_metrics"]}})
     cohort, cohort_note = _cohort(runs)
     figures = {"roc": _roc_figure(ranked, spec["roc_top"]), "calibration": _calibration_figure(ranked,
                spec["calibration_top"]), "per_sex": _per_sex_figure(ranked), "cam": _cam_figure(ranked,
@@ -268,6 +273,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), autoescape=True)
     html = env.get_template(spec["template"]).render(
         title=spec["title"], experiment=experiment, parent=parent_run_id, runs=rows, per_sex=per_sex,
+        per_subgroup=per_subgroup,
         leaderboard_metrics=spec["leaderboard_metrics"], per_sex_metrics=spec["per_sex_metrics"],
         rank_metric=rank_metric, roc_top=spec["roc_top"], cohort=cohort, cohort_note=cohort_note,
         figures=figures, registry=registry, version=__version__,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DeviceAugment, ImageBank
-from .metrics import lower_is_better, point_metrics
+from .stats.metrics import lower_is_better, point_metrics
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
            "features_of", "autocast_for", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback"]

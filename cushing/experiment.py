@@ -13,12 +13,13 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import __version__, plots, tracking
+from . import __version__, tracking
+from .stats import plots
 from .backbones import get_spec
 from .config import TrainConfig, to_params
 from .checkpoint import Checkpointer, remove_checkpoint
 from .engine import EpochCallback, FitState
-from .report import Report, build_report
+from .stats.report import Report, build_report
 from .splits import assign_folds
 from .train import Cohort, TrainOutcome, prepare_cohort, train
 
@@ -85,6 +86,25 @@ def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
                        "sex": cohort.table["sex"].to_numpy(), "label": cohort.table["label"].to_numpy()})
     name = "demo-cohort" if cohort.manifest.synthetic else "cohort"
     run.log_dataset(ds, digest=cohort.manifest.digest, name=name)
+    if cohort.audit is not None:
+        _log_audit(run, cfg, cohort)
+
+
+def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> None:
+    """The cohort audit that shaped the split: audit.csv (CSV lines and hashed ids only), counts, how many
+    subjects were merged into another's split group, and a warning when a given split keeps pairs apart."""
+    audit = cohort.audit
+    pairs = audit.pairs.assign(split_a=cohort.split.to_numpy()[audit.pairs["line_a"].to_numpy() - 2],
+                               split_b=cohort.split.to_numpy()[audit.pairs["line_b"].to_numpy() - 2])
+    pairs["straddles_splits"] = pairs["split_a"] != pairs["split_b"]
+    run.log_table(pairs, "audit.csv")
+    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"]).sum())
+    run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges), "audit/pairs_across_splits": apart})
+    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges)}
+    if apart:
+        tags["audit_warning"] = (f"{apart} pair(s) of different subjects that look like one photo or one person sit "
+                                 "in different splits (a split given in the manifest is kept as it is): see audit.csv")
+    run.set_tags(tags)
 
 
 def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
@@ -108,9 +128,11 @@ def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report)
     if fit.stopped:
         tags["stopped_early"] = fit.stopped
     run.set_tags(tags)
-    pred = outcome.predictions[["subject", "split", "sex", "label", "probability", "prediction"]]
+    extra = [c for c in outcome.config.subgroup_columns if c != "sex"]
+    pred = outcome.predictions[["subject", "split", "sex", *extra, "label", "probability", "prediction"]]
     run.log_table(pred, "predictions.csv")
     run.log_table(report.per_sex, "per_sex.csv")
+    run.log_table(report.per_subgroup, "per_subgroup.csv")
     run.log_table(pd.DataFrame(fit.history), "history.csv")
     with artifact_dir() as d:
         plots.roc_plot(outcome.predictions, d / "roc.png", title=run_name(outcome.config))
@@ -182,7 +204,8 @@ def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *,
     try:
         stages("intervals (bootstrap)")
         report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
-                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort))
+                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
+                              subgroup_columns=cfg.subgroup_columns)
         uri = None
         if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
             stages("model")
@@ -312,7 +335,7 @@ def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
 
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
-    from .evidence import logit
+    from .stats.calibration import logit
 
     out = pred.copy()
     out["probability"] = 1 / (1 + np.exp(-(logit(out["probability"].to_numpy()) - logit(np.array([threshold]))[0])))
@@ -342,7 +365,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
         oof = pd.concat(pooled, ignore_index=True).assign(split="oof")
         report = build_report(oof, threshold=0.5, splits=("oof",), min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              argmax_split=None)
+                              argmax_split=None, subgroup_columns=cfg.subgroup_columns)
         metrics = {**report.metrics, **_spread(children)}
         parent.log_metrics(metrics)
         parent.set_tags(report.tags)

@@ -159,9 +159,9 @@ def _group_key(label: int, pred: int, sex: str) -> str:
 
 
 def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> None:
-    from .plots import _plt
+    from .stats.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(3.2, 3.4))
     ax.imshow(m, cmap="inferno", vmin=0, vmax=max(1e-6, float(m.max())))
     ax.contour(outline, levels=np.arange(len(REGIONS)) + 0.5, colors="white", linewidths=0.5, alpha=0.6)

@@ -61,9 +61,9 @@ def _audit_metrics(audit: pd.DataFrame) -> dict[str, float]:
 
 
 def _audit_plot(audit: pd.DataFrame, path: Path) -> None:
-    from .plots import _plt
+    from .stats.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     a = audit[audit["group"] != "all"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     ax1.bar(a["group"], a["failure_rate"], color="C3")

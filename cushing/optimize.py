@@ -38,7 +38,8 @@ from .engine import StopTraining
 from .studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
 
 __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
-           "plan_sweep", "auto_workers", "sweep_worker", "resolve_scope", "Scope", "default_experiment"]
+           "plan_sweep", "auto_workers", "sweep_worker", "resolve_scope", "Scope", "default_experiment",
+           "SweepHandle", "open_sweep", "sweep_status", "finish_sweep"]
 
 MAX_RETRY = 2
 GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
@@ -451,6 +452,57 @@ def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
     return with_execution(study, compile=compile) if compile else study
 
 
+@dataclass
+class SweepHandle:
+    """An open sweep that launchers (local processes, a Slurm job array) feed with workers."""
+
+    study: Study
+    storage: str  # the Optuna storage URL every worker must use
+    grid: _Grid
+    launcher_run: str | None  # the run `mlflow run` created for this launch, if any
+    started: float
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.grid.parent
+
+    @property
+    def study_name(self) -> str:
+        return self.grid.name
+
+
+def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
+               compile: str | None = None) -> SweepHandle:
+    """Load the study file, open (or create) its Optuna study and parent run: what every launcher does first."""
+    study = load_for(path, "sweep", compile)
+    launcher_run = tracking.env_run_id()  # read before the parent run may take it
+    storage = storage or default_storage()
+    return SweepHandle(study, storage, _open_grid(study, storage, parent_run_id), launcher_run, time.perf_counter())
+
+
+def sweep_status(h: SweepHandle) -> dict[str, Any]:
+    """Where the grid stands (for progress lines): configurations done, training, failed for good, waiting."""
+    states = _attempts(h.grid)
+    return {"n": len(states), "done": sum(a.done for a in states.values()),
+            "training": sum(a.live for a in states.values()),
+            "failed": sorted(k for k, a in states.items() if a.errored or (a.next_attempt is None and not a.done
+                                                                         and not a.live)),
+            "finished": all(a.done or a.errored or (a.next_attempt is None and not a.live) for a in states.values())}
+
+
+def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
+    """Tables II and III and the retries on the parent run (and this launch's own run under `mlflow run`)."""
+    t2, t3 = sweep_tables(h.grid.parent, h.study)
+    retried = _retries(h.grid.ostudy)
+    done = sweep_status(h)["done"]
+    seconds = time.perf_counter() - h.started
+    _log_tables(h.grid.parent, t2, t3, retried, seconds, done, len(h.study.labels))
+    if h.launcher_run and h.launcher_run != h.grid.parent:
+        _log_pass(h.launcher_run, h.grid, trained, done)
+    h.grid.claims.close()
+    return SweepResult(h.grid.parent, h.grid.name, trained, t2, t3, retried, seconds)
+
+
 def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | None = None, progress: bool = True,
               parent_run_id: str | None = None, compile: str | None = None) -> SweepResult:
     """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
@@ -459,28 +511,16 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
     configuration; it does not change the study's identity, so a sweep can be resumed with or without it.
     Under `mlflow run`, the run it created becomes the study's parent on the first launch, and on later launches
     a child of that parent recording what this launch trained."""
-    t0 = time.perf_counter()
-    study = load_for(path, "sweep", compile)
-    storage = storage or default_storage()
+    h = open_sweep(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
     workers = workers or auto_workers()
-    launcher_run = tracking.env_run_id()  # read before the parent run may take it
-    grid = _open_grid(study, storage, parent_run_id)
     if workers > 1:
-        codes = _spawn_workers(study.path, storage, grid.parent, workers, compile)
+        codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
         trained = -1
         if any(codes):
             raise RuntimeError(f"sweep workers exited with {codes}")
     else:
-        trained = sweep_worker(study, storage, progress=progress, grid=grid)
-    t2, t3 = sweep_tables(grid.parent, study)
-    retried = _retries(grid.ostudy)
-    states = _attempts(grid)
-    done = sum(a.done for a in states.values())
-    _log_tables(grid.parent, t2, t3, retried, time.perf_counter() - t0, done, len(study.labels))
-    if launcher_run and launcher_run != grid.parent:
-        _log_pass(launcher_run, grid, trained, done)
-    grid.claims.close()
-    return SweepResult(grid.parent, grid.name, trained, t2, t3, retried, time.perf_counter() - t0)
+        trained = sweep_worker(h.study, h.storage, progress=progress, grid=h.grid)
+    return finish_sweep(h, trained)
 
 
 def _log_pass(run_id: str, grid: _Grid, trained: int, done: int) -> None:

@@ -13,12 +13,17 @@ class SplitError(ValueError):
     pass
 
 
-def _subjects(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per subject with its stratum: label (1 if any image is positive) x sex."""
-    g = table.groupby("subject_id", sort=True)
-    subj = pd.DataFrame({"label": g["label"].max(), "sex": g["sex"].first(), "n": g.size()})
-    subj["stratum"] = subj["sex"] + subj["label"].astype(str)
-    return subj
+def _units(table: pd.DataFrame, strata: tuple[str, ...] = ("label", "sex"),
+           groups: pd.Series | None = None) -> pd.DataFrame:
+    """One row per unit that must stay whole (a subject, or a group of subjects the cohort audit found to be one
+    person) with its stratum: label (1 if any image is positive) x the other strata columns (first value)."""
+    key = (groups if groups is not None else table["subject_id"]).rename("unit")
+    g = table.groupby(key, sort=True)
+    units = pd.DataFrame({"label": g["label"].max(), "n": g.size()})
+    others = [g[col].first().astype(str) for col in strata if col != "label"]
+    prefix = others[0].str.cat(others[1:], sep="|") if others else pd.Series("", index=units.index)
+    units["stratum"] = prefix + units["label"].astype(str)  # "F0", "F1", ... as before for label x sex
+    return units
 
 
 def _allocate(n: int, ratios: tuple[float, ...]) -> list[int]:
@@ -32,16 +37,18 @@ def _allocate(n: int, ratios: tuple[float, ...]) -> list[int]:
     return counts.tolist()
 
 
-def assign_splits(table: pd.DataFrame, ratios: tuple[float, float, float] = (1, 1, 1), seed: int = 0) -> pd.Series:
-    """Split per image, honouring a filled `split` column (checked for leakage) or drawing one."""
+def assign_splits(table: pd.DataFrame, ratios: tuple[float, float, float] = (1, 1, 1), seed: int = 0, *,
+                  strata: tuple[str, ...] = ("label", "sex"), groups: pd.Series | None = None) -> pd.Series:
+    """Split per image, honouring a filled `split` column (checked for leakage) or drawing one: whole subjects
+    (or whole `groups`, e.g. ids the cohort audit merged as one person), stratified on `strata`."""
     if "split" in table.columns:
         check_no_leak(table, table["split"])
         return table["split"].copy()
-    subj = _subjects(table)
+    units = _units(table, strata, groups)
     rng = np.random.default_rng(seed)
     where: dict[str, str] = {}
-    for stratum in sorted(subj["stratum"].unique()):
-        ids = subj.index[subj["stratum"] == stratum].to_numpy()
+    for stratum in sorted(units["stratum"].unique()):
+        ids = units.index[units["stratum"] == stratum].to_numpy()
         ids = ids[rng.permutation(len(ids))]
         counts = _allocate(len(ids), ratios)
         start = 0
@@ -49,7 +56,7 @@ def assign_splits(table: pd.DataFrame, ratios: tuple[float, float, float] = (1, 
             for s in ids[start:start + c]:
                 where[s] = split
             start += c
-    out = table["subject_id"].map(where)
+    out = (groups if groups is not None else table["subject_id"]).map(where)
     check_no_leak(table, out)
     return out.rename("split")
 
@@ -58,7 +65,7 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int = 0) -> pd.Series:
     """Stratified group k-fold: fold index per image; subjects whole, strata label x sex balanced across folds."""
     if k < 2:
         raise SplitError(f"cv_folds must be >= 2, got {k}")
-    subj = _subjects(table)
+    subj = _units(table)
     rng = np.random.default_rng(seed)
     fold_of: dict[str, int] = {}
     offset = 0

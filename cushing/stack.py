@@ -2,11 +2,18 @@
 artifact proxy) on 127.0.0.1. Also the MLflow server launcher the docker-compose `mlflow` service runs, so both
 paths start the server the same way.
 
-PostgreSQL refuses to run as root: when root, its commands run as the `postgres` user (runuser).
+Other accounts on the host get nothing: PostgreSQL asks every connection for a password (scram-sha-256, also on
+its Unix socket, which sits in a folder only the postgres user can enter), database passwords never appear on a
+command line (`ps` shows every process's arguments to every account): the server and the migration find them in a
+libpq password file of mode 0600 (PGPASSFILE); the secrets, the environment file and the artifact store are 0600 /
+0700. PostgreSQL refuses to run as root: when root, its commands run as the `postgres` user (runuser), and when
+that user cannot reach the stack's folder (under root's home, mode 0700) the cluster lives in a private folder of
+its own under /var/tmp instead.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["StackError", "check_admin_password", "Postgres", "MlflowServer", "LocalStack", "free_port",
-           "wait_http", "mlflow_server_command", "write_auth_config"]
+           "wait_http", "mlflow_server_command", "write_auth_config", "write_pgpass", "stop_saved", "restart_saved"]
 
 INIT_SCRIPT = Path(__file__).with_name("deploy") / "init-databases.sh"
 # Known defaults and placeholders: MLflow's old default, .env.example's placeholder, the obvious ones.
@@ -49,6 +56,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_http(url: str, timeout: float = 90.0, ok=(200,), proc: subprocess.Popen | None = None,
               log: Path | None = None) -> None:
     import urllib.error
@@ -74,6 +89,25 @@ def wait_http(url: str, timeout: float = 90.0, ok=(200,), proc: subprocess.Popen
     raise StackError(f"{url} did not answer within {timeout:.0f}s ({last})")
 
 
+def _private(path: Path, mode: int = 0o600) -> Path:
+    os.chmod(path, mode)
+    return path
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """A file only its owner can read, created with that mode (never readable, even for an instant)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return _private(path)
+
+
+def write_pgpass(path: Path, entries: list[tuple[str, int, str, str]]) -> Path:
+    """A libpq password file (host, port, user, password; any database), mode 0600 as libpq requires."""
+    esc = lambda v: str(v).replace("\\", "\\\\").replace(":", "\\:")  # noqa: E731
+    return _write_private(path, "".join(f"{esc(h)}:{p}:*:{esc(u)}:{esc(pw)}\n" for h, p, u, pw in entries))
+
+
 def _pg_bin(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     if found:
@@ -92,19 +126,50 @@ def _as_postgres(cmd: list[str]) -> list[str]:
                                                                    " ".join(cmd)]
 
 
+def _postgres_can_enter(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    return subprocess.run(_as_postgres(["test", "-x", str(path)]), capture_output=True).returncode == 0
+
+
 @dataclass
 class Postgres:
-    """A throwaway cluster listening on 127.0.0.1:port only."""
+    """A throwaway cluster listening on 127.0.0.1:port, password required for every connection."""
 
     base: Path
     port: int = 0
     superuser_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    root: Path | None = None  # where the cluster lives (default: base/pg, or /var/tmp when postgres cannot reach it)
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
-        self.data = self.base / "pgdata"
-        self.sock = self.base / "sock"
-        self.log = self.base / "postgres.log"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "postgres.log"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "pgdata"
+
+    @property
+    def sock(self) -> Path:
+        return self.root / "sock"
+
+    def _place(self) -> None:
+        """base/pg when the postgres user can reach base (base is made traversable, not listable, for it);
+        otherwise a private folder of its own under /var/tmp (root's home is 0700)."""
+        if self.root is not None:
+            return
+        if os.geteuid() == 0:
+            os.chmod(self.base, 0o711)
+        if _postgres_can_enter(self.base):
+            self.root = self.base / "pg"
+            self.root.mkdir(exist_ok=True)
+        else:
+            self.root = Path(tempfile.mkdtemp(prefix="cushing-pg-", dir="/var/tmp"))
+        self._own(self.root)
+        os.chmod(self.root, 0o700)
 
     def _own(self, *paths: Path) -> None:
         if os.geteuid() == 0:
@@ -116,19 +181,31 @@ class Postgres:
 
     def start(self) -> "Postgres":
         self.base.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base, 0o755)  # the postgres user must reach its folders
+        self._place()
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        return self.launch()
+
+    def _initdb(self) -> None:
         for d in (self.data, self.sock):
             d.mkdir(exist_ok=True)
-        pwfile = self.base / "pwfile"
-        pwfile.write_text(self.superuser_password)
-        self.log.touch()
-        self._own(self.data, self.sock, pwfile, self.log)
+        pwfile = self.root / "pwfile"
+        _write_private(pwfile, self.superuser_password)
+        self._own(self.data, self.sock, pwfile)
         os.chmod(self.data, 0o700)
-        subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
-                                     "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]),
-                       check=True, capture_output=True, text=True)
-        pwfile.unlink()
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock}"
+        os.chmod(self.sock, 0o700)
+        r = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+                                         "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                                         f"--pwfile={pwfile}"]), capture_output=True, text=True)
+        pwfile.unlink(missing_ok=True)
+        if r.returncode != 0:
+            raise StackError(f"initdb failed in {self.data}: {r.stderr.strip()[-1500:]}")
+
+    def launch(self) -> "Postgres":
+        self.log.touch()
+        self._own(self.log)
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} "
+                "-c unix_socket_permissions=0700")
         r = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
                                          "-w", "-t", "60", "start"]), capture_output=True, text=True)
         if r.returncode != 0:
@@ -145,10 +222,13 @@ class Postgres:
         if r.returncode != 0:
             raise StackError(f"creating databases failed: {r.stderr}")
 
-    def uri(self, db: str, user: str, password: str, driver: str = "postgresql+psycopg2") -> str:
-        from urllib.parse import quote
+    def uri(self, db: str, user: str, driver: str = "postgresql+psycopg2") -> str:
+        """Without the password: libpq finds it in PGPASSFILE, so no command line ever carries it."""
+        return f"{driver}://{user}@127.0.0.1:{self.port}/{db}"
 
-        return f"{driver}://{user}:{quote(password, safe='')}@127.0.0.1:{self.port}/{db}"
+    def running(self) -> bool:
+        r = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "status"]), capture_output=True)
+        return r.returncode == 0
 
     def stop(self) -> None:
         if self.data.exists():
@@ -158,16 +238,14 @@ class Postgres:
 
 def write_auth_config(path: Path, database_uri: str, default_permission: str = "NO_PERMISSIONS") -> Path:
     """MLflow basic-auth settings; the admin password comes from MLFLOW_AUTH_ADMIN_PASSWORD, not the file."""
-    path.write_text("[mlflow]\n"
-                    f"default_permission = {default_permission}\n"
-                    f"database_uri = {database_uri.replace('%', '%%')}\n"
-                    "admin_username = admin\n"
-                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                    # PBKDF2 costs ~1 s per request on a small CPU: cache verified credentials per worker for a
-                    # minute (a changed password takes up to that long to reach every worker)
-                    "auth_cache_ttl_seconds = 60\n")
-    os.chmod(path, 0o600)
-    return path
+    return _write_private(path, "[mlflow]\n"
+                          f"default_permission = {default_permission}\n"
+                          f"database_uri = {database_uri.replace('%', '%%')}\n"
+                          "admin_username = admin\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                          # PBKDF2 costs ~1 s per request on a small CPU: cache verified credentials per worker
+                          # for a minute (a changed password takes up to that long to reach every worker)
+                          "auth_cache_ttl_seconds = 60\n")
 
 
 def mlflow_server_command(*, backend_uri: str, artifacts: str, host: str, port: int, allowed_hosts: str,
@@ -177,9 +255,10 @@ def mlflow_server_command(*, backend_uri: str, artifacts: str, host: str, port: 
             "--app-name", "basic-auth", "--allowed-hosts", allowed_hosts]
 
 
-def migrate(backend_uri: str) -> None:
+def migrate(backend_uri: str, env: dict[str, str] | None = None) -> None:
     """`mlflow db upgrade`: the one-shot schema migration the server waits for."""
-    r = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", backend_uri], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", backend_uri], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise StackError(f"mlflow db upgrade failed: {r.stderr[-2000:]}")
 
@@ -194,6 +273,7 @@ class MlflowServer:
     host: str = "127.0.0.1"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # CSRF key of the auth app
     workers: int = 2
+    pgpass: Path | None = None
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -208,30 +288,54 @@ class MlflowServer:
     def start(self, timeout: float = 120.0) -> "MlflowServer":
         check_admin_password(self.admin_password)
         self.artifacts.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.artifacts, 0o700)  # other accounts cannot read the models and tables of the runs
         ini = write_auth_config(self.base / "basic_auth.ini", self.auth_db_uri)
         env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key}
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
+               **({"PGPASSFILE": str(self.pgpass)} if self.pgpass else {})}
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = mlflow_server_command(backend_uri=self.backend_uri, artifacts=str(self.artifacts), host=self.host,
                                     port=self.port, allowed_hosts=f"127.0.0.1:{self.port},localhost:{self.port}",
                                     workers=self.workers)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _private(self.log)
         wait_http(f"{self.url}/health", timeout, proc=self.proc, log=self.log)
         return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+            _stop_group(self.proc.pid)
+            self.proc.wait(5)
 
     def client_env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": "admin",
                 "MLFLOW_TRACKING_PASSWORD": self.admin_password}
+
+
+def _stop_group(pgid: int, grace: float = 20.0) -> bool:
+    """SIGTERM a process group, SIGKILL what is left after `grace` seconds; True when it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    time.sleep(0.5)
+    try:
+        os.killpg(pgid, 0)
+        return False
+    except ProcessLookupError:
+        return True
 
 
 @dataclass
@@ -245,26 +349,44 @@ class LocalStack:
     pg_port: int = 0
     port: int = 0
     workers: int = 2  # uvicorn workers of the MLflow server
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    superuser_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    pg_root: Path | None = None
 
     def __post_init__(self) -> None:
-        # not under a 0700 folder (pytest's tmp): the postgres user must be able to reach the cluster
         self.base = Path(self.base) if self.base else Path(tempfile.mkdtemp(prefix="cushing-stack-"))
         self.base.mkdir(parents=True, exist_ok=True)
-        self.pg = Postgres(self.base, self.pg_port)
+        self.pg = Postgres(self.base, self.pg_port, self.superuser_password, self.pg_root)
         self.server: MlflowServer | None = None
 
     @property
+    def pgpass(self) -> Path:
+        return self.base / "pgpass"
+
+    @property
     def optuna_storage(self) -> str:
-        return self.pg.uri("optuna", "optuna", self.optuna_db_password, driver="postgresql+psycopg2")
+        return self.pg.uri("optuna", "optuna")
+
+    def storage_for(self, database: str) -> str:
+        """An Optuna storage URL for another database of this cluster, owned by the optuna role."""
+        return self.pg.uri(database, "optuna")
+
+    def _server(self) -> MlflowServer:
+        return MlflowServer(self.base, self.pg.uri("mlflow", "mlflow"), self.pg.uri("mlflow_auth", "mlflow"),
+                            self.admin_password, self.port, secret_key=self.secret_key, workers=self.workers,
+                            pgpass=self.pgpass)
 
     def start(self) -> "LocalStack":
         check_admin_password(self.admin_password)
+        fresh = not (self.base / "pg" / "pgdata" / "PG_VERSION").exists() and self.pg_root is None
         self.pg.start()
-        self.pg.init_databases(self.mlflow_db_password, self.optuna_db_password)
-        backend = self.pg.uri("mlflow", "mlflow", self.mlflow_db_password)
-        migrate(backend)
-        self.server = MlflowServer(self.base, backend, self.pg.uri("mlflow_auth", "mlflow", self.mlflow_db_password),
-                                   self.admin_password, self.port, workers=self.workers).start()
+        self.port = self.port or free_port()
+        write_pgpass(self.pgpass, [("127.0.0.1", self.pg.port, "mlflow", self.mlflow_db_password),
+                                   ("127.0.0.1", self.pg.port, "optuna", self.optuna_db_password)])
+        if fresh:
+            self.pg.init_databases(self.mlflow_db_password, self.optuna_db_password)
+        migrate(self.pg.uri("mlflow", "mlflow"), {"PGPASSFILE": str(self.pgpass)})
+        self.server = self._server().start()
         return self
 
     def stop(self, remove: bool = True) -> None:
@@ -273,40 +395,92 @@ class LocalStack:
         self.pg.stop()
         if remove:
             shutil.rmtree(self.base, ignore_errors=True)
+            if self.pg.root and not str(self.pg.root).startswith(str(self.base)):
+                shutil.rmtree(self.pg.root, ignore_errors=True)
 
     def save_state(self) -> Path:
-        """What `cushing stack down` needs to stop a stack started by `cushing stack up`."""
-        import json
-
+        """What `cushing stack down|restart` need: processes and ports (stack.json) and the secrets (0600)."""
         assert self.server is not None and self.server.proc is not None
-        path = self.base / "stack.json"
-        path.write_text(json.dumps({"server_pid": self.server.proc.pid, "pgdata": str(self.pg.data),
-                                    "url": self.server.url, "pg_port": self.pg.port}))
-        os.chmod(path, 0o600)
-        return path
+        _write_private(self.base / "stack.json", json.dumps({
+            "server_pgid": self.server.proc.pid, "pg_root": str(self.pg.root), "url": self.server.url,
+            "port": self.port, "pg_port": self.pg.port, "workers": self.workers}))
+        _write_private(self.base / "secrets.json", json.dumps({
+            "admin_password": self.admin_password, "mlflow_db_password": self.mlflow_db_password,
+            "optuna_db_password": self.optuna_db_password, "secret_key": self.secret_key,
+            "superuser_password": self.superuser_password}))
+        return self.base / "stack.json"
+
+    @classmethod
+    def from_saved(cls, base: Path) -> "LocalStack":
+        state = json.loads((base / "stack.json").read_text())
+        keys = json.loads((base / "secrets.json").read_text())
+        return cls(base=base, pg_port=state["pg_port"], port=state["port"], workers=state.get("workers", 2),
+                   pg_root=Path(state["pg_root"]), **keys)
 
     def env(self) -> dict[str, str]:
         assert self.server is not None
-        return {**self.server.client_env(), "CUSHING_OPTUNA_STORAGE": self.optuna_storage}
+        return {**self.server.client_env(), "CUSHING_OPTUNA_STORAGE": self.optuna_storage,
+                "PGPASSFILE": str(self.pgpass)}
 
     def write_env_file(self) -> Path:
-        path = self.base / "env.sh"
-        path.write_text("".join(f"export {k}='{v}'\n" for k, v in self.env().items()))
-        os.chmod(path, 0o600)
-        return path
+        return _write_private(self.base / "env.sh", "".join(f"export {k}='{v}'\n" for k, v in self.env().items()))
 
 
-def stop_saved(base: Path) -> None:
-    """Stop a stack that `cushing stack up` left running in `base`."""
-    import json
+def _listeners(port: int) -> set[int]:
+    """Pids of processes with a socket listening on 127.0.0.1:port (from /proc, no tools needed)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(parts[9])
+    pids = set()
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            pids.add(int(fd.split("/")[2]))
+    return pids
 
+
+def stop_saved(base: Path) -> list[str]:
+    """Stop everything a `cushing stack up` in `base` started: the server's process group, any process still
+    listening on its port (a server restarted since), PostgreSQL. Returns what could not be stopped."""
     state = json.loads((base / "stack.json").read_text())
-    try:
-        os.killpg(int(state["server_pid"]), signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", state["pgdata"], "-m", "fast", "-w", "stop"]),
-                   capture_output=True, text=True)
+    problems = []
+    _stop_group(int(state.get("server_pgid", state.get("server_pid", 0))) or -1)
+    for pid in _listeners(int(state["port"])):  # ours: its command line names this stack's artifact store
+        try:
+            ours = str(base / "mlartifacts") in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if ours:
+                _stop_group(os.getpgid(pid))
+        except (OSError, ProcessLookupError):
+            pass
+    if port_open(int(state["port"])):
+        problems.append(f"something still listens on 127.0.0.1:{state['port']}")
+    pg = Postgres(base, int(state["pg_port"]), root=Path(state["pg_root"]))
+    pg.stop()
+    if pg.data.exists() and pg.running():
+        problems.append(f"PostgreSQL in {pg.data} is still running")
+    return problems
+
+
+def restart_saved(base: Path) -> LocalStack:
+    """Stop and start the stack of `base` again with the same data, ports and passwords."""
+    problems = stop_saved(base)
+    if problems:
+        raise StackError("could not stop the running stack: " + "; ".join(problems))
+    s = LocalStack.from_saved(base)
+    s.start()
+    s.save_state()
+    s.write_env_file()
+    return s
 
 
 def _read(path: str | None, env: str) -> str:
@@ -318,23 +492,26 @@ def _read(path: str | None, env: str) -> str:
 def exec_mlflow_server(*, db_host: str, db_port: int, db_password_file: str | None, admin_password_file: str | None,
                        secret_key_file: str | None, artifacts: str, host: str, port: int, allowed_hosts: str,
                        workers: int = 4) -> None:
-    """Replace this process with the MLflow server (the docker-compose `mlflow` service's command)."""
-    from urllib.parse import quote
-
+    """Replace this process with the MLflow server (the docker-compose `mlflow` service's command). The database
+    password goes into a private libpq password file, not the server's command line."""
     admin = check_admin_password(_read(admin_password_file, "MLFLOW_ADMIN_PASSWORD"))
-    db_pw = quote(_read(db_password_file, "MLFLOW_DB_PASSWORD"), safe="")
     key = _read(secret_key_file, "MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_urlsafe(32)
-    ini = write_auth_config(Path(tempfile.mkdtemp(prefix="mlflow-auth-")) / "basic_auth.ini",
-                            f"postgresql+psycopg2://mlflow:{db_pw}@{db_host}:{db_port}/mlflow_auth")
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-auth-"))
+    pgpass = write_pgpass(folder / "pgpass", [(db_host, db_port, "mlflow",
+                                               _read(db_password_file, "MLFLOW_DB_PASSWORD"))])
+    ini = write_auth_config(folder / "basic_auth.ini", f"postgresql+psycopg2://mlflow@{db_host}:{db_port}/mlflow_auth")
     os.environ.update({"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
-                       "MLFLOW_FLASK_SERVER_SECRET_KEY": key})
-    cmd = mlflow_server_command(backend_uri=f"postgresql+psycopg2://mlflow:{db_pw}@{db_host}:{db_port}/mlflow",
+                       "MLFLOW_FLASK_SERVER_SECRET_KEY": key, "PGPASSFILE": str(pgpass)})
+    cmd = mlflow_server_command(backend_uri=f"postgresql+psycopg2://mlflow@{db_host}:{db_port}/mlflow",
                                 artifacts=artifacts, host=host, port=port, allowed_hosts=allowed_hosts, workers=workers)
     os.execv(cmd[0], cmd)
 
 
 def migrate_from_secrets(*, db_host: str, db_port: int, db_password_file: str | None) -> None:
-    from urllib.parse import quote
-
-    db_pw = quote(_read(db_password_file, "MLFLOW_DB_PASSWORD"), safe="")
-    migrate(f"postgresql+psycopg2://mlflow:{db_pw}@{db_host}:{db_port}/mlflow")
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-migrate-"))
+    pgpass = write_pgpass(folder / "pgpass", [(db_host, db_port, "mlflow",
+                                               _read(db_password_file, "MLFLOW_DB_PASSWORD"))])
+    try:
+        migrate(f"postgresql+psycopg2://mlflow@{db_host}:{db_port}/mlflow", {"PGPASSFILE": str(pgpass)})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

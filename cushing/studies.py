@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve
-from .metrics import lower_is_better
+from .stats.metrics import lower_is_better
 
 __all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution",
            "EXECUTION_FIELDS"]
 
 STUDY_KEYS = {"name", "kind", "description", "experiment", "base", "configurations", "promote", "objective",
               "n_trials", "sampler", "pruner", "space"}
-PROMOTE_KEYS = {"metric", "min_value", "max_sex_gap"}
+PROMOTE_KEYS = {"metric", "min_value", "max_sex_gap", "max_subgroup_gap"}
 OBJECTIVE_KEYS = {"metric", "direction"}
 PRUNERS = {"median": {"n_startup_trials", "n_warmup_steps", "interval_steps"},
            "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate"},

@@ -4,25 +4,28 @@ The data DAG: manifest (validated, digested) -> split (grouped, stratified) -> d
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import evidence
 from .backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
 from .config import TrainConfig, cache_home
 from .data import DeviceAugment, ImageBank, decode_images, training_device
 from .engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
 from .manifest import Manifest, hash_subject, load_manifest
 from .splits import assign_splits, split_table
+from .stats.subgroups import check_subgroup_columns
+from .stats.calibration import apply_temperature, fit_temperature
+from .stats.thresholds import choose_threshold
 
-__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame"]
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError"]
 
 
 def resolve_data(data: str) -> Path:
@@ -47,13 +50,17 @@ def resolve_data(data: str) -> Path:
 
 @dataclass
 class Cohort:
-    """A validated manifest with its split and decoded images (decoded once, shared by folds and seeds)."""
+    """A validated manifest with its split and decoded images (decoded once, shared by folds and seeds), and the
+    cohort audit that shaped the split (None when audit=off)."""
 
     manifest: Manifest
     split: pd.Series
     images: torch.Tensor  # uint8 [N, 3, S, S] on the CPU
     img_size: int
     interpolation: str
+    audit: Any = None  # audit.CohortAudit: suspicious pairs (hashed ids, CSV lines)
+    merges: int = 0  # subjects joined to another subject's split group because the audit found them one person
+    subgroups: tuple[str, ...] = ("sex",)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -70,17 +77,44 @@ class Cohort:
         return split_table(self.table, self.split)
 
     def with_split(self, split: pd.Series) -> "Cohort":
-        return Cohort(self.manifest, split, self.images, self.img_size, self.interpolation)
+        return dataclasses.replace(self, split=split)
+
+
+class AuditError(ValueError):
+    """audit=strict and the cohort audit found photos that are the same picture or the same person under
+    different subject ids; the message lists them by CSV line."""
+
+
+def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
+    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any pair of
+    different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
+    from .audit import audit_manifest, audit_settings, merged_groups
+
+    audit = audit_manifest(manifest, settings=audit_settings(manifest), progress=progress)
+    pairs = audit.pairs[~audit.pairs["same_subject"]]
+    if pairs.empty:
+        return audit, None, 0
+    if cfg.audit == "strict":
+        listed = "\n  ".join(f"lines {r.line_a} and {r.line_b}: {r.kind} (distance {r.distance:.3f})"
+                             for r in pairs.itertuples())
+        raise AuditError(f"{manifest.source}: the cohort audit (audit=strict) found {len(pairs)} pair(s) of "
+                         f"different subject ids that look like one photo or one person:\n  {listed}\nfix the "
+                         f"subject ids, or train with audit=warn to keep each pair in one split")
+    groups = merged_groups(pairs, manifest.table["subject_id"])
+    return audit, groups, int(manifest.table["subject_id"].nunique() - groups.nunique())
 
 
 def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:
     manifest = manifest or load_manifest(resolve_data(cfg.data))
-    split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed)
+    check_subgroup_columns(manifest.table, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns)
+                                                 if c != "label"))
+    audit, groups, merges = _audit(cfg, manifest, progress) if cfg.audit != "off" else (None, None, 0)
+    split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns, groups=groups)
     # interpolation is a property of the backbone's pretrained config; read it without building weights
     interp = interpolation_of(cfg.model)
     images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
                            progress=progress)
-    return Cohort(manifest, split, images, cfg.img_size, interp)
+    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns)
 
 
 @dataclass
@@ -100,9 +134,10 @@ class TrainOutcome:
 def predictions_frame(cohort: Cohort, idx: np.ndarray, split_names: np.ndarray, prob: np.ndarray,
                       logit: np.ndarray) -> pd.DataFrame:
     t = cohort.table.iloc[idx]
+    extra = {c: t[c].astype(str).to_numpy() for c in cohort.subgroups if c != "sex"}
     return pd.DataFrame({
         "subject": [hash_subject(s, cohort.manifest.digest) for s in t["subject_id"]],
-        "split": split_names, "sex": t["sex"].to_numpy(), "label": t["label"].to_numpy(),
+        "split": split_names, "sex": t["sex"].to_numpy(), **extra, "label": t["label"].to_numpy(),
         "probability": prob, "logit": logit,
     })
 
@@ -143,10 +178,10 @@ def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = 
     temperature = 1.0
     if cfg.calibrate:
         is_val = pred["split"] == "val"
-        temperature = evidence.fit_temperature(pred.loc[is_val, "label"], pred.loc[is_val, "probability"])
-        pred["probability"] = evidence.apply_temperature(pred["probability"].to_numpy(), temperature)
+        temperature = fit_temperature(pred.loc[is_val, "label"], pred.loc[is_val, "probability"])
+        pred["probability"] = apply_temperature(pred["probability"].to_numpy(), temperature)
     val = pred[pred["split"] == "val"]
-    threshold = evidence.choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(), cfg.threshold)
+    threshold = choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(), cfg.threshold)
     pred["prediction"] = (pred["probability"] >= threshold).astype(int)
     del bank
     return TrainOutcome(cfg, spec, frozen, model, pre, result, pred, threshold, temperature, str(device))

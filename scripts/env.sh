@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Source me: makes (once) and activates the project's virtual environment, installs the Debian packages the
-# tests use when missing, and installs this checkout into the venv (editable).
+# tests use when missing, and makes this checkout the `cushing` that Python imports (PYTHONPATH), even when other
+# clones on the machine share the venv.
 #
 # The venv lives outside the clone, keyed by the hash of the pinned requirements and the Python version, so CI
 # runs and fresh clones reuse it instead of reinstalling ~6 GB of PyTorch. Override with CUSHING_VENV=/path.
@@ -18,6 +19,8 @@ _cushing_apt() {
   local need=()
   ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
+  [ -x /usr/sbin/munged ] || command -v munged >/dev/null 2>&1 || need+=(munge)
   if [ "${#need[@]}" -eq 0 ] || [ "${CUSHING_SKIP_APT:-0}" = 1 ]; then return 0; fi
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -56,9 +59,19 @@ PY
 ) 2>&1 | _cushing_quiet
     touch "$CUSHING_VENV/.complete"
   fi
-  "$CUSHING_VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$CUSHING_ROOT" 2>&1 | _cushing_quiet
+  # The venv is shared by every clone on the machine, so the package is not installed into it (an install would
+  # follow whichever clone ran last): this clone goes first on PYTHONPATH, and `cushing` runs `python -m cushing`.
+  if ls "$CUSHING_VENV"/lib/python*/site-packages/__editable__*cushing* >/dev/null 2>&1; then
+    "$CUSHING_VENV/bin/pip" uninstall -q -y cushing 2>&1 | _cushing_quiet
+  fi
+  printf '#!/bin/sh\n# the clone whose scripts/env.sh was sourced last in this shell (PYTHONPATH)\nexec "%s" -m cushing "$@"\n' \
+    "$CUSHING_VENV/bin/python" > "$CUSHING_VENV/bin/cushing"
+  chmod +x "$CUSHING_VENV/bin/cushing"
   # shellcheck disable=SC1091
   source "$CUSHING_VENV/bin/activate"
+  PYTHONPATH="$CUSHING_ROOT${PYTHONPATH:+:$(printf '%s' "$PYTHONPATH" | tr ':' '\n' | grep -vx "$CUSHING_ROOT" \
+    | grep -v '^$' | paste -sd: -)}"
+  export PYTHONPATH="${PYTHONPATH%:}"
 }
 
 _cushing_apt

@@ -11,6 +11,17 @@ Three layers:
   page has fetched and shown what it needs, and return a :class:`PageView`: the visible text, the REST payloads
   the page fetched, and page-specific data parsed from both.
 
+Typical use (``base=None`` in the openers means "the page's server")::
+
+    from tests import mlflow_ui as mu
+
+    with mu.mlflow_ui(uri) as server, mu.browser() as b, mu.ui_page(server.url, browser_=b) as ui:
+        view = mu.open_run_charts(ui, None, exp_id, run_id, search="^epoch/val/f1$", wait_keys=["epoch/val/f1"])
+        assert [p["step"] for p in view.data["history"]["epoch/val/f1"]] == [1, 2, 3]
+        assert view.data["cards"][0]["type"] == "line"
+        mu.screenshot(ui, "mlflow-ui-val-f1")        # test-artifacts/mlflow-ui-val-f1.png
+        assert ui.unexpected_errors() == []
+
 Assertions are most robust on the REST payloads the UI itself fetched (what the page was given to draw) plus a
 plain "this text is on the page" check; DOM structure (CSS classes, Plotly layers) is used only where noted.
 Known UI behaviours that shape the helpers (MLflow 3.17.2):
@@ -23,7 +34,7 @@ Known UI behaviours that shape the helpers (MLflow 3.17.2):
 * The chart search box is a case-insensitive JavaScript regular expression over the metric key (an invalid regex
   filters nothing): ``male`` also matches ``female``; ``/male$`` does not.
 * A metric gets a line chart if, in any displayed run, its latest value has ``step >= 1``; otherwise a bar chart.
-  Section = the key up to its last ``/`` (``test/f1/female`` -> section ``test/f1``, title ``female``); keys without
+  Section = the key up to its last ``/`` (``test/f1/female`` -> section ``test/f1``, heading ``female``); keys without
   ``/`` go to "Model metrics"; ``system/...`` to "System metrics".
 * ``/ajax-api/2.0/mlflow/users/current`` answers 404 on every page of a server without auth: a harmless console
   error, filtered by :meth:`UIPage.unexpected_errors`.
@@ -56,9 +67,12 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1600, "height": 2400}
 
-# localStorage keys of the 3.17 bundle (`${key}_v${version}`): keep the MLflow Assistant side panel closed (it
-# takes a third of the width and opens by itself on first load) and the UI's telemetry off.
+# localStorage keys of the 3.17 bundle (`${key}_v${version}`, JSON values): keep the MLflow Assistant side panel
+# closed (it takes a third of the width and opens by itself on first load), the UI's telemetry off, and the
+# sidebar in "Model training" mode (3.17 starts in "GenAI" mode, where the logged-models tab is "Agent versions"
+# and a run page highlights "Evaluation runs").
 _INIT_SCRIPT = """try {
+  localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
   localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
   localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
   localStorage.setItem('mlflow.settings.telemetry.enabled_v1', 'false');
@@ -70,22 +84,23 @@ ROUTES = {
     "experiment_runs": "#/experiments/{exp_id}/runs",                    # ?compareRunsMode=CHART for charts
     "run": "#/experiments/{exp_id}/runs/{run_id}",                       # overview tab
     "run_tab": "#/experiments/{exp_id}/runs/{run_id}/{tab}",             # model-metrics|system-metrics|artifacts|traces
-    "run_direct": "#/runs/{run_id}",                                     # redirects to the run route
+    "run_direct": "#/runs/{run_id}",                                     # redirects to the run route (checked)
     "metric": "#/metric?runs=...&metric=...&experiments=...&plot_metric_keys=...",  # see metric_route()
     "compare_runs": "#/compare-runs?runs=[...]&experiments=[...]",       # see compare_route()
     "experiment_models": "#/experiments/{exp_id}/models",                # MLflow 3 logged models ("Models" tab)
     "logged_model": "#/experiments/{exp_id}/models/{model_id}",
     "logged_model_tab": "#/experiments/{exp_id}/models/{model_id}/{tab}",  # artifacts|traces
-    "registered_models": "#/models",
+    "registered_models": "#/models",                                     # list: aliases, tags per model
     "registered_model": "#/models/{name}",
     "model_version": "#/models/{name}/versions/{version}",
 }
 
+# Console errors that are not failures: (substring of the message, substring of its source URL)
 _BENIGN_ERRORS = (
     # no auth app: the UI asks for the current user on every page and gets a 404
-    "the server responded with a status of 404",
+    ("status of 404", "/ajax-api/2.0/mlflow/users/current"),
     # charts resizing while they mount; the browser reports it, nothing breaks
-    "ResizeObserver loop",
+    ("ResizeObserver loop", ""),
 )
 
 
@@ -104,20 +119,35 @@ def free_port() -> int:
 
 @dataclass
 class MlflowUI:
-    """A running ``mlflow server``; ``url`` has no trailing slash."""
+    """A running ``mlflow server``; ``url`` has no trailing slash. ``startup_seconds`` (from the start of the
+    process until ``/health`` answered) is None until :meth:`wait_ready` has seen it up."""
 
     url: str
     port: int
     backend_store_uri: str
     proc: subprocess.Popen
     log: Path
-    startup_seconds: float
+    startup_seconds: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
 
     def log_tail(self, n: int = 3000) -> str:
         try:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def wait_ready(self, timeout: float = 120.0) -> "MlflowUI":
+        """Block until ``/health`` answers 200 (counting from the process start); raise with the log's tail if the
+        process exits or ``timeout`` passes."""
+        while self.startup_seconds is None:
+            if self.proc.poll() is not None or time.monotonic() - self.started_at > timeout:
+                raise UIHarnessError(f"mlflow server did not answer {self.url}/health within {timeout:.0f}s (exit code "
+                                     f"{self.proc.poll()}); log {self.log}:\n{self.log_tail()}")
+            if _health(self.url):
+                self.startup_seconds = time.monotonic() - self.started_at
+            else:
+                time.sleep(0.25)
+        return self
 
 
 def _health(url: str) -> bool:
@@ -146,15 +176,19 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def mlflow_ui(backend_store_uri: str, *, registry_store_uri: str | None = None, port: int = 0,
-              timeout: float = 120.0, workdir: Path | None = None, extra_args: list[str] | None = None,
-              env: dict[str, str] | None = None) -> Iterator[MlflowUI]:
+              timeout: float = 120.0, wait: bool = True, workdir: Path | None = None,
+              extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[MlflowUI]:
     """Start ``mlflow server`` (the same app as ``mlflow ui``) on 127.0.0.1 for ``backend_store_uri``.
 
-    One uvicorn worker, job execution off (otherwise 3.17 also starts a job runner with seven huey consumers),
-    artifacts proxied from a throwaway folder (only used by experiments created through the server; runs logged
-    straight to the store keep their own artifact locations and are read from there). The process runs in its own
-    session and its whole group is stopped on exit. The log is ``<workdir>/mlflow-ui.log``; its tail is in the
-    error raised when the server does not come up.
+    One uvicorn worker, job execution off (otherwise 3.17 also starts a job runner with seven huey consumers and
+    takes about twice as long to answer), telemetry off, artifacts proxied from a throwaway folder (only used by
+    experiments created through the server; runs logged straight to the store keep their own artifact locations and
+    are read from there). The process runs in its own session and its whole group is stopped on exit. The log is
+    ``<workdir>/mlflow-ui.log``; its tail is in the error raised when the server does not come up.
+
+    ``wait=False`` yields as soon as the process is started, so that a test can fill the store while the server
+    boots (the store's schema must exist first: let the client create it before starting the server); call
+    ``wait_ready()`` before opening pages.
     """
     own_dir = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="mlflow-ui-")) if own_dir else Path(workdir)
@@ -163,42 +197,35 @@ def mlflow_ui(backend_store_uri: str, *, registry_store_uri: str | None = None, 
     penv = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
     penv.pop("MLFLOW_TRACKING_URI", None)
-    attempts = 1 if port else 3  # a free port can be taken between probing and binding: retry on another
-    proc = None
+    attempts = 1 if (port or not wait) else 3  # a probed free port can be taken before the server binds it: retry
+    server = None
     try:
         for attempt in range(attempts):
             p = port or free_port()
-            url = f"http://127.0.0.1:{p}"
             cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
                    "--host", "127.0.0.1", "--port", str(p), "--workers", "1",
                    "--artifacts-destination", str(wd / "mlartifacts"), *(extra_args or [])]
             if registry_store_uri:
                 cmd += ["--registry-store-uri", registry_store_uri]
-            t0 = time.monotonic()
             with open(log, "ab") as fh:
                 proc = subprocess.Popen(cmd, cwd=wd, env=penv, stdout=fh, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
-            deadline = t0 + timeout
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    break
-                if _health(url):
-                    break
-                time.sleep(0.25)
-            if proc.poll() is None and _health(url):
-                server = MlflowUI(url=url, port=p, backend_store_uri=backend_store_uri, proc=proc, log=log,
-                                  startup_seconds=time.monotonic() - t0)
+            server = MlflowUI(url=f"http://127.0.0.1:{p}", port=p, backend_store_uri=backend_store_uri, proc=proc,
+                              log=log)
+            if not wait:
                 break
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            _stop(proc)
-            if attempt + 1 < attempts and "address already in use" in tail.lower():
-                continue
-            raise UIHarnessError(f"mlflow server did not answer {url}/health within {timeout:.0f}s "
-                                 f"(exit code {proc.returncode}); log {log}:\n{tail}")
+            try:
+                server.wait_ready(timeout)
+                break
+            except UIHarnessError:
+                _stop(proc)
+                if attempt + 1 < attempts and "address already in use" in server.log_tail().lower():
+                    continue
+                raise
         yield server
     finally:
-        if proc is not None:
-            _stop(proc)
+        if server is not None:
+            _stop(server.proc)
         if own_dir:
             shutil.rmtree(wd, ignore_errors=True)
 
@@ -318,8 +345,21 @@ class UIPage:
         page.on("requestfinished", self.rest._on_request_done)
         page.on("requestfailed", self.rest._on_request_done)
         page.on("response", self.rest._on_response)
-        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.console_errors.append(f"pageerror: {e}"))
+        self._console_sources: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda e: self._add_error(f"pageerror: {e}", ""))
+
+    def _on_console(self, msg) -> None:
+        if msg.type == "error":
+            try:
+                url = (msg.location or {}).get("url") or ""
+            except Exception:
+                url = ""
+            self._add_error(msg.text, url)
+
+    def _add_error(self, text: str, url: str) -> None:
+        self.console_errors.append(text)
+        self._console_sources.append(url)
 
     def __getattr__(self, name):
         return getattr(self.page, name)
@@ -328,8 +368,14 @@ class UIPage:
         """Console errors and uncaught exceptions, less the known harmless ones (the 404 of ``users/current``,
         ResizeObserver loop notices), plus failed JSON calls (HTTP >= 400) recorded after ``since``."""
         bad = [c for c in self.rest.calls[since:] if c.status >= 400 and not c.endpoint.startswith("users/current")]
-        return ([e for e in self.console_errors if not any(b in e for b in _BENIGN_ERRORS)]
-                + [f"HTTP {c.status} {c.method} {c.endpoint}" for c in bad])
+        sources = self._console_sources + [""] * (len(self.console_errors) - len(self._console_sources))
+        console = [e for e, u in zip(self.console_errors, sources)
+                   if not any(t in e and s in u for t, s in _BENIGN_ERRORS)]
+        return console + [f"HTTP {c.status} {c.method} {c.endpoint}" for c in bad]
+
+    def clear_errors(self) -> None:
+        self.console_errors.clear()
+        self._console_sources.clear()
 
     def goto(self, route: str, **kw):
         """Navigate to an absolute URL or to a route relative to ``base`` (``#/models/x`` or ``/#/models/x``)."""
@@ -381,7 +427,8 @@ def route_url(base: str | None, route: str) -> str:
 def wait_for_text(page, text: str | re.Pattern, timeout: float = 30.0, in_selector: str = "body") -> None:
     """Wait until ``text`` (substring, or a compiled regex) is in the rendered text of ``in_selector``."""
     if isinstance(text, re.Pattern):
-        expr = "([s, src, fl]) => { const e = document.querySelector(s); return !!e && new RegExp(src, fl).test(e.innerText); }"
+        expr = ("([s, src, fl]) => { const e = document.querySelector(s);"
+                " return !!e && new RegExp(src, fl).test(e.innerText); }")
         arg = [in_selector, text.pattern, "i" if text.flags & re.I else ""]
     else:
         expr = "([s, t]) => { const e = document.querySelector(s); return !!e && e.innerText.includes(t); }"
@@ -436,7 +483,8 @@ def screenshot(page, name: str, *, full: bool = True, max_height: int = 8000) ->
     if full and size:
         grow = pw.evaluate("""() => { let g = 0; for (const e of document.querySelectorAll('*')) {
             const s = getComputedStyle(e).overflowY;
-            if ((s === 'auto' || s === 'scroll') && e.clientHeight > 200) g = Math.max(g, e.scrollHeight - e.clientHeight); }
+            if ((s === 'auto' || s === 'scroll') && e.clientHeight > 200)
+              g = Math.max(g, e.scrollHeight - e.clientHeight); }
             return g; }""")
     if grow > 0:
         pw.set_viewport_size({"width": size["width"], "height": min(max_height, size["height"] + int(grow))})
@@ -562,7 +610,8 @@ _SCROLL_PANES_JS = """(step) => { let moved = false;
     const before = e.scrollTop;
     e.scrollTop = step === 0 ? 0 : before + e.clientHeight * 0.8;
     if (e.scrollTop !== before && step !== 0) moved = true; }
-  if (step !== 0 && !moved) { const b = window.scrollY; window.scrollBy(0, window.innerHeight * 0.8); moved = window.scrollY !== b; }
+  if (step !== 0 && !moved) {
+    const b = window.scrollY; window.scrollBy(0, window.innerHeight * 0.8); moved = window.scrollY !== b; }
   return moved; }"""
 
 
@@ -622,7 +671,7 @@ def _collect_cards(ui: UIPage, scroll: bool, timeout: float) -> tuple[list[dict]
 
 
 def open_run_charts(ui: UIPage, base: str | None, exp_id: str, run_id: str, search: str | None = None,
-                    wait_keys: list[str] | None = None, scroll: bool = True, timeout: float = 30.0) -> PageView:
+                    wait_keys: list[str] | None = None, scroll: bool | None = None, timeout: float = 60.0) -> PageView:
     """The run page's "Model metrics" tab (``#/experiments/E/runs/R/model-metrics``), optionally filtered with the
     chart search box (a case-insensitive regex over metric keys, e.g. ``^epoch/val/f1$`` or ``/male$``).
 
@@ -636,7 +685,9 @@ def open_run_charts(ui: UIPage, base: str | None, exp_id: str, run_id: str, sear
     segment; ``type`` comes from Plotly's bar/scatter layers); ``history`` {key: [{step, value, timestamp}]} from the
     bulk-interval calls for this run; ``latest`` {key: value or None for NaN} and ``latest_steps`` from GetRun.
     ``wait_keys``: metric keys whose history must have arrived before returning (defaults to none).
-    ``scroll``: scroll the chart pane to the end so that every card mounts (and every line chart fetches).
+    ``scroll``: scroll the chart pane to the end so that every card mounts (and every line chart fetches); by
+    default only without ``search``. It is slow with many metrics (a demo-sweep child run, ~180 charts: ~40 s on
+    2 busy cores), so prefer a ``search`` that selects what the test needs.
     Change the filter afterwards without reloading with :func:`search_charts`.
     """
     ui.base = base or ui.base
@@ -647,7 +698,7 @@ def open_run_charts(ui: UIPage, base: str | None, exp_id: str, run_id: str, sear
     for key in wait_keys or []:
         wait_for_rest(ui, "metrics/get-history-bulk-interval", lambda c, k=key: c.q("metric_key") == k, since=mark,
                       timeout=timeout)
-    sections, cards = _collect_cards(ui, scroll, timeout)
+    sections, cards = _collect_cards(ui, (not search) if scroll is None else scroll, timeout)
     view = _finish(ui, "run_charts", mark, t0, {})
     history: dict[str, list[dict]] = {}
     for c in view.rest("metrics/get-history-bulk-interval"):
@@ -705,7 +756,8 @@ def open_metric_chart(ui: UIPage, base: str | None, exp_id: str, run_ids: list[s
     mark, t0 = _open(ui, metric_route(exp_id, run_ids, metric_key, keys))
     for r in run_ids:
         for k in keys:
-            wait_for_rest(ui, "metrics/get-history", lambda c, r=r, k=k: c.q("run_uuid") == r and c.q("metric_key") == k,
+            wait_for_rest(ui, "metrics/get-history",
+                          lambda c, r=r, k=k: c.q("run_uuid") == r and c.q("metric_key") == k,
                           since=mark, timeout=timeout)
     wait_for_text(ui, "Latest", timeout=timeout)
     view = _finish(ui, "metric", mark, t0, {})
@@ -730,8 +782,10 @@ def open_compare(ui: UIPage, base: str | None, exp_id: str, run_ids: list[str], 
     Calls: ``runs/search`` with ``filter: run_id IN (...)`` and ``run_view_type: ALL`` (latest metrics, params,
     tags of the runs; NaN as "NaN"), ``experiments/get``, ``artifacts/list`` per run.
 
-    The Metrics section is a virtualised grid (react-window): only rows in view are in the DOM. For each key in
-    ``find_metrics`` the grid is scrolled until the row with that exact key is rendered and its cells are read.
+    The Metrics section is a virtualised grid (react-virtualized, 300 px high, key and value grids kept in step by
+    ScrollSync): only rows in view are in the DOM. For each key in ``find_metrics`` the grid is scrolled until the
+    row with that exact key is rendered and its cells are read. A metric that one of the runs lacks is shown as
+    ``NaN`` there too, exactly like a logged NaN: check ``runs`` to tell them apart.
 
     ``data``: ``runs`` {run_id: {"name", "metrics" {key: value|None}, "params", "tags"}} from runs/search;
     ``metric_rows`` {key: [cell text per run, in the page's column order]} for ``find_metrics``; ``run_names``
@@ -753,7 +807,7 @@ def open_compare(ui: UIPage, base: str | None, exp_id: str, run_ids: list[str], 
     for key in find_metrics:
         rows[key] = compare_metric_row(ui, key, timeout=timeout)
     view = _finish(ui, "compare", mark, t0, {})
-    names = next((r[1:] for r in (read_tables(ui) or [[]])[0] if r and r[0] == "Run Name:"), [])
+    names = next((r[1:] for t in read_tables(ui) for r in t if r and r[0] == "Run Name:"), [])
     view.data.update(runs=runs, metric_rows=rows, run_names=names)
     return view
 
@@ -806,8 +860,10 @@ def open_registered_model(ui: UIPage, base: str | None, name: str, timeout: floa
 
     ``data``: ``aliases`` {alias: version} and ``tags`` {key: value} from registered-models/get; ``versions``
     {version: {"tags", "run_id", "source"}} from model-versions/search (its "aliases" are always empty: the search
-    does not return them); from the DOM: ``tags_shown`` {key: value} (the Tags table), ``versions_table`` (rows as
-    shown; aliases appear as "@ champion" with a no-break space) and ``aliases_shown`` {version: [alias, ...]}.
+    does not return them); from the DOM: ``tags_shown`` {key: value} (the registered model's Tags table; the
+    section is collapsed and empty when there are none), ``versions_table`` (rows as shown; aliases appear as
+    "@ champion" with a no-break space), ``aliases_shown`` {version: [alias, ...]} and ``version_tags_shown``
+    {version: {key: value}} (the Tags column of the versions table: *version* tags).
     """
     ui.base = base or ui.base
     mark, t0 = _open(ui, f"#/models/{urllib.parse.quote(name, safe='')}")
@@ -817,7 +873,8 @@ def open_registered_model(ui: UIPage, base: str | None, name: str, timeout: floa
     body = (rm.body or {}).get("registered_model", {})
     versions = {}
     for v in (mv.body or {}).get("model_versions", []):
-        versions[v["version"]] = {"aliases": v.get("aliases", []), "tags": {t["key"]: t["value"] for t in v.get("tags", [])},
+        versions[v["version"]] = {"aliases": v.get("aliases", []),
+                                  "tags": {t["key"]: t["value"] for t in v.get("tags", [])},
                                   "run_id": v.get("run_id"), "source": v.get("source")}
     view = _finish(ui, "registered_model", mark, t0, {})
     tables = read_tables(ui)
@@ -825,16 +882,28 @@ def open_registered_model(ui: UIPage, base: str | None, name: str, timeout: floa
     tags_shown = {r[0]: r[1] for t in tables for r in t if len(r) == 3 and r[0] and r[0] != "Name"}
     versions_table = next((t for t in tables if t and "Version" in t[0] and "Aliases" in t[0]), [])
     aliases_shown: dict[str, list[str]] = {}
+    version_tags_shown: dict[str, dict[str, str]] = {}
     if versions_table:
         head = versions_table[0]
-        vi, ai = head.index("Version"), head.index("Aliases")
+        vi, ai, ti = head.index("Version"), head.index("Aliases"), head.index("Tags") if "Tags" in head else None
         for r in versions_table[1:]:
             m = re.search(r"(\d+)", r[vi]) if len(r) > vi else None
-            if m:
-                aliases_shown[m.group(1)] = re.findall(r"@\s*([^\s@]+)", r[ai].replace("\xa0", " ")) if len(r) > ai else []
+            if not m:
+                continue
+            aliases_shown[m.group(1)] = re.findall(r"@\s*([^\s@]+)", r[ai].replace("\xa0", " ")) if len(r) > ai else []
+            # a tag is rendered as "key" then ": value" (the cell shows "Add" when there is none)
+            tags, key = {}, None
+            for line in (r[ti].splitlines() if ti is not None and len(r) > ti else []):
+                if line.startswith(":") and key is not None:
+                    tags[key] = line[1:].strip()
+                    key = None
+                else:
+                    key = line.strip()
+            version_tags_shown[m.group(1)] = tags
     view.data.update(aliases={a["alias"]: a["version"] for a in body.get("aliases", [])},
                      tags={t["key"]: t["value"] for t in body.get("tags", [])}, versions=versions,
-                     tags_shown=tags_shown, versions_table=versions_table, aliases_shown=aliases_shown)
+                     tags_shown=tags_shown, versions_table=versions_table, aliases_shown=aliases_shown,
+                     version_tags_shown=version_tags_shown)
     return view
 
 
@@ -853,7 +922,8 @@ def open_model_version(ui: UIPage, base: str | None, name: str, version: str | i
     wait_for_text(ui, f"Version {version}", timeout=timeout)
     mvb = (c.body or {}).get("model_version", {})
     view = _finish(ui, "model_version", mark, t0, {})
-    view.data.update(version=mvb, aliases=mvb.get("aliases", []), tags={t["key"]: t["value"] for t in mvb.get("tags", [])})
+    view.data.update(version=mvb, aliases=mvb.get("aliases", []),
+                     tags={t["key"]: t["value"] for t in mvb.get("tags", [])})
     return view
 
 
@@ -885,7 +955,8 @@ def open_logged_model(ui: UIPage, base: str | None, exp_id: str, model_id: str, 
 
 def open_experiment_models(ui: UIPage, base: str | None, exp_id: str, timeout: float = 30.0) -> PageView:
     """The experiment's logged-models list (``#/experiments/E/models``; titled "Agent versions" in 3.17's GenAI
-    mode, "Models" in model-training mode). Calls ``logged-models/search`` (POST, ``experiment_ids``); ``data``:
+    mode, "Models" in the model-training mode that ``ui_page`` selects). Calls ``logged-models/search`` (POST,
+    ``experiment_ids``); ``data``:
     ``models`` {model_id: {"name", "source_run_id", "metrics" {key: value}}}."""
     ui.base = base or ui.base
     mark, t0 = _open(ui, f"#/experiments/{exp_id}/models")
@@ -925,19 +996,19 @@ def open_experiment_runs(ui: UIPage, base: str | None, exp_id: str, charts: bool
             tags = {t["key"]: t["value"] for t in (r.get("data") or {}).get("tags", [])}
             runs[r["info"]["run_id"]] = {"name": r["info"].get("run_name"), "parent": tags.get("mlflow.parentRunId"),
                                          "metrics": _metrics_from((r.get("data") or {}).get("metrics"))}
-    children = [r["name"] for r in runs.values() if r["parent"] in runs and r["name"]]
+    children = [rid for rid, r in runs.items() if r["parent"] in runs]
     if expand and children:
-        # the expander is an icon button in the Run Name cell; collapsed, it shows a "+" in a square
+        # The expander is an icon button in the Run Name cell ("+" in a square while collapsed). The expanded state
+        # is kept in localStorage, so a parent may already be open: poll for the child rows' links instead.
         plus = ui.page.locator("button[data-component-id*=runnamecellrenderer]:has(path[d^='M7.25 7.25V4.5'])")
-        with contextlib.suppress(Exception):
-            plus.first.wait_for(timeout=timeout * 1000)
-        for _ in range(50):
-            if not plus.count():
-                break
-            with contextlib.suppress(Exception):
-                plus.first.click(timeout=5000)
-            ui.page.wait_for_timeout(300)
-        for name in children:
-            wait_for_text(ui, name, timeout=timeout)
+        shown = "(ids) => ids.every(id => document.querySelector(`a[href$='/runs/${id}']`))"
+        deadline = time.monotonic() + timeout
+        while not ui.page.evaluate(shown, children):
+            if time.monotonic() > deadline:
+                raise UIHarnessError(f"child runs {children} not shown after expanding their parents")
+            if plus.count():
+                with contextlib.suppress(Exception):
+                    plus.first.click(timeout=5000)
+            ui.page.wait_for_timeout(200)
     view = _finish(ui, "experiment_runs_charts" if charts else "experiment_runs", mark, t0, {"runs": runs})
     return view

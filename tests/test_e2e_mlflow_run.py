@@ -92,7 +92,8 @@ def test_logged_model_carries_the_final_results(finished_run):
     linked = {x.key: x.value for x in lm.metrics}
     for key in ("val/f1", "test/f1", "test/auc", "test/recall", "test/specificity", "threshold"):
         assert linked[key] == pytest.approx(run.data.metrics[key]), key
-    assert lm.params["threshold"] == str(run.data.metrics["threshold"]) and lm.params["synthetic_data"] == "true"
+    assert float(lm.params["operating_threshold"]) == pytest.approx(run.data.metrics["threshold"])
+    assert lm.params["synthetic_data"] == "true" and lm.params["threshold_rule"] == "f1"
     assert lm.tags["synthetic_data"] == "true"
 
 

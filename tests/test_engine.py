@@ -11,7 +11,7 @@ from cushing.backbones import build_model, preprocess_of
 from cushing.config import TrainConfig
 from cushing.data import DeviceAugment, ImageBank
 from cushing.engine import FitSettings, _batches, fit, oversampled, predict_proba
-from cushing.metrics import point_metrics
+from cushing.stats.metrics import point_metrics
 from cushing.train import prepare_cohort, train
 
 

@@ -30,7 +30,7 @@ def _runs(uri: str, experiment: str) -> list:
 def test_every_entry_point_is_declared_with_a_test_here():
     """A new entry point must be exercised by `mlflow run` in this file (or the end-to-end main test)."""
     declared = set(yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"])
-    tested_here = {"sweep", "promote", "dashboard", "evaluate", "faces", "tune"}
+    tested_here = {"sweep", "promote", "dashboard", "evaluate", "faces", "tune", "audit"}
     assert declared == tested_here | {"main"}, declared ^ (tested_here | {"main"})
 
 
@@ -120,3 +120,16 @@ def test_faces_entry_point(tmp_path, celeba_manifest):
         assert run.data.params["sam_checkpoint"] == "''" and run.data.metrics["faces/photos"] == 6
         assert len(_runs(env["MLFLOW_TRACKING_URI"], "cushing")) == 1, "no second run"
     assert (tmp_path / "faces" / "manifest.csv").exists()
+
+
+def test_audit_entry_point(tmp_path, celeba_manifest):
+    photos = celeba_manifest.head(8)
+    photos.to_csv(tmp_path / "photos.csv", index=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    run_id, r = mlflow_run(tmp_path, env, "audit", f"manifest={tmp_path / 'photos.csv'}", f"out={tmp_path / 'audit'}",
+                           experiment="cushing")
+    run = _client(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.data.tags["task"] == "audit" and run.data.metrics["audit/photos"] == 8
+    assert "audit.csv" in {a.path for a in _client(env["MLFLOW_TRACKING_URI"]).list_artifacts(run_id)}
+    assert (tmp_path / "audit" / "audit.csv").exists() and "photos/s" in r.stdout

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from cushing.metrics import METRICS, per_sex_table, point_metrics, rows_to_metrics, summarize
+from cushing.stats.metrics import METRICS, point_metrics
+from cushing.stats.report import per_sex_table, rows_to_metrics, summarize
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from contextlib import contextmanager
@@ -17,6 +18,13 @@ REGISTERED_MODEL = "cushing"
 
 
 def pip_requirements() -> list[str]:
+    """The project's pinned requirements for a logged model's environment: from pyproject.toml beside the package
+    (a checkout; the package is run from its clone, not installed), else from the installed distribution."""
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.exists() and sys.version_info >= (3, 11):
+        import tomllib
+
+        return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
     try:
         reqs = [r for r in (metadata.requires("cushing") or []) if "extra ==" not in r]
     except metadata.PackageNotFoundError:
@@ -45,9 +53,10 @@ def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str, syn
 
 def _model_params(cfg: dict[str, Any]) -> dict[str, str]:
     """Shown on the logged-model page beside its metrics."""
-    keys = ("model", "frozen", "img_size", "threshold", "threshold_rule", "temperature", "best_epoch",
-            "synthetic_data", "data_digest")
-    return {k: str(cfg[k]).lower() if isinstance(cfg[k], bool) else str(cfg[k]) for k in keys}
+    keys = {"model": "model", "frozen": "frozen", "img_size": "img_size", "threshold": "operating_threshold",
+            "threshold_rule": "threshold_rule", "temperature": "temperature", "best_epoch": "best_epoch",
+            "synthetic_data": "synthetic_data", "data_digest": "data_digest"}  # `threshold` is the run's rule param
+    return {name: str(cfg[k]).lower() if isinstance(cfg[k], bool) else str(cfg[k]) for k, name in keys.items()}
 
 
 @contextmanager

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..metrics import lower_is_better
-from ..tracking import artifact_dir, client, env_run_id, experiments_with_runs, find_runs, start_run
+from ..stats.metrics import lower_is_better
+from ..tracking import artifact_dir, client, download_artifact, env_run_id, experiments_with_runs, find_runs, \
+    log_artifacts_to, start_run
 from . import REGISTERED_MODEL
 
-__all__ = ["PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of", "link_evaluation"]
+__all__ = ["PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of", "link_evaluation",
+           "publish_card"]
 
 TIE_BREAKERS = (("val/auc", False), ("val/brier", True))  # (metric, lower is better); then the older run
 
@@ -28,6 +30,7 @@ class PromotionPolicy:
     max_sex_gap: float | None = None  # gate: |female - male| of the metric (its /sex_gap) at most this
     registered_model: str = REGISTERED_MODEL
     allow_synthetic: bool = False  # a model trained on synthetic data may become champion (the demo flow only)
+    max_subgroup_gap: float | None = None  # gate: best - worst subgroup of every other subgroup column, at most this
 
     def __post_init__(self) -> None:
         if not self.metric.startswith("val/"):
@@ -72,6 +75,8 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
         if policy.max_sex_gap is not None and (not math.isfinite(gap) or abs(gap) > policy.max_sex_gap):
             why.append(f"sex gap {gap:.4f} exceeds {policy.max_sex_gap}" if math.isfinite(gap)
                        else "sex gap not estimable")
+        if policy.max_subgroup_gap is not None:
+            why += _subgroup_gap_problems(m, r.data.params.get("subgroups", "sex"), policy)
         rows.append({"run_id": r.info.run_id, "run_name": tags.get("mlflow.runName", ""), "model": tags.get("model"),
                      "freeze": tags.get("freeze"), policy.metric: value, "sex_gap": gap,
                      **{t: m.get(t, math.nan) for t, _ in TIE_BREAKERS},
@@ -88,6 +93,19 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
     df = df.sort_values(["eligible"] + keys, ascending=[False] + asc, na_position="last", kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.reset_index(drop=True)
+
+
+def _subgroup_gap_problems(metrics: dict[str, float], subgroups: str, policy: PromotionPolicy) -> list[str]:
+    """The --max-subgroup-gap gate: every subgroup column other than sex needs an estimable gap (range over its
+    subgroups with enough positives) of the selection metric within the limit."""
+    out = []
+    for col in [c.strip() for c in subgroups.split(",") if c.strip() and c.strip() != "sex"]:
+        gap = metrics.get(f"{policy.metric}/gap:{col}", math.nan)
+        if not math.isfinite(gap):
+            out.append(f"{col} gap of {policy.metric} not estimable")
+        elif gap > policy.max_subgroup_gap:
+            out.append(f"{col} gap {gap:.4f} exceeds {policy.max_subgroup_gap}")
+    return out
 
 
 def _version_for_run(c, name: str, run_id: str):
@@ -118,11 +136,50 @@ def _register(c, policy: PromotionPolicy, row: pd.Series):
         "source_run": row["run_id"], "model": str(row["model"]), "freeze": str(row["freeze"]),
         "threshold": f"{row['threshold']:.6f}", "data_digest": row["data_digest"], "selection_metric": policy.metric,
         "selection_value": f"{row[policy.metric]:.6f}", "synthetic_data": str(bool(row["synthetic_data"])).lower()})
-    if row["synthetic_data"]:
-        c.update_model_version(policy.registered_model, mv.version, description=(
-            "TRAINED ON SYNTHETIC DATA (the procedurally drawn demo cohort, not patients): for trying the service "
-            "only, never for real photos."))
+    publish_card(policy.registered_model, mv.version)
     return mv
+
+
+def _csv(run_id: str, path: str) -> pd.DataFrame | None:
+    with artifact_dir() as d:
+        try:
+            return pd.read_csv(download_artifact(run_id, path, d))
+        except Exception:  # not logged by this run
+            return None
+
+
+def _external(c, mv) -> list[dict]:
+    out = []
+    for key in mv.tags:
+        if key.startswith("external_validation/"):
+            run_id = key.split("/", 1)[1]
+            m = c.get_run(run_id).data.metrics
+            out.append({"run_id": run_id, "auc": m.get("external/auc"), "f1": m.get("external/f1"),
+                        "n": m.get("external/n", 0)})
+    return out
+
+
+def publish_card(name: str, version: str) -> str:
+    """Render the version's model card from its source run, log model_card.md/.html there and make the Markdown
+    the registered version's description (what the registry's version page shows). Returns the Markdown."""
+    from ..config import TrainConfig, to_params
+    from .card import CardInputs, render_card
+
+    c = client()
+    mv = c.get_model_version(name, version)
+    run_id = mv.tags["source_run"]
+    run = c.get_run(run_id)
+    subgroups = _csv(run_id, "per_subgroup.csv")
+    md, page = render_card(CardInputs(
+        name, str(version), run_id, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags),
+        splits=_csv(run_id, "splits.csv"), per_subgroup=subgroups if subgroups is not None else
+        _csv(run_id, "per_sex.csv"), external=_external(c, mv), defaults=to_params(TrainConfig())))
+    with artifact_dir() as d:
+        (d / "model_card.md").write_text(md)
+        (d / "model_card.html").write_text(page)
+        log_artifacts_to(run_id, d)
+    c.update_model_version(name, version, description=md)
+    return md
 
 
 def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), parent_run_id: str | None = None,
@@ -153,6 +210,7 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     moved_champion = not refused and (champion is None or (champion.version != mv.version and better))
     if moved_champion:
         c.set_registered_model_alias(name, "champion", mv.version)
+    _alias_tags(c, name)
     reason = _reason(best, policy, champion, champ_value, moved_champion, mv.version)
     if refused and (champion is None or champion.version != mv.version):
         reason = (f"best eligible run {best['run_id']} ({best['run_name']}) was trained on SYNTHETIC data: version "
@@ -161,6 +219,16 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     if log and (d.changed or env_run_id()):
         d.logged_run = _log_decision(experiment, d, policy, parent_run_id)
     return d
+
+
+def _alias_tags(c, name: str) -> None:
+    """Registered-model tags saying what champion and challenger were trained on: the registered model's page
+    shows these tags beside the aliases, so a synthetic champion cannot pass unnoticed."""
+    for alias in ("champion", "challenger"):
+        mv = _alias_version(c, name, alias)
+        if mv is not None:
+            c.set_registered_model_tag(name, f"{alias}_synthetic_data", mv.tags.get("synthetic_data", "unknown"))
+            c.set_registered_model_tag(name, f"{alias}_version", mv.version)
 
 
 def _nothing_eligible(experiment: str, parent_run_id: str | None, ranking: pd.DataFrame) -> str:
@@ -226,6 +294,7 @@ def link_evaluation(model_uri: str, run_id: str) -> None:
     version = model_version_of(model_uri)
     if version:
         client().set_model_version_tag(name, version, f"external_validation/{run_id}", "see run")
+        publish_card(name, version)  # the card lists the version's external evaluations
 
 
 def registry_status(name: str = REGISTERED_MODEL) -> list[dict[str, str]]:

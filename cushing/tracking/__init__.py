@@ -14,12 +14,14 @@ Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every ent
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
 import tempfile
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -31,7 +33,7 @@ from ..claims import sqlite_path, store_lock
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
-           "TrackingUnavailable", "last_step"]
+           "TrackingUnavailable", "last_step", "log_artifacts_to"]
 
 EPOCH_PREFIX = "epoch/"  # per-epoch series: epoch/val/f1 at step = epoch; final results keep the bare names
 
@@ -97,11 +99,18 @@ def configure() -> str:
     uri = tracking_uri()
     check_reachable()
     mlflow.set_tracking_uri(uri)
+    _ensure_store(uri)
+    return uri
+
+
+def _ensure_store(uri: str) -> None:
+    """Create or migrate an embedded SQLite store once per process, under the store's lock."""
+    import mlflow
+
     if uri not in _READY and sqlite_path(uri) is not None:
         with store_lock(uri, "mlflow-schema"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
         _READY.add(uri)
-    return uri
 
 
 def client():
@@ -332,12 +341,19 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Final results, at step 0 by default; linked to the run's logged model once there is one (so the
-        logged-model page, the Models tab and the registered version show them)."""
+        logged-model page, the Models tab and the registered version show them). A NaN (not estimable) stays on
+        the run only: the logged-model page would draw it as 0."""
         import mlflow
+        from mlflow.entities import Metric
 
-        items = list(_clean(metrics).items())
-        for i in range(0, len(items), 900):  # log_batch takes at most 1000 metrics per call
-            mlflow.log_metrics(dict(items[i:i + 900]), step=step, run_id=self.run_id, model_id=self.model_id)
+        clean = _clean(metrics)
+        finite = [(k, v) for k, v in clean.items() if math.isfinite(v)]
+        for i in range(0, len(finite), 900):  # log_batch takes at most 1000 metrics per call
+            mlflow.log_metrics(dict(finite[i:i + 900]), step=step, run_id=self.run_id, model_id=self.model_id)
+        ts = int(time.time() * 1000)
+        nan = [Metric(k, v, ts, step) for k, v in clean.items() if not math.isfinite(v)]
+        for i in range(0, len(nan), 900):
+            client().log_batch(self.run_id, metrics=nan[i:i + 900], synchronous=True)
 
     def log_dict(self, data: Any, name: str) -> None:
         import mlflow
@@ -427,7 +443,8 @@ def env_run_id() -> str | None:
 
 @contextmanager
 def _without_env_run() -> Iterator[None]:
-    """mlflow.start_run() resumes MLFLOW_RUN_ID whenever it is set; hide it while starting a different run."""
+    """For the whole life of a run that is not the one `mlflow run` created: mlflow.start_run() would resume
+    MLFLOW_RUN_ID while it is set, and mlflow.end_run() unsets it, so hide it and put it back afterwards."""
     saved = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         yield
@@ -440,8 +457,7 @@ def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env
     import mlflow
 
     if run_id:  # continue an existing run (resume after a stop)
-        with _without_env_run():
-            return mlflow.start_run(run_id=run_id)
+        return mlflow.start_run(run_id=run_id)
     env_run = env_run_id() if use_env_run and parent_run_id is None else None
     if env_run:
         os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
@@ -455,10 +471,9 @@ def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env
                   f"MLFLOW_EXPERIMENT_NAME), not {experiment!r}; promotion and reports look in the experiment you "
                   f"name, so pass --experiment-name {experiment}", file=sys.stderr)
         return run
-    with _without_env_run():
-        return mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
-                                nested=parent_run_id is not None or mlflow.active_run() is not None,
-                                parent_run_id=parent_run_id)
+    return mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
+                            nested=parent_run_id is not None or mlflow.active_run() is not None,
+                            parent_run_id=parent_run_id)
 
 
 @contextmanager
@@ -471,9 +486,20 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
     The run ends FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (the interrupt carries the run id as
     `cushing_run` for the one-line message), else FINISHED.
     """
+    configure()
+    with contextlib.ExitStack() as keep:
+        env = env_run_id()
+        if not (env and use_env_run and parent_run_id is None and not run_id):
+            keep.enter_context(_without_env_run())  # not `mlflow run`'s run: leave MLFLOW_RUN_ID for a later one
+        with _run_lifecycle(experiment, run_name, tags, parent_run_id, use_env_run, run_id) as logger:
+            yield logger
+
+
+@contextmanager
+def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None, parent_run_id: str | None,
+                   use_env_run: bool, run_id: str | None) -> Iterator[RunLogger]:
     import mlflow
 
-    configure()
     run = _open_run(experiment, run_name, parent_run_id, use_env_run, run_id)
     logger = RunLogger(run.info.run_id)
     if tags:
@@ -505,6 +531,8 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
 @contextmanager
 def using_store(uri: str) -> Iterator[str]:
     """Point this process at another tracking store for a block (e.g. a benchmark's throwaway one); restore after."""
+    import mlflow
+
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
@@ -514,7 +542,7 @@ def using_store(uri: str) -> Iterator[str]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
-        configure()
+        mlflow.set_tracking_uri(tracking_uri())  # point back only: opening the store is for whoever uses it
 
 
 @contextmanager
@@ -525,14 +553,14 @@ def resume_run(run_id: str) -> Iterator[RunLogger]:
     configure()
     with _without_env_run():
         mlflow.start_run(run_id=run_id)
-    logger = RunLogger(run_id)
-    try:
-        yield logger
-    finally:
+        logger = RunLogger(run_id)
         try:
-            logger.close()
+            yield logger
         finally:
-            mlflow.end_run()
+            try:
+                logger.close()
+            finally:
+                mlflow.end_run()
 
 
 def get_run(run_id: str):
@@ -568,6 +596,11 @@ def experiments_with_runs() -> list[tuple[str, int]]:
         if n:
             out.append((exp.name, n))
     return sorted(out, key=lambda t: -t[1])
+
+
+def log_artifacts_to(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+    """Add files to any run, open or not, without touching the active run of this process."""
+    client().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def last_step(run_id: str, key: str) -> int:

@@ -6,33 +6,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "roc_points"]
+from .metrics import auc, confusion, roc_points
+
+__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "pyplot"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) from the highest threshold down, starting at (0, 0)."""
-    y = np.asarray(y).astype(bool)
-    order = np.argsort(-np.asarray(p, float), kind="stable")
-    ps, ys = np.asarray(p, float)[order], y[order]
-    distinct = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
-    tps = np.cumsum(ys)[distinct]
-    fps = np.cumsum(~ys)[distinct]
-    tpr = np.r_[0, tps / max(1, y.sum())]
-    fpr = np.r_[0, fps / max(1, (~y).sum())]
-    return fpr, tpr
-
-
 def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    from .metrics import auc_score
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     for ax, split in zip(axes, ("val", "test")):
         part = pred[pred["split"] == split]
@@ -43,7 +31,7 @@ def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
                 continue
             fpr, tpr = roc_points(y, p)
             ax.plot(fpr, tpr, style, drawstyle="steps-post",
-                    label=f"{label} AUC {auc_score(y, p):.3f} (n={len(y)}, pos={int(y.sum())})")
+                    label=f"{label} AUC {float(auc(y, p)[0]):.3f} (n={len(y)}, pos={int(y.sum())})")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{split} ROC", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
@@ -55,13 +43,12 @@ def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
 
 
 def confusion_plot(pred: pd.DataFrame, threshold: float, path: str | Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
     for ax, split in zip(axes, ("val", "test")):
         part = pred[pred["split"] == split]
-        y = part["label"].to_numpy()
-        yh = (part["probability"].to_numpy() >= threshold).astype(int)
-        m = np.array([[((y == a) & (yh == b)).sum() for b in (0, 1)] for a in (0, 1)])
+        c = confusion(part["label"].to_numpy(), part["probability"].to_numpy(), threshold)
+        m = np.rint([[c.tn[0, 0], c.fp[0, 0]], [c.fn[0, 0], c.tp[0, 0]]]).astype(int)  # rows: true, cols: predicted
         ax.imshow(m, cmap="Blues")
         for a in (0, 1):
             for b in (0, 1):
@@ -75,7 +62,7 @@ def confusion_plot(pred: pd.DataFrame, threshold: float, path: str | Path) -> No
 
 
 def curves_plot(history: list[dict[str, float]], best_epoch: int, path: str | Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     h = pd.DataFrame(history)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     a1.plot(h["epoch"], h["train/loss"], label="train")
@@ -94,7 +81,7 @@ def curves_plot(history: list[dict[str, float]], best_epoch: int, path: str | Pa
 
 
 def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, label="perfect")
     for split, r in reliability.items():

@@ -1,0 +1,223 @@
+"""A model card for a registered version, following the TRIPOD+AI items that apply to a screening model.
+
+Pure rendering: the caller gathers the run's metrics, params, tags and tables (release.registry does, from the
+version's source run) and gets back Markdown (the registered version's description) and a self-contained HTML page.
+PHI rules apply: aggregates only; no faces, no file names (a manifest path is shown as its content digest).
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["CardInputs", "render_card", "HEADLINE"]
+
+HEADLINE = ("f1", "auc", "recall", "specificity", "precision", "accuracy")
+INTENDED_USE = ("A screening aid for research, not a diagnostic device: it flags frontal facial photos whose "
+                "appearance resembles Cushing's syndrome (moon facies, plethora) so that a clinician-researcher can "
+                "study or prioritise them. It does not diagnose, exclude or stage Cushing's syndrome; biochemical "
+                "testing decides. Intended users: clinician-researchers and the ML engineers beside them.")
+
+
+@dataclass
+class CardInputs:
+    name: str  # registered model name
+    version: str
+    run_id: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+    splits: pd.DataFrame | None = None  # splits.csv: Table I
+    per_subgroup: pd.DataFrame | None = None  # per_subgroup.csv (or per_sex.csv)
+    external: list[dict[str, Any]] = field(default_factory=list)  # evaluations linked to the version
+    defaults: dict[str, str] = field(default_factory=dict)  # TrainConfig defaults, to print only what differs
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "not estimable" if not math.isfinite(f) else f"{f:.{digits}f}"
+
+
+def _with_ci(m: dict[str, float], name: str) -> str:
+    v = m.get(name, math.nan)
+    lo, hi = m.get(f"{name}/ci_low"), m.get(f"{name}/ci_high")
+    if lo is None or hi is None or not math.isfinite(v) or not math.isfinite(lo):
+        return _num(v)
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _performance(m: dict[str, float]) -> str:
+    rows = [[metric] + [_with_ci(m, f"{split}/{metric}") for split in ("val", "test")] for metric in HEADLINE]
+    return _table(rows, ["metric", "validation", "test"])
+
+
+def _subgroups(c: CardInputs) -> str:
+    t = c.per_subgroup
+    if t is None or t.empty:
+        return "No per-subgroup table was logged."
+    t = t[t["split"] == "test"]
+    rows = [[str(r["group"]), str(int(r["n"])), str(int(r["positives"]))] +
+            [_num(r.get(k)) for k in ("recall", "specificity", "f1", "auc")] for _, r in t.iterrows()]
+    return _table(rows, ["test subgroup", "images", "positives", "recall", "specificity", "F1", "AUC"])
+
+
+def _cohort(c: CardInputs) -> str:
+    if c.splits is None or c.splits.empty:
+        return "No split table was logged."
+    rows = [[str(r["split"]), str(r["sex"]), "patient" if int(r["label"]) else "control", str(int(r["subjects"])),
+             str(int(r["images"]))] for _, r in c.splits.iterrows()]
+    return _table(rows, ["split", "sex", "label", "subjects", "images"])
+
+
+def _command(c: CardInputs) -> str:
+    """The `mlflow run` that reproduces the run: every parameter that differs from the defaults."""
+    skip = {"experiment", "run_name", "resume"}
+    args = []
+    for k, v in sorted(c.params.items()):
+        if k in skip or k.startswith("resolved/") or c.defaults.get(k) == v or v in ("", "''"):
+            continue
+        if k == "data" and v != "demo":
+            v = f"<your manifest: content digest {c.tags.get('data_digest', '')[:16]}>"
+        args.append(f"-P {k}={v}")
+    exp = c.params.get("experiment", "cushing")
+    return f"mlflow run . --env-manager local --experiment-name {exp} " + " ".join(args)
+
+
+def _limitations(c: CardInputs) -> list[str]:
+    m, tags = c.metrics, c.tags
+    out = [f"Small test set: {int(m.get('test/n', 0))} images with {int(m.get('test/positives', 0))} patients; one "
+           "patient more or less moves recall by several points. Read the intervals, not the third decimal.",
+           f"The operating threshold ({_num(m.get('threshold'))}) was chosen on a validation split with "
+           f"{int(m.get('val/positives', 0))} patients (rule {c.params.get('threshold', 'f1')}); a new site should "
+           "re-check it on its own validation data.",
+           "Predictive values depend on prevalence: PPV and NPV below assume "
+           f"{_num(m.get('prevalence'))} (set with -P prevalence=...)."]
+    if tags.get("not_estimable"):
+        out.append(f"Not estimable (too few patients): {tags['not_estimable']}.")
+    if tags.get("synthetic_data") == "true":
+        out.insert(0, "**TRAINED ON SYNTHETIC DATA** (the procedurally drawn demo cohort, not patients): for trying "
+                      "the service only, never for real photos.")
+    if tags.get("audit_warning"):
+        out.append(tags["audit_warning"])
+    return out
+
+
+def _markdown(c: CardInputs) -> str:
+    m, p, t = c.metrics, c.params, c.tags
+    weights = ("pretrained (" + (p.get("weights") if p.get("weights") not in (None, "", "''") else
+                                 f"timm: {t.get('timm_id', '')}") + ")") if t.get("pretrained") == "true" \
+        else "random initialisation (pretrained=false)"
+    external = "\n".join(f"- run `{e['run_id']}`: external AUC {_num(e.get('auc'))}, F1 {_num(e.get('f1'))}, "
+                         f"{int(e.get('n', 0))} images" for e in c.external) or "None linked yet (`cushing evaluate`)."
+    limits = "\n".join(f"- {x}" for x in _limitations(c))
+    return f"""# Model card: {c.name} version {c.version}
+
+{"> **TRAINED ON SYNTHETIC DATA**: not for real photos." if t.get("synthetic_data") == "true" else ""}
+
+## Intended use
+{INTENDED_USE}
+
+## Model
+- Backbone: `{t.get('model', p.get('model', ''))}` ({t.get('model_type', '')}, timm `{t.get('timm_id', '')}`), \
+{'frozen backbone, head trained' if t.get('freeze') == 'true' else 'fine-tuned'}; weights: {weights}.
+- Input: a frontal facial photo (base64 JPEG/PNG); face stage: {t.get('face_mask_source', 'none (trained on the images as given)')}; \
+{p.get('img_size', '')} px.
+- Operating threshold: {_num(m.get('threshold'), 4)}, chosen on validation by rule `{p.get('threshold', 'f1')}`; \
+best epoch {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen on `{p.get('select_metric', 'val/f1')}`.
+- Source run: `{c.run_id}`.
+
+## Training data
+- Content digest `{t.get('data_digest', '')}`; synthetic: {t.get('synthetic_data', 'false')}; split: \
+{t.get('split_source', '')}; cohort audit: {t.get('audit', 'off')} ({t.get('audit_merges', '0')} subjects merged).
+
+{_cohort(c)}
+
+## Performance (95% intervals: Wilson for proportions, subject bootstrap for F1 and AUC)
+{_performance(m)}
+
+## Per subgroup (test)
+{_subgroups(c)}
+
+Sex gap (female - male), test: recall {_with_ci(m, 'test/recall/sex_gap')}, F1 {_with_ci(m, 'test/f1/sex_gap')}.
+
+## Calibration
+Brier {_num(m.get('test/brier'))} (test), ECE {_num(m.get('test/ece'))}; PPV {_num(m.get('test/ppv'))} and NPV \
+{_num(m.get('test/npv'))} at prevalence {_num(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the source run.
+
+## External evaluations
+{external}
+
+## Limitations
+{limits}
+
+## Reproduce
+```
+{_command(c)}
+```
+"""
+
+
+def render_card(c: CardInputs) -> tuple[str, str]:
+    """(Markdown, self-contained HTML) of the card."""
+    md = _markdown(c)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Model card {html.escape(c.name)} "
+            f"v{html.escape(c.version)}</title><meta http-equiv='Content-Security-Policy' content=\"default-src "
+            "'none'; style-src 'unsafe-inline'\"><style>body{font:14px sans-serif;max-width:900px;margin:2em auto}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f4f4f4;"
+            f"padding:8px;white-space:pre-wrap}}</style></head><body>{_html(md)}</body></html>")
+    return md, page
+
+
+def _inline(text: str) -> str:
+    import re
+
+    e = html.escape(text)
+    e = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", e)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", e)
+
+
+def _html(md: str) -> str:
+    """The small Markdown subset the card uses (headings, tables, bullets, a code block, quotes, paragraphs)."""
+    out, table, code = [], [], None
+    for line in md.splitlines() + [""]:
+        if code is not None:
+            if line.startswith("```"):
+                out.append(f"<pre>{html.escape(chr(10).join(code))}</pre>")
+                code = None
+            else:
+                code.append(line)
+            continue
+        if line.startswith("| "):
+            if not line.startswith("|---"):
+                table.append(line)
+            continue
+        if table:
+            cells = [[_inline(x.strip()) for x in r.strip("| ").split(" | ")] for r in table]
+            out.append("<table><tr>" + "".join(f"<th>{x}</th>" for x in cells[0]) + "</tr>" +
+                       "".join("<tr>" + "".join(f"<td>{x}</td>" for x in r) + "</tr>" for r in cells[1:]) +
+                       "</table>")
+            table = []
+        if line.startswith("```"):
+            code = []
+        elif line.startswith("# "):
+            out.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.startswith("- "):
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.startswith("> "):
+            out.append(f"<p><em>{_inline(line[2:])}</em></p>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    return "\n".join(out)

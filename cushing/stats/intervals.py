@@ -1,0 +1,114 @@
+"""Intervals that keep small-n numbers honest: Wilson for proportions, a subject-level stratified bootstrap for
+F1, AUC and subgroup gaps. Built on `metrics` (the one metric implementation)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .metrics import auc, confusion, rates
+from .subgroups import Subgroup
+
+__all__ = ["wilson", "subject_weights", "bootstrap", "Gap", "percentile_interval", "Z95"]
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials; NaN when n == 0."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    ph = k / n
+    denom = 1 + z * z / n
+    centre = (ph + z * z / (2 * n)) / denom
+    half = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
+
+
+def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[B, n_images] weights: how often each image's subject was drawn in each resample.
+
+    Subjects are resampled with replacement within strata (label x sex of the subject), so a subject's images
+    always travel together and each resample keeps the stratum sizes.
+    """
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(subjects, return_inverse=True)
+    subj_stratum = pd.Series(strata).groupby(inv).first().to_numpy()
+    draws = np.zeros((n_boot, len(uniq)), dtype=np.float64)
+    for s in np.unique(subj_stratum):
+        members = np.flatnonzero(subj_stratum == s)
+        picks = rng.integers(0, len(members), size=(n_boot, len(members)))
+        for b in range(n_boot):
+            draws[b] += np.bincount(members[picks[b]], minlength=len(uniq))
+    return draws[:, inv]
+
+
+def percentile_interval(v: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of finite bootstrap values (NaN with fewer than 10)."""
+    v = v[np.isfinite(v)]
+    if len(v) < 10:
+        return (float("nan"), float("nan"))
+    lo, hi = np.percentile(v, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A disparity between subgroups: `difference` = first - second (the signed sex gap, female - male);
+    `range` = best - worst of the members (any other column)."""
+
+    name: str  # e.g. sex_gap, gap:site
+    members: tuple[str, ...]  # subgroup names
+    kind: str = "range"
+
+
+def _resampled(w: np.ndarray, y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    out = {k: v[:, 0] for k, v in rates(confusion(y, p, threshold, w)).items()}
+    out["auc"] = auc(y, p, w)
+    return out
+
+
+def _gap_values(per_group: dict[str, dict[str, np.ndarray]], gap: Gap, metric: str) -> np.ndarray | None:
+    vals = [per_group[m][metric] for m in gap.members if m in per_group]
+    if len(vals) < 2:
+        return None
+    if gap.kind == "difference":
+        return vals[0] - vals[1]
+    stacked = np.vstack(vals)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(stacked).sum(0) >= 2
+        return np.where(ok, np.nanmax(stacked, 0) - np.nanmin(stacked, 0), np.nan)
+
+
+def bootstrap(part: pd.DataFrame, groups: list[Subgroup], *, threshold: float, n_boot: int = 2000, seed: int = 0,
+              metrics: tuple[str, ...] = ("f1", "auc"), gaps: tuple[Gap, ...] = (),
+              gap_metrics: tuple[str, ...] = ("recall", "specificity", "f1")
+              ) -> dict[tuple[str, str], tuple[float, float]]:
+    """(subgroup or gap name, metric) -> 95% percentile interval, from one set of subject resamples (within label
+    x sex strata) shared by every subgroup and gap of this split."""
+    if part.empty or n_boot <= 0:
+        return {}
+    y = part["label"].to_numpy()
+    p = part["probability"].to_numpy().astype(float)
+    strata = part["sex"].astype(str).to_numpy() if "sex" in part.columns else np.zeros(len(part), str)
+    subj_label = part.groupby("subject")["label"].transform("max").to_numpy()
+    w = subject_weights(part["subject"].to_numpy(), np.char.add(strata, subj_label.astype(str)), n_boot, seed)
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    per_group = {}
+    for g in groups:
+        mask = g.mask(part)
+        if not mask.any():
+            continue
+        per_group[g.name] = _resampled(w[:, mask], y[mask], p[mask], threshold)
+        for m in metrics:
+            out[(g.name, m)] = percentile_interval(per_group[g.name][m])
+    for gap in gaps:
+        for m in gap_metrics:
+            v = _gap_values(per_group, gap, m)
+            if v is not None:
+                out[(gap.name, m)] = percentile_interval(v)
+    return out

@@ -1,0 +1,243 @@
+"""The evaluation of a predictions table: metrics with intervals overall and per subgroup, subgroup gaps,
+calibration, the counts that explain what is not estimable.
+
+Used for training runs, pooled cross-validation and external validation alike, so every report has the same
+names. The operating threshold is given (chosen on validation elsewhere); nothing here chooses anything.
+A predictions table has columns subject (hashed id), split, sex (F/M), label (0/1), probability, and any subgroup
+columns named in `subgroup_columns`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .calibration import brier, ece, ppv_npv, reliability
+from .intervals import Gap, bootstrap, wilson
+from .metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
+from .subgroups import Subgroup, subgroups_of
+
+__all__ = ["MetricRow", "Report", "build_report", "summarize", "rows_to_metrics", "per_sex_table",
+           "per_subgroup_table", "metric_name"]
+
+
+def metric_name(split: str, metric: str, group: str = "overall") -> str:
+    return f"{split}/{metric}" if group == "overall" else f"{split}/{metric}/{group}"
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    split: str
+    group: str  # subgroup name: overall | female | male | <column>:<value>
+    metric: str
+    value: float
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    n: int = 0
+    positives: int = 0
+    estimable: bool = True
+    threshold: float = 0.5
+    column: str = ""  # the subgroup's manifest column ("" for overall)
+
+    @property
+    def name(self) -> str:
+        return metric_name(self.split, self.metric, self.group)
+
+
+def _interval(metric: str, c: Counts, boot: tuple[float, float] | None) -> tuple[float, float]:
+    if metric in PROPORTIONS:
+        tp, fp, fn, tn = (int(round(float(v[0, 0]))) for v in (c.tp, c.fp, c.fn, c.tn))
+        k, n = {"accuracy": (tp + tn, tp + fp + fn + tn), "precision": (tp, tp + fp), "recall": (tp, tp + fn),
+                "specificity": (tn, tn + fp)}[metric]
+        return wilson(k, n)
+    return boot if boot is not None else (float("nan"), float("nan"))
+
+
+def summarize(pred: pd.DataFrame, *, split: str, threshold: float, groups: list[Subgroup] | None = None,
+              min_positives: int = 0, boot: dict[tuple[str, str], tuple[float, float]] | None = None,
+              label: str | None = None) -> list[MetricRow]:
+    """Every metric for one split, overall and per subgroup (default: per sex); F1/AUC intervals from `boot`
+    (the bootstrap of this split) when given, Wilson intervals for proportions always.
+
+    `label` renames the split in metric names (e.g. test_argmax) without changing which rows are used.
+    A subgroup with fewer than `min_positives` positives gets NaN for the positive-dependent metrics and
+    `estimable=False`; a subgroup with no positives or no negatives gets NaN where the metric is undefined.
+    """
+    part = pred[pred["split"] == split]
+    groups = groups if groups is not None else subgroups_of(part, ("sex",))
+    boot = boot or {}
+    rows = []
+    for g in groups:
+        sub = part[g.mask(part)]
+        y, p = sub["label"].to_numpy(), sub["probability"].to_numpy()
+        pos = int(y.sum())
+        values = point_metrics(y, p, threshold) if len(sub) else {m: float("nan") for m in METRICS}
+        c = confusion(y, p, threshold)
+        gated = g.column is not None and pos < min_positives
+        for m in METRICS:
+            lo, hi = _interval(m, c, boot.get((g.name, m)))
+            est = not (gated and m in GATED)
+            v = values[m] if est else float("nan")
+            rows.append(MetricRow(label or split, g.name, m, v, lo if est else math.nan, hi if est else math.nan,
+                                  len(sub), pos, est and not math.isnan(v), threshold, g.column or ""))
+    return rows
+
+
+def rows_to_metrics(rows: list[MetricRow], intervals: bool = True) -> dict[str, float]:
+    """MLflow metric dict: name, name/ci_low, name/ci_high."""
+    out: dict[str, float] = {}
+    for r in rows:
+        out[r.name] = r.value
+        if intervals and not (math.isnan(r.ci_low) and math.isnan(r.ci_high)):
+            out[f"{r.name}/ci_low"] = r.ci_low
+            out[f"{r.name}/ci_high"] = r.ci_high
+    return out
+
+
+def per_subgroup_table(rows: list[MetricRow]) -> pd.DataFrame:
+    """One row per split x subgroup: metric columns with intervals, `not estimable` where a metric is not."""
+    recs: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        rec = recs.setdefault((r.split, r.group), {"split": r.split, "column": r.column or "all", "group": r.group,
+                                                   "n": r.n, "positives": r.positives,
+                                                   "threshold": round(r.threshold, 6)})
+        rec[r.metric] = "not estimable" if not r.estimable and math.isnan(r.value) else r.value
+        rec[f"{r.metric}_ci_low"] = r.ci_low
+        rec[f"{r.metric}_ci_high"] = r.ci_high
+    return pd.DataFrame(list(recs.values()))
+
+
+def per_sex_table(rows: list[MetricRow]) -> pd.DataFrame:
+    """Rows like the paper's Table III: overall, female and male per split."""
+    table = per_subgroup_table([r for r in rows if r.column in ("", "sex")])
+    return table.drop(columns="column") if not table.empty else table
+
+
+@dataclass
+class Report:
+    metrics: dict[str, float]
+    rows: list[MetricRow]
+    per_sex: pd.DataFrame
+    tags: dict[str, str]
+    reliability: dict[str, pd.DataFrame] = field(default_factory=dict)
+    per_subgroup: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) -> list[Gap]:
+    """The sex gap (female - male) and, for every other column, the range over its subgroups that have enough
+    positives to be estimated."""
+    positives = {g.name: int(part.loc[g.mask(part), "label"].sum()) for g in groups}
+    gaps, columns = [], []
+    for g in groups:
+        if g.column and g.column not in columns:
+            columns.append(g.column)
+    for col in columns:
+        names = [g.name for g in groups if g.column == col]
+        if col == "sex":
+            if {"female", "male"} <= set(names):
+                gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
+            continue
+        gaps.append(Gap(f"gap:{col}", tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+    return gaps
+
+
+def _gap_metrics(rows: list[MetricRow], split: str, gap: Gap, boot: dict, min_positives: int,
+                 reasons: dict[str, str]) -> dict[str, float]:
+    point = {(r.group, r.metric): (r.value, r.positives) for r in rows if r.split == split}
+    out = {}
+    for metric in ("recall", "specificity", "f1"):
+        name = f"{split}/{metric}/{gap.name}"
+        vals = [point.get((m, metric), (math.nan, 0)) for m in gap.members]
+        if gap.kind == "difference":
+            enough = min(v[1] for v in vals) >= min_positives or metric == "specificity"
+            value = vals[0][0] - vals[1][0] if enough else math.nan
+        else:
+            finite = [v[0] for v in vals if math.isfinite(v[0])]
+            value = max(finite) - min(finite) if len(finite) >= 2 else math.nan
+        out[name] = value
+        lo, hi = boot.get((gap.name, metric), (math.nan, math.nan))
+        if math.isfinite(value) and math.isfinite(lo):
+            out[f"{name}/ci_low"], out[f"{name}/ci_high"] = lo, hi
+        if not math.isfinite(value):
+            reasons[name] = ("a sex has fewer than min_positives={} positives" if gap.kind == "difference" else
+                             "fewer than two subgroups with min_positives={} positives").format(min_positives)
+    return out
+
+
+def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...] = ("val", "test"),
+                 min_positives: int = 5, bootstrap: int = 2000, seed: int = 0, prevalence: float | None = None,
+                 argmax_split: str | None = "test", subgroup_columns: tuple[str, ...] = ("sex",)) -> Report:
+    rows: list[MetricRow] = []
+    metrics: dict[str, float] = {"threshold": float(threshold)}
+    reasons: dict[str, str] = {}
+    reliability_tables = {}
+    groups = subgroups_of(pred, subgroup_columns)
+    present = [s for s in splits if (pred["split"] == s).any()]
+    for split in present:
+        part = pred[pred["split"] == split]
+        gaps = _gaps_for(groups, part, min_positives)
+        # one bootstrap per split serves every subgroup's F1/AUC intervals and every gap's interval
+        boot = _bootstrap(part, groups, threshold, bootstrap, seed, gaps)
+        split_rows = summarize(pred, split=split, threshold=threshold, groups=groups, min_positives=min_positives,
+                               boot=boot)
+        rows += split_rows
+        y, p = part["label"].to_numpy(), part["probability"].to_numpy()
+        metrics[f"{split}/brier"], metrics[f"{split}/ece"] = brier(y, p), ece(y, p)
+        reliability_tables[split] = reliability(y, p)
+        for gap in gaps:
+            metrics.update(_gap_metrics(split_rows, split, gap, boot, min_positives, reasons))
+        if prevalence is not None:
+            overall = {r.metric: r.value for r in split_rows if r.group == "overall"}
+            metrics[f"{split}/ppv"], metrics[f"{split}/npv"] = ppv_npv(overall["recall"], overall["specificity"],
+                                                                       prevalence)
+    rows += _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives)
+    metrics.update(rows_to_metrics(rows))
+    metrics.update(_counts(rows))
+    if prevalence is not None:
+        metrics["prevalence"] = float(prevalence)
+    summary = _not_estimable_summary(rows, min_positives) + [f"{k}: {v}" for k, v in reasons.items()]
+    tags = {"not_estimable": "; ".join(summary)} if summary else {}
+    return Report(metrics, rows, per_sex_table(rows), tags, reliability_tables, per_subgroup_table(rows))
+
+
+def _bootstrap(part, groups, threshold, n_boot, seed, gaps):
+    return bootstrap(part, groups, threshold=threshold, n_boot=n_boot, seed=seed, gaps=tuple(gaps))
+
+
+def _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives) -> list[MetricRow]:
+    """The test split at 0.5 (the paper classifies by argmax) under `test_argmax/...`."""
+    if argmax_split not in present:
+        return []
+    if not math.isclose(threshold, 0.5):
+        return summarize(pred, split=argmax_split, threshold=0.5, groups=groups, min_positives=min_positives,
+                         label=f"{argmax_split}_argmax")
+    # the chosen threshold is argmax: the same numbers under the paper's name
+    return [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
+
+
+def _counts(rows: list[MetricRow]) -> dict[str, float]:
+    """Images and positives per split and subgroup (`test/positives/male`): finite numbers the MLflow UI shows,
+    which explain a not-estimable (NaN, hidden by the UI) subgroup metric beside it."""
+    out = {}
+    for r in rows:
+        if r.metric == "accuracy" and not r.split.endswith("_argmax"):
+            out[metric_name(r.split, "n", r.group)] = float(r.n)
+            out[metric_name(r.split, "positives", r.group)] = float(r.positives)
+    return out
+
+
+def _not_estimable_summary(rows: list[MetricRow], min_positives: int) -> list[str]:
+    """One readable line per split x subgroup: which metrics are not estimable and why."""
+    lines = []
+    by_group: dict[tuple[str, str], list[MetricRow]] = {}
+    for r in rows:
+        if not r.estimable:
+            by_group.setdefault((r.split, r.group), []).append(r)
+    for (split, group), rs in by_group.items():
+        names = ", ".join(r.metric for r in rs)
+        pos = rs[0].positives
+        why = (f"{pos} positives < min_positives={min_positives}" if group != "overall" and pos < min_positives
+               else "undefined: no positives, no negatives or no predicted positives")
+        lines.append(f"{split}/{group}: {names} ({why})")
+    return lines

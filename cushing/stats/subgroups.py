@@ -1,0 +1,76 @@
+"""Subgroups a clinician asks about: sex (the paper's Table III), and any manifest column (site, age band, ...).
+
+Metric names: sex keeps the contract names `test/f1/female` and `test/f1/male`; any other column reads
+`test/f1/<column>:<value>` (MLflow forbids `=` in names; `:` is the closest character it accepts, on Linux and
+macOS clients), with characters MLflow refuses in names replaced by `_` (`site:St_Marys`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Subgroup", "subgroups_of", "subgroup_name", "check_subgroup_columns", "SEX_NAMES", "SubgroupError"]
+
+SEX_NAMES = {"F": "female", "M": "male"}
+_UNSAFE = re.compile(r"[^\w.\- ]")
+MAX_LEVELS = 50
+
+
+class SubgroupError(ValueError):
+    """A subgroup column that cannot be used; the message says why and what to do."""
+
+
+def subgroup_name(column: str, value: object) -> str:
+    if column == "sex" and value in SEX_NAMES:
+        return SEX_NAMES[value]
+    return f"{_UNSAFE.sub('_', column)}:{_UNSAFE.sub('_', str(value)).strip() or '_'}"
+
+
+@dataclass(frozen=True)
+class Subgroup:
+    """All rows (column None) or the rows where `column == value`; `name` is what metric names carry."""
+
+    name: str
+    column: str | None = None
+    value: str | None = None
+
+    def mask(self, table: pd.DataFrame) -> np.ndarray:
+        if self.column is None:
+            return np.ones(len(table), bool)
+        return (table[self.column].astype(str) == self.value).to_numpy()
+
+
+OVERALL = Subgroup("overall")
+
+
+def subgroups_of(table: pd.DataFrame, columns: tuple[str, ...] = ("sex",)) -> list[Subgroup]:
+    """Overall, then each column's values in sorted order (sex: female, male)."""
+    out = [OVERALL]
+    for col in columns:
+        values = sorted(table[col].dropna().astype(str).unique()) if col in table.columns else []
+        if col == "sex":
+            values = [v for v in ("F", "M") if v in values]
+        out += [Subgroup(subgroup_name(col, v), col, v) for v in values]
+    return out
+
+
+def check_subgroup_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """Refuse columns that do not exist, numeric columns (a value per patient is not a subgroup: bin it) and
+    columns with so many values that no subgroup could be estimated."""
+    problems = []
+    for col in columns:
+        if col not in table.columns:
+            problems.append(f"subgroup column {col!r} is not in the manifest (columns: {', '.join(table.columns)})")
+            continue
+        values = table[col].dropna().astype(str)
+        numeric = pd.to_numeric(values, errors="coerce").notna().mean() == 1.0 if len(values) else False
+        if col != "label" and numeric and values.nunique() > 10:
+            problems.append(f"subgroup column {col!r} is numeric with {values.nunique()} values: add a banded "
+                            f"column to the manifest (e.g. {col}_band with 18-39, 40-59, 60+) and name that")
+        elif values.nunique() > MAX_LEVELS:
+            problems.append(f"subgroup column {col!r} has {values.nunique()} values (at most {MAX_LEVELS})")
+    if problems:
+        raise SubgroupError("; ".join(problems))

@@ -1,0 +1,125 @@
+"""A served model that applies the face stage, under what users throw at it: many concurrent clients, photos with
+no face, malformed payloads. The server stays up, every answer is valid JSON, and no answer echoes the photo."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from cushing.stack import free_port, wait_http
+from tests.conftest import env_vars
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.dlib]
+
+
+@pytest.fixture(scope="module")
+def face_model(tmp_path_factory, celeba_manifest, cushing_home):
+    """A tiny model trained on face crops of real photos, so serving runs dlib on every request."""
+    from cushing.config import TrainConfig
+    from cushing.experiment import run_single
+    from cushing.faces import FaceSettings, extract_faces
+
+    d = tmp_path_factory.mktemp("face-model")
+    photos = pd.concat([celeba_manifest[celeba_manifest["label"] == 0].head(24),
+                        celeba_manifest[celeba_manifest["label"] == 1].head(12)])
+    photos.to_csv(d / "photos.csv", index=False)
+    out = extract_faces(d / "photos.csv", d / "faces", FaceSettings(), cache_dir=d / "cache", progress=False)
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        s = run_single(TrainConfig(data=str(out.manifest), model="resnet18", pretrained=False, epochs=1, img_size=48,
+                                   bootstrap=0, cam=False, min_positives=1, experiment="serving"), progress=False)
+    raw = out.report.loc[out.report["status"] == "ok", "path"].tolist()
+    return {"uri": uri, "model_uri": s.model_uri, "photos": raw, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def server(face_model):
+    port = free_port()
+    log = face_model["dir"] / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": face_model["uri"], "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", face_model["model_uri"],
+                                 "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc=proc, log=log)
+        yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eight_concurrent_clients_twenty_requests_each(server, face_model):
+    photos = [_b64(open(p, "rb").read()) for p in face_model["photos"][:8]]
+    blank = io.BytesIO()
+    Image.new("RGB", (120, 140), (200, 180, 160)).save(blank, "JPEG")
+
+    def client(k: int) -> list[tuple[int, str]]:
+        out = []
+        with requests.Session() as s:
+            for i in range(20):
+                body = {"dataframe_records": [{"image": photos[(k + i) % len(photos)]}, {"image": _b64(blank.getvalue())}]}
+                r = s.post(f"{server['url']}/invocations", json=body, timeout=120)
+                out.append((r.status_code, r.text))
+        return out
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = [a for batch in pool.map(client, range(8)) for a in batch]
+    assert len(answers) == 160 and all(code == 200 for code, _ in answers), {c for c, _ in answers}
+    for _, text in answers:
+        rows = _strict_json(text)["predictions"]  # strictly valid JSON: NaN would fail here
+        assert rows[0]["face_status"] == "ok" and 0 <= rows[0]["probability"] <= 1
+        assert rows[1]["face_status"] == "no_face" and rows[1]["probability"] is None and rows[1]["label"] == -1
+    assert server["proc"].poll() is None and requests.get(f"{server['url']}/ping", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("name,record", [
+    ("number", {"image": 1234567890123456}),
+    ("list", {"image": ["QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="]}),
+    ("text bytes", {"image": _b64(b"patient 4711, notes from the clinic visit, not a photo at all")}),
+    ("truncated photo", None),
+])
+def test_malformed_payloads_never_echo_the_photo(server, face_model, name, record):
+    if record is None:
+        raw = open(face_model["photos"][0], "rb").read()
+        record = {"image": _b64(raw[: len(raw) // 2])}
+    r = requests.post(f"{server['url']}/invocations", json={"dataframe_records": [record]}, timeout=60)
+    assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+    body = _strict_json(r.text)
+    text = json.dumps(body)
+    value = str(record["image"] if not isinstance(record["image"], list) else record["image"][0])
+    chunks = {value[i:i + 12] for i in range(0, max(1, len(value) - 12), 6)}
+    assert not any(c in text for c in chunks), f"{name}: the answer echoes the payload: {text[:300]}"
+    assert requests.get(f"{server['url']}/ping", timeout=10).status_code == 200
+
+
+def test_bench_serve_reports_latency_and_throughput(server, face_model, tmp_path, capsys):
+    from cushing.bench_serve import bench_serve
+
+    rows = bench_serve(model_uris=[], urls=[server["url"]], photos=face_model["photos"][:4], clients=(1, 4),
+                       per_client=3, out=str(tmp_path / "serve.json"))
+    saved = json.loads((tmp_path / "serve.json").read_text())
+    assert [r["clients"] for r in saved["rows"]] == [1, 4] and saved["rows"] == rows
+    for r in rows:
+        assert r["errors"] == 0 and r["face_stage"] == "on" and r["requests"] == 3 * r["clients"]
+        assert 0 < r["p50_ms"] <= r["p95_ms"] and r["requests_per_s"] > 0
+    assert "clients 4: p50" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""Trust the cohort before the model: the audit before splitting (same person under two ids, the demo cohort left
+alone), any subgroup column reported like sex, and the model card of a registered version."""
+from __future__ import annotations
+
+import math
+import re
+
+import mlflow
+import pandas as pd
+import pytest
+
+from cushing.config import TrainConfig
+from cushing.stats.subgroups import SubgroupError
+from cushing.train import AuditError, prepare_cohort
+from tests.conftest import env_vars
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def renamed_people(celeba_manifest, tmp_path_factory):
+    """Real CelebA identities with several photos, half of each identity's photos entered under a made-up second
+    id (a follow-up visit registered anew), among single-photo strangers."""
+    df = celeba_manifest.copy()
+    sex = df.groupby("subject_id")["sex"].agg(lambda s: s.mode().iloc[0])  # CelebA's Male attribute is noisy
+    df["sex"] = df["subject_id"].map(sex)
+    counts = df["subject_id"].value_counts()
+    multi = counts[counts >= 6].index[:6]
+    people = df[df["subject_id"].isin(multi)].groupby("subject_id").head(6).copy()
+    second = people.groupby("subject_id").cumcount() >= 3
+    people.loc[second, "subject_id"] = people.loc[second, "subject_id"].astype(str) + "-visit2"
+    strangers = df[df["subject_id"].map(counts) == 1].groupby("label").head(20)
+    cohort = pd.concat([people, strangers], ignore_index=True)
+    path = tmp_path_factory.mktemp("renamed") / "manifest.csv"
+    cohort.to_csv(path, index=False)
+    return path, set(multi.astype(str))
+
+
+def test_same_person_under_two_ids_is_merged_into_one_split_or_refused(renamed_people):
+    path, people = renamed_people
+    cohort = prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="warn"), progress=False)
+    pairs = cohort.audit.pairs
+    found = pairs[(pairs["kind"] == "same_person") & ~pairs["same_subject"]]
+    assert len(found) >= 3, "the audit finds renamed visits"
+    table = cohort.table
+    for a, b in zip(found["line_a"] - 2, found["line_b"] - 2):
+        assert cohort.split.iat[a] == cohort.split.iat[b], "a merged pair never straddles splits"
+    merged_people = {str(table["subject_id"].iat[a]).replace("-visit2", "") for a in found["line_a"] - 2}
+    assert len(merged_people & people) >= 3 and cohort.merges >= 3
+    assert not set(pairs["subject_a"]) & set(table["subject_id"].astype(str)), "audit.csv carries hashed ids"
+    with pytest.raises(AuditError, match=r"audit=strict.*\n  lines \d+ and \d+: same_person"):
+        prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="strict"), progress=False)
+
+
+def test_the_demo_cohort_is_unaffected_by_the_audit(demo_manifest):
+    audited = prepare_cohort(TrainConfig(model="resnet18", img_size=32, audit="warn"), progress=False)
+    plain = prepare_cohort(TrainConfig(model="resnet18", img_size=32, audit="off"), progress=False)
+    assert audited.audit is not None and audited.audit.pairs.empty and audited.merges == 0
+    assert (audited.split == plain.split).all()
+    assert audited.audit.settings.faces is False, "no face-recognition distances on drawn faces"
+
+
+@pytest.fixture(scope="module")
+def site_run(tmp_path_factory, demo_manifest, cushing_home):
+    """A tiny training on the demo cohort with a made-up `site` column: site C holds few patients."""
+    df = pd.read_csv(demo_manifest)
+    df["image"] = [str(demo_manifest.parent / p) for p in df["image"]]
+    df["site"] = ["C" if (lab == 1 and i % 6 == 0) or (lab == 0 and i % 5 == 0) else "AB"[i % 2]
+                  for i, lab in enumerate(df["label"])]
+    df["age"] = [20 + (i * 7) % 60 for i in range(len(df))]
+    d = tmp_path_factory.mktemp("site")
+    df.to_csv(d / "manifest.csv", index=False)
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    from cushing.experiment import run_single
+
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        s = run_single(TrainConfig(data=str(d / "manifest.csv"), model="resnet18", pretrained=False, epochs=1,
+                                   img_size=32, bootstrap=200, cam=False, log_model=False, subgroups="sex,site",
+                                   experiment="sites"), progress=False)
+        run = mlflow.MlflowClient().get_run(s.run_id)
+        table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=s.run_id, artifact_path="per_subgroup.csv"))
+    return run, table, d
+
+
+def test_a_site_column_gets_metrics_intervals_and_not_estimable(site_run):
+    run, table, _ = site_run
+    m, tags = run.data.metrics, run.data.tags
+    for site in ("A", "B"):
+        assert 0 <= m[f"test/specificity/site:{site}"] <= 1
+        assert m[f"test/recall/site:{site}/ci_low"] <= m[f"test/recall/site:{site}"] <= \
+            m[f"test/recall/site:{site}/ci_high"]
+        assert f"test/f1/site:{site}/ci_low" in m
+    assert m["test/positives/site:C"] < 5 and math.isnan(m["test/f1/site:C"])
+    assert "test/site:C: precision, recall, f1, auc" in tags["not_estimable"]
+    assert "test/f1/gap:site" in m and "test/f1/female" in m, "sex keeps the paper's Table III"
+    sites = table[(table["split"] == "test") & (table["column"] == "site")].set_index("group")
+    assert set(sites.index) == {"site:A", "site:B", "site:C"} and sites.loc["site:C", "f1"] == "not estimable"
+    from cushing.release.registry import PromotionPolicy, rank_candidates
+
+    run.data.tags["model_uri"] = "models:/none"  # rank as if it had logged a model
+    ranked = rank_candidates([run], PromotionPolicy(max_subgroup_gap=0.0))
+    assert "site gap" in ranked["excluded_because"].iloc[0]
+
+
+def test_numeric_subgroup_columns_are_refused_with_a_suggestion(site_run):
+    _, _, d = site_run
+    with pytest.raises(SubgroupError, match=r"'age' is numeric.*age_band"):
+        prepare_cohort(TrainConfig(data=str(d / "manifest.csv"), model="resnet18", img_size=32, audit="off",
+                                   subgroups="sex,age"), progress=False)
+
+
+def _card_numbers(md: str) -> dict[str, tuple[float, float]]:
+    out = {}
+    for metric in ("f1", "auc", "recall", "specificity"):
+        row = re.search(rf"^\| {metric} \| ([0-9.]+)[^|]*\| ([0-9.]+)", md, re.M)
+        out[metric] = (float(row.group(1)), float(row.group(2)))
+    return out
+
+
+def test_the_promoted_demo_model_has_a_model_card_with_its_numbers(demo_sweep):
+    with env_vars({"MLFLOW_TRACKING_URI": demo_sweep["uri"]}):
+        c = mlflow.MlflowClient()
+        mv = c.get_model_version_by_alias("cushing", "champion")
+        run = c.get_run(mv.tags["source_run"])
+        md = open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model_card.md")).read()
+        names = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "model_card.html"} <= names and mv.description == md
+    m = run.data.metrics
+    for metric, (val, test) in _card_numbers(md).items():
+        assert val == pytest.approx(m[f"val/{metric}"], abs=5e-4) and test == pytest.approx(m[f"test/{metric}"],
+                                                                                             abs=5e-4)
+    assert "TRAINED ON SYNTHETIC DATA" in md and "not a diagnostic device" in md
+    assert f"threshold: {m['threshold']:.4f}" in md and "mlflow run . --env-manager local" in md
+    assert ".jpg" not in md and "demo_0" not in md, "no file names or raw subject ids"
