@@ -6,7 +6,7 @@ Normalisation and interpolation come from timm's pretrained config of the built 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Callable
@@ -20,6 +20,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """What a backbone is (its identity), not how fast it runs: measured costs live in the sweep planner."""
+
     name: str
     timm_id: str  # architecture.pretrained_tag
     family: str  # densenet | resnet | vit | swin | dinov2
@@ -30,9 +32,6 @@ class BackboneSpec:
     channels_last: bool  # CNNs run faster in channels_last on tensor cores
     size_kwarg: bool  # the model takes img_size at creation (ViT family); Swin/CNN do not need it
     last_block: str  # re-initialised (with the head) by the Grad-CAM randomisation sanity check
-    epoch_cost_s: float = 0.2  # approximate GPU seconds of one paper epoch (see _EPOCH_COST_S)
-    compile_speedup: float = 1.0  # torch.compile(reduce-overhead) step speedup of the family (see _COMPILE_EFFECT)
-    compile_s: float = 0.0  # its cold compile time, seconds
 
     @property
     def architecture(self) -> str:
@@ -45,25 +44,31 @@ class BackboneSpec:
 
 def _cnn(name: str, tag: str, family: str) -> BackboneSpec:
     layer, block = ("layer4.-1", "layer4.-1") if family == "resnet" else ("features.norm5", "features.denseblock4")
-    return BackboneSpec(name, f"{name}.{tag}", family, "CNN", False, layer, "nchw", True, False, block)
+    return BackboneSpec(name=name, timm_id=f"{name}.{tag}", family=family, kind="CNN", default_freeze=False,
+                        cam_layer=layer, layout="nchw", channels_last=True, size_kwarg=False, last_block=block)
 
 
 def _vit(name: str, timm_id: str) -> BackboneSpec:
     # The CLS-pooled output has no gradient on patch tokens after the last block: hook the last block's norm1.
-    return BackboneSpec(name, timm_id, "vit", "ViT", False, "blocks.-1.norm1", "tokens", False, True, "blocks.-1")
+    return BackboneSpec(name=name, timm_id=timm_id, family="vit", kind="ViT", default_freeze=False,
+                        cam_layer="blocks.-1.norm1", layout="tokens", channels_last=False, size_kwarg=True,
+                        last_block="blocks.-1")
 
 
 def _swin(name: str, timm_id: str) -> BackboneSpec:
-    return BackboneSpec(name, timm_id, "swin", "Swin", False, "layers.-1.blocks.-1.norm1", "nhwc", False, False,
-                        "layers.-1.blocks.-1")
+    return BackboneSpec(name=name, timm_id=timm_id, family="swin", kind="Swin", default_freeze=False,
+                        cam_layer="layers.-1.blocks.-1.norm1", layout="nhwc", channels_last=False, size_kwarg=False,
+                        last_block="layers.-1.blocks.-1")
 
 
 def _dinov2(name: str, timm_id: str) -> BackboneSpec:
     # Frozen is the paper's better DINOv2 setting (Table II), hence the default.
-    return BackboneSpec(name, timm_id, "dinov2", "DINOv2", True, "blocks.-1.norm1", "tokens", False, True, "blocks.-1")
+    return BackboneSpec(name=name, timm_id=timm_id, family="dinov2", kind="DINOv2", default_freeze=True,
+                        cam_layer="blocks.-1.norm1", layout="tokens", channels_last=False, size_kwarg=True,
+                        last_block="blocks.-1")
 
 
-_SPECS = [
+REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
     *(_cnn(n, "tv_in1k", "densenet") for n in ("densenet121", "densenet161", "densenet169", "densenet201")),
     *(_cnn(n, "tv_in1k", "resnet") for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")),
     _vit("vit_b_16", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),
@@ -77,28 +82,7 @@ _SPECS = [
     _dinov2("dinov2_s", "vit_small_patch14_dinov2.lvd142m"),
     _dinov2("dinov2_b", "vit_base_patch14_dinov2.lvd142m"),
     _dinov2("dinov2_l", "vit_large_patch14_dinov2.lvd142m"),
-]
-# Approximate seconds of one paper-shaped fine-tuning epoch (183 training images at batch 32 + 114 validation
-# images, 224 px, bf16) on an NVIDIA H200, used only to schedule sweep work longest-first and to estimate a grid's
-# wall time (`cushing sweep FILE --plan`). Measured with `cushing bench` (README, Benchmarks): resnet18/50,
-# vit_b_16/32, swin_b, dinov2_s/b (run 3), densenets (run 1). Estimated by hand for the rest (resnet34/101/152,
-# vit_l_16/32, swin_t/s/l, dinov2_l) from their measured family members and FLOPs, keeping the 20 near run 1's
-# measured sum (5.53 s; these add to 5.19 s).
-_EPOCH_COST_S = {
-    "densenet121": 0.29, "densenet161": 0.42, "densenet169": 0.46, "densenet201": 0.59,
-    "resnet18": 0.047, "resnet34": 0.07, "resnet50": 0.086, "resnet101": 0.15, "resnet152": 0.22,
-    "vit_b_16": 0.106, "vit_b_32": 0.103, "vit_l_16": 0.30, "vit_l_32": 0.20,
-    "swin_t": 0.20, "swin_s": 0.33, "swin_b": 0.366, "swin_l": 0.60,
-    "dinov2_s": 0.108, "dinov2_b": 0.147, "dinov2_l": 0.40,
-}
-# torch.compile(mode="reduce-overhead") on an H200 at batch 32, per family (../shared/bench/gpu_ceiling_h200_*.json:
-# resnet50, densenet121, swin_b, vit_b_16 measured; DINOv2 taken as ViT): (step speedup, cold compile seconds).
-_COMPILE_EFFECT = {"resnet": (3.7, 41.0), "densenet": (4.3, 138.0), "swin": (3.3, 79.0), "vit": (1.5, 19.0),
-                   "dinov2": (1.5, 19.0)}
-REGISTRY: dict[str, BackboneSpec] = {
-    s.name: replace(s, epoch_cost_s=_EPOCH_COST_S[s.name], compile_speedup=_COMPILE_EFFECT[s.family][0],
-                    compile_s=_COMPILE_EFFECT[s.family][1])
-    for s in _SPECS}
+]}
 MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 

@@ -3,7 +3,7 @@
 A configuration is three phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the
 training loop (CPU: model build, bootstrap, plots, Grad-CAM, model logging). Training seconds are
     runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup
-with the backbone's epoch cost and compile effect from the registry (H200 figures), runs = the CV folds (else the
+with the backbone's epoch cost and its family's compile effect from the tables below (H200 figures), runs = the CV folds (else the
 seeds; cross-validation ignores seeds), and a frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features once,
 then the head). Concurrent trainings share the GPU with the total throughput measured in
 ../shared/bench/gpu_ceiling_h200_2026-11-26.json (two at once: 1.5x one; four: 1.6x); CPU phases run in parallel.
@@ -16,8 +16,26 @@ from dataclasses import dataclass
 from .backbones import get_spec
 from .config import TrainConfig
 
-__all__ = ["Estimate", "estimate", "makespan", "RUN_OVERHEAD_S"]
+__all__ = ["Estimate", "estimate", "makespan", "RUN_OVERHEAD_S", "EPOCH_COST_S", "COMPILE_EFFECT"]
 
+# Seconds of one paper-shaped fine-tuning epoch (183 training images at batch 32 + 114 validation images, 224 px,
+# bf16) on an NVIDIA H200, with where each figure came from. "measured": `cushing bench` (README, Benchmarks; run 3
+# for resnet18/50, vit_b_16/32, swin_b, dinov2_s/b; run 1 for the densenets). "estimated": by hand from measured
+# family members and FLOPs, keeping the 20 near run 1's measured sum (5.53 s; these add to 5.19 s).
+EPOCH_COST_S: dict[str, tuple[float, str]] = {
+    "densenet121": (0.29, "measured"), "densenet161": (0.42, "measured"), "densenet169": (0.46, "measured"),
+    "densenet201": (0.59, "measured"), "resnet18": (0.047, "measured"), "resnet34": (0.07, "estimated"),
+    "resnet50": (0.086, "measured"), "resnet101": (0.15, "estimated"), "resnet152": (0.22, "estimated"),
+    "vit_b_16": (0.106, "measured"), "vit_b_32": (0.103, "measured"), "vit_l_16": (0.30, "estimated"),
+    "vit_l_32": (0.20, "estimated"), "swin_t": (0.20, "estimated"), "swin_s": (0.33, "estimated"),
+    "swin_b": (0.366, "measured"), "swin_l": (0.60, "estimated"), "dinov2_s": (0.108, "measured"),
+    "dinov2_b": (0.147, "measured"), "dinov2_l": (0.40, "estimated"),
+}
+# torch.compile(mode="reduce-overhead") on an H200 at batch 32, per backbone family: (step speedup, cold compile
+# seconds), from ../shared/bench/gpu_ceiling_h200_2026-11-26.json (resnet50, densenet121, swin_b, vit_b_16 measured;
+# DINOv2 taken as ViT).
+COMPILE_EFFECT: dict[str, tuple[float, float]] = {"resnet": (3.7, 41.0), "densenet": (4.3, 138.0),
+                                                  "swin": (3.3, 79.0), "vit": (1.5, 19.0), "dinov2": (1.5, 19.0)}
 # Per run outside training: 14 s measured on the ViT-B/32 paper run (H200, README), less the ~2 s per run of MLflow
 # async-queue waits that the run logger's own epoch writer removed (measured on CPU: 8.75 -> 6.6 s per short run).
 RUN_OVERHEAD_S = 12.0
@@ -38,15 +56,14 @@ class Estimate:
 
 def estimate(cfg: TrainConfig) -> Estimate:
     """Approximate seconds of one configuration on an H200 (cold compile cache when compiling)."""
-    spec = get_spec(cfg.model)
+    family = get_spec(cfg.model).family
     runs = cfg.cv_folds if cfg.cv_folds > 1 else cfg.seeds  # as experiment.run_experiment dispatches
-    per_epoch = spec.epoch_cost_s * (cfg.img_size / 224) ** 2
+    per_epoch = EPOCH_COST_S[cfg.model][0] * (cfg.img_size / 224) ** 2
     if cfg.frozen:
         return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * RUN_OVERHEAD_S)
     compiled = cfg.compile != "none"
-    speedup = spec.compile_speedup if compiled else 1.0
-    return Estimate(runs * spec.compile_s if compiled else 0.0, runs * cfg.epochs * per_epoch / speedup,
-                    runs * RUN_OVERHEAD_S)
+    speedup, compile_s = COMPILE_EFFECT[family] if compiled else (1.0, 0.0)
+    return Estimate(runs * compile_s, runs * cfg.epochs * per_epoch / speedup, runs * RUN_OVERHEAD_S)
 
 
 def _sharing(k: int) -> float:

@@ -449,16 +449,23 @@ def _listeners(port: int) -> set[int]:
     return pids
 
 
+def _ours(pid: int, base: Path) -> bool:
+    """A server of this stack: its command line or environment (uvicorn's workers get the artifact store and the
+    auth config through the environment) names the stack's folder."""
+    proc = Path(f"/proc/{pid}")
+    text = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
+    return str(base).encode() in text
+
+
 def stop_saved(base: Path) -> list[str]:
     """Stop everything a `cushing stack up` in `base` started: the server's process group, any process still
     listening on its port (a server restarted since), PostgreSQL. Returns what could not be stopped."""
     state = json.loads((base / "stack.json").read_text())
     problems = []
     _stop_group(int(state.get("server_pgid", state.get("server_pid", 0))) or -1)
-    for pid in _listeners(int(state["port"])):  # ours: its command line names this stack's artifact store
+    for pid in _listeners(int(state["port"])):
         try:
-            ours = str(base / "mlartifacts") in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            if ours:
+            if _ours(pid, base):
                 _stop_group(os.getpgid(pid))
         except (OSError, ProcessLookupError):
             pass

@@ -265,10 +265,11 @@ def test_k8s_template_passes_kubectl_client_dry_run():
 # ------------------------------------------------------------------------------------------------ real Slurm
 
 _MISSING = missing_binaries()
-# `a` and `b` are claimed first (claims go in the file's order) and train long enough (6 epochs) for a scancel and a
-# preemption to land after their first epoch; `c` is short
-CONFIGS = [{"model": "resnet18", "label": "a", "epochs": 6}, {"model": "resnet18", "label": "b", "epochs": 6,
-                                                              "lr": 0.01},
+# `a` and `b` are claimed first (claims go in the file's order) and train long enough (8 epochs) for a scancel (whose
+# SIGKILL follows KillWait, 2 s, later) and a preemption to land mid-training; `c` is short
+LONG = 8
+CONFIGS = [{"model": "resnet18", "label": "a", "epochs": LONG},
+           {"model": "resnet18", "label": "b", "epochs": LONG, "lr": 0.01},
            {"model": "resnet18", "label": "c", "batch_size": 16}]
 
 
@@ -317,8 +318,9 @@ class _Output:
         pytest.fail(f"no {pattern!r} in the launcher's output after {timeout} s:\n{self.text[-4000:]}")
 
 
-def _training_mid_epoch(storage: str, label: str, timeout: float = 150.0):
-    """(study name, attempt, MLflow run, worker) of `label`'s trial once it has trained an epoch, still RUNNING."""
+def _training(storage: str, label: str, timeout: float = 150.0):
+    """(study name, MLflow run, worker) of `label`'s first trial, a second into its training (its MLflow run open;
+    epochs are logged asynchronously, so waiting for a logged epoch could be too late on a fast machine)."""
     import mlflow
     import optuna
 
@@ -332,15 +334,14 @@ def _training_mid_epoch(storage: str, label: str, timeout: float = 150.0):
             run = t.user_attrs.get("mlflow_run_id")
             if t.user_attrs.get("label") != label or not run:
                 continue
-            assert t.state.name == "RUNNING", f"{label} ended ({t.state.name}) before it could be stopped"
-            if mlflow.MlflowClient().get_metric_history(run, "epoch/val/f1"):
-                attempt = int(t.system_attrs.get("grid_attempt", 0))
-                claims = GridClaims(storage)
-                owner = claims.claimed(names[0])[(label, attempt)]  # host:pid of the worker training it
-                claims.close()
-                return names[0], attempt, run, owner
+            time.sleep(1.0)
+            assert mlflow.MlflowClient().get_run(run).info.status == "RUNNING", f"{label} ended before it was stopped"
+            claims = GridClaims(storage)
+            owner = claims.claimed(names[0])[(label, int(t.system_attrs.get("grid_attempt", 0)))]  # its host:pid
+            claims.close()
+            return names[0], run, owner
         time.sleep(0.3)
-    pytest.fail(f"{label} did not reach its first epoch within {timeout} s")
+    pytest.fail(f"{label} did not start training within {timeout} s")
 
 
 ON_SLURM = pytest.mark.skipif(bool(_MISSING), reason=f"Slurm/MUNGE binaries not installed "
@@ -389,10 +390,10 @@ def test_sweep_on_slurm_retries_cancelled_and_preempted_tasks(tmp_path, pg_stack
     try:
         array = out.wait_for(r"submitted Slurm job array (\d+): 3 task", proc, 120).group(1)
         with env_vars(pg_stack.env()):
-            study_name, _, a_run, a_owner = _training_mid_epoch(storage, "a")
+            study_name, a_run, a_owner = _training(storage, "a")
             cancelled = cluster.worker_tasks(logs, array)[a_owner]
             slurm.scancel(cancelled)  # SIGTERM (ignored by submitit's job), SIGKILL after KillWait
-            _, _, b_run, b_owner = _training_mid_epoch(storage, "b")
+            _, b_run, b_owner = _training(storage, "b")
             preempted = cluster.worker_tasks(logs, array)[b_owner]
             for sig in ("TERM", "USR2"):  # what Slurm sends a preempted job (as submitit's own _interrupt)
                 slurm.run("scancel", f"--signal={sig}", preempted)
@@ -446,6 +447,9 @@ def test_sweep_on_slurm_retries_cancelled_and_preempted_tasks(tmp_path, pg_stack
     assert sorted(r.data.tags["sweep_config"] for r in kids.values() if r.info.status == "FINISHED") == ["a", "b", "c"]
     assert kids[a_run].info.status == "FAILED" and "worker_died" in kids[a_run].data.tags
     assert kids[b_run].info.status == "KILLED"
+    with env_vars(pg_stack.env()):
+        for run in (a_run, b_run):  # stopped mid-training: fewer epochs logged than the configuration trains
+            assert len(mlflow.MlflowClient().get_metric_history(run, "epoch/val/f1")) < LONG
     assert len(kids) == 5 and {"table2.csv", "table3.csv"} <= logged
     assert len([r for r in runs if r.data.tags.get("task") == "sweep"]) == 1
 

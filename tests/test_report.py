@@ -1,0 +1,62 @@
+"""The report of a predictions table: names, intervals, subgroup gaps, counts and the one not-estimable tag."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cushing.stats.metrics import point_metrics
+from cushing.stats.report import build_report
+
+
+def _pred(seed: int = 0, n: int = 360) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    sex = rng.choice(["F", "M"], n, p=[0.55, 0.45])
+    site = np.where(np.arange(n) % 3 == 0, "A", np.where(np.arange(n) % 3 == 1, "B", "C"))
+    y[site == "C"] = 0
+    y[np.flatnonzero(site == "C")[[5, 70]]] = 1  # site C: one patient in each split
+    return pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "split": np.where(np.arange(n) < n // 2, "val",
+                         "test"), "sex": sex, "site": site, "label": y,
+                         "probability": np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)})
+
+
+def test_report_names_overall_per_sex_and_per_subgroup():
+    pred = _pred()
+    r = build_report(pred, threshold=0.5, bootstrap=200, subgroup_columns=("sex", "site"), min_positives=5)
+    m = r.metrics
+    test = pred[pred["split"] == "test"]
+    a = test[test["site"] == "A"]
+    assert m["test/f1/site:A"] == pytest.approx(point_metrics(a["label"], a["probability"], 0.5)["f1"])
+    assert m["test/n/site:A"] == len(a) and m["test/positives/site:A"] == a["label"].sum()
+    assert m["test/recall/site:A/ci_low"] <= m["test/recall/site:A"] <= m["test/recall/site:A/ci_high"]
+    assert "test/f1/female" in m and "test/f1/sex_gap" in m and "test/f1/sex_gap/ci_low" in m
+    c = test[test["site"] == "C"]
+    assert c["label"].sum() < 5 and math.isnan(m["test/f1/site:C"])
+    estimable = [v for k, v in m.items() if k.startswith("test/f1/site:") and k.count("/") == 2 and math.isfinite(v)]
+    assert m["test/f1/gap:site"] == pytest.approx(max(estimable) - min(estimable))
+    assert "test/site:C: precision, recall, f1, auc" in r.tags["not_estimable"]
+    assert set(r.per_subgroup["column"]) == {"all", "sex", "site"} and "site" not in r.per_sex.columns
+    assert not any("=" in k for k in m)
+
+
+def test_sex_gap_is_female_minus_male_and_gated():
+    pred = _pred(1)
+    r = build_report(pred, threshold=0.5, bootstrap=0, min_positives=1)
+    assert r.metrics["test/recall/sex_gap"] == pytest.approx(r.metrics["test/recall/female"]
+                                                             - r.metrics["test/recall/male"])
+    gated = build_report(pred, threshold=0.5, bootstrap=0, min_positives=10_000)
+    assert math.isnan(gated.metrics["test/f1/sex_gap"]) and math.isfinite(gated.metrics["test/specificity/sex_gap"])
+    assert "test/f1/sex_gap: a sex has fewer than min_positives=10000 positives" in gated.tags["not_estimable"]
+
+
+def test_argmax_rows_and_prevalence():
+    pred = _pred(2)
+    r = build_report(pred, threshold=0.4, bootstrap=0, prevalence=0.01)
+    test = pred[pred["split"] == "test"]
+    assert r.metrics["test_argmax/recall"] == pytest.approx(point_metrics(test["label"], test["probability"],
+                                                                          0.5)["recall"])
+    assert r.metrics["prevalence"] == 0.01 and 0 <= r.metrics["test/ppv"] <= 1 and r.metrics["threshold"] == 0.4
+    assert "test_argmax/n" not in r.metrics, "counts once per split, not again for argmax"
