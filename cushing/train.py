@@ -1,4 +1,5 @@
-"""Core training: cohort -> trained model, predictions table, operating threshold. No logging, no files.
+"""Core training: cohort -> trained model, predictions table, operating threshold. No logging; the only files are
+the content-addressed caches (the drawn demo cohort, the cohort audit's hashes and descriptors).
 
 The data DAG: manifest (validated, digested) -> split (grouped, stratified) -> decoded uint8 bank -> training.
 """

@@ -12,10 +12,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub from tests
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+TEST_ENV = {"HF_HUB_OFFLINE": "1",  # never reach the hub from tests
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TQDM_DISABLE": "1",
+            "PYTHONWARNINGS": "ignore::UserWarning"}
+_SAVED_ENV: dict[str, str | None] = {}
+
+
+def pytest_configure(config) -> None:
+    """The session's environment, set before collection imports anything (huggingface_hub reads its offline flag
+    at import) and put back as it was when the session ends."""
+    for k, v in TEST_ENV.items():
+        _SAVED_ENV[k] = os.environ.get(k)
+        os.environ.setdefault(k, v)
+
+
+def pytest_unconfigure(config) -> None:
+    for k, v in _SAVED_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _shared_candidates() -> list[Path]:
@@ -47,8 +63,9 @@ def celeba_manifest(celeba_dir) -> pd.DataFrame:
 def cushing_home(tmp_path_factory) -> Path:
     """One CUSHING_HOME (demo cohort, caches) for the session, so the demo cohort is drawn once."""
     home = tmp_path_factory.mktemp("cushing-home")
-    os.environ["CUSHING_HOME"] = str(home)
-    return home
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUSHING_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(scope="session")

@@ -116,7 +116,14 @@ def test_missing_weights_fail_with_instructions(tmp_path, monkeypatch):
 
 def test_pretrained_false_needs_no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert build_model("vit_b_32", pretrained=False, img_size=64) is not None
+    import socket
+
+    def no_network(*a, **k):
+        raise AssertionError("pretrained=false must not open a connection")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    model = build_model("vit_b_32", pretrained=False, img_size=64).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
 
 
 def test_param_counts_match_built_models():

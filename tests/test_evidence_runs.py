@@ -86,7 +86,9 @@ def test_paired_comparison_and_refusal(seeds, cv):
     row = res.table.iloc[0]
     assert row["n"] == 114 and 0 <= row["delong_p"] <= 1 and 0 <= row["mcnemar_p"] <= 1
     assert row["delong_p_holm"] == pytest.approx(row["delong_p"])  # one comparison: Holm changes nothing
-    assert res.run_id is not None
+    import mlflow
+
+    assert "comparison.csv" in {a.path for a in mlflow.MlflowClient().list_artifacts(res.run_id)}
     with pytest.raises(CompareError, match="different test subjects"):
         compare_runs([a.run_id, cv.children[0].run_id])
 
