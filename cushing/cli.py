@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import COMPILE_MODES, ConfigError, TrainConfig, resolve
+from cushing.config import COMPILE_MODES, ConfigError, TrainConfig, resolve
 
 __all__ = ["main", "build_parser"]
 
@@ -45,8 +45,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from .experiment import run_experiment
-    from .tracking import tracking_uri
+    from cushing.workflows.experiment import run_experiment
+    from cushing.tracking import tracking_uri
 
     cfg = config_from(ns)
     summary = run_experiment(cfg, progress=True)
@@ -76,7 +76,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(ns: argparse.Namespace) -> int:
-    from .demo import make_demo_cohort
+    from cushing.data.demo import make_demo_cohort
 
     out = Path(ns.out)
     if (out / "manifest.csv").exists():
@@ -97,7 +97,7 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 
 def _models(ns: argparse.Namespace) -> int:
-    from .backbones import REGISTRY, param_count
+    from cushing.model.backbones import REGISTRY, param_count
 
     print(f"{'name':11s} {'timm id':48s} {'params':>8s}  {'type':7s} default")
     for name, spec in REGISTRY.items():
@@ -135,9 +135,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def _bench(ns: argparse.Namespace) -> int:
     if ns.what == "serve":
-        from .bench_serve import bench_serve
-        from .manifest import load_manifest
-        from .train import resolve_data
+        from cushing.workflows.bench_serve import bench_serve
+        from cushing.data.manifest import load_manifest
+        from cushing.model.train import resolve_data
 
         photos = load_manifest(resolve_data(ns.manifest or "demo"), check_images=False).table["path"].tolist()
         bench_serve(model_uris=ns.model_uri, urls=ns.url, photos=photos[: ns.limit or None],
@@ -145,17 +145,17 @@ def _bench(ns: argparse.Namespace) -> int:
                     out=ns.out if ns.out != "bench.json" else "bench_serve.json")
         return 0
     if ns.what == "faces":
-        from .faces_run import bench_faces
+        from cushing.faces.run import bench_faces
 
         bench_faces(manifest=ns.manifest, limit=ns.limit, sam_checkpoint=ns.sam_checkpoint, out=ns.out)
         return 0
     if ns.what == "run":
-        from .bench import bench_run
+        from cushing.workflows.bench import bench_run
 
         bench_run(model=ns.models.split(",")[0], img_size=ns.img_size, epochs=ns.epochs, device=ns.device,
                   out=ns.out)
         return 0
-    from .bench import run_bench
+    from cushing.workflows.bench import run_bench
 
     run_bench(models=[m for m in ns.models.split(",") if m], frozen=[m for m in ns.frozen.split(",") if m],
               epochs=ns.epochs, img_size=ns.img_size, device=ns.device, out=ns.out, compile=ns.compile)
@@ -186,9 +186,9 @@ def _faces_args(p: argparse.ArgumentParser) -> None:
 
 
 def _faces(ns: argparse.Namespace) -> int:
-    from .config import parse_bool
-    from .faces import FaceSettings
-    from .faces_run import run_faces
+    from cushing.config import parse_bool
+    from cushing.faces.pipeline import FaceSettings
+    from cushing.faces.run import run_faces
 
     settings = FaceSettings(detector=ns.detector, max_upsample=ns.max_upsample, margin=ns.margin, mask=ns.mask,
                             sam_checkpoint=ns.sam_checkpoint or None, sam_model_type=ns.sam_model_type or None,
@@ -233,7 +233,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _audit(ns: argparse.Namespace) -> int:
-    from .audit_run import run_audit, run_evaluation
+    from cushing.workflows.cohort_audit import run_audit, run_evaluation
 
     if ns.evaluate:
         table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, workers=ns.workers,
@@ -274,8 +274,8 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
 
 
 def _explain(ns: argparse.Namespace) -> int:
-    from .analysis import run_explain
-    from .config import parse_bool
+    from cushing.workflows.jobs import run_explain
+    from cushing.config import parse_bool
 
     run_id, rep = run_explain(run_id=ns.run_id, model_uri=ns.model, manifest=ns.manifest, split=ns.split,
                               allow_phi=parse_bool(ns.allow_phi_artifacts), experiment=ns.experiment, device=ns.device)
@@ -300,7 +300,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(ns: argparse.Namespace) -> int:
-    from .analysis import run_evaluate
+    from cushing.workflows.jobs import run_evaluate
 
     res = run_evaluate(model_uri=ns.model, manifest=ns.manifest, experiment=ns.experiment,
                        min_positives=ns.min_positives, bootstrap=ns.bootstrap, seed=ns.seed, prevalence=ns.prevalence)
@@ -322,8 +322,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare(ns: argparse.Namespace) -> int:
-    from .analysis import compare_runs
-    from .tracking import find_runs
+    from cushing.workflows.jobs import compare_runs
+    from cushing.tracking import find_runs
 
     ids = list(ns.run_ids)
     scope = _scope(ns)
@@ -355,7 +355,7 @@ def _scope_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _scope(ns: argparse.Namespace):
-    from .optimize import resolve_scope
+    from cushing.workflows.sweeps import resolve_scope
 
     return resolve_scope(experiment=ns.experiment or None, parent_run_id=ns.parent_run or None,
                          project=ns.project or None, storage=ns.storage or None)
@@ -373,9 +373,9 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 
 
 def _promote(ns: argparse.Namespace) -> int:
-    from .config import parse_bool
-    from .release.registry import PromotionPolicy, promote
-    from .studies import promotion_overrides
+    from cushing.config import parse_bool
+    from cushing.release.registry import PromotionPolicy, promote
+    from cushing.workflows.studies import promotion_overrides
 
     base = promotion_overrides(ns.project) if ns.project else {}
     given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap),
@@ -464,7 +464,7 @@ def _yes(text: str) -> bool:
 
 
 def _slurm_time(text: str) -> int | None:
-    from .cluster import ClusterError, parse_time
+    from cushing.workflows.cluster import ClusterError, parse_time
 
     try:
         return parse_time(text)
@@ -474,7 +474,7 @@ def _slurm_time(text: str) -> int | None:
 
 def _slurm_options(ns: argparse.Namespace):
     """The job array's SlurmOptions from the command line (ClusterError when they do not make sense)."""
-    from .cluster import DEFAULT_TIME_MIN, SlurmOptions
+    from cushing.workflows.cluster import DEFAULT_TIME_MIN, SlurmOptions
 
     extra = tuple(item for value in ns.slurm_option for item in value.split() if item not in ("''", '""'))
     kwargs = {"partition": ns.slurm_partition or None, "account": ns.slurm_account or None,
@@ -487,7 +487,7 @@ def _slurm_options(ns: argparse.Namespace):
 
 
 def _sweep_on_slurm(ns: argparse.Namespace) -> int:
-    from .cluster import ClusterError, submit_sweep
+    from cushing.workflows.cluster import ClusterError, submit_sweep
 
     if ns.workers and ns.workers > 1:
         print("cushing sweep: --workers counts processes on this host; with --launcher slurm each array task is one "
@@ -542,7 +542,7 @@ def _compile_option(p: argparse.ArgumentParser) -> None:
 
 
 def _print_plan(project: str, workers: int | None, compile: str | None) -> None:
-    from .optimize import plan_sweep
+    from cushing.workflows.sweeps import plan_sweep
 
     counts = sorted({1, 2, 4, workers or 1})
     table, wall = plan_sweep(project, counts, compile)
@@ -566,7 +566,7 @@ def _print_tables(t2, t3) -> None:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from .optimize import default_storage, load_for, report_sweep, run_sweep, sweep_worker
+    from cushing.workflows.sweeps import default_storage, load_for, report_sweep, run_sweep, sweep_worker
 
     if ns.plan:
         _print_plan(ns.project, ns.workers, ns.compile)
@@ -605,7 +605,7 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tune_on_slurm(ns: argparse.Namespace) -> int:
-    from .cluster import ClusterError, submit_tune
+    from cushing.workflows.cluster import ClusterError, submit_tune
 
     try:
         sub = submit_tune(ns.project, _slurm_options(ns), storage=ns.storage or None, n_trials=ns.n_trials or None,
@@ -626,7 +626,7 @@ def _print_tune_result(res) -> None:
 
 
 def _tune(ns: argparse.Namespace) -> int:
-    from .optimize import run_tune
+    from cushing.workflows.sweeps import run_tune
 
     if ns.launcher == "slurm":
         return _tune_on_slurm(ns)
@@ -648,7 +648,7 @@ def _dashboard_args(p: argparse.ArgumentParser) -> None:
 
 
 def _dashboard(ns: argparse.Namespace) -> int:
-    from .dashboard import DashboardError, build_dashboard
+    from cushing.workflows.dashboard import DashboardError, build_dashboard
 
     scope = _scope(ns)
     try:
@@ -690,7 +690,7 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
 def _stack(ns: argparse.Namespace) -> int:
     import os
 
-    from . import stack
+    from cushing.ops import stack
 
     if ns.action == "mlflow-server":
         stack.exec_mlflow_server(db_host=ns.db_host, db_port=ns.db_port, db_password_file=ns.db_password_file,
@@ -731,7 +731,7 @@ def _stack_down(base: Path, name: str) -> int:
     import json
     import shutil
 
-    from . import stack
+    from cushing.ops import stack
 
     state = json.loads((base / "stack.json").read_text())
     problems = stack.stop_saved(base)
@@ -753,7 +753,7 @@ COMMANDS["stack"] = ("PostgreSQL + MLflow server (basic-auth) without Docker; th
 # ------------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from cushing import __version__
 
     parser = argparse.ArgumentParser(prog="cushing", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cushing {__version__}")
@@ -789,8 +789,8 @@ def _stopped(command: str, e: KeyboardInterrupt) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .manifest import ManifestError
-    from .splits import SplitError
+    from cushing.data.manifest import ManifestError
+    from cushing.data.splits import SplitError
 
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -809,17 +809,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stack_error() -> type[BaseException]:
-    from .stack import StackError
+    from cushing.ops.stack import StackError
 
     return StackError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backbones import WeightsUnavailable
-    from .experiment import ResumeError
-    from .stats.subgroups import SubgroupError
-    from .tracking import TrackingUnavailable
-    from .train import AuditError
+    from cushing.model.backbones import WeightsUnavailable
+    from cushing.workflows.experiment import ResumeError
+    from cushing.stats.subgroups import SubgroupError
+    from cushing.tracking import TrackingUnavailable
+    from cushing.model.train import AuditError
 
     return (WeightsUnavailable, FileNotFoundError, TrackingUnavailable, ResumeError, AuditError, SubgroupError)
 

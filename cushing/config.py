@@ -88,7 +88,7 @@ class TrainConfig:
 
     @property
     def frozen(self) -> bool:
-        from .backbones import resolve_freeze
+        from cushing.model.backbones import resolve_freeze
 
         return resolve_freeze(self.model, self.freeze)
 
@@ -109,7 +109,7 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
 
 
 def _validate_train(c: TrainConfig) -> None:
-    from .backbones import MODEL_NAMES
+    from cushing.model.backbones import MODEL_NAMES
 
     problems = []
     if c.model not in MODEL_NAMES:
@@ -149,7 +149,7 @@ def _validate_train(c: TrainConfig) -> None:
     except ConfigError as e:
         problems.append(str(e))
     try:
-        from .stats.thresholds import parse_threshold_rule
+        from cushing.stats.thresholds import parse_threshold_rule
         parse_threshold_rule(c.threshold)
     except ValueError as e:
         problems.append(f"threshold: {e}")

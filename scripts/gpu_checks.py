@@ -52,7 +52,7 @@ def main() -> None:
     size = 64 if quick else 224
 
     from cushing.config import TrainConfig
-    from cushing.train import prepare_cohort, train
+    from cushing.model.train import prepare_cohort, train
 
     cohort_cfg = TrainConfig(model="resnet50", pretrained=False, img_size=size, cam=False)
     cohort = prepare_cohort(cohort_cfg, progress=False)
@@ -83,8 +83,8 @@ def main() -> None:
 
     @step(res, "gradcam_114")
     def _cam():
-        from cushing.backbones import build_model
-        from cushing.explain import compute_cams, randomization_check
+        from cushing.model.backbones import build_model
+        from cushing.model.explain import compute_cams, randomization_check
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         x = torch.randn(114 if not quick else 8, 3, size, size, device=dev)
@@ -109,9 +109,9 @@ def main() -> None:
         import numpy as np
         from segment_anything.build_sam import _build_sam
 
-        from cushing.demo import FaceTraits, draw_face
-        from cushing.faces import WORK
-        from cushing.sam import SamMasker, SamPrompt
+        from cushing.data.demo import FaceTraits, draw_face
+        from cushing.faces.pipeline import WORK
+        from cushing.faces.sam import SamMasker, SamPrompt
 
         d = Path(tempfile.mkdtemp())
         arch = ({"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2, "encoder_global_attn_indexes":
@@ -142,7 +142,7 @@ def main() -> None:
 
     @step(res, "paper_protocol_run_with_mlflow")
     def _run():
-        from cushing.experiment import run_single
+        from cushing.workflows.experiment import run_single
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
         cfg = TrainConfig(model="resnet18" if quick else "vit_b_32", pretrained=False, epochs=2 if quick else 200,

@@ -69,7 +69,7 @@ def main() -> None:
     short = shortened(Path(a.study), a.epochs, work / "short.yaml", a.compile)
     full = shortened(Path(a.study), a.full_epochs, work / "full.yaml", a.compile)
 
-    from cushing.optimize import load_for, plan_sweep
+    from cushing.workflows.sweeps import load_for, plan_sweep
 
     experiment = load_for(short, "sweep").experiment
     t = time.perf_counter()

@@ -70,7 +70,7 @@ def cushing_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_manifest(cushing_home) -> Path:
-    from cushing.train import resolve_data
+    from cushing.model.train import resolve_data
 
     return resolve_data("demo")
 
@@ -116,7 +116,7 @@ def copy_demo_images(demo_manifest: Path, dst: Path, n: int) -> list[Path]:
 @pytest.fixture(scope="session")
 def pg_stack():
     """One real PostgreSQL + `mlflow server` (basic-auth) on loopback for the whole session."""
-    from cushing.stack import LocalStack
+    from cushing.ops.stack import LocalStack
 
     s = LocalStack(workers=1).start()  # one uvicorn worker starts (and restarts) fastest on a small CPU
     yield s

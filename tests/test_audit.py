@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cushing.audit import (AuditSettings, audit_manifest, descriptor_pairs, hamming_pairs, merged_groups,
+from cushing.data.audit import (AuditSettings, audit_manifest, descriptor_pairs, hamming_pairs, merged_groups,
                            perceptual_hash)
-from cushing.imageio import open_rgb
-from cushing.manifest import load_manifest
+from cushing.data.imageio import open_rgb
+from cushing.data.manifest import load_manifest
 
 pytestmark = [pytest.mark.dlib]
 

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from cushing.backbones import (MODEL_NAMES, REGISTRY, WeightsUnavailable, build_model, cam_grid, cam_reshape,
+from cushing.model.backbones import (MODEL_NAMES, REGISTRY, WeightsUnavailable, build_model, cam_grid, cam_reshape,
                                cam_target_layer, get_spec, param_count, preprocess_of)
 
 PAPER_NAMES = ("densenet121 densenet161 densenet169 densenet201 resnet18 resnet34 resnet50 resnet101 resnet152 "

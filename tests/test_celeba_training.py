@@ -10,7 +10,7 @@ import pytest
 
 from cushing.config import TrainConfig
 from cushing.stats.metrics import auc
-from cushing.train import prepare_cohort, train
+from cushing.model.train import prepare_cohort, train
 
 pytestmark = pytest.mark.slow
 

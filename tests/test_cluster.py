@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cushing import cluster
-from cushing.cluster import ClusterError, SlurmOptions, launch_checks
+from cushing.workflows import cluster
+from cushing.workflows.cluster import ClusterError, SlurmOptions, launch_checks
 from tests.conftest import ROOT, env_vars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -324,7 +324,7 @@ def _training(storage: str, label: str, timeout: float = 150.0):
     import mlflow
     import optuna
 
-    from cushing.claims import GridClaims
+    from cushing.workflows.claims import GridClaims
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

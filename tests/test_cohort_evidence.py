@@ -11,7 +11,7 @@ import pytest
 
 from cushing.config import TrainConfig
 from cushing.stats.subgroups import SubgroupError
-from cushing.train import AuditError, prepare_cohort
+from cushing.model.train import AuditError, prepare_cohort
 from tests.conftest import env_vars
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def site_run(tmp_path_factory, demo_manifest, cushing_home):
     d = tmp_path_factory.mktemp("site")
     df.to_csv(d / "manifest.csv", index=False)
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    from cushing.experiment import run_single
+    from cushing.workflows.experiment import run_single
 
     with env_vars({"MLFLOW_TRACKING_URI": uri}):
         s = run_single(TrainConfig(data=str(d / "manifest.csv"), model="resnet18", pretrained=False, epochs=1,

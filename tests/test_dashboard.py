@@ -19,7 +19,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def page_file(demo_sweep, tmp_path_factory):
     import mlflow
 
-    from cushing.dashboard import build_dashboard
+    from cushing.workflows.dashboard import build_dashboard
 
     out = tmp_path_factory.mktemp("dash") / "dashboard.html"
     with env_vars({"MLFLOW_TRACKING_URI": demo_sweep["uri"]}):
@@ -85,7 +85,7 @@ def test_refuses_runs_with_per_image_artifacts(tmp_path, demo_manifest):
     """A run holding per-image overlays but not marked allow_phi_artifacts cannot feed a dashboard."""
     import mlflow
 
-    from cushing.dashboard import DashboardError, collect
+    from cushing.workflows.dashboard import DashboardError, collect
 
     with env_vars({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'phi.db'}"}):
         with mlflow.start_run(experiment_id=mlflow.MlflowClient().create_experiment("phi")) as run:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cushing.demo import TABLE_I
-from cushing.manifest import load_manifest
+from cushing.data.demo import TABLE_I
+from cushing.data.manifest import load_manifest
 
 
 def test_demo_cohort_has_table_one_counts_and_is_marked(demo_manifest):

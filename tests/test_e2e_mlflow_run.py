@@ -131,7 +131,7 @@ def test_model_reloads_weights_only_and_scores_a_synthetic_face(finished_run, mo
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     import mlflow
 
-    from cushing.demo import synthetic_jpeg_b64
+    from cushing.data.demo import synthetic_jpeg_b64
 
     model_uri = run.data.tags["model_uri"]
     model = mlflow.pyfunc.load_model(model_uri)
@@ -152,7 +152,7 @@ def test_model_matches_logged_test_predictions(finished_run, demo_manifest):
     client, run, _, _ = finished_run
     import mlflow
 
-    from cushing.manifest import hash_subject, load_manifest
+    from cushing.data.manifest import hash_subject, load_manifest
 
     pred = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv"))
     m = load_manifest(demo_manifest).table

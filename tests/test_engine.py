@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cushing.backbones import build_model, preprocess_of
+from cushing.model.backbones import build_model, preprocess_of
 from cushing.config import TrainConfig
-from cushing.data import DeviceAugment, ImageBank
-from cushing.engine import FitSettings, _batches, fit, oversampled, predict_proba
+from cushing.model.augment import DeviceAugment
+from cushing.data.bank import ImageBank
+from cushing.model.engine import FitSettings, _batches, fit, oversampled, predict_proba
 from cushing.stats.metrics import point_metrics
-from cushing.train import prepare_cohort, train
+from cushing.model.train import prepare_cohort, train
 
 
 def test_oversampling_counts_minority_times_factor():
@@ -121,7 +122,7 @@ def test_threshold_never_reads_test_labels(cohort):
 def test_bench_prints_and_writes_json(tmp_path, capsys):
     import json
 
-    from cushing.bench import run_bench
+    from cushing.workflows.bench import run_bench
 
     rows = run_bench(models=["resnet18"], frozen=["dinov2_s"], epochs=1, img_size=56, device="cpu",
                      out=str(tmp_path / "bench.json"))
@@ -172,7 +173,7 @@ def test_compile_mode_is_validated():
 def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys, cushing_home, monkeypatch):
     import json
 
-    from cushing.bench import bench_run
+    from cushing.workflows.bench import bench_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
     rows = bench_run(model="resnet18", img_size=32, epochs=1, repeats=1, device="cpu", cam=False,

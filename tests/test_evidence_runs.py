@@ -37,7 +37,7 @@ def _cfg(small_demo, **kw):
 
 @pytest.fixture(scope="module")
 def cv(store, small_demo):
-    from cushing.experiment import run_experiment
+    from cushing.workflows.experiment import run_experiment
 
     return run_experiment(_cfg(small_demo, cv_folds=3, log_model=False), progress=False)
 
@@ -62,7 +62,7 @@ def test_cv_parent_children_and_pooled_metrics(cv, small_demo):
 
 @pytest.fixture(scope="module")
 def seeds(store, small_demo):
-    from cushing.experiment import run_experiment
+    from cushing.workflows.experiment import run_experiment
 
     return run_experiment(_cfg(small_demo, seeds=2), progress=False)
 
@@ -79,7 +79,7 @@ def test_seeds_report_mean_and_std(seeds):
 
 
 def test_paired_comparison_and_refusal(seeds, cv):
-    from cushing.analysis import CompareError, compare_runs
+    from cushing.workflows.jobs import CompareError, compare_runs
 
     a, b = seeds.children
     res = compare_runs([a.run_id, b.run_id], log_to="")
@@ -96,7 +96,7 @@ def test_paired_comparison_and_refusal(seeds, cv):
 def test_external_validation_of_a_logged_model(seeds, celeba_manifest, tmp_path):
     import mlflow
 
-    from cushing.analysis import run_evaluate
+    from cushing.workflows.jobs import run_evaluate
 
     a = seeds.children[0]
     model_uri = mlflow.MlflowClient().get_run(a.run_id).data.tags["model_uri"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cushing.backbones import build_model, cam_grid, cam_reshape, cam_target_layer
-from cushing.explain import (REGIONS, compute_cams, explain_images, landmark_regions, randomization_check,
+from cushing.model.backbones import build_model, cam_grid, cam_reshape, cam_target_layer
+from cushing.model.explain import (REGIONS, compute_cams, explain_images, landmark_regions, randomization_check,
                              region_shares, template_regions)
 
 FAMILIES = [("resnet18", None, 64), ("densenet121", None, 64), ("vit_b_16", None, 64), ("vit_b_32", None, 224),
@@ -57,7 +57,7 @@ def test_register_tokens_are_dropped():
 
     m = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=2, img_size=56)
     assert m.num_prefix_tokens == 5
-    from cushing import backbones
+    from cushing.model import backbones
 
     fn = backbones.cam_reshape(m, "dinov2_s")  # same family layout, prefix count read from the model
     tokens = torch.randn(2, 5 + 4 * 4, 384)

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cushing.faces import FaceSettings, extract_faces
-from cushing.imageio import BadImage, open_rgb
+from cushing.faces.pipeline import FaceSettings, extract_faces
+from cushing.data.imageio import BadImage, open_rgb
 
 pytestmark = [pytest.mark.dlib, pytest.mark.slow]
 
@@ -59,7 +59,7 @@ def test_real_faces_detected_aligned_and_masked(extracted):
 
 def test_rerun_hits_the_cache_and_loads_no_model(photos, extracted, monkeypatch):
     out, d = extracted
-    import cushing.faces as faces
+    import cushing.faces.pipeline as faces
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded on a fully cached rerun")
@@ -210,7 +210,7 @@ def tiny_sam(tmp_path_factory):
 
 def test_sam_checkpoint_path_end_to_end(tiny_sam, photos, tmp_path):
     from cushing.cli import main
-    from cushing.sam import infer_model_type, load_sam
+    from cushing.faces.sam import infer_model_type, load_sam
 
     assert infer_model_type(tiny_sam) == "custom"
     with pytest.raises(ValueError, match="weights are custom"):
@@ -241,8 +241,8 @@ def test_no_checkpoint_means_landmark_hull_and_is_recorded(extracted):
 def test_audit_logged_without_phi(photos, tracking, tmp_path):
     import mlflow
 
-    from cushing.faces_run import run_faces
-    from cushing.manifest import load_manifest
+    from cushing.faces.run import run_faces
+    from cushing.data.manifest import load_manifest
 
     res = run_faces(manifest=str(photos), out=str(tmp_path / "out"), settings=FaceSettings(),
                     cache_dir=str(tmp_path / "c"), experiment="faces-audit", progress=False)
@@ -269,7 +269,7 @@ def test_train_on_face_crops_and_serve_raw_photos(extracted, tracking, celeba_di
     import mlflow
 
     from cushing.config import TrainConfig
-    from cushing.experiment import run_single
+    from cushing.workflows.experiment import run_single
 
     out, _ = extracted
     cfg = TrainConfig(data=str(out.manifest), model="resnet18", pretrained=False, epochs=1, img_size=64,
@@ -294,7 +294,7 @@ def test_train_on_face_crops_and_serve_raw_photos(extracted, tracking, celeba_di
 
 
 def test_bench_faces_reports_cold_and_warm(photos, tmp_path):
-    from cushing.faces_run import bench_faces
+    from cushing.faces.run import bench_faces
 
     res = bench_faces(manifest=str(photos), limit=20, sam_checkpoint=None, out=str(tmp_path / "faces.json"))
     saved = json.loads((tmp_path / "faces.json").read_text())

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from cushing.manifest import ManifestError, load_manifest
+from cushing.data.manifest import ManifestError, load_manifest
 from tests.conftest import copy_demo_images
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cushing.config import ConfigError
-from cushing.studies import load_study
+from cushing.workflows.studies import load_study
 from tests.conftest import ROOT, env_vars
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_bad_study_files_name_the_line(tmp_path, text, needle):
 
 
 def test_compile_override_reaches_every_configuration_without_changing_the_study():
-    from cushing.optimize import _study_name, load_for
+    from cushing.workflows.sweeps import _study_name, load_for
 
     for name, kind in (("paper.yaml", "sweep"), ("tune_vit.yaml", "tune")):
         plain = load_for(ROOT / "projects" / name, kind)
@@ -77,7 +77,7 @@ def test_compile_override_reaches_every_configuration_without_changing_the_study
 
 
 def test_wall_time_model_shares_the_gpu_and_overlaps_cpu_work():
-    from cushing.schedule import GPU_SHARING, Estimate, makespan
+    from cushing.workflows.plan import GPU_SHARING, Estimate, makespan
 
     a = Estimate(compile_s=0.0, gpu_s=10.0, overhead_s=5.0)
     assert makespan([a, a], 1) == pytest.approx(30.0)  # one worker: everything in sequence
@@ -91,7 +91,7 @@ def test_wall_time_model_shares_the_gpu_and_overlaps_cpu_work():
 
 def test_sweep_plan_prints_estimates_for_the_paper_grid(capsys):
     from cushing.cli import main
-    from cushing.optimize import plan_sweep
+    from cushing.workflows.sweeps import plan_sweep
 
     table, wall = plan_sweep(ROOT / "projects" / "paper.yaml", [1, 2, 4])
     assert len(table) == 23
@@ -115,7 +115,7 @@ def test_auto_workers_are_two_on_a_gpu_and_one_on_a_cpu():
     import torch
 
     from cushing.cli import build_parser
-    from cushing.optimize import auto_workers
+    from cushing.workflows.sweeps import auto_workers
 
     assert auto_workers() == (2 if torch.cuda.is_available() else 1)
     ns = build_parser().parse_args(["sweep", "projects/paper.yaml", "--workers", "auto"])
@@ -160,7 +160,7 @@ def test_two_workers_cover_the_grid_once(demo_sweep):
 
 
 def test_rerunning_a_finished_sweep_trains_nothing(demo_sweep):
-    from cushing.optimize import run_sweep
+    from cushing.workflows.sweeps import run_sweep
 
     _, before, _ = _children(demo_sweep["uri"], "cushing-demo")
     with env_vars({"MLFLOW_TRACKING_URI": demo_sweep["uri"]}):
@@ -191,7 +191,7 @@ def _small_sweep(tmp_path: Path, name: str, epochs: int = 2) -> Path:
 
 def test_a_killed_worker_is_retried_and_completed(tmp_path, cushing_home):
     """SIGKILL a worker mid-trial; the next run fails the stale trial, re-queues it and completes it."""
-    from cushing.optimize import run_sweep
+    from cushing.workflows.sweeps import run_sweep
 
     study = _small_sweep(tmp_path, "killtest", epochs=4)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -258,7 +258,7 @@ def _check_tune(res, uri: str, experiment: str, trials: int) -> None:
 
 
 def test_tune_with_pruning_nests_trials_under_one_parent(tmp_path, cushing_home):
-    from cushing.optimize import run_tune
+    from cushing.workflows.sweeps import run_tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with env_vars({"MLFLOW_TRACKING_URI": uri}):
@@ -272,7 +272,7 @@ def test_tune_with_pruning_nests_trials_under_one_parent(tmp_path, cushing_home)
 def test_sweep_and_tune_on_postgres_storage(pg_stack, tmp_path, cushing_home):
     import psycopg2
 
-    from cushing.optimize import run_sweep, run_tune
+    from cushing.workflows.sweeps import run_sweep, run_tune
 
     storage = pg_stack.optuna_storage
     with env_vars(pg_stack.env()):

@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from cushing.config import TrainConfig
-from cushing.stack import StackError, check_admin_password, free_port, wait_http
+from cushing.ops.stack import StackError, check_admin_password, free_port, wait_http
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -106,7 +106,7 @@ def _config(small_demo, **kw):
 
 @pytest.fixture(scope="module")
 def first_run(stack, small_demo):
-    from cushing.experiment import run_single
+    from cushing.workflows.experiment import run_single
 
     return run_single(_config(small_demo), progress=False)
 
@@ -190,7 +190,7 @@ def _promote_runs(stack):
 def test_promotion_is_idempotent_and_moves_champion_only_when_better(stack, first_run, small_demo):
     import mlflow
 
-    from cushing.experiment import run_single
+    from cushing.workflows.experiment import run_single
     from cushing.tracking import start_run
 
     c = mlflow.MlflowClient()

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cushing.demo import TABLE_I
-from cushing.manifest import load_manifest
-from cushing.splits import SplitError, assign_folds, assign_splits, check_no_leak, split_table
+from cushing.data.demo import TABLE_I
+from cushing.data.manifest import load_manifest
+from cushing.data.splits import SplitError, assign_folds, assign_splits, check_no_leak, split_table
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,8 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthe
     are then linked to it)."""
     import mlflow
 
-    from ..demo import synthetic_jpeg_b64
-    from . import pyfunc
+    from cushing.data.demo import synthetic_jpeg_b64
+    from cushing.release import pyfunc
 
     cfg = model_config(outcome, faces=faces, data_digest=data_digest, synthetic=synthetic)
     package = Path(__file__).resolve().parent.parent
@@ -117,9 +117,9 @@ def load_torch_model(uri: str):
     import mlflow
     from safetensors.torch import load_file
 
-    from ..backbones import build_model
-    from ..tracking import configure
-    from .pyfunc import MODEL_CONFIG, WEIGHTS
+    from cushing.model.backbones import build_model
+    from cushing.tracking import configure
+    from cushing.release.pyfunc import MODEL_CONFIG, WEIGHTS
 
     configure()
     local = Path(mlflow.artifacts.download_artifacts(uri))
@@ -136,19 +136,19 @@ def load_torch_model(uri: str):
 def load_model(uri: str):
     import mlflow
 
-    from ..tracking import configure
+    from cushing.tracking import configure
 
     configure()
     return mlflow.pyfunc.load_model(uri)
 
 
 def model_version_of(model_uri: str) -> str | None:
-    from .registry import model_version_of as resolve
+    from cushing.release.registry import model_version_of as resolve
 
     return resolve(model_uri)
 
 
 def link_evaluation(model_uri: str, run_id: str) -> None:
-    from .registry import link_evaluation as link
+    from cushing.release.registry import link_evaluation as link
 
     link(model_uri, run_id)

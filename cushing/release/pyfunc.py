@@ -93,8 +93,8 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         import torch
         from safetensors.torch import load_file
 
-        from cushing.backbones import Preprocess, build_model
-        from cushing.data import DeviceAugment
+        from cushing.model.backbones import Preprocess, build_model
+        from cushing.model.augment import DeviceAugment
 
         self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
         c = self.cfg
@@ -111,15 +111,15 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         self.normalize = DeviceAugment(Preprocess.from_model_config(c), self.device, strength=0.0).normalize
         self.faces = None
         if c.get("faces"):
-            from cushing.faces import FaceSettings, FaceExtractor
+            from cushing.faces.pipeline import FaceSettings, FaceExtractor
 
             self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"]))
 
     def _prepare(self, raw: bytes, row: int) -> tuple[np.ndarray | None, str]:
         from PIL import Image
 
-        from cushing.data import letterbox
-        from cushing.imageio import BadImage, open_rgb
+        from cushing.data.bank import letterbox
+        from cushing.data.imageio import BadImage, open_rgb
 
         size = int(self.cfg["img_size"])
         try:  # decode as training did: reduced-scale JPEG decoding only down to what the next step needs

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..stats.metrics import lower_is_better
-from ..tracking import artifact_dir, client, download_artifact, env_run_id, experiments_with_runs, find_runs, \
+from cushing.stats.metrics import lower_is_better
+from cushing.tracking import artifact_dir, client, download_artifact, env_run_id, experiments_with_runs, find_runs, \
     log_artifacts_to, start_run
-from . import REGISTERED_MODEL
+from cushing.release import REGISTERED_MODEL
 
 __all__ = ["PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of", "link_evaluation",
            "publish_card"]
@@ -162,8 +162,8 @@ def _external(c, mv) -> list[dict]:
 def publish_card(name: str, version: str) -> str:
     """Render the version's model card from its source run, log model_card.md/.html there and make the Markdown
     the registered version's description (what the registry's version page shows). Returns the Markdown."""
-    from ..config import TrainConfig, to_params
-    from .card import CardInputs, render_card
+    from cushing.config import TrainConfig, to_params
+    from cushing.release.card import CardInputs, render_card
 
     c = client()
     mv = c.get_model_version(name, version)

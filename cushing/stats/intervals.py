@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .metrics import auc, confusion, rates
-from .subgroups import Subgroup
+from cushing.stats.metrics import auc, confusion, rates
+from cushing.stats.subgroups import Subgroup
 
 __all__ = ["wilson", "subject_weights", "bootstrap", "Gap", "percentile_interval", "Z95"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import auc, confusion, roc_points
+from cushing.stats.metrics import auc, confusion, roc_points
 
 __all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "pyplot"]
 

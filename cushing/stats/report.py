@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .calibration import brier, ece, ppv_npv, reliability
-from .intervals import Gap, bootstrap, wilson
-from .metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
-from .subgroups import Subgroup, subgroups_of
+from cushing.stats.calibration import brier, ece, ppv_npv, reliability
+from cushing.stats.intervals import Gap, bootstrap, wilson
+from cushing.stats.metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
+from cushing.stats.subgroups import Subgroup, subgroups_of
 
 __all__ = ["MetricRow", "Report", "build_report", "summarize", "rows_to_metrics", "per_sex_table",
            "per_subgroup_table", "metric_name"]

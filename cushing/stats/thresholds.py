@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import confusion, cutoffs
+from cushing.stats.metrics import confusion, cutoffs
 
 __all__ = ["ThresholdRule", "parse_threshold_rule", "choose_threshold"]
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
-from ..claims import sqlite_path, store_lock
+from cushing.tracking.stores import sqlite_path, store_lock
 
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",

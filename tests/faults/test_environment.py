@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cushing.stack import free_port
+from cushing.ops.stack import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.faults

@@ -73,7 +73,7 @@ def test_faces_with_no_usable_photo_says_so_and_logs_its_audit(tmp_path):
 
 
 def test_the_same_pixels_under_two_names_are_reported_not_fatal(tmp_path, celeba_manifest):
-    from cushing.manifest import load_manifest
+    from cushing.data.manifest import load_manifest
 
     first, other = celeba_manifest["image"].iloc[0], celeba_manifest["image"].iloc[5]
     Image.open(first).save(tmp_path / "copy.png")  # the same photo, re-exported losslessly as PNG

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from cushing.stack import free_port, wait_http
+from cushing.ops.stack import free_port, wait_http
 from tests.conftest import env_vars
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.dlib]
@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.dlib]
 def face_model(tmp_path_factory, celeba_manifest, cushing_home):
     """A tiny model trained on face crops of real photos, so serving runs dlib on every request."""
     from cushing.config import TrainConfig
-    from cushing.experiment import run_single
-    from cushing.faces import FaceSettings, extract_faces
+    from cushing.workflows.experiment import run_single
+    from cushing.faces.pipeline import FaceSettings, extract_faces
 
     d = tmp_path_factory.mktemp("face-model")
     photos = pd.concat([celeba_manifest[celeba_manifest["label"] == 0].head(24),
@@ -113,7 +113,7 @@ def test_malformed_payloads_never_echo_the_photo(server, face_model, name, recor
 
 
 def test_bench_serve_reports_latency_and_throughput(server, face_model, tmp_path, capsys):
-    from cushing.bench_serve import bench_serve
+    from cushing.workflows.bench_serve import bench_serve
 
     rows = bench_serve(model_uris=[], urls=[server["url"]], photos=face_model["photos"][:4], clients=(1, 4),
                        per_client=3, out=str(tmp_path / "serve.json"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cushing.stack import LocalStack, port_open
+from cushing.ops.stack import LocalStack, port_open
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.postgres]
 

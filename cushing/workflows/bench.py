@@ -17,9 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import build_model, get_spec, preprocess_of
-from .data import DeviceAugment, ImageBank, device_name, pick_device, training_device
-from .engine import FitSettings, _batches, autocast_for, fit, oversampled
+from cushing.model.backbones import build_model, get_spec, preprocess_of
+from cushing.model.augment import DeviceAugment
+from cushing.data.bank import ImageBank
+from cushing.model.devices import device_name, pick_device, training_device
+from cushing.model.engine import FitSettings, _batches, autocast_for, fit, oversampled
 
 __all__ = ["run_bench", "BenchRow", "paper_shaped_labels"]
 
@@ -187,10 +189,10 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     Logs into a throwaway embedded store, not yours; median of `repeats` after one warm-up run."""
     import tempfile
 
-    from . import tracking
-    from .config import TrainConfig
-    from .experiment import run_single
-    from .train import prepare_cohort
+    from cushing import tracking
+    from cushing.config import TrainConfig
+    from cushing.workflows.experiment import run_single
+    from cushing.model.train import prepare_cohort
 
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")

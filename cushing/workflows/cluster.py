@@ -309,7 +309,7 @@ def _secrets_in_env(storage: str, tracking_uri: str) -> list[str]:
 
 def preflight(storage: str, options: SlurmOptions) -> Preflight:
     """`launch_checks` on this host's environment (PATH, MLFLOW_TRACKING_URI, the partition's nodes, file modes)."""
-    from .tracking import tracking_uri
+    from cushing.tracking import tracking_uri
 
     uri = tracking_uri()
     sbatch, srun = shutil.which("sbatch"), shutil.which("srun")
@@ -356,7 +356,7 @@ def read_secrets_file(path: str | os.PathLike) -> dict[str, str]:
 def _job_environment(storage: str) -> Iterator[None]:
     """What sbatch exports to the tasks (submitit runs it with this process's environment): the storage URL and the
     tracking URI set, `mlflow run`'s run and the secrets file's variables left out, this checkout importable."""
-    from .tracking import tracking_uri
+    from cushing.tracking import tracking_uri
 
     saved = dict(os.environ)
     env = os.environ
@@ -370,7 +370,7 @@ def _job_environment(storage: str) -> Iterator[None]:
                                "tasks would train another study")
         for key in secret:
             env.pop(key, None)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout holding cushing/
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if (root / "pyproject.toml").exists() and str(root) not in paths:  # a source checkout, not an installed package
         env["PYTHONPATH"] = os.pathsep.join([str(root), *paths])
@@ -440,7 +440,7 @@ class ArrayWorker:
 
 
 def _sweep_task(task: ArrayTask, storage: str) -> int:
-    from .optimize import finish_sweep, open_sweep, sweep_worker
+    from cushing.workflows.sweeps import finish_sweep, open_sweep, sweep_worker
 
     h = open_sweep(task.path, storage=storage, parent_run_id=task.parent_run_id, compile=task.compile)
     trained = sweep_worker(h.study, h.storage, progress=False, grid=h.grid)
@@ -453,7 +453,7 @@ def _sweep_task(task: ArrayTask, storage: str) -> int:
 
 
 def _tune_task(task: ArrayTask, storage: str) -> int:
-    from .optimize import run_tune
+    from cushing.workflows.sweeps import run_tune
 
     res = run_tune(task.path, storage=storage, n_trials=task.n_trials, progress=False,
                    parent_run_id=task.parent_run_id, compile=task.compile)
@@ -467,7 +467,7 @@ def _task_id(index: int) -> tuple[str, str]:
 
 def _announce(task: ArrayTask, index: int) -> None:
     """Say (and record, for the launcher) which worker this task is: the claims table names workers host:pid."""
-    from .claims import GridClaims
+    from cushing.workflows.claims import GridClaims
 
     array, task_id = _task_id(index)
     owner = GridClaims.owner()
@@ -619,7 +619,7 @@ def submit_sweep(path: str | Path, options: SlurmOptions = SlurmOptions(), *, st
     """The grid as a Slurm job array: the study and its parent run opened here (exactly once), one sweep worker per
     array task. With `wait`, follow it to the end and log Tables II and III on the parent, as a local sweep does;
     without, the last task out logs them. Refuses (ClusterError) what cannot work across nodes."""
-    from .optimize import default_storage, finish_sweep, open_sweep, sweep_status
+    from cushing.workflows.sweeps import default_storage, finish_sweep, open_sweep, sweep_status
 
     storage = storage or default_storage()
     warnings = _checked(storage, options, out)
@@ -651,7 +651,7 @@ def submit_sweep(path: str | Path, options: SlurmOptions = SlurmOptions(), *, st
 
 def _follow_sweep(h, jobs: list, options: SlurmOptions, say: Callable[[str], None]) -> dict[str, str]:
     """Print configuration and task events until the grid is finished; then let the tasks leave the queue."""
-    from .optimize import sweep_status
+    from cushing.workflows.sweeps import sweep_status
 
     seen: dict[int, str] = {}
     last = ""
@@ -690,7 +690,7 @@ def _states_text(states: Mapping[str, str]) -> str:
 
 def _trial_lines(h, seen: dict[int, str], workers: Mapping[str, str]) -> Iterator[str]:
     """One line per trial state not printed yet: training (on which task), done, stopped/died (retried) or failed."""
-    from .optimize import MAX_RETRY
+    from cushing.workflows.sweeps import MAX_RETRY
 
     owners = h.grid.claims.claimed(h.study_name)
     labels = h.study.labels
@@ -732,35 +732,17 @@ def _drain(jobs: list, options: SlurmOptions, say: Callable[[str], None], timeou
 
 # ------------------------------------------------------------------------------------------------ tune
 
-def _open_tune(path: str | Path, storage: str, compile: str | None):
-    """The tuning study and its parent run, opened once here (what `run_tune` does before its trials).
-    (optimize.py would offer this as `open_tune`; see the module's notes.)"""
-    from . import optimize as o
-    from .claims import GridClaims
-
-    study = o.load_for(path, "tune", compile)
-    ostudy = o._optuna().create_study(study_name=o._study_name(study), storage=o._storage(storage, retry_stale=True),
-                                      sampler=o._sampler(study), pruner=o._pruner(study), direction=study.direction,
-                                      load_if_exists=True)
-    o._name_metric(ostudy, study)
-    claims = GridClaims(storage)
-    try:
-        parent = o._parent_run(ostudy, study, claims, None)
-    finally:
-        claims.close()
-    return study, ostudy, parent
-
-
 def submit_tune(path: str | Path, options: SlurmOptions = SlurmOptions(), *, storage: str | None = None,
                 n_trials: int | None = None, compile: str | None = None, wait: bool = False,
                 out: Callable[[str], None] = print) -> Submission:
     """`n_trials` (default: the file's) more trials of a tuning study as a job array, each task its share; with
     `wait`, follow the trials and log the best parameters and importances on the parent at the end."""
-    from . import optimize as o
+    from cushing.workflows import sweeps as o
 
     storage = storage or o.default_storage()
     warnings = _checked(storage, options, out)
-    study, ostudy, parent = _open_tune(path, storage, compile)
+    h = o.open_tune(path, storage=storage, compile=compile)
+    study, ostudy, parent = h.study, h.ostudy, h.parent_run_id
     total = n_trials or study.n_trials
     n = options.tasks_for(total)
     folder = _log_folder(options)
@@ -774,7 +756,7 @@ def submit_tune(path: str | Path, options: SlurmOptions = SlurmOptions(), *, sto
     sub = Submission(array, n, parent, ostudy.study_name, folder, warnings)
     if wait:
         sub.task_states = _follow_tune(ostudy, jobs, before, n * task.n_trials, options, _say(array, out))
-        sub.tune = o._finish_tune(ostudy, study, parent)
+        sub.tune = o.finish_tune(h)
     return sub
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbones import cam_reshape, cam_target_layer, last_block
+from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
 
 __all__ = ["compute_cams", "grad_cam", "CamReport", "explain_outcome", "explain_images", "region_masks",
            "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
@@ -159,7 +159,7 @@ def _group_key(label: int, pred: int, sex: str) -> str:
 
 
 def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> None:
-    from .stats.plots import pyplot
+    from cushing.stats.plots import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(3.2, 3.4))
@@ -244,7 +244,7 @@ def landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None
 
 def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test") -> CamReport:
     """CAMs for a finished training: best-epoch model, the given split, positive class."""
-    from .data import DeviceAugment
+    from cushing.model.augment import DeviceAugment
 
     dev = next(outcome.model.parameters()).device
     idx = cohort.index(split)

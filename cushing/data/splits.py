@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .manifest import SPLITS
+from cushing.data.manifest import SPLITS
 
 __all__ = ["assign_splits", "assign_folds", "split_table", "check_no_leak", "SplitError"]
 

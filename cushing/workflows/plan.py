@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .backbones import get_spec
-from .config import TrainConfig
+from cushing.model.backbones import get_spec
+from cushing.config import TrainConfig
 
 __all__ = ["Estimate", "estimate", "makespan", "RUN_OVERHEAD_S", "EPOCH_COST_S", "COMPILE_EFFECT"]
 

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import release, tracking
-from .explain import CamReport, explain_images, landmarks_of
-from .manifest import Manifest, hash_subject, load_manifest
-from .stats import plots
-from .stats.calibration import apply_temperature
-from .stats.paired import delong_test, holm, mcnemar_test
-from .stats.report import Report, build_report
-from .splits import assign_splits
-from .train import resolve_data
+from cushing import release
+from cushing import tracking
+from cushing.model.explain import CamReport, explain_images, landmarks_of
+from cushing.data.manifest import Manifest, hash_subject, load_manifest
+from cushing.stats import plots
+from cushing.stats.calibration import apply_temperature
+from cushing.stats.paired import delong_test, holm, mcnemar_test
+from cushing.stats.report import Report, build_report
+from cushing.data.splits import assign_splits
+from cushing.model.train import resolve_data
 
 __all__ = ["run_explain", "run_evaluate", "compare_runs", "CompareError", "ComparisonResult"]
 
@@ -28,7 +29,7 @@ def _rows_for(manifest: Manifest, split: str, run_params: dict | None, run_diges
     column, else every row (an external cohort)."""
     table = manifest.table
     if run_params is not None and run_digest and manifest.digest == run_digest:
-        from .config import parse_ratios
+        from cushing.config import parse_ratios
 
         s = assign_splits(table, parse_ratios(run_params.get("split_ratios", "1:1:1")),
                           seed=int(run_params.get("split_seed", 0)))
@@ -42,9 +43,11 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
                 split: str = "test", allow_phi: bool = False, experiment: str = "cushing",
                 device: str = "auto") -> tuple[str, CamReport]:
     """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run)."""
-    from .backbones import Preprocess
-    from .data import DeviceAugment, ImageBank, decode_images, pick_device
-    from .engine import predict_proba
+    from cushing.model.backbones import Preprocess
+    from cushing.model.augment import DeviceAugment
+    from cushing.data.bank import ImageBank, decode_images
+    from cushing.model.devices import pick_device
+    from cushing.model.engine import predict_proba
 
     params, digest = None, None
     if run_id:

@@ -31,8 +31,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .imageio import BadImage, open_rgb
-from .manifest import Manifest, hash_subject, sha256_file
+from cushing.data.imageio import BadImage, open_rgb
+from cushing.data.manifest import Manifest, hash_subject, sha256_file
 
 __all__ = [
     "AuditSettings", "FaceDescriptor", "FaceDescriber", "Signatures", "SignatureCache", "CohortAudit",
@@ -170,7 +170,7 @@ def duplicate_pairs(hashes: np.ndarray, max_bits: int, *, mirrors: np.ndarray | 
 
 def _models_dir() -> Path:
     try:
-        from .faces import _models_dir as models_dir
+        from cushing.faces.pipeline import _models_dir as models_dir
     except ImportError as e:  # pragma: no cover - faces.py is part of the package
         raise ImportError(f"cushing.faces is needed to locate dlib's models: {e}") from None
     return models_dir()
@@ -303,7 +303,7 @@ def _dlib_version() -> str:
 
 def _face_fingerprint(s: AuditSettings, memo: Path) -> dict[str, Any]:
     """What a descriptor depends on besides the photo: the weights (hashed, memoised), dlib, the knobs."""
-    from .faces import _file_hash
+    from cushing.faces.pipeline import _file_hash
 
     models = _models_dir()
     names = ["shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"]
@@ -513,7 +513,7 @@ def _assemble(hrec: list[dict], frec: list[dict] | None, s: AuditSettings, cache
 
 
 def _default_cache() -> Path:
-    from .config import cache_home
+    from cushing.config import cache_home
 
     return cache_home() / "audit"
 
@@ -671,7 +671,7 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
 
 
 def _rate(k: int, n: int) -> tuple[float, float, float]:
-    from .stats.intervals import wilson
+    from cushing.stats.intervals import wilson
 
     lo, hi = wilson(int(k), int(n))
     return (k / n if n else float("nan")), lo, hi

@@ -16,15 +16,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
-from .config import TrainConfig, cache_home
-from .data import DeviceAugment, ImageBank, decode_images, training_device
-from .engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
-from .manifest import Manifest, hash_subject, load_manifest
-from .splits import assign_splits, split_table
-from .stats.subgroups import check_subgroup_columns
-from .stats.calibration import apply_temperature, fit_temperature
-from .stats.thresholds import choose_threshold
+from cushing.model.backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
+from cushing.config import TrainConfig, cache_home
+from cushing.model.augment import DeviceAugment
+from cushing.data.bank import ImageBank, decode_images
+from cushing.model.devices import training_device
+from cushing.model.engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
+from cushing.data.manifest import Manifest, hash_subject, load_manifest
+from cushing.data.splits import assign_splits, split_table
+from cushing.stats.subgroups import check_subgroup_columns
+from cushing.stats.calibration import apply_temperature, fit_temperature
+from cushing.stats.thresholds import choose_threshold
 
 __all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError"]
 
@@ -33,7 +35,7 @@ def resolve_data(data: str) -> Path:
     """'demo' -> the demo cohort's manifest (made on first use, atomically); else the manifest path."""
     if data != "demo":
         return Path(data).expanduser()
-    from .demo import make_demo_cohort
+    from cushing.data.demo import make_demo_cohort
 
     root = cache_home() / "demo-v1"
     manifest = root / "manifest.csv"
@@ -89,7 +91,7 @@ class AuditError(ValueError):
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
     """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any pair of
     different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
-    from .audit import audit_manifest, audit_settings, merged_groups
+    from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 
     audit = audit_manifest(manifest, settings=audit_settings(manifest), progress=progress)
     pairs = audit.pairs[~audit.pairs["same_subject"]]

@@ -13,15 +13,16 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import __version__, tracking
-from .stats import plots
-from .backbones import get_spec
-from .config import TrainConfig, to_params
-from .checkpoint import Checkpointer, remove_checkpoint
-from .engine import EpochCallback, FitState
-from .stats.report import Report, build_report
-from .splits import assign_folds
-from .train import Cohort, TrainOutcome, prepare_cohort, train
+from cushing import __version__
+from cushing import tracking
+from cushing.stats import plots
+from cushing.model.backbones import get_spec
+from cushing.config import TrainConfig, to_params
+from cushing.model.checkpoint import Checkpointer, remove_checkpoint
+from cushing.model.engine import EpochCallback, FitState
+from cushing.stats.report import Report, build_report
+from cushing.data.splits import assign_folds
+from cushing.model.train import Cohort, TrainOutcome, prepare_cohort, train
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds", "run_name", "HEADLINE",
            "resume_single", "ResumeError"]
@@ -46,7 +47,7 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
-    from .studies import config_digest
+    from cushing.workflows.studies import config_digest
 
     spec = get_spec(cfg.model)
     table = cohort.table
@@ -114,7 +115,7 @@ def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
 
 
 def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report) -> dict[str, float]:
-    from .tracking import artifact_dir
+    from cushing.tracking import artifact_dir
 
     fit = outcome.fit
     metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
@@ -145,7 +146,7 @@ def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report)
 
 def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
     """The face-stage settings recorded in a face-crop manifest's sidecar, so serving applies the same."""
-    from .faces import settings_for_manifest
+    from cushing.faces.pipeline import settings_for_manifest
 
     return settings_for_manifest(cohort.manifest.source)
 
@@ -254,7 +255,7 @@ def resume_single(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
 
 
 def _resume_target(cfg: TrainConfig, env_run: str | None) -> str:
-    from .studies import config_digest
+    from cushing.workflows.studies import config_digest
 
     if cfg.resume and cfg.resume != "true":
         return cfg.resume
@@ -276,8 +277,8 @@ def _saved_config(run_id: str, cfg: TrainConfig) -> TrainConfig:
     """The configuration the run was started with (its config.yaml), with how it executes taken from `cfg`."""
     import yaml
 
-    from .config import resolve
-    from .studies import EXECUTION_FIELDS
+    from cushing.config import resolve
+    from cushing.workflows.studies import EXECUTION_FIELDS
 
     run = tracking.get_run(run_id)
     if run.info.status == "FINISHED":
@@ -291,7 +292,7 @@ def _saved_config(run_id: str, cfg: TrainConfig) -> TrainConfig:
 
 
 def _checkpoint_of(run_id: str) -> FitState:
-    from .checkpoint import CHECKPOINT, checkpoint_dir, load_checkpoint
+    from cushing.model.checkpoint import CHECKPOINT, checkpoint_dir, load_checkpoint
 
     local = checkpoint_dir(run_id) / CHECKPOINT
     if local.exists():
@@ -306,7 +307,7 @@ def _checkpoint_of(run_id: str) -> FitState:
 
 
 def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
-    from . import release
+    from cushing import release
 
     logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
                                synthetic=cohort.manifest.synthetic)
@@ -316,8 +317,8 @@ def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -
 
 
 def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> dict[str, float]:
-    from . import explain
-    from .tracking import artifact_dir
+    from cushing.model import explain
+    from cushing.tracking import artifact_dir
 
     with artifact_dir() as d:
         result = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=outcome.config.allow_phi_artifacts)
@@ -335,7 +336,7 @@ def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
 
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
-    from .stats.calibration import logit
+    from cushing.stats.calibration import logit
 
     out = pred.copy()
     out["probability"] = 1 / (1 + np.exp(-(logit(out["probability"].to_numpy()) - logit(np.array([threshold]))[0])))

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import tracking
-from .faces import FaceSettings, FacesOutcome, extract_faces
-from .manifest import hash_subject, load_manifest
+from cushing import tracking
+from cushing.faces.pipeline import FaceSettings, FacesOutcome, extract_faces
+from cushing.data.manifest import hash_subject, load_manifest
 
 __all__ = ["run_faces", "audit_table", "bench_faces"]
 
@@ -61,7 +61,7 @@ def _audit_metrics(audit: pd.DataFrame) -> dict[str, float]:
 
 
 def _audit_plot(audit: pd.DataFrame, path: Path) -> None:
-    from .stats.plots import pyplot
+    from cushing.stats.plots import pyplot
 
     plt = pyplot()
     a = audit[audit["group"] != "all"]
@@ -153,7 +153,7 @@ def _phi_montages(outcome: FacesOutcome, crops: pd.DataFrame, d: Path) -> None:
 
 def _thumb_ok(p: Path) -> bool:
     try:
-        from .imageio import open_rgb
+        from cushing.data.imageio import open_rgb
 
         open_rgb(p, max_pixels=40_000_000, draft=256)
         return True
@@ -167,7 +167,7 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
     import os
     import tempfile
 
-    from .data import device_name, pick_device
+    from cushing.model.devices import device_name, pick_device
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
@@ -196,6 +196,6 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
 def _synthetic_photos(folder: Path) -> Path:
     """The 343 demo-cohort faces at 448 px as stand-in photos (dlib finds about half of these drawn faces; use
     --manifest with real photos for real figures)."""
-    from .demo import make_demo_cohort
+    from cushing.data.demo import make_demo_cohort
 
     return make_demo_cohort(folder, size=448)

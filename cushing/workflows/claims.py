@@ -1,72 +1,19 @@
-"""Coordination that many processes and hosts can trust: atomic claims and serialised first use of a store.
+"""Exactly-once claims that many processes and hosts can trust.
 
 A sweep's configurations are claimed by inserting a row whose primary key is (study, key, attempt) into a small
 table in the sweep's own database (the Optuna storage): the database's unique constraint lets exactly one
 inserter win, on SQLite and on PostgreSQL alike, so any number of launchers and workers train each configuration
 once. Checking the study and then starting a trial, two steps, cannot give that guarantee.
-
-The first use of a fresh store (MLflow's SQLite schema migration, Optuna's schema creation on PostgreSQL) races when
-two launchers start at once; `store_lock` serialises it with a file lock (SQLite) or an advisory lock (PostgreSQL).
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import socket
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
-__all__ = ["store_lock", "GridClaims", "sqlalchemy_url", "sqlite_path"]
+from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a `sqlite:///` URL (None for other URLs or in-memory databases)."""
-    if not url.startswith("sqlite:///") or url in ("sqlite:///", "sqlite:///:memory:"):
-        return None
-    return Path(url[len("sqlite:///"):])
-
-
-def sqlalchemy_url(url: str) -> str:
-    """postgresql:// -> postgresql+psycopg2:// (the driver the project pins); others unchanged."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
-    return url
-
-
-@contextmanager
-def store_lock(url: str, name: str) -> Iterator[None]:
-    """Hold an exclusive lock named `name` on the store at `url` for the block (no-op for other schemes)."""
-    path = sqlite_path(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f"{path.name}.{name}.lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-        return
-    if url.startswith(("postgresql", "postgres:")):
-        import sqlalchemy
-        from sqlalchemy.pool import NullPool
-
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        finally:
-            engine.dispose()
-        return
-    yield
+__all__ = ["GridClaims"]
 
 
 class GridClaims:

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, tracking
-from .stats import calibration
-from .stats.metrics import auc, lower_is_better, roc_points
-from .stats.plots import pyplot
+from cushing import __version__
+from cushing import tracking
+from cushing.stats import calibration
+from cushing.stats.metrics import auc, lower_is_better, roc_points
+from cushing.stats.plots import pyplot
 
 __all__ = ["DashboardError", "build_dashboard", "collect", "dashboards_dir"]
 
@@ -32,7 +33,7 @@ class DashboardError(RuntimeError):
 
 def dashboards_dir() -> Path:
     env = os.environ.get("CUSHING_DASHBOARDS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "dashboards"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "dashboards"
 
 
 def _definition(name: str) -> tuple[dict[str, Any], Path]:
@@ -238,7 +239,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
                     name: str = "paper", log: bool = True) -> Path:
     import jinja2
 
-    from .release.registry import registry_status
+    from cushing.release.registry import registry_status
 
     spec, root = _definition(name)
     runs = collect(experiment, parent_run_id)

@@ -24,8 +24,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from .imageio import DEFAULT_MAX_PIXELS, BadImage, open_rgb
-from .imageio import REASONS as IMAGE_REASONS
+from cushing.data.imageio import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from cushing.data.imageio import REASONS as IMAGE_REASONS
 
 __all__ = ["FaceSettings", "FaceResult", "FaceExtractor", "extract_faces", "FacesOutcome", "landmark_model_path",
            "settings_for_manifest", "SETTINGS_FILE", "REASONS"]
@@ -101,7 +101,7 @@ def _file_hash(path: Path, memo: Path | None) -> str:
     table = json.loads(memo.read_text()) if memo and memo.exists() else {}
     if key in table:
         return table[key]
-    from .manifest import sha256_file
+    from cushing.data.manifest import sha256_file
 
     table[key] = sha256_file(path, chunk=1 << 22)
     if memo:
@@ -214,7 +214,7 @@ def hull_mask(d: Detection, s: FaceSettings) -> np.ndarray:
 
 
 def sam_prompt(d: Detection):
-    from .sam import SamPrompt
+    from cushing.faces.sam import SamPrompt
 
     lm = d.landmarks
     centre = lm[27:36].mean(0)  # the face centre: the nose
@@ -290,7 +290,7 @@ class FaceExtractor:
 
     def _masker(self):
         if self._sam is None:
-            from .sam import SamMasker
+            from cushing.faces.sam import SamMasker
 
             self._sam = SamMasker(self.s.sam_checkpoint, self.s.sam_model_type, self.s.device)
         return self._sam
@@ -405,13 +405,13 @@ class _Cache:
 
 
 def _read_input(manifest: Path) -> pd.DataFrame:
-    from .manifest import load_manifest
+    from cushing.data.manifest import load_manifest
 
     return load_manifest(manifest, check_images=False).table
 
 
 def _hash_photos(paths: Iterable[str]) -> list[str | None]:
-    from .manifest import sha256_file
+    from cushing.data.manifest import sha256_file
 
     out = []
     for p in paths:
@@ -462,7 +462,7 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
 
 
 def _default_cache() -> Path:
-    from .config import cache_home
+    from cushing.config import cache_home
 
     return cache_home() / "faces"
 
@@ -479,7 +479,7 @@ def _process(table, todo, keys, settings, cache, workers, bar):
         if not pending:
             return []
         if masker is None:
-            from .sam import SamMasker
+            from cushing.faces.sam import SamMasker
 
             masker = SamMasker(settings.sam_checkpoint, settings.sam_model_type, settings.device)
         res = masker.masks([d.image for _, d in pending], [sam_prompt(d) for _, d in pending])
@@ -521,7 +521,7 @@ def _assemble(table, records, keys, shas, cache, out):
     first, so the crop manifest never holds one face twice."""
     import shutil
 
-    from .manifest import REQUIRED, sha256_file
+    from cushing.data.manifest import REQUIRED, sha256_file
 
     report, rows, first = [], [], {}
     for i in range(len(table)):

@@ -31,15 +31,16 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from . import tracking
-from .claims import GridClaims, store_lock
-from .config import TrainConfig
-from .engine import StopTraining
-from .studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
+from cushing import tracking
+from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
+from cushing.workflows.claims import GridClaims
+from cushing.config import TrainConfig
+from cushing.model.engine import StopTraining
+from cushing.workflows.studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
 
 __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
            "plan_sweep", "auto_workers", "sweep_worker", "resolve_scope", "Scope", "default_experiment",
-           "SweepHandle", "open_sweep", "sweep_status", "finish_sweep"]
+           "SweepHandle", "open_sweep", "sweep_status", "finish_sweep", "TuneHandle", "open_tune", "finish_tune"]
 
 MAX_RETRY = 2
 GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
@@ -77,14 +78,13 @@ def _storage(url: str, retry_stale: bool = False):
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    from .claims import sqlalchemy_url, sqlite_path
 
     url = sqlalchemy_url(url)
     heartbeat, grace = _beat()
     engine = {"connect_args": {"timeout": 60}} if sqlite_path(url) else {"pool_pre_ping": True}
-    callback = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY) if retry_stale else None
     with warnings.catch_warnings(), store_lock(url, "optuna-schema"):
         warnings.simplefilter("ignore")  # the heartbeat API is marked experimental
+        callback = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY) if retry_stale else None
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
                                           grace_period=grace, heartbeat_stale_trial_callback=callback)
 
@@ -167,8 +167,8 @@ class _CohortMemo:
         self.memo: dict[tuple, Any] = {}
 
     def get(self, cfg: TrainConfig):
-        from .backbones import interpolation_of
-        from .train import prepare_cohort
+        from cushing.model.backbones import interpolation_of
+        from cushing.model.train import prepare_cohort
 
         key = (cfg.data, cfg.img_size, cfg.split_ratios, cfg.split_seed, interpolation_of(cfg.model))
         if key not in self.memo:
@@ -331,7 +331,7 @@ def _previous_trial(grid: _Grid, label: str, attempt: int) -> int | None:
 def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, progress: bool) -> float:
     from optuna.trial import TrialState
 
-    from .experiment import run_single
+    from cushing.workflows.experiment import run_single
 
     study = grid.study
     i = study.labels.index(label)
@@ -346,7 +346,7 @@ def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, pro
                                  extra_tags=tags, on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
         except BaseException as e:
             # stopped (SIGTERM, Ctrl-C): claimed again by the next worker; a training error would only repeat
-            key = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            key = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "error"
             trial.set_user_attr(key, f"{type(e).__name__}: {e}"[:2000])
             grid.ostudy.tell(trial, state=TrialState.FAIL)
             raise
@@ -570,7 +570,7 @@ def _best_of(t2: pd.DataFrame) -> dict[str, float]:
 def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
                ) -> tuple[pd.DataFrame, dict[int, float]]:
     """Per-configuration estimates (H200 seconds; `schedule`) and the estimated wall time per worker count."""
-    from .schedule import estimate, makespan
+    from cushing.workflows.plan import estimate, makespan
 
     study = load_for(path, "sweep", compile)
     est = [estimate(c) for c in study.configurations]
@@ -705,7 +705,7 @@ def _suggest(trial, study: Study) -> dict[str, Any]:
 
 def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool):
     optuna = _optuna()
-    from .experiment import run_single
+    from cushing.workflows.experiment import run_single
 
     per_epoch = study.objective_metric
 
@@ -742,9 +742,19 @@ class TuneResult:
     n_pruned: int
 
 
-def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | None = None, progress: bool = True,
-             parent_run_id: str | None = None, compile: str | None = None) -> TuneResult:
-    """This worker's `n_trials` of the study (any number of workers and hosts may share the storage)."""
+@dataclass
+class TuneHandle:
+    """An open tuning study (and its parent run) that launchers feed with trials."""
+
+    study: Study
+    ostudy: Any
+    parent_run_id: str
+    launcher_run: str | None
+
+
+def open_tune(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
+              compile: str | None = None) -> TuneHandle:
+    """Load the study file, open (or create) its Optuna study and parent run: what every tuning launcher does."""
     optuna = _optuna()
     study = load_for(path, "tune", compile)
     storage = storage or default_storage()
@@ -754,19 +764,28 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
                                  load_if_exists=True)
     _name_metric(ostudy, study)
     claims = GridClaims(storage)
-    parent = _parent_run(ostudy, study, claims, parent_run_id)
-    claims.close()
-    memo = _CohortMemo()
-    for t in _fail_stale(ostudy):
+    try:
+        parent = _parent_run(ostudy, study, claims, parent_run_id)
+    finally:
+        claims.close()
+    return TuneHandle(study, ostudy, parent, launcher_run)
+
+
+def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | None = None, progress: bool = True,
+             parent_run_id: str | None = None, compile: str | None = None) -> TuneResult:
+    """This worker's `n_trials` of the study (any number of workers and hosts may share the storage)."""
+    h = open_tune(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
+    for t in _fail_stale(h.ostudy):
         _end_orphan(t)
-    n = n_trials or study.n_trials
-    ostudy.optimize(_tune_objective(study, parent, memo, progress), n_trials=n, catch=(),
-                    callbacks=[_tune_progress(study.name, n)])
-    result = _finish_tune(ostudy, study, parent)
-    if launcher_run and launcher_run != parent:
-        with tracking.resume_run(launcher_run) as r:
-            r.nest_under(parent)
-            r.set_tags({"mlflow.runName": f"tune-{study.name}-pass", "task": "tune-pass", "study": ostudy.study_name})
+    n = n_trials or h.study.n_trials
+    h.ostudy.optimize(_tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress), n_trials=n, catch=(),
+                      callbacks=[_tune_progress(h.study.name, n)])
+    result = finish_tune(h)
+    if h.launcher_run and h.launcher_run != h.parent_run_id:
+        with tracking.resume_run(h.launcher_run) as r:
+            r.nest_under(h.parent_run_id)
+            r.set_tags({"mlflow.runName": f"tune-{h.study.name}-pass", "task": "tune-pass",
+                        "study": h.ostudy.study_name})
             r.log_metrics({"tune/trials_here": float(n), "tune/complete": float(result.n_complete)})
     return result
 
@@ -781,8 +800,10 @@ def _tune_progress(name: str, n: int):
     return callback
 
 
-def _finish_tune(ostudy, study: Study, parent: str) -> TuneResult:
+def finish_tune(h: TuneHandle) -> TuneResult:
+    """Best parameters, importances and the trials table on the parent run."""
     optuna = _optuna()
+    ostudy, study, parent = h.ostudy, h.study, h.parent_run_id
     from optuna.trial import TrialState
 
     complete = [t for t in ostudy.trials if t.state == TrialState.COMPLETE]

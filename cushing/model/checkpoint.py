@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from .config import cache_home
-from .engine import FitState
+from cushing.config import cache_home
+from cushing.model.engine import FitState
 
 __all__ = ["CHECKPOINT", "checkpoint_dir", "Checkpointer", "load_checkpoint", "remove_checkpoint", "FAULT_ENV"]
 

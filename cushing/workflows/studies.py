@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve
-from .stats.metrics import lower_is_better
+from cushing.config import ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve
+from cushing.stats.metrics import lower_is_better
 
 __all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution",
            "EXECUTION_FIELDS"]
@@ -198,7 +198,7 @@ def load_study(path: str | Path) -> Study:
 
 
 def _default_label(cfg: TrainConfig) -> str:
-    from .experiment import run_name
+    from cushing.workflows.experiment import run_name
 
     return run_name(cfg)
 

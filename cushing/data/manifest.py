@@ -65,7 +65,7 @@ def _check_image(path: Path) -> tuple[str | None, str | None]:
     """(sha256, problem) for one image file. The photo is decoded by the decoder training and serving use (at a
     reduced JPEG scale, which still reads every byte), so a truncated file, a corrupt one or one over the pixel
     limit is refused here, with its line, instead of crashing training later."""
-    from .imageio import BadImage, open_rgb
+    from cushing.data.imageio import BadImage, open_rgb
 
     if not path.exists():
         return None, "file not found"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import tracking
-from .audit import AuditSettings, CohortAudit, audit_manifest, audit_settings, evaluate_duplicates, \
+from cushing import tracking
+from cushing.data.audit import AuditSettings, CohortAudit, audit_manifest, audit_settings, evaluate_duplicates, \
     evaluate_same_person
-from .manifest import load_manifest
-from .train import resolve_data
+from cushing.data.manifest import load_manifest
+from cushing.model.train import resolve_data
 
 __all__ = ["AuditRun", "run_audit", "run_evaluation"]
 

@@ -28,7 +28,7 @@ def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
     """`mlflow models serve -m URI` on a free 127.0.0.1 port for the block; yields its base URL."""
     import tempfile
 
-    from .stack import free_port, wait_http
+    from cushing.ops.stack import free_port, wait_http
 
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])

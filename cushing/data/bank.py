@@ -1,0 +1,85 @@
+"""Decode once and keep the cohort as uint8: letterboxed to a square (white padding, as the face stage pads) and
+held as [N, 3, S, S], on the accelerator when it fits the memory budget, otherwise in pinned host memory and
+streamed per batch.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cushing.data.imageio import open_rgb
+
+__all__ = ["decode_image", "decode_images", "ImageBank", "letterbox"]
+
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
+
+
+def letterbox(img, size: int, interpolation: str = "bicubic", fill: int = 255):
+    """Fit inside size x size keeping the aspect ratio; pad with `fill` (white, as face crops are padded)."""
+    from PIL import Image
+
+    w, h = img.size
+    s = size / max(w, h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    img = img.resize((nw, nh), _RESAMPLE.get(interpolation, 3))
+    canvas = Image.new("RGB", (size, size), (fill, fill, fill))
+    canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+def decode_image(path: str, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """uint8 [3, S, S] from an image file: EXIF orientation, odd modes converted as the face stage does."""
+    from PIL import Image
+
+    rgb = open_rgb(path, draft=size * 2)
+    return np.asarray(letterbox(Image.fromarray(rgb), size, interpolation)).transpose(2, 0, 1).copy()
+
+
+def decode_images(paths: Sequence[str], size: int, interpolation: str = "bicubic", workers: int = 0,
+                  progress: bool = False) -> torch.Tensor:
+    """uint8 [N, 3, S, S] on the CPU; decoding runs on a thread pool (PIL releases the GIL)."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    workers = workers or min(32, os.cpu_count() or 1)
+
+    def one(i: int) -> None:
+        out[i] = torch.from_numpy(decode_image(paths[i], size, interpolation))
+    with ThreadPoolExecutor(workers) as pool:
+        it = pool.map(one, range(len(paths)))
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, total=len(paths), desc="decode", unit="img", leave=False)
+        for _ in it:
+            pass
+    return out
+
+
+class ImageBank:
+    """Decoded images addressable by index on the training device.
+
+    Resident on the device when they fit `budget_bytes`; otherwise in pinned host memory, copied per batch.
+    """
+
+    def __init__(self, images: torch.Tensor, device: torch.device, budget_bytes: float):
+        self.device = device
+        self.nbytes = images.numel() * images.element_size()
+        self.resident = self.nbytes <= budget_bytes
+        if self.resident:
+            self.images = images.to(device)
+        else:
+            self.images = images.pin_memory() if device.type == "cuda" else images
+        self.shape = tuple(images.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.resident:
+            return self.images.index_select(0, idx.to(self.device))
+        batch = self.images.index_select(0, idx.cpu())
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
