@@ -145,7 +145,7 @@ def _bench(ns: argparse.Namespace) -> int:
                     out=ns.out if ns.out != "bench.json" else "bench_serve.json")
         return 0
     if ns.what == "faces":
-        from cushing.faces.run import bench_faces
+        from cushing.workflows.bench import bench_faces
 
         bench_faces(manifest=ns.manifest, limit=ns.limit, sam_checkpoint=ns.sam_checkpoint, out=ns.out)
         return 0
@@ -328,8 +328,8 @@ def _compare(ns: argparse.Namespace) -> int:
     ids = list(ns.run_ids)
     scope = _scope(ns)
     if scope.parent_run_id:
-        ids += [r.info.run_id for r in find_runs(scope.experiment, parent_run_id=scope.parent_run_id)
-                if r.info.status == "FINISHED" and "model_uri" in r.data.tags]
+        ids += [r.run_id for r in find_runs(scope.experiment, parent_run_id=scope.parent_run_id)
+                if r.status == "FINISHED" and "model_uri" in r.tags]
     res = compare_runs(ids, log_to=(scope.parent_run_id or "") if ns.log else None, experiment=scope.experiment)
     cols = ["model_a", "model_b", "n", "auc_a", "auc_b", "delong_p", "delong_p_holm", "acc_a", "acc_b",
             "mcnemar_p", "mcnemar_p_holm"]

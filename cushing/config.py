@@ -12,8 +12,11 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+from cushing.stats.thresholds import parse_threshold_rule
+from cushing.model.backbones import MODEL_NAMES, resolve_freeze
 
-__all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios",
+__all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios", "EXECUTION_FIELDS",
+           "run_name", "config_digest",
            "load_yaml_with_lines", "cache_home", "COMPILE_MODES"]
 
 
@@ -88,13 +91,32 @@ class TrainConfig:
 
     @property
     def frozen(self) -> bool:
-        from cushing.model.backbones import resolve_freeze
-
         return resolve_freeze(self.model, self.freeze)
 
 
 def _columns(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(c.strip() for c in str(text).split(",") if c.strip()))
+
+
+# How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
+EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every", "log_checkpoint",
+                    "resume")
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """The run's name: the one given, else `<model>` or `<model>-frozen`."""
+    return cfg.run_name or f"{cfg.model}{'-frozen' if cfg.frozen else ''}"
+
+
+def config_digest(cfg: TrainConfig) -> str:
+    """Identity of a configuration (resumable sweeps, resume=true): everything but how it executes."""
+    import hashlib
+    import json
+
+    d = dataclasses.asdict(cfg)
+    for k in EXECUTION_FIELDS:
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:
@@ -109,8 +131,6 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
 
 
 def _validate_train(c: TrainConfig) -> None:
-    from cushing.model.backbones import MODEL_NAMES
-
     problems = []
     if c.model not in MODEL_NAMES:
         problems.append(f"model: unknown {c.model!r}; choose one of: {' '.join(MODEL_NAMES)}")
@@ -149,7 +169,6 @@ def _validate_train(c: TrainConfig) -> None:
     except ConfigError as e:
         problems.append(str(e))
     try:
-        from cushing.stats.thresholds import parse_threshold_rule
         parse_threshold_rule(c.threshold)
     except ValueError as e:
         problems.append(f"threshold: {e}")

@@ -294,7 +294,7 @@ def test_train_on_face_crops_and_serve_raw_photos(extracted, tracking, celeba_di
 
 
 def test_bench_faces_reports_cold_and_warm(photos, tmp_path):
-    from cushing.faces.run import bench_faces
+    from cushing.workflows.bench import bench_faces
 
     res = bench_faces(manifest=str(photos), limit=20, sam_checkpoint=None, out=str(tmp_path / "faces.json"))
     saved = json.loads((tmp_path / "faces.json").read_text())

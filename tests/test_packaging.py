@@ -36,7 +36,12 @@ def test_mlproject_main_parameters_are_the_train_config():
 
 def test_layout():
     for p in ("cushing", "projects", "dashboards", "tests", "MLproject", "conda.yaml", "pyproject.toml",
-              "README.md", ".ci/run", "docker-compose.yml"):
+              "README.md", ".ci/run", "docker-compose.yml", "deploy/k8s"):
+        assert (ROOT / p).exists(), p
+    for pkg in ("data", "faces", "model", "stats", "workflows", "tracking", "release", "ops"):
+        doc = (ROOT / "cushing" / pkg / "__init__.py").read_text()
+        assert doc.startswith('"""') and "Owns" in doc and "import" in doc, f"{pkg}: say what it owns and imports"
+    for p in ():
         assert (ROOT / p).exists(), p
 
 
@@ -47,3 +52,65 @@ def test_readme_has_exactly_two_setup_commands():
     commands = [line for line in block.group(1).splitlines() if line.strip() and not line.strip().startswith("#")]
     assert commands == ["bash scripts/quickstart.sh", "bash scripts/test.sh"]
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+LAYERS = {  # subpackage -> the subpackages it may import (besides config and itself); README, Architecture
+    "stats": set(),
+    "data": {"stats"},
+    "tracking": set(),
+    "faces": {"data", "stats", "tracking"},
+    "model": {"data", "stats"},
+    "release": {"data", "faces", "model", "stats", "tracking"},
+    "ops": set(),
+    "workflows": {"data", "faces", "model", "release", "stats", "tracking", "ops"},
+}
+
+
+def _imports() -> dict[str, set[str]]:
+    """Package-internal imports of every module, at any depth (module name -> imported module names)."""
+    graph = {}
+    for path in (ROOT / "cushing").rglob("*.py"):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        text = path.read_text()
+        graph[mod] = set(re.findall(r"^\s*from (cushing[\w.]*) import", text, re.M))
+        graph[mod] |= {f"{m}.{n.strip()}" for m, names in re.findall(r"^\s*from (cushing[\w.]*) import (.+)$",
+                                                                    text, re.M) for n in names.split(",")
+                       if f"{m}.{n.strip()}".replace(".", "/") and (ROOT / f"{m}.{n.strip()}".replace(".", "/")
+                                                                   ).with_suffix(".py").exists()}
+    return graph
+
+
+def test_subpackages_import_only_downward_and_without_cycles():
+    graph = _imports()
+    for mod, deps in graph.items():
+        parts = mod.split(".")
+        if len(parts) < 3 or parts[1] not in LAYERS:
+            continue
+        for dep in deps:
+            dparts = dep.split(".")
+            if len(dparts) > 1 and dparts[1] in LAYERS and dparts[1] != parts[1]:
+                assert dparts[1] in LAYERS[parts[1]], f"{mod} imports {dep}: {parts[1]} may not import {dparts[1]}"
+    seen, stack = set(), []
+
+    def visit(m: str) -> None:
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in seen or m not in graph:
+            return
+        stack.append(m)
+        for d in graph[m]:
+            if d != m and not m.startswith(d + "."):  # a module importing its own package's __init__ names
+                visit(d)
+        stack.pop()
+        seen.add(m)
+    for m in graph:
+        visit(m)
+
+
+def test_package_imports_sit_at_module_level():
+    """Inside functions only in the CLI (commands import what they run, so `cushing --help` stays fast)."""
+    for path in (ROOT / "cushing").rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        inner = re.findall(r"^[ \t]+from cushing[\w.]* import .+$", path.read_text(), re.M)
+        assert not inner, f"{path.relative_to(ROOT)}: {inner}"

@@ -184,7 +184,7 @@ def _set_val_f1(run_id: str, value: float) -> None:
 def _promote_runs(stack):
     from cushing.tracking import find_runs
 
-    return [r for r in find_runs("cushing") if r.data.tags.get("task") == "promote"]
+    return [r for r in find_runs("cushing") if r.tags.get("task") == "promote"]
 
 
 def test_promotion_is_idempotent_and_moves_champion_only_when_better(stack, first_run, small_demo):
@@ -223,7 +223,7 @@ def test_promotion_is_idempotent_and_moves_champion_only_when_better(stack, firs
     assert c.get_model_version_by_alias("cushing", "challenger").tags["source_run"] == worse.run_id
     # the decision and ranking were logged; test metrics shown but marked unused
     logged = _promote_runs(stack)[0]
-    ranking = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=logged.info.run_id, artifact_path="ranking.csv"))
+    ranking = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=logged.run_id, artifact_path="ranking.csv"))
     assert "test/f1 (not used)" in ranking.columns and ranking["rank"].tolist() == sorted(ranking["rank"])
 
 

@@ -48,7 +48,7 @@ def test_final_metrics_at_step_zero_and_params_kept_from_mlflow_run(tracking):
         run.log_params({"weights": None, "epochs": 3, "lr": 0.01, "freeze": "auto"})
         run.log_params({"epochs": 5})  # a value that really differs is kept beside the original
         run.log_metrics({"test/f1": 0.5, "val/f1": 0.25})
-    p = trk.get_run(run.run_id).data.params
+    p = trk.get_run(run.run_id).params
     assert p["weights"] == "''" and p["epochs"] == "3" and p["lr"] == "0.01" and p["resolved/epochs"] == "5"
     assert _history(run.run_id, "test/f1") == [(0, 0.5)]
 
@@ -58,4 +58,4 @@ def tracking_run(name: str):
 
 
 def tracking_status(run_id: str) -> str:
-    return trk.get_run(run_id).info.status
+    return trk.get_run(run_id).status

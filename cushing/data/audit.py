@@ -33,6 +33,9 @@ import pandas as pd
 
 from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import Manifest, hash_subject, sha256_file
+from cushing.data.weights import file_hash, models_dir
+from cushing.config import cache_home
+from cushing.stats.intervals import wilson
 
 __all__ = [
     "AuditSettings", "FaceDescriptor", "FaceDescriber", "Signatures", "SignatureCache", "CohortAudit",
@@ -168,14 +171,6 @@ def duplicate_pairs(hashes: np.ndarray, max_bits: int, *, mirrors: np.ndarray | 
 
 # ------------------------------------------------------------------------------------------ face descriptors
 
-def _models_dir() -> Path:
-    try:
-        from cushing.faces.pipeline import _models_dir as models_dir
-    except ImportError as e:  # pragma: no cover - faces.py is part of the package
-        raise ImportError(f"cushing.faces is needed to locate dlib's models: {e}") from None
-    return models_dir()
-
-
 def _import_dlib():
     try:
         import dlib
@@ -205,7 +200,7 @@ class FaceDescriber:
 
     def __init__(self, settings: AuditSettings = AuditSettings()):
         dlib = _import_dlib()
-        models = _models_dir()
+        models = models_dir()
         need = [models / "shape_predictor_5_face_landmarks.dat", models / "dlib_face_recognition_resnet_model_v1.dat"]
         if missing := [p.name for p in need if not p.exists()]:
             raise ImportError(f"{', '.join(missing)} not found in {models}: reinstall face-recognition-models==0.3.0")
@@ -218,7 +213,7 @@ class FaceDescriber:
 
     def _cnn_detector(self):
         if self._cnn is None:
-            self._cnn = self._dlib.cnn_face_detection_model_v1(str(_models_dir() / "mmod_human_face_detector.dat"))
+            self._cnn = self._dlib.cnn_face_detection_model_v1(str(models_dir() / "mmod_human_face_detector.dat"))
         return self._cnn
 
     def _find(self, img: np.ndarray) -> tuple[Any, str, int]:
@@ -303,12 +298,10 @@ def _dlib_version() -> str:
 
 def _face_fingerprint(s: AuditSettings, memo: Path) -> dict[str, Any]:
     """What a descriptor depends on besides the photo: the weights (hashed, memoised), dlib, the knobs."""
-    from cushing.faces.pipeline import _file_hash
-
-    models = _models_dir()
+    models = models_dir()
     names = ["shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"]
     names += ["mmod_human_face_detector.dat"] if s.cnn_fallback else []
-    return {"dlib": _dlib_version(), "weights": {n: _file_hash(models / n, memo) for n in names},
+    return {"dlib": _dlib_version(), "weights": {n: file_hash(models / n, memo) for n in names},
             "max_upsample": s.max_upsample, "cnn_fallback": s.cnn_fallback, "max_side": s.max_side}
 
 
@@ -513,8 +506,6 @@ def _assemble(hrec: list[dict], frec: list[dict] | None, s: AuditSettings, cache
 
 
 def _default_cache() -> Path:
-    from cushing.config import cache_home
-
     return cache_home() / "audit"
 
 
@@ -671,8 +662,6 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
 
 
 def _rate(k: int, n: int) -> tuple[float, float, float]:
-    from cushing.stats.intervals import wilson
-
     lo, hi = wilson(int(k), int(n))
     return (k / n if n else float("nan")), lo, hi
 

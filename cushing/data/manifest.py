@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from cushing.data.imageio import BadImage, open_rgb
 
 __all__ = ["Manifest", "ManifestError", "load_manifest", "REQUIRED", "SPLITS", "hash_subject", "sha256_file"]
 
@@ -65,8 +66,6 @@ def _check_image(path: Path) -> tuple[str | None, str | None]:
     """(sha256, problem) for one image file. The photo is decoded by the decoder training and serving use (at a
     reduced JPEG scale, which still reads every byte), so a truncated file, a corrupt one or one over the pixel
     limit is refused here, with its line, instead of crashing training later."""
-    from cushing.data.imageio import BadImage, open_rgb
-
     if not path.exists():
         return None, "file not found"
     if not path.is_file():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -24,10 +23,14 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from cushing.data.weights import file_hash, landmark_model_path, models_dir
 from cushing.data.imageio import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from cushing.data.imageio import REASONS as IMAGE_REASONS
+from cushing.data.manifest import load_manifest, REQUIRED, sha256_file
+from cushing.faces.sam import SamMasker, SamPrompt
+from cushing.config import cache_home
 
-__all__ = ["FaceSettings", "FaceResult", "FaceExtractor", "extract_faces", "FacesOutcome", "landmark_model_path",
+__all__ = ["FaceSettings", "FaceResult", "FaceExtractor", "extract_faces", "FacesOutcome",
            "settings_for_manifest", "SETTINGS_FILE", "REASONS"]
 
 SETTINGS_FILE = "faces_settings.json"
@@ -81,43 +84,14 @@ class FaceSettings:
         return FaceSettings(**{k: v for k, v in d.items() if k in names})
 
 
-def _models_dir() -> Path:
-    """face-recognition-models ships dlib's .dat files; found by path (its import needs pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("dlib's landmark models come from `face-recognition-models` (pip install "
-                          "face-recognition-models==0.3.0)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
-
-
-def landmark_model_path() -> Path:
-    return _models_dir() / "shape_predictor_68_face_landmarks.dat"
-
-
-def _file_hash(path: Path, memo: Path | None) -> str:
-    """sha256 of a weights file, memoised by (path, size, mtime) so a 2.5 GB SAM file is read once."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    table = json.loads(memo.read_text()) if memo and memo.exists() else {}
-    if key in table:
-        return table[key]
-    from cushing.data.manifest import sha256_file
-
-    table[key] = sha256_file(path, chunk=1 << 22)
-    if memo:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps(table))
-    return table[key]
-
-
 def weights_fingerprint(s: FaceSettings, memo: Path | None = None) -> dict[str, str]:
     import dlib
 
-    fp = {"dlib": dlib.__version__, "landmarks": _file_hash(landmark_model_path(), memo)}
+    fp = {"dlib": dlib.__version__, "landmarks": file_hash(landmark_model_path(), memo)}
     if s.detector == "cnn":
-        fp["detector"] = _file_hash(_models_dir() / "mmod_human_face_detector.dat", memo)
+        fp["detector"] = file_hash(models_dir() / "mmod_human_face_detector.dat", memo)
     if s.mask_method == "sam":
-        fp["sam"] = _file_hash(Path(s.sam_checkpoint), memo)
+        fp["sam"] = file_hash(Path(s.sam_checkpoint), memo)
     return fp
 
 
@@ -146,7 +120,7 @@ class _Dlib:
     def __init__(self, s: FaceSettings):
         import dlib
 
-        self.detector = (dlib.cnn_face_detection_model_v1(str(_models_dir() / "mmod_human_face_detector.dat"))
+        self.detector = (dlib.cnn_face_detection_model_v1(str(models_dir() / "mmod_human_face_detector.dat"))
                          if s.detector == "cnn" else dlib.get_frontal_face_detector())
         self.predictor = dlib.shape_predictor(str(landmark_model_path()))
         self.cnn = s.detector == "cnn"
@@ -214,8 +188,6 @@ def hull_mask(d: Detection, s: FaceSettings) -> np.ndarray:
 
 
 def sam_prompt(d: Detection):
-    from cushing.faces.sam import SamPrompt
-
     lm = d.landmarks
     centre = lm[27:36].mean(0)  # the face centre: the nose
     cheeks = [(lm[3] + lm[31]) / 2, (lm[13] + lm[35]) / 2]
@@ -290,8 +262,6 @@ class FaceExtractor:
 
     def _masker(self):
         if self._sam is None:
-            from cushing.faces.sam import SamMasker
-
             self._sam = SamMasker(self.s.sam_checkpoint, self.s.sam_model_type, self.s.device)
         return self._sam
 
@@ -405,14 +375,10 @@ class _Cache:
 
 
 def _read_input(manifest: Path) -> pd.DataFrame:
-    from cushing.data.manifest import load_manifest
-
     return load_manifest(manifest, check_images=False).table
 
 
 def _hash_photos(paths: Iterable[str]) -> list[str | None]:
-    from cushing.data.manifest import sha256_file
-
     out = []
     for p in paths:
         try:
@@ -462,8 +428,6 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
 
 
 def _default_cache() -> Path:
-    from cushing.config import cache_home
-
     return cache_home() / "faces"
 
 
@@ -479,8 +443,6 @@ def _process(table, todo, keys, settings, cache, workers, bar):
         if not pending:
             return []
         if masker is None:
-            from cushing.faces.sam import SamMasker
-
             masker = SamMasker(settings.sam_checkpoint, settings.sam_model_type, settings.device)
         res = masker.masks([d.image for _, d in pending], [sam_prompt(d) for _, d in pending])
         done = []
@@ -521,7 +483,6 @@ def _assemble(table, records, keys, shas, cache, out):
     first, so the crop manifest never holds one face twice."""
     import shutil
 
-    from cushing.data.manifest import REQUIRED, sha256_file
 
     report, rows, first = [], [], {}
     for i in range(len(table)):

@@ -6,7 +6,6 @@ names reach MLflow unless allow_phi_artifacts is set (then a montage of crops an
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +14,11 @@ import pandas as pd
 
 from cushing import tracking
 from cushing.faces.pipeline import FaceSettings, FacesOutcome, extract_faces
+from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import hash_subject, load_manifest
+from cushing.stats.plots import pyplot
 
-__all__ = ["run_faces", "audit_table", "bench_faces"]
+__all__ = ["run_faces", "audit_table"]
 
 
 def audit_table(report: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -61,8 +62,6 @@ def _audit_metrics(audit: pd.DataFrame) -> dict[str, float]:
 
 
 def _audit_plot(audit: pd.DataFrame, path: Path) -> None:
-    from cushing.stats.plots import pyplot
-
     plt = pyplot()
     a = audit[audit["group"] != "all"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -153,49 +152,7 @@ def _phi_montages(outcome: FacesOutcome, crops: pd.DataFrame, d: Path) -> None:
 
 def _thumb_ok(p: Path) -> bool:
     try:
-        from cushing.data.imageio import open_rgb
-
         open_rgb(p, max_pixels=40_000_000, draft=256)
         return True
-    except Exception:
+    except BadImage:
         return False
-
-
-def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None, out: str) -> dict:
-    """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
-    import json
-    import os
-    import tempfile
-
-    from cushing.model.devices import device_name, pick_device
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
-        if limit:
-            df = pd.read_csv(src).head(limit)
-            df["image"] = [str((src.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
-            src = Path(tmp) / "subset.csv"
-            df.to_csv(src, index=False)
-        s = FaceSettings(sam_checkpoint=sam_checkpoint)
-        t = time.perf_counter()
-        cold = extract_faces(src, Path(tmp) / "cold", s, cache_dir=Path(tmp) / "cache", progress=False)
-        t_cold = time.perf_counter() - t
-        t = time.perf_counter()
-        warm = extract_faces(src, Path(tmp) / "warm", s, cache_dir=Path(tmp) / "cache", progress=False)
-        t_warm = time.perf_counter() - t
-    n = len(cold.report)
-    res = {"device": device_name(pick_device("auto")), "photos": n, "extracted": cold.extracted,
-           "mask": s.mask_method, "cold_s": t_cold, "warm_s": t_warm, "cold_photos_per_s": n / t_cold,
-           "warm_photos_per_s": n / t_warm, "warm_speedup": t_cold / t_warm, "warm_processed": warm.processed}
-    print(f"{n} photos ({cold.extracted} extracted, mask {s.mask_method}) on {res['device']}: cold {t_cold:.2f} s "
-          f"({n / t_cold:.1f} photos/s), warm {t_warm:.3f} s ({n / t_warm:.0f} photos/s), {t_cold / t_warm:.0f}x")
-    Path(out).write_text(json.dumps(res, indent=1))
-    return res
-
-
-def _synthetic_photos(folder: Path) -> Path:
-    """The 343 demo-cohort faces at 448 px as stand-in photos (dlib finds about half of these drawn faces; use
-    --manifest with real photos for real figures)."""
-    from cushing.data.demo import make_demo_cohort
-
-    return make_demo_cohort(folder, size=448)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank
 from cushing.stats.metrics import lower_is_better, point_metrics
+from cushing.config import cache_home
+from cushing.model.backbones import head_of
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
            "features_of", "autocast_for", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback"]
@@ -325,7 +327,6 @@ def compiled_forward(model: torch.nn.Module, mode: str):
     """
     if mode == "none":
         return model, lambda: None
-    from cushing.config import cache_home
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
     return torch.compile(model, mode=mode, dynamic=False), torch.compiler.cudagraph_mark_step_begin
@@ -399,8 +400,6 @@ def _feature_bank(model, bank, idx: torch.Tensor, aug: DeviceAugment, views: int
 
 
 def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt: _Checkpoints) -> FitResult:
-    from cushing.model.backbones import head_of
-
     dev = bank.device
     tr_t = torch.as_tensor(np.asarray(train_idx), dtype=torch.long, device=dev)
     val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.long, device=dev)

@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 
 from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
+from cushing.stats.plots import pyplot
+from cushing.model.augment import DeviceAugment
 
 __all__ = ["compute_cams", "grad_cam", "CamReport", "explain_outcome", "explain_images", "region_masks",
            "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
@@ -159,8 +161,6 @@ def _group_key(label: int, pred: int, sex: str) -> str:
 
 
 def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> None:
-    from cushing.stats.plots import pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(3.2, 3.4))
     ax.imshow(m, cmap="inferno", vmin=0, vmax=max(1e-6, float(m.max())))
@@ -244,8 +244,6 @@ def landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None
 
 def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test") -> CamReport:
     """CAMs for a finished training: best-epoch model, the given split, positive class."""
-    from cushing.model.augment import DeviceAugment
-
     dev = next(outcome.model.parameters()).device
     idx = cohort.index(split)
     if len(idx) == 0:

@@ -27,6 +27,8 @@ from cushing.data.splits import assign_splits, split_table
 from cushing.stats.subgroups import check_subgroup_columns
 from cushing.stats.calibration import apply_temperature, fit_temperature
 from cushing.stats.thresholds import choose_threshold
+from cushing.data.demo import make_demo_cohort
+from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 
 __all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError"]
 
@@ -35,7 +37,6 @@ def resolve_data(data: str) -> Path:
     """'demo' -> the demo cohort's manifest (made on first use, atomically); else the manifest path."""
     if data != "demo":
         return Path(data).expanduser()
-    from cushing.data.demo import make_demo_cohort
 
     root = cache_home() / "demo-v1"
     manifest = root / "manifest.csv"
@@ -91,8 +92,6 @@ class AuditError(ValueError):
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
     """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any pair of
     different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
-    from cushing.data.audit import audit_manifest, audit_settings, merged_groups
-
     audit = audit_manifest(manifest, settings=audit_settings(manifest), progress=progress)
     pairs = audit.pairs[~audit.pairs["same_subject"]]
     if pairs.empty:

@@ -19,6 +19,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from cushing.model.backbones import build_model, Preprocess
+from cushing.model.augment import DeviceAugment
+from cushing.faces.pipeline import FaceExtractor, FaceSettings
+from cushing.data.bank import letterbox
+from cushing.data.imageio import BadImage, open_rgb
 
 __all__ = ["CushingModel", "MODEL_CONFIG", "MAX_IMAGE_B64", "PayloadError", "save_model_artifacts", "signature",
            "model_description"]
@@ -93,8 +98,6 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         import torch
         from safetensors.torch import load_file
 
-        from cushing.model.backbones import Preprocess, build_model
-        from cushing.model.augment import DeviceAugment
 
         self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
         c = self.cfg
@@ -111,15 +114,11 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         self.normalize = DeviceAugment(Preprocess.from_model_config(c), self.device, strength=0.0).normalize
         self.faces = None
         if c.get("faces"):
-            from cushing.faces.pipeline import FaceSettings, FaceExtractor
-
             self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"]))
 
     def _prepare(self, raw: bytes, row: int) -> tuple[np.ndarray | None, str]:
         from PIL import Image
 
-        from cushing.data.bank import letterbox
-        from cushing.data.imageio import BadImage, open_rgb
 
         size = int(self.cfg["img_size"])
         try:  # decode as training did: reduced-scale JPEG decoding only down to what the next step needs

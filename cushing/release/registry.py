@@ -15,9 +15,13 @@ import pandas as pd
 from cushing.stats.metrics import lower_is_better
 from cushing.tracking import artifact_dir, client, download_artifact, env_run_id, experiments_with_runs, find_runs, \
     log_artifacts_to, start_run
-from cushing.release import REGISTERED_MODEL
+from cushing.config import to_params, TrainConfig
+from cushing.release.card import CardInputs, render_card
 
-__all__ = ["PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of", "link_evaluation",
+REGISTERED_MODEL = "cushing"
+
+__all__ = ["REGISTERED_MODEL", "PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of",
+           "link_evaluation",
            "publish_card"]
 
 TIE_BREAKERS = (("val/auc", False), ("val/brier", True))  # (metric, lower is better); then the older run
@@ -61,8 +65,8 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
     """One row per run with a logged model: validation metric, tie-breakers, gates, test metrics for show."""
     rows = []
     for r in runs:
-        m, tags = r.data.metrics, r.data.tags
-        if r.info.status != "FINISHED" or "model_uri" not in tags:
+        m, tags = r.metrics, r.tags
+        if r.status != "FINISHED" or "model_uri" not in tags:
             continue
         value = m.get(policy.metric, math.nan)
         gap = m.get(_gap_metric(policy.metric), math.nan)
@@ -76,12 +80,12 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
             why.append(f"sex gap {gap:.4f} exceeds {policy.max_sex_gap}" if math.isfinite(gap)
                        else "sex gap not estimable")
         if policy.max_subgroup_gap is not None:
-            why += _subgroup_gap_problems(m, r.data.params.get("subgroups", "sex"), policy)
-        rows.append({"run_id": r.info.run_id, "run_name": tags.get("mlflow.runName", ""), "model": tags.get("model"),
+            why += _subgroup_gap_problems(m, r.params.get("subgroups", "sex"), policy)
+        rows.append({"run_id": r.run_id, "run_name": tags.get("mlflow.runName", ""), "model": tags.get("model"),
                      "freeze": tags.get("freeze"), policy.metric: value, "sex_gap": gap,
                      **{t: m.get(t, math.nan) for t, _ in TIE_BREAKERS},
                      "test/f1 (not used)": m.get("test/f1", math.nan), "test/auc (not used)": m.get("test/auc", math.nan),
-                     "start_time": r.info.start_time, "eligible": not why, "excluded_because": "; ".join(why),
+                     "start_time": r.start_time, "eligible": not why, "excluded_because": "; ".join(why),
                      "model_uri": tags["model_uri"], "threshold": m.get("threshold", math.nan),
                      "data_digest": tags.get("data_digest", ""),
                      "synthetic_data": tags.get("synthetic_data", "false") == "true"})
@@ -162,8 +166,6 @@ def _external(c, mv) -> list[dict]:
 def publish_card(name: str, version: str) -> str:
     """Render the version's model card from its source run, log model_card.md/.html there and make the Markdown
     the registered version's description (what the registry's version page shows). Returns the Markdown."""
-    from cushing.config import TrainConfig, to_params
-    from cushing.release.card import CardInputs, render_card
 
     c = client()
     mv = c.get_model_version(name, version)

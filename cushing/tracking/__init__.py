@@ -11,6 +11,10 @@ compare view lines up across runs.
 
 Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every entry point logs into the run
 `mlflow run` created (MLflow's multistep-workflow convention) instead of opening a second one.
+
+Owns: runs (start, resume, log, heartbeats, reaping dead runs), the typed records other packages read runs as
+(`RunRecord`), the stores (`stores`: SQLite paths, first-use locks). Imports mlflow, nothing of the package but
+`cushing.config`; with `cushing.release`, the only place that touches an MLflow object.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import threading
 import time
 import contextlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -30,10 +35,11 @@ import pandas as pd
 
 from cushing.tracking.stores import sqlite_path, store_lock
 
-__all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "client", "HTTP_RETRY_DEFAULTS",
+__all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "HTTP_RETRY_DEFAULTS",
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
-           "TrackingUnavailable", "last_step", "log_artifacts_to"]
+           "TrackingUnavailable", "last_step", "log_artifacts_to", "RunRecord", "set_tags", "end_run_as",
+           "list_artifacts"]
 
 EPOCH_PREFIX = "epoch/"  # per-epoch series: epoch/val/f1 at step = epoch; final results keep the bare names
 
@@ -250,11 +256,11 @@ class _Heartbeat:
             self.thread.join(5)
 
 
-def _dead_because(run, now: float) -> str | None:
+def _dead_because(run: "RunRecord", now: float) -> str | None:
     """Why a RUNNING run's process is gone, or None while it may still live."""
-    tags = run.data.tags
+    tags = run.tags
     beat = tags.get("cushing.heartbeat")
-    if run.info.status != "RUNNING" or beat is None:
+    if run.status != "RUNNING" or beat is None:
         return None
     host, _, process = tags.get("cushing.process", "/").partition("/")
     if host == socket.gethostname() and process and not _alive(process):
@@ -265,7 +271,7 @@ def _dead_because(run, now: float) -> str | None:
     return None
 
 
-def reap(runs: list) -> int:
+def reap(runs: list["RunRecord"]) -> int:
     """Mark FAILED, with a `cushing.died` tag saying why, every RUNNING run whose process died (SIGKILL, OOM, a
     lost node): the run's own host and pid are gone, or its heartbeat is older than CUSHING_RUN_STALE_S. Returns
     how many were marked."""
@@ -273,9 +279,7 @@ def reap(runs: list) -> int:
     for r in runs:
         why = _dead_because(r, now)
         if why:
-            c = client()
-            c.set_tag(r.info.run_id, "cushing.died", why)
-            c.set_terminated(r.info.run_id, "FAILED")
+            end_run_as(r.run_id, "FAILED", {"cushing.died": why})
             n += 1
     return n
 
@@ -563,12 +567,57 @@ def resume_run(run_id: str) -> Iterator[RunLogger]:
                 mlflow.end_run()
 
 
-def get_run(run_id: str):
-    return client().get_run(run_id)
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as the rest of the package reads it (nothing outside tracking/ and release/ sees an MLflow object)."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    experiment_id: str
+    start_time: int  # ms since the epoch
+    end_time: int | None
+    params: dict[str, str]
+    metrics: dict[str, float]  # latest value of each metric
+    tags: dict[str, str]
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+
+def _record(run) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(info.run_id, data.tags.get("mlflow.runName", info.run_name or ""), info.status,
+                     info.experiment_id, info.start_time, info.end_time, dict(data.params), dict(data.metrics),
+                     dict(data.tags))
+
+
+def get_run(run_id: str) -> RunRecord:
+    return _record(client().get_run(run_id))
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tag any run, open or not, without touching the active run of this process."""
+    c = client()
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def end_run_as(run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> None:
+    """Mark a run ended (FAILED, KILLED, FINISHED) from outside its process, with tags saying why."""
+    if tags:
+        set_tags(run_id, tags)
+    client().set_terminated(run_id, status)
+
+
+def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
+    """Artifact paths of a run (one folder level), e.g. ['cam/mean_all.png', 'cam/overlays']."""
+    return [a.path for a in client().list_artifacts(run_id, path)]
 
 
 def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | None = None,
-              max_results: int = 5000) -> list:
+              max_results: int = 5000) -> list[RunRecord]:
     """Runs of an experiment (optionally the children of one parent), newest first. Runs whose process died are
     marked FAILED on the way (`reap`): the next command that meets a SIGKILLed run cleans it up."""
     c = client()
@@ -579,9 +628,9 @@ def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | 
     if parent_run_id:
         clause = f"tags.mlflow.parentRunId = '{parent_run_id}'"
         f = f"{f} and {clause}" if f else clause
-    def search() -> list:
-        return list(c.search_runs([exp.experiment_id], filter_string=f, max_results=max_results,
-                                  order_by=["attributes.start_time DESC"]))
+    def search() -> list[RunRecord]:
+        return [_record(r) for r in c.search_runs([exp.experiment_id], filter_string=f, max_results=max_results,
+                                                   order_by=["attributes.start_time DESC"])]
     runs = search()
     return search() if reap(runs) else runs
 

@@ -9,11 +9,15 @@ one host sync per epoch.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +26,14 @@ from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank
 from cushing.model.devices import device_name, pick_device, training_device
 from cushing.model.engine import FitSettings, _batches, autocast_for, fit, oversampled
+from cushing import tracking
+from cushing.config import TrainConfig
+from cushing.workflows.experiment import run_single
+from cushing.model.train import prepare_cohort
+from cushing.data.demo import make_demo_cohort
+from cushing.faces.pipeline import FaceSettings, extract_faces
 
-__all__ = ["run_bench", "BenchRow", "paper_shaped_labels"]
+__all__ = ["run_bench", "BenchRow", "paper_shaped_labels", "bench_run", "bench_faces"]
 
 N_TRAIN, N_TRAIN_POS, N_VAL = 115, 17, 114
 
@@ -187,13 +197,6 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     """Whole runs (`run_single` on the demo cohort, random weights) split into the training loop and the rest:
     setup logging, scoring, bootstrap, plots, Grad-CAM, model logging. The per-run cost a sweep pays 23 times.
     Logs into a throwaway embedded store, not yours; median of `repeats` after one warm-up run."""
-    import tempfile
-
-    from cushing import tracking
-    from cushing.config import TrainConfig
-    from cushing.workflows.experiment import run_single
-    from cushing.model.train import prepare_cohort
-
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
     with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \
@@ -216,3 +219,37 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
         json.dump({"device": name, "model": model, "img_size": img_size, "epochs": epochs, "cam": cam,
                    "median": med, "runs": rows}, f, indent=1)
     return rows
+
+
+def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None, out: str) -> dict:
+    """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
+
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
+        if limit:
+            df = pd.read_csv(src).head(limit)
+            df["image"] = [str((src.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
+            src = Path(tmp) / "subset.csv"
+            df.to_csv(src, index=False)
+        s = FaceSettings(sam_checkpoint=sam_checkpoint)
+        t = time.perf_counter()
+        cold = extract_faces(src, Path(tmp) / "cold", s, cache_dir=Path(tmp) / "cache", progress=False)
+        t_cold = time.perf_counter() - t
+        t = time.perf_counter()
+        warm = extract_faces(src, Path(tmp) / "warm", s, cache_dir=Path(tmp) / "cache", progress=False)
+        t_warm = time.perf_counter() - t
+    n = len(cold.report)
+    res = {"device": device_name(pick_device("auto")), "photos": n, "extracted": cold.extracted,
+           "mask": s.mask_method, "cold_s": t_cold, "warm_s": t_warm, "cold_photos_per_s": n / t_cold,
+           "warm_photos_per_s": n / t_warm, "warm_speedup": t_cold / t_warm, "warm_processed": warm.processed}
+    print(f"{n} photos ({cold.extracted} extracted, mask {s.mask_method}) on {res['device']}: cold {t_cold:.2f} s "
+          f"({n / t_cold:.1f} photos/s), warm {t_warm:.3f} s ({n / t_warm:.0f} photos/s), {t_cold / t_warm:.0f}x")
+    Path(out).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _synthetic_photos(folder: Path) -> Path:
+    """The 343 demo-cohort faces at 448 px as stand-in photos (dlib finds about half of these drawn faces; use
+    --manifest with real photos for real figures)."""
+    return make_demo_cohort(folder, size=448)

@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from cushing.ops.stack import free_port, wait_http
 
 __all__ = ["bench_serve", "serve_model"]
 
@@ -28,7 +29,6 @@ def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
     """`mlflow models serve -m URI` on a free 127.0.0.1 port for the block; yields its base URL."""
     import tempfile
 
-    from cushing.ops.stack import free_port, wait_http
 
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])

@@ -36,6 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
+from cushing.tracking import tracking_uri
+from cushing.workflows.sweeps import default_storage, finish_sweep, MAX_RETRY, open_sweep, run_tune, sweep_status, sweep_worker
+from cushing.workflows.claims import GridClaims
+from cushing.workflows import sweeps as o
 
 __all__ = ["SlurmOptions", "Preflight", "ClusterError", "SubmititMissing", "Preempted", "Submission", "ArrayTask",
            "launch_checks", "preflight", "submit_sweep", "submit_tune", "run_array_task", "sbatch_parameters",
@@ -309,8 +313,6 @@ def _secrets_in_env(storage: str, tracking_uri: str) -> list[str]:
 
 def preflight(storage: str, options: SlurmOptions) -> Preflight:
     """`launch_checks` on this host's environment (PATH, MLFLOW_TRACKING_URI, the partition's nodes, file modes)."""
-    from cushing.tracking import tracking_uri
-
     uri = tracking_uri()
     sbatch, srun = shutil.which("sbatch"), shutil.which("srun")
     files = {k: os.environ[k] for k in ("PGPASSFILE", SECRETS_FILE_ENV) if os.environ.get(k)}
@@ -356,8 +358,6 @@ def read_secrets_file(path: str | os.PathLike) -> dict[str, str]:
 def _job_environment(storage: str) -> Iterator[None]:
     """What sbatch exports to the tasks (submitit runs it with this process's environment): the storage URL and the
     tracking URI set, `mlflow run`'s run and the secrets file's variables left out, this checkout importable."""
-    from cushing.tracking import tracking_uri
-
     saved = dict(os.environ)
     env = os.environ
     env[STORAGE_ENV] = storage
@@ -440,8 +440,6 @@ class ArrayWorker:
 
 
 def _sweep_task(task: ArrayTask, storage: str) -> int:
-    from cushing.workflows.sweeps import finish_sweep, open_sweep, sweep_worker
-
     h = open_sweep(task.path, storage=storage, parent_run_id=task.parent_run_id, compile=task.compile)
     trained = sweep_worker(h.study, h.storage, progress=False, grid=h.grid)
     # every worker returns once the grid is finished, all seeing the same trials: one claim picks who logs the tables
@@ -453,8 +451,6 @@ def _sweep_task(task: ArrayTask, storage: str) -> int:
 
 
 def _tune_task(task: ArrayTask, storage: str) -> int:
-    from cushing.workflows.sweeps import run_tune
-
     res = run_tune(task.path, storage=storage, n_trials=task.n_trials, progress=False,
                    parent_run_id=task.parent_run_id, compile=task.compile)
     return res.n_complete
@@ -467,8 +463,6 @@ def _task_id(index: int) -> tuple[str, str]:
 
 def _announce(task: ArrayTask, index: int) -> None:
     """Say (and record, for the launcher) which worker this task is: the claims table names workers host:pid."""
-    from cushing.workflows.claims import GridClaims
-
     array, task_id = _task_id(index)
     owner = GridClaims.owner()
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -619,8 +613,6 @@ def submit_sweep(path: str | Path, options: SlurmOptions = SlurmOptions(), *, st
     """The grid as a Slurm job array: the study and its parent run opened here (exactly once), one sweep worker per
     array task. With `wait`, follow it to the end and log Tables II and III on the parent, as a local sweep does;
     without, the last task out logs them. Refuses (ClusterError) what cannot work across nodes."""
-    from cushing.workflows.sweeps import default_storage, finish_sweep, open_sweep, sweep_status
-
     storage = storage or default_storage()
     warnings = _checked(storage, options, out)
     h = open_sweep(path, storage=storage, compile=compile)
@@ -651,8 +643,6 @@ def submit_sweep(path: str | Path, options: SlurmOptions = SlurmOptions(), *, st
 
 def _follow_sweep(h, jobs: list, options: SlurmOptions, say: Callable[[str], None]) -> dict[str, str]:
     """Print configuration and task events until the grid is finished; then let the tasks leave the queue."""
-    from cushing.workflows.sweeps import sweep_status
-
     seen: dict[int, str] = {}
     last = ""
     try:
@@ -690,8 +680,6 @@ def _states_text(states: Mapping[str, str]) -> str:
 
 def _trial_lines(h, seen: dict[int, str], workers: Mapping[str, str]) -> Iterator[str]:
     """One line per trial state not printed yet: training (on which task), done, stopped/died (retried) or failed."""
-    from cushing.workflows.sweeps import MAX_RETRY
-
     owners = h.grid.claims.claimed(h.study_name)
     labels = h.study.labels
     for t in sorted(h.grid.ostudy.get_trials(deepcopy=False), key=lambda t: t.number):
@@ -737,8 +725,6 @@ def submit_tune(path: str | Path, options: SlurmOptions = SlurmOptions(), *, sto
                 out: Callable[[str], None] = print) -> Submission:
     """`n_trials` (default: the file's) more trials of a tuning study as a job array, each task its share; with
     `wait`, follow the trials and log the best parameters and importances on the parent at the end."""
-    from cushing.workflows import sweeps as o
-
     storage = storage or o.default_storage()
     warnings = _checked(storage, options, out)
     h = o.open_tune(path, storage=storage, compile=compile)

@@ -23,6 +23,7 @@ from cushing import tracking
 from cushing.stats import calibration
 from cushing.stats.metrics import auc, lower_is_better, roc_points
 from cushing.stats.plots import pyplot
+from cushing.release.registry import registry_status
 
 __all__ = ["DashboardError", "build_dashboard", "collect", "dashboards_dir"]
 
@@ -63,7 +64,7 @@ def _artifact(run_id: str, path: str, d: Path):
 
 def _has_overlays(run_id: str) -> bool:
     try:
-        return any(a.path.endswith("overlays") for a in tracking.client().list_artifacts(run_id, "cam"))
+        return any(a.endswith("overlays") for a in tracking.list_artifacts(run_id, "cam"))
     except Exception:
         return False
 
@@ -71,9 +72,9 @@ def _has_overlays(run_id: str) -> bool:
 def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
     """Finished training runs (with test metrics) of an experiment or of one parent, with their aggregates."""
     runs = [r for r in tracking.find_runs(experiment, parent_run_id=parent_run_id)
-            if r.info.status == "FINISHED" and "test/f1" in r.data.metrics and "model" in r.data.tags]
+            if r.status == "FINISHED" and "test/f1" in r.metrics and "model" in r.tags]
     if parent_run_id is None:
-        runs = [r for r in runs if r.data.tags.get("task") not in ("explain", "external_validation")]
+        runs = [r for r in runs if r.tags.get("task") not in ("explain", "external_validation")]
     if not runs:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
         others = ", ".join(f"{name!r} ({n} runs)" for name, n in tracking.experiments_with_runs()
@@ -82,13 +83,13 @@ def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
                 else "Train or sweep first (e.g. `cushing sweep projects/demo.yaml`).")
         raise DashboardError(f"{where} has no finished training runs with test metrics: nothing to show. {hint}")
     for r in runs:
-        if _has_overlays(r.info.run_id) and r.data.tags.get("allow_phi_artifacts") != "true":
-            raise DashboardError(f"run {r.info.run_id} holds per-image artifacts (cam/overlays) but was not run with "
+        if _has_overlays(r.run_id) and r.tags.get("allow_phi_artifacts") != "true":
+            raise DashboardError(f"run {r.run_id} holds per-image artifacts (cam/overlays) but was not run with "
                                  "allow_phi_artifacts=true: refusing to build a dashboard from it")
     out = []
     with tracking.artifact_dir() as d:
         for r in runs:
-            rid = r.info.run_id
+            rid = r.run_id
             sub = d / rid
             pred = _artifact(rid, "predictions.csv", sub)
             npz = _artifact(rid, "cam/mean_maps.npz", sub)
@@ -102,7 +103,7 @@ def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
 
 
 def _label(r) -> str:
-    return r.data.tags.get("sweep_config") or r.data.tags.get("mlflow.runName") or r.info.run_id[:8]
+    return r.tags.get("sweep_config") or r.tags.get("mlflow.runName") or r.run_id[:8]
 
 
 def _fmt(v: float | None) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def _per_sex_figure(ranked: list[RunData]) -> str:
         for k, (group, color) in enumerate((("female", "C1"), ("male", "C0"))):
             vals, hatch = [], []
             for rd in ranked:
-                m = rd.run.data.metrics
+                m = rd.run.metrics
                 na = not math.isfinite(m.get(f"test/{metric}/{group}", math.nan))
                 vals.append(0.02 if na else m[f"test/{metric}/{group}"])
                 hatch.append(na)
@@ -214,7 +215,7 @@ def _cohort(runs: list[RunData]) -> tuple[list[dict] | None, str]:
     tables = [rd.splits for rd in runs if rd.splits is not None]
     if not tables:
         return None, ""
-    digests = {rd.run.data.tags.get("data_digest") for rd in runs if rd.splits is not None}
+    digests = {rd.run.tags.get("data_digest") for rd in runs if rd.splits is not None}
     note = "" if len(digests) <= 1 else f"Runs come from {len(digests)} different cohorts; the first is shown."
     return tables[0].to_dict("records"), note
 
@@ -230,7 +231,7 @@ def rank_runs(runs: list[RunData], metric: str) -> list[RunData]:
     sign = 1.0 if lower_is_better(metric) else -1.0
 
     def key(rd: RunData) -> float:
-        v = rd.run.data.metrics.get(metric, math.nan)
+        v = rd.run.metrics.get(metric, math.nan)
         return sign * v if math.isfinite(v) else math.inf
     return sorted(runs, key=key)
 
@@ -239,22 +240,21 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
                     name: str = "paper", log: bool = True) -> Path:
     import jinja2
 
-    from cushing.release.registry import registry_status
 
     spec, root = _definition(name)
     runs = collect(experiment, parent_run_id)
-    rank_metric = next((r.run.data.params.get("select_metric") for r in runs if r.run.data.params.get("select_metric")),
+    rank_metric = next((r.run.params.get("select_metric") for r in runs if r.run.params.get("select_metric")),
                        "val/f1")
     ranked = rank_runs(runs, rank_metric)
     registry = registry_status()
     by_run = {a["run"]: a["alias"] for a in reversed(registry)}
     rows, per_sex, per_subgroup = [], [], []
     for rd in ranked:
-        m, t = rd.run.data.metrics, rd.run.data.tags
+        m, t = rd.run.metrics, rd.run.tags
         rv = m.get(rank_metric, math.nan)
         rows.append({"label": _label(rd.run), "freeze": t.get("freeze", ""), "kind": t.get("model_type", ""),
                      "rank_value": f"{rv:.6f}" if math.isfinite(rv) else "", "rank_text": f"{rv:.3f}"
-                     if math.isfinite(rv) else "n/a", "alias": by_run.get(rd.run.info.run_id, ""),
+                     if math.isfinite(rv) else "n/a", "alias": by_run.get(rd.run.run_id, ""),
                      "test": {k: _cell(m, f"test/{k}") for k in spec["leaderboard_metrics"]}})
         for group in ("female", "male"):
             pos = None
@@ -278,7 +278,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
         leaderboard_metrics=spec["leaderboard_metrics"], per_sex_metrics=spec["per_sex_metrics"],
         rank_metric=rank_metric, roc_top=spec["roc_top"], cohort=cohort, cohort_note=cohort_note,
         figures=figures, registry=registry, version=__version__,
-        synthetic=any(rd.run.data.tags.get("synthetic_data") == "true" for rd in runs),
+        synthetic=any(rd.run.tags.get("synthetic_data") == "true" for rd in runs),
         built=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         css=(root / spec["styles"]).read_text(), js=(root / spec["script"]).read_text())
     out = Path(out)

@@ -14,15 +14,19 @@ import numpy as np
 import pandas as pd
 
 from cushing import __version__
-from cushing import tracking
+from cushing import release, tracking
 from cushing.stats import plots
 from cushing.model.backbones import get_spec
-from cushing.config import TrainConfig, to_params
-from cushing.model.checkpoint import Checkpointer, remove_checkpoint
+from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
+from cushing.model.checkpoint import CHECKPOINT, checkpoint_dir, Checkpointer, load_checkpoint, remove_checkpoint
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.report import Report, build_report
 from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, TrainOutcome, prepare_cohort, train
+from cushing.tracking import artifact_dir
+from cushing.faces.pipeline import settings_for_manifest
+from cushing.model import explain
+from cushing.stats.calibration import logit
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds", "run_name", "HEADLINE",
            "resume_single", "ResumeError"]
@@ -42,13 +46,7 @@ class RunSummary:
     selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
 
 
-def run_name(cfg: TrainConfig) -> str:
-    return cfg.run_name or f"{cfg.model}{'-frozen' if cfg.frozen else ''}"
-
-
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
-    from cushing.workflows.studies import config_digest
-
     spec = get_spec(cfg.model)
     table = cohort.table
     tags = {"model": cfg.model, "freeze": str(cfg.frozen).lower(), "model_type": spec.kind, "timm_id": spec.timm_id,
@@ -75,7 +73,7 @@ def _chain(*callbacks: EpochCallback | None) -> EpochCallback:
 
 def _log_config(run: tracking.RunLogger, cfg: TrainConfig) -> None:
     """The resolved configuration as params (except those `mlflow run` already logged from -P) and config.yaml."""
-    existing = tracking.get_run(run.run_id).data.params
+    existing = tracking.get_run(run.run_id).params
     run.log_params({k: v for k, v in to_params(cfg).items() if k not in existing})
     run.log_dict(dataclasses.asdict(cfg), "config.yaml")
 
@@ -115,8 +113,6 @@ def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
 
 
 def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report) -> dict[str, float]:
-    from cushing.tracking import artifact_dir
-
     fit = outcome.fit
     metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                "train_seconds": fit.seconds, "temperature": outcome.temperature,
@@ -146,8 +142,6 @@ def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report)
 
 def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
     """The face-stage settings recorded in a face-crop manifest's sidecar, so serving applies the same."""
-    from cushing.faces.pipeline import settings_for_manifest
-
     return settings_for_manifest(cohort.manifest.source)
 
 
@@ -240,7 +234,7 @@ def resume_single(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
     saved = _saved_config(target, cfg)
     state = _checkpoint_of(target)
     cohort = prepare_cohort(saved, progress=progress)
-    digest = tracking.get_run(target).data.tags.get("data_digest")
+    digest = tracking.get_run(target).tags.get("data_digest")
     if digest and digest != cohort.manifest.digest:
         raise ResumeError(f"run {target} trained on data with digest {digest[:12]}; {saved.data} now has "
                           f"{cohort.manifest.digest[:12]}: resuming would mix cohorts")
@@ -255,35 +249,31 @@ def resume_single(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
 
 
 def _resume_target(cfg: TrainConfig, env_run: str | None) -> str:
-    from cushing.workflows.studies import config_digest
-
     if cfg.resume and cfg.resume != "true":
         return cfg.resume
     if env_run and _has_checkpoint(env_run):  # `mlflow run --run-id ID -P resume=true`
         return env_run
     digest = config_digest(cfg)
     for r in tracking.find_runs(cfg.experiment, filter_string=f"tags.config_digest = '{digest}'"):
-        if r.info.status != "FINISHED" and "checkpoint_epoch" in r.data.tags:
-            return r.info.run_id
+        if r.status != "FINISHED" and "checkpoint_epoch" in r.tags:
+            return r.run_id
     raise ResumeError(f"no stopped run of this configuration (config digest {digest}) with a checkpoint in "
                       f"experiment {cfg.experiment!r}; pass its run id (--resume RUN_ID)")
 
 
 def _has_checkpoint(run_id: str) -> bool:
-    return "checkpoint_epoch" in tracking.get_run(run_id).data.tags
+    return "checkpoint_epoch" in tracking.get_run(run_id).tags
 
 
 def _saved_config(run_id: str, cfg: TrainConfig) -> TrainConfig:
     """The configuration the run was started with (its config.yaml), with how it executes taken from `cfg`."""
     import yaml
 
-    from cushing.config import resolve
-    from cushing.workflows.studies import EXECUTION_FIELDS
 
     run = tracking.get_run(run_id)
-    if run.info.status == "FINISHED":
+    if run.status == "FINISHED":
         raise ResumeError(f"run {run_id} finished; there is nothing to resume")
-    if run.info.status == "RUNNING" and not tracking.reap([run]):
+    if run.status == "RUNNING" and not tracking.reap([run]):
         raise ResumeError(f"run {run_id} is still running (its process is alive and beating); stop it first")
     with tracking.artifact_dir() as d:
         saved = yaml.safe_load(tracking.download_artifact(run_id, "config.yaml", d).read_text())
@@ -292,8 +282,6 @@ def _saved_config(run_id: str, cfg: TrainConfig) -> TrainConfig:
 
 
 def _checkpoint_of(run_id: str) -> FitState:
-    from cushing.model.checkpoint import CHECKPOINT, checkpoint_dir, load_checkpoint
-
     local = checkpoint_dir(run_id) / CHECKPOINT
     if local.exists():
         return load_checkpoint(local)
@@ -301,14 +289,12 @@ def _checkpoint_of(run_id: str) -> FitState:
         with tracking.artifact_dir() as d:
             return load_checkpoint(tracking.download_artifact(run_id, f"checkpoint/{CHECKPOINT}", d))
     except Exception:
-        host = tracking.get_run(run_id).data.tags.get("checkpoint_host", "another host")
+        host = tracking.get_run(run_id).tags.get("checkpoint_host", "another host")
         raise ResumeError(f"run {run_id} has no checkpoint here: it stopped before its first checkpoint, or the "
                           f"checkpoint is on {host} (log_checkpoint=true puts it in the run's artifacts)") from None
 
 
 def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
-    from cushing import release
-
     logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
                                synthetic=cohort.manifest.synthetic)
     run.model_id = logged.model_id
@@ -317,8 +303,6 @@ def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -
 
 
 def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> dict[str, float]:
-    from cushing.model import explain
-    from cushing.tracking import artifact_dir
 
     with artifact_dir() as d:
         result = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=outcome.config.allow_phi_artifacts)
@@ -336,8 +320,6 @@ def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
 
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
-    from cushing.stats.calibration import logit
-
     out = pred.copy()
     out["probability"] = 1 / (1 + np.exp(-(logit(out["probability"].to_numpy()) - logit(np.array([threshold]))[0])))
     return out

@@ -20,6 +20,12 @@ from cushing.stats.paired import delong_test, holm, mcnemar_test
 from cushing.stats.report import Report, build_report
 from cushing.data.splits import assign_splits
 from cushing.model.train import resolve_data
+from cushing.config import parse_ratios
+from cushing.model.backbones import Preprocess
+from cushing.model.augment import DeviceAugment
+from cushing.data.bank import decode_images, ImageBank
+from cushing.model.devices import pick_device
+from cushing.model.engine import predict_proba
 
 __all__ = ["run_explain", "run_evaluate", "compare_runs", "CompareError", "ComparisonResult"]
 
@@ -29,8 +35,6 @@ def _rows_for(manifest: Manifest, split: str, run_params: dict | None, run_diges
     column, else every row (an external cohort)."""
     table = manifest.table
     if run_params is not None and run_digest and manifest.digest == run_digest:
-        from cushing.config import parse_ratios
-
         s = assign_splits(table, parse_ratios(run_params.get("split_ratios", "1:1:1")),
                           seed=int(run_params.get("split_seed", 0)))
         return np.flatnonzero((s == split).to_numpy())
@@ -43,17 +47,12 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
                 split: str = "test", allow_phi: bool = False, experiment: str = "cushing",
                 device: str = "auto") -> tuple[str, CamReport]:
     """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run)."""
-    from cushing.model.backbones import Preprocess
-    from cushing.model.augment import DeviceAugment
-    from cushing.data.bank import ImageBank, decode_images
-    from cushing.model.devices import pick_device
-    from cushing.model.engine import predict_proba
 
     params, digest = None, None
     if run_id:
         run = tracking.get_run(run_id)
-        params, digest = dict(run.data.params), run.data.tags.get("data_digest")
-        model_uri = model_uri or run.data.tags.get("model_uri")
+        params, digest = dict(run.params), run.tags.get("data_digest")
+        model_uri = model_uri or run.tags.get("model_uri")
         if not model_uri:
             raise ValueError(f"run {run_id} has no logged model (log_model=false?); pass --model")
     if not model_uri:
@@ -168,9 +167,9 @@ def _test_predictions(run_id: str) -> tuple[pd.DataFrame, float, str]:
     run = tracking.get_run(run_id)
     with tracking.artifact_dir() as d:
         pred = pd.read_csv(tracking.download_artifact(run_id, "predictions.csv", d))
-    thr = run.data.metrics.get("threshold", 0.5)
+    thr = run.metrics.get("threshold", 0.5)
     return pred[pred["split"] == "test"].sort_values("subject").reset_index(drop=True), float(thr), \
-        run.data.tags.get("mlflow.runName", run_id)
+        run.tags.get("mlflow.runName", run_id)
 
 
 def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: str = "cushing") -> ComparisonResult:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cushing.config import ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve
+from cushing.config import EXECUTION_FIELDS, ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve, \
+    run_name
 from cushing.stats.metrics import lower_is_better
 
-__all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution",
-           "EXECUTION_FIELDS"]
+__all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution"]
 
 STUDY_KEYS = {"name", "kind", "description", "experiment", "base", "configurations", "promote", "objective",
               "n_trials", "sampler", "pruner", "space"}
@@ -166,7 +166,7 @@ def load_study(path: str | Path) -> Study:
         cfg = _train_config(path, lines, ("configurations", i), {**base, **conf}, problems)
         if cfg is not None:
             configs.append(cfg)
-            labels.append(str(label or _default_label(cfg)))
+            labels.append(str(label or run_name(cfg)))
     if kind == "sweep" and not configs and not problems:
         problems.append(_err(path, lines, ("configurations",), "a sweep needs at least one configuration"))
     if len(set(labels)) != len(labels):
@@ -197,19 +197,8 @@ def load_study(path: str | Path) -> Study:
         direction=direction, n_trials=n_trials, sampler=sampler, pruner=pruner, space=space, base_config=base_cfg)
 
 
-def _default_label(cfg: TrainConfig) -> str:
-    from cushing.workflows.experiment import run_name
-
-    return run_name(cfg)
-
-
 def promotion_overrides(path: str | Path) -> dict[str, Any]:
     return dict(load_study(path).promote)
-
-
-# How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
-EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every", "log_checkpoint",
-                    "resume")
 
 
 def with_execution(study: Study, **fields: Any) -> Study:
@@ -219,15 +208,3 @@ def with_execution(study: Study, **fields: Any) -> Study:
         raise ConfigError(f"not execution fields: {sorted(bad)}; allowed: {', '.join(EXECUTION_FIELDS)}")
     configs = tuple(resolve(TrainConfig, fields, base=c, source="command line") for c in study.configurations)
     return dataclasses.replace(study, base={**study.base, **fields}, configurations=configs)
-
-
-def config_digest(cfg: TrainConfig) -> str:
-    """Identity of a configuration for resumable sweeps (ignores how it executes: EXECUTION_FIELDS)."""
-    import hashlib
-    import json
-
-    d = dataclasses.asdict(cfg)
-    for k in EXECUTION_FIELDS:
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-

@@ -34,9 +34,13 @@ import pandas as pd
 from cushing import tracking
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.claims import GridClaims
-from cushing.config import TrainConfig
+from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest
 from cushing.model.engine import StopTraining
-from cushing.workflows.studies import EXECUTION_FIELDS, Study, config_digest, load_study, with_execution
+from cushing.workflows.studies import Study, load_study, with_execution
+from cushing.model.backbones import interpolation_of
+from cushing.model.train import prepare_cohort
+from cushing.workflows.experiment import run_single
+from cushing.workflows.plan import estimate, makespan
 
 __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
            "plan_sweep", "auto_workers", "sweep_worker", "resolve_scope", "Scope", "default_experiment",
@@ -149,11 +153,9 @@ def _end_orphan(frozen_trial) -> None:
     run_id = frozen_trial.user_attrs.get("mlflow_run_id")
     if not run_id:
         return
-    c = tracking.client()
     try:
-        if c.get_run(run_id).info.status == "RUNNING":
-            c.set_tag(run_id, "worker_died", "heartbeat stale; the configuration was retried")
-            c.set_terminated(run_id, "FAILED")
+        if tracking.get_run(run_id).status == "RUNNING":
+            tracking.end_run_as(run_id, "FAILED", {"worker_died": "heartbeat stale; the configuration was retried"})
     except Exception:  # the run may be gone; nothing to mark
         pass
 
@@ -167,8 +169,6 @@ class _CohortMemo:
         self.memo: dict[tuple, Any] = {}
 
     def get(self, cfg: TrainConfig):
-        from cushing.model.backbones import interpolation_of
-        from cushing.model.train import prepare_cohort
 
         key = (cfg.data, cfg.img_size, cfg.split_ratios, cfg.split_seed, interpolation_of(cfg.model))
         if key not in self.memo:
@@ -331,7 +331,6 @@ def _previous_trial(grid: _Grid, label: str, attempt: int) -> int | None:
 def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, progress: bool) -> float:
     from optuna.trial import TrialState
 
-    from cushing.workflows.experiment import run_single
 
     study = grid.study
     i = study.labels.index(label)
@@ -570,8 +569,6 @@ def _best_of(t2: pd.DataFrame) -> dict[str, float]:
 def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
                ) -> tuple[pd.DataFrame, dict[int, float]]:
     """Per-configuration estimates (H200 seconds; `schedule`) and the estimated wall time per worker count."""
-    from cushing.workflows.plan import estimate, makespan
-
     study = load_for(path, "sweep", compile)
     est = [estimate(c) for c in study.configurations]
     table = pd.DataFrame({"configuration": study.labels, "compile_s": [e.compile_s for e in est],
@@ -587,7 +584,7 @@ TABLE2 = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
 def _children(parent: str, experiment: str) -> list:
     runs = tracking.find_runs(experiment, parent_run_id=parent)
-    return [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("sweep_config")]
+    return [r for r in runs if r.status == "FINISHED" and r.tags.get("sweep_config")]
 
 
 def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -595,10 +592,10 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
     rows2, rows3 = [], []
     metric = study.objective_metric
     latest: dict[str, Any] = {}
-    for r in sorted(_children(parent, study.experiment), key=lambda r: r.info.start_time):
-        latest[r.data.tags["sweep_config"]] = r  # a retried configuration counts once: its last finished run
+    for r in sorted(_children(parent, study.experiment), key=lambda r: r.start_time):
+        latest[r.tags["sweep_config"]] = r  # a retried configuration counts once: its last finished run
     for label, r in latest.items():
-        m, t = r.data.metrics, r.data.tags
+        m, t = r.metrics, r.tags
         row = {"configuration": label, "model": t.get("model"), "type": t.get("model_type"),
                "freeze": t.get("freeze"), f"rank_by ({metric})": m.get(metric, math.nan)}
         for k in TABLE2:
@@ -606,7 +603,7 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
             row[f"test/{k}/ci_low"] = m.get(f"test/{k}/ci_low", math.nan)
             row[f"test/{k}/ci_high"] = m.get(f"test/{k}/ci_high", math.nan)
         row["test_argmax/f1"] = m.get("test_argmax/f1", math.nan)
-        row["run_id"] = r.info.run_id
+        row["run_id"] = r.run_id
         rows2.append(row)
         for group in ("female", "male"):
             g = {"configuration": label, "model": t.get("model"), "group": group,
@@ -705,7 +702,6 @@ def _suggest(trial, study: Study) -> dict[str, Any]:
 
 def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool):
     optuna = _optuna()
-    from cushing.workflows.experiment import run_single
 
     per_epoch = study.objective_metric
 
@@ -725,7 +721,7 @@ def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool
                              extra_tags={"tune": study.name, "optuna_trial": str(trial.number)},
                              on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
         if summary.stopped.startswith("pruned"):
-            tracking.client().set_tag(summary.run_id, "pruned", summary.stopped)
+            tracking.set_tags(summary.run_id, {"pruned": summary.stopped})
             raise optuna.TrialPruned(summary.stopped)
         return _objective_value(summary.metrics, study)
     return objective

@@ -83,8 +83,8 @@ def test_sigkill_leaves_a_run_the_next_command_marks_failed(store):
 
     with env_vars({"MLFLOW_TRACKING_URI": store["uri"]}):
         (met,) = find_runs("stops")  # what promote, dashboard, compare and sweeps call
-    assert met.info.run_id == run.info.run_id and met.info.status == "FAILED"
-    assert "is gone" in met.data.tags["cushing.died"]
+    assert met.run_id == run.info.run_id and met.status == "FAILED"
+    assert "is gone" in met.tags["cushing.died"]
 
 
 def test_a_kill_during_a_checkpoint_write_resumes_to_the_same_result(store):
