@@ -3,12 +3,13 @@ prompted inference (the image encoder runs once per batch on the device, bf16 on
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cushing.devices import autocast_for, pick_device
 
 __all__ = ["SamMasker", "infer_model_type", "load_sam", "SamPrompt"]
 
@@ -75,8 +76,7 @@ class SamMasker:
 
     def __init__(self, checkpoint: str | Path, model_type: str | None = None, device: str = "auto",
                  batch: int = 8):
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = pick_device(device)
         self.device = dev
         self.sam, self.model_type = load_sam(checkpoint, model_type, dev)
         from segment_anything.utils.transforms import ResizeLongestSide
@@ -93,8 +93,7 @@ class SamMasker:
             t = torch.as_tensor(x, device=self.device).permute(2, 0, 1).float()
             xs.append(self.sam.preprocess(t[None])[0])
         x = torch.stack(xs)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with ctx:
+        with autocast_for(self.device):
             emb = self.sam.image_encoder(x)
         return emb.float(), sizes
 

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -23,12 +22,13 @@ import torch.nn.functional as F
 
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank
+from cushing.devices import autocast_for
 from cushing.stats.metrics import lower_is_better, point_metrics
 from cushing.config import cache_home
 from cushing.model.backbones import head_of
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
-           "features_of", "autocast_for", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback"]
+           "features_of", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback"]
 
 
 class StopTraining(Exception):
@@ -97,10 +97,6 @@ class FitResult:
     seconds: float
     stopped: str = ""  # why training ended early, if it did
     epoch_seconds: list[float] = field(default_factory=list)
-
-
-def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def oversampled(labels: np.ndarray, factor: int) -> np.ndarray:

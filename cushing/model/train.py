@@ -20,7 +20,7 @@ from cushing.model.backbones import BackboneSpec, Preprocess, build_model, get_s
 from cushing.config import TrainConfig, cache_home
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank, decode_images
-from cushing.model.devices import training_device
+from cushing.devices import training_device
 from cushing.model.engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
 from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.data.splits import assign_splits, split_table

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["CardInputs", "render_card", "HEADLINE"]
+from cushing.stats.metrics import METRICS
 
-HEADLINE = ("f1", "auc", "recall", "specificity", "precision", "accuracy")
+__all__ = ["CardInputs", "render_card"]
 INTENDED_USE = ("A screening aid for research, not a diagnostic device: it flags frontal facial photos whose "
                 "appearance resembles Cushing's syndrome (moon facies, plethora) so that a clinician-researcher can "
                 "study or prioritise them. It does not diagnose, exclude or stage Cushing's syndrome; biochemical "
@@ -58,7 +58,7 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
 
 
 def _performance(m: dict[str, float]) -> str:
-    rows = [[metric] + [_with_ci(m, f"{split}/{metric}") for split in ("val", "test")] for metric in HEADLINE]
+    rows = [[metric] + [_with_ci(m, f"{split}/{metric}") for split in ("val", "test")] for metric in METRICS]
     return _table(rows, ["metric", "validation", "test"])
 
 

@@ -13,6 +13,7 @@ import binascii
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 from cushing.model.backbones import build_model, Preprocess
 from cushing.model.augment import DeviceAugment
+from cushing.devices import serving_device
 from cushing.faces.pipeline import FaceExtractor, FaceSettings
 from cushing.data.bank import letterbox
 from cushing.data.imageio import BadImage, open_rgb
@@ -93,11 +95,7 @@ def _decode_payload(value: Any, row: int) -> bytes:
 
 class CushingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import os
-
-        import torch
         from safetensors.torch import load_file
-
 
         self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
         c = self.cfg
@@ -107,8 +105,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
                 "photos mean nothing; use it only to try the service", str(c.get("data_digest", ""))[:12])
         model = build_model(c["model"], pretrained=False, img_size=int(c["img_size"]), freeze=False)
         model.load_state_dict(load_file(context.artifacts["weights"]))
-        want = os.environ.get("CUSHING_SERVE_DEVICE", "cpu")
-        self.device = torch.device(want if (want != "cuda" or torch.cuda.is_available()) else "cpu")
+        self.device = serving_device()
         self.model = model.eval().to(self.device)
         # the training engine's own normalisation (uint8 -> float, mean/std), not a re-implementation of it
         self.normalize = DeviceAugment(Preprocess.from_model_config(c), self.device, strength=0.0).normalize

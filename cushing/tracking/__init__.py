@@ -39,7 +39,7 @@ __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir"
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
            "TrackingUnavailable", "last_step", "log_artifacts_to", "RunRecord", "set_tags", "end_run_as",
-           "list_artifacts"]
+           "list_artifacts", "log_into"]
 
 EPOCH_PREFIX = "epoch/"  # per-epoch series: epoch/val/f1 at step = epoch; final results keep the bare names
 
@@ -591,6 +591,20 @@ def _record(run) -> RunRecord:
     return RunRecord(info.run_id, data.tags.get("mlflow.runName", info.run_name or ""), info.status,
                      info.experiment_id, info.start_time, info.end_time, dict(data.params), dict(data.metrics),
                      dict(data.tags))
+
+
+@contextmanager
+def log_into(parent_run_id: str | None, *, experiment: str, run_name: str,
+             tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
+    """Where a step that works on other runs (a dashboard, a comparison) logs: the run `mlflow run` created, nested
+    under `parent_run_id`; else `parent_run_id` itself; else a new run named `run_name`."""
+    if parent_run_id and not env_run_id():
+        with resume_run(parent_run_id) as r:
+            yield r
+        return
+    with start_run(experiment=experiment, run_name=run_name, tags=tags) as r:
+        r.nest_under(parent_run_id)
+        yield r
 
 
 def get_run(run_id: str) -> RunRecord:

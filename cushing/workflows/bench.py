@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from cushing.model.backbones import build_model, get_spec, preprocess_of
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank
-from cushing.model.devices import device_name, pick_device, training_device
-from cushing.model.engine import FitSettings, _batches, autocast_for, fit, oversampled
+from cushing.devices import autocast_for, device_name, pick_device, training_device
+from cushing.model.engine import FitSettings, _batches, fit, oversampled
 from cushing import tracking
 from cushing.config import TrainConfig
 from cushing.workflows.experiment import run_single

@@ -291,12 +291,8 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
 def _log(path: Path, experiment: str, parent_run_id: str | None) -> None:
     """Into the run `mlflow run -e dashboard` created (nested under the sweep shown); else into the sweep's
     parent run; else a new run named dashboard."""
-    if parent_run_id and not tracking.env_run_id():
-        with tracking.resume_run(parent_run_id) as r:
-            r.log_files(_single(path))
-        return
-    with tracking.start_run(experiment=experiment, run_name="dashboard", tags={"task": "dashboard"}) as r:
-        r.nest_under(parent_run_id)
+    with tracking.log_into(parent_run_id, experiment=experiment, run_name="dashboard",
+                           tags={"task": "dashboard"}) as r:
         r.log_files(_single(path))
 
 

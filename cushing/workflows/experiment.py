@@ -20,6 +20,7 @@ from cushing.model.backbones import get_spec
 from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
 from cushing.model.checkpoint import CHECKPOINT, checkpoint_dir, Checkpointer, load_checkpoint, remove_checkpoint
 from cushing.model.engine import EpochCallback, FitState
+from cushing.stats.metrics import METRICS
 from cushing.stats.report import Report, build_report
 from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, TrainOutcome, prepare_cohort, train
@@ -28,10 +29,9 @@ from cushing.faces.pipeline import settings_for_manifest
 from cushing.model import explain
 from cushing.stats.calibration import logit
 
-__all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds", "run_name", "HEADLINE",
+__all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
            "resume_single", "ResumeError"]
 
-HEADLINE = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
 
 @dataclass
@@ -364,7 +364,7 @@ def _spread(children: list[RunSummary]) -> dict[str, float]:
     """Mean and standard deviation over child runs of the headline validation and test metrics."""
     out = {}
     for split in ("val", "test"):
-        for m in HEADLINE:
+        for m in METRICS:
             vals = np.array([c.metrics.get(f"{split}/{m}", math.nan) for c in children], float)
             vals = vals[np.isfinite(vals)]
             if len(vals):

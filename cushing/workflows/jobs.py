@@ -24,7 +24,7 @@ from cushing.config import parse_ratios
 from cushing.model.backbones import Preprocess
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import decode_images, ImageBank
-from cushing.model.devices import pick_device
+from cushing.devices import pick_device
 from cushing.model.engine import predict_proba
 
 __all__ = ["run_explain", "run_evaluate", "compare_runs", "CompareError", "ComparisonResult"]
@@ -208,11 +208,7 @@ def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: s
 
 
 def _log_comparison(table: pd.DataFrame, run_ids: list[str], parent: str, experiment: str) -> str:
-    if parent:
-        with tracking.resume_run(parent) as r:
-            r.log_table(table, "comparison.csv")
-            return parent
-    with tracking.start_run(experiment=experiment, run_name="compare", tags={"task": "compare",
-                            "compared_runs": ",".join(run_ids)}) as r:
+    with tracking.log_into(parent or None, experiment=experiment, run_name="compare",
+                           tags={"task": "compare", "compared_runs": ",".join(run_ids)}) as r:
         r.log_table(table, "comparison.csv")
         return r.run_id

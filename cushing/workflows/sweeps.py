@@ -34,6 +34,7 @@ import pandas as pd
 from cushing import tracking
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.claims import GridClaims
+from cushing.stats.metrics import METRICS
 from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest
 from cushing.model.engine import StopTraining
 from cushing.workflows.studies import Study, load_study, with_execution
@@ -579,7 +580,6 @@ def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
 
 # ------------------------------------------------------------------------------------------------ tables
 
-TABLE2 = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
 
 def _children(parent: str, experiment: str) -> list:
@@ -598,7 +598,7 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
         m, t = r.metrics, r.tags
         row = {"configuration": label, "model": t.get("model"), "type": t.get("model_type"),
                "freeze": t.get("freeze"), f"rank_by ({metric})": m.get(metric, math.nan)}
-        for k in TABLE2:
+        for k in METRICS:
             row[f"test/{k}"] = m.get(f"test/{k}", math.nan)
             row[f"test/{k}/ci_low"] = m.get(f"test/{k}/ci_low", math.nan)
             row[f"test/{k}/ci_high"] = m.get(f"test/{k}/ci_high", math.nan)
@@ -608,7 +608,7 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
         for group in ("female", "male"):
             g = {"configuration": label, "model": t.get("model"), "group": group,
                  f"rank_by ({metric})": m.get(metric, math.nan)}
-            for k in TABLE2:
+            for k in METRICS:
                 v = m.get(f"test/{k}/{group}", math.nan)
                 g[f"test/{k}"] = v if math.isfinite(v) else "not estimable"
             rows3.append(g)
