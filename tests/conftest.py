@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,3 +189,66 @@ def demo_sweep(tmp_path_factory, cushing_home):
     return {"uri": uri, "dir": d, "stdout": sweep.stdout, "storage": f"sqlite:///{d / 'optuna.db'}", "env": env,
             "runs": {"sweep": sweep_id, "promote": promote_id, "promote_again": again_id, "dashboard": dash_id},
             "promote_stdout": promote.stdout + again.stdout}
+
+
+def _chunk(t: bytes, d: bytes) -> bytes:
+    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+
+def bomb_png(w: int, h: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def bad_set(celeba_dir, tmp_path_factory):
+    """Every kind of bad input the stage must survive, built at test time from real photos (never committed)."""
+    d = tmp_path_factory.mktemp("bad")
+    faces = sorted((celeba_dir / "images").glob("*.jpg"))
+    src = Image.open(faces[0]).convert("RGB")
+    big = src.resize((356, 436), Image.BICUBIC)  # a comfortable size for the format variants
+    raw = faces[0].read_bytes()
+    expect = {}
+
+    def put(name, data, reason):
+        (d / name).write_bytes(data) if isinstance(data, bytes) else data.save(d / name)
+        expect[name] = reason
+    put("plain.jpg", raw, "ok")
+    put("cmyk.jpg", big.convert("CMYK"), "ok")
+    rgba = big.convert("RGBA")
+    a = np.asarray(rgba).copy()
+    a[:40, :, 3] = 0  # a transparent band: composited on white, not black
+    put("rgba.png", Image.fromarray(a), "ok")
+    put("palette.png", big.convert("P", palette=Image.ADAPTIVE, colors=256), "ok")
+    put("gray.jpg", big.convert("L"), "ok")
+    g16 = (np.asarray(big.convert("L")).astype(np.uint16) * 257)
+    im16 = Image.fromarray(g16)
+    assert im16.mode.startswith("I;16")
+    put("gray16.png", im16, "ok")
+    rotated = big.rotate(90, expand=True)  # stored sideways, EXIF says how to turn it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(d / "exif_rotated.jpg", exif=exif)
+    expect["exif_rotated.jpg"] = "ok"
+    put("empty.jpg", b"", "empty_file")
+    put("text.jpg", b"notes from clinic, not a photo\n" * 20, "not_an_image")
+    put("truncated.jpg", raw[: len(raw) // 2], "truncated")
+    png = io.BytesIO()
+    big.save(png, "PNG")
+    broken = bytearray(png.getvalue())
+    i = broken.index(b"IDAT")
+    for k in range(i + 8, i + 300):
+        broken[k] ^= 0x5A
+    put("corrupt.png", bytes(broken), "corrupt")
+    put("bomb.png", bomb_png(60000, 60000), "decompression_bomb")
+    put("bomb_small_header.png", bomb_png(9000, 9000), "decompression_bomb")
+    put("noface.png", Image.fromarray(np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (300, 1))).convert("RGB"),
+        "no_face")
+    two = Image.new("RGB", (2 * 356, 436), "white")
+    two.paste(big, (0, 0))
+    two.paste(Image.open(faces[3]).convert("RGB").resize((356, 436)), (356, 0))
+    put("two_faces.jpg", two, "multiple_faces")
+    expect["missing.jpg"] = "file_not_found"
+    rows = [{"image": n, "label": i % 2, "sex": "F", "subject_id": f"s{i}"} for i, n in enumerate(expect)]
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    return d, expect

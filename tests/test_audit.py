@@ -16,7 +16,6 @@ from cushing.data.audit import (AuditSettings, audit_manifest, descriptor_pairs,
 from cushing.data.imageio import open_rgb
 from cushing.data.manifest import load_manifest
 
-pytestmark = [pytest.mark.dlib]
 
 SPLITS = ("train", "val", "test")
 
@@ -172,6 +171,7 @@ def twin_ids(celeba_manifest, tmp_path_factory):
     return res, m, ids, d, time.perf_counter() - t0
 
 
+@pytest.mark.dlib
 def test_same_person_under_two_ids_found_and_merged(twin_ids):
     res, m, ids, _, _ = twin_ids
     same = res.pairs[res.pairs["kind"] == "same_person"]
@@ -191,6 +191,7 @@ def test_same_person_under_two_ids_found_and_merged(twin_ids):
     assert detected >= 0.9, f"face detection rate {detected:.2f} on 89x109 photos"
 
 
+@pytest.mark.dlib
 def test_second_run_hits_the_cache_and_gives_identical_results(twin_ids):
     res, m, _, d, cold = twin_ids
     assert res.computed == len(m.table) and res.cached == 0
@@ -206,6 +207,7 @@ def test_second_run_hits_the_cache_and_gives_identical_results(twin_ids):
     assert not list((d / "cache").rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
+@pytest.mark.dlib
 def test_output_names_no_path_and_no_raw_id(twin_ids, dup_audit):
     for res, m in ((twin_ids[0], twin_ids[1]), (dup_audit[0], dup_audit[1])):
         assert len(res.pairs) > 0

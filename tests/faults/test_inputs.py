@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.test_faces import _bomb
+from tests.conftest import bomb_png
 
 pytestmark = pytest.mark.faults
 
@@ -25,7 +25,7 @@ def test_truncated_and_oversized_images_are_refused_at_validation_with_their_lin
     rows = celeba_manifest.head(4).copy()
     raw = open(rows["image"].iloc[0], "rb").read()
     (tmp_path / "truncated.jpg").write_bytes(raw[: len(raw) * 2 // 3])  # opens fine; the data ends early
-    (tmp_path / "huge.png").write_bytes(_bomb(10_000, 10_000))  # 100 megapixels: over 64, under Pillow's 179
+    (tmp_path / "huge.png").write_bytes(bomb_png(10_000, 10_000))  # 100 megapixels: over 64, under Pillow's 179
     rows.loc[rows.index[2], "image"] = str(tmp_path / "truncated.jpg")
     rows.loc[rows.index[3], "image"] = str(tmp_path / "huge.png")
     rows["subject_id"] = [f"s{i}" for i in range(4)]
