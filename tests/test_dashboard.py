@@ -8,7 +8,6 @@ import pytest
 
 from tests.conftest import ROOT, env_vars
 
-pytestmark = [pytest.mark.slow, pytest.mark.chromium]
 
 ARTIFACTS = Path(os.environ.get("CUSHING_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,6 +31,7 @@ def page_file(demo_sweep, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_page_is_self_contained_and_marked_synthetic(page_file):
     html = page_file.read_text()
     assert "://" not in html, "no URL of any scheme: nothing to fetch at view time"
@@ -40,6 +40,8 @@ def test_page_is_self_contained_and_marked_synthetic(page_file):
     assert ".jpg" not in html and "demo_0" not in html, "no file names or subject ids"
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_renders_in_headless_chromium(page_file):
     from playwright.sync_api import sync_playwright
 
@@ -81,6 +83,7 @@ def test_empty_experiment_gives_a_clear_message(tmp_path, capsys):
     assert not (tmp_path / "d.html").exists()
 
 
+@pytest.mark.slow
 def test_refuses_runs_with_per_image_artifacts(tmp_path, demo_manifest):
     """A run holding per-image overlays but not marked allow_phi_artifacts cannot feed a dashboard."""
     import mlflow
@@ -98,3 +101,21 @@ def test_refuses_runs_with_per_image_artifacts(tmp_path, demo_manifest):
             collect("phi")
         mlflow.MlflowClient().set_tag(run.info.run_id, "allow_phi_artifacts", "true")
         assert len(collect("phi")) == 1
+
+
+def _run(run_id: str, **metrics: float):
+    from cushing.tracking import RunRecord
+    from cushing.workflows.dashboard import RunData
+
+    record = RunRecord(run_id, run_id, "FINISHED", "0", 0, 1, {}, metrics, {})
+    return RunData(record, None, {}, None)
+
+
+@pytest.mark.parametrize("metric,order", [("val/f1", ["b", "c", "a", "nan"]), ("val/brier", ["a", "c", "b", "nan"]),
+                                          ("val/loss", ["a", "c", "b", "nan"])])
+def test_leaderboard_ranks_in_the_metric_direction(metric, order):
+    from cushing.workflows.dashboard import rank_runs
+
+    runs = [_run("a", **{metric: 0.10}), _run("b", **{metric: 0.30}), _run("nan", **{metric: float("nan")}),
+            _run("c", **{metric: 0.20})]
+    assert [rd.run.run_id for rd in rank_runs(runs, metric)] == order, "lower is better for losses and Brier"
