@@ -1,6 +1,6 @@
 """The deploy files and the stack's own rules, without starting anything: the compose file's properties, `docker
 compose config` where Docker exists, default admin passwords refused. (The running stack is tested in
-test_server.py and tests/faults/test_stack.py.)"""
+test_server.py and tests/faults/test_local_stack.py.)"""
 from __future__ import annotations
 
 import subprocess
