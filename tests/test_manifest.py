@@ -86,3 +86,19 @@ def _env(work):
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def test_hashed_subject_ids_are_not_keyed_by_anything_logged(tmp_path, photos):
+    """The manifest digest is logged (run tag, model metadata, card); the subject hashes must not be keyed by it,
+    or anyone reading MLflow could hash a list of candidate ids and match them."""
+    from cushing.data.manifest import hash_subject
+
+    path = _write(tmp_path, [[f"photos/{p.name}", i % 2, "F", f"P{i:03d}"] for i, p in enumerate(photos)])
+    m = load_manifest(path)
+    hashes = set(m.subject_hashes())
+    dictionary = [f"P{i:03d}" for i in range(1000)]
+    for logged in (m.digest, m.digest[:12], ""):
+        assert not hashes & {hash_subject(s, logged) for s in dictionary}
+    assert set(load_manifest(path).subject_hashes()) == hashes  # stable: runs of one cohort join on them
+    photos[0].write_bytes(photos[0].read_bytes() + b"\0")  # other bytes, other key
+    assert not set(load_manifest(path).subject_hashes()) & hashes

@@ -74,3 +74,22 @@ def test_folds_group_subjects_balance_strata_and_reproduce(celeba_table):
     per_fold = pos_subjects[pos_subjects["label"] == 1]["f"].value_counts()
     assert per_fold.max() - per_fold.min() <= 1
     assert sorted(np.unique(f1)) == [0, 1, 2, 3, 4]
+
+
+def test_folds_keep_audit_merged_subjects_together_and_honour_strata(celeba_table):
+    """Two ids the cohort audit found to be one person are one unit for cross-validation, as for the split."""
+    subjects = sorted(celeba_table["subject_id"].unique())
+    free = assign_folds(celeba_table, 5, seed=3)
+    fold_of = pd.Series(free.to_numpy(), index=celeba_table["subject_id"]).groupby(level=0).first()
+    a = subjects[0]
+    b = next(s for s in subjects if fold_of[s] != fold_of[a])  # a pair the plain folds put apart
+    groups = celeba_table["subject_id"].replace({b: a})
+    merged = assign_folds(celeba_table, 5, seed=3, groups=groups)
+    assert merged[celeba_table["subject_id"].isin([a, b])].nunique() == 1
+    site = celeba_table.assign(site=np.where(celeba_table["subject_id"].isin(subjects[::2]), "A", "B"))
+    folds = assign_folds(site, 5, seed=3, strata=("label", "site"))
+    per = site.assign(f=folds).groupby("subject_id").agg(site=("site", "first"), f=("f", "first"))
+    counts = per[per["site"] == "A"]["f"].value_counts()
+    assert counts.max() - counts.min() <= 1  # site balanced across folds
+    with pytest.raises(SplitError, match="needs at least 5 subjects"):
+        assign_folds(celeba_table[celeba_table["subject_id"].isin(subjects[:3])], 5)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cushing.data.imageio import BadImage, open_rgb
-from cushing.data.manifest import Manifest, hash_subject, sha256_file
+from cushing.data.manifest import Manifest, hash_subject, sha256_file, subject_key
 from cushing.data.weights import file_hash, models_dir
 from cushing.config import cache_home
 from cushing.stats.intervals import wilson
@@ -545,12 +545,6 @@ class CohortAudit:
         return out
 
 
-def _cohort_key(shas: Sequence[str | None]) -> str:
-    """Without a manifest digest, key the subject hashes with the cohort's photo content (not reversible by a
-    dictionary of ids without the photos)."""
-    return hashlib.sha256("\n".join(sorted(s or "" for s in shas)).encode()).hexdigest()
-
-
 def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series | None) -> pd.DataFrame:
     cols = ["kind", "distance", "line_a", "line_b", "subject_a", "subject_b"]
     df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["kind", "i", "j", "distance"])
@@ -587,15 +581,14 @@ def audit_manifest(manifest: Manifest | pd.DataFrame, *, settings: AuditSettings
                    workers: int = 0, progress: bool = True) -> CohortAudit:
     """Audit a cohort: a `Manifest`, or a table in manifest row order with `path` (or absolute `image`) and
     `subject_id`. `split` (one per row) defaults to the table's split column; subject hashes are keyed with `key`,
-    else the manifest digest, else the photos' content."""
+    else the cohort's `subject_key` (the photos' content), as training keys them."""
     table = (manifest.table if isinstance(manifest, Manifest) else manifest).reset_index(drop=True)
-    key = key or (manifest.digest if isinstance(manifest, Manifest) else None)
     paths = table["path"] if "path" in table else table["image"]
     has_sha = "sha256" in table and table["sha256"].notna().all()
     shas = list(table["sha256"]) if has_sha else _photo_shas(list(paths))
     sig = photo_signatures(list(paths), settings, shas=shas, cache_dir=cache_dir, workers=workers,
                            progress=progress)
-    key = key or _cohort_key(shas)
+    key = key or subject_key(shas)
     raw = table["subject_id"].astype(str)
     subjects = raw.map(lambda x: hash_subject(x, key))
     if split is None and "split" in table and (table["split"].astype(str).str.strip() != "").all():

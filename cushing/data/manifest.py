@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 from cushing.data.imageio import BadImage, open_rgb
 
-__all__ = ["Manifest", "ManifestError", "load_manifest", "REQUIRED", "SPLITS", "hash_subject", "sha256_file"]
+__all__ = ["Manifest", "ManifestError", "load_manifest", "REQUIRED", "SPLITS", "hash_subject", "subject_key",
+           "sha256_file"]
 
 REQUIRED = ("image", "label", "sex")
 SPLITS = ("train", "val", "test")
@@ -45,8 +46,14 @@ class Manifest:
     def has_split(self) -> bool:
         return "split" in self.table.columns and self.table["split"].notna().all()
 
+    @property
+    def subject_key(self) -> str:
+        """The key of this cohort's hashed subject ids (from the photos' bytes; never logged)."""
+        return subject_key(self.table["sha256"])
+
     def subject_hashes(self) -> pd.Series:
-        return self.table["subject_id"].map(lambda s: hash_subject(s, self.digest))
+        key = self.subject_key
+        return self.table["subject_id"].map(lambda s: hash_subject(s, key))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -57,8 +64,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def subject_key(image_sha256s) -> str:
+    """The HMAC key for `hash_subject`, derived from the sha256 of every photo of the cohort. It is stable for a
+    cohort (so hashed ids join across runs) and never logged: the manifest digest, which is logged, is not it,
+    so a reader of MLflow with a list of candidate ids (MRNs, "P001", ...) but not the photos cannot match them."""
+    shas = sorted(str(s) for s in image_sha256s if isinstance(s, str) and s)
+    if not shas:
+        raise ValueError("hashing subject ids needs the photos' sha256 (load the manifest with check_images=True)")
+    return hashlib.sha256(("cushing-subject-key\n" + "\n".join(shas)).encode()).hexdigest()
+
+
 def hash_subject(subject_id: str, key: str) -> str:
-    """Keyed hash of a subject id: stable within a cohort, not reversible by dictionary without the images."""
+    """Keyed hash of a subject id (key: `subject_key` of the cohort): stable within a cohort, not reversible by a
+    dictionary of ids without the photos."""
     return hmac.new(key.encode(), str(subject_id).encode(), hashlib.sha256).hexdigest()[:16]
 
 

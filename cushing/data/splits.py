@@ -61,21 +61,26 @@ def assign_splits(table: pd.DataFrame, ratios: tuple[float, float, float] = (1, 
     return out.rename("split")
 
 
-def assign_folds(table: pd.DataFrame, k: int, seed: int = 0) -> pd.Series:
-    """Stratified group k-fold: fold index per image; subjects whole, strata label x sex balanced across folds."""
+def assign_folds(table: pd.DataFrame, k: int, seed: int = 0, *, strata: tuple[str, ...] = ("label", "sex"),
+                 groups: pd.Series | None = None) -> pd.Series:
+    """Stratified group k-fold: fold index per image; subjects (or whole `groups`, e.g. ids the cohort audit
+    merged as one person) stay whole, `strata` balanced across folds."""
     if k < 2:
         raise SplitError(f"cv_folds must be >= 2, got {k}")
-    subj = _units(table)
+    units = _units(table, strata, groups)
+    if len(units) < k:
+        raise SplitError(f"cv_folds={k} needs at least {k} subjects (or merged subject groups), got {len(units)}")
     rng = np.random.default_rng(seed)
     fold_of: dict[str, int] = {}
     offset = 0
-    for stratum in sorted(subj["stratum"].unique()):
-        ids = subj.index[subj["stratum"] == stratum].to_numpy()
+    for stratum in sorted(units["stratum"].unique()):
+        ids = units.index[units["stratum"] == stratum].to_numpy()
         ids = ids[rng.permutation(len(ids))]
         for j, s in enumerate(ids):
             fold_of[s] = (j + offset) % k
         offset += len(ids)  # rotate so small strata do not all start at fold 0
-    return table["subject_id"].map(fold_of).astype(int).rename("fold")
+    key = groups if groups is not None else table["subject_id"]
+    return key.map(fold_of).astype(int).rename("fold")
 
 
 def check_no_leak(table: pd.DataFrame, split: pd.Series) -> None:

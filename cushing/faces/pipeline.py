@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import secrets
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ import pandas as pd
 from cushing.data.weights import file_hash, landmark_model_path, models_dir
 from cushing.data.imageio import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from cushing.data.imageio import REASONS as IMAGE_REASONS
-from cushing.data.manifest import load_manifest, REQUIRED, sha256_file
+from cushing.data.manifest import load_manifest, REQUIRED, sha256_file, subject_key
 from cushing.faces.sam import SamMasker, SamPrompt
 from cushing.config import cache_home
 
@@ -246,15 +247,32 @@ class FaceExtractor:
         self._sam = None
         self._sam_lock = threading.Lock()
 
-    @contextmanager
-    def _models(self) -> Iterator[_Dlib]:
-        try:
-            models = self._free.get_nowait()
-        except queue.Empty:
+    def _borrow(self) -> _Dlib:
+        """A free model set, else a new one while under the limit, else wait for one. A set that fails to build
+        frees its slot (the error goes to this caller), so waiting callers retry instead of waiting forever."""
+        while True:
+            try:
+                return self._free.get_nowait()
+            except queue.Empty:
+                pass
             with self._lock:
                 make = self._made < self._limit
                 self._made += make
-            models = _Dlib(self.s) if make else self._free.get()
+            if make:
+                try:
+                    return _Dlib(self.s)
+                except BaseException:
+                    with self._lock:
+                        self._made -= 1
+                    raise
+            try:
+                return self._free.get(timeout=1.0)
+            except queue.Empty:
+                continue
+
+    @contextmanager
+    def _models(self) -> Iterator[_Dlib]:
+        models = self._borrow()
         try:
             yield models
         finally:
@@ -330,6 +348,7 @@ class FacesOutcome:
     cached: int
     processed: int
     seconds: float
+    subject_key: str = ""  # key of the hashed subject ids in what is logged (from the photos' bytes, never logged)
 
     @property
     def extracted(self) -> int:
@@ -424,7 +443,8 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
     report.to_csv(out / "faces_report.csv", index=False)
     (out / SETTINGS_FILE).write_text(json.dumps({**settings.to_dict(), "mask_method": settings.mask_method,
                                                  "weights": fp}, indent=1))
-    return FacesOutcome(fm, report, settings, cached, len(todo), time.perf_counter() - t0)
+    key = subject_key(shas) if any(shas) else secrets.token_hex(32)  # no readable photo: a key nobody can rebuild
+    return FacesOutcome(fm, report, settings, cached, len(todo), time.perf_counter() - t0, key)
 
 
 def _default_cache() -> Path:

@@ -133,14 +133,14 @@ def run_faces(*, manifest: str, out: str, settings: FaceSettings, cache_dir: str
 def _log_hashed_report(run, outcome: FacesOutcome) -> None:
     """The report without file names: hashed subject, sex, label, status, reason."""
     rep = outcome.report
-    key = str(outcome.settings.to_dict())
+    key = outcome.subject_key
     safe = pd.DataFrame({"subject": [hash_subject(s, key) for s in rep["subject_id"]], "sex": rep["sex"],
                          "label": rep["label"], "status": rep["status"], "reason": rep["reason"]})
     run.log_table(safe, "faces_report_hashed.csv")
 
 
 def _phi_montages(outcome: FacesOutcome, crops: pd.DataFrame, d: Path) -> None:
-    key = str(outcome.settings.to_dict())
+    key = outcome.subject_key
     base = outcome.manifest.parent
     _montage([base / p for p in crops["image"]], [hash_subject(s, key) for s in crops["subject_id"]],
              d / "crops_montage.png", "face crops (allow_phi_artifacts=true)")

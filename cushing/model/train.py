@@ -65,6 +65,8 @@ class Cohort:
     audit: Any = None  # audit.CohortAudit: suspicious pairs (hashed ids, CSV lines)
     merges: int = 0  # subjects joined to another subject's split group because the audit found them one person
     subgroups: tuple[str, ...] = ("sex",)
+    strata: tuple[str, ...] = ("label", "sex")
+    groups: pd.Series | None = None  # per image: the unit kept whole by splits and folds (None: the subject)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -103,6 +105,8 @@ def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
                          f"different subject ids that look like one photo or one person:\n  {listed}\nfix the "
                          f"subject ids, or train with audit=warn to keep each pair in one split")
     groups = merged_groups(pairs, manifest.table["subject_id"])
+    if "split" in manifest.table.columns:  # the manifest's own split is used as given: nothing was merged
+        return audit, groups, 0
     return audit, groups, int(manifest.table["subject_id"].nunique() - groups.nunique())
 
 
@@ -116,7 +120,8 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
     interp = interpolation_of(cfg.model)
     images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
                            progress=progress)
-    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns)
+    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns,
+                  cfg.strata_columns, groups)
 
 
 @dataclass
@@ -137,8 +142,9 @@ def predictions_frame(cohort: Cohort, idx: np.ndarray, split_names: np.ndarray, 
                       logit: np.ndarray) -> pd.DataFrame:
     t = cohort.table.iloc[idx]
     extra = {c: t[c].astype(str).to_numpy() for c in cohort.subgroups if c != "sex"}
+    key = cohort.manifest.subject_key
     return pd.DataFrame({
-        "subject": [hash_subject(s, cohort.manifest.digest) for s in t["subject_id"]],
+        "subject": [hash_subject(s, key) for s in t["subject_id"]],
         "split": split_names, "sex": t["sex"].to_numpy(), **extra, "label": t["label"].to_numpy(),
         "probability": prob, "logit": logit,
     })

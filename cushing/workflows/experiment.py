@@ -330,7 +330,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
     """Stratified group k-fold: a parent run with one child per fold and pooled out-of-fold metrics."""
     cohort = cohort or prepare_cohort(cfg, progress=progress)
     k = cfg.cv_folds
-    folds = assign_folds(cohort.table, k, seed=cfg.split_seed)
+    folds = assign_folds(cohort.table, k, seed=cfg.split_seed, strata=cohort.strata, groups=cohort.groups)
     child_cfg = dataclasses.replace(cfg, cv_folds=0, seeds=1)
     name = f"{run_name(cfg)}-cv{k}"
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), "cv_folds": str(k)},

@@ -76,7 +76,7 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
         report = explain_images(
             model, mcfg["model"], x, images_u8=images.numpy(), labels=t["label"].to_numpy(),
             preds=(prob >= float(mcfg["threshold"])).astype(int), sexes=t["sex"].to_numpy(),
-            subjects=[hash_subject(s, m.digest) for s in t["subject_id"]], out_dir=d, allow_phi=allow_phi,
+            subjects=[hash_subject(s, m.subject_key) for s in t["subject_id"]], out_dir=d, allow_phi=allow_phi,
             landmarks=landmarks_of(m.table, idx, size))
         if run_id:
             with tracking.resume_run(run_id) as r:
@@ -122,7 +122,7 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
     threshold = float(meta.get("threshold", 0.5))
     out = _score_with_pyfunc(pyf, m.table["path"].tolist())
     t = m.table
-    pred = pd.DataFrame({"subject": [hash_subject(s, m.digest) for s in t["subject_id"]], "split": "external",
+    pred = pd.DataFrame({"subject": [hash_subject(s, m.subject_key) for s in t["subject_id"]], "split": "external",
                          "sex": t["sex"].to_numpy(), "label": t["label"].to_numpy(),
                          "probability": pd.to_numeric(out["probability"]).to_numpy(float),
                          "face_status": out["face_status"].to_numpy()})

@@ -54,7 +54,6 @@ class Study:
     sampler: dict[str, Any] = field(default_factory=dict)
     pruner: dict[str, Any] = field(default_factory=dict)
     space: tuple[SearchParam, ...] = ()
-    base_config: TrainConfig | None = None
 
     def config_for(self, overrides: dict[str, Any]) -> TrainConfig:
         return resolve(TrainConfig, {**self.base, **overrides}, source=str(self.path))
@@ -194,7 +193,7 @@ def load_study(path: str | Path) -> Study:
     return Study(path=path, name=str(data.get("name") or path.stem), kind=kind, experiment=str(
         data.get("experiment") or (base_cfg.experiment if base_cfg else "cushing")), base=dict(base),
         configurations=tuple(configs), labels=tuple(labels), promote=dict(promote), objective_metric=metric,
-        direction=direction, n_trials=n_trials, sampler=sampler, pruner=pruner, space=space, base_config=base_cfg)
+        direction=direction, n_trials=n_trials, sampler=sampler, pruner=pruner, space=space)
 
 
 def promotion_overrides(path: str | Path) -> dict[str, Any]:

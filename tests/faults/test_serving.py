@@ -123,3 +123,38 @@ def test_bench_serve_reports_latency_and_throughput(server, face_model, tmp_path
         assert r["errors"] == 0 and r["face_stage"] == "on" and r["requests"] == 3 * r["clients"]
         assert 0 < r["p50_ms"] <= r["p95_ms"] and r["requests_per_s"] > 0
     assert "clients 4: p50" in capsys.readouterr().out
+
+
+def test_face_pool_answers_every_caller_when_dlib_models_fail_to_load(tmp_path, monkeypatch, celeba_dir):
+    """A serving environment without dlib's model files: every concurrent request gets the load error, none
+    waits forever for a model set that was never built (the pool used to leak its slots)."""
+    import sys
+    import threading
+
+    import numpy as np
+
+    from cushing.faces.pipeline import FaceExtractor, FaceSettings
+
+    pkg = tmp_path / "face_recognition_models"
+    (pkg / "models").mkdir(parents=True)  # installed, but its .dat files are missing
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "face_recognition_models", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rgb = np.asarray(Image.open(sorted((celeba_dir / "images").glob("*.jpg"))[0]).convert("RGB"))
+    fx = FaceExtractor(FaceSettings(mask="none"), pool=1)
+    errors: list[BaseException] = []
+
+    def call():
+        try:
+            fx.extract(rgb)
+        except BaseException as e:  # the load error, reported to this caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a caller is stuck waiting for a dlib model set"
+    assert len(errors) == 6
+    assert all("shape_predictor_68_face_landmarks.dat" in str(e) or "Unable to open" in str(e) for e in errors), errors
