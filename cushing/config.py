@@ -69,7 +69,8 @@ class TrainConfig:
     subgroups: str = "sex"  # manifest columns reported like sex (metrics, intervals, gaps), comma-separated
     split_strata: str = "label,sex"  # columns the drawn split is stratified on (label is always one of them)
     audit: str = "warn"  # cohort audit before splitting: off | warn (merge likely same-person ids) | strict (refuse)
-    checkpoint_every: int = 10  # write a resumable checkpoint every N epochs (0 = never)
+    checkpoint_every: int = 1  # consider a resumable checkpoint every N epochs (0 = never) ...
+    checkpoint_minutes: float = 5.0  # ... and write one once this much wall time passed since the last (0 = each)
     log_checkpoint: bool = False  # also log the checkpoint as a run artifact (to resume on another host)
     resume: str | None = None  # a run id to continue from its last checkpoint, or "true": see README, Reliability
 
@@ -99,8 +100,8 @@ def _columns(text: str) -> tuple[str, ...]:
 
 
 # How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
-EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every", "log_checkpoint",
-                    "resume")
+EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every",
+                    "checkpoint_minutes", "log_checkpoint", "resume")
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -138,6 +139,8 @@ def _validate_train(c: TrainConfig) -> None:
         low = 0 if name in ("bootstrap", "checkpoint_every") else 1
         if getattr(c, name) < low:
             problems.append(f"{name}: must be >= {low}, got {getattr(c, name)}")
+    if not (math.isfinite(c.checkpoint_minutes) and c.checkpoint_minutes >= 0):
+        problems.append(f"checkpoint_minutes: must be >= 0, got {c.checkpoint_minutes}")
     if c.resume is not None and c.resume != "true" and not (len(c.resume) == 32 and c.resume.isalnum()):
         problems.append(f"resume: a run id (32 characters) or true, got {c.resume!r}")
     if c.lr <= 0:

@@ -186,3 +186,19 @@ def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys
     import os
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
     assert not (tmp_path / "mine.db").exists(), "benchmark runs go to a throwaway store, not the user's"
+
+
+def test_checkpoints_honour_the_epoch_step_and_the_time_floor(cohort):
+    """Every epoch when the floor is 0; none at all within a floor longer than the run (the paper's short runs
+    are not slowed by checkpoint writes); never after the last epoch (the run is done)."""
+    def epochs_saved(**kw):
+        model, bank, aug = _setup(cohort, frozen=True)
+        saved = []
+        fit(model, bank, cohort.labels, cohort.index("train"), cohort.index("val"), aug,
+            _settings(epochs=5, frozen=True, **kw), on_checkpoint=lambda state: saved.append(state.epoch))
+        return saved
+
+    assert epochs_saved(checkpoint_every=1, checkpoint_seconds=0.0) == [1, 2, 3, 4]
+    assert epochs_saved(checkpoint_every=2, checkpoint_seconds=0.0) == [2, 4]
+    assert epochs_saved(checkpoint_every=1, checkpoint_seconds=3600.0) == []
+    assert epochs_saved(checkpoint_every=0, checkpoint_seconds=0.0) == []

@@ -1,25 +1,31 @@
 """Checkpoints of a training run, so a stopped run (SIGTERM, SIGKILL, a lost node) continues instead of starting over.
 
-Every `checkpoint_every` epochs the engine hands out a FitState; it is written atomically (a temporary file, fsync,
-rename) to `<cache_home>/checkpoints/<run_id>/checkpoint.pt`, so a kill in the middle of a write leaves the previous
-checkpoint intact. It stays out of the run's artifacts unless `log_checkpoint` asks for it (then resuming works on
-another host too). It is removed when the run finishes. Loading unpickles nothing (torch.load weights_only=True).
+At an epoch end that is a multiple of `checkpoint_every`, once `checkpoint_minutes` of wall time passed since the last
+checkpoint (default: every 5 minutes, so the paper's sub-second epochs are not slowed by writes of ~3x the weights),
+the engine hands out a FitState; it is written atomically (a temporary file, fsync, rename) to
+`<cache_home>/checkpoints/<run_id>/checkpoint.pt`, so a kill in the middle of a write leaves the previous checkpoint
+intact. It stays out of the run's artifacts unless `log_checkpoint` asks for it (then resuming works on another host
+too). The local copy is removed when the run finishes; a failed or killed run keeps it for `--resume`, and a logged
+copy stays with the run's artifacts. Loading unpickles nothing (torch.load weights_only=True).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from cushing.config import cache_home
 from cushing.model.engine import FitState
 
-__all__ = ["CHECKPOINT", "checkpoint_dir", "Checkpointer", "load_checkpoint", "remove_checkpoint", "FAULT_ENV"]
+__all__ = ["CHECKPOINT", "checkpoint_dir", "Checkpointer", "load_checkpoint", "remove_checkpoint", "FAULT_ENV",
+           "has_local_checkpoint", "resume_lock", "ResumeBusy"]
 
 CHECKPOINT = "checkpoint.pt"
 FAULT_ENV = "CUSHING_FAULT"  # fault injection for the fault suite: "kill-in-checkpoint:<epoch>"
@@ -63,6 +69,32 @@ def _fault(epoch: int, tmp: Path) -> None:
         with open(tmp, "r+b") as f:
             f.truncate(max(1, tmp.stat().st_size // 2))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def has_local_checkpoint(run_id: str) -> bool:
+    return (checkpoint_dir(run_id) / CHECKPOINT).exists()
+
+
+class ResumeBusy(RuntimeError):
+    """Another process on this host is resuming the same run."""
+
+
+@contextmanager
+def resume_lock(run_id: str) -> Iterator[None]:
+    """Held for the whole of a resume: a second `--resume` of the same run on this host is refused at once instead
+    of training into the same run and deleting the first one's checkpoint writes. (Across hosts the run's
+    heartbeat refuses it: a RUNNING run whose process beats is not resumed.)"""
+    d = checkpoint_dir(run_id)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".resume.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResumeBusy(f"run {run_id} is being resumed by another process on this host") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_checkpoint(path: str | Path) -> FitState:

@@ -57,7 +57,8 @@ class FitSettings:
     progress: bool = True
     desc: str = "train"
     compile: str = "none"  # torch.compile mode for fine-tuning; "none" runs eager
-    checkpoint_every: int = 0  # hand a FitState to on_checkpoint every N epochs (0 = never)
+    checkpoint_every: int = 0  # hand a FitState to on_checkpoint every N epochs (0 = never) ...
+    checkpoint_seconds: float = 0.0  # ... once at least this much wall time passed since the last one (or the start)
 
 
 @dataclass
@@ -187,12 +188,13 @@ def fit(model, bank: ImageBank, labels: np.ndarray, train_idx: np.ndarray, val_i
         resume: FitState | None = None, on_checkpoint: CheckpointCallback | None = None) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch.
 
-    With `resume` (a FitState handed out by `on_checkpoint` earlier, every `s.checkpoint_every` epochs) training
-    continues after that epoch; on the CPU the result equals that of a fit that never stopped."""
+    With `resume` (a FitState handed out by `on_checkpoint` earlier: at an epoch that is a multiple of
+    `s.checkpoint_every` once `s.checkpoint_seconds` passed since the last one, so its cost stays a bounded share
+    of the run whatever the epoch length) training continues after that epoch; on the CPU the result equals that of a fit that never stopped."""
     torch.manual_seed(s.seed)
     gen = torch.Generator(device=bank.device)
     gen.manual_seed(s.seed)
-    ckpt = _Checkpoints(resume, on_checkpoint, s.checkpoint_every)
+    ckpt = _Checkpoints(resume, on_checkpoint, s.checkpoint_every, s.checkpoint_seconds)
     if s.frozen:
         return _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt)
     return _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt)
@@ -215,12 +217,16 @@ class _Checkpoints:
     resume: FitState | None
     callback: CheckpointCallback | None
     every: int
+    seconds: float = 0.0  # the time floor: a checkpoint costs a device-to-host copy and a write of ~3x the weights
+    since: float = field(default_factory=time.perf_counter)
 
     def due(self, epoch: int, last: int) -> bool:
-        return bool(self.callback and self.every and epoch % self.every == 0 and epoch < last)
+        return bool(self.callback and self.every and epoch % self.every == 0 and epoch < last
+                    and time.perf_counter() - self.since >= self.seconds)
 
     def capture(self, epoch: int, module, opt, gen, sel: "_Selector", snap: "_Snapshot", history: list,
                 times: list) -> FitState:
+        self.since = time.perf_counter()
         return FitState(epoch, _to_cpu(module.state_dict()), _to_cpu(opt.state_dict()), gen.get_state(),
                         torch.get_rng_state(), [sel.best, sel.best_epoch, sel.best_loss], _to_cpu(snap.saved or []),
                         [dict(h) for h in history], list(times),

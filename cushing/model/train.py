@@ -155,7 +155,7 @@ def fit_settings(cfg: TrainConfig, frozen: bool, progress: bool, desc: str) -> F
                        weight_decay=cfg.weight_decay, oversample=cfg.oversample, aug_strength=cfg.aug_strength,
                        aug_views=cfg.aug_views, seed=cfg.seed, frozen=frozen, select_metric=cfg.select_metric,
                        patience=cfg.patience, progress=progress, desc=desc, compile=cfg.compile,
-                       checkpoint_every=cfg.checkpoint_every)
+                       checkpoint_every=cfg.checkpoint_every, checkpoint_seconds=60.0 * cfg.checkpoint_minutes)
 
 
 def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,

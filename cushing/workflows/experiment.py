@@ -18,7 +18,8 @@ from cushing import release, tracking
 from cushing.stats import plots
 from cushing.model.backbones import get_spec
 from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
-from cushing.model.checkpoint import CHECKPOINT, checkpoint_dir, Checkpointer, load_checkpoint, remove_checkpoint
+from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, checkpoint_dir, load_checkpoint,
+                                      remove_checkpoint, resume_lock)
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import Report, build_report
@@ -231,6 +232,14 @@ def resume_single(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
     tracking.check_reachable()
     env_run = tracking.env_run_id()
     target = _resume_target(cfg, env_run)
+    try:
+        with resume_lock(target):
+            return _resume(target, cfg, env_run, progress)
+    except ResumeBusy as e:
+        raise ResumeError(f"{e}; wait for it, or stop it first") from None
+
+
+def _resume(target: str, cfg: TrainConfig, env_run: str | None, progress: bool) -> RunSummary:
     saved = _saved_config(target, cfg)
     state = _checkpoint_of(target)
     cohort = prepare_cohort(saved, progress=progress)

@@ -68,9 +68,31 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_one_line(store, sig, code):
     assert "Traceback" not in err
     line = [s for s in err.splitlines() if s.startswith("cushing train: stopped by")]
     assert line == [f"cushing train: stopped by {signal.Signals(sig).name}; run {run.info.run_id} is marked KILLED "
-                    f"(continue it from its last checkpoint: cushing train --resume {run.info.run_id})"]
+                    "(it stopped before its first checkpoint, see checkpoint_minutes: train it again)"]
     (after,) = _runs(store)
     assert after.info.status == "KILLED" and after.info.end_time is not None
+
+
+def test_signals_during_the_cleanup_do_not_cut_it_short(store):
+    """A scheduler's SIGTERM followed at once by more (and a terminal's Ctrl-C): the first one stops the run, the
+    rest are ignored while it is marked KILLED; the message points at the checkpoint it can continue from."""
+    proc = _start(store, "--epochs", "60", "--checkpoint-minutes", "0")
+    deadline = time.time() + 240
+    while not [r for r in _runs(store) if "checkpoint_epoch" in r.data.tags]:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.3)
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        os.kill(proc.pid, sig)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    # signals pending together are handled in signal-number order, so SIGINT may be the one that stops it
+    name = {143: "SIGTERM", 130: "SIGINT"}.get(proc.returncode)
+    assert name and "Traceback" not in err, (proc.returncode, err[-2000:])
+    (after,) = _runs(store)
+    assert after.info.status == "KILLED" and after.info.end_time is not None
+    assert [s for s in err.splitlines() if "stopped by" in s] == [
+        f"cushing train: stopped by {name}; run {after.info.run_id} is marked KILLED (continue it from its last "
+        f"checkpoint: cushing train --resume {after.info.run_id})"]
 
 
 def test_sigkill_leaves_a_run_the_next_command_marks_failed(store):
@@ -89,11 +111,12 @@ def test_sigkill_leaves_a_run_the_next_command_marks_failed(store):
 
 def test_a_kill_during_a_checkpoint_write_resumes_to_the_same_result(store):
     """Uninterrupted vs killed halfway through writing epoch 2's checkpoint, then resumed from epoch 1."""
-    plain = subprocess.run([sys.executable, "-m", "cushing", "train", *ARGS, "--epochs", "3",
-                            "--checkpoint-every", "1", "--run-name", "plain"], cwd=store["dir"], env=store["env"],
+    each_epoch = ["--checkpoint-every", "1", "--checkpoint-minutes", "0"]
+    plain = subprocess.run([sys.executable, "-m", "cushing", "train", *ARGS, "--epochs", "3", *each_epoch,
+                            "--run-name", "plain"], cwd=store["dir"], env=store["env"],
                            capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-2000:]
-    proc = _start(store, "--epochs", "3", "--checkpoint-every", "1", "--run-name", "killed",
+    proc = _start(store, "--epochs", "3", *each_epoch, "--run-name", "killed",
                   env={"CUSHING_FAULT": "kill-in-checkpoint:2"})
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
@@ -101,6 +124,12 @@ def test_a_kill_during_a_checkpoint_write_resumes_to_the_same_result(store):
     assert killed.data.tags["checkpoint_epoch"] == "1", "the half-written epoch-2 checkpoint never replaced it"
     ckpt = Path(store["env"]["CUSHING_HOME"]) / "checkpoints" / killed.info.run_id
     assert (ckpt / "checkpoint.pt").exists()
+    from cushing.model.checkpoint import resume_lock
+
+    with env_vars({"CUSHING_HOME": store["env"]["CUSHING_HOME"]}), resume_lock(killed.info.run_id):
+        busy = subprocess.run([sys.executable, "-m", "cushing", "train", "--resume", killed.info.run_id],
+                              cwd=store["dir"], env=store["env"], capture_output=True, text=True, timeout=600)
+    assert busy.returncode == 2 and "being resumed by another process" in busy.stderr, busy.stderr[-2000:]
     resumed = subprocess.run([sys.executable, "-m", "cushing", "train", "--resume", killed.info.run_id],
                              cwd=store["dir"], env=store["env"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
