@@ -78,3 +78,19 @@ def test_min_positives_gate():
     assert not math.isnan(gated["specificity"].value)  # needs negatives, not positives
     rows = summarize(pred, split="test", threshold=0.5, min_positives=n_male_pos)
     assert not math.isnan(next(r.value for r in rows if r.name == "test/f1/male"))
+
+
+def test_identifying_columns_are_refused_as_subgroups():
+    """Protected health information: subject ids, file names or a value per patient never become subgroups."""
+    import pandas as pd
+    import pytest
+
+    from cushing.stats.subgroups import SubgroupError, check_subgroup_columns
+
+    t = pd.DataFrame({"subject_id": [f"P{i}" for i in range(20)], "image": [f"p{i}.jpg" for i in range(20)],
+                      "mrn": [f"M{i:05d}" for i in range(20)], "site": ["A", "B"] * 10, "label": [0, 1] * 10,
+                      "sex": ["F"] * 20})
+    check_subgroup_columns(t, ("sex", "site"))
+    for col in ("subject_id", "image", "mrn"):
+        with pytest.raises(SubgroupError, match="identifies patients|single out patients"):
+            check_subgroup_columns(t, (col,))

@@ -60,3 +60,20 @@ def test_argmax_rows_and_prevalence():
                                                                           0.5)["recall"])
     assert r.metrics["prevalence"] == 0.01 and 0 <= r.metrics["test/ppv"] <= 1 and r.metrics["threshold"] == 0.4
     assert "test_argmax/n" not in r.metrics, "counts once per split, not again for argmax"
+
+
+def test_unsafe_column_names_and_many_small_sites_still_log():
+    """A column named as people name them ('age band (y)') and 40 small sites: every metric name is one MLflow
+    accepts and the not-estimable tag stays within MLflow's tag limit, saying how much it left out."""
+    from mlflow.utils.validation import _validate_metric_name, _validate_tag
+
+    pred = _pred(3, n=1200).rename(columns={"site": "age band (y)"})
+    pred["centre"] = [f"site {i % 40}" for i in range(len(pred))]
+    r = build_report(pred, threshold=0.5, bootstrap=0, subgroup_columns=("sex", "age band (y)", "centre"),
+                     min_positives=5)
+    for name in r.metrics:
+        _validate_metric_name(name)
+    assert "test/f1/gap:age band _y_" in r.metrics
+    tag = r.tags["not_estimable"]
+    _validate_tag("not_estimable", tag)
+    assert len(tag) <= 5000 and tag.endswith("more (per_subgroup.csv has every row)")

@@ -1,14 +1,18 @@
-"""The deploy files and the stack's own rules, without starting anything: the compose file's properties, `docker
-compose config` where Docker exists, default admin passwords refused. (The running stack is tested in
-test_server.py and tests/faults/test_local_stack.py.)"""
+"""The deploy files and the stack's own rules, without starting a stack: the compose file's properties, `docker
+compose config` where Docker exists, default admin passwords refused, process groups stopped also when they ignore
+SIGTERM. (The running stack is tested in test_server.py and tests/faults/test_local_stack.py.)"""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from cushing.ops.stack import StackError, check_admin_password
+from cushing.ops.stack import StackError, check_admin_password, stop_group
 from tests.conftest import ROOT
 
 
@@ -63,3 +67,31 @@ def test_default_admin_passwords_are_refused():
         with pytest.raises(StackError):
             check_admin_password(pw)
     assert check_admin_password("a-long-real-secret-42") == "a-long-real-secret-42"
+
+
+def _running(pid: int) -> bool:
+    """Still running: neither gone nor a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def test_stop_group_kills_a_group_that_ignores_sigterm_and_is_quiet_when_it_is_gone():
+    # a shell and its child, both ignoring SIGTERM (an ignored signal stays ignored in children)
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"], start_new_session=True,
+                            stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        t = time.time()
+        assert stop_group(proc.pid, grace=1.0), "the group outlived SIGKILL"
+        assert time.time() - t >= 1.0, "SIGTERM alone cannot have stopped a group that ignores it"
+        assert not _running(proc.pid) and not _running(child)
+        proc.wait(5)
+        assert stop_group(proc.pid, grace=1.0), "a group that is gone already is not an error"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+

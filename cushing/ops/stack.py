@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["StackError", "check_admin_password", "Postgres", "MlflowServer", "LocalStack", "free_port",
-           "wait_http", "mlflow_server_command", "write_auth_config", "write_pgpass", "stop_saved", "restart_saved"]
+           "wait_http", "mlflow_server_command", "write_auth_config", "write_pgpass", "stop_group", "stop_saved",
+           "restart_saved"]
 
 INIT_SCRIPT = Path(__file__).with_name("deploy") / "init-databases.sh"
 # Known defaults and placeholders: MLflow's old default, .env.example's placeholder, the obvious ones.
 DEFAULT_PASSWORDS = {"password1234", "password", "admin", "changeme", "change-me", "change_me", "mlflow",
                      "CHANGE-ME-admin-password"}
 MIN_PASSWORD_LENGTH = 12
+SECRET_KEYS = ("admin_password", "mlflow_db_password", "optuna_db_password", "secret_key", "superuser_password")
 
 
 class StackError(RuntimeError):
@@ -304,38 +306,43 @@ class MlflowServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            _stop_group(self.proc.pid)
+        if self.proc is None:
+            return
+        if self.proc.poll() is None or _group_is_ours(self.proc.pid, self.base):  # its workers may outlive it
+            stop_group(self.proc.pid)
+        try:
             self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
     def client_env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": "admin",
                 "MLFLOW_TRACKING_PASSWORD": self.admin_password}
 
 
-def _stop_group(pgid: int, grace: float = 20.0) -> bool:
-    """SIGTERM a process group, SIGKILL what is left after `grace` seconds; True when it is gone."""
+def stop_group(pgid: int, grace: float = 20.0) -> bool:
+    """SIGTERM a process group, SIGKILL what is left after `grace` seconds; True when it is gone (also when it was
+    gone already). Only for a group this process started or has checked is its own (`_group_is_ours`). A member
+    that exited but was not yet reaped (a zombie: the leader is often the caller's own child) counts as gone."""
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return True
     deadline = time.time() + grace
     while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not _group_members(pgid, live=True):
             return True
         time.sleep(0.2)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         return True
-    time.sleep(0.5)
-    try:
-        os.killpg(pgid, 0)
-        return False
-    except ProcessLookupError:
-        return True
+    deadline = time.time() + 5
+    while _group_members(pgid, live=True):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @dataclass
@@ -377,17 +384,66 @@ class LocalStack:
                             pgpass=self.pgpass)
 
     def start(self) -> "LocalStack":
+        """All or nothing: when a step fails, what this call started is stopped and a cluster it made is removed
+        (a retry in the same folder starts clean); an older cluster stays, stopped, with its secrets and the
+        stack.json that `cushing stack down|restart` need. Written before the cluster exists, stack.json also lets
+        `down` clean up after an `up` that was killed part-way."""
         check_admin_password(self.admin_password)
-        fresh = not (self.base / "pg" / "pgdata" / "PG_VERSION").exists() and self.pg_root is None
-        self.pg.start()
         self.port = self.port or free_port()
-        write_pgpass(self.pgpass, [("127.0.0.1", self.pg.port, "mlflow", self.mlflow_db_password),
-                                   ("127.0.0.1", self.pg.port, "optuna", self.optuna_db_password)])
-        if fresh:
-            self.pg.init_databases(self.mlflow_db_password, self.optuna_db_password)
-        migrate(self.pg.uri("mlflow", "mlflow"), {"PGPASSFILE": str(self.pgpass)})
-        self.server = self._server().start()
+        if port_open(self.port):
+            raise StackError(f"port {self.port} on 127.0.0.1 is already in use, so the MLflow server cannot listen "
+                             "there: stop what listens on it or choose another port (--port)")
+        existed = self._cluster_exists()
+        self._load_or_save_secrets(existed)
+        self.pg.base.mkdir(parents=True, exist_ok=True)
+        self.pg._place()
+        self._save_state(server_pgid=None)
+        try:
+            self.pg.start()
+            write_pgpass(self.pgpass, [("127.0.0.1", self.pg.port, "mlflow", self.mlflow_db_password),
+                                       ("127.0.0.1", self.pg.port, "optuna", self.optuna_db_password)])
+            if not existed:
+                self.pg.init_databases(self.mlflow_db_password, self.optuna_db_password)
+            migrate(self.pg.uri("mlflow", "mlflow"), {"PGPASSFILE": str(self.pgpass)})
+            self.server = self._server()
+            try:
+                self.server.start()
+            except StackError as e:
+                raise StackError(f"the MLflow server did not start on 127.0.0.1:{self.port}: {e}") from None
+        except BaseException:
+            self._abandon(remove_cluster=not existed)
+            raise
         return self
+
+    def _cluster_exists(self) -> bool:
+        return ((self.pg.root or self.base / "pg") / "pgdata" / "PG_VERSION").exists()
+
+    def _load_or_save_secrets(self, existed: bool) -> None:
+        """An existing cluster keeps the passwords its roles were made with (new ones would lock the migration
+        and the server out of it); a new cluster's are saved before it is made."""
+        path = self.base / "secrets.json"
+        if not existed:
+            self._save_secrets()
+            return
+        if not path.exists():
+            raise StackError(f"{self.base} holds a PostgreSQL cluster but not its passwords ({path} is missing), "
+                             f"so nothing can log into it: remove {self.base} or choose another --dir")
+        saved = json.loads(path.read_text())
+        for key in SECRET_KEYS:
+            setattr(self, key, saved[key])
+        self.pg.superuser_password = self.superuser_password
+
+    def _abandon(self, remove_cluster: bool) -> None:
+        """Undo a start that failed part-way (see `start`)."""
+        if self.server is not None:
+            self.server.stop()
+        self.pg.stop()
+        if not remove_cluster or (self.pg.data.exists() and self.pg.running()):
+            return  # an older cluster, or one that did not stop: `cushing stack down` finds it in stack.json
+        if self.pg.root is not None:
+            shutil.rmtree(self.pg.root, ignore_errors=True)
+        for name in ("stack.json", "secrets.json", "pgpass", "basic_auth.ini"):
+            (self.base / name).unlink(missing_ok=True)
 
     def stop(self, remove: bool = True) -> None:
         if self.server:
@@ -401,14 +457,16 @@ class LocalStack:
     def save_state(self) -> Path:
         """What `cushing stack down|restart` need: processes and ports (stack.json) and the secrets (0600)."""
         assert self.server is not None and self.server.proc is not None
-        _write_private(self.base / "stack.json", json.dumps({
-            "server_pgid": self.server.proc.pid, "pg_root": str(self.pg.root), "url": self.server.url,
+        self._save_secrets()
+        return self._save_state(server_pgid=self.server.proc.pid)
+
+    def _save_state(self, server_pgid: int | None) -> Path:
+        return _write_private(self.base / "stack.json", json.dumps({
+            "server_pgid": server_pgid, "pg_root": str(self.pg.root), "url": f"http://127.0.0.1:{self.port}",
             "port": self.port, "pg_port": self.pg.port, "workers": self.workers}))
-        _write_private(self.base / "secrets.json", json.dumps({
-            "admin_password": self.admin_password, "mlflow_db_password": self.mlflow_db_password,
-            "optuna_db_password": self.optuna_db_password, "secret_key": self.secret_key,
-            "superuser_password": self.superuser_password}))
-        return self.base / "stack.json"
+
+    def _save_secrets(self) -> Path:
+        return _write_private(self.base / "secrets.json", json.dumps({k: getattr(self, k) for k in SECRET_KEYS}))
 
     @classmethod
     def from_saved(cls, base: Path) -> "LocalStack":
@@ -450,11 +508,38 @@ def _listeners(port: int) -> set[int]:
 
 
 def _ours(pid: int, base: Path) -> bool:
-    """A server of this stack: its command line or environment (uvicorn's workers get the artifact store and the
-    auth config through the environment) names the stack's folder."""
+    """A server of this stack: its command line names the stack's artifact store, or its environment the stack's
+    auth config (uvicorn's workers get it through the environment). False for a process that is gone or that
+    this account cannot inspect."""
     proc = Path(f"/proc/{pid}")
-    text = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
-    return str(base).encode() in text
+    try:
+        args = (proc / "cmdline").read_bytes().split(b"\0")
+        env = (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (str(base / "mlartifacts").encode() in args
+            or f"MLFLOW_AUTH_CONFIG_PATH={base / 'basic_auth.ini'}".encode() in env)
+
+
+def _group_members(pgid: int, live: bool = False) -> list[int]:
+    """Pids of the processes in process group `pgid`, with `live` only those still running (not zombies), from
+    /proc/PID/stat: pid (comm) state ppid pgrp ..."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat).read_text()
+        except OSError:
+            continue
+        state, _, pgrp = text[text.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and not (live and state in "ZX"):
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def _group_is_ours(pgid: int, base: Path) -> bool:
+    """A saved process group id is only a number: after a reboot or a long while it may be another program's
+    (and `stack down` may run as root). It is this stack's when one of its processes is (`_ours`)."""
+    return pgid > 0 and any(_ours(pid, base) for pid in _group_members(pgid))
 
 
 def stop_saved(base: Path) -> list[str]:
@@ -462,12 +547,14 @@ def stop_saved(base: Path) -> list[str]:
     listening on its port (a server restarted since), PostgreSQL. Returns what could not be stopped."""
     state = json.loads((base / "stack.json").read_text())
     problems = []
-    _stop_group(int(state.get("server_pgid", state.get("server_pid", 0))) or -1)
+    pgid = int(state.get("server_pgid") or state.get("server_pid") or 0)
+    if _group_is_ours(pgid, base):
+        stop_group(pgid)
     for pid in _listeners(int(state["port"])):
         try:
             if _ours(pid, base):
-                _stop_group(os.getpgid(pid))
-        except (OSError, ProcessLookupError):
+                stop_group(os.getpgid(pid))
+        except OSError:
             pass
     if port_open(int(state["port"])):
         problems.append(f"something still listens on 127.0.0.1:{state['port']}")

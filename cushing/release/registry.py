@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from cushing.stats.metrics import lower_is_better
+from cushing.stats.subgroups import gap_name
 from cushing.tracking import artifact_dir, client, download_artifact, env_run_id, experiments_with_runs, find_runs, \
     log_artifacts_to, start_run
 from cushing.config import to_params, TrainConfig
@@ -103,8 +104,9 @@ def _subgroup_gap_problems(metrics: dict[str, float], subgroups: str, policy: Pr
     """The --max-subgroup-gap gate: every subgroup column other than sex needs an estimable gap (range over its
     subgroups with enough positives) of the selection metric within the limit."""
     out = []
-    for col in [c.strip() for c in subgroups.split(",") if c.strip() and c.strip() != "sex"]:
-        gap = metrics.get(f"{policy.metric}/gap:{col}", math.nan)
+    columns = TrainConfig(subgroups=subgroups).subgroup_columns
+    for col in [c for c in columns if c != "sex"]:
+        gap = metrics.get(f"{policy.metric}/{gap_name(col)}", math.nan)
         if not math.isfinite(gap):
             out.append(f"{col} gap of {policy.metric} not estimable")
         elif gap > policy.max_subgroup_gap:
@@ -205,15 +207,13 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     if moved_challenger:
         c.set_registered_model_alias(name, "challenger", mv.version)
     champion = _alias_version(c, name, "champion")
-    champ_value = float(champion.tags.get("selection_value", "nan")) if champion else math.nan
-    better = champion is None or (champion.tags.get("selection_metric") != policy.metric) or (
-        best[policy.metric] < champ_value if lower_is_better(policy.metric) else best[policy.metric] > champ_value)
+    verdict = _against_champion(c, best, policy, champion)
     refused = bool(best["synthetic_data"]) and not policy.allow_synthetic
-    moved_champion = not refused and (champion is None or (champion.version != mv.version and better))
+    moved_champion = not refused and (champion is None or (champion.version != mv.version and verdict.better))
     if moved_champion:
         c.set_registered_model_alias(name, "champion", mv.version)
     _alias_tags(c, name)
-    reason = _reason(best, policy, champion, champ_value, moved_champion, mv.version)
+    reason = _reason(best, policy, champion, verdict, moved_champion, mv.version)
     if refused and (champion is None or champion.version != mv.version):
         reason = (f"best eligible run {best['run_id']} ({best['run_name']}) was trained on SYNTHETIC data: version "
                   f"{mv.version} is challenger but is not made champion without --allow-synthetic")
@@ -242,15 +242,56 @@ def _nothing_eligible(experiment: str, parent_run_id: str | None, ranking: pd.Da
             + (f". Experiments with runs: {others}" if others else ""))
 
 
-def _reason(best, policy, champion, champ_value, moved, version) -> str:
+@dataclass(frozen=True)
+class _Verdict:
+    better: bool
+    value: float  # the champion's score on policy.metric (nan when it has none)
+    note: str  # why the scores were or were not compared
+
+
+def _against_champion(c, best: pd.Series, policy: PromotionPolicy, champion) -> _Verdict:
+    """Whether the best eligible run should replace the champion. A champion trained on synthetic data gives way
+    to any real winner; scores are compared only on one metric (read from the champion's run when it was chosen
+    on another) and one cohort: validation scores on two cohorts say nothing about which model is better."""
+    if champion is None:
+        return _Verdict(True, math.nan, "")
+    value = _champion_value(c, champion, policy.metric)
+    if champion.tags.get("synthetic_data") == "true" and not best["synthetic_data"]:
+        return _Verdict(True, value, "the champion was trained on SYNTHETIC data")
+    digest = champion.tags.get("data_digest", "")
+    if digest and best["data_digest"] and digest != best["data_digest"]:
+        return _Verdict(False, value, f"the champion was trained on another cohort (data digest {digest[:12]}, this "
+                                      f"run {best['data_digest'][:12]}): their validation scores are not comparable. "
+                                      f"To replace it anyway: MlflowClient().set_registered_model_alias("
+                                      f"{policy.registered_model!r}, 'champion', VERSION)")
+    if not math.isfinite(value):
+        return _Verdict(True, value, f"the champion has no {policy.metric}")
+    new = float(best[policy.metric])
+    return _Verdict(new < value if lower_is_better(policy.metric) else new > value, value, "")
+
+
+def _champion_value(c, champion, metric: str) -> float:
+    if champion.tags.get("selection_metric") == metric:
+        return float(champion.tags.get("selection_value", "nan"))
+    try:
+        return float(c.get_run(champion.tags["source_run"]).data.metrics.get(metric, math.nan))
+    except Exception:  # the source run was deleted
+        return math.nan
+
+
+def _reason(best, policy, champion, verdict: _Verdict, moved, version) -> str:
     head = f"best eligible run {best['run_id']} ({best['run_name']}) with {policy.metric}={best[policy.metric]:.4f}"
     if champion is None:
         return f"{head}; no champion yet: version {version} becomes champion"
     if champion.version == version:
         return f"{head}; already champion (version {version})"
+    was = f"champion version {champion.version} ({verdict.value:.4f})"
+    if verdict.note:
+        action = f"champion moved to {version}" if moved else "champion stays"
+        return f"{head}; {was}: {verdict.note}: {action}"
     if moved:
-        return f"{head} beats champion version {champion.version} ({champ_value:.4f}): champion moved to {version}"
-    return f"{head} does not beat champion version {champion.version} ({champ_value:.4f}): champion stays"
+        return f"{head} beats {was}: champion moved to {version}"
+    return f"{head} does not beat {was}: champion stays"
 
 
 def _log_decision(experiment: str, d: Decision, policy: PromotionPolicy, parent_run_id: str | None) -> str:

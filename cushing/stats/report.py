@@ -16,7 +16,7 @@ import pandas as pd
 from cushing.stats.calibration import brier, ece, ppv_npv, reliability
 from cushing.stats.intervals import Gap, bootstrap, wilson
 from cushing.stats.metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
-from cushing.stats.subgroups import Subgroup, subgroups_of
+from cushing.stats.subgroups import Subgroup, gap_name, subgroups_of
 
 __all__ = ["MetricRow", "Report", "build_report", "summarize", "rows_to_metrics", "per_sex_table",
            "per_subgroup_table", "metric_name"]
@@ -138,7 +138,7 @@ def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) ->
             if {"female", "male"} <= set(names):
                 gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
             continue
-        gaps.append(Gap(f"gap:{col}", tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+        gaps.append(Gap(gap_name(col), tuple(n for n in names if positives.get(n, 0) >= min_positives)))
     return gaps
 
 
@@ -197,7 +197,7 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
     if prevalence is not None:
         metrics["prevalence"] = float(prevalence)
     summary = _not_estimable_summary(rows, min_positives) + [f"{k}: {v}" for k, v in reasons.items()]
-    tags = {"not_estimable": "; ".join(summary)} if summary else {}
+    tags = {"not_estimable": _bounded("; ".join(summary))} if summary else {}
     return Report(metrics, rows, per_sex_table(rows), tags, reliability_tables, per_subgroup_table(rows))
 
 
@@ -225,6 +225,14 @@ def _counts(rows: list[MetricRow]) -> dict[str, float]:
             out[metric_name(r.split, "n", r.group)] = float(r.n)
             out[metric_name(r.split, "positives", r.group)] = float(r.positives)
     return out
+
+
+def _bounded(text: str, limit: int = 4900) -> str:
+    """A tag value within what every MLflow store accepts (the UI shows a long tag in full on hover)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit("; ", 1)[0]
+    return f"{cut}; ... and {text.count('; ') - cut.count('; ')} more (per_subgroup.csv has every row)"
 
 
 def _not_estimable_summary(rows: list[MetricRow], min_positives: int) -> list[str]:

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["Subgroup", "subgroups_of", "subgroup_name", "check_subgroup_columns", "SEX_NAMES", "SubgroupError"]
+__all__ = ["Subgroup", "subgroups_of", "subgroup_name", "gap_name", "check_subgroup_columns", "SEX_NAMES",
+           "SubgroupError", "IDENTIFYING"]
 
 SEX_NAMES = {"F": "female", "M": "male"}
 _UNSAFE = re.compile(r"[^\w.\- ]")
 MAX_LEVELS = 50
+# columns whose values identify a patient or a photo: as a subgroup they would put them into metric names,
+# predictions.csv, per_subgroup.csv and the model card
+IDENTIFYING = ("subject_id", "image", "path", "source_image", "sha256")
 
 
 class SubgroupError(ValueError):
@@ -27,6 +31,11 @@ def subgroup_name(column: str, value: object) -> str:
     if column == "sex" and value in SEX_NAMES:
         return SEX_NAMES[value]
     return f"{_UNSAFE.sub('_', column)}:{_UNSAFE.sub('_', str(value)).strip() or '_'}"
+
+
+def gap_name(column: str) -> str:
+    """The name of a column's subgroup gap (`test/f1/gap:site`), cleaned as subgroup names are."""
+    return f"gap:{_UNSAFE.sub('_', column)}"
 
 
 @dataclass(frozen=True)
@@ -58,10 +67,16 @@ def subgroups_of(table: pd.DataFrame, columns: tuple[str, ...] = ("sex",)) -> li
 
 
 def check_subgroup_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> None:
-    """Refuse columns that do not exist, numeric columns (a value per patient is not a subgroup: bin it) and
-    columns with so many values that no subgroup could be estimated."""
+    """Refuse columns that identify patients or photos (protected health information in every metric name and
+    table), columns that do not exist, numeric columns (a value per patient is not a subgroup: bin it) and columns
+    with so many values that no subgroup could be estimated or that single out patients."""
     problems = []
+    subjects = table["subject_id"].nunique() if "subject_id" in table.columns else len(table)
     for col in columns:
+        if col in IDENTIFYING:
+            problems.append(f"subgroup column {col!r} identifies patients or photos: its values would be logged in "
+                            f"metric names and tables (protected health information)")
+            continue
         if col not in table.columns:
             problems.append(f"subgroup column {col!r} is not in the manifest (columns: {', '.join(table.columns)})")
             continue
@@ -72,5 +87,8 @@ def check_subgroup_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> Non
                             f"column to the manifest (e.g. {col}_band with 18-39, 40-59, 60+) and name that")
         elif values.nunique() > MAX_LEVELS:
             problems.append(f"subgroup column {col!r} has {values.nunique()} values (at most {MAX_LEVELS})")
+        elif col not in ("label", "sex") and subjects > 5 and values.nunique() >= subjects:
+            problems.append(f"subgroup column {col!r} has a value per subject ({values.nunique()} values, {subjects} "
+                            f"subjects): it would single out patients in metric names and tables")
     if problems:
         raise SubgroupError("; ".join(problems))

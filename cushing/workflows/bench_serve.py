@@ -11,7 +11,6 @@ import base64
 import concurrent.futures as cf
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from cushing.ops.stack import free_port, wait_http
+
+from cushing.ops.stack import free_port, stop_group, wait_http
 
 __all__ = ["bench_serve", "serve_model"]
 
@@ -28,7 +28,6 @@ __all__ = ["bench_serve", "serve_model"]
 def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
     """`mlflow models serve -m URI` on a free 127.0.0.1 port for the block; yields its base URL."""
     import tempfile
-
 
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
@@ -40,8 +39,13 @@ def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout, proc=proc, log=log)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        # the whole group (the server's workers too); quiet when it is gone already (a server that failed to start,
+        # whose error is the one to see); SIGKILL for one that ignores SIGTERM
+        stop_group(proc.pid)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
         log.unlink(missing_ok=True)
 
 

@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cushing.ops.stack import LocalStack, Postgres, _pg_bin, port_open
+from cushing.ops.stack import LocalStack, Postgres, StackError, _pg_bin, free_port, port_open, stop_saved
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.postgres]
 
@@ -162,3 +163,77 @@ def test_database_passwords_reach_psql_through_its_environment_not_its_arguments
         pg.stop()
         shutil.rmtree(pg.root, ignore_errors=True)
 
+
+def test_down_stops_the_stacks_process_group_and_leaves_anothers_alone(tmp_path):
+    """stack.json keeps the server's process group id; after a reboot that number may be anyone's, and `down` may
+    run as root. A group one of whose processes is the stack's (its auth config in the environment) is stopped;
+    a group of unrelated processes is not."""
+    d = tmp_path / "stack"
+    d.mkdir()
+    theirs = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    ours = subprocess.Popen(["sleep", "300"], start_new_session=True,
+                            env={**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(d / "basic_auth.ini")})
+    try:
+        for proc in (theirs, ours):
+            (d / "stack.json").write_text(json.dumps({
+                "server_pgid": proc.pid, "pg_root": str(tmp_path / "no-cluster"), "url": "http://127.0.0.1:1",
+                "port": free_port(), "pg_port": free_port(), "workers": 1}))
+            assert stop_saved(d) == []
+        time.sleep(0.5)
+        assert theirs.poll() is None, "stack down stopped a process group that was not the stack's"
+        assert ours.wait(10) == -signal.SIGTERM, "stack down left the stack's own process group running"
+        down = _cushing("stack", "down", "--dir", str(d))
+        assert down.returncode == 0 and not d.exists(), down.stderr
+        assert theirs.poll() is None
+    finally:
+        for proc in (theirs, ours):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_failed_up_leaves_nothing_running_and_the_folder_takes_the_next_up(folder):
+    """Up on a port something listens on fails at once, naming the port. Up whose MLflow server fails after
+    PostgreSQL came up (the port is bound, though nobody listens yet, so that check passes) stops PostgreSQL and
+    removes the cluster it made. Either way the next up in the folder works, and down leaves no PostgreSQL. A stack
+    started again on an existing cluster uses the passwords its roles were made with, not the ones it was given."""
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        r = _cushing("stack", "up", "--dir", str(folder), "--port", str(port))
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"port {port}" in r.stderr and "in use" in r.stderr, r.stderr
+        assert not (folder / "stack.json").exists()
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", port))
+        failed = LocalStack(base=folder, port=port, workers=1)
+        with pytest.raises(StackError, match=f"127.0.0.1:{port}"):
+            failed.start()
+    assert failed.pg.root is not None and not _postmasters(failed.pg.data), "PostgreSQL outlived the failed up"
+    assert not failed.pg.root.exists(), "the cluster made for the failed up is left behind"
+    assert not (folder / "stack.json").exists() and not (folder / "secrets.json").exists()
+
+    up = _cushing("stack", "up", "--dir", str(folder), "--port", str(port))
+    assert up.returncode == 0, up.stderr[-3000:]
+    state, keys, _ = _state(folder)
+    data = Path(state["pg_root"]) / "pgdata"
+    assert _postmasters(data) and port_open(port)
+
+    assert stop_saved(folder) == [] and not _postmasters(data)
+    (folder / "stack.json").unlink()
+    again = LocalStack(base=folder, port=port, workers=1, pg_root=Path(state["pg_root"]))  # new random passwords
+    assert again.mlflow_db_password != keys["mlflow_db_password"]
+    try:
+        again.start()
+    finally:
+        if again.server is not None:
+            again.save_state()
+    assert (again.mlflow_db_password, again.admin_password) == (keys["mlflow_db_password"], keys["admin_password"])
+    r = requests.get(f"{again.server.url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name":
+                     "Default"}, auth=("admin", keys["admin_password"]), timeout=30)
+    assert r.status_code == 200, r.text
+
+    down = _cushing("stack", "down", "--dir", str(folder))
+    assert down.returncode == 0, down.stderr
+    assert not _postmasters(data), "stack down left PostgreSQL running"
+    assert not port_open(port) and not folder.exists()
