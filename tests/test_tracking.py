@@ -59,3 +59,38 @@ def tracking_run(name: str):
 
 def tracking_status(run_id: str) -> str:
     return trk.get_run(run_id).status
+
+
+def test_logging_into_an_ended_run_keeps_its_status(tracking):
+    """Grad-CAMs computed later for a killed run do not make it FINISHED (and so promotable); a run another
+    process holds open stays RUNNING."""
+    with tracking_run("killed") as run:
+        pass
+    trk.end_run_as(run.run_id, "KILLED")
+    with trk.resume_run(run.run_id) as r:
+        r.log_metrics({"later": 1.0})
+        assert tracking_status(run.run_id) == "RUNNING" and "cushing.heartbeat" in trk.get_run(run.run_id).tags
+    assert tracking_status(run.run_id) == "KILLED" and trk.get_run(run.run_id).metrics["later"] == 1.0
+    c = trk.client()
+    held = c.create_run(c.get_experiment_by_name("tracking-test").experiment_id).info.run_id  # open in another process
+    with trk.resume_run(held) as r:
+        r.log_metrics({"from_a_worker": 2.0})
+    assert tracking_status(held) == "RUNNING"
+
+
+def test_a_pid_is_only_checked_on_the_machine_and_pid_namespace_that_owns_it(tracking):
+    """A container sharing this hostname has its own pids: its run is judged by its heartbeat, not by ours."""
+    import socket
+    import subprocess
+    import time
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for machine, reaped in (("another-boot:4026531836", False), (trk.machine_id(), True)):
+        with tracking_run("elsewhere") as run:
+            trk.set_tags(run.run_id, {"cushing.process": f"{socket.gethostname()}/{dead.pid}:1",
+                                      "cushing.machine": machine, "cushing.heartbeat": str(int(time.time()))})
+            assert trk.reap([trk.get_run(run.run_id)]) == int(reaped)
+            assert tracking_status(run.run_id) == ("FAILED" if reaped else "RUNNING")
+            if reaped:
+                assert "is gone" in trk.get_run(run.run_id).tags["cushing.died"]

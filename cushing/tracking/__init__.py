@@ -215,6 +215,18 @@ def _process_id(pid: int) -> str:
     return f"{pid}:{start}"
 
 
+def machine_id() -> str:
+    """Which kernel and pid namespace a pid means something in: containers that share a hostname (or a host's
+    network) each have their own pids, so a pid is checked only where boot id and pid namespace both match. Across
+    machines the heartbeat decides (clocks more than CUSHING_RUN_STALE_S apart would need NTP)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "unknown"
+    return f"{boot}:{ns}"
+
+
 def _alive(process: str) -> bool:
     pid = int(process.split(":")[0])
     try:
@@ -237,6 +249,7 @@ class _Heartbeat:
 
     def start(self) -> None:
         client().set_tag(self.run_id, "cushing.process", f"{socket.gethostname()}/{_process_id(os.getpid())}")
+        client().set_tag(self.run_id, "cushing.machine", machine_id())
         self._beat()
         self.thread.start()
 
@@ -263,7 +276,8 @@ def _dead_because(run: "RunRecord", now: float) -> str | None:
     if run.status != "RUNNING" or beat is None:
         return None
     host, _, process = tags.get("cushing.process", "/").partition("/")
-    if host == socket.gethostname() and process and not _alive(process):
+    here = host == socket.gethostname() and tags.get("cushing.machine") == machine_id()
+    if here and process and not _alive(process):
         return f"its process ({process.split(':')[0]} on {host}) is gone"
     stale = float(os.environ.get("CUSHING_RUN_STALE_S", "180"))
     if now - float(beat) > stale:
@@ -551,20 +565,25 @@ def using_store(uri: str) -> Iterator[str]:
 
 @contextmanager
 def resume_run(run_id: str) -> Iterator[RunLogger]:
-    """Log more into an existing run (e.g. CAMs computed later); its status is left FINISHED."""
+    """Log more into an existing run (CAMs computed later, a sweep's tables into its parent). Its status afterwards
+    is the one it had: a FAILED or KILLED run is not turned FINISHED (and promotable) by it, and a run another
+    process holds open stays RUNNING. An ended run beats while it is written, so a concurrent reap leaves it."""
     import mlflow
 
     configure()
+    before = client().get_run(run_id).info.status
     with _without_env_run():
         mlflow.start_run(run_id=run_id)
         logger = RunLogger(run_id)
         try:
+            if before != "RUNNING":
+                logger.start_heartbeat()
             yield logger
         finally:
             try:
                 logger.close()
             finally:
-                mlflow.end_run()
+                mlflow.end_run(status=before)
 
 
 @dataclass(frozen=True)
