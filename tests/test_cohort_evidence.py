@@ -97,8 +97,13 @@ def test_a_site_column_gets_metrics_intervals_and_not_estimable(site_run):
     assert set(sites.index) == {"site:A", "site:B", "site:C"} and sites.loc["site:C", "f1"] == "not estimable"
     from cushing.release.registry import PromotionPolicy, rank_candidates
 
-    run.data.tags["model_uri"] = "models:/none"  # rank as if it had logged a model
-    ranked = rank_candidates([run], PromotionPolicy(max_subgroup_gap=0.0))
+    from cushing.tracking import get_run
+
+    _, _, d = site_run
+    with env_vars({"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}):
+        record = get_run(run.info.run_id)
+    record.tags["model_uri"] = "models:/none"  # rank as if it had logged a model
+    ranked = rank_candidates([record], PromotionPolicy(max_subgroup_gap=0.0))
     assert "site gap" in ranked["excluded_because"].iloc[0]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cushing.stats.metrics import METRICS
+from cushing.stats.report import interval_of, shown
 
 __all__ = ["CardInputs", "render_card"]
 INTENDED_USE = ("A screening aid for research, not a diagnostic device: it flags frontal facial photos whose "
@@ -37,19 +38,12 @@ class CardInputs:
 
 
 def _num(v: Any, digits: int = 3) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return "not estimable" if not math.isfinite(f) else f"{f:.{digits}f}"
+    return shown(v, digits)
 
 
 def _with_ci(m: dict[str, float], name: str) -> str:
-    v = m.get(name, math.nan)
-    lo, hi = m.get(f"{name}/ci_low"), m.get(f"{name}/ci_high")
-    if lo is None or hi is None or not math.isfinite(v) or not math.isfinite(lo):
-        return _num(v)
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    ci = interval_of(m, name)
+    return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else shown(m.get(name, math.nan))
 
 
 def _table(rows: list[list[str]], head: list[str]) -> str:

@@ -19,7 +19,7 @@ from cushing.stats.metrics import GATED, METRICS, PROPORTIONS, Counts, confusion
 from cushing.stats.subgroups import Subgroup, gap_name, subgroups_of
 
 __all__ = ["MetricRow", "Report", "build_report", "summarize", "rows_to_metrics", "per_sex_table",
-           "per_subgroup_table", "metric_name"]
+           "per_subgroup_table", "metric_name", "shown", "interval_of"]
 
 
 def metric_name(split: str, metric: str, group: str = "overall") -> str:
@@ -225,6 +225,26 @@ def _counts(rows: list[MetricRow]) -> dict[str, float]:
             out[metric_name(r.split, "n", r.group)] = float(r.n)
             out[metric_name(r.split, "positives", r.group)] = float(r.positives)
     return out
+
+
+def shown(v: float | None, digits: int = 3) -> str:
+    """A logged metric as a person reads it: a NaN is a metric the run could not estimate (its `not_estimable` tag
+    says why), a missing one is n/a."""
+    if v is None:
+        return "n/a"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{f:.{digits}f}" if math.isfinite(f) else "not estimable"
+
+
+def interval_of(metrics: dict[str, float], name: str) -> tuple[float, float] | None:
+    """The logged 95% interval of a metric (`<name>/ci_low`, `<name>/ci_high`) when it and the metric are finite."""
+    v, lo, hi = metrics.get(name), metrics.get(f"{name}/ci_low"), metrics.get(f"{name}/ci_high")
+    if v is None or lo is None or hi is None or not all(math.isfinite(x) for x in (v, lo, hi)):
+        return None
+    return lo, hi
 
 
 def _bounded(text: str, limit: int = 4900) -> str:

@@ -23,6 +23,7 @@ from cushing import tracking
 from cushing.stats import calibration
 from cushing.stats.metrics import auc, lower_is_better, roc_points
 from cushing.stats.plots import pyplot
+from cushing.stats.report import interval_of, shown
 from cushing.release.registry import registry_status
 
 __all__ = ["DashboardError", "build_dashboard", "collect", "dashboards_dir"]
@@ -107,19 +108,16 @@ def _label(r) -> str:
 
 
 def _fmt(v: float | None) -> dict[str, Any]:
-    """A table cell; a logged NaN is a metric the run could not estimate (its `not_estimable` tag says why)."""
-    if v is None:
-        return {"value": "", "text": "n/a", "na": True, "ci": ""}
-    if not math.isfinite(v):
-        return {"value": "", "text": "not estimable", "na": True, "ci": ""}
-    return {"value": f"{v:.6f}", "text": f"{v:.3f}", "na": False, "ci": ""}
+    """A table cell: the value to sort by, the text shown (`report.shown`) and whether it is missing."""
+    na = v is None or not math.isfinite(v)
+    return {"value": "" if na else f"{v:.6f}", "text": shown(v), "na": na, "ci": ""}
 
 
 def _cell(m: dict, name: str) -> dict[str, Any]:
     c = _fmt(m.get(name))
-    lo, hi = m.get(f"{name}/ci_low"), m.get(f"{name}/ci_high")
-    if not c["na"] and lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
-        c["ci"] = f"[{lo:.2f}, {hi:.2f}]"
+    ci = interval_of(m, name)
+    if ci:
+        c["ci"] = f"[{ci[0]:.2f}, {ci[1]:.2f}]"
     return c
 
 
