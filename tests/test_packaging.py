@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 import tomllib
 
+import pytest
 import yaml
 
 from cushing.config import TrainConfig
@@ -114,3 +117,25 @@ def test_package_imports_sit_at_module_level():
             continue
         inner = re.findall(r"^[ \t]+from cushing[\w.]* import .+$", path.read_text(), re.M)
         assert not inner, f"{path.relative_to(ROOT)}: {inner}"
+
+
+LIGHT = ("cushing.cli", "cushing.config", "cushing.stats.report", "cushing.stats.intervals", "cushing.data.manifest",
+         "cushing.data.splits", "cushing.data.audit", "cushing.tracking", "cushing.ops.stack",
+         "cushing.workflows.studies", "cushing.workflows.plan")
+
+
+@pytest.mark.parametrize("module", LIGHT)
+def test_light_modules_import_neither_torch_nor_mlflow(module):
+    """README, Architecture: planning, auditing, reports and `cushing --help` start without the heavy stacks;
+    only tracking/ and release/ import mlflow, tracking/ inside its functions."""
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'mlflow', 'optuna') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_tracking_and_release_import_mlflow():
+    for path in (ROOT / "cushing").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if re.search(r"^\s*(import mlflow|from mlflow)", path.read_text(), re.M):
+            assert rel.startswith(("cushing/tracking/", "cushing/release/")), rel
