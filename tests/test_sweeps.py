@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 # ------------------------------------------------------------------------------------------------ sweep
 
 def _children(uri: str, experiment: str):
-    import mlflow
+    from cushing import tracking
 
     with env_vars({"MLFLOW_TRACKING_URI": uri}):
-        c = mlflow.MlflowClient()
+        c = tracking.client()  # a store still being created is waited for (its lock), never migrated in a race
         exp = c.get_experiment_by_name(experiment)
         runs = c.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("task") == "sweep"]
@@ -192,3 +192,195 @@ def test_sweep_and_tune_on_postgres_storage(pg_stack, tmp_path, cushing_home):
         counts = dict(cur.fetchall())
     conn.close()
     assert counts[res.study_name] == 2 and counts[tres.study_name] == 2
+
+
+# ------------------------------------------------------------------------------------------------ parent run, claims
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens on it once closed
+
+
+def _parent_claims(storage: str, name: str) -> dict:
+    from cushing.workflows.claims import GridClaims
+    from cushing.workflows.sweeps import PARENT_KEY
+
+    with GridClaims(storage) as c:
+        return {k: v for k, v in c.claims(name).items() if k[0] == PARENT_KEY}
+
+
+def test_a_failed_parent_creation_releases_its_claim(tmp_path, cushing_home):
+    """The first launch wins the parent-run claim and cannot reach the tracking server: its claim is given back,
+    and the next launch, with a good tracking URI, creates the parent instead of waiting for one that never comes."""
+    from cushing.tracking import TrackingUnavailable
+    from cushing.workflows.sweeps import _study_name, load_for, open_sweep
+
+    study = _small_sweep(tmp_path, "parentfail")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = _study_name(load_for(study, "sweep"))
+    with env_vars({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}", "CUSHING_TRACKING_CONNECT_S": "1"}):
+        with pytest.raises(TrackingUnavailable):
+            open_sweep(study, storage=storage)
+    assert _parent_claims(storage, name) == {}, "the failed launch released its claim"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study, storage=storage)
+        h.grid.close()
+    parents, _, _ = _children(uri, "parentfail")
+    assert [p.info.run_id for p in parents] == [h.parent_run_id]
+    assert list(_parent_claims(storage, name)) == [("__parent_run__", 0)]
+
+
+def test_a_parent_claim_whose_launcher_died_is_claimed_again(tmp_path, cushing_home):
+    """A launcher killed after claiming the parent run, before recording it: once the claim is older than the
+    timeout, the next launch claims attempt 1 and creates the parent."""
+    from cushing.workflows.claims import GridClaims
+    from cushing.workflows.sweeps import PARENT_CLAIM_TIMEOUT_S, PARENT_KEY, _study_name, load_for, open_sweep
+
+    study = _small_sweep(tmp_path, "parentdied")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = _study_name(load_for(study, "sweep"))
+    with GridClaims(storage) as c, c.engine.begin() as conn:
+        conn.execute(c.table.insert().values(study=name, key=PARENT_KEY, attempt=0, owner="gone:1",
+                                             claimed_at=time.time() - PARENT_CLAIM_TIMEOUT_S - 60))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study, storage=storage)
+        h.grid.close()
+    parents, _, _ = _children(uri, "parentdied")
+    assert [p.info.run_id for p in parents] == [h.parent_run_id]
+    claims = _parent_claims(storage, name)
+    assert set(claims) == {(PARENT_KEY, 0), (PARENT_KEY, 1)} and claims[(PARENT_KEY, 1)][0] != "gone:1"
+
+
+# ------------------------------------------------------------------------------------------------ attempts
+
+def _fake_attempt(grid, label: str, attempt: int, state: str, attrs: dict | None = None) -> int:
+    """What a worker leaves behind: its claim and its trial in `state` (RUNNING, or FAIL with `attrs`, as an
+    interrupted worker or Optuna's stale check leaves it), written through the claims table and Optuna's storage."""
+    from optuna.trial import TrialState
+
+    from cushing.workflows.sweeps import _new_trial
+
+    assert grid.claims.claim(grid.name, label, attempt)
+    trial = _new_trial(grid, label, attempt, None)
+    for k, v in (attrs or {}).items():
+        trial.set_user_attr(k, v)
+    if state != "RUNNING":
+        grid.storage.set_trial_state_values(trial._trial_id, TrialState[state])
+    return trial._trial_id
+
+
+def test_stops_do_not_count_against_the_retry_limit(tmp_path, cushing_home):
+    """Configuration a was stopped (Ctrl-C) MAX_RETRY + 1 times, b's workers died MAX_RETRY + 1 times: a is trained
+    by the next launch, b is failed for good."""
+    from cushing.workflows.sweeps import MAX_RETRY, _attempts, open_sweep, run_sweep, sweep_status
+
+    study = _small_sweep(tmp_path, "stops", epochs=1)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study, storage=storage)
+        try:
+            for k in range(MAX_RETRY + 1):
+                _fake_attempt(h.grid, "a", k, "FAIL", {"interrupted": "KeyboardInterrupt: "})
+                _fake_attempt(h.grid, "b", k, "FAIL")  # failed by the stale check: no note
+            states = _attempts(h.grid)
+            assert states["a"].next_attempt == MAX_RETRY + 1 and states["a"].deaths == 0
+            assert states["b"].next_attempt is None and states["b"].deaths == MAX_RETRY + 1
+            assert sweep_status(h)["failed"] == ["b"]
+        finally:
+            h.grid.close()
+        res = run_sweep(study, storage=storage, workers=1, progress=False)
+    assert res.trained == 1
+    _, kids, _ = _children(uri, "stops")
+    assert [k.data.tags["sweep_config"] for k in kids if k.info.status == "FINISHED"] == ["a"]
+
+
+def test_a_worker_that_was_taken_over_while_starting_gives_up(tmp_path, cushing_home):
+    """Creating a trial can outlast the grace period (SQLite's busy timeout): another worker then claims the next
+    attempt. Whichever of the two sees the other once its own trial exists gives up, unstarted."""
+    from optuna.trial import TrialState
+
+    from cushing.workflows.sweeps import _attempts, _CohortMemo, _grid_trials, _train_claimed, open_sweep
+
+    study = _small_sweep(tmp_path, "takeover", epochs=1)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study, storage=storage)
+        try:
+            # a: the slow starter of attempt 0 finds attempt 1 claimed by a worker that thought it dead
+            assert h.grid.claims.claim(h.grid.name, "a", 0) and h.grid.claims.claim(h.grid.name, "a", 1)
+            assert _train_claimed(h.grid, "a", 0, _CohortMemo(), progress=False) is None
+            # b: the worker of attempt 1 finds attempt 0's trial running (its slow starter got there first)
+            _fake_attempt(h.grid, "b", 0, "RUNNING")
+            assert h.grid.claims.claim(h.grid.name, "b", 1)
+            assert _train_claimed(h.grid, "b", 1, _CohortMemo(), progress=False) is None
+            trials = _grid_trials(h.grid)
+            states = _attempts(h.grid)
+        finally:
+            h.grid.close()
+    for key in (("a", 0), ("b", 1)):
+        assert trials[key].state == TrialState.FAIL and "superseded" in trials[key].user_attrs, key
+    assert trials[("b", 0)].state == TrialState.RUNNING
+    assert states["a"].deaths == 0 and states["b"].deaths == 0 and states["b"].live
+    _, kids, _ = _children(uri, "takeover")
+    assert kids == [], "neither trained"
+
+
+# ------------------------------------------------------------------------------------------------ cohorts, storage
+
+def test_configurations_that_split_differently_do_not_share_a_cohort(cushing_home):
+    """The memo's key holds every field the cohort depends on: configurations that differ only in split_strata,
+    subgroups or audit get a cohort each; ones that differ only in training options share one."""
+    import dataclasses
+
+    from cushing.config import TrainConfig
+    from cushing.workflows.sweeps import _CohortMemo
+
+    base = TrainConfig(model="resnet18", pretrained=False, img_size=32, audit="off", bootstrap=0)
+    key = _CohortMemo.key
+    for change in ({"split_strata": "label"}, {"subgroups": "sex,label"}, {"audit": "warn"}):
+        assert key(dataclasses.replace(base, **change)) != key(base), change
+    assert key(dataclasses.replace(base, lr=0.1, batch_size=8, epochs=3, seed=4, model="resnet34")) == key(base)
+    memo = _CohortMemo()
+    a, b = memo.get(base), memo.get(dataclasses.replace(base, split_strata="label"))
+    assert len(memo.memo) == 2 and a is not b
+    assert memo.get(dataclasses.replace(base, lr=0.5)) is a and len(memo.memo) == 2
+
+
+def test_the_cohort_key_covers_every_field_prepare_cohort_reads():
+    """A field read by prepare_cohort (or its audit step) but missing from COHORT_FIELDS would let configurations
+    that differ in it share the first one's cohort."""
+    import inspect
+    import re
+
+    from cushing.model import train
+    from cushing.workflows.sweeps import COHORT_FIELDS
+
+    source = inspect.getsource(train.prepare_cohort) + inspect.getsource(train._audit)
+    read = set(re.findall(r"\bcfg\.(\w+)", source))
+    assert read, "prepare_cohort reads its configuration as `cfg`"
+    properties = {"ratios": "split_ratios", "subgroup_columns": "subgroups", "strata_columns": "split_strata"}
+    execution = {"decode_workers"}  # how fast images decode, not what they are
+    fields = {properties.get(f, f) for f in read} - execution - {"model"}  # model: its interpolation is in the key
+    assert fields <= set(COHORT_FIELDS), fields - set(COHORT_FIELDS)
+
+
+def test_reading_a_missing_storage_creates_nothing(tmp_path, capsys):
+    from cushing.cli import main
+    from cushing.workflows.sweeps import StorageMissing, report_sweep, resolve_scope
+
+    missing = tmp_path / "nowhere" / "optuna.db"
+    study = _small_sweep(tmp_path, "unlaunched")
+    with pytest.raises(StorageMissing, match="no Optuna storage at"):
+        report_sweep(study, f"sqlite:///{missing}")
+    scope = resolve_scope(project=str(study), storage=f"sqlite:///{missing}")
+    assert scope.parent_run_id is None and "not launched yet" in scope.how
+    rc = main(["sweep", str(study), "--report", "--storage", f"sqlite:///{missing}"])
+    assert rc == 2 and "no Optuna storage at" in capsys.readouterr().err
+    assert not missing.parent.exists(), "nothing was created to read"

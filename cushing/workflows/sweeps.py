@@ -3,12 +3,17 @@
 Sweep: every configuration of the study file is trained exactly once, however many launchers and workers share
 the storage. A worker claims a configuration by inserting (study, configuration, attempt) into a table whose
 primary key lets one inserter win (`claims.GridClaims`), then creates the Optuna trial itself with the
-configuration's real fields as parameters (`config` = its label, plus every training option that varies across
-the grid: model, freeze, batch_size, ...), so optuna-dashboard and `optuna trials` read sensibly. A worker that dies
-stops beating; its trial is failed after the grace period and the configuration is claimed again (attempt + 1, at
-most MAX_RETRY times) by a worker still alive: workers wait while others train, so a death is always picked up.
-A configuration whose training raised is failed and not retried (the error would repeat). Rerunning a finished
-sweep trains nothing.
+configuration's real fields as parameters (every training option that varies across the grid: model, freeze,
+batch_size, ...; the configuration's label is the trial's user attribute `label`), so optuna-dashboard and
+`optuna trials` read sensibly. The trial beats from the moment it exists; its worker then checks that nobody took
+the configuration over while it was starting (a later attempt claimed, another of its trials running) and gives
+it up if so. A worker that dies stops beating; its trial is failed after the grace period and the configuration
+is claimed again (attempt + 1) by a worker still alive: workers wait while others train, so a death is always
+picked up. A trial left RUNNING with no heartbeat at all (its worker died between creating and beating it) is given
+one by the next worker, so that it goes stale like any other. A configuration whose training raised is failed and
+not retried (the error would repeat); one whose workers died more than MAX_RETRY times is failed for good. Stops
+(Ctrl-C, SIGTERM, a Slurm preemption) are not failures: an interrupted attempt is retried by the next launch and
+does not count against MAX_RETRY. Rerunning a finished sweep trains nothing.
 Tune: TPE with median or successive-halving pruning on the per-epoch validation metric.
 Every trial is a child MLflow run under one parent run per study. Optuna is imported here only.
 """
@@ -45,9 +50,15 @@ from cushing.workflows.plan import estimate, makespan
 
 __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_sweep", "SweepResult", "load_for",
            "plan_sweep", "auto_workers", "sweep_worker", "resolve_scope", "Scope", "default_experiment",
-           "SweepHandle", "open_sweep", "sweep_status", "finish_sweep", "TuneHandle", "open_tune", "finish_tune"]
+           "SweepHandle", "open_sweep", "sweep_status", "finish_sweep", "TuneHandle", "open_tune", "finish_tune",
+           "StorageMissing"]
 
-MAX_RETRY = 2
+MAX_RETRY = 2  # deaths (not stops) of a configuration's workers that are retried; one more fails it for good
+PARENT_KEY = "__parent_run__"  # the claim of creating a study's MLflow parent run
+PARENT_CLAIM_TIMEOUT_S = 300.0  # a parent claim this old whose run was never recorded is claimed again
+# What a configuration's cohort (manifest, audit, split, decoded images) depends on: configurations equal in these
+# share one cohort in a worker (`_CohortMemo`). The backbone's interpolation is part of the key too.
+COHORT_FIELDS = ("data", "img_size", "split_ratios", "split_seed", "split_strata", "subgroups", "audit")
 GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
 
 
@@ -69,10 +80,8 @@ def default_storage() -> str:
     """CUSHING_OPTUNA_STORAGE, else a SQLite file next to the MLflow store (or in the working directory)."""
     if os.environ.get("CUSHING_OPTUNA_STORAGE"):
         return os.environ["CUSHING_OPTUNA_STORAGE"]
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
-    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    path = sqlite_path(tracking.tracking_uri())
+    return f"sqlite:///{(path.parent if path is not None else Path.cwd()) / 'optuna.db'}"
 
 
 def _storage(url: str, retry_stale: bool = False):
@@ -94,6 +103,54 @@ def _storage(url: str, retry_stale: bool = False):
                                           grace_period=grace, heartbeat_stale_trial_callback=callback)
 
 
+def _close_storage(rdb) -> None:
+    """Give an Optuna storage's database connections back (its engine stays usable: it reconnects if used)."""
+    try:
+        rdb.remove_session()
+    finally:
+        rdb.engine.dispose()
+
+
+class StorageMissing(FileNotFoundError):
+    """The Optuna storage named for reading holds no study (its SQLite file or its schema does not exist)."""
+
+
+@contextmanager
+def _read_storage(url: str) -> Iterator[Any]:
+    """An existing Optuna storage, opened to read and closed after: a missing SQLite file or a database without
+    Optuna's schema is a `StorageMissing` error, never created (reading must not leave an empty store behind)."""
+    import sqlalchemy as sa
+
+    path = sqlite_path(sqlalchemy_url(url))
+    if path is not None and not path.is_file():
+        raise StorageMissing(f"no Optuna storage at {path}: no sweep or tuning study has run with this storage "
+                             "(pass the one it used with --storage, or set CUSHING_OPTUNA_STORAGE)")
+    probe = sa.create_engine(sqlalchemy_url(url))
+    try:
+        with probe.connect() as conn:
+            has_schema = sa.inspect(conn).has_table("studies")
+    finally:
+        probe.dispose()
+    if not has_schema:
+        raise StorageMissing(f"the Optuna storage {_shown(url)} holds no study yet (no sweep or tuning study has "
+                             "run with it)")
+    rdb = _storage(url)
+    try:
+        yield rdb
+    finally:
+        _close_storage(rdb)
+
+
+def _shown(url: str) -> str:
+    """A storage URL fit for a message: without its password."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(sqlalchemy_url(url)).render_as_string(hide_password=True)
+    except Exception:
+        return "(the configured storage)"
+
+
 def _study_name(study: Study) -> str:
     """Name plus a digest of what it trains: editing the file starts a new study instead of mixing grids."""
     if study.kind == "sweep":
@@ -108,45 +165,62 @@ def _study_name(study: Study) -> str:
 def _parent_run(ostudy, study: Study, claims: GridClaims, parent_run_id: str | None) -> str:
     """One MLflow parent run per Optuna study, recorded in the study so every worker and host logs under it.
 
-    Exactly one launcher creates it (a claim); the parent is the run `mlflow run` created when there is one."""
+    Exactly one launcher creates it (a claim); the parent is the run `mlflow run` created when there is one. The
+    others wait for it to be recorded. A launcher that fails to create it (tracking server unreachable, refused,
+    Ctrl-C) releases its claim, so the next launch creates it; a claim older than PARENT_CLAIM_TIMEOUT_S whose
+    run was never recorded (its launcher was killed) is claimed again (attempt + 1) by a waiting launcher."""
     if parent_run_id:
         ostudy.set_user_attr("mlflow_parent_run", parent_run_id)
         return parent_run_id
-    existing = ostudy.user_attrs.get("mlflow_parent_run")
-    if existing:
-        return existing
-    if not claims.claim(ostudy.study_name, "__parent_run__"):
-        return _wait_for_parent(ostudy)
-    env = tracking.env_run_id()  # `mlflow run`'s run becomes the parent when it is in the study's experiment
-    same = env is not None and tracking.experiment_of_run(env) == study.experiment
-    with tracking.start_run(experiment=study.experiment, run_name=f"{study.kind}-{study.name}", use_env_run=same,
-                            tags={"task": study.kind, "study": ostudy.study_name,
-                                  "study_file": study.path.name}) as parent:
-        parent.log_dict({"study": ostudy.study_name, "file": study.path.read_text()}, "study.json")
-        run_id = parent.run_id
-    ostudy.set_user_attr("mlflow_parent_run", run_id)
+    name, said = ostudy.study_name, False
+    while True:
+        existing = ostudy.user_attrs.get("mlflow_parent_run")  # read from the storage each time
+        if existing:
+            return existing
+        last = claims.latest(name, PARENT_KEY)
+        age = time.time() - last[1] if last else 0.0
+        attempt = 0 if last is None else last[0] + 1 if age > PARENT_CLAIM_TIMEOUT_S else None
+        if attempt is not None and claims.claim(name, PARENT_KEY, attempt):
+            existing = ostudy.user_attrs.get("mlflow_parent_run")  # recorded late by a launcher thought dead
+            return existing or _create_parent(ostudy, study, claims, attempt)
+        if last and age > 10 and not said:
+            print(f"[{study.kind} {study.name}] waiting for another launcher to create the parent run (claimed "
+                  f"{age:.0f} s ago; claimed here if not recorded within {PARENT_CLAIM_TIMEOUT_S:.0f} s)", flush=True)
+            said = True
+        time.sleep(0.5)
+
+
+def _create_parent(ostudy, study: Study, claims: GridClaims, attempt: int) -> str:
+    """Create the parent run under this launcher's claim and record it in the study; on any failure give the
+    claim back, so that a later launch is not left waiting for a parent that will never be recorded."""
+    try:
+        env = tracking.env_run_id()  # `mlflow run`'s run becomes the parent when it is in the study's experiment
+        same = env is not None and tracking.experiment_of_run(env) == study.experiment
+        with tracking.start_run(experiment=study.experiment, run_name=f"{study.kind}-{study.name}",
+                                use_env_run=same, tags={"task": study.kind, "study": ostudy.study_name,
+                                                        "study_file": study.path.name}) as parent:
+            parent.log_dict({"study": ostudy.study_name, "file": study.path.read_text()}, "study.json")
+            run_id = parent.run_id
+        ostudy.set_user_attr("mlflow_parent_run", run_id)
+    except BaseException:
+        try:
+            claims.release(ostudy.study_name, PARENT_KEY, attempt)
+        except Exception:  # the storage is unreachable too: a later launch reclaims it after the timeout
+            pass
+        raise
     return run_id
 
 
-def _wait_for_parent(ostudy, timeout: float = 300.0) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        parent = ostudy.user_attrs.get("mlflow_parent_run")  # read from the storage each time
-        if parent:
-            return parent
-        time.sleep(0.5)
-    raise RuntimeError(f"study {ostudy.study_name}: another launcher claimed the parent run but did not record it "
-                       f"within {timeout:.0f} s (did it die?)")
-
-
 def _study_parent(study: Study, storage: str | None) -> str | None:
-    """The parent run of a study file's Optuna study in `storage`, if it has been launched."""
+    """The parent run of a study file's Optuna study in `storage`, if it has been launched. The storage is read,
+    never created: a missing one is a `StorageMissing` error."""
     optuna = _optuna()
-    try:
-        ostudy = optuna.load_study(study_name=_study_name(study), storage=_storage(storage or default_storage()))
-    except KeyError:
-        return None
-    return ostudy.user_attrs.get("mlflow_parent_run")
+    with _read_storage(storage or default_storage()) as rdb:
+        try:
+            ostudy = optuna.load_study(study_name=_study_name(study), storage=rdb)
+        except KeyError:
+            return None
+        return ostudy.user_attrs.get("mlflow_parent_run")
 
 
 def _end_orphan(frozen_trial) -> None:
@@ -164,14 +238,18 @@ def _end_orphan(frozen_trial) -> None:
 # ------------------------------------------------------------------------------------------------ sweep
 
 class _CohortMemo:
-    """Decode each cohort once per worker process (configurations often share data and image size)."""
+    """Decode each cohort once per worker process (configurations often share data and image size): one cohort
+    per distinct value of COHORT_FIELDS and the backbone's interpolation."""
 
     def __init__(self):
         self.memo: dict[tuple, Any] = {}
 
-    def get(self, cfg: TrainConfig):
+    @staticmethod
+    def key(cfg: TrainConfig) -> tuple:
+        return (*(getattr(cfg, f) for f in COHORT_FIELDS), interpolation_of(cfg.model))
 
-        key = (cfg.data, cfg.img_size, cfg.split_ratios, cfg.split_seed, interpolation_of(cfg.model))
+    def get(self, cfg: TrainConfig):
+        key = self.key(cfg)
         if key not in self.memo:
             self.memo[key] = prepare_cohort(cfg, progress=False)
         return self.memo[key]
@@ -216,16 +294,30 @@ class _Grid:
     def name(self) -> str:
         return self.ostudy.study_name
 
+    def close(self) -> None:
+        """Give the claims' and the storage's database connections back (safe to call twice)."""
+        try:
+            self.claims.close()
+        finally:
+            _close_storage(self.storage)
+
 
 def _open_grid(study: Study, storage: str, parent_run_id: str | None = None) -> _Grid:
     optuna = _optuna()
     rdb = _storage(storage)
-    ostudy = optuna.create_study(study_name=_study_name(study), storage=rdb, direction=study.direction,
-                                 load_if_exists=True)
-    _name_metric(ostudy, study)
-    claims = GridClaims(storage)
-    dists, params = grid_parameters(study)
-    return _Grid(study, ostudy, rdb, claims, _parent_run(ostudy, study, claims, parent_run_id), dists, params)
+    claims = None
+    try:
+        ostudy = optuna.create_study(study_name=_study_name(study), storage=rdb, direction=study.direction,
+                                     load_if_exists=True)
+        _name_metric(ostudy, study)
+        claims = GridClaims(storage)
+        dists, params = grid_parameters(study)
+        return _Grid(study, ostudy, rdb, claims, _parent_run(ostudy, study, claims, parent_run_id), dists, params)
+    except BaseException:
+        if claims is not None:
+            claims.close()
+        _close_storage(rdb)
+        raise
 
 
 def _name_metric(ostudy, study: Study) -> None:
@@ -246,41 +338,51 @@ class _Attempts:
     live: bool = False
     errored: bool = False
     next_attempt: int | None = 0
+    deaths: int = 0  # attempts whose worker died (stops and attempts given up to another worker do not count)
+
+
+# user attributes of a failed trial whose attempt does not count against MAX_RETRY: stopped (Ctrl-C, SIGTERM,
+# preempted) or given up because another worker had taken the configuration over while it started
+_NOT_DEATHS = ("interrupted", "superseded")
+
+
+def _grid_trials(grid: _Grid) -> dict[tuple[str, int], Any]:
+    """(label, attempt) -> the trial of that attempt."""
+    return {(t.user_attrs.get("label"), int(t.system_attrs.get("grid_attempt", 0))): t
+            for t in grid.ostudy.get_trials(deepcopy=False)}
 
 
 def _attempts(grid: _Grid) -> dict[str, _Attempts]:
+    """Every configuration's standing, from its claims and trials. A configuration is live while any of its trials
+    runs (heartbeat-stale ones are failed first by the caller) or while its last claim, still without a trial, is
+    younger than the grace period. It is dead otherwise; then attempt last + 1 may be claimed unless its
+    training raised (the error would repeat) or its workers died more than MAX_RETRY times. A death is a trial
+    failed without a stop or a give-up noted on it (heartbeat stale) or a claim that never got a trial."""
     from optuna.trial import TrialState
 
     _, grace = _beat()
-    claims = grid.claims.claimed(grid.name)
-    trials: dict[tuple[str, int], Any] = {}
-    for t in grid.ostudy.get_trials(deepcopy=False):
-        trials[(t.user_attrs.get("label"), int(t.system_attrs.get("grid_attempt", 0)))] = t
+    claims = grid.claims.claims(grid.name)
+    trials = _grid_trials(grid)
+    now = time.time()
     out = {}
     for label in grid.study.labels:
         a = _Attempts()
         tried = sorted(k[1] for k in claims if k[0] == label)
         if tried:
-            last = tried[-1]
-            t = trials.get((label, last))
-            a.done = t is not None and t.state == TrialState.COMPLETE
-            a.errored = t is not None and t.state == TrialState.FAIL and "error" in t.user_attrs
-            starting = t is None and time.time() - _claim_time(grid, label, last) < grace
-            a.live = (t is not None and t.state == TrialState.RUNNING) or starting
+            mine = {k: trials.get((label, k)) for k in tried}
+            age = {k: now - claims[(label, k)][1] for k in tried}
+            a.done = any(t is not None and t.state == TrialState.COMPLETE for t in mine.values())
+            a.errored = any(t is not None and t.state == TrialState.FAIL and "error" in t.user_attrs
+                            for t in mine.values())
+            starting = mine[tried[-1]] is None and age[tried[-1]] < grace
+            a.live = any(t is not None and t.state == TrialState.RUNNING for t in mine.values()) or starting
+            a.deaths = sum(1 for k, t in mine.items()
+                           if (t is None and age[k] >= grace) or (t is not None and t.state == TrialState.FAIL
+                                                                  and not any(x in t.user_attrs for x in _NOT_DEATHS)))
             dead = not (a.done or a.errored or a.live)
-            a.next_attempt = last + 1 if dead and last < MAX_RETRY else None
+            a.next_attempt = tried[-1] + 1 if dead and a.deaths <= MAX_RETRY else None
         out[label] = a
     return out
-
-
-def _claim_time(grid: _Grid, label: str, attempt: int) -> float:
-    import sqlalchemy as sa
-
-    tbl = grid.claims.table
-    with grid.claims.engine.connect() as conn:
-        row = conn.execute(sa.select(tbl.c.claimed_at).where(
-            (tbl.c.study == grid.name) & (tbl.c.key == label) & (tbl.c.attempt == attempt))).first()
-    return float(row[0]) if row else 0.0
 
 
 @contextmanager
@@ -307,7 +409,8 @@ def _heartbeat(storage, trial_id: int) -> Iterator[None]:
 
 
 def _new_trial(grid: _Grid, label: str, attempt: int, retry_of: int | None):
-    """A RUNNING trial with the configuration's real parameters (created directly: the claim already decided)."""
+    """A RUNNING trial with the configuration's real parameters (created directly: the claim already decided),
+    beating at once: a trial without a heartbeat row is invisible to Optuna's stale check."""
     optuna = _optuna()
     from optuna.trial import FrozenTrial, TrialState
 
@@ -319,7 +422,35 @@ def _new_trial(grid: _Grid, label: str, attempt: int, retry_of: int | None):
                            distributions={k: grid.dists[k] for k in params}, user_attrs={"label": label},
                            system_attrs=system, intermediate_values={}, trial_id=-1)
     trial_id = storage.create_new_trial(storage.get_study_id_from_name(grid.name), template_trial=template)
+    try:
+        storage.record_heartbeat(trial_id)
+    except Exception:  # a brief outage: the beat thread tries again, and a beatless trial is adopted (below)
+        pass
     return optuna.trial.Trial(grid.ostudy, trial_id)
+
+
+def _taken_over(grid: _Grid, label: str, attempt: int, trial_id: int) -> str | None:
+    """Why a worker that has just created (and beaten) the trial of `attempt` must not train it, or None.
+
+    Its claim may have looked dead while it started (creating a trial can wait out the database's busy timeout,
+    longer than the grace period), so another worker may have claimed a later attempt, or a trial of this
+    configuration may be running. Each side writes (its trial; its claim) before it reads the other's, so at
+    least one of two such workers sees the other and gives up: never both train (rarely both give up, and the
+    configuration is claimed again)."""
+    from optuna.trial import TrialState
+
+    later = sorted(k for (key, k) in grid.claims.claimed(grid.name) if key == label and k > attempt)
+    if later:
+        return f"attempt {later[-1]} of {label} was claimed while this one started"
+    for (lbl, k), t in _grid_trials(grid).items():
+        if lbl != label:
+            continue
+        if t._trial_id == trial_id:
+            if t.state != TrialState.RUNNING:
+                return f"trial {t.number} was failed (no heartbeat) while it started"
+        elif t.state == TrialState.RUNNING:
+            return f"trial {t.number} (attempt {k}) of {label} is training"
+    return None
 
 
 def _previous_trial(grid: _Grid, label: str, attempt: int) -> int | None:
@@ -329,10 +460,9 @@ def _previous_trial(grid: _Grid, label: str, attempt: int) -> int | None:
     return None
 
 
-def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, progress: bool) -> float:
-    from optuna.trial import TrialState
-
-
+def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, progress: bool) -> float | None:
+    """Train a claimed configuration as a trial; its objective value, or None when another worker had taken the
+    configuration over while this one started (the trial is failed as `superseded`, not counted as a death)."""
     study = grid.study
     i = study.labels.index(label)
     retry_of = _previous_trial(grid, label, attempt) if attempt else None
@@ -342,17 +472,34 @@ def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, pro
             **({"retry_of_trial": str(retry_of)} if retry_of is not None else {})}
     with _heartbeat(grid.storage, trial._trial_id):
         try:
+            why = _taken_over(grid, label, attempt, trial._trial_id)
+            if why:
+                _fail_trial(grid, trial, "superseded", why)
+                return None
             summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=grid.parent, progress=progress,
                                  extra_tags=tags, on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
         except BaseException as e:
-            # stopped (SIGTERM, Ctrl-C): claimed again by the next worker; a training error would only repeat
-            key = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "error"
-            trial.set_user_attr(key, f"{type(e).__name__}: {e}"[:2000])
-            grid.ostudy.tell(trial, state=TrialState.FAIL)
+            # stopped (SIGTERM, Ctrl-C, preempted): claimed again by the next worker and not counted against
+            # MAX_RETRY; an exit from inside training is retried as a death; a training error would only repeat
+            key = "interrupted" if isinstance(e, KeyboardInterrupt) else "exited" if isinstance(e, SystemExit) \
+                else "error"
+            _fail_trial(grid, trial, key, f"{type(e).__name__}: {e}"[:2000])
             raise
     value = _objective_value(summary.metrics, study)
     grid.ostudy.tell(trial, value)
     return value
+
+
+def _fail_trial(grid: _Grid, trial, key: str, why: str) -> None:
+    """Fail a trial with the reason under user attribute `key` (unless it was failed already, e.g. as stale)."""
+    optuna = _optuna()
+    from optuna.trial import TrialState
+
+    try:
+        trial.set_user_attr(key, why)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return
+    grid.ostudy.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def _say(grid: _Grid, text: str) -> None:
@@ -363,10 +510,21 @@ def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, p
                  grid: _Grid | None = None) -> int:
     """Claim and train configurations until every one is done or failed for good; returns how many this worker
     trained. While others train the last ones, it waits, so that a configuration whose worker dies is retried."""
-    grid = grid or _open_grid(study, storage, parent_run_id)
+    if grid is None:
+        grid = _open_grid(study, storage, parent_run_id)
+        try:
+            return _work(grid, progress)
+        finally:
+            grid.close()
+    return _work(grid, progress)
+
+
+def _work(grid: _Grid, progress: bool) -> int:
+    study = grid.study
     memo, trained, n = _CohortMemo(), 0, len(study.labels)
     interval, _ = _beat()
     while True:
+        _adopt_beatless(grid)
         for t in _fail_stale(grid.ostudy):
             _end_orphan(t)
         states = _attempts(grid)
@@ -380,12 +538,41 @@ def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, p
         label, attempt = won
         done = sum(a.done for a in states.values())
         _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: training"
-                   f"{f' (retry {attempt})' if attempt else ''}; {done}/{n} done")
+                   f"{f' (attempt {attempt + 1})' if attempt else ''}; {done}/{n} done")
         value = _train_claimed(grid, label, attempt, memo, progress)
+        if value is None:
+            _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: another worker took it over "
+                       "while this one started; not training it here")
+            continue
         trained += 1
         done = sum(a.done for a in _attempts(grid).values())
         _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: {study.objective_metric} "
                    f"{value:.4f}; {done}/{n} done")
+
+
+def _adopt_beatless(grid: _Grid) -> list[int]:
+    """Give a heartbeat to every RUNNING trial of the grid that has none although it started more than the grace
+    period ago (its worker died between creating the trial and its first beat). Optuna's stale check skips
+    trials without a heartbeat, so such a trial would count as training forever; with one, it goes stale one
+    grace period later unless its worker, alive after all, beats it (a heartbeat rather than failing it at once:
+    nothing is lost if that worker is only slow). Returns the trial ids adopted."""
+    import sqlalchemy as sa
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+    from optuna.trial import TrialState
+
+    _, grace = _beat()
+    old = dt.datetime.now() - dt.timedelta(seconds=grace)
+    running = {t._trial_id for t in grid.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.datetime_start is not None and t.datetime_start < old}
+    if not running:
+        return []
+    hb = TrialHeartbeatModel.__table__
+    with grid.storage.engine.connect() as conn:
+        beaten = {r[0] for r in conn.execute(sa.select(hb.c.trial_id).where(hb.c.trial_id.in_(running)))}
+    adopted = sorted(running - beaten)
+    for trial_id in adopted:
+        grid.storage.record_heartbeat(trial_id)  # a concurrent first beat of the same trial is ignored by Optuna
+    return adopted
 
 
 def _fail_stale(ostudy) -> list:
@@ -415,7 +602,8 @@ class SweepResult:
 
 def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
     """N worker processes; the storage URL (which may hold a password) reaches them through the environment,
-    never their command line (which every account on the host can read). A stop (SIGTERM, Ctrl-C) is passed on."""
+    never their command line (which every account on the host can read). A stop (SIGTERM, Ctrl-C) is passed on
+    (`_stop_workers`)."""
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
     env["CUSHING_OPTUNA_STORAGE"] = storage
@@ -424,16 +612,47 @@ def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str |
                                "--worker", *extra], env=env) for _ in range(n)]
     try:
         return [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    except KeyboardInterrupt as e:
+        _stop_workers(procs, forward=getattr(e, "signame", "SIGINT") != "SIGINT")
         raise
+
+
+def _stop_grace() -> float:
+    """Seconds a stopped launcher gives its workers at each step (CUSHING_STOP_GRACE_S, default 30)."""
+    return float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
+
+
+def _stop_workers(procs: list[subprocess.Popen], forward: bool) -> None:
+    """Stop the workers of an interrupted launcher without interrupting their own clean-up.
+
+    Ctrl-C reaches every process of the terminal's foreground group: the workers got their own SIGINT and are
+    already failing their trial as `interrupted` and ending their MLflow run KILLED; a second signal now would land
+    in that clean-up and leave both RUNNING. So they are given the grace period to exit on their own, then sent
+    SIGTERM, and SIGKILLed only after a further grace period. A SIGTERM (docker stop, a scheduler, `kill`) usually
+    reaches the launcher alone, so it is passed on at once (`forward`), and SIGKILL follows after the grace period.
+    Another Ctrl-C while waiting moves on to the next step at once."""
+    grace = _stop_grace()
+    steps = ([] if forward else [None]) + [subprocess.Popen.terminate, subprocess.Popen.kill]
+    for step in steps:
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return
+        if step is not None:
+            for p in alive:
+                step(p)
+        if step is subprocess.Popen.kill:
+            for p in alive:
+                p.wait()
+            return
+        try:
+            deadline = time.monotonic() + grace
+            for p in alive:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    break
+        except KeyboardInterrupt:
+            continue
 
 
 def auto_workers() -> int:
@@ -499,7 +718,7 @@ def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
     _log_tables(h.grid.parent, t2, t3, retried, seconds, done, len(h.study.labels))
     if h.launcher_run and h.launcher_run != h.grid.parent:
         _log_pass(h.launcher_run, h.grid, trained, done)
-    h.grid.claims.close()
+    h.grid.close()
     return SweepResult(h.grid.parent, h.grid.name, trained, t2, t3, retried, seconds)
 
 
@@ -512,15 +731,18 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
     Under `mlflow run`, the run it created becomes the study's parent on the first launch, and on later launches
     a child of that parent recording what this launch trained."""
     h = open_sweep(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
-    workers = workers or auto_workers()
-    if workers > 1:
-        codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
-        trained = -1
-        if any(codes):
-            raise RuntimeError(f"sweep workers exited with {codes}")
-    else:
-        trained = sweep_worker(h.study, h.storage, progress=progress, grid=h.grid)
-    return finish_sweep(h, trained)
+    try:
+        workers = workers or auto_workers()
+        if workers > 1:
+            codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
+            trained = -1
+            if any(codes):
+                raise RuntimeError(f"sweep workers exited with {codes}")
+        else:
+            trained = sweep_worker(h.study, h.storage, progress=progress, grid=h.grid)
+        return finish_sweep(h, trained)
+    finally:
+        h.grid.close()
 
 
 def _log_pass(run_id: str, grid: _Grid, trained: int, done: int) -> None:
@@ -625,7 +847,9 @@ def sweep_tables(parent: str, study: Study) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def report_sweep(path: str | Path, storage: str | None = None) -> tuple[str | None, pd.DataFrame, pd.DataFrame]:
-    """The tables of a sweep from the tracking store, at any time (also while it runs)."""
+    """The tables of a sweep from the tracking store, at any time (also while it runs); no parent (None) when the
+    study has not been launched in `storage`. A storage that does not exist is a `StorageMissing` error (it is
+    read, never created)."""
     study = load_for(path, "sweep")
     parent = _study_parent(study, storage)
     if not parent:
@@ -659,7 +883,10 @@ def resolve_scope(*, experiment: str | None = None, parent_run_id: str | None = 
         return Scope(tracking.experiment_of_run(parent_run_id), parent_run_id, f"parent run {parent_run_id}")
     if project:
         study = load_study(project)
-        parent = _study_parent(study, storage)
+        try:
+            parent = _study_parent(study, storage)
+        except StorageMissing:  # nothing launched with this storage: the study file's experiment, read as is
+            parent = None
         return Scope(experiment or study.experiment, parent,
                      f"study {study.path.name}" + (f" (parent run {parent})" if parent else " (not launched yet)"))
     name = experiment or default_experiment()
@@ -746,6 +973,7 @@ class TuneHandle:
     ostudy: Any
     parent_run_id: str
     launcher_run: str | None
+    storage: Any = None  # the Optuna RDB storage (closed by run_tune when done)
 
 
 def open_tune(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
@@ -755,28 +983,32 @@ def open_tune(path: str | Path, *, storage: str | None = None, parent_run_id: st
     study = load_for(path, "tune", compile)
     storage = storage or default_storage()
     launcher_run = tracking.env_run_id()
-    ostudy = optuna.create_study(study_name=_study_name(study), storage=_storage(storage, retry_stale=True),
-                                 sampler=_sampler(study), pruner=_pruner(study), direction=study.direction,
-                                 load_if_exists=True)
-    _name_metric(ostudy, study)
-    claims = GridClaims(storage)
+    rdb = _storage(storage, retry_stale=True)
     try:
-        parent = _parent_run(ostudy, study, claims, parent_run_id)
-    finally:
-        claims.close()
-    return TuneHandle(study, ostudy, parent, launcher_run)
+        ostudy = optuna.create_study(study_name=_study_name(study), storage=rdb, sampler=_sampler(study),
+                                     pruner=_pruner(study), direction=study.direction, load_if_exists=True)
+        _name_metric(ostudy, study)
+        with GridClaims(storage) as claims:
+            parent = _parent_run(ostudy, study, claims, parent_run_id)
+    except BaseException:
+        _close_storage(rdb)
+        raise
+    return TuneHandle(study, ostudy, parent, launcher_run, rdb)
 
 
 def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | None = None, progress: bool = True,
              parent_run_id: str | None = None, compile: str | None = None) -> TuneResult:
     """This worker's `n_trials` of the study (any number of workers and hosts may share the storage)."""
     h = open_tune(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
-    for t in _fail_stale(h.ostudy):
-        _end_orphan(t)
-    n = n_trials or h.study.n_trials
-    h.ostudy.optimize(_tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress), n_trials=n, catch=(),
-                      callbacks=[_tune_progress(h.study.name, n)])
-    result = finish_tune(h)
+    try:
+        for t in _fail_stale(h.ostudy):
+            _end_orphan(t)
+        n = n_trials or h.study.n_trials
+        h.ostudy.optimize(_tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress), n_trials=n, catch=(),
+                          callbacks=[_tune_progress(h.study.name, n)])
+        result = finish_tune(h)
+    finally:
+        _close_storage(h.storage)
     if h.launcher_run and h.launcher_run != h.parent_run_id:
         with tracking.resume_run(h.launcher_run) as r:
             r.nest_under(h.parent_run_id)

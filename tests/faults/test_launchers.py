@@ -1,10 +1,15 @@
 """Many launchers on one sweep: three `cushing sweep --workers 2` started at the same moment on a fresh store (no
-MLflow database, no Optuna schema yet) train each configuration exactly once, on SQLite and on PostgreSQL."""
+MLflow database, no Optuna schema yet) train each configuration exactly once, on SQLite and on PostgreSQL; a trial
+left RUNNING without a heartbeat by a worker killed as it started is retried, not waited for; Ctrl-C on a launcher
+with workers leaves no trial and no run RUNNING."""
 from __future__ import annotations
 
+import datetime as dt
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +91,117 @@ def test_three_launchers_on_a_fresh_postgres_database(tmp_path, pg_stack, cushin
     env.pop("MLFLOW_RUN_ID", None)
     results = _launch_three(_study(tmp_path, "race-pg"), env, tmp_path)
     _check_exactly_once(results, storage, pg_stack.env(), "race-pg")
+
+
+def _trials(storage: str, name: str) -> list:
+    import optuna
+
+    study = optuna.load_study(study_name=next(s for s in optuna.get_all_study_names(storage)
+                                              if s.startswith(f"sweep:{name}:")), storage=storage)
+    return study.get_trials(deepcopy=False)
+
+
+def test_a_trial_left_without_a_heartbeat_is_retried(tmp_path, cushing_home):
+    """A worker killed between creating its trial and its first heartbeat leaves a RUNNING trial with no heartbeat
+    row, which Optuna's stale check never fails. The next sweep gives it a heartbeat, lets it go stale, and trains
+    the configuration again, instead of waiting for it forever (guarded by the subprocess timeout)."""
+    from optuna.trial import FrozenTrial, TrialState
+
+    from cushing.workflows.sweeps import grid_parameters, open_sweep
+
+    study = _study(tmp_path, "beatless")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study, storage=storage)
+    try:  # what the killed worker left: its claim and its trial, both an hour old, and no heartbeat
+        grid, long_ago = h.grid, time.time() - 3600
+        with grid.claims.engine.begin() as conn:
+            conn.execute(grid.claims.table.insert().values(study=grid.name, key="a", attempt=0, owner="gone:1",
+                                                           claimed_at=long_ago))
+        dists, params = grid_parameters(h.study)
+        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
+                               datetime_start=dt.datetime.fromtimestamp(long_ago), datetime_complete=None,
+                               params=params[0], distributions={k: dists[k] for k in params[0]},
+                               user_attrs={"label": "a"}, system_attrs={"grid_attempt": 0}, intermediate_values={},
+                               trial_id=-1)
+        orphan = grid.storage.create_new_trial(grid.storage.get_study_id_from_name(grid.name), template_trial=template)
+    finally:
+        h.grid.close()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CUSHING_HEARTBEAT_S": "1", "CUSHING_GRACE_S": "3"}
+    env.pop("MLFLOW_RUN_ID", None)
+    r = subprocess.run([sys.executable, "-m", "cushing", "sweep", str(study), "--storage", storage, "--workers", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    trials = {(t.user_attrs["label"], t.system_attrs["grid_attempt"]): t for t in _trials(storage, "beatless")}
+    assert trials[("a", 0)]._trial_id == orphan and trials[("a", 0)].state == TrialState.FAIL
+    assert trials[("a", 1)].state == TrialState.COMPLETE and trials[("a", 1)].system_attrs["retry_of"] == trials[("a", 0)].number
+    assert all(trials[(k, 0)].state == TrialState.COMPLETE for k in ("b", "c"))
+    assert "Table II" in r.stdout
+
+
+def test_ctrl_c_on_a_launcher_leaves_nothing_running(tmp_path, cushing_home):
+    """Ctrl-C reaches the launcher and its workers at once (one foreground process group). The launcher lets the
+    workers finish their own clean-up (trial failed as interrupted, MLflow run KILLED) before anything else, so no
+    second signal lands in it: nothing is left RUNNING, and the stopped configurations stay retryable."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    from cushing import tracking
+    from cushing.workflows.sweeps import _attempts, open_sweep
+
+    study = tmp_path / "ctrlc.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "ctrlc", "kind": "sweep", "experiment": "ctrlc",
+        "base": {"data": "demo", "pretrained": False, "epochs": 200, "img_size": 32, "bootstrap": 0, "cam": False,
+                 "log_model": False, "checkpoint_every": 0},
+        "configurations": CONFIGS[:2]}))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CUSHING_HEARTBEAT_S": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(study), "--storage", storage, "--workers",
+                             "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, as a terminal's foreground job
+    deadline, training = time.time() + 300, []
+    try:
+        while time.time() < deadline and len(training) < 2 and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                with env_vars({"MLFLOW_TRACKING_URI": uri}):
+                    c = tracking.client()  # waits for the launcher's creation of the store (its lock)
+                    exp = c.get_experiment_by_name("ctrlc")
+                    runs = c.search_runs([exp.experiment_id]) if exp else []
+            except Exception:  # the store does not exist yet
+                continue
+            training = [r for r in runs if r.info.status == "RUNNING" and "epoch/train/loss" in r.data.metrics]
+        if len(training) < 2:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"both workers did not start training:\n{out[-2000:]}\n{err[-3000:]}")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert err.count("cushing sweep: stopped by SIGINT") == 3, "the launcher and both workers stopped on the SIGINT\n" \
+        + err[-3000:]
+    assert "SIGTERM" not in err and "Traceback" not in err, "no second signal reached a worker\n" + err[-3000:]
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        c = mlflow.MlflowClient()
+        runs = c.search_runs([c.get_experiment_by_name("ctrlc").experiment_id])
+        kids = [r for r in runs if r.data.tags.get("sweep_config")]
+        assert sorted(r.data.tags["sweep_config"] for r in kids) == ["a", "b"]
+        assert all(r.info.status == "KILLED" for r in kids), [(r.data.tags["sweep_config"], r.info.status) for r in kids]
+        trials = _trials(storage, "ctrlc")
+        assert sorted(t.user_attrs["label"] for t in trials) == ["a", "b"]
+        assert all(t.state == TrialState.FAIL and "interrupted" in t.user_attrs for t in trials), \
+            [(t.number, t.state.name, dict(t.user_attrs)) for t in trials]
+        h = open_sweep(study, storage=storage)
+        try:
+            states = _attempts(h.grid)
+        finally:
+            h.grid.close()
+    assert all(a.next_attempt == 1 and a.deaths == 0 for a in states.values()), states
