@@ -99,6 +99,9 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(c.strip() for c in str(text).split(",") if c.strip()))
 
 
+# What shapes a cohort (its photos, split and subgroups): configurations equal on these share one decoded cohort.
+COHORT_FIELDS = ("data", "img_size", "split_ratios", "split_seed", "split_strata", "subgroups", "audit")
+
 # How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
 EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every",
                     "checkpoint_minutes", "log_checkpoint", "resume")

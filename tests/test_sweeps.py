@@ -360,7 +360,7 @@ def test_the_cohort_key_covers_every_field_prepare_cohort_reads():
     import re
 
     from cushing.model import train
-    from cushing.workflows.sweeps import COHORT_FIELDS
+    from cushing.config import COHORT_FIELDS
 
     source = inspect.getsource(train.prepare_cohort) + inspect.getsource(train._audit)
     read = set(re.findall(r"\bcfg\.(\w+)", source))

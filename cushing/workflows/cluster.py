@@ -446,7 +446,7 @@ def _sweep_task(task: ArrayTask, storage: str) -> int:
     if task.log_tables and h.grid.claims.claim(h.study_name, "__tables__", len(h.grid.ostudy.get_trials())):
         finish_sweep(h, trained)
     else:
-        h.grid.claims.close()
+        h.grid.close()
     return trained
 
 
@@ -682,14 +682,18 @@ def _trial_lines(h, seen: dict[int, str], workers: Mapping[str, str]) -> Iterato
     """One line per trial state not printed yet: training (on which task), done, stopped/died (retried) or failed."""
     owners = h.grid.claims.claimed(h.study_name)
     labels = h.study.labels
+    deaths: dict[str, int] = {}
     for t in sorted(h.grid.ostudy.get_trials(deepcopy=False), key=lambda t: t.number):
         label, state = t.user_attrs.get("label"), t.state.name
+        died = state == "FAIL" and not any(k in t.user_attrs for k in ("error", "interrupted", "superseded"))
+        deaths[label] = deaths.get(label, 0) + died
         if label not in labels or seen.get(t.number) == state:
             continue
         seen[t.number] = state
         attempt = int(t.system_attrs.get("grid_attempt", 0))
         where = workers.get(owners.get((label, attempt), ""), "?")
-        retry = "another worker retries it" if attempt < MAX_RETRY else f"not retried ({MAX_RETRY} retries spent)"
+        retry = "another worker retries it" if deaths[label] <= MAX_RETRY else \
+            f"not retried (its workers died {deaths[label]} times)"
         if state == "RUNNING":
             text = f"training on task {where}" + (f" (retry {attempt})" if attempt else "")
         elif state == "COMPLETE":
@@ -697,7 +701,9 @@ def _trial_lines(h, seen: dict[int, str], workers: Mapping[str, str]) -> Iterato
         elif "error" in t.user_attrs:
             text = f"failed on task {where}: {t.user_attrs['error'][:300]} (not retried: it would fail again)"
         elif "interrupted" in t.user_attrs:
-            text = f"stopped on task {where} ({t.user_attrs['interrupted'][:120]}); {retry}"
+            text = f"stopped on task {where} ({t.user_attrs['interrupted'][:120]}); the next launch retries it"
+        elif "superseded" in t.user_attrs:
+            text = f"left by task {where} to the worker that took it over while it started"
         else:
             text = f"its worker (task {where}) stopped beating: cancelled, killed or lost with its node; {retry}"
         yield f"configuration {labels.index(label) + 1}/{len(labels)} {label}: {text}"

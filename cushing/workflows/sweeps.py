@@ -40,7 +40,7 @@ from cushing import tracking
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.claims import GridClaims
 from cushing.stats.metrics import METRICS
-from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest
+from cushing.config import COHORT_FIELDS, EXECUTION_FIELDS, TrainConfig, config_digest
 from cushing.model.engine import StopTraining
 from cushing.workflows.studies import Study, load_study, with_execution
 from cushing.model.backbones import interpolation_of
@@ -56,9 +56,6 @@ __all__ = ["run_sweep", "run_tune", "default_storage", "sweep_tables", "report_s
 MAX_RETRY = 2  # deaths (not stops) of a configuration's workers that are retried; one more fails it for good
 PARENT_KEY = "__parent_run__"  # the claim of creating a study's MLflow parent run
 PARENT_CLAIM_TIMEOUT_S = 300.0  # a parent claim this old whose run was never recorded is claimed again
-# What a configuration's cohort (manifest, audit, split, decoded images) depends on: configurations equal in these
-# share one cohort in a worker (`_CohortMemo`). The backbone's interpolation is part of the key too.
-COHORT_FIELDS = ("data", "img_size", "split_ratios", "split_seed", "split_strata", "subgroups", "audit")
 GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
 
 
