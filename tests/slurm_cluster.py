@@ -62,6 +62,10 @@ class SlurmClusterError(RuntimeError):
     """The cluster could not be started or a Slurm command failed."""
 
 
+# the longest base folder whose `slurm-test-XXXXXXXX/munge/munge.socket` fits in sun_path (108 bytes with its NUL)
+_MAX_BASE = 107 - len("/slurm-test-XXXXXXXX/munge/munge.socket")
+
+
 def _which(name: str) -> str | None:
     path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(SBIN_DIRS)
     return shutil.which(name, path=path)
@@ -200,9 +204,12 @@ class SlurmCluster:
         if missing:
             raise SlurmClusterError(f"Slurm/MUNGE binaries not found: {', '.join(missing)}; {INSTALL_HINT}")
         t0 = time.monotonic()
-        if self.base_dir is not None:
-            self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="slurm-test-", dir=self.base_dir))
+        base = self.base_dir
+        if base is not None and len(str(base.resolve())) > _MAX_BASE:
+            base = None  # the munge socket's path would not fit in a unix socket address (108 bytes): use /tmp
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="slurm-test-", dir=base))
         atexit.register(self.stop)
         try:
             self.dir.chmod(0o755)  # munged wants its socket's folders searchable by all

@@ -155,9 +155,11 @@ def test_model_matches_logged_test_predictions(finished_run, demo_manifest):
     from cushing.data.manifest import hash_subject, load_manifest
 
     pred = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv"))
-    m = load_manifest(demo_manifest).table
-    m["subject"] = [hash_subject(s, run.data.tags["data_digest"]) for s in m["subject_id"]]
+    manifest = load_manifest(demo_manifest)
+    m = manifest.table
+    m["subject"] = [hash_subject(s, manifest.subject_key) for s in m["subject_id"]]
     sample = pred[pred["split"] == "test"].head(5).merge(m[["subject", "path"]], on="subject")
+    assert len(sample) == 5, "predictions.csv subjects are keyed by the cohort's subject_key"
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     payload = [base64.b64encode(open(p, "rb").read()).decode() for p in sample["path"]]
     out = model.predict(pd.DataFrame({"image": payload}))

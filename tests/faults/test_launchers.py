@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import env_vars
+from tests.conftest import env_vars, foreground_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -162,7 +162,7 @@ def test_ctrl_c_on_a_launcher_leaves_nothing_running(tmp_path, cushing_home):
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(study), "--storage", storage, "--workers",
                              "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own group, as a terminal's foreground job
+                            preexec_fn=foreground_job)  # its own group, as a terminal's foreground job
     deadline, training = time.time() + 300, []
     try:
         while time.time() < deadline and len(training) < 2 and proc.poll() is None:

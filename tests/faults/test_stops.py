@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env_vars
+from tests.conftest import env_vars, foreground_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -31,7 +31,7 @@ def store(tmp_path, cushing_home, demo_manifest):
 def _start(store, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cushing", "train", *ARGS, *extra], cwd=store["dir"],
                             env={**store["env"], **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, preexec_fn=foreground_job)
 
 
 def _runs(store) -> list:
