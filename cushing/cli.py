@@ -442,17 +442,22 @@ def _launcher_options(p: argparse.ArgumentParser, tasks: str) -> None:
     p.add_argument("--no-requeue", action="store_true", help="do not requeue preempted tasks (default: requeue)")
 
 
-def _opt_count(text: str) -> int | None:
-    """A positive count, or None for '' (MLproject's unset)."""
-    if text in ("", "None", "0"):
+def _count(text: str, unset: tuple[str, ...], what: str, least: str) -> int | None:
+    """A positive count, or None for the texts that mean unset (MLproject passes '' for an unset parameter)."""
+    if text in unset:
         return None
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"a positive number, got {n}")
+        raise argparse.ArgumentTypeError(f"{least}, got {n}")
     return n
+
+
+def _opt_count(text: str) -> int | None:
+    """A positive count, or None for '' (MLproject's unset)."""
+    return _count(text, ("", "None", "0"), "a positive number", "a positive number")
 
 
 def _yes(text: str) -> bool:
@@ -514,15 +519,7 @@ def _print_sweep_result(res) -> None:
 
 def _workers(text: str) -> int | None:
     """A worker count, or None for auto."""
-    if text in ("", "auto", "0"):
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number of workers or auto, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 worker, got {n}")
-    return n
+    return _count(text, ("", "auto", "0"), "a number of workers or auto", "at least 1 worker")
 
 
 def _compile_mode(text: str) -> str | None:

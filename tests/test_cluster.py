@@ -352,12 +352,8 @@ ON_SLURM = pytest.mark.skipif(bool(_MISSING), reason=f"Slurm/MUNGE binaries not 
 def slurm():
     """One throwaway single-node cluster for the module's end-to-end tests."""
     pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit==1.5.4)")
-    c = SlurmCluster()
-    c.start()
-    try:
+    with SlurmCluster() as c:
         yield c
-    finally:
-        c.stop()
     assert c.stray_processes() == []
 
 

@@ -24,12 +24,8 @@ SECRET = "s3cr3t-Pa55word-for-tests"
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = SlurmCluster()
-    c.start()
-    try:
+    with SlurmCluster() as c:
         yield c
-    finally:
-        c.stop()
     assert c.stray_processes() == []
 
 
