@@ -149,6 +149,15 @@ def pg_stack():
     s.stop()
 
 
+def running(pid: int) -> bool:
+    """Still running: neither gone nor a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
 def foreground_job() -> None:
     """`preexec_fn` for a child that a test stops as a terminal's Ctrl-C would: its own process group (a foreground
     job) with SIGINT handled. pytest-xdist's workers ignore SIGINT, an ignored signal stays ignored across exec, and

@@ -4,13 +4,13 @@ processes."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from cushing.ops.stack import StackError, _listeners, port_open
 from cushing.workflows.bench_serve import serve_model
+from tests.conftest import running
 
 pytestmark = [pytest.mark.slow]
 
@@ -26,14 +26,6 @@ class Length(PythonModel):
 
 mlflow.models.set_model(Length())
 '''
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_own_error(tmp_path):
@@ -59,7 +51,7 @@ def test_the_server_stops_with_its_processes_when_the_block_ends_by_an_exception
             assert serving
             raise RuntimeError("the benchmark broke")
     deadline = time.time() + 5
-    while any(_alive(p) for p in serving) and time.time() < deadline:
+    while any(running(p) for p in serving) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in serving), "a server process outlived the block"
+    assert not any(running(p) for p in serving), "a server process outlived the block"
     assert not port_open(port)

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cushing.ops.stack import StackError, check_admin_password, stop_group
-from tests.conftest import ROOT
+from tests.conftest import ROOT, running
 
 
 def test_compose_file_properties():
@@ -70,15 +69,6 @@ def test_default_admin_passwords_are_refused():
     assert check_admin_password("a-long-real-secret-42") == "a-long-real-secret-42"
 
 
-def _running(pid: int) -> bool:
-    """Still running: neither gone nor a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
-
-
 def test_stop_group_kills_a_group_that_ignores_sigterm_and_is_quiet_when_it_is_gone():
     # a shell and its child, both ignoring SIGTERM (an ignored signal stays ignored in children)
     proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"], start_new_session=True,
@@ -88,7 +78,7 @@ def test_stop_group_kills_a_group_that_ignores_sigterm_and_is_quiet_when_it_is_g
         t = time.time()
         assert stop_group(proc.pid, grace=1.0), "the group outlived SIGKILL"
         assert time.time() - t >= 1.0, "SIGTERM alone cannot have stopped a group that ignores it"
-        assert not _running(proc.pid) and not _running(child)
+        assert not running(proc.pid) and not running(child)
         proc.wait(5)
         assert stop_group(proc.pid, grace=1.0), "a group that is gone already is not an error"
     finally:

@@ -212,6 +212,18 @@ def _parent_claims(storage: str, name: str) -> dict:
         return {k: v for k, v in c.claims(name).items() if k[0] == PARENT_KEY}
 
 
+def _open_with_store(study: Path, storage: str, tmp_path: Path, experiment: str):
+    """Open the sweep against a fresh embedded tracking store; (its handle, the parent runs it holds)."""
+    from cushing.workflows.sweeps import open_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study, storage=storage)
+        h.grid.close()
+    parents, _, _ = _children(uri, experiment)
+    return h, parents
+
+
 def test_a_failed_parent_creation_releases_its_claim(tmp_path, cushing_home):
     """The first launch wins the parent-run claim and cannot reach the tracking server: its claim is given back,
     and the next launch, with a good tracking URI, creates the parent instead of waiting for one that never comes."""
@@ -225,11 +237,7 @@ def test_a_failed_parent_creation_releases_its_claim(tmp_path, cushing_home):
         with pytest.raises(TrackingUnavailable):
             open_sweep(study, storage=storage)
     assert _parent_claims(storage, name) == {}, "the failed launch released its claim"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with env_vars({"MLFLOW_TRACKING_URI": uri}):
-        h = open_sweep(study, storage=storage)
-        h.grid.close()
-    parents, _, _ = _children(uri, "parentfail")
+    h, parents = _open_with_store(study, storage, tmp_path, "parentfail")
     assert [p.info.run_id for p in parents] == [h.parent_run_id]
     assert list(_parent_claims(storage, name)) == [("__parent_run__", 0)]
 
@@ -238,7 +246,7 @@ def test_a_parent_claim_whose_launcher_died_is_claimed_again(tmp_path, cushing_h
     """A launcher killed after claiming the parent run, before recording it: once the claim is older than the
     timeout, the next launch claims attempt 1 and creates the parent."""
     from cushing.workflows.claims import GridClaims
-    from cushing.workflows.sweeps import PARENT_CLAIM_TIMEOUT_S, PARENT_KEY, _study_name, load_for, open_sweep
+    from cushing.workflows.sweeps import PARENT_CLAIM_TIMEOUT_S, PARENT_KEY, _study_name, load_for
 
     study = _small_sweep(tmp_path, "parentdied")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -246,11 +254,7 @@ def test_a_parent_claim_whose_launcher_died_is_claimed_again(tmp_path, cushing_h
     with GridClaims(storage) as c, c.engine.begin() as conn:
         conn.execute(c.table.insert().values(study=name, key=PARENT_KEY, attempt=0, owner="gone:1",
                                              claimed_at=time.time() - PARENT_CLAIM_TIMEOUT_S - 60))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with env_vars({"MLFLOW_TRACKING_URI": uri}):
-        h = open_sweep(study, storage=storage)
-        h.grid.close()
-    parents, _, _ = _children(uri, "parentdied")
+    h, parents = _open_with_store(study, storage, tmp_path, "parentdied")
     assert [p.info.run_id for p in parents] == [h.parent_run_id]
     claims = _parent_claims(storage, name)
     assert set(claims) == {(PARENT_KEY, 0), (PARENT_KEY, 1)} and claims[(PARENT_KEY, 1)][0] != "gone:1"
