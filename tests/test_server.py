@@ -67,6 +67,30 @@ def _pg_rows(stack, sql, *args):
         conn.close()
 
 
+def _group_commands(pgid: int) -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.getpgid(int(d)) == pgid:
+                out.append(open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return out
+
+
+def test_the_server_starts_no_job_runner_unless_asked(stack):
+    """MLflow 3's GenAI job runner (seven Huey consumers, each importing MLflow) is off in the stack's server;
+    the environment can still turn it on."""
+    from cushing.ops.stack import server_environment
+
+    cmds = _group_commands(stack.server.proc.pid)
+    assert any("uvicorn" in c for c in cmds), cmds  # the group is the server's
+    assert not [c for c in cmds if "mlflow.server.jobs" in c or "huey" in c], cmds
+    assert server_environment({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert server_environment({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] \
+        == "true"
+
+
 def test_training_lands_in_postgres_and_artifact_store(stack, first_run):
     import mlflow
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 __all__ = ["StackError", "check_admin_password", "Postgres", "MlflowServer", "LocalStack", "free_port",
            "wait_http", "mlflow_server_command", "write_auth_config", "write_pgpass", "stop_group", "stop_saved",
@@ -257,6 +258,17 @@ def mlflow_server_command(*, backend_uri: str, artifacts: str, host: str, port: 
             "--app-name", "basic-auth", "--allowed-hosts", allowed_hosts]
 
 
+# MLflow 3's server also starts a job runner with seven Huey consumers for its GenAI jobs (LLM judges, trace
+# rollups), each a Python process importing MLflow: ~25 s of CPU at every start and ~1 GB of memory for features
+# this service never calls. Off unless the environment turns it on (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true).
+SERVER_ENV_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with this service's defaults for the MLflow server underneath what it sets itself."""
+    return {**SERVER_ENV_DEFAULTS, **env}
+
+
 def migrate(backend_uri: str, env: dict[str, str] | None = None) -> None:
     """`mlflow db upgrade`: the one-shot schema migration the server waits for."""
     r = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", backend_uri], capture_output=True, text=True,
@@ -292,7 +304,7 @@ class MlflowServer:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         os.chmod(self.artifacts, 0o700)  # other accounts cannot read the models and tables of the runs
         ini = write_auth_config(self.base / "basic_auth.ini", self.auth_db_uri)
-        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+        env = {**server_environment(os.environ), "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
                **({"PGPASSFILE": str(self.pgpass)} if self.pgpass else {})}
         env.pop("MLFLOW_TRACKING_URI", None)
@@ -598,7 +610,7 @@ def exec_mlflow_server(*, db_host: str, db_port: int, db_password_file: str | No
                        "MLFLOW_FLASK_SERVER_SECRET_KEY": key, "PGPASSFILE": str(pgpass)})
     cmd = mlflow_server_command(backend_uri=f"postgresql+psycopg2://mlflow@{db_host}:{db_port}/mlflow",
                                 artifacts=artifacts, host=host, port=port, allowed_hosts=allowed_hosts, workers=workers)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, server_environment(os.environ))
 
 
 def migrate_from_secrets(*, db_host: str, db_port: int, db_password_file: str | None) -> None:
