@@ -124,7 +124,7 @@ def test_bench_prints_and_writes_json(tmp_path, capsys):
 
     from cushing.workflows.bench import run_bench
 
-    rows = run_bench(models=["resnet18"], frozen=["dinov2_s"], epochs=1, img_size=56, device="cpu",
+    rows = run_bench(models=["resnet18"], frozen=["dinov2_s"], epochs=1, img_size=28, device="cpu",
                      out=str(tmp_path / "bench.json"))
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["device"].startswith("cpu") and len(data["rows"]) == 2
