@@ -35,15 +35,26 @@ def pytest_configure(config) -> None:
 
 # Tests that share an expensive session fixture run on one xdist worker (`--dist loadgroup`, scripts/test.sh), so
 # the fixture is built once: the PostgreSQL + `mlflow server` stack and the throwaway Slurm clusters on one, the demo
-# sweep on another (it is not built twice, and two Slurm clusters never share the host's process table).
+# sweep on another (it is not built twice, and two Slurm clusters never share the host's process table). Tests
+# that use a module-scoped fixture stay with their module (`_module_group`).
 _XDIST_GROUPS = (("services", {"pg_stack", "slurm", "cluster", "slurm_env"}), ("demo_sweep", {"demo_sweep"}))
+
+
+def _module_group(item) -> str | None:
+    """A test that uses a module-scoped fixture (a trained model, a served model, an `mlflow run`) runs on the
+    worker that runs the rest of its module: spread over workers, each would build the fixture again."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    if any(d and d[-1].scope == "module" for d in defs):
+        return item.nodeid.split("::", 1)[0]
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        group = next((g for g, fixtures in _XDIST_GROUPS if names & fixtures), None)
+        group = next((g for g, fixtures in _XDIST_GROUPS if names & fixtures), None) or _module_group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
             if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid:
