@@ -68,12 +68,13 @@ def _pg_rows(stack, sql, *args):
 
 
 def _group_commands(pgid: int) -> list[str]:
+    from cushing.ops.stack import _group_members
+
     out = []
-    for d in os.listdir("/proc"):
+    for pid in _group_members(pgid, live=True):
         try:
-            if d.isdigit() and os.getpgid(int(d)) == pgid:
-                out.append(open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode())
-        except OSError:
+            out.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+        except OSError:  # it ended meanwhile
             continue
     return out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import INSTALL_HINT, SlurmCluster, SlurmClusterError, TERMINAL_STATES, missing_binaries  # noqa: E402
+from slurm_cluster import INSTALL_HINT, SlurmCluster, SlurmClusterError, missing_binaries  # noqa: E402
 
 _MISSING = missing_binaries()
 pytestmark = pytest.mark.skipif(
@@ -176,9 +176,8 @@ def test_submitit_job_array(slurm_env, tmp_path, monkeypatch):
     submission = (tmp_path / array_id / f"{array_id}_submission.sh").read_text()
     assert "#SBATCH --array=0-2%3" in submission and "srun --unbuffered" in submission
     assert SECRET not in slurm_env.show_job_text(array_id)
-    # a task's result pickle is written before its step ends: wait for the records to settle, then read them
-    _wait_for(lambda: set(slurm_env.job_states(array_id).values()) <= TERMINAL_STATES, 30, "the tasks to end")
-    assert set(slurm_env.job_states(array_id).values()) == {"COMPLETED"}
+    # a task's result pickle is written before its step ends: read the states once every task has ended
+    assert set(slurm_env.wait_for_jobs(array_id, timeout=30).values()) == {"COMPLETED"}
 
 
 def test_submitit_cancelled_task_without_sacct(slurm_env, tmp_path, monkeypatch):

@@ -304,8 +304,8 @@ class MlflowServer:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         os.chmod(self.artifacts, 0o700)  # other accounts cannot read the models and tables of the runs
         ini = write_auth_config(self.base / "basic_auth.ini", self.auth_db_uri)
-        env = {**server_environment(os.environ), "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
+        env = {**server_environment(os.environ), "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+               "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
                **({"PGPASSFILE": str(self.pgpass)} if self.pgpass else {})}
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = mlflow_server_command(backend_uri=self.backend_uri, artifacts=str(self.artifacts), host=self.host,
