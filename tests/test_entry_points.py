@@ -70,6 +70,8 @@ def test_promote_found_the_study_experiment_and_registered_with_provenance(demo_
     assert "study demo.yaml" in demo_sweep["promote_stdout"] and "'cushing-demo'" in demo_sweep["promote_stdout"]
     champion = c.get_model_version_by_alias("cushing", "champion")
     assert champion.tags["synthetic_data"] == "true" and len(champion.tags["data_digest"]) == 64
+    # the study's `promote: metric: val/auc`, not an entry-point default that would override it
+    assert champion.tags["selection_metric"] == "val/auc"
     assert "SYNTHETIC" in champion.description
     assert c.get_model_version_by_alias("cushing", "challenger").version == champion.version
 
