@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 from cushing.stats.thresholds import parse_threshold_rule
-from cushing.model.backbones import MODEL_NAMES, resolve_freeze
+from cushing.model_names import MODEL_NAMES, resolve_freeze
 
 __all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios", "EXECUTION_FIELDS",
            "run_name", "config_digest",

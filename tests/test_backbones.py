@@ -19,6 +19,19 @@ def test_registry_holds_exactly_the_paper_names():
     assert list(MODEL_NAMES) == PAPER_NAMES
 
 
+def test_the_registry_and_the_light_model_list_agree():
+    """The configuration checks names against `cushing.model_names`; the registry must hold a spec for exactly
+    those names, in that order, and the freeze policy both report must be the same."""
+    from cushing import model_names
+
+    assert tuple(REGISTRY) == model_names.MODEL_NAMES == MODEL_NAMES
+    assert {n for n, s in REGISTRY.items() if s.default_freeze} == model_names.FROZEN_BY_DEFAULT
+    assert {n: model_names.resolve_freeze(n, None) for n in REGISTRY} == {n: s.default_freeze
+                                                                          for n, s in REGISTRY.items()}
+    with pytest.raises(ValueError, match="unknown model 'vgg16'"):
+        model_names.resolve_freeze("vgg16", None)
+
+
 def _size(name: str) -> int:
     # Swin's 7x7 windows need 224; the others run at a small size to keep the suite fast.
     return 224 if get_spec(name).family == "swin" else (56 if get_spec(name).family == "dinov2" else 64)

@@ -1,5 +1,8 @@
 """The one backbone registry: paper model names -> timm models, freeze policy, Grad-CAM layout.
 
+The names and the freeze policy are declared in `cushing.model_names` (the bottom layer, so the typed
+configuration can check them without importing this package); this registry holds one spec per name.
+
 Nothing else in the package holds a timm id or branches on a model's name; callers ask this module.
 Normalisation and interpolation come from timm's pretrained config of the built model.
 """
@@ -10,6 +13,8 @@ from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Callable
+
+from cushing.model_names import FROZEN_BY_DEFAULT, MODEL_NAMES, resolve_freeze
 
 __all__ = [
     "BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable", "resolve_freeze",
@@ -26,12 +31,16 @@ class BackboneSpec:
     timm_id: str  # architecture.pretrained_tag
     family: str  # densenet | resnet | vit | swin | dinov2
     kind: str  # the paper's model type, for Table II
-    default_freeze: bool
     cam_layer: str  # dotted path inside the timm model, negative indexes allowed
     layout: str  # activations at cam_layer: "nchw" (CNN), "tokens" (prefix + grid tokens), "nhwc" (Swin)
     channels_last: bool  # CNNs run faster in channels_last on tensor cores
     size_kwarg: bool  # the model takes img_size at creation (ViT family); Swin/CNN do not need it
     last_block: str  # re-initialised (with the head) by the Grad-CAM randomisation sanity check
+
+    @property
+    def default_freeze(self) -> bool:
+        """The freeze policy of `cushing.model_names` (DINOv2 frozen, the others fine-tuned)."""
+        return self.name in FROZEN_BY_DEFAULT
 
     @property
     def architecture(self) -> str:
@@ -44,26 +53,25 @@ class BackboneSpec:
 
 def _cnn(name: str, tag: str, family: str) -> BackboneSpec:
     layer, block = ("layer4.-1", "layer4.-1") if family == "resnet" else ("features.norm5", "features.denseblock4")
-    return BackboneSpec(name=name, timm_id=f"{name}.{tag}", family=family, kind="CNN", default_freeze=False,
+    return BackboneSpec(name=name, timm_id=f"{name}.{tag}", family=family, kind="CNN",
                         cam_layer=layer, layout="nchw", channels_last=True, size_kwarg=False, last_block=block)
 
 
 def _vit(name: str, timm_id: str) -> BackboneSpec:
     # The CLS-pooled output has no gradient on patch tokens after the last block: hook the last block's norm1.
-    return BackboneSpec(name=name, timm_id=timm_id, family="vit", kind="ViT", default_freeze=False,
+    return BackboneSpec(name=name, timm_id=timm_id, family="vit", kind="ViT",
                         cam_layer="blocks.-1.norm1", layout="tokens", channels_last=False, size_kwarg=True,
                         last_block="blocks.-1")
 
 
 def _swin(name: str, timm_id: str) -> BackboneSpec:
-    return BackboneSpec(name=name, timm_id=timm_id, family="swin", kind="Swin", default_freeze=False,
+    return BackboneSpec(name=name, timm_id=timm_id, family="swin", kind="Swin",
                         cam_layer="layers.-1.blocks.-1.norm1", layout="nhwc", channels_last=False, size_kwarg=False,
                         last_block="layers.-1.blocks.-1")
 
 
 def _dinov2(name: str, timm_id: str) -> BackboneSpec:
-    # Frozen is the paper's better DINOv2 setting (Table II), hence the default.
-    return BackboneSpec(name=name, timm_id=timm_id, family="dinov2", kind="DINOv2", default_freeze=True,
+    return BackboneSpec(name=name, timm_id=timm_id, family="dinov2", kind="DINOv2",
                         cam_layer="blocks.-1.norm1", layout="tokens", channels_last=False, size_kwarg=True,
                         last_block="blocks.-1")
 
@@ -83,7 +91,6 @@ REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
     _dinov2("dinov2_b", "vit_base_patch14_dinov2.lvd142m"),
     _dinov2("dinov2_l", "vit_large_patch14_dinov2.lvd142m"),
 ]}
-MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -91,11 +98,6 @@ def get_spec(name: str) -> BackboneSpec:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {' '.join(MODEL_NAMES)}") from None
-
-
-def resolve_freeze(name: str, freeze: bool | None) -> bool:
-    """The freeze setting a run uses: the given one, else the registry's policy for the backbone."""
-    return get_spec(name).default_freeze if freeze is None else bool(freeze)
 
 
 def interpolation_of(name: str) -> str:
