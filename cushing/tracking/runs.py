@@ -1,0 +1,144 @@
+"""A run's life: opened (the one `mlflow run` created, taken once per process; a run continued by id; or a new
+(child) run), beating while open, ended FINISHED, FAILED, or KILLED on Ctrl-C and SIGTERM; runs resumed later
+keep the status they had."""
+from __future__ import annotations
+
+import contextlib
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from cushing.tracking.connection import client, configure
+from cushing.tracking.logger import RunLogger
+from cushing.tracking.queries import experiment_id
+
+__all__ = ["env_run_id", "start_run", "resume_run", "log_into"]
+
+
+def env_run_id() -> str | None:
+    """The run `mlflow run` created for this process, if any."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+@contextmanager
+def _without_env_run() -> Iterator[None]:
+    """For the whole life of a run that is not the one `mlflow run` created: mlflow.start_run() would resume
+    MLFLOW_RUN_ID while it is set, and mlflow.end_run() unsets it, so hide it and put it back afterwards."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env_run: bool, run_id: str | None):
+    import mlflow
+
+    if run_id:  # continue an existing run (resume after a stop)
+        return mlflow.start_run(run_id=run_id)
+    env_run = env_run_id() if use_env_run and parent_run_id is None else None
+    if env_run:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
+        run = mlflow.start_run(run_id=env_run)
+        mlflow.set_tag("mlflow.runName", run_name)
+        actual = client().get_experiment(run.info.experiment_id).name
+        if actual != experiment:
+            import sys
+
+            print(f"note: this run is in experiment {actual!r} (chosen by `mlflow run --experiment-name` or "
+                  f"MLFLOW_EXPERIMENT_NAME), not {experiment!r}; promotion and reports look in the experiment you "
+                  f"name, so pass --experiment-name {experiment}", file=sys.stderr)
+        return run
+    return mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
+                            nested=parent_run_id is not None or mlflow.active_run() is not None,
+                            parent_run_id=parent_run_id)
+
+
+@contextmanager
+def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+              parent_run_id: str | None = None, use_env_run: bool = True,
+              run_id: str | None = None) -> Iterator[RunLogger]:
+    """A run in `experiment`: the one `mlflow run` created (MLFLOW_RUN_ID; taken once per process), `run_id`
+    (continued), or a new (child) run. While it is open it beats (`RunLogger.start_heartbeat`).
+
+    The run ends FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (the interrupt carries the run id as
+    `cushing_run` for the one-line message), else FINISHED.
+    """
+    configure()
+    with contextlib.ExitStack() as keep:
+        env = env_run_id()
+        if not (env and use_env_run and parent_run_id is None and not run_id):
+            keep.enter_context(_without_env_run())  # not `mlflow run`'s run: leave MLFLOW_RUN_ID for a later one
+        with _run_lifecycle(experiment, run_name, tags, parent_run_id, use_env_run, run_id) as logger:
+            yield logger
+
+
+@contextmanager
+def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None, parent_run_id: str | None,
+                   use_env_run: bool, run_id: str | None) -> Iterator[RunLogger]:
+    import mlflow
+
+    run = _open_run(experiment, run_name, parent_run_id, use_env_run, run_id)
+    logger = RunLogger(run.info.run_id)
+    if tags:
+        logger.set_tags(tags)
+    status = "FINISHED"
+    try:
+        logger.start_heartbeat()
+        yield logger
+    except KeyboardInterrupt as e:
+        status = "KILLED"
+        if not getattr(e, "cushing_run", None):
+            e.cushing_run = logger.run_id  # the innermost run: the one training when the signal came
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            logger.close()
+        except Exception:
+            if status == "FINISHED":
+                status = "FAILED"
+                raise
+            # the body's own exception is already propagating; do not mask it
+        finally:
+            mlflow.end_run(status=status)
+
+
+@contextmanager
+def resume_run(run_id: str) -> Iterator[RunLogger]:
+    """Log more into an existing run (CAMs computed later, a sweep's tables into its parent). Its status afterwards
+    is the one it had: a FAILED or KILLED run is not turned FINISHED (and promotable) by it, and a run another
+    process holds open stays RUNNING. An ended run beats while it is written, so a concurrent reap leaves it."""
+    import mlflow
+
+    configure()
+    before = client().get_run(run_id).info.status
+    with _without_env_run():
+        mlflow.start_run(run_id=run_id)
+        logger = RunLogger(run_id)
+        try:
+            if before != "RUNNING":
+                logger.start_heartbeat()
+            yield logger
+        finally:
+            try:
+                logger.close()
+            finally:
+                mlflow.end_run(status=before)
+
+
+@contextmanager
+def log_into(parent_run_id: str | None, *, experiment: str, run_name: str,
+             tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
+    """Where a step that works on other runs (a dashboard, a comparison) logs: the run `mlflow run` created, nested
+    under `parent_run_id`; else `parent_run_id` itself; else a new run named `run_name`."""
+    if parent_run_id and not env_run_id():
+        with resume_run(parent_run_id) as r:
+            yield r
+        return
+    with start_run(experiment=experiment, run_name=run_name, tags=tags) as r:
+        r.nest_under(parent_run_id)
+        yield r
