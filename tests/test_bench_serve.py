@@ -8,7 +8,8 @@ import time
 import pytest
 import requests
 
-from cushing.ops.stack import StackError, _listeners, port_open
+from cushing.ops.stack import StackError, port_open
+from cushing.ops.stack.processes import _listeners
 from cushing.workflows.bench_serve import serve_model
 from tests.conftest import running
 

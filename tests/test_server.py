@@ -68,7 +68,7 @@ def _pg_rows(stack, sql, *args):
 
 
 def _group_commands(pgid: int) -> list[str]:
-    from cushing.ops.stack import _group_members
+    from cushing.ops.stack.processes import _group_members
 
     out = []
     for pid in _group_members(pgid, live=True):

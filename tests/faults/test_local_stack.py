@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from cushing.ops.stack import LocalStack, Postgres, StackError, _pg_bin, free_port, port_open, stop_saved
+from cushing.ops.stack import LocalStack, Postgres, StackError, free_port, port_open, stop_saved
+from cushing.ops.stack.postgres import _pg_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.postgres]
 

@@ -1,0 +1,149 @@
+"""A throwaway PostgreSQL cluster on 127.0.0.1, a password asked of every connection (scram-sha-256, also on its
+Unix socket, in a folder only the postgres user can enter). PostgreSQL refuses to run as root: when root, its
+commands run as the `postgres` user (runuser), and when that user cannot reach the stack's folder (under root's
+home, mode 0700) the cluster lives in a private folder of its own under /var/tmp instead."""
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cushing.ops.stack.credentials import _write_private
+from cushing.ops.stack.processes import StackError, free_port
+
+__all__ = ["Postgres", "INIT_SCRIPT"]
+
+INIT_SCRIPT = Path(__file__).parents[1] / "deploy" / "init-databases.sh"
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if found:
+        return found[-1]
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    raise StackError(f"PostgreSQL's {name} was not found: install Debian's postgresql (apt-get install postgresql)")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    runuser = shutil.which("runuser")
+    return [runuser, "-u", "postgres", "--", *cmd] if runuser else ["su", "postgres", "-s", "/bin/sh", "-c",
+                                                                   " ".join(cmd)]
+
+
+def _postgres_can_enter(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    return subprocess.run(_as_postgres(["test", "-x", str(path)]), capture_output=True).returncode == 0
+
+
+@dataclass
+class Postgres:
+    """A throwaway cluster listening on 127.0.0.1:port, password required for every connection."""
+
+    base: Path
+    port: int = 0
+    superuser_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    root: Path | None = None  # where the cluster lives (default: base/pg, or /var/tmp when postgres cannot reach it)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+
+    @property
+    def log(self) -> Path:
+        return self.root / "postgres.log"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "pgdata"
+
+    @property
+    def sock(self) -> Path:
+        return self.root / "sock"
+
+    def _place(self) -> None:
+        """base/pg when the postgres user can reach base (base is made traversable, not listable, for it);
+        otherwise a private folder of its own under /var/tmp (root's home is 0700)."""
+        if self.root is not None:
+            return
+        if os.geteuid() == 0:
+            os.chmod(self.base, 0o711)
+        if _postgres_can_enter(self.base):
+            self.root = self.base / "pg"
+            self.root.mkdir(exist_ok=True)
+        else:
+            self.root = Path(tempfile.mkdtemp(prefix="cushing-pg-", dir="/var/tmp"))
+        self._own(self.root)
+        os.chmod(self.root, 0o700)
+
+    def _own(self, *paths: Path) -> None:
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            for p in paths:
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+
+    def start(self) -> "Postgres":
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._place()
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        return self.launch()
+
+    def _initdb(self) -> None:
+        for d in (self.data, self.sock):
+            d.mkdir(exist_ok=True)
+        pwfile = self.root / "pwfile"
+        _write_private(pwfile, self.superuser_password)
+        self._own(self.data, self.sock, pwfile)
+        os.chmod(self.data, 0o700)
+        os.chmod(self.sock, 0o700)
+        r = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+                                         "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                                         f"--pwfile={pwfile}"]), capture_output=True, text=True)
+        pwfile.unlink(missing_ok=True)
+        if r.returncode != 0:
+            raise StackError(f"initdb failed in {self.data}: {r.stderr.strip()[-1500:]}")
+
+    def launch(self) -> "Postgres":
+        self.log.touch()
+        self._own(self.log)
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} "
+                "-c unix_socket_permissions=0700")
+        r = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
+                                         "-w", "-t", "60", "start"]), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise StackError(f"PostgreSQL did not start: {r.stderr}\n{self.log.read_text()[-2000:]}")
+        return self
+
+    def env(self) -> dict[str, str]:
+        return {"PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "postgres",
+                "PGPASSWORD": self.superuser_password}
+
+    def init_databases(self, mlflow_password: str, optuna_password: str) -> None:
+        env = {**os.environ, **self.env(), "MLFLOW_DB_PASSWORD": mlflow_password, "OPTUNA_DB_PASSWORD": optuna_password}
+        r = subprocess.run(["sh", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise StackError(f"creating databases failed: {r.stderr}")
+
+    def uri(self, db: str, user: str, driver: str = "postgresql+psycopg2") -> str:
+        """Without the password: libpq finds it in PGPASSFILE, so no command line ever carries it."""
+        return f"{driver}://{user}@127.0.0.1:{self.port}/{db}"
+
+    def running(self) -> bool:
+        r = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "status"]), capture_output=True)
+        return r.returncode == 0
+
+    def stop(self) -> None:
+        if self.data.exists():
+            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
+                           capture_output=True, text=True)
