@@ -187,7 +187,7 @@ def _faces_args(p: argparse.ArgumentParser) -> None:
 
 def _faces(ns: argparse.Namespace) -> int:
     from cushing.config import parse_bool
-    from cushing.faces.pipeline import FaceSettings
+    from cushing.faces.settings import FaceSettings
     from cushing.faces.run import run_faces
 
     settings = FaceSettings(detector=ns.detector, max_upsample=ns.max_upsample, margin=ns.margin, mask=ns.mask,

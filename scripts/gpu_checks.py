@@ -110,7 +110,7 @@ def main() -> None:
         from segment_anything.build_sam import _build_sam
 
         from cushing.data.demo import FaceTraits, draw_face
-        from cushing.faces.pipeline import WORK
+        from cushing.faces.detect import WORK
         from cushing.faces.sam import SamMasker, SamPrompt
 
         d = Path(tempfile.mkdtemp())

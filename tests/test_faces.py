@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cushing.faces.pipeline import FaceSettings, extract_faces
+from cushing.faces.pipeline import extract_faces
+from cushing.faces.settings import FaceSettings
 
 pytestmark = [pytest.mark.dlib, pytest.mark.slow]
 

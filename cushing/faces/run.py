@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from cushing import tracking
-from cushing.faces.pipeline import FaceSettings, FacesOutcome, extract_faces
+from cushing.faces.pipeline import FacesOutcome, extract_faces
+from cushing.faces.settings import FaceSettings
 from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import hash_subject, load_manifest
 from cushing.stats.plots import pyplot

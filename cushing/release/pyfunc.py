@@ -23,7 +23,8 @@ import pandas as pd
 from cushing.model.backbones import build_model, Preprocess
 from cushing.model.augment import DeviceAugment
 from cushing.devices import serving_device
-from cushing.faces.pipeline import FaceExtractor, FaceSettings
+from cushing.faces.extractor import FaceExtractor
+from cushing.faces.settings import FaceSettings
 from cushing.data.bank import letterbox
 from cushing.data.imageio import BadImage, open_rgb
 

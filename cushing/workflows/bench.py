@@ -31,7 +31,8 @@ from cushing.config import TrainConfig
 from cushing.workflows.experiment import run_single
 from cushing.model.train import prepare_cohort
 from cushing.data.demo import make_demo_cohort
-from cushing.faces.pipeline import FaceSettings, extract_faces
+from cushing.faces.pipeline import extract_faces
+from cushing.faces.settings import FaceSettings
 
 __all__ = ["run_bench", "BenchRow", "paper_shaped_labels", "bench_run", "bench_faces"]
 

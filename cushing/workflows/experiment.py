@@ -26,7 +26,7 @@ from cushing.stats.report import Report, build_report
 from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, TrainOutcome, prepare_cohort, train
 from cushing.tracking import artifact_dir
-from cushing.faces.pipeline import settings_for_manifest
+from cushing.faces.settings import settings_for_manifest
 from cushing.model import explain
 from cushing.stats.calibration import logit
 

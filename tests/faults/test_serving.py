@@ -27,7 +27,8 @@ def face_model(tmp_path_factory, celeba_manifest, cushing_home):
     """A tiny model trained on face crops of real photos, so serving runs dlib on every request."""
     from cushing.config import TrainConfig
     from cushing.workflows.experiment import run_single
-    from cushing.faces.pipeline import FaceSettings, extract_faces
+    from cushing.faces.pipeline import extract_faces
+    from cushing.faces.settings import FaceSettings
 
     d = tmp_path_factory.mktemp("face-model")
     photos = pd.concat([celeba_manifest[celeba_manifest["label"] == 0].head(24),
@@ -133,7 +134,8 @@ def test_face_pool_answers_every_caller_when_dlib_models_fail_to_load(tmp_path, 
 
     import numpy as np
 
-    from cushing.faces.pipeline import FaceExtractor, FaceSettings
+    from cushing.faces.extractor import FaceExtractor
+    from cushing.faces.settings import FaceSettings
 
     pkg = tmp_path / "face_recognition_models"
     (pkg / "models").mkdir(parents=True)  # installed, but its .dat files are missing
