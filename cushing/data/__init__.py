@@ -1,7 +1,8 @@
 """The cohort as data: manifests (validated, digested), subject-grouped splits, robust photo decoding, the synthetic
 demo cohort, the cohort audit (duplicate photos, one person under two ids) and the decoded uint8 bank.
 
-Owns: `manifest`, `splits`, `imageio`, `demo`, `audit`, `bank`. May import `cushing.config` and `cushing.stats`;
+Owns: `manifest`, `splits`, `imageio`, `demo`, `weights`, `audit/` (its own package: settings, hashing, descriptors,
+signatures, pairing, report, evaluation), `bank`. May import `cushing.config` and `cushing.stats`;
 never mlflow, never `model`, `faces`, `workflows` or `release`. Only `bank` imports torch; dlib (in `audit`) is
 imported where it is used.
 """

@@ -1,0 +1,73 @@
+"""From signatures to suspicious pairs: duplicate photos and same-person pairs of different subject ids, as
+audit.csv rows (CSV lines and keyed subject hashes, never paths or raw ids), and the merged subject groups a
+splitter keeps whole."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cushing.data.audit.descriptors import descriptor_pairs
+from cushing.data.audit.hashing import duplicate_pairs
+from cushing.data.audit.settings import PAIR_KINDS, AuditSettings
+from cushing.data.audit.signatures import Signatures
+
+__all__ = ["merged_groups"]
+
+
+def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series | None) -> pd.DataFrame:
+    cols = ["kind", "distance", "line_a", "line_b", "subject_a", "subject_b"]
+    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["kind", "i", "j", "distance"])
+    i, j = df["i"].to_numpy(dtype=np.int64), df["j"].to_numpy(dtype=np.int64)
+    out = pd.DataFrame({"kind": df["kind"].astype(str), "distance": df["distance"].astype(float),
+                        "line_a": i + 2, "line_b": j + 2,  # the CSV header is line 1
+                        "subject_a": subjects.to_numpy()[i], "subject_b": subjects.to_numpy()[j]})
+    out["same_subject"] = out["subject_a"] == out["subject_b"]
+    out["detail"] = df["detail"].fillna("").astype(str).to_numpy() if len(df) else []
+    if split is not None:
+        sp = split.astype(str).to_numpy()
+        out["split_a"], out["split_b"] = sp[i], sp[j]
+        out["straddles_splits"] = out["split_a"] != out["split_b"]
+        cols += ["split_a", "split_b", "straddles_splits"]
+    out = out[cols + ["same_subject", "detail"]]
+    return out.sort_values(["kind", "distance", "line_a", "line_b"], ignore_index=True)
+
+
+def _find_pairs(sig: Signatures, subject_ids: np.ndarray, s: AuditSettings) -> list[pd.DataFrame]:
+    dup = duplicate_pairs(sig.hashes, s.duplicate_max_bits, mirrors=sig.mirrors if s.mirror else None,
+                          valid=sig.ok, thumbs=sig.thumbs, max_color=s.duplicate_max_color)
+    rows = [dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""))
+            .drop(columns="mirrored")]
+    if sig.descriptors is not None:
+        i, j, d = descriptor_pairs(sig.descriptors, s.same_person_max_distance, groups=subject_ids)
+        src = np.asarray(sig.source)
+        detail = np.where((src[i] == "detected") & (src[j] == "detected"), "", "whole_image")
+        rows.append(pd.DataFrame({"kind": "same_person", "i": i, "j": j, "distance": d, "detail": detail}))
+    return [r for r in rows if len(r)]
+
+
+def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *,
+                  kinds: Iterable[str] = PAIR_KINDS) -> pd.Series:
+    """Group id per manifest row: subjects joined by any pair (transitively, union-find) share one id.
+
+    The id is the smallest raw subject id in the group, so unmerged subjects keep their own and a splitter can
+    group on this instead of `subject_id`. Internal use only: the ids are raw, do not log them.
+    """
+    subj = pd.Series(subject_ids).reset_index(drop=True).astype(str)
+    parent = {s: s for s in subj.unique()}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    sel = pairs[pairs["kind"].isin(list(kinds))]
+    for a, b in zip(sel["line_a"].to_numpy() - 2, sel["line_b"].to_numpy() - 2):
+        ra, rb = find(subj.iat[int(a)]), find(subj.iat[int(b)])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the smaller id becomes the root, so it names the group
+    out = subj.map(find)
+    out.index = pd.Series(subject_ids).index
+    return out
