@@ -1,4 +1,4 @@
-"""Exactly-once claims (cushing/workflows/claims.py) on a real SQLite file and a real PostgreSQL database: one winner
+"""Exactly-once claims (cushing/workflows/sweeps/claims.py) on a real SQLite file and a real PostgreSQL database: one winner
 per (study, key, attempt) across processes, release by the owner only, the latest attempt, and a retried insert that
 recognises its own committed row."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cushing.workflows.claims import GridClaims
+from cushing.workflows.sweeps.claims import GridClaims
 from tests.conftest import ROOT
 
 
@@ -37,7 +37,7 @@ def store(request, tmp_path, monkeypatch) -> str:
 
 def _in_other_process(store: str, code: str) -> str:
     """Run `code` with `c` = GridClaims(store) in a fresh Python process (another owner); its printed output."""
-    prog = f"from cushing.workflows.claims import GridClaims\nc = GridClaims({store!r})\n{code}\nc.close()\n"
+    prog = f"from cushing.workflows.sweeps.claims import GridClaims\nc = GridClaims({store!r})\n{code}\nc.close()\n"
     r = subprocess.run([sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip()

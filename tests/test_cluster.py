@@ -324,7 +324,7 @@ def _training(storage: str, label: str, timeout: float = 150.0):
     import mlflow
     import optuna
 
-    from cushing.workflows.claims import GridClaims
+    from cushing.workflows.sweeps.claims import GridClaims
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

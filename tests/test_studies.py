@@ -44,7 +44,7 @@ def test_bad_study_files_name_the_line(tmp_path, text, needle):
 
 
 def test_compile_override_reaches_every_configuration_without_changing_the_study():
-    from cushing.workflows.sweeps import _study_name, load_for
+    from cushing.workflows.sweeps.storage import _study_name, load_for
 
     for name, kind in (("paper.yaml", "sweep"), ("tune_vit.yaml", "tune")):
         plain = load_for(ROOT / "projects" / name, kind)

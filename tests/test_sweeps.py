@@ -205,8 +205,8 @@ def _closed_port() -> int:
 
 
 def _parent_claims(storage: str, name: str) -> dict:
-    from cushing.workflows.claims import GridClaims
-    from cushing.workflows.sweeps import PARENT_KEY
+    from cushing.workflows.sweeps.claims import GridClaims
+    from cushing.workflows.sweeps.parent import PARENT_KEY
 
     with GridClaims(storage) as c:
         return {k: v for k, v in c.claims(name).items() if k[0] == PARENT_KEY}
@@ -228,7 +228,8 @@ def test_a_failed_parent_creation_releases_its_claim(tmp_path, cushing_home):
     """The first launch wins the parent-run claim and cannot reach the tracking server: its claim is given back,
     and the next launch, with a good tracking URI, creates the parent instead of waiting for one that never comes."""
     from cushing.tracking import TrackingUnavailable
-    from cushing.workflows.sweeps import _study_name, load_for, open_sweep
+    from cushing.workflows.sweeps import load_for, open_sweep
+    from cushing.workflows.sweeps.storage import _study_name
 
     study = _small_sweep(tmp_path, "parentfail")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -245,8 +246,9 @@ def test_a_failed_parent_creation_releases_its_claim(tmp_path, cushing_home):
 def test_a_parent_claim_whose_launcher_died_is_claimed_again(tmp_path, cushing_home):
     """A launcher killed after claiming the parent run, before recording it: once the claim is older than the
     timeout, the next launch claims attempt 1 and creates the parent."""
-    from cushing.workflows.claims import GridClaims
-    from cushing.workflows.sweeps import PARENT_CLAIM_TIMEOUT_S, PARENT_KEY, _study_name, load_for
+    from cushing.workflows.sweeps.claims import GridClaims
+    from cushing.workflows.sweeps.parent import PARENT_CLAIM_TIMEOUT_S, PARENT_KEY
+    from cushing.workflows.sweeps.storage import _study_name, load_for
 
     study = _small_sweep(tmp_path, "parentdied")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -267,7 +269,7 @@ def _fake_attempt(grid, label: str, attempt: int, state: str, attrs: dict | None
     interrupted worker or Optuna's stale check leaves it), written through the claims table and Optuna's storage."""
     from optuna.trial import TrialState
 
-    from cushing.workflows.sweeps import _new_trial
+    from cushing.workflows.sweeps.grid import _new_trial
 
     assert grid.claims.claim(grid.name, label, attempt)
     trial = _new_trial(grid, label, attempt, None)
@@ -281,7 +283,8 @@ def _fake_attempt(grid, label: str, attempt: int, state: str, attrs: dict | None
 def test_stops_do_not_count_against_the_retry_limit(tmp_path, cushing_home):
     """Configuration a was stopped (Ctrl-C) MAX_RETRY + 1 times, b's workers died MAX_RETRY + 1 times: a is trained
     by the next launch, b is failed for good."""
-    from cushing.workflows.sweeps import MAX_RETRY, _attempts, open_sweep, run_sweep, sweep_status
+    from cushing.workflows.sweeps import MAX_RETRY, open_sweep, run_sweep, sweep_status
+    from cushing.workflows.sweeps.grid import _attempts
 
     study = _small_sweep(tmp_path, "stops", epochs=1)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -309,7 +312,9 @@ def test_a_worker_that_was_taken_over_while_starting_gives_up(tmp_path, cushing_
     attempt. Whichever of the two sees the other once its own trial exists gives up, unstarted."""
     from optuna.trial import TrialState
 
-    from cushing.workflows.sweeps import _attempts, _CohortMemo, _grid_trials, _train_claimed, open_sweep
+    from cushing.workflows.sweeps import open_sweep
+    from cushing.workflows.sweeps.grid import _attempts, _grid_trials
+    from cushing.workflows.sweeps.worker import _CohortMemo, _train_claimed
 
     study = _small_sweep(tmp_path, "takeover", epochs=1)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -344,7 +349,7 @@ def test_configurations_that_split_differently_do_not_share_a_cohort(cushing_hom
     import dataclasses
 
     from cushing.config import TrainConfig
-    from cushing.workflows.sweeps import _CohortMemo
+    from cushing.workflows.sweeps.worker import _CohortMemo
 
     base = TrainConfig(model="resnet18", pretrained=False, img_size=32, audit="off", bootstrap=0)
     key = _CohortMemo.key

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 from cushing.tracking import tracking_uri
 from cushing.workflows.sweeps import default_storage, finish_sweep, MAX_RETRY, open_sweep, run_tune, sweep_status, sweep_worker
-from cushing.workflows.claims import GridClaims
+from cushing.workflows.sweeps.claims import GridClaims
 from cushing.workflows import sweeps as o
 
 __all__ = ["SlurmOptions", "Preflight", "ClusterError", "SubmititMissing", "Preempted", "Submission", "ArrayTask",

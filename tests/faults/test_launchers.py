@@ -148,7 +148,8 @@ def test_ctrl_c_on_a_launcher_leaves_nothing_running(tmp_path, cushing_home):
     from optuna.trial import TrialState
 
     from cushing import tracking
-    from cushing.workflows.sweeps import _attempts, open_sweep
+    from cushing.workflows.sweeps import open_sweep
+    from cushing.workflows.sweeps.grid import _attempts
 
     study = tmp_path / "ctrlc.yaml"
     study.write_text(yaml.safe_dump({

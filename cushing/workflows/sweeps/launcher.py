@@ -1,0 +1,193 @@
+"""What a sweep launcher does: open the study and its parent run, run the workers (this process, or N worker
+processes it stops cleanly on SIGTERM and Ctrl-C), then log the tables; and the plan of a sweep (estimated wall
+time per worker count) before anything trains."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cushing import tracking
+from cushing.workflows.plan import estimate, makespan
+from cushing.workflows.studies import Study
+from cushing.workflows.sweeps.grid import _Grid, _attempts, _open_grid
+from cushing.workflows.sweeps.storage import default_storage, load_for
+from cushing.workflows.sweeps.tables import _log_tables, _retries, sweep_tables
+from cushing.workflows.sweeps.worker import sweep_worker
+
+__all__ = ["SweepResult", "SweepHandle", "open_sweep", "sweep_status", "finish_sweep", "run_sweep", "auto_workers",
+           "plan_sweep"]
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    study_name: str
+    trained: int
+    table2: pd.DataFrame
+    table3: pd.DataFrame
+    retried: list[dict]
+    seconds: float
+
+
+def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
+    """N worker processes; the storage URL (which may hold a password) reaches them through the environment,
+    never their command line (which every account on the host can read). A stop (SIGTERM, Ctrl-C) is passed on
+    (`_stop_workers`)."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
+    env["CUSHING_OPTUNA_STORAGE"] = storage
+    extra = ["--compile", compile] if compile else []
+    procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--parent-run", parent,
+                               "--worker", *extra], env=env) for _ in range(n)]
+    try:
+        return [p.wait() for p in procs]
+    except KeyboardInterrupt as e:
+        _stop_workers(procs, forward=getattr(e, "signame", "SIGINT") != "SIGINT")
+        raise
+
+
+def _stop_grace() -> float:
+    """Seconds a stopped launcher gives its workers at each step (CUSHING_STOP_GRACE_S, default 30)."""
+    return float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
+
+
+def _stop_workers(procs: list[subprocess.Popen], forward: bool) -> None:
+    """Stop the workers of an interrupted launcher without interrupting their own clean-up.
+
+    Ctrl-C reaches every process of the terminal's foreground group: the workers got their own SIGINT and are
+    already failing their trial as `interrupted` and ending their MLflow run KILLED; a second signal now would land
+    in that clean-up and leave both RUNNING. So they are given the grace period to exit on their own, then sent
+    SIGTERM, and SIGKILLed only after a further grace period. A SIGTERM (docker stop, a scheduler, `kill`) usually
+    reaches the launcher alone, so it is passed on at once (`forward`), and SIGKILL follows after the grace period.
+    Another Ctrl-C while waiting moves on to the next step at once."""
+    grace = _stop_grace()
+    steps = ([] if forward else [None]) + [subprocess.Popen.terminate, subprocess.Popen.kill]
+    for step in steps:
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return
+        if step is not None:
+            for p in alive:
+                step(p)
+        if step is subprocess.Popen.kill:
+            for p in alive:
+                p.wait()
+            return
+        try:
+            deadline = time.monotonic() + grace
+            for p in alive:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    break
+        except KeyboardInterrupt:
+            continue
+
+
+def auto_workers() -> int:
+    """Trainings at once on this host when not told: two on a CUDA machine (two paper-sized trainings share one
+    GPU at 1.5x the throughput of one, ../shared/bench/gpu_ceiling_h200_2026-11-26.json), one on a CPU."""
+    import torch
+
+    return 2 if torch.cuda.is_available() else 1
+
+
+@dataclass
+class SweepHandle:
+    """An open sweep that launchers (local processes, a Slurm job array) feed with workers."""
+
+    study: Study
+    storage: str  # the Optuna storage URL every worker must use
+    grid: _Grid
+    launcher_run: str | None  # the run `mlflow run` created for this launch, if any
+    started: float
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.grid.parent
+
+    @property
+    def study_name(self) -> str:
+        return self.grid.name
+
+
+def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
+               compile: str | None = None) -> SweepHandle:
+    """Load the study file, open (or create) its Optuna study and parent run: what every launcher does first."""
+    study = load_for(path, "sweep", compile)
+    launcher_run = tracking.env_run_id()  # read before the parent run may take it
+    storage = storage or default_storage()
+    return SweepHandle(study, storage, _open_grid(study, storage, parent_run_id), launcher_run, time.perf_counter())
+
+
+def sweep_status(h: SweepHandle) -> dict[str, Any]:
+    """Where the grid stands (for progress lines): configurations done, training, failed for good, waiting."""
+    states = _attempts(h.grid)
+    return {"n": len(states), "done": sum(a.done for a in states.values()),
+            "training": sum(a.live for a in states.values()),
+            "failed": sorted(k for k, a in states.items() if a.errored or (a.next_attempt is None and not a.done
+                                                                         and not a.live)),
+            "finished": all(a.done or a.errored or (a.next_attempt is None and not a.live) for a in states.values())}
+
+
+def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
+    """Tables II and III and the retries on the parent run (and this launch's own run under `mlflow run`)."""
+    t2, t3 = sweep_tables(h.grid.parent, h.study)
+    retried = _retries(h.grid.ostudy)
+    done = sweep_status(h)["done"]
+    seconds = time.perf_counter() - h.started
+    _log_tables(h.grid.parent, t2, t3, retried, seconds, done, len(h.study.labels))
+    if h.launcher_run and h.launcher_run != h.grid.parent:
+        _log_pass(h.launcher_run, h.grid, trained, done)
+    h.grid.close()
+    return SweepResult(h.grid.parent, h.grid.name, trained, t2, t3, retried, seconds)
+
+
+def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | None = None, progress: bool = True,
+              parent_run_id: str | None = None, compile: str | None = None) -> SweepResult:
+    """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
+
+    workers=None takes `auto_workers()`. `compile` (a torch.compile mode) overrides the file's for every
+    configuration; it does not change the study's identity, so a sweep can be resumed with or without it.
+    Under `mlflow run`, the run it created becomes the study's parent on the first launch, and on later launches
+    a child of that parent recording what this launch trained."""
+    h = open_sweep(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
+    try:
+        workers = workers or auto_workers()
+        if workers > 1:
+            codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
+            trained = -1
+            if any(codes):
+                raise RuntimeError(f"sweep workers exited with {codes}")
+        else:
+            trained = sweep_worker(h.study, h.storage, progress=progress, grid=h.grid)
+        return finish_sweep(h, trained)
+    finally:
+        h.grid.close()
+
+
+def _log_pass(run_id: str, grid: _Grid, trained: int, done: int) -> None:
+    """A later `mlflow run -e sweep` on a study that already has its parent: its run becomes a child of that
+    parent saying what this pass did, instead of an empty top-level run."""
+    with tracking.resume_run(run_id) as r:
+        r.nest_under(grid.parent)
+        r.set_tags({"mlflow.runName": f"sweep-{grid.study.name}-pass", "task": "sweep-pass", "study": grid.name})
+        r.log_metrics({"sweep/configurations_done": float(done), "sweep/trained_here": float(max(trained, 0))})
+
+
+def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
+               ) -> tuple[pd.DataFrame, dict[int, float]]:
+    """Per-configuration estimates (H200 seconds; `schedule`) and the estimated wall time per worker count."""
+    study = load_for(path, "sweep", compile)
+    est = [estimate(c) for c in study.configurations]
+    table = pd.DataFrame({"configuration": study.labels, "compile_s": [e.compile_s for e in est],
+                          "train_s": [e.gpu_s for e in est], "other_s": [e.overhead_s for e in est],
+                          "total_s": [e.total_s for e in est]})
+    return table, {w: makespan(est, w) for w in workers}

@@ -1,0 +1,141 @@
+"""Optuna's RDB storage and the study in it: optuna imported (here and only through here), the storage opened with
+heartbeats (its schema made under a lock) or opened to read only, the study's name (a digest of what it trains)
+and the study file checked to be of the kind a command runs."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from cushing import tracking
+from cushing.config import EXECUTION_FIELDS, config_digest
+from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
+from cushing.workflows.studies import Study, load_study, with_execution
+
+__all__ = ["MAX_RETRY", "default_storage", "StorageMissing", "load_for"]
+
+
+MAX_RETRY = 2  # deaths (not stops) of a configuration's workers that are retried; one more fails it for good
+GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
+
+
+def _beat() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: a trial silent for the grace period is failed and retried."""
+    return int(os.environ.get("CUSHING_HEARTBEAT_S", "5")), int(os.environ.get("CUSHING_GRACE_S", "20"))
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as e:  # pragma: no cover - pinned dependency
+        raise ImportError("sweeps and tuning need optuna (pip install optuna==5.0.0)") from e
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def default_storage() -> str:
+    """CUSHING_OPTUNA_STORAGE, else a SQLite file next to the MLflow store (or in the working directory)."""
+    if os.environ.get("CUSHING_OPTUNA_STORAGE"):
+        return os.environ["CUSHING_OPTUNA_STORAGE"]
+    path = sqlite_path(tracking.tracking_uri())
+    return f"sqlite:///{(path.parent if path is not None else Path.cwd()) / 'optuna.db'}"
+
+
+def _storage(url: str, retry_stale: bool = False):
+    """Optuna's RDB storage with heartbeats; its schema is created under a lock (two first launches on a fresh
+    PostgreSQL database otherwise race: `type studydirection already exists`)."""
+    import warnings
+
+    optuna = _optuna()
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+
+    url = sqlalchemy_url(url)
+    heartbeat, grace = _beat()
+    engine = {"connect_args": {"timeout": 60}} if sqlite_path(url) else {"pool_pre_ping": True}
+    with warnings.catch_warnings(), store_lock(url, "optuna-schema"):
+        warnings.simplefilter("ignore")  # the heartbeat API is marked experimental
+        callback = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY) if retry_stale else None
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=grace, heartbeat_stale_trial_callback=callback)
+
+
+def _close_storage(rdb) -> None:
+    """Give an Optuna storage's database connections back (its engine stays usable: it reconnects if used)."""
+    try:
+        rdb.remove_session()
+    finally:
+        rdb.engine.dispose()
+
+
+class StorageMissing(FileNotFoundError):
+    """The Optuna storage named for reading holds no study (its SQLite file or its schema does not exist)."""
+
+
+@contextmanager
+def _read_storage(url: str) -> Iterator[Any]:
+    """An existing Optuna storage, opened to read and closed after: a missing SQLite file or a database without
+    Optuna's schema is a `StorageMissing` error, never created (reading must not leave an empty store behind)."""
+    import sqlalchemy as sa
+
+    path = sqlite_path(sqlalchemy_url(url))
+    if path is not None and not path.is_file():
+        raise StorageMissing(f"no Optuna storage at {path}: no sweep or tuning study has run with this storage "
+                             "(pass the one it used with --storage, or set CUSHING_OPTUNA_STORAGE)")
+    probe = sa.create_engine(sqlalchemy_url(url))
+    try:
+        with probe.connect() as conn:
+            has_schema = sa.inspect(conn).has_table("studies")
+    finally:
+        probe.dispose()
+    if not has_schema:
+        raise StorageMissing(f"the Optuna storage {_shown(url)} holds no study yet (no sweep or tuning study has "
+                             "run with it)")
+    rdb = _storage(url)
+    try:
+        yield rdb
+    finally:
+        _close_storage(rdb)
+
+
+def _shown(url: str) -> str:
+    """A storage URL fit for a message: without its password."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(sqlalchemy_url(url)).render_as_string(hide_password=True)
+    except Exception:
+        return "(the configured storage)"
+
+
+def _study_name(study: Study) -> str:
+    """Name plus a digest of what it trains: editing the file starts a new study instead of mixing grids."""
+    if study.kind == "sweep":
+        ident = [GRID_LAYOUT] + [config_digest(c) for c in study.configurations]
+    else:
+        base = {k: v for k, v in study.base.items() if k not in EXECUTION_FIELDS}
+        ident = [base, [dataclasses.asdict(p) for p in study.space], study.objective_metric]
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{study.kind}:{study.name}:{digest}"
+
+
+def _name_metric(ostudy, study: Study) -> None:
+    """The objective's name in the study (optuna-dashboard shows it instead of "Objective 0")."""
+    import warnings
+
+    if ostudy.metric_names != [study.objective_metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks set_metric_names experimental
+            ostudy.set_metric_names([study.objective_metric])
+
+
+def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
+    """The study file, checked to be a `kind` study, with a command-line compile mode applied to it."""
+    study = load_study(path)
+    if study.kind != kind:
+        raise ValueError(f"{path} is a {study.kind} study; use `cushing {study.kind}`")
+    return with_execution(study, compile=compile) if compile else study
