@@ -25,6 +25,8 @@ import pytest
 import yaml
 
 from cushing.workflows import cluster
+from cushing.workflows.cluster import secrets as cluster_secrets
+from cushing.workflows.cluster import task as cluster_task
 from cushing.workflows.cluster import ClusterError, SlurmOptions, launch_checks
 from tests.conftest import ROOT, env_vars
 
@@ -161,7 +163,7 @@ def test_preemption_becomes_an_interrupt_not_an_error(submitit_does, requeued):
         raise submitit_does
     old = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        cluster._interrupt_on_preemption()
+        cluster_task._interrupt_on_preemption()
         with pytest.raises(cluster.Preempted) as e:  # a KeyboardInterrupt: the trial is marked interrupted
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(1)
@@ -192,7 +194,7 @@ def test_secrets_file_and_the_job_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000")
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     before = dict(os.environ)
-    with cluster._job_environment("postgresql://optuna@db.lab/optuna"):
+    with cluster_secrets._job_environment("postgresql://optuna@db.lab/optuna"):
         assert os.environ["CUSHING_OPTUNA_STORAGE"] == "postgresql://optuna@db.lab/optuna"
         assert "MLFLOW_TRACKING_PASSWORD" not in os.environ and "MLFLOW_RUN_ID" not in os.environ
         assert os.environ["PYTHONPATH"] == f"{ROOT}{os.pathsep}/elsewhere"

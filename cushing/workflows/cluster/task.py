@@ -1,0 +1,134 @@
+"""What each array task runs: one sweep worker (or its share of tuning trials) on the storage its environment
+names, the same worker `cushing sweep --workers N` runs on one host. Preemption and time limits: submitit asks for
+`--signal=USR2@90` and, on that signal, requeues the task (at most 3 times after time-outs); the trial the task was
+training is marked interrupted first (`Preempted`), so a live worker retries it at once. Module-level, so submitit
+pickles the task by reference and the node imports it."""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from cushing.workflows.cluster.options import ClusterError
+from cushing.workflows.cluster.secrets import SECRETS_FILE_ENV, STORAGE_ENV, read_secrets_file
+from cushing.workflows.sweeps import finish_sweep, open_sweep, run_tune, sweep_worker
+from cushing.workflows.sweeps.claims import GridClaims
+
+__all__ = ["Preempted", "ArrayTask", "run_array_task", "ArrayWorker", "worker_tasks"]
+
+
+class Preempted(KeyboardInterrupt):
+    """Slurm preempted the task or its time ran out. Raised like Ctrl-C, so the trial in training is marked
+    interrupted (retried by a live worker at once) and its MLflow run ends KILLED."""
+
+    def __init__(self, message: str, requeued: bool):
+        super().__init__(message)
+        self.requeued = requeued
+
+
+@dataclass(frozen=True)
+class ArrayTask:
+    """What every array task runs (pickled by submitit: nothing secret in it)."""
+
+    kind: str  # sweep | tune
+    path: str
+    parent_run_id: str
+    compile: str | None = None
+    n_trials: int = 0  # tune: this task's share
+    log_tables: bool = False  # sweep with no launcher waiting: the last task out logs Tables II and III
+    folder: str = ""  # where each task records which worker (host:pid, as the claims table names it) it is
+
+
+def run_array_task(task: ArrayTask, index: int) -> int:
+    """The function each array task runs: one sweep worker (or `task.n_trials` tuning trials) on the storage named by
+    CUSHING_OPTUNA_STORAGE in the task's environment. Module-level, so submitit sends it by reference and the node
+    imports it (the venv or the image must hold this package). Returns how many it trained."""
+    if os.environ.get(SECRETS_FILE_ENV):
+        os.environ.update(read_secrets_file(os.environ[SECRETS_FILE_ENV]))
+    storage = os.environ.get(STORAGE_ENV)
+    if not storage:
+        raise ClusterError(f"{STORAGE_ENV} is not set in this task's environment")
+    _announce(task, index)
+    _interrupt_on_preemption()
+    try:
+        return _sweep_task(task, storage) if task.kind == "sweep" else _tune_task(task, storage)
+    except Preempted as e:
+        print(f"[cushing] {e}: this worker stops; its trial is retried by another", flush=True)
+        if e.requeued:
+            raise SystemExit(-1) from None  # as submitit exits after a requeue: no result, the task runs again
+        raise RuntimeError(str(e)) from None
+
+
+class ArrayWorker:
+    """What submitit runs in each task: `run_array_task`, plus submitit's `checkpoint` hook, so that a task whose time
+    limit comes (USR2, 90 s before it) is requeued as a fresh worker (at most 3 times) instead of ending; the
+    configuration it was training is retried at once by a live worker."""
+
+    def __call__(self, task: ArrayTask, index: int) -> int:
+        return run_array_task(task, index)
+
+    def checkpoint(self, task: ArrayTask, index: int):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, task, index)
+
+
+def _sweep_task(task: ArrayTask, storage: str) -> int:
+    h = open_sweep(task.path, storage=storage, parent_run_id=task.parent_run_id, compile=task.compile)
+    trained = sweep_worker(h.study, h.storage, progress=False, grid=h.grid)
+    # every worker returns once the grid is finished, all seeing the same trials: one claim picks who logs the tables
+    if task.log_tables and h.grid.claims.claim(h.study_name, "__tables__", len(h.grid.ostudy.get_trials())):
+        finish_sweep(h, trained)
+    else:
+        h.grid.close()
+    return trained
+
+
+def _tune_task(task: ArrayTask, storage: str) -> int:
+    res = run_tune(task.path, storage=storage, n_trials=task.n_trials, progress=False,
+                   parent_run_id=task.parent_run_id, compile=task.compile)
+    return res.n_complete
+
+
+def _task_id(index: int) -> tuple[str, str]:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or "local"
+    return array, f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', index)}"
+
+
+def _announce(task: ArrayTask, index: int) -> None:
+    """Say (and record, for the launcher) which worker this task is: the claims table names workers host:pid."""
+    array, task_id = _task_id(index)
+    owner = GridClaims.owner()
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    print(f"[cushing] array task {task_id} (restart {restart}) is worker {owner}", flush=True)
+    if task.folder:
+        d = Path(task.folder) / "cushing-workers" / array
+        d.mkdir(parents=True, exist_ok=True)
+        (d / owner).write_text(task_id)
+
+
+def worker_tasks(folder: str | os.PathLike, array_id: str) -> dict[str, str]:
+    """Worker (host:pid, as in the claims table) -> array task id ('12_1') for a job array's tasks so far."""
+    d = Path(folder) / "cushing-workers" / str(array_id)
+    if not d.is_dir():
+        return {}
+    return {p.name: p.read_text().strip() for p in d.iterdir() if p.is_file()}
+
+
+def _interrupt_on_preemption() -> None:
+    """submitit's handler of the preemption signal requeues the task, then exits (SystemExit): inside training that
+    would mark the trial as an error, never retried. Turn its exit into `Preempted` instead."""
+    sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    current = signal.getsignal(sig) if sig is not None else None
+    if not callable(current):
+        return
+
+    def handler(signum, frame) -> None:
+        try:
+            current(signum, frame)
+        except SystemExit:
+            raise Preempted(f"preempted (signal {signal.Signals(signum).name}); requeued", requeued=True) from None
+        except Exception as e:  # submitit's UncompletedJobError: timed out too often, not requeued
+            raise Preempted(f"stopped and not requeued: {e}", requeued=False) from None
+    signal.signal(sig, handler)
