@@ -13,7 +13,8 @@ its own under /var/tmp instead.
 Owns: `local` (`LocalStack`: up all or nothing, down, restart, its saved state), `postgres` (the cluster),
 `server` (the MLflow server: command, environment, migration, the compose services' launcher), `credentials`
 (admin password rules, owner-only files: pgpass, basic-auth settings), `processes` (ports, HTTP readiness, process
-groups, `StackError`). Imports nothing of the package; neither torch nor mlflow (the server runs as a process).
+groups, `StackError`). It imports nothing of the package, neither torch nor mlflow (the server runs as a
+process).
 """
 from __future__ import annotations
 

@@ -1,0 +1,5 @@
+import sys
+
+from cushing.cli import main
+
+sys.exit(main())

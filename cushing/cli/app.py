@@ -1,0 +1,74 @@
+"""The thin main: the parser built from every command family's COMMANDS (in this order), the signal handlers,
+and the errors a user made turned into one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from cushing.cli import bench, cohort, dashboard, jobs, promote, stack, studies, train
+from cushing.cli.options import Command
+from cushing.cli.stops import _ignore, _ignore_until_exit, _on_signal, _stopped
+from cushing.config import ConfigError
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+DESCRIPTION = "The `cushing` console script. Each subcommand parses, calls one core function, returns an exit code."
+COMMANDS: dict[str, Command] = {**train.COMMANDS, **bench.COMMANDS, **cohort.COMMANDS, **jobs.COMMANDS,
+                                **promote.COMMANDS, **studies.COMMANDS, **dashboard.COMMANDS, **stack.COMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cushing import __version__
+
+    parser = argparse.ArgumentParser(prog="cushing", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"cushing {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, configure, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        configure(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cushing.data.manifest import ManifestError
+    from cushing.data.splits import SplitError
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the parent ignores it
+            signal.signal(signal.SIGINT, _on_signal)
+    try:
+        return int(ns.func(ns) or 0)
+    except KeyboardInterrupt as e:
+        code = _stopped(ns.command, e)
+        if signal.getsignal(signal.SIGTERM) is _ignore:
+            _ignore_until_exit()
+        return code
+    except (ConfigError, ManifestError, SplitError, _stack_error()) as e:
+        print(f"cushing {ns.command}: {e}", file=sys.stderr)
+        return 2
+    except _user_errors() as e:
+        print(f"cushing {ns.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _stack_error() -> type[BaseException]:
+    from cushing.ops.stack import StackError
+
+    return StackError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cushing.model.backbones import WeightsUnavailable
+    from cushing.workflows.experiment import ResumeError
+    from cushing.stats.subgroups import SubgroupError
+    from cushing.tracking import TrackingUnavailable
+    from cushing.model.train import AuditError
+
+    return (WeightsUnavailable, FileNotFoundError, TrackingUnavailable, ResumeError, AuditError, SubgroupError)

@@ -1,0 +1,104 @@
+"""The cohort before training: `cushing faces` (the face stage) and `cushing audit` (the same photo, or the same
+person, under two subject ids)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cushing.cli.options import Command
+
+COMMANDS: dict[str, Command] = {}
+
+
+def _faces_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="photos: a manifest CSV (image, label, sex, ...)")
+    p.add_argument("--out", required=True, help="folder for crops/, manifest.csv, faces_report.csv")
+    p.add_argument("--sam-checkpoint", default=None, help="SAM weights (vit_h, vit_l or vit_b .pth)")
+    p.add_argument("--sam-model-type", default=None, help="vit_h | vit_l | vit_b (default: read from the weights)")
+    p.add_argument("--mask", default="auto", help="auto | sam | landmark_hull | none")
+    p.add_argument("--detector", default="hog", help="hog | cnn (dlib's mmod detector)")
+    p.add_argument("--max-upsample", type=int, default=2)
+    p.add_argument("--margin", type=float, default=0.15)
+    p.add_argument("--cache-dir", default=None, help="content-addressed cache (default ~/.cache/cushing/faces)")
+    p.add_argument("--workers", type=int, default=0, help="dlib processes (default: one per core)")
+    p.add_argument("--device", default="auto", help="where SAM runs")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any photo was rejected")
+    p.add_argument("--allow-phi-artifacts", default="false", help="true: log montages of crops and failures")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def _faces(ns: argparse.Namespace) -> int:
+    from cushing.config import parse_bool
+    from cushing.faces.settings import FaceSettings
+    from cushing.faces.run import run_faces
+
+    settings = FaceSettings(detector=ns.detector, max_upsample=ns.max_upsample, margin=ns.margin, mask=ns.mask,
+                            sam_checkpoint=ns.sam_checkpoint or None, sam_model_type=ns.sam_model_type or None,
+                            device=ns.device)
+    res = run_faces(manifest=ns.manifest, out=ns.out, settings=settings, cache_dir=ns.cache_dir or None,
+                    workers=ns.workers, experiment=ns.experiment, allow_phi=parse_bool(ns.allow_phi_artifacts),
+                    track=not ns.no_track)
+    o = res.outcome
+    rep = o.report
+    print(f"extracted {o.extracted} of {len(rep)} photos ({o.cached} from cache, {o.processed} processed, "
+          f"{o.seconds:.1f} s; mask: {o.settings.mask_method})")
+    for reason, n in rep.loc[rep["status"] != "ok", "reason"].value_counts().items():
+        print(f"  rejected {n:4d} {reason}")
+    print(f"face-crop manifest: {o.manifest}\nreport: {o.manifest.parent / 'faces_report.csv'}")
+    if res.run_id:
+        print(f"audit logged to run {res.run_id}")
+    if o.extracted == 0:
+        print("cushing faces: no face could be extracted", file=sys.stderr)
+        return 3
+    if ns.strict and o.extracted < len(rep):
+        print(f"cushing faces: --strict and {len(rep) - o.extracted} photos were rejected", file=sys.stderr)
+        return 3
+    return 0
+
+
+COMMANDS["faces"] = ("extract aligned, masked face crops (dlib + SAM or landmark hull), cached", _faces_args, _faces)
+
+
+# ------------------------------------------------------------------------------------------------ audit
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
+    p.add_argument("--out", required=True, help="folder for audit.csv (with --evaluate: the threshold tables)")
+    p.add_argument("--no-faces", action="store_true", help="duplicates only: skip the same-person check (dlib)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--cache-dir", default=None, help="hash/descriptor cache (default ~/.cache/cushing/audit)")
+    p.add_argument("--experiment", default="cushing")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--evaluate", action="store_true",
+                   help="measure the same-person and duplicate thresholds on a manifest of true identities")
+    p.add_argument("--photos", type=int, default=2000, help="--evaluate: photos sampled for same-person pairs")
+
+
+def _audit(ns: argparse.Namespace) -> int:
+    from cushing.workflows.cohort_audit import run_audit, run_evaluation
+
+    if ns.evaluate:
+        table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, workers=ns.workers,
+                                    cache_dir=ns.cache_dir)
+        cols = ["threshold", "group", "pos_pairs", "precision", "precision_lo", "precision_hi", "recall",
+                "recall_lo", "recall_hi", "false_pairs_per_343"]
+        print(table[[c for c in cols if c in table.columns]].round(3).to_string(index=False))
+        print(f"duplicates: {dup['false_pairs']} false pairs among {dup['stranger_pairs']:,} pairs of different "
+              f"people (closest {dup['min_stranger_bits']} bits); copies found: {dup['copies_found']:.3f}")
+        return 0
+    res = run_audit(manifest=ns.manifest, out=ns.out, faces=not ns.no_faces, workers=ns.workers,
+                    cache_dir=ns.cache_dir, experiment=ns.experiment, track=not ns.no_track)
+    a = res.audit
+    n = len(a.photos)
+    print(f"{n} photos in {a.seconds:.2f} s ({n / max(a.seconds, 1e-9):.1f} photos/s; {a.computed} computed, "
+          f"{a.cached} from cache){'' if res.faces else '; same-person check skipped (synthetic or --no-faces)'}")
+    different = a.pairs[~a.pairs["same_subject"]]
+    for kind, count in different["kind"].value_counts().items():
+        print(f"  {count:4d} {kind} pairs of different subject ids")
+    print(f"audit: {res.out}" + (f" (logged to run {res.run_id})" if res.run_id else ""))
+    return 0
+
+
+COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",
+                     _audit_args, _audit)
