@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from cushing.ops.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("CUSHING_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -110,12 +111,6 @@ class UIHarnessError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
 class MlflowUI:
