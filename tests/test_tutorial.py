@@ -89,7 +89,8 @@ def _script(steps: list[tuple[str, str]], ports: dict[str, int], folder: Path) -
     port_of = {str(p) for p in ports.values()}
     for i, (kind, code) in enumerate(steps, 1):
         first = code.strip().splitlines()[0]
-        lines.append("echo " + shlex.quote(f"=== block {i}: {first[:60]}"))
+        # on a line of its own: a command's output may not end with a newline (curl's does not)
+        lines.append("printf '\\n%s %s\\n' " + shlex.quote(f"=== block {i}: {first[:60]}") + ' "[t=${SECONDS}s]"')
         if kind == "background":
             port = next(p for p in re.findall(r"\b(\d{4,5})\b", code) if p in port_of)
             (folder / f"bg{i}.sh").write_text(code)
@@ -102,7 +103,7 @@ def _script(steps: list[tuple[str, str]], ports: dict[str, int], folder: Path) -
             raise AssertionError(f"unknown block kind {kind!r} on {PAGE.name}")
         else:
             lines.append(code)
-    lines.append("echo '=== done'")
+    lines.append('printf \'\\n[t=%ss]\\n=== done\\n\' "$SECONDS"')
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +145,9 @@ def tutorial(tmp_path_factory, celeba_dir, cushing_home):
     finally:
         _stop_leftovers(study)
     assert r.returncode == 0, f"the tutorial failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
-    print(f"tutorial: {len(steps)} blocks in {time.monotonic() - t0:.0f} s")
+    starts = re.findall(r"^=== block (\d+): .*\[t=(\d+)s\]$", r.stdout, re.M)
+    print(f"tutorial: {len(steps)} blocks in {time.monotonic() - t0:.0f} s; block starts (s): "
+          + ", ".join(f"{b}@{t}" for b, t in starts))
     return {"dir": study, "stdout": r.stdout, "steps": steps}
 
 
