@@ -106,6 +106,17 @@ def test_the_site_fetches_nothing_from_elsewhere(site):
     assert (site / "search" / "search_index.json").stat().st_size > 10_000
 
 
+def test_the_readme_is_a_short_front_door_whose_links_resolve():
+    """At most 150 lines; every relative link (the docs pages, the screenshot) points at a file of the clone."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 8 and "docs/assets/screenshots/mlflow-run.png" in local
+    assert [link for link in local if not (ROOT / link).is_file()] == []
+    assert "mkdocs serve" in text and "mkdocs build --strict" in text
+
+
 # ------------------------------------------------------------------------------------------------ in a browser
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
