@@ -89,8 +89,17 @@ def api_pages() -> dict[str, str]:
     pages = {f"{API}/index.md": _api_index()}
     for m in modules():
         kind = "package" if _is_package(m) else "module"
-        pages[_uri(m)] = (f"# `{m}`\n\n<small>{kind} · generated from its docstrings</small>\n\n::: {m}\n")
+        text = f"# `{m}`\n\n<small>{kind} · generated from its docstrings</small>\n\n::: {m}\n"
+        if _is_package(m):
+            text += _children_table(m)
+        pages[_uri(m)] = text
     return pages
+
+
+def _children_table(pkg: str) -> str:
+    kids = [m for m in modules() if m.rpartition(".")[0] == pkg]
+    rows = [f"| [`{m.rpartition('.')[2]}`]({_rel(_uri(pkg), _uri(m))}) | {_summary(m)} |" for m in kids]
+    return "\n".join(["", "## Modules", "", "| module | what it is |", "|---|---|", *rows, ""]) if rows else ""
 
 
 def _api_index() -> str:
