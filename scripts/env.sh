@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Source me: makes (once) and activates the project's virtual environment, installs the Debian packages the
-# tests use when missing, and makes this checkout the `cushing` that Python imports (PYTHONPATH), even when other
-# clones on the machine share the venv.
+# Source me: makes (once) and activates the project's virtual environment and makes this checkout the `cushing`
+# that Python imports (PYTHONPATH), even when other clones on the machine share the venv. It installs no Debian
+# package: the main job needs none; scripts/test.sh installs the services the tests start (scripts/test-packages.sh).
 #
-# The venv lives outside the clone, keyed by the hash of the pinned requirements and the Python version, so CI
-# runs and fresh clones reuse it instead of reinstalling ~6 GB of PyTorch. Override with CUSHING_VENV=/path.
+# The venv lives outside the clone, keyed by the hash of the pinned requirements (the package's, and its `test`
+# and `docs` extras) and the Python version, so CI runs and fresh clones reuse it instead of reinstalling ~6 GB of
+# PyTorch. Override with CUSHING_VENV=/path.
+#
+# The caller's shell options come back as they were when this file ends. `set +o` prints them, but it must run in
+# this shell: in a command substitution bash turns errexit off, so "$(set +o)" says `set +o errexit` even in a
+# `set -e` script, and eval-ing it would switch off the caller's stop-at-the-first-failure.
 _cushing_saved_opts="$(set +o)"
+case $- in *e*) _cushing_saved_opts+=$'\nset -o errexit' ;; esac
 set -euo pipefail
 CUSHING_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CUSHING_ROOT
@@ -14,20 +20,6 @@ _cushing_log() { printf '[cushing env] %s\n' "$*" >&2; }
 
 # pip's notes about this machine's local index folders are noise; real errors still show
 _cushing_quiet() { grep -vE "^WARNING: Location .* is ignored|BuildBackendWarning|^\s*$|^  " >&2 || true; }
-
-_cushing_apt() {
-  local need=()
-  ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql)
-  command -v chromium >/dev/null 2>&1 || need+=(chromium)
-  [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
-  [ -x /usr/sbin/munged ] || command -v munged >/dev/null 2>&1 || need+=(munge)
-  if [ "${#need[@]}" -eq 0 ] || [ "${CUSHING_SKIP_APT:-0}" = 1 ]; then return 0; fi
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  _cushing_log "installing Debian packages: ${need[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-}
 
 _cushing_python() {
   for p in python3.11 python3; do command -v "$p" >/dev/null 2>&1 && { command -v "$p"; return; }; done
@@ -71,7 +63,7 @@ _cushing_venv_install() {
   "$CUSHING_VENV/bin/pip" install -q -r <("$CUSHING_VENV/bin/python" - "$CUSHING_ROOT/pyproject.toml" <<'PY'
 import sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
-print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))
+print("\n".join(p["dependencies"] + [pin for g in ("test", "docs") for pin in p["optional-dependencies"][g]]))
 PY
 ) 2>&1 | _cushing_quiet
   [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
@@ -84,7 +76,8 @@ _cushing_venv() {
   hash="$("$py" - "$CUSHING_ROOT/pyproject.toml" <<'PY'
 import hashlib, sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
-pins = sorted(p["dependencies"]) + sorted(p["optional-dependencies"]["test"])
+extras = p["optional-dependencies"]
+pins = sorted(p["dependencies"]) + sorted(extras["test"]) + sorted(extras["docs"])
 print(hashlib.sha256(("\n".join(pins) + sys.version[:4]).encode()).hexdigest()[:12])
 PY
 )"
@@ -103,12 +96,18 @@ PY
   mv -f "$CUSHING_VENV/bin/.cushing.$$" "$CUSHING_VENV/bin/cushing"
   # shellcheck disable=SC1091
   source "$CUSHING_VENV/bin/activate"
-  PYTHONPATH="$CUSHING_ROOT${PYTHONPATH:+:$(printf '%s' "$PYTHONPATH" | tr ':' '\n' | grep -vx "$CUSHING_ROOT" \
-    | grep -v '^$' | paste -sd: -)}"
-  export PYTHONPATH="${PYTHONPATH%:}"
+  # this clone first, then the caller's other entries (not this clone again, no empty ones). Plain bash, no grep: a
+  # pipeline that selects nothing fails, and under this file's pipefail and errexit a shell that had already sourced
+  # it (PYTHONPATH = this clone alone) stopped here, silently.
+  local entry rest=""
+  local -a entries=()
+  IFS=: read -r -a entries <<< "${PYTHONPATH:-}"
+  for entry in "${entries[@]}"; do
+    if [ -n "$entry" ] && [ "$entry" != "$CUSHING_ROOT" ]; then rest+=":$entry"; fi
+  done
+  export PYTHONPATH="$CUSHING_ROOT$rest"
 }
 
-_cushing_apt
 _cushing_venv
 eval "$_cushing_saved_opts"
 unset _cushing_saved_opts

@@ -1,15 +1,42 @@
 #!/usr/bin/env bash
 # README set-up command 1: on a fresh machine, install, make the demo cohort, train, say where results are.
-# Runs the MLproject main entry point on the embedded default tracking store (./mlflow.db + ./mlruns).
-# Extra arguments go to `mlflow run` (e.g. -P model=swin_t -P epochs=10).
+# Runs the MLproject main entry point on the embedded default tracking store (./mlflow.db + ./mlruns). It installs
+# no Debian package: the main job needs none (no database server, no browser, no cluster manager).
+#
+# Extra arguments go to `mlflow run`; a `-P NAME=VALUE` among them replaces this script's own value of NAME
+# (`bash scripts/quickstart.sh -P epochs=2 -P img_size=64`), where passing both would make MLflow refuse the
+# "Repeated parameter". A failed run ends the script with the run's exit status and without the "Done" message.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$CUSHING_ROOT"
 export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-cushing}"
+
 # Offline-friendly defaults for a CPU: random weights (no download), a small backbone at 112 px, 16 epochs at
 # lr 0.01 (enough for ResNet-18 from scratch to learn the demo cohort's moon face and plethora; about 3 minutes).
-mlflow run . --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" \
-  -P model=resnet18 -P pretrained=false -P epochs=16 -P lr=0.01 -P img_size=112 -P bootstrap=500 "$@"
+defaults=(model=resnet18 pretrained=false epochs=16 lr=0.01 img_size=112 bootstrap=500)
+
+# the names the caller sets with -P NAME=VALUE, -PNAME=VALUE, --param-list NAME=VALUE or --param-list=NAME=VALUE
+given=" "
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    -P | --param-list) if ((i + 1 < ${#args[@]})); then given+="${args[i + 1]%%=*} "; fi ;;
+    --param-list=*) a="${args[i]#--param-list=}" && given+="${a%%=*} " ;;
+    -P?*) a="${args[i]#-P}" && given+="${a%%=*} " ;;
+  esac
+done
+params=()
+for d in "${defaults[@]}"; do
+  case "$given" in *" ${d%%=*} "*) ;; *) params+=(-P "$d") ;; esac
+done
+
+status=0
+mlflow run . --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" "${params[@]}" "$@" || status=$?
+if [ "$status" -ne 0 ]; then
+  printf '\nquickstart: the run failed (exit %s); the messages above say why.\n' "$status" >&2
+  exit "$status"
+fi
+
 uri="${MLFLOW_TRACKING_URI:-sqlite:///$CUSHING_ROOT/mlflow.db}"
 cat <<MSG
 

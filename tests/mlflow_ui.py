@@ -63,6 +63,11 @@ from cushing.ops.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("CUSHING_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+# The documentation's pictures (docs/assets/screenshots/NAME.png): the tests that check a page also keep the shot
+# the docs show, so a changed page changes the picture. CUSHING_DOCS_SCREENSHOTS=other/folder moves them; an empty
+# value keeps the tests from writing them.
+DOCS_SHOTS = os.environ.get("CUSHING_DOCS_SCREENSHOTS", str(ROOT / "docs" / "assets" / "screenshots"))
+DOCS_VIEWPORT = {"width": 1280, "height": 820}
 CHROMIUM = os.environ.get("CUSHING_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -468,9 +473,32 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
+def docs_screenshot(page, name: str, *, viewport: dict | None = None, wait_ms: int = 800) -> Path | None:
+    """Save the documentation's picture ``docs/assets/screenshots/<name>.png`` (see ``DOCS_SHOTS``): the viewport
+    only, at a reading size (``DOCS_VIEWPORT``), put back afterwards. Call it after the test's assertions, so a
+    picture in the docs is always of a page that passed. Pages must show the synthetic demo cohort or aggregates
+    only: never a real face or a file name."""
+    if not DOCS_SHOTS:
+        return None
+    pw = _pw(page)
+    folder = Path(DOCS_SHOTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name if name.endswith(".png") else f"{name}.png")
+    size = pw.viewport_size
+    pw.set_viewport_size(viewport or DOCS_VIEWPORT)
+    try:
+        pw.wait_for_timeout(wait_ms)  # the UI lays itself out again for the new width
+        pw.screenshot(path=str(path))
+    finally:
+        if size:
+            pw.set_viewport_size(size)
+    return path
+
+
 def screenshot(page, name: str, *, full: bool = True, max_height: int = 8000) -> Path:
     """Save ``test-artifacts/<name>.png``. The 3.17 layout scrolls inside a pane, so Playwright's ``full_page``
-    sees only the viewport; with ``full`` the viewport is stretched to the tallest scroll pane for the shot."""
+    sees only the viewport; with ``full`` the viewport is stretched to the tallest scroll pane for the shot.
+    (:func:`docs_screenshot` keeps the documentation's copy.)"""
     pw = _pw(page)
     path = artifacts_dir() / (name if name.endswith(".png") else f"{name}.png")
     size = pw.viewport_size
@@ -919,6 +947,29 @@ def open_model_version(ui: UIPage, base: str | None, name: str, version: str | i
     view = _finish(ui, "model_version", mark, t0, {})
     view.data.update(version=mvb, aliases=mvb.get("aliases", []),
                      tags={t["key"]: t["value"] for t in mvb.get("tags", [])})
+    return view
+
+
+def open_run_artifact(ui: UIPage, base: str | None, exp_id: str, run_id: str, path: str = "",
+                      timeout: float = 30.0) -> PageView:
+    """The run page's Artifacts tab opened on ``path`` (``#/experiments/E/runs/R/artifacts/PATH``, the route the UI
+    links to an artifact; a folder is expanded, a file previewed: an image as ``<img>``).
+
+    Calls: ``artifacts/list?run_uuid=R[&path=P]`` for the root and every folder the tree opens.
+
+    ``data``: ``files`` [paths] and ``dirs`` [paths] from every artifacts/list call the page made for this run.
+    """
+    ui.base = base or ui.base
+    route = f"#/experiments/{exp_id}/runs/{run_id}/artifacts" + (f"/{path}" if path else "")
+    mark, t0 = _open(ui, route)
+    folder = path if "." not in path.rsplit("/", 1)[-1] else path.rpartition("/")[0]
+    wait_for_rest(ui, "artifacts/list", lambda c: (c.q("path") or "") == folder, since=mark, timeout=timeout)
+    view = _finish(ui, "run_artifacts", mark, t0, {})
+    files, dirs = [], []
+    for c in view.rest("artifacts/list"):
+        for f in (c.body or {}).get("files", []):
+            (dirs if f.get("is_dir") else files).append(f["path"])
+    view.data.update(files=sorted(set(files)), dirs=sorted(set(dirs)))
     return view
 
 

@@ -1,4 +1,5 @@
-"""The dashboard from a real demo sweep, opened in headless Chromium (Debian's, no network)."""
+"""The dashboard from a real demo sweep, opened in headless Chromium (Debian's, no network); the rendered page is
+also the documentation's picture (docs/assets/screenshots/dashboard.png)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, env_vars
+from tests.mlflow_ui import docs_screenshot
 
 
 ARTIFACTS = Path(os.environ.get("CUSHING_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -67,6 +69,7 @@ def test_renders_in_headless_chromium(page_file):
         header.click()  # then ascending: the order flips
         assert rows.nth(2).locator("td").nth(0).inner_text() == first
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        docs_screenshot(page, "dashboard")  # the documentation's picture, once the checks above passed
         browser.close()
     assert errors == [], errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests

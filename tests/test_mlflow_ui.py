@@ -1,6 +1,7 @@
 """The README's demo flow (sweep, promote, dashboard) as a user reads it in the real MLflow UI: `mlflow server` on
 loopback, Debian's headless Chromium. Where the DOM is virtualised or drawn by Plotly, the assertion reads the REST
-call the page itself made (named in each check); every page is kept as a screenshot in test-artifacts/."""
+call the page itself made (named in each check); every page is kept as a screenshot in test-artifacts/, and the
+pages the documentation shows are also saved, after their checks pass, as docs/assets/screenshots/*.png."""
 from __future__ import annotations
 
 import pytest
@@ -52,6 +53,7 @@ def test_compare_view_shows_female_f1_for_both_runs(ui, flow):
     assert len(shown) == 2 and all(s not in ("", "NaN") for s in shown), shown
     for s, r in zip(shown, (a, b)):
         assert float(s) == pytest.approx(r.data.metrics["test/f1/female"], abs=0.006)
+    mu.docs_screenshot(ui, "mlflow-compare")
 
 
 def test_run_page_shows_the_male_subgroup_counts(ui, flow):
@@ -62,6 +64,7 @@ def test_run_page_shows_the_male_subgroup_counts(ui, flow):
     shown = view.data["metrics_table"]
     assert shown["test/positives/male"] == f"{run.data.metrics['test/positives/male']:g}"
     assert "test/n/male" in shown and "not_estimable" in view.text
+    mu.docs_screenshot(ui, "mlflow-run")
 
 
 def test_registered_model_page_shows_aliases_and_synthetic_data(ui, flow):
@@ -71,13 +74,51 @@ def test_registered_model_page_shows_aliases_and_synthetic_data(ui, flow):
     version = str(flow["champion"].version)
     assert view.data["aliases"]["champion"] == version and "challenger" in view.data["aliases"]
     assert view.data["tags_shown"]["champion_synthetic_data"] == "true"
+    mu.docs_screenshot(ui, "mlflow-registered-model")
 
 
-def test_logged_model_shows_test_f1(ui, flow):
-    """DOM: the logged model's metrics table; REST: logged-models/<id>."""
-    model_id = flow["champion"].source.split("/")[-1] if flow["champion"].source.startswith("models:/") else \
-        flow["kids"]["resnet18"].data.tags["model_uri"].split("/")[-1]
-    view = mu.open_logged_model(ui, None, flow["exp_id"], model_id)
-    mu.screenshot(ui, "demo-flow-logged-model")
-    assert "test/f1" in [r[0] for r in view.data["metrics_table"]]
-    assert view.data["metrics"]["test/f1"] > 0
+def test_model_version_page_shows_its_model_card(ui, flow):
+    """DOM: the version's description is its model card (rendered Markdown); REST model-versions/get: the same
+    text is the version's description, and the version carries the champion alias."""
+    version = str(flow["champion"].version)
+    view = mu.open_model_version(ui, None, "cushing", version)
+    mu.wait_for_text(ui, "Intended use")
+    description = view.data["version"].get("description", "")
+    assert "TRAINED ON SYNTHETIC DATA" in description and "not a diagnostic device" in description
+    assert "champion" in view.data["aliases"]
+    shown = ui.page.inner_text("body")
+    assert "Intended use" in shown and "not a diagnostic device" in shown, "the card is shown on the page"
+    mu.screenshot(ui, "demo-flow-model-version")
+    mu.docs_screenshot(ui, "mlflow-model-card")
+
+
+def test_run_chart_view_draws_the_epoch_curves_as_lines(ui, flow):
+    """DOM: the run's Model metrics tab filtered to the per-epoch series (Plotly line traces, not bars); REST:
+    get-history-bulk-interval of epoch/val/f1, one point per epoch."""
+    run = flow["kids"]["resnet18"]
+    view = mu.open_run_charts(ui, None, flow["exp_id"], run.info.run_id, search="^epoch/",
+                              wait_keys=["epoch/val/f1"])
+    cards = {c["title"]: c for c in view.data["cards"]}
+    assert cards["epoch/val/f1"]["type"] == "line" and cards["epoch/train/loss"]["type"] == "line", cards
+    assert {c["section"] for c in cards.values()} <= {"epoch/val", "epoch/train"}
+    assert [p["step"] for p in view.data["history"]["epoch/val/f1"]] == list(range(1, flow["epochs"] + 1))
+    mu.screenshot(ui, "demo-flow-run-charts")
+    shown = mu.search_charts(ui, "^epoch/val/", scroll=False)  # the docs' picture: the validation curves
+    assert {c["title"] for c in shown["cards"]} >= {"epoch/val/f1", "epoch/val/auc"}, shown["cards"]
+    mu.docs_screenshot(ui, "mlflow-charts")
+
+
+def test_grad_cam_aggregates_open_in_the_artifact_view(ui, flow):
+    """DOM: the run's Artifacts tab opened on a mean Grad-CAM map shows it as an image that loaded; REST
+    artifacts/list (the calls the tab made): the cam/ folder holds aggregates only (mean maps, no overlays)."""
+    run = flow["kids"]["resnet18"]
+    view = mu.open_run_artifact(ui, None, flow["exp_id"], run.info.run_id, "cam")
+    maps = sorted(n for n in view.data["files"] if n.startswith("cam/mean_") and n.endswith(".png"))
+    assert maps and not [n for n in view.data["files"] if "overlay" in n], view.data["files"]
+    shown = "cam/mean_all.png" if "cam/mean_all.png" in maps else maps[0]  # every true x predicted x sex map
+    mu.open_run_artifact(ui, None, flow["exp_id"], run.info.run_id, shown)
+    img = ui.page.locator(f"img[alt='{shown}']").first  # the preview: a blob: image, its alt the artifact path
+    img.wait_for(timeout=30_000)
+    ui.page.wait_for_function("(i) => i.complete && i.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
+    mu.screenshot(ui, "demo-flow-grad-cam")
+    mu.docs_screenshot(ui, "grad-cam")
