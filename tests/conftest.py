@@ -84,6 +84,27 @@ def shared_root() -> Path:
     pytest.fail("the shared data folder (../shared/data/celeba-chubby) was not found; set CUSHING_SHARED=/path/to/shared")
 
 
+def celeba_identities(celeba_dir: Path) -> pd.DataFrame:
+    """The shared CelebA manifest, one photo per identity, in file order (the cohorts below draw from it)."""
+    return pd.read_csv(celeba_dir / "manifest.csv").sort_values("image").drop_duplicates("subject_id")
+
+
+def photo_cohort(celeba: pd.DataFrame, src: Path, out: Path, counts: dict, skip: set, prefix: str) -> set:
+    """A folder of photos (symlinks to the shared data, never copies) and its manifest, as a reader would have them:
+    `counts` photos per (sex, label), one per identity, none of the identities in `skip`; returns those used."""
+    out.mkdir(parents=True)
+    rows, used = [], set()
+    for (sex, label), n in counts.items():
+        pool = celeba[(celeba["sex"] == sex) & (celeba["label"] == label) & ~celeba["subject_id"].isin(skip)]
+        for r in pool.head(n).itertuples():
+            name = f"{prefix}_{len(rows) + 1:03d}.jpg"
+            (out / name).symlink_to(src / r.image)
+            rows.append({"image": name, "label": label, "sex": sex, "subject_id": f"{prefix.upper()}_{len(rows) + 1:03d}"})
+            used.add(r.subject_id)
+    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    return used
+
+
 @pytest.fixture(scope="session")
 def celeba_dir() -> Path:
     return shared_root() / "data" / "celeba-chubby"

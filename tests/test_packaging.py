@@ -157,7 +157,7 @@ LIGHT = ("cushing.cli", "cushing.config", "cushing.model_names", "cushing.stats.
          "cushing.data.manifest", "cushing.data.splits", "cushing.data.audit", "cushing.tracking", "cushing.ops.stack",
          "cushing.workflows.studies", "cushing.workflows.plan", "cushing.faces.settings",
          *(f"cushing.cli.{m}" for m in ("app", "stops", "options", "train", "bench", "cohort", "jobs", "promote",
-                                         "studies", "dashboard", "stack")),
+                                         "studies", "dashboard", "pipeline", "stack")),
          *(f"cushing.data.audit.{m}" for m in ("settings", "hashing", "descriptors", "signatures", "pairing",
                                                 "report", "evaluation")),
          *(f"cushing.tracking.{m}" for m in ("connection", "runs", "logger", "records", "queries", "liveness",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, celeba_identities, photo_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.dlib]
 
@@ -64,21 +64,6 @@ def substitute(found: list[tuple[str, str]], ports: dict[str, int]) -> list[tupl
     unused = [p for p, n in used.items() if n == 0]
     assert not unused, f"substitutions that match nothing on {PAGE.name} any more: {unused}"
     return out
-
-
-def _cohort(celeba: pd.DataFrame, src: Path, out: Path, counts: dict, skip: set, prefix: str) -> set:
-    """A folder of photos (symlinks to the shared data) and its manifest, as a reader would have them."""
-    out.mkdir(parents=True)
-    rows, used = [], set()
-    for (sex, label), n in counts.items():
-        pool = celeba[(celeba["sex"] == sex) & (celeba["label"] == label) & ~celeba["subject_id"].isin(skip)]
-        for r in pool.head(n).itertuples():
-            name = f"{prefix}_{len(rows) + 1:03d}.jpg"
-            (out / name).symlink_to(src / r.image)
-            rows.append({"image": name, "label": label, "sex": sex, "subject_id": f"{prefix.upper()}_{len(rows) + 1:03d}"})
-            used.add(r.subject_id)
-    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
-    return used
 
 
 def _script(steps: list[tuple[str, str]], ports: dict[str, int], folder: Path) -> str:
@@ -132,11 +117,11 @@ def _block_output(stdout: str, marker: str) -> str:
 @pytest.fixture(scope="module")
 def tutorial(tmp_path_factory, celeba_dir, cushing_home):
     study = tmp_path_factory.mktemp("study")
-    celeba = pd.read_csv(celeba_dir / "manifest.csv").sort_values("image").drop_duplicates("subject_id")
-    used = _cohort(celeba, celeba_dir, study / "photos", COHORT, set(), "photo")
-    _cohort(celeba, celeba_dir, study / "external", EXTERNAL, used, "ext")
+    celeba = celeba_identities(celeba_dir)
+    used = photo_cohort(celeba, celeba_dir, study / "photos", COHORT, set(), "photo")
+    photo_cohort(celeba, celeba_dir, study / "external", EXTERNAL, used, "ext")
     ports = {p: _free_port() for p in PORTS}
-    steps = substitute(blocks(PAGE.read_text()), ports)
+    steps = substitute([b for b in blocks(PAGE.read_text()) if b[0] != "pipeline"], ports)
     (study / "tutorial.sh").write_text(_script(steps, ports, study))
     t0 = time.monotonic()
     try:
@@ -156,6 +141,9 @@ def test_the_page_marks_every_command_block_for_the_test():
     text = PAGE.read_text()
     all_bash = re.findall(r"```(?:bash|sh)\n", text)
     assert len(blocks(text)) == len(all_bash) >= 8
+    # the one-command pipeline runs in tests/test_pipeline.py (on its own cohort), the steps it runs here
+    assert [kind for kind, code in blocks(text) if "cushing pipeline" in code] == ["pipeline"]
+    assert all("cushing pipeline" in code for kind, code in blocks(text) if kind == "pipeline")
 
 
 def test_every_step_ran_and_the_servers_answered(tutorial):

@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Sequence
 
-from cushing.cli import bench, cohort, dashboard, jobs, promote, stack, studies, train
+from cushing.cli import bench, cohort, dashboard, jobs, pipeline, promote, stack, studies, train
 from cushing.cli.options import Command
 from cushing.cli.stops import _ignore, _ignore_until_exit, _on_signal, _stopped
 from cushing.config import ConfigError
@@ -17,7 +17,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 DESCRIPTION = "The `cushing` console script. Each subcommand parses, calls one core function, returns an exit code."
 COMMANDS: dict[str, Command] = {**train.COMMANDS, **bench.COMMANDS, **cohort.COMMANDS, **jobs.COMMANDS,
-                                **promote.COMMANDS, **studies.COMMANDS, **dashboard.COMMANDS, **stack.COMMANDS}
+                                **promote.COMMANDS, **studies.COMMANDS, **dashboard.COMMANDS, **pipeline.COMMANDS,
+                                **stack.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ REGISTERED_MODEL = "cushing"
 
 __all__ = ["REGISTERED_MODEL", "PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of",
            "link_evaluation",
-           "publish_card"]
+           "publish_card", "model_card", "registry_status"]
 
 TIE_BREAKERS = (("val/auc", False), ("val/brier", True))  # (metric, lower is better); then the older run
 
@@ -338,6 +338,11 @@ def link_evaluation(model_uri: str, run_id: str) -> None:
     if version:
         client().set_model_version_tag(name, version, f"external_validation/{run_id}", "see run")
         publish_card(name, version)  # the card lists the version's external evaluations
+
+
+def model_card(name: str, version: str) -> str:
+    """A registered version's model card, as the registry shows it (its description; `publish_card` wrote it)."""
+    return client().get_model_version(name, version).description or ""
 
 
 def registry_status(name: str = REGISTERED_MODEL) -> list[dict[str, str]]:

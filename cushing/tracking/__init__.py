@@ -13,11 +13,12 @@ Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every ent
 `mlflow run` created (MLflow's multistep-workflow convention) instead of opening a second one.
 
 Owns: `connection` (the tracking URI, the reachability check, the client, a block on another store), `runs` (a
-run's life: start, resume, log into, KILLED on a stop), `logger` (`RunLogger`: everything a run logs), `records`
-(`RunRecord`, the typed record other packages read runs as), `queries` (runs read, tagged and ended by id; dead
-runs reaped), `liveness` (heartbeats and process identity), `stores` (SQLite paths, first-use locks). Imports
-mlflow (inside functions), nothing of the package but `cushing.config`; with `cushing.release`, the only place that
-touches an MLflow object.
+run's life: start, resume, log into, KILLED on a stop; a run held by id, offered to the next run a block starts),
+`logger` (`RunLogger`: everything a run logs), `records` (`RunRecord`, the typed record other packages read runs
+as), `queries` (runs read, tagged and ended by id; dead runs reaped; finished runs found by their tags),
+`liveness` (heartbeats and process identity), `stores` (SQLite paths, first-use locks). Imports mlflow (inside
+functions), nothing of the package but `cushing.config`; with `cushing.release`, the only place that touches an
+MLflow object.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from cushing.tracking.connection import HTTP_RETRY_DEFAULTS, TrackingUnavailable
 from cushing.tracking.liveness import machine_id
 from cushing.tracking.logger import EPOCH_PREFIX, RunLogger
 from cushing.tracking.queries import download_artifact, end_run_as, experiment_id, experiment_of_run, \
-    experiments_with_runs, find_runs, get_run, last_step, list_artifacts, log_artifacts_to, reap, set_tags
+    experiments_with_runs, find_finished, find_runs, get_run, last_step, list_artifacts, log_artifacts_to, reap, \
+    set_tags
 from cushing.tracking.records import RunRecord
-from cushing.tracking.runs import env_run_id, log_into, resume_run, start_run
+from cushing.tracking.runs import env_run_id, held_run, log_into, offer_run, resume_run, start_run
 
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "HTTP_RETRY_DEFAULTS",
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
            "TrackingUnavailable", "last_step", "log_artifacts_to", "RunRecord", "set_tags", "end_run_as",
-           "list_artifacts", "log_into", "client", "machine_id"]
+           "list_artifacts", "log_into", "client", "machine_id", "find_finished", "held_run", "offer_run"]

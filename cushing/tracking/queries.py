@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from cushing.tracking.connection import client, configure
+from cushing.tracking.connection import client, configure, tracking_uri
 from cushing.tracking.liveness import _dead_because
 from cushing.tracking.records import RunRecord, _record
+from cushing.tracking.stores import sqlite_path
 
 __all__ = ["experiment_id", "get_run", "set_tags", "end_run_as", "list_artifacts", "find_runs", "reap",
-           "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run", "download_artifact"]
+           "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run", "download_artifact",
+           "find_finished"]
 
 
 def experiment_id(name: str) -> str:
@@ -74,6 +76,22 @@ def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | 
                                                    order_by=["attributes.start_time DESC"])]
     runs = search()
     return search() if reap(runs) else runs
+
+
+def find_finished(experiment: str, tags: Mapping[str, str]) -> list[RunRecord]:
+    """FINISHED runs of an experiment carrying every tag given (e.g. a pipeline step's key), newest first. Only
+    reads: an embedded store or an experiment that does not exist yet is not created (nothing is found), and no
+    run is reaped, so that a plan can ask it and write nothing."""
+    path = sqlite_path(tracking_uri())
+    if path is not None and not path.exists():
+        return []
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    f = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"])
+    return [_record(r) for r in c.search_runs([exp.experiment_id], filter_string=f, max_results=1000,
+                                              order_by=["attributes.start_time DESC"])]
 
 
 def experiments_with_runs() -> list[tuple[str, int]]:

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 from cushing.tracking.connection import client, configure
+from cushing.tracking.liveness import _Heartbeat
 from cushing.tracking.logger import RunLogger
 from cushing.tracking.queries import experiment_id
 
-__all__ = ["env_run_id", "start_run", "resume_run", "log_into"]
+__all__ = ["env_run_id", "start_run", "resume_run", "log_into", "held_run", "offer_run"]
 
 
 def env_run_id() -> str | None:
@@ -142,3 +143,59 @@ def log_into(parent_run_id: str | None, *, experiment: str, run_name: str,
     with start_run(experiment=experiment, run_name=run_name, tags=tags) as r:
         r.nest_under(parent_run_id)
         yield r
+
+
+def _new_run_id(experiment: str, run_name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> str:
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {**{k: str(v) for k, v in tags.items()}, "mlflow.runName": run_name,
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    return client().create_run(experiment_id(experiment), run_name=run_name, tags=resolve_tags(tags)).info.run_id
+
+
+@contextmanager
+def held_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+             parent_run_id: str | None = None, use_env_run: bool = True) -> Iterator[str]:
+    """A run this process holds by id and never makes MLflow's active run, so that what runs inside it in this
+    process opens (or takes, `offer_run`) runs of its own freely: a pipeline and its steps. The run `mlflow run`
+    created (taken once per process) when there is one and no parent is given; else a new (child) run. It beats
+    while held and ends FINISHED, FAILED when the body raises, KILLED on Ctrl-C and SIGTERM (whatever the body's
+    own runs did with it)."""
+    configure()
+    env = env_run_id() if use_env_run and parent_run_id is None else None
+    if env:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
+        run_id = env
+        for k, v in {**(tags or {}), "mlflow.runName": run_name}.items():
+            client().set_tag(run_id, k, str(v))
+    else:
+        run_id = _new_run_id(experiment, run_name, tags or {}, parent_run_id)
+    beat = _Heartbeat(run_id)
+    beat.start()
+    status = "FINISHED"
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        beat.stop()
+        client().set_terminated(run_id, status)
+
+
+@contextmanager
+def offer_run(run_id: str) -> Iterator[None]:
+    """For the block, `run_id` is the run `mlflow run` would have created (MLFLOW_RUN_ID): the first run the block
+    starts logs into it (MLflow's multistep convention, in one process). Withdrawn afterwards, taken or not."""
+    saved = os.environ.get("MLFLOW_RUN_ID")
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = saved

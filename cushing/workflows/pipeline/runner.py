@@ -1,0 +1,207 @@
+"""The pipeline run: one run (the run `mlflow run` created, or a new one) with each step a child run of it; a step
+whose key matches a finished step run is reused (linked by tags on the pipeline run) instead of run again; a step
+that fails ends the pipeline FAILED naming itself, its run and the command that resumes; a stop ends it KILLED.
+
+Each step runs in this process: its run is created here as a child of the pipeline run and offered to the step's
+own code as MLflow's multistep convention offers the run `mlflow run` created (MLFLOW_RUN_ID), so the step logs
+exactly as its `cushing` command does. One pipeline at a time works in a pipeline folder (a file lock)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from cushing import tracking
+from cushing.release.registry import model_card, registry_status
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, step_key
+from cushing.workflows.pipeline.plan import KEY_TAG, OUTPUTS_TAG, STEP_TAG, Plan, format_plan, gpu_estimate, \
+    plan_steps, reusable
+from cushing.workflows.pipeline.steps import Context, Step, steps_for
+from cushing.workflows.studies import load_study
+
+__all__ = ["StepFailed", "StepRecord", "PipelineResult", "plan_pipeline", "run_pipeline", "pipeline_experiment",
+           "SERVE_PORT"]
+
+SERVE_PORT = 5001  # the port the printed serve command uses (the tutorial's)
+
+
+class StepFailed(RuntimeError):
+    """A step failed: the pipeline stopped there (nothing after it ran) and ended FAILED."""
+
+    def __init__(self, step: str, run_id: str | None, cause: str, resume: str):
+        self.step, self.run_id, self.cause, self.resume = step, run_id, cause, resume
+        super().__init__(f"step {step} failed{f' (run {run_id})' if run_id else ''}: {cause}\n"
+                         f"  nothing after it ran; fix the cause, then resume (finished steps are reused):\n"
+                         f"  {resume}")
+
+
+@dataclass
+class StepRecord:
+    name: str
+    run_id: str
+    reused: bool
+    outputs: dict[str, Any]
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    experiment: str
+    steps: list[StepRecord]
+    champion: dict[str, str] = field(default_factory=dict)  # version, run, model of the registry's champion now
+    model_card: Path | None = None
+    dashboard: Path | None = None
+    serve: str = ""
+    seconds: float = 0.0
+
+
+def pipeline_experiment(spec: PipelineSpec) -> str:
+    """The experiment of `mlflow run`'s run, else --experiment, MLFLOW_EXPERIMENT_NAME, the study file's."""
+    env = tracking.env_run_id()
+    if env:
+        return tracking.experiment_of_run(env)
+    return spec.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or load_study(spec.study).experiment
+
+
+def _shown_uri() -> str | None:
+    """The tracking URI for a command line, unless it carries a password (then the reader's own setting)."""
+    uri = tracking.tracking_uri()
+    return None if "@" in uri.split("/")[2 if "://" in uri else 0] else uri
+
+
+def resume_command(spec: PipelineSpec, experiment: str) -> str:
+    return spec.command(experiment, _shown_uri())
+
+
+def plan_pipeline(spec: PipelineSpec, *, experiment: str | None = None, code: str | None = None) -> Plan:
+    """What would run and what would be reused, and the estimated time; reads only."""
+    experiment = experiment or pipeline_experiment(spec)
+    ctx = Context(spec, experiment, code or code_version())
+    planned, to_train = plan_steps(ctx)
+    study = ctx.study()
+    header = (f"pipeline {load_study(spec.study).name}: {spec.photos} -> {spec.out}\n"
+              f"  runs in experiment {experiment!r} of {tracking.tracking_uri()}; steps that finished earlier with "
+              "the same inputs are reused")
+    return Plan(header, planned, gpu_estimate(study, to_train, spec.gpu, spec.workers))
+
+
+@contextmanager
+def _folder_lock(out: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """One pipeline at a time in a pipeline folder: a second waits, then finds the first one's steps finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".pipeline.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another pipeline is working in {out}: waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _keep_under(run_id: str, pipeline_run: str) -> None:
+    """A step's own code may nest its run elsewhere (promote and the dashboard under the sweep they read, a later
+    sweep pass under the study's parent): in a pipeline it stays a child of the pipeline run."""
+    parent = tracking.get_run(run_id).parent_run_id
+    if parent != pipeline_run:
+        tracking.set_tags(run_id, {"mlflow.parentRunId": pipeline_run, **({"related_run": parent} if parent else {})})
+
+
+def _run_step(step: Step, ctx: Context, key: str, pipeline_run: str) -> StepRecord:
+    started, t0 = None, time.perf_counter()
+    tags = {STEP_TAG: step.name, "cushing.pipeline.run": pipeline_run, "cushing.pipeline.code": ctx.code,
+            "task": f"pipeline-{step.name}"}
+    try:
+        with tracking.held_run(experiment=ctx.experiment, run_name=step.name, tags=tags,
+                               parent_run_id=pipeline_run, use_env_run=False) as run_id:
+            started = run_id
+            try:
+                with tracking.offer_run(run_id):
+                    outputs = step.run(ctx)
+            finally:
+                _keep_under(run_id, pipeline_run)
+            tracking.set_tags(run_id, {OUTPUTS_TAG: json.dumps(outputs, default=str), KEY_TAG: key})
+    except KeyboardInterrupt as e:
+        e.pipeline_stop = (step.name, started, resume_command(ctx.spec, ctx.experiment))  # type: ignore[attr-defined]
+        raise
+    except Exception as e:
+        raise StepFailed(step.name, started, f"{type(e).__name__}: {e}",
+                         resume_command(ctx.spec, ctx.experiment)) from e
+    return StepRecord(step.name, run_id, False, outputs, time.perf_counter() - t0)
+
+
+def _step(step: Step, ctx: Context, pipeline_run: str, say: Callable[[str], None]) -> StepRecord:
+    """Reuse the step's finished run when its key matches (and its outputs are intact); else run it."""
+    key = step_key(step.name, step.inputs(ctx) or {})
+    found = reusable(step, ctx, key)
+    if found:
+        record = StepRecord(step.name, found[0], True, found[1])
+        say(f"[pipeline] {step.name}: reused run {found[0]} (same inputs, finished earlier)")
+    else:
+        say(f"[pipeline] {step.name}: running")
+        record = _run_step(step, ctx, key, pipeline_run)
+        say(f"[pipeline] {step.name}: done in {record.seconds:.0f} s, run {record.run_id} "
+            f"({step.describe(record.outputs)})")
+    ctx.outputs[step.name] = record.outputs
+    tracking.set_tags(pipeline_run, {f"cushing.pipeline.{step.name}.run": record.run_id,
+                                     f"cushing.pipeline.{step.name}.reused": str(record.reused).lower()})
+    return record
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)  # in order with the steps' own lines, also through a pipe
+
+
+def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> PipelineResult:
+    """Plan (shown first), then every step in order, under one pipeline run; the champion and its card at the
+    end. A failed step raises `StepFailed`; a stop (Ctrl-C, SIGTERM) ends the runs KILLED and is re-raised."""
+    t0 = time.perf_counter()
+    experiment, code = pipeline_experiment(spec), code_version()
+    with _folder_lock(spec.out, say):
+        say(format_plan(plan_pipeline(spec, experiment=experiment, code=code)))
+        name = f"pipeline-{load_study(spec.study).name}"
+        tags = {"task": "pipeline", "cushing.pipeline.code": code,
+                "cushing.pipeline.command": resume_command(spec, experiment)[:4900]}
+        with tracking.held_run(experiment=experiment, run_name=name, tags=tags) as run_id:
+            say(f"[pipeline] run {run_id} in experiment {experiment!r}")
+            ctx = Context(spec, experiment, code)
+            records = [_step(step, ctx, run_id, say) for step in steps_for(spec)]
+            result = _finish(ctx, records, run_id)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _finish(ctx: Context, records: list[StepRecord], run_id: str) -> PipelineResult:
+    """The registry's champion now, its card in the pipeline folder, pipeline.json (also on the pipeline run)."""
+    promoted = ctx.outputs["promote"]
+    name = promoted["registered_model"]
+    champion = next((s for s in registry_status(name) if s["alias"] == "champion"), {})
+    card = None
+    if champion:
+        card = ctx.spec.out / "model_card.md"
+        card.write_text(model_card(name, champion["version"]))
+    serve = f"mlflow models serve -m models:/{name}@champion --env-manager local -p {SERVE_PORT}"
+    uri = _shown_uri()
+    serve = f"MLFLOW_TRACKING_URI={uri} {serve}" if uri else serve
+    summary = {"pipeline_run": run_id, "experiment": ctx.experiment, "champion": champion,
+               "steps": [{"step": r.name, "run": r.run_id, "reused": r.reused, "outputs": r.outputs}
+                         for r in records], "serve": serve}
+    (ctx.spec.out / "pipeline.json").write_text(json.dumps(summary, indent=1, default=str))
+    _log_summary(run_id, summary)
+    tracking.set_tags(run_id, {"champion_version": champion.get("version", ""), "registered_model": name})
+    dashboard = Path(ctx.outputs["dashboard"]["path"])
+    return PipelineResult(run_id, ctx.experiment, records, champion, card, dashboard, serve)
+
+
+def _log_summary(run_id: str, summary: dict[str, Any]) -> None:
+    with tracking.artifact_dir() as d:
+        (d / "pipeline.json").write_text(json.dumps(summary, indent=1, default=str))
+        tracking.log_artifacts_to(run_id, d)

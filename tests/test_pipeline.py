@@ -1,0 +1,300 @@
+"""`cushing pipeline` (and the MLproject entry point `pipeline`) on a small real cohort, end to end.
+
+The first pipeline is the own-cohort tutorial's "In one command" block (marked `<!-- test: pipeline -->` on the page;
+tests/test_tutorial.py runs the step-by-step blocks), run as the page shows it with only the sizes made tiny: faces
+(landmark hull) -> audit -> a two-configuration study -> promote -> dashboard -> evaluate on a second cohort. Then,
+on the same store and pipeline folder, each a module fixture after the one before (they change what is on disk):
+a plan and a rerun under `mlflow run` that reuse every step; one training option changed; a study whose
+configuration raises; a SIGTERM during the sweep and the printed resume command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import celeba_identities, env_vars, mlflow_run, photo_cohort
+from tests.test_tutorial import PAGE, blocks
+
+pytestmark = [pytest.mark.slow, pytest.mark.dlib]
+
+PHOTOS = {("F", 1): 6, ("M", 1): 6, ("F", 0): 12, ("M", 0): 12}  # 36 photos, one per CelebA identity
+EXTERNAL = {("F", 1): 4, ("M", 1): 4, ("F", 0): 6, ("M", 0): 6}  # 20 other identities
+SUBSTITUTIONS = [  # (what the page's study says, what the test trains): small and offline, nothing else
+    (r"epochs: \d+", "epochs: 1"),
+    (r"img_size: \d+", "img_size: 42"),  # 3 x 3 DINOv2 patches of 14
+    (r"bootstrap: \d+", "bootstrap: 50"),
+    (r"pretrained: true", "pretrained: false"),
+]
+STEPS = ["faces", "audit", "sweep", "promote", "dashboard", "evaluate"]
+
+
+def page_block() -> str:
+    """The page's pipeline block with the sizes substituted (a substitution that matches nothing fails)."""
+    (code,) = [c for kind, c in blocks(PAGE.read_text()) if kind == "pipeline"]
+    for pattern, repl in SUBSTITUTIONS:
+        code, n = re.subn(pattern, repl, code)
+        assert n == 1, f"{pattern!r} no longer matches the pipeline block of {PAGE.name}"
+    return code
+
+
+def _env(cushing_home: Path) -> dict:
+    env = {**os.environ, "CUSHING_HOME": str(cushing_home), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+              "CUSHING_OPTUNA_STORAGE"):
+        env.pop(k, None)
+    return env
+
+
+def _bash(code: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", "set -euo pipefail\n" + code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _runs(d: Path) -> list:
+    import mlflow
+
+    with env_vars({"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}):
+        c = mlflow.MlflowClient()
+        exp = c.get_experiment_by_name("cushing")
+        return sorted(c.search_runs([exp.experiment_id], max_results=5000), key=lambda r: r.info.start_time)
+
+
+def _pipeline(d: Path, run_id: str) -> dict:
+    """A pipeline run, its step runs (children tagged with their step) and its links (step -> run, reused)."""
+    runs = _runs(d)
+    run = next(r for r in runs if r.info.run_id == run_id)
+    children = {r.data.tags["cushing.pipeline.step"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == run_id and "cushing.pipeline.step" in r.data.tags}
+    t = run.data.tags
+    links = {s: (t[f"cushing.pipeline.{s}.run"], t[f"cushing.pipeline.{s}.reused"] == "true")
+             for s in STEPS if f"cushing.pipeline.{s}.run" in t}
+    return {"run": run, "steps": children, "links": links, "runs": runs}
+
+
+def _last_pipeline(d: Path) -> str:
+    return [r for r in _runs(d) if r.data.tags.get("task") == "pipeline"][-1].info.run_id
+
+
+def _trainings(runs: list) -> list:
+    return [r for r in runs if r.data.tags.get("sweep_config")]
+
+
+def _resume_line(stderr: str) -> str:
+    """The command a failed or stopped pipeline prints to resume it (the line after the one announcing it)."""
+    lines = stderr.splitlines()
+    i = next(i for i, ln in enumerate(lines) if "resume" in ln and ln.rstrip().endswith(":"))
+    return lines[i + 1].strip()
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, celeba_dir, cushing_home):
+    d = tmp_path_factory.mktemp("pipeline-study")
+    celeba = celeba_identities(celeba_dir)
+    used = photo_cohort(celeba, celeba_dir, d / "photos", PHOTOS, set(), "photo")
+    photo_cohort(celeba, celeba_dir, d / "external", EXTERNAL, used, "ext")
+    env = _env(cushing_home)
+    t0 = time.monotonic()
+    r = _bash(page_block(), d, env)
+    assert r.returncode == 0, f"the page's pipeline failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
+    print(f"first pipeline: {time.monotonic() - t0:.0f} s")
+    return {"dir": d, "env": env, "stdout": r.stdout, "id": _last_pipeline(d)}
+
+
+def test_the_page_pipeline_ran_every_step_as_a_child_of_one_pipeline_run(first):
+    d, out = first["dir"], first["stdout"]
+    p = _pipeline(d, first["id"])
+    assert p["run"].info.status == "FINISHED" and p["run"].data.tags["mlflow.runName"] == "pipeline-my-cohort"
+    assert list(p["steps"]) == STEPS, "each step a child of the pipeline run, in order"
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("cushing.pipeline.key") for r in p["steps"].values())
+    assert {s: link for s, link in p["links"].items()} == {s: (r.info.run_id, False) for s, r in p["steps"].items()}
+    # the plan came first and said every step would run
+    assert out.index("estimated time: no estimate on CPU") < out.index("[pipeline] faces: running")
+    assert re.search(r"^  faces +run$", out, re.M)
+
+
+def test_each_step_handed_its_output_to_the_next(first):
+    d = first["dir"]
+    p = _pipeline(d, first["id"])
+    outputs = {s: json.loads(r.data.tags["cushing.pipeline.outputs"]) for s, r in p["steps"].items()}
+    crops = d / "pipeline" / "faces" / "manifest.csv"
+    assert outputs["faces"]["manifest"] == str(crops) and crops.exists()
+    trained = _trainings(p["runs"])
+    assert sorted(r.data.tags["model"] for r in trained) == ["dinov2_s", "resnet18"]
+    for r in trained:  # the study's data is the face-crop manifest; the trainings sit under the sweep step
+        assert r.data.params["data"] == str(crops) and r.data.tags["face_mask_source"] == "landmark_hull"
+        assert r.data.tags["mlflow.parentRunId"] == outputs["sweep"]["parent_run"] == p["steps"]["sweep"].info.run_id
+        assert r.info.status == "FINISHED" and r.data.params["epochs"] == "1" and r.data.params["img_size"] == "42"
+    assert outputs["promote"]["champion"] == outputs["promote"]["version"] == "1"
+    assert outputs["evaluate"]["model_uri"] == "models:/cushing/1"
+    evaluation = p["steps"]["evaluate"]
+    assert evaluation.data.tags["task"] == "external_validation" and evaluation.data.metrics["external/n"] > 0
+    assert evaluation.data.tags["model_version"] == "1"
+
+
+def test_the_end_says_champion_card_dashboard_and_how_to_serve(first):
+    d, out = first["dir"], first["stdout"]
+    assert re.search(r"^champion: version 1 \((resnet18|dinov2_s), run [0-9a-f]{32}", out, re.M)
+    card = d / "pipeline" / "model_card.md"
+    assert f"model card: {card}" in out and "cushing" in card.read_text() and "version 1" in card.read_text()
+    dashboard = d / "pipeline" / "dashboard.html"
+    assert f"dashboard: {dashboard}" in out and "PHOTO_" not in dashboard.read_text()
+    serve = f"MLFLOW_TRACKING_URI=sqlite:///{d / 'mlflow.db'} mlflow models serve -m models:/cushing@champion"
+    assert serve in out
+    summary = json.loads((d / "pipeline" / "pipeline.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == STEPS and summary["pipeline_run"] == first["id"]
+
+
+@pytest.fixture(scope="module")
+def rerun(first):
+    """`--plan` (with a GPU named) and then the same pipeline through `mlflow run`, from the study folder."""
+    d, env = first["dir"], first["env"]
+    before = sorted(p.relative_to(d) for p in d.rglob("*")), len(_runs(d))
+    plan = _bash("cushing pipeline --photos photos/manifest.csv --study study.yaml --external external/manifest.csv"
+                 " --plan --gpu h200", d, env)
+    after = sorted(p.relative_to(d) for p in d.rglob("*")), len(_runs(d))
+    run_id, r = mlflow_run(d, env, "pipeline", "photos=photos/manifest.csv", "study=study.yaml",
+                           "external=external/manifest.csv")
+    return {"plan": plan, "unchanged": before == after, "id": run_id, "stdout": r.stdout}
+
+
+def test_the_plan_shows_every_step_reused_and_writes_nothing(first, rerun):
+    plan = rerun["plan"]
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    steps = _pipeline(first["dir"], first["id"])["steps"]
+    for s in STEPS:
+        assert re.search(rf"^  {s} +reuse run {steps[s].info.run_id}: ", plan.stdout, re.M), (s, plan.stdout)
+    assert "estimated time: nothing to train (the sweep is reused)" in plan.stdout
+    assert "[pipeline]" not in plan.stdout and rerun["unchanged"], "--plan only prints"
+
+
+def test_a_rerun_under_mlflow_run_reuses_every_step_and_trains_nothing(first, rerun):
+    d = first["dir"]
+    p = _pipeline(d, rerun["id"])
+    assert p["run"].data.tags["task"] == "pipeline", "the run `mlflow run` created is the pipeline run"
+    earlier = _pipeline(d, first["id"])["steps"]
+    assert p["links"] == {s: (earlier[s].info.run_id, True) for s in STEPS}
+    assert not p["steps"], "no step ran again"
+    assert all(f"[pipeline] {s}: reused run {earlier[s].info.run_id}" in rerun["stdout"] for s in STEPS)
+    assert len(_trainings(p["runs"])) == 2
+
+
+@pytest.fixture(scope="module")
+def changed(first, rerun):
+    d, env = first["dir"], first["env"]
+    r = _bash("cushing pipeline --photos photos/manifest.csv --study study.yaml --external external/manifest.csv"
+              " --set lr=0.02", d, env)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    return {"id": _last_pipeline(d), "stdout": r.stdout}
+
+
+def test_changing_one_training_option_reruns_training_promote_and_dashboard_only(first, changed):
+    d = first["dir"]
+    p, earlier = _pipeline(d, changed["id"]), _pipeline(d, first["id"])
+    assert {s for s, (_, reused) in p["links"].items() if not reused} >= {"sweep", "promote", "dashboard"}
+    for s in ("faces", "audit"):
+        assert p["links"][s] == (earlier["steps"][s].info.run_id, True)
+    sweep = json.loads(p["steps"]["sweep"].data.tags["cushing.pipeline.outputs"])
+    new = [r for r in _trainings(p["runs"]) if r.data.tags["mlflow.parentRunId"] == sweep["parent_run"]]
+    assert sorted(r.data.params["lr"] for r in new) == ["0.02", "0.02"]
+    champion = json.loads(p["steps"]["promote"].data.tags["cushing.pipeline.outputs"])["champion"]
+    evaluated = p["links"]["evaluate"]
+    if champion == "1":  # the champion stayed: its evaluation is reused
+        assert evaluated == (earlier["steps"]["evaluate"].info.run_id, True)
+    else:
+        assert not evaluated[1] and p["steps"]["evaluate"].data.tags["model_version"] == champion
+
+
+@pytest.fixture(scope="module")
+def failed(first, changed):
+    d, env = first["dir"], first["env"]
+    (d / "broken.yaml").write_text("name: broken\nkind: sweep\nbase: {pretrained: false, epochs: 1, img_size: 32}\n"
+                                   "configurations:\n  - {model: resnet18, subgroups: 'sex,site'}\n")
+    r = _bash("cushing pipeline --photos photos/manifest.csv --study broken.yaml --external external/manifest.csv",
+              d, env)
+    return {"result": r, "id": _last_pipeline(d)}
+
+
+def test_a_failed_step_names_itself_its_run_and_the_resume_command(first, failed):
+    d, r = first["dir"], failed["result"]
+    assert r.returncode == 1, r.stderr[-3000:]
+    found = re.search(r"step sweep failed \(run ([0-9a-f]{32})\): SubgroupError: .*'site'", r.stderr)
+    assert found, r.stderr[-3000:]
+    assert _resume_line(r.stderr) == (
+        f"MLFLOW_TRACKING_URI=sqlite:///{d / 'mlflow.db'} cushing pipeline --photos {d / 'photos/manifest.csv'} "
+        f"--study {d / 'broken.yaml'} --external {d / 'external/manifest.csv'} --out {d / 'pipeline'} "
+        "--experiment cushing")
+    p = _pipeline(d, failed["id"])
+    assert p["run"].info.status == "FAILED"
+    assert list(p["steps"]) == ["sweep"] and p["steps"]["sweep"].info.run_id == found.group(1)
+    assert p["steps"]["sweep"].info.status == "FAILED"
+    assert set(p["links"]) == {"faces", "audit"}, "nothing after the failed step ran"
+
+
+@pytest.fixture(scope="module")
+def stopped(first, failed, tmp_path_factory):
+    """A pipeline (another seed) sent SIGTERM while the sweep trains its second configuration, then resumed with
+    the command it printed, from another folder."""
+    d, env = first["dir"], first["env"]
+    cmd = ["cushing", "pipeline", "--photos", "photos/manifest.csv", "--study", "study.yaml", "--external",
+           "external/manifest.csv", "--set", "seed=1"]
+    with open(d / "stopped.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        lines, second = [], threading.Event()
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                if re.search(r"configuration 2/2 \S+: training", line):
+                    second.set()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert second.wait(300), "".join(lines)[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+        reader.join(10)
+    stderr = (d / "stopped.err").read_text()
+    stopped_id = _last_pipeline(d)
+    resume = _bash(_resume_line(stderr), tmp_path_factory.mktemp("elsewhere"), env)
+    return {"code": code, "stderr": stderr, "id": stopped_id, "resume": resume, "resumed_id": _last_pipeline(d)}
+
+
+def test_a_sigterm_during_the_sweep_then_the_resume_command_trains_nothing_twice(first, stopped):
+    d = first["dir"]
+    assert stopped["code"] == 128 + signal.SIGTERM, stopped["stderr"][-3000:]
+    assert "stopped during step sweep" in stopped["stderr"]
+    p = _pipeline(d, stopped["id"])
+    assert p["run"].info.status == "KILLED" and p["steps"]["sweep"].info.status == "KILLED"
+    r = stopped["resume"]
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    assert re.search(r"^  sweep +run: 1 of 2 configurations to train \(1 finished earlier\)$", r.stdout, re.M)
+    resumed = _pipeline(d, stopped["resumed_id"])
+    assert resumed["run"].info.status == "FINISHED"
+    assert {s for s, (_, reused) in resumed["links"].items() if reused} >= {"faces", "audit"}
+    parent = json.loads(resumed["steps"]["sweep"].data.tags["cushing.pipeline.outputs"])["parent_run"]
+    assert parent == p["steps"]["sweep"].info.run_id, "the stopped pass's sweep, picked up"
+    finished = [t for t in _trainings(resumed["runs"])
+                if t.data.tags["mlflow.parentRunId"] == parent and t.info.status == "FINISHED"]
+    labels = sorted(t.data.tags["sweep_config"] for t in finished)
+    assert labels == ["dinov2_s-frozen", "resnet18"], "each configuration trained (and finished) exactly once"
+    assert all(t.data.params["seed"] == "1" for t in finished)
+
+
+def test_the_plan_in_an_empty_folder_writes_nothing(tmp_path, celeba_dir, cushing_home):
+    photo_cohort(celeba_identities(celeba_dir), celeba_dir, tmp_path / "photos", {("F", 1): 1, ("M", 0): 1}, set(),
+                 "p")
+    before = sorted(tmp_path.rglob("*"))
+    r = subprocess.run(["cushing", "pipeline", "--photos", "photos/manifest.csv", "--model", "resnet18", "--plan"],
+                       cwd=tmp_path, env=_env(cushing_home), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pipeline paper:" in r.stdout, "the study's default is the paper's, read in the project folder"
+    assert [ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith("  ") and ln.split()[0] in STEPS] == \
+        STEPS[:-1], "no evaluate without an external cohort"
+    assert "estimated time: no estimate on CPU" in r.stdout and sorted(tmp_path.rglob("*")) == before
