@@ -114,7 +114,7 @@ def test_the_page_pipeline_ran_every_step_as_a_child_of_one_pipeline_run(first):
     assert p["run"].info.status == "FINISHED" and p["run"].data.tags["mlflow.runName"] == "pipeline-my-cohort"
     assert list(p["steps"]) == STEPS, "each step a child of the pipeline run, in order"
     assert all(r.info.status == "FINISHED" and r.data.tags.get("cushing.pipeline.key") for r in p["steps"].values())
-    assert {s: link for s, link in p["links"].items()} == {s: (r.info.run_id, False) for s, r in p["steps"].items()}
+    assert p["links"] == {s: (r.info.run_id, False) for s, r in p["steps"].items()}, "linked on the pipeline run"
     # the plan came first and said every step would run
     assert out.index("estimated time: no estimate on CPU") < out.index("[pipeline] faces: running")
     assert re.search(r"^  faces +run$", out, re.M)

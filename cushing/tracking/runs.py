@@ -175,8 +175,10 @@ def held_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None =
     status = "FINISHED"
     try:
         yield run_id
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status = "KILLED"
+        if not getattr(e, "cushing_run", None):
+            e.cushing_run = run_id  # the innermost run, for the one-line message (cli/stops.py)
         raise
     except BaseException:
         status = "FAILED"
