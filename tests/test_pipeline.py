@@ -298,3 +298,22 @@ def test_the_plan_in_an_empty_folder_writes_nothing(tmp_path, celeba_dir, cushin
     assert [ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith("  ") and ln.split()[0] in STEPS] == \
         STEPS[:-1], "no evaluate without an external cohort"
     assert "estimated time: no estimate on CPU" in r.stdout and sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_plan_under_mlflow_run_names_its_run_a_plan(tmp_path, celeba_dir, cushing_home):
+    """`mlflow run -e pipeline -P plan=true` has a run before the plan prints: it is named for the plan, not left
+    with a random name beside the pipeline's real runs."""
+    import mlflow
+
+    photo_cohort(celeba_identities(celeba_dir), celeba_dir, tmp_path / "photos", {("F", 1): 1, ("M", 0): 1}, set(),
+                 "p")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("plans"))
+    env = {**_env(cushing_home), "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run.info.run_id}
+    r = subprocess.run(["cushing", "pipeline", "--photos", "photos/manifest.csv", "--model", "resnet18", "--plan"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["mlflow.runName"] == "pipeline paper (plan)" and tags["cushing.pipeline_plan"] == "true"

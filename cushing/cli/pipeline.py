@@ -79,12 +79,25 @@ def _print_result(res) -> None:
     print(f"serve the champion:\n  {res.serve}")
 
 
+def _name_plan_run(title: str) -> None:
+    """Under `mlflow run -P plan=true` MLflow has already made a run: name it for what it was (a plan), not a
+    random name beside the pipeline's real runs."""
+    from cushing import tracking
+
+    run_id = tracking.env_run_id()
+    if run_id:
+        tracking.set_tags(run_id, {"mlflow.runName": f"{title} (plan)",
+                                   "cushing.pipeline_plan": "true"})
+
+
 def _pipeline(ns: argparse.Namespace) -> int:
     from cushing.workflows.pipeline import StepFailed, format_plan, plan_pipeline, run_pipeline
 
     spec = _spec(ns)
     if ns.plan:
-        print(format_plan(plan_pipeline(spec)))
+        plan = plan_pipeline(spec)
+        print(format_plan(plan))
+        _name_plan_run(plan.header.split(":", 1)[0])
         return 0
     try:
         res = run_pipeline(spec)
