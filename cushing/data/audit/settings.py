@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cushing.config import parse_audit_threshold
 from cushing.data.manifest import Manifest
 
 __all__ = ["AuditSettings", "audit_settings", "parse_audit_threshold", "DESCRIPTOR_SOURCES", "PAIR_KINDS",
@@ -56,19 +57,6 @@ class AuditSettings:
             raise ValueError("same_person_max_distance must be > 0 (or None: automatic)")
         if not self.false_pairs_per_photo > 0 or self.mutual_k < 1 or not 0 < self.max_group_share <= 1:
             raise ValueError("false_pairs_per_photo > 0, mutual_k >= 1 and 0 < max_group_share <= 1")
-
-
-def parse_audit_threshold(value: str | float | None) -> float | None:
-    """`auto` (or empty) -> None, the automatic threshold; else a positive distance."""
-    if value is None or str(value).strip().lower() in ("", "auto", "none"):
-        return None
-    try:
-        t = float(value)
-    except ValueError:
-        raise ValueError(f"audit_threshold: auto or a distance like 0.5, got {value!r}") from None
-    if not 0 < t < 10:
-        raise ValueError(f"audit_threshold: auto or a positive distance like 0.5, got {value!r}")
-    return t
 
 
 def audit_settings(manifest: Manifest, threshold: str | float | None = None,
