@@ -5,7 +5,7 @@
     t_curve = the loosest grid distance with E(t) <= false_pairs_per_photo x photos
     merged  = pairs below t that are mutual k-nearest neighbours (each among the other's k closest photos of other
               subjects); the other pairs below t go to review
-    guard   = t lowered until the largest merged group (>= 2 subject ids) holds <= max(floor(share x photos), 3)
+    guard   = t lowered until no merged group of >= 3 subject ids holds > max(floor(share x photos), 3) photos
 
 Why these: false pairs pile onto a few "hub" faces, which would chain strangers into one group if every pair
 below t merged; a hub can merge with its k mutual neighbours only. The measurements are in
@@ -135,7 +135,9 @@ def guarded_threshold(edges: pd.DataFrame, photos_per_subject: np.ndarray, grid:
     """(t, largest merged group in photos at t): walk the merging `edges` (columns a, b = subject codes,
     distance; only those below t_curve) from the closest, as union-find over subjects that starts from the
     `forced` merges (duplicate photos, pairs a person marked same). The first edge that would make a group of
-    >= 2 subjects hold more than `limit` photos sets t to the loosest grid distance that excludes it."""
+    >= 3 subjects hold more than `limit` photos sets t to the loosest grid distance that excludes it. Two subjects
+    alone are never a chain of strangers: one person under two ids, each with several photos, may merge even
+    when their photos together pass the limit (with one photo per subject, the bound is the same)."""
     parent = np.arange(len(photos_per_subject))
     size = np.asarray(photos_per_subject, dtype=np.int64).copy()
     count = np.ones(len(parent), dtype=np.int64)
@@ -159,7 +161,7 @@ def guarded_threshold(edges: pd.DataFrame, photos_per_subject: np.ndarray, grid:
         ra, rb = find(int(e.a)), find(int(e.b))
         if ra == rb:
             continue
-        if size[ra] + size[rb] > limit:
+        if size[ra] + size[rb] > limit and count[ra] + count[rb] >= 3:
             below = grid[grid <= e.distance]
             return (float(below.max()) if len(below) else float(e.distance)), biggest
         union(ra, rb)
