@@ -71,7 +71,7 @@ class TrainConfig:
     audit: str = "warn"  # cohort audit before splitting: off | warn (merge likely same-person ids) | strict (refuse)
     # same-person distance: auto = the loosest at which the shipped curve expects <= 0.2 false pairs per photo in
     # this cohort (its sex mix), mutual nearest neighbours only, lowered until no merged group holds > 5% of photos
-    audit_threshold: str = "auto"
+    audit_threshold: str = "auto"  # same-person distance: auto (0.2 expected false pairs/photo, guarded) or a number
     audit_decisions: str | None = None  # a reviewed audit.csv (verdict same/different): honoured when merging
     audit_curve: str | None = None  # a same-person curve from `cushing audit --evaluate` (default: the shipped one)
     checkpoint_every: int = 1  # consider a resumable checkpoint every N epochs (0 = never) ...
