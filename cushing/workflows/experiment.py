@@ -100,7 +100,7 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     run.log_table(pairs, "audit.csv")
     apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["merged"]).sum())
     run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges), "audit/pairs_across_splits": apart})
-    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges)}
+    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges), **audit.params()}
     if apart:
         tags["audit_warning"] = (f"{apart} pair(s) of different subjects that look like one photo or one person sit "
                                  "in different splits (a split given in the manifest is kept as it is): see audit.csv")
