@@ -92,7 +92,7 @@ class AuditError(ValueError):
 
 
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
-    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any pair of
+    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any merged pair of
     different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
     settings = dataclasses.replace(audit_settings(manifest, cfg.audit_threshold, cfg.audit_decisions),
                                    curve=cfg.audit_curve)
