@@ -108,7 +108,19 @@ def _evaluate(ns: argparse.Namespace) -> int:
     print(f"duplicates: {dup['false_pairs']} false pairs among {dup['stranger_pairs']:,} pairs of different "
           f"people (closest {dup['min_stranger_bits']} bits); copies found: {dup['copies_found']:.3f}")
     print(f"same-person curve: {dup['curve']} (use it with --curve, or -P audit_curve=...)")
+    _warn_thin(dup["curve"])
     return 0
+
+
+def _warn_thin(path: str) -> None:
+    """~125k stranger pairs (~500 photos) of a sex resolve the rates a 1,000-photo cohort's threshold reads."""
+    from cushing.data.audit.threshold import read_curve
+
+    t = read_curve(path).table
+    for g, who in (("F", "women"), ("M", "men")):
+        if (n := int(t[f"neg_pairs_{g}"].iat[0])) < 125_000:
+            print(f"warning: only {n:,} pairs of different {who} in this curve (fewer than 125,000, ~500 photos): "
+                  f"its {g}-{g} rates are coarse; add labelled photos before auditing with it", file=sys.stderr)
 
 
 def _audit(ns: argparse.Namespace) -> int:
