@@ -17,7 +17,7 @@ from cushing.model_names import MODEL_NAMES, resolve_freeze
 
 __all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios", "EXECUTION_FIELDS",
            "run_name", "config_digest",
-           "load_yaml_with_lines", "cache_home", "COMPILE_MODES"]
+           "load_yaml_with_lines", "cache_home", "COMPILE_MODES", "parse_audit_threshold"]
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -69,6 +69,11 @@ class TrainConfig:
     subgroups: str = "sex"  # manifest columns reported like sex (metrics, intervals, gaps), comma-separated
     split_strata: str = "label,sex"  # columns the drawn split is stratified on (label is always one of them)
     audit: str = "warn"  # cohort audit before splitting: off | warn (merge likely same-person ids) | strict (refuse)
+    # same-person distance: auto = the loosest at which the shipped curve expects <= 0.2 false pairs per photo in
+    # this cohort (its sex mix), mutual nearest neighbours only, lowered until no merged group holds > 5% of photos
+    audit_threshold: str = "auto"  # same-person distance: auto (0.2 expected false pairs/photo, guarded) or a number
+    audit_decisions: str | None = None  # a reviewed audit.csv (verdict same/different): honoured when merging
+    audit_curve: str | None = None  # a same-person curve from `cushing audit --evaluate` (default: the shipped one)
     checkpoint_every: int = 1  # consider a resumable checkpoint every N epochs (0 = never) ...
     checkpoint_minutes: float = 5.0  # ... and write one once this much wall time passed since the last (0 = each)
     log_checkpoint: bool = False  # also log the checkpoint as a run artifact (to resume on another host)
@@ -100,7 +105,8 @@ def _columns(text: str) -> tuple[str, ...]:
 
 
 # What shapes a cohort (its photos, split and subgroups): configurations equal on these share one decoded cohort.
-COHORT_FIELDS = ("data", "img_size", "split_ratios", "split_seed", "split_strata", "subgroups", "audit")
+COHORT_FIELDS = ("data", "img_size", "split_ratios", "split_seed", "split_strata", "subgroups", "audit",
+                 "audit_threshold", "audit_decisions", "audit_curve")
 
 # How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
 EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every",
@@ -166,6 +172,10 @@ def _validate_train(c: TrainConfig) -> None:
         problems.append(f"compile: one of {' | '.join(COMPILE_MODES)}, got {c.compile!r}")
     if c.audit not in ("off", "warn", "strict"):
         problems.append(f"audit: off, warn or strict, got {c.audit!r}")
+    try:
+        parse_audit_threshold(c.audit_threshold)
+    except ValueError as e:
+        problems.append(str(e))
     if not _columns(c.subgroups):
         problems.append("subgroups: at least one manifest column (default sex)")
     if not c.select_metric.startswith("val/"):
@@ -191,6 +201,19 @@ def parse_bool(value: Any) -> bool:
     if text in ("false", "0", "no", "n", "off"):
         return False
     raise ValueError(f"expected true/false, got {value!r}")
+
+
+def parse_audit_threshold(value: str | float | None) -> float | None:
+    """`auto` (or empty) -> None, the automatic threshold; else a positive distance."""
+    if value is None or str(value).strip().lower() in ("", "auto", "none"):
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        raise ValueError(f"audit_threshold: auto or a distance like 0.5, got {value!r}") from None
+    if not 0 < t < 10:
+        raise ValueError(f"audit_threshold: auto or a positive distance like 0.5, got {value!r}")
+    return t
 
 
 _NONE_WORDS = ("", "none", "null", "auto")

@@ -151,15 +151,16 @@ def test_duplicates_found_across_formats_sizes_and_mirror(dup_audit):
 
 @pytest.fixture(scope="module")
 def twin_ids(celeba_manifest, tmp_path_factory):
-    """5 identities with 5 photos each, 2 of each re-entered under a made-up id (in another split), + 8 strangers."""
+    """5 identities with 3 photos each, 1 of each re-entered under a made-up id (in another split), + 8 strangers.
+    (A merged group of 3 photos is what the guard allows at 23 photos: max(floor(5% x 23), 3).)"""
     d = tmp_path_factory.mktemp("twins")
     df = _one_sex(celeba_manifest)
     counts = df["subject_id"].value_counts()
     ids = sorted(counts[counts >= 5].index)[:5]
-    people = df[df["subject_id"].isin(ids)].groupby("subject_id").head(5).copy()
+    people = df[df["subject_id"].isin(ids)].groupby("subject_id").head(3).copy()
     people["rank"] = people.groupby("subject_id").cumcount()
     people["split"] = "train"
-    moved = people["rank"] >= 3
+    moved = people["rank"] >= 2
     people.loc[moved, "subject_id"] = people.loc[moved, "subject_id"] + "_b"
     people.loc[moved, "split"] = "val"
     strangers = df[~df["subject_id"].isin(ids)].drop_duplicates("subject_id").sample(8, random_state=1)
@@ -174,13 +175,15 @@ def twin_ids(celeba_manifest, tmp_path_factory):
 @pytest.mark.dlib
 def test_same_person_under_two_ids_found_and_merged(twin_ids):
     res, m, ids, _, _ = twin_ids
-    same = res.pairs[res.pairs["kind"] == "same_person"]
+    same = res.pairs[(res.pairs["kind"] == "same_person") & res.pairs["merged"]]
     raw = m.table["subject_id"]
     true_id = raw.str.replace("_b", "", regex=False)
     a, b = same["line_a"].to_numpy() - 2, same["line_b"].to_numpy() - 2
     assert (true_id.to_numpy()[a] == true_id.to_numpy()[b]).all(), "a stranger was called the same person"
     assert (raw.to_numpy()[a] != raw.to_numpy()[b]).all(), "only pairs under two different ids are reported"
-    assert (same["distance"] < AuditSettings().same_person_max_distance).all()
+    assert (same["distance"] < res.choice.threshold).all() and res.choice.auto
+    listed = res.pairs[res.pairs["kind"] == "same_person"]["distance"].to_numpy()
+    assert (listed[:-1] <= listed[1:]).all(), "audit.csv lists pairs closest first"
     assert same["straddles_splits"].all()
     groups = merged_groups(res.pairs, raw)
     merged = [i for i in ids if groups[raw == i].iloc[0] == groups[raw == f"{i}_b"].iloc[0]]
@@ -216,8 +219,9 @@ def test_output_names_no_path_and_no_raw_id(twin_ids, dup_audit):
         leaks += [p for p in m.table["path"] if p in text or p.rsplit("/", 1)[-1] in text]
         assert not leaks, f"audit output leaks {leaks[:3]}"
         assert str(m.source.parent) not in text
-        assert set(res.pairs.columns) == {"kind", "distance", "line_a", "line_b", "subject_a", "subject_b",
-                                          "split_a", "split_b", "straddles_splits", "same_subject", "detail"}
+        assert set(res.pairs.columns) == {"kind", "distance", "decision", "verdict", "merged", "line_a", "line_b",
+                                          "subject_a", "subject_b", "split_a", "split_b", "straddles_splits",
+                                          "same_subject", "detail"}
         assert res.pairs[["subject_a", "subject_b"]].stack().str.fullmatch(r"[0-9a-f]{16}").all()
 
 

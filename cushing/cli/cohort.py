@@ -3,6 +3,8 @@ person, under two subject ids)."""
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 
 from cushing.cli.options import Command
@@ -64,40 +66,103 @@ COMMANDS["faces"] = ("extract aligned, masked face crops (dlib + SAM or landmark
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
-    p.add_argument("--out", required=True, help="folder for audit.csv (with --evaluate: the threshold tables)")
+    p.add_argument("--out", required=True, help="folder for audit.csv and audit_summary.csv (with --evaluate: the "
+                                                "threshold tables and same_person_curve.csv)")
+    p.add_argument("--threshold", default="auto",
+                   help="same-person distance: auto (default) = the loosest distance at which the curve expects at "
+                        "most 0.2 false pairs per photo in this cohort (by its sex mix), merging only mutual "
+                        "nearest neighbours and lowered until no merged group holds over 5%% of the photos; or a "
+                        "number (the old fixed value was 0.45)")
+    p.add_argument("--decisions", default=None,
+                   help="a reviewed CSV (audit.csv with its verdict column filled in: same or different): a "
+                        "`different` pair is never merged, a `same` pair is merged at any distance")
+    p.add_argument("--curve", default=None, help="a same-person curve CSV from --evaluate on your own labelled "
+                                                 "photos (default: the one shipped, measured on CelebA)")
+    p.add_argument("--review-page", default=None, metavar="OUT.html",
+                   help="write a local HTML page with the two photos of each auto_merged and review pair side by "
+                        "side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
+    p.add_argument("--allow-phi-artifacts", default="false",
+                   help="true: also log the review page and the decisions file to MLflow")
     p.add_argument("--no-faces", action="store_true", help="duplicates only: skip the same-person check (dlib)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
     p.add_argument("--cache-dir", default=None, help="hash/descriptor cache (default ~/.cache/cushing/audit)")
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--evaluate", action="store_true",
-                   help="measure the same-person and duplicate thresholds on a manifest of true identities")
-    p.add_argument("--photos", type=int, default=2000, help="--evaluate: photos sampled for same-person pairs")
+                   help="measure the thresholds on a manifest whose subject ids are true identities, and write "
+                        "OUT/same_person_curve.csv (the format --curve reads)")
+    p.add_argument("--photos", type=int, default=2000,
+                   help="--evaluate: photos sampled (whole identities first); 0 = every photo")
+    p.add_argument("--seed", type=int, default=0, help="--evaluate: the sample's seed")
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from cushing.workflows.cohort_audit import run_evaluation
+
+    command = "cushing audit " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, seed=ns.seed,
+                                workers=ns.workers, cache_dir=ns.cache_dir, command=command)
+    cols = ["threshold", "group", "pos_pairs", "precision", "precision_lo", "precision_hi", "recall",
+            "recall_lo", "recall_hi", "false_pairs_per_343"]
+    print(table[[c for c in cols if c in table.columns]].round(3).to_string(index=False))
+    print(f"duplicates: {dup['false_pairs']} false pairs among {dup['stranger_pairs']:,} pairs of different "
+          f"people (closest {dup['min_stranger_bits']} bits); copies found: {dup['copies_found']:.3f}")
+    print(f"same-person curve: {dup['curve']} (use it with --curve, or -P audit_curve=...)")
+    _warn_thin(dup["curve"])
+    return 0
+
+
+def _warn_thin(path: str) -> None:
+    """~125k stranger pairs (~500 photos) of a sex resolve the rates a 1,000-photo cohort's threshold reads."""
+    from cushing.data.audit.threshold import read_curve
+
+    t = read_curve(path).table
+    for g, who in (("F", "women"), ("M", "men")):
+        if (n := int(t[f"neg_pairs_{g}"].iat[0])) < 125_000:
+            print(f"warning: only {n:,} pairs of different {who} in this curve (fewer than 125,000, ~500 photos): "
+                  f"its {g}-{g} rates are coarse; add labelled photos before auditing with it", file=sys.stderr)
 
 
 def _audit(ns: argparse.Namespace) -> int:
-    from cushing.workflows.cohort_audit import run_audit, run_evaluation
+    from cushing.config import parse_bool
+    from cushing.data.audit.decisions import DecisionsError
+    from cushing.workflows.cohort_audit import run_audit
 
     if ns.evaluate:
-        table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, workers=ns.workers,
-                                    cache_dir=ns.cache_dir)
-        cols = ["threshold", "group", "pos_pairs", "precision", "precision_lo", "precision_hi", "recall",
-                "recall_lo", "recall_hi", "false_pairs_per_343"]
-        print(table[[c for c in cols if c in table.columns]].round(3).to_string(index=False))
-        print(f"duplicates: {dup['false_pairs']} false pairs among {dup['stranger_pairs']:,} pairs of different "
-              f"people (closest {dup['min_stranger_bits']} bits); copies found: {dup['copies_found']:.3f}")
-        return 0
-    res = run_audit(manifest=ns.manifest, out=ns.out, faces=not ns.no_faces, workers=ns.workers,
-                    cache_dir=ns.cache_dir, experiment=ns.experiment, track=not ns.no_track)
+        return _evaluate(ns)
+    try:
+        res = run_audit(manifest=ns.manifest, out=ns.out, faces=not ns.no_faces, threshold=ns.threshold,
+                        decisions=ns.decisions or None, curve=ns.curve or None, review=ns.review_page or None,
+                        allow_phi=parse_bool(ns.allow_phi_artifacts), workers=ns.workers, cache_dir=ns.cache_dir,
+                        experiment=ns.experiment, track=not ns.no_track)
+    except (DecisionsError, ValueError, FileNotFoundError) as e:
+        print(f"cushing audit: {e}", file=sys.stderr)
+        return 2
+    _print_audit(res)
+    return 0
+
+
+def _print_audit(res) -> None:
     a = res.audit
     n = len(a.photos)
     print(f"{n} photos in {a.seconds:.2f} s ({n / max(a.seconds, 1e-9):.1f} photos/s; {a.computed} computed, "
           f"{a.cached} from cache){'' if res.faces else '; same-person check skipped (synthetic or --no-faces)'}")
+    s = a.summary()
+    if c := a.choice:
+        how = (f"auto ({'lowered by the group guard' if c.guard_bound else 'from the curve'})" if c.auto
+               else "fixed")
+        e = f"; expected false pairs {c.expected_false_pairs:.1f}" if math.isfinite(c.expected_false_pairs) else ""
+        print(f"  same-person threshold {c.threshold:.3f}, {how}{e}; largest merged group "
+              f"{s['audit/largest_merged_group']:.0f} photos (limit {c.group_limit})")
     different = a.pairs[~a.pairs["same_subject"]]
-    for kind, count in different["kind"].value_counts().items():
-        print(f"  {count:4d} {kind} pairs of different subject ids")
+    for (kind, decision), count in different.groupby(["kind", "decision"]).size().items():
+        print(f"  {count:4d} {kind} pairs of different subject ids: {decision}")
+    if a.decisions is not None:
+        print(f"  decisions {a.decisions.path}: {a.decisions.count('same')} same, "
+              f"{a.decisions.count('different')} different, {a.decisions.unmatched} not in this manifest")
     print(f"audit: {res.out}" + (f" (logged to run {res.run_id})" if res.run_id else ""))
-    return 0
+    if res.review_page:
+        print(f"review page (PHI, local): {res.review_page}")
 
 
 COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",

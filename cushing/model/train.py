@@ -92,10 +92,12 @@ class AuditError(ValueError):
 
 
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
-    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any pair of
+    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any merged pair of
     different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
-    audit = audit_manifest(manifest, settings=audit_settings(manifest), progress=progress)
-    pairs = audit.pairs[~audit.pairs["same_subject"]]
+    settings = dataclasses.replace(audit_settings(manifest, cfg.audit_threshold, cfg.audit_decisions),
+                                   curve=cfg.audit_curve)
+    audit = audit_manifest(manifest, settings=settings, progress=progress)
+    pairs = audit.pairs[~audit.pairs["same_subject"] & audit.pairs["merged"]]  # not review or near-miss pairs
     if pairs.empty:
         return audit, None, 0
     if cfg.audit == "strict":

@@ -1,11 +1,14 @@
 """The cohort audit as a tracked step (`cushing audit`, entry point `audit`), and its threshold evaluation.
 
-Writes OUT/audit.csv (one row per suspicious pair: kind, distance, the two CSV lines, hashed subject ids, splits)
-and logs it with the counts to a run tagged task=audit. No paths, raw ids or faces reach MLflow.
+Writes OUT/audit.csv (one row per pair, closest first: kind, distance, decision, verdict, merged, the two CSV lines,
+hashed subject ids, splits) and OUT/audit_summary.csv (the threshold, how it was chosen, the expected false pairs,
+the largest merged group), and logs both with the counts to a run tagged task=audit. No paths, raw ids or faces
+reach MLflow: the review page (`review_page`) and the decisions file itself only with allow_phi_artifacts.
 """
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +17,12 @@ import pandas as pd
 from cushing import tracking
 from cushing.data.audit import AuditSettings, CohortAudit, audit_manifest, audit_settings, evaluate_duplicates, \
     evaluate_same_person
-from cushing.data.manifest import load_manifest
+from cushing.data.audit.curvefile import write_curve
+from cushing.data.audit.review import review_page
+from cushing.data.manifest import load_manifest, sha256_file
 from cushing.model.train import resolve_data
 
-__all__ = ["AuditRun", "run_audit", "run_evaluation"]
+__all__ = ["AuditRun", "run_audit", "run_evaluation", "summary_table"]
 
 
 @dataclass
@@ -26,45 +31,79 @@ class AuditRun:
     out: Path
     run_id: str | None
     faces: bool  # whether the same-person check ran (not on a synthetic cohort, not with --no-faces)
+    review_page: Path | None = None
 
 
-def run_audit(*, manifest: str, out: str, faces: bool = True, workers: int = 0, cache_dir: str | None = None,
-              experiment: str = "cushing", track: bool = True, progress: bool = True) -> AuditRun:
+def summary_table(audit: CohortAudit) -> pd.DataFrame:
+    """audit_summary.csv: key, value (the params, then the metrics): numbers and digests only."""
+    rows = [*audit.params().items(), *audit.summary().items()]
+    return pd.DataFrame(rows, columns=["key", "value"])
+
+
+def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | float | None = "auto",
+              decisions: str | None = None, curve: str | None = None, review: str | None = None,
+              allow_phi: bool = False, workers: int = 0, cache_dir: str | None = None, experiment: str = "cushing",
+              track: bool = True, progress: bool = True) -> AuditRun:
+    """Audit a cohort; `threshold` is auto or a distance, `decisions` a reviewed CSV, `curve` a site's curve,
+    `review` where to write the local review page (HTML with the photos)."""
     m = load_manifest(resolve_data(manifest))
-    settings = audit_settings(m)
+    settings = dataclasses.replace(audit_settings(m, threshold, decisions), curve=curve or None)
     if not faces:
         settings = dataclasses.replace(settings, faces=False)
     audit = audit_manifest(m, settings=settings, cache_dir=cache_dir, workers=workers, progress=progress)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     audit.pairs.to_csv(folder / "audit.csv", index=False)
-    run_id = _log(audit, m, experiment) if track else None
-    return AuditRun(audit, folder / "audit.csv", run_id, settings.faces)
+    summary_table(audit).to_csv(folder / "audit_summary.csv", index=False)
+    page = None
+    if review:
+        page = Path(review)
+        page.parent.mkdir(parents=True, exist_ok=True)
+        t = audit.choice.threshold if audit.choice else None
+        page.write_text(review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source)))
+    run_id = _log(audit, m, experiment, folder, page if allow_phi else None, allow_phi) if track else None
+    return AuditRun(audit, folder / "audit.csv", run_id, settings.faces, page)
 
 
-def _log(audit: CohortAudit, m, experiment: str) -> str:
+def _log(audit: CohortAudit, m, experiment: str, folder: Path, page: Path | None, allow_phi: bool) -> str:
     s = audit.settings
     with tracking.start_run(experiment=experiment, run_name="audit", tags={
-            "task": "audit", "synthetic_data": str(m.synthetic).lower(), "data_digest": m.digest}) as run:
+            "task": "audit", "synthetic_data": str(m.synthetic).lower(), "data_digest": m.digest,
+            "allow_phi_artifacts": str(allow_phi).lower()}) as run:
         run.log_params({"duplicate_max_bits": s.duplicate_max_bits, "duplicate_max_color": s.duplicate_max_color,
-                        "same_person_max_distance": s.same_person_max_distance, "faces": str(s.faces).lower()})
+                        "same_person_max_distance": audit.choice.threshold if audit.choice else "",
+                        "faces": str(s.faces).lower(), **audit.params()})
         n = len(audit.photos)
         run.log_metrics({**audit.summary(), "audit/photos": float(n), "audit/seconds": audit.seconds,
                          "audit/photos_per_s": n / max(audit.seconds, 1e-9), "audit/computed": float(audit.computed)})
         run.log_table(audit.pairs, "audit.csv")
+        run.log_table(pd.read_csv(folder / "audit_summary.csv"), "audit_summary.csv")
+        if allow_phi and audit.decisions is not None:  # a person's notes may name people: PHI
+            run.log_table(pd.read_csv(audit.decisions.path, dtype=str), "review/decisions.csv")
+        if page is not None:
+            with tracking.artifact_dir() as d:
+                (d / page.name).write_text(page.read_text())
+                run.log_files(d, "review")
         return run.run_id
 
 
 def run_evaluation(*, manifest: str, out: str, photos: int = 2000, dup_photos: int = 300, seed: int = 0,
-                   workers: int = 0, cache_dir: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """Precision and recall of "same person" by threshold and sex (Wilson intervals), and the duplicate detector's
-    false pairs and copy drift, on a manifest whose subject ids are true identities (e.g. CelebA)."""
+                   workers: int = 0, cache_dir: str | None = None, command: str = "") -> tuple[pd.DataFrame, dict]:
+    """Precision and recall of "same person" by threshold and sex (Wilson intervals), the same-person curve the
+    automatic threshold reads (OUT/same_person_curve.csv, the shipped file's format), and the duplicate
+    detector's false pairs and copy drift, on a manifest whose subject ids are true identities (e.g. CelebA)."""
     ev = evaluate_same_person(manifest, n_photos=photos, seed=seed, cache_dir=cache_dir, workers=workers)
     dup = evaluate_duplicates(manifest, n_photos=dup_photos, seed=seed, cache_dir=cache_dir, workers=workers)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     ev.table.to_csv(folder / "same_person_thresholds.csv", index=False)
     dup["copies"].to_csv(folder / "duplicate_copies.csv", index=False)
+    curve = write_curve(ev.curve, folder / "same_person_curve.csv", fingerprint=ev.fingerprint or {},
+                        cohort=f"{Path(manifest).name}: {'all photos' if photos <= 0 else f'{photos} photos'} "
+                               f"(seed {seed})", manifest_sha256=sha256_file(manifest), photos=ev.photos,
+                        identities=ev.identities, flip_average=AuditSettings().flip_average,
+                        command=command or f"cushing audit --evaluate --manifest {shlex.quote(manifest)} --photos "
+                                           f"{photos}")
     return ev.table, {**{k: v for k, v in dup.items() if k != "copies"}, "same_person_photos": ev.photos,
-                      "identities": ev.identities, "detected_rate": ev.detected_rate,
+                      "identities": ev.identities, "detected_rate": ev.detected_rate, "curve": str(curve),
                       "defaults": dataclasses.asdict(AuditSettings())}

@@ -98,9 +98,9 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
                                split_b=cohort.split.to_numpy()[audit.pairs["line_b"].to_numpy() - 2])
     pairs["straddles_splits"] = pairs["split_a"] != pairs["split_b"]
     run.log_table(pairs, "audit.csv")
-    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"]).sum())
+    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["merged"]).sum())
     run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges), "audit/pairs_across_splits": apart})
-    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges)}
+    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges), **audit.params()}
     if apart:
         tags["audit_warning"] = (f"{apart} pair(s) of different subjects that look like one photo or one person sit "
                                  "in different splits (a split given in the manifest is kept as it is): see audit.csv")

@@ -9,8 +9,11 @@ cannot see. This package finds both and returns values only (no MLflow, no files
   The classic 64-bit pHash is not enough here: aligned faces share their low frequencies, and on CelebA distinct
   people came within 4 bits while a re-encoded copy drifted by 6 (see `evaluate_duplicates`).
 - **Same person**: dlib's 128-d ResNet face descriptor (HOG detection with upsampling, the mmod CNN detector when
-  HOG finds nothing, the whole image as the face box as a last resort, recorded as `whole_image`), pairs of
-  different subject ids closer than a Euclidean threshold chosen on real CelebA identities (`evaluate_same_person`).
+  HOG finds nothing, the whole image as the face box as a last resort, recorded as `whole_image`; 68-point
+  alignment; photo and mirror averaged), pairs of different subject ids closer than a threshold chosen for the
+  cohort (`threshold`: the shipped false-pair curve x this cohort's pairs by sex, mutual nearest neighbours, a
+  guard on group size) or given; each pair gets a decision (`auto_merged`, `review`, `below_threshold`) that a
+  person's decisions file can override (`decisions`).
 - `merged_groups` turns the pairs into group ids so a splitter keeps merged subjects in one split.
 
 Hashes and descriptors are cached per photo content (sha256 of the bytes) in small JSON files written atomically,
@@ -19,10 +22,12 @@ paths or raw ids.
 
 Owns: `settings` (thresholds and knobs), `hashing` (perceptual hash, colour thumbnails, Hamming pairs),
 `descriptors` (dlib face descriptors and their pairs), `signatures` (per photo, on a process pool, cached by
-content), `pairing` (pairs of different subject ids, merged groups), `report` (`audit_manifest`, `CohortAudit`),
-`evaluation` (the thresholds measured on real identities). May import `cushing.data.manifest`,
-`cushing.data.imageio`, `cushing.data.weights`, `cushing.stats` and `cushing.config`; neither torch nor mlflow;
-dlib only where a describer is made.
+content), `threshold` (the automatic threshold: curve, pair counts, mutual neighbours, guard), `sameperson` (pairs
+and their decisions), `decisions` (a person's reviewed verdicts), `pairing` (pairs of different subject ids, merged
+groups), `report` (`audit_manifest`, `CohortAudit`), `review` (the local HTML review page), `evaluation` and
+`curvefile` (the thresholds and the same-person curve measured on real identities, `same_person_curve.csv`).
+May import `cushing.data.manifest`, `cushing.data.imageio`, `cushing.data.weights`, `cushing.stats` and
+`cushing.config`; neither torch nor mlflow; dlib only where a describer is made.
 """
 from __future__ import annotations
 

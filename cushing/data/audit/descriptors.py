@@ -1,5 +1,5 @@
 """The same person: dlib's 128-d ResNet face descriptor (HOG detection with upsampling, the mmod CNN when HOG finds
-nothing, the whole image as a last resort) and the pairs of descriptors closer than a threshold. dlib is imported
+nothing, the whole image as a last resort; 68-point alignment; photo and mirror averaged) and the pairs of descriptors closer than a threshold. dlib is imported
 where a describer is made."""
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pandas as pd
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.weights import file_hash, models_dir
 
-__all__ = ["FaceDescriptor", "FaceDescriber", "descriptor_pairs"]
+__all__ = ["FaceDescriptor", "FaceDescriber", "descriptor_pairs", "LANDMARKS"]
+
+LANDMARKS = "shape_predictor_68_face_landmarks.dat"  # the chip's alignment (the 5-point model until issue 22)
 
 
 def _import_dlib():
@@ -38,7 +40,10 @@ class FaceDescriptor:
 
 
 class FaceDescriber:
-    """dlib's HOG detector, 5-point landmarks and ResNet descriptor (+ the mmod CNN on demand).
+    """dlib's HOG detector, 68-point landmarks and ResNet descriptor (+ the mmod CNN on demand).
+
+    The 68-point model aligns the 150 px chip better than the 5-point one: +0.016 recall at the same false-pair
+    rate on CelebA (both identity halves), most for women, at the same cost (docs: cohort audit).
 
     Native dlib objects are not thread-safe: make one per process (the pool does) and never share it.
     """
@@ -46,7 +51,7 @@ class FaceDescriber:
     def __init__(self, settings: AuditSettings = AuditSettings()):
         dlib = _import_dlib()
         models = models_dir()
-        need = [models / "shape_predictor_5_face_landmarks.dat", models / "dlib_face_recognition_resnet_model_v1.dat"]
+        need = [models / LANDMARKS, models / "dlib_face_recognition_resnet_model_v1.dat"]
         if missing := [p.name for p in need if not p.exists()]:
             raise ImportError(f"{', '.join(missing)} not found in {models}: reinstall face-recognition-models==0.3.0")
         self.settings = settings
@@ -142,7 +147,7 @@ def _dlib_version() -> str:
 def _face_fingerprint(s: AuditSettings, memo: Path) -> dict[str, Any]:
     """What a descriptor depends on besides the photo: the weights (hashed, memoised), dlib, the knobs."""
     models = models_dir()
-    names = ["shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"]
+    names = [LANDMARKS, "dlib_face_recognition_resnet_model_v1.dat"]
     names += ["mmod_human_face_detector.dat"] if s.cnn_fallback else []
     return {"dlib": _dlib_version(), "weights": {n: file_hash(models / n, memo) for n in names},
             "max_upsample": s.max_upsample, "cnn_fallback": s.cnn_fallback, "max_side": s.max_side}

@@ -1,6 +1,7 @@
 """The evidence behind the audit's thresholds, on a manifest of real identities (CelebA): precision and recall of
-"same person" with Wilson intervals, overall and by sex; false duplicate pairs among strangers and how far
-re-saved copies drift (the copies made in memory, never written)."""
+"same person" with Wilson intervals, overall and by sex, and the same-person curve the automatic threshold reads;
+false duplicate pairs among strangers and how far re-saved copies drift (the copies made in memory, never
+written)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from cushing.data.audit.curvefile import curve_counts, curve_table
 from cushing.data.audit.hashing import _hamming_block, color_distance, color_thumbnail, perceptual_hash
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.audit.signatures import _decode, photo_signatures
@@ -28,7 +30,9 @@ def _read_celeba(manifest_csv: str | Path) -> pd.DataFrame:
 
 def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8) -> pd.DataFrame:
     """Whole identities with >= 2 photos up to multi_share of n (the same-person pairs), then single photos
-    of other identities (strangers only) to fill up."""
+    of other identities (strangers only) to fill up. n_photos <= 0: every photo."""
+    if n_photos <= 0 or n_photos >= len(df):
+        return df.reset_index(drop=True)
     rng = np.random.default_rng(seed)
     counts = df["subject_id"].value_counts()
     multi = counts[counts >= 2].index.to_numpy()
@@ -74,6 +78,8 @@ class SamePersonEvaluation:
     detected_rate: float  # share of readable photos whose descriptor came from a detected face
     detector_counts: dict[str, int]
     seconds: float
+    curve: pd.DataFrame | None = None  # the same-person curve (`curvefile`): pair counts and rates by sex per t
+    fingerprint: dict[str, Any] | None = None  # what the descriptors depended on (written into the curve file)
 
 
 def evaluate_same_person(manifest_csv: str | Path, *, n_photos: int = 2000, seed: int = 0,
@@ -99,9 +105,11 @@ def evaluate_same_person(manifest_csv: str | Path, *, n_photos: int = 2000, seed
     for g, m in masks.items():
         rows += _threshold_rows(d[m], same[m], g, thresholds)
     det = pd.Series(sig.detector)[keep].replace("", "whole_image").value_counts().to_dict()
+    majority = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda v: v.mode().iat[0]))
+    curve = curve_table(curve_counts(x, subj, majority.to_numpy()))
     return SamePersonEvaluation(pd.DataFrame(rows), len(df), df["subject_id"].nunique(),
                                 float((src == "detected").mean()), {str(k): int(v) for k, v in det.items()},
-                                sig.seconds)
+                                sig.seconds, curve, sig.fingerprint)
 
 
 def _variants(data: bytes) -> dict[str, bytes]:

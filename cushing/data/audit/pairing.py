@@ -1,6 +1,6 @@
 """From signatures to suspicious pairs: duplicate photos and same-person pairs of different subject ids, as
-audit.csv rows (CSV lines and keyed subject hashes, never paths or raw ids), and the merged subject groups a
-splitter keeps whole."""
+audit.csv rows (CSV lines and keyed subject hashes, never paths or raw ids) with each pair's decision, and the
+merged subject groups a splitter keeps whole."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -8,8 +8,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from cushing.data.audit.descriptors import descriptor_pairs
 from cushing.data.audit.hashing import duplicate_pairs
+from cushing.data.audit.sameperson import ThresholdChoice, same_person_pairs
 from cushing.data.audit.settings import PAIR_KINDS, AuditSettings
 from cushing.data.audit.signatures import Signatures
 
@@ -17,10 +17,14 @@ __all__ = ["merged_groups"]
 
 
 def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series | None) -> pd.DataFrame:
-    cols = ["kind", "distance", "line_a", "line_b", "subject_a", "subject_b"]
-    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["kind", "i", "j", "distance"])
+    cols = ["kind", "distance", "decision", "verdict", "merged", "line_a", "line_b", "subject_a", "subject_b"]
+    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["kind", "i", "j", "distance", "decision", "verdict"])
     i, j = df["i"].to_numpy(dtype=np.int64), df["j"].to_numpy(dtype=np.int64)
+    decision, verdict = df["decision"].astype(str).to_numpy(), df["verdict"].fillna("").astype(str).to_numpy()
     out = pd.DataFrame({"kind": df["kind"].astype(str), "distance": df["distance"].astype(float),
+                        "decision": decision, "verdict": verdict,
+                        "merged": ((decision == "auto_merged") & (verdict != "different")) | (verdict == "same"),
                         "line_a": i + 2, "line_b": j + 2,  # the CSV header is line 1
                         "subject_a": subjects.to_numpy()[i], "subject_b": subjects.to_numpy()[j]})
     out["same_subject"] = out["subject_a"] == out["subject_b"]
@@ -34,22 +38,31 @@ def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series
     return out.sort_values(["kind", "distance", "line_a", "line_b"], ignore_index=True)
 
 
-def _find_pairs(sig: Signatures, subject_ids: np.ndarray, s: AuditSettings) -> list[pd.DataFrame]:
+def _find_pairs(sig: Signatures, subject_ids: np.ndarray, sex: np.ndarray, s: AuditSettings,
+                verdicts: dict[tuple[int, int], str]) -> tuple[list[pd.DataFrame], ThresholdChoice | None]:
+    """Duplicate photos (always merged, unless a person said different) and same-person pairs with their
+    decisions; the threshold choice (None when faces were not described)."""
     dup = duplicate_pairs(sig.hashes, s.duplicate_max_bits, mirrors=sig.mirrors if s.mirror else None,
                           valid=sig.ok, thumbs=sig.thumbs, max_color=s.duplicate_max_color)
-    rows = [dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""))
-            .drop(columns="mirrored")]
+    dup = dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""),
+                     decision="auto_merged",
+                     verdict=[verdicts.get((a + 2, b + 2), "") for a, b in zip(dup["i"], dup["j"])])
+    rows, choice = [dup.drop(columns="mirrored")], None
     if sig.descriptors is not None:
-        i, j, d = descriptor_pairs(sig.descriptors, s.same_person_max_distance, groups=subject_ids)
+        forced = [(int(a), int(b)) for a, b in zip(dup["i"], dup["j"]) if subject_ids[a] != subject_ids[b]]
+        same, choice = same_person_pairs(sig.descriptors, subject_ids, sex, s, fingerprint=sig.fingerprint,
+                                         verdicts=verdicts, forced=forced)
         src = np.asarray(sig.source)
+        i, j = same["i"].to_numpy(dtype=np.int64), same["j"].to_numpy(dtype=np.int64)
         detail = np.where((src[i] == "detected") & (src[j] == "detected"), "", "whole_image")
-        rows.append(pd.DataFrame({"kind": "same_person", "i": i, "j": j, "distance": d, "detail": detail}))
-    return [r for r in rows if len(r)]
+        rows.append(same.drop(columns="mutual").assign(kind="same_person", detail=detail))
+    return [r for r in rows if len(r)], choice
 
 
 def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *,
                   kinds: Iterable[str] = PAIR_KINDS) -> pd.Series:
-    """Group id per manifest row: subjects joined by any pair (transitively, union-find) share one id.
+    """Group id per manifest row: subjects joined by any merged pair (transitively, union-find) share one id.
+    Pairs with a `merged` column merge only where it is true (not `review` or `below_threshold` pairs).
 
     The id is the smallest raw subject id in the group, so unmerged subjects keep their own and a splitter can
     group on this instead of `subject_id`. Internal use only: the ids are raw, do not log them.
@@ -64,6 +77,8 @@ def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *,
         return x
 
     sel = pairs[pairs["kind"].isin(list(kinds))]
+    if "merged" in sel:
+        sel = sel[sel["merged"].astype(bool)]
     for a, b in zip(sel["line_a"].to_numpy() - 2, sel["line_b"].to_numpy() - 2):
         ra, rb = find(subj.iat[int(a)]), find(subj.iat[int(b)])
         if ra != rb:

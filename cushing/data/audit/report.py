@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cushing.data.audit.decisions import Decisions, read_decisions
 from cushing.data.audit.pairing import _find_pairs, _pairs_frame, merged_groups
-from cushing.data.audit.settings import PAIR_KINDS, AuditSettings
+from cushing.data.audit.sameperson import ThresholdChoice
+from cushing.data.audit.settings import DECISIONS, PAIR_KINDS, AuditSettings
 from cushing.data.audit.signatures import _photo_shas, photo_signatures
 from cushing.data.manifest import Manifest, hash_subject, subject_key
 
@@ -22,15 +24,19 @@ class CohortAudit:
 
     A copy of a photo under another id appears twice, as `duplicate_photo` and as `same_person`: two questions.
     `detail` is `mirrored` for a flipped copy and `whole_image` for a same-person pair where a photo had no
-    detected face (less reliable: the whole frame stood in for the face box).
+    detected face (less reliable: the whole frame stood in for the face box). `decision` is `auto_merged`,
+    `review` (below the threshold, not mutual nearest neighbours) or `below_threshold` (a near miss); `verdict`
+    is what a decisions file said; `merged` whether the pair joins one split group.
     """
 
-    pairs: pd.DataFrame  # kind, distance, line_a, line_b, subject_a, subject_b[, split_a, split_b, straddles_splits]
+    pairs: pd.DataFrame  # kind, distance, decision, verdict, merged, line_a, line_b, subject_a, subject_b, ...
     photos: pd.DataFrame  # one row per manifest row: line, subject, status, descriptor_source, detector
     settings: AuditSettings
     cached: int
     computed: int
     seconds: float
+    choice: ThresholdChoice | None = None  # how the same-person threshold was chosen (None: faces not described)
+    decisions: Decisions | None = None  # the reviewed decisions file that was applied
 
     def summary(self) -> dict[str, float]:
         """Counts a tracking step can log as metrics (finite numbers, no names)."""
@@ -40,13 +46,56 @@ class CohortAudit:
             out.update({f"audit/{k}_pairs_straddling": float(((p["kind"] == k) & p["straddles_splits"]).sum())
                         for k in PAIR_KINDS})
         out["audit/unreadable_photos"] = float((ph["status"] != "ok").sum())
-        groups = merged_groups(p, ph["subject"])  # hashed ids merge the same way as raw ones
-        out["audit/merged_subjects"] = float(ph["subject"].nunique() - groups.nunique())
-        out["audit/largest_merged_group"] = float(ph.groupby(groups)["subject"].nunique().max()) if len(ph) else 0.0
+        out.update(self._groups())
+        different = p[~p["same_subject"]] if len(p) else p
+        out.update({f"audit/pairs_{d}": float((different["decision"] == d).sum()) for d in DECISIONS})
+        out["audit/pairs_merged"] = float(different["merged"].sum()) if len(p) else 0.0
         if self.settings.faces:
             ok = ph["status"] == "ok"
             out["audit/face_detected_rate"] = float((ph.loc[ok, "descriptor_source"] == "detected").mean()) \
                 if ok.any() else 0.0
+        out.update(self._threshold_metrics())
+        if self.decisions is not None:
+            out.update({f"audit/decisions_{v}": float(self.decisions.count(v)) for v in ("same", "different")})
+            out["audit/decisions_unmatched"] = float(self.decisions.unmatched)
+        return out
+
+    def _groups(self) -> dict[str, float]:
+        """Merged groups (>= 2 subject ids): how many subjects joined another, and the largest, in photos."""
+        ph = self.photos
+        groups = merged_groups(self.pairs, ph["subject"])  # hashed ids merge the same way as raw ones
+        per = ph.groupby(groups).agg(photos=("subject", "size"), subjects=("subject", "nunique"))
+        multi = per[per["subjects"] >= 2]
+        largest = float(multi["photos"].max()) if len(multi) else 0.0
+        return {"audit/merged_subjects": float(ph["subject"].nunique() - groups.nunique()),
+                "audit/largest_merged_group": largest,
+                "audit/largest_merged_group_share": largest / len(ph) if len(ph) else 0.0,
+                "audit/largest_merged_group_subjects": float(multi["subjects"].max()) if len(multi) else 0.0}
+
+    def _threshold_metrics(self) -> dict[str, float]:
+        c = self.choice
+        if c is None:
+            return {}
+        out = {"audit/threshold": c.threshold, "audit/threshold_auto": float(c.auto),
+               "audit/guard_bound": float(c.guard_bound), "audit/group_limit": float(c.group_limit)}
+        if c.auto:
+            out["audit/threshold_curve"] = c.threshold_curve
+        if np.isfinite(c.expected_false_pairs):  # the MLflow UI hides NaN metrics
+            out["audit/expected_false_pairs"] = c.expected_false_pairs
+            out["audit/expected_false_pairs_per_photo"] = c.expected_false_pairs / max(c.photos, 1)
+        return out
+
+    def params(self) -> dict[str, str]:
+        """How the threshold was chosen and from what (file digests, no paths), for a run's params."""
+        s, c = self.settings, self.choice
+        out = {"audit_threshold": "auto" if s.same_person_max_distance is None else str(s.same_person_max_distance)}
+        if c is not None:
+            out["audit_threshold_rule"] = (
+                f"auto: loosest curve distance with E <= {s.false_pairs_per_photo} x photos, mutual "
+                f"{s.mutual_k}-NN merge, guard max(floor({s.max_group_share} x photos), 3)" if c.auto else "fixed")
+            out["audit_curve_sha256"] = c.curve_sha256
+        if self.decisions is not None:
+            out["audit_decisions_sha256"] = self.decisions.digest
         return out
 
 
@@ -68,7 +117,10 @@ def audit_manifest(manifest: Manifest | pd.DataFrame, *, settings: AuditSettings
     if split is None and "split" in table and (table["split"].astype(str).str.strip() != "").all():
         split = table["split"]
     split = None if split is None else pd.Series(split).reset_index(drop=True)
-    pairs = _pairs_frame(_find_pairs(sig, raw.to_numpy(), settings), subjects, split)
+    decisions = read_decisions(settings.decisions, subjects.to_numpy()) if settings.decisions else None
+    sex = table["sex"].astype(str).to_numpy() if "sex" in table else np.full(len(table), "")
+    rows, choice = _find_pairs(sig, raw.to_numpy(), sex, settings, decisions.verdicts if decisions else {})
+    pairs = _pairs_frame(rows, subjects, split)
     photos = pd.DataFrame({"line": np.arange(len(table)) + 2, "subject": subjects, "status": sig.status,
                            "descriptor_source": sig.source, "detector": sig.detector})
-    return CohortAudit(pairs, photos, settings, sig.cached, sig.computed, sig.seconds)
+    return CohortAudit(pairs, photos, settings, sig.cached, sig.computed, sig.seconds, choice, decisions)

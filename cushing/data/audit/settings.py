@@ -1,15 +1,20 @@
 """The audit's thresholds and detector knobs (`AuditSettings`), measured on CelebA, and the vocabulary of its
-outputs (descriptor sources, pair kinds)."""
+outputs (descriptor sources, pair kinds, decisions)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cushing.config import parse_audit_threshold
 from cushing.data.manifest import Manifest
 
-__all__ = ["AuditSettings", "audit_settings", "DESCRIPTOR_SOURCES", "PAIR_KINDS"]
+__all__ = ["AuditSettings", "audit_settings", "parse_audit_threshold", "DESCRIPTOR_SOURCES", "PAIR_KINDS",
+           "DECISIONS", "VERDICTS"]
 
 DESCRIPTOR_SOURCES = ("detected", "whole_image")
 PAIR_KINDS = ("duplicate_photo", "same_person")
+# what the audit decided for a pair: merged into one split group, listed for a person to look at, or a near miss
+DECISIONS = ("auto_merged", "review", "below_threshold")
+VERDICTS = ("same", "different")  # what a person wrote in the decisions file
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,17 @@ class AuditSettings:
     duplicate_max_color: float = 5.0
     mirror: bool = True  # also match horizontally flipped copies (selfie cameras, flip augmentation)
     faces: bool = True  # compute face descriptors (dlib); False audits duplicates only
-    # Euclidean. dlib's documented 0.6 (LFW) matches 0.84% of stranger pairs on 89x109 CelebA photos (~500 false
-    # pairs in a 343-photo cohort, one merged blob); 0.45 keeps it to ~4-7 while finding 43% of true pairs.
-    same_person_max_distance: float = 0.45
+    # Euclidean; None = automatic (`threshold.choose_threshold`): the loosest distance at which the shipped curve's
+    # false-pair rates, times this cohort's photo pairs by sex, expect <= false_pairs_per_photo x photos, lowered
+    # further until no merged group holds more than max_group_share of the photos. At 343 photos (85% women)
+    # that is 0.525: 75% of same-person pairs found on held-out CelebA, vs 43% at the old fixed 0.45.
+    same_person_max_distance: float | None = None
+    false_pairs_per_photo: float = 0.2  # the bound b of the automatic threshold (docs: cohort audit)
+    mutual_k: int = 2  # a pair below the threshold merges only if each is among the other's k nearest strangers
+    max_group_share: float = 0.05  # the guard: merged groups hold at most max(floor(share x photos), 3) photos
+    near_misses: int = 20  # the closest pairs at or above the threshold, listed as below_threshold
+    curve: str | None = None  # a same-person curve CSV (`cushing audit --evaluate`); None = the shipped one
+    decisions: str | None = None  # a reviewed CSV: pairs marked same or different by a person
     max_upsample: int = 2  # HOG pyramid up-steps tried in order until a face is found (tiny photos need 1)
     cnn_fallback: bool = True  # mmod CNN detector when HOG finds nothing (slow: ~0.4 s per such photo)
     max_side: int = 800  # larger photos are downscaled first: the descriptor chip is 150 px anyway
@@ -40,11 +53,16 @@ class AuditSettings:
             raise ValueError(f"hash_block must make whole 64-bit words and fit hash_image, got {self.hash_block}")
         if not 0 <= self.duplicate_max_bits <= self.hash_block ** 2:
             raise ValueError(f"duplicate_max_bits must be in 0..{self.hash_block ** 2}")
-        if not self.same_person_max_distance > 0:
-            raise ValueError("same_person_max_distance must be > 0")
+        if self.same_person_max_distance is not None and not self.same_person_max_distance > 0:
+            raise ValueError("same_person_max_distance must be > 0 (or None: automatic)")
+        if not self.false_pairs_per_photo > 0 or self.mutual_k < 1 or not 0 < self.max_group_share <= 1:
+            raise ValueError("false_pairs_per_photo > 0, mutual_k >= 1 and 0 < max_group_share <= 1")
 
 
-def audit_settings(manifest: Manifest) -> AuditSettings:
+def audit_settings(manifest: Manifest, threshold: str | float | None = None,
+                   decisions: str | None = None) -> AuditSettings:
     """The defaults, without the same-person check on a synthetic cohort: dlib's face-recognition model was
-    trained on photos and sees every drawn demo face as one person, so its distances mean nothing there."""
-    return AuditSettings(faces=not manifest.synthetic)
+    trained on photos and sees every drawn demo face as one person, so its distances mean nothing there.
+    `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions file."""
+    return AuditSettings(faces=not manifest.synthetic, same_person_max_distance=parse_audit_threshold(threshold),
+                         decisions=decisions or None)

@@ -3,6 +3,7 @@ process) and cached per photo content (sha256 of the bytes) in small JSON files 
 over the same cohort decodes nothing."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from cushing.data.manifest import sha256_file
 __all__ = ["SignatureCache", "Signatures", "photo_signatures"]
 
 HASH_VERSION = 2  # bump when the hash computation changes: old cache entries are then ignored
-FACE_VERSION = 1
+FACE_VERSION = 2  # 2: the chip aligned with 68-point landmarks (was 5-point): old descriptors are not mixed in
 
 
 class SignatureCache:
@@ -137,6 +138,7 @@ class Signatures:
     computed: int  # photos decoded in this call
     seconds: float
     thumbs: np.ndarray | None = None  # [N, 8, 8, 3] uint8 colour thumbnails (zeros where status != ok)
+    fingerprint: dict[str, Any] | None = None  # what the descriptors depend on (dlib, weights' sha256, knobs)
 
     @property
     def ok(self) -> np.ndarray:
@@ -161,7 +163,7 @@ def _photo_shas(paths: Sequence[str]) -> list[str | None]:
     return out
 
 
-def _lookup(cache: SignatureCache, shas, s: AuditSettings, memo: Path) -> tuple[list, list, list, list]:
+def _lookup(cache: SignatureCache, shas, s: AuditSettings, memo: Path) -> tuple[list, list, list, list, Any]:
     """Cache keys and hits for every photo; None keys for photos whose bytes could not be read."""
     hp = {"v": HASH_VERSION, "size": s.hash_image, "block": s.hash_block, "max_side": s.max_side}
     fp = {"v": FACE_VERSION, **_face_fingerprint(s, memo)} if s.faces else None
@@ -169,7 +171,7 @@ def _lookup(cache: SignatureCache, shas, s: AuditSettings, memo: Path) -> tuple[
     fkeys = [cache.key("face", sha, fp) if sha and fp else None for sha in shas]
     hrec = [cache.get("hash", k) if k else None for k in hkeys]
     frec = [cache.get("face", k) if k else None for k in fkeys]
-    return hkeys, fkeys, hrec, frec
+    return hkeys, fkeys, hrec, frec, fp
 
 
 def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = AuditSettings(), *,
@@ -180,7 +182,7 @@ def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = Audi
     paths = [str(p) for p in paths]
     shas = list(shas) if shas is not None else _photo_shas(paths)
     cache = SignatureCache(cache_dir or _default_cache())
-    hkeys, fkeys, hrec, frec = _lookup(cache, shas, settings, cache.root / "weights_hashes.json")
+    hkeys, fkeys, hrec, frec, fp = _lookup(cache, shas, settings, cache.root / "weights_hashes.json")
     items = [(i, p, hrec[i] is None, settings.faces and frec[i] is None)
              for i, p in enumerate(paths) if shas[i] and (hrec[i] is None or (settings.faces and frec[i] is None))]
     for i, h, f in _run_pool(items, settings, workers or _cpus(), progress):
@@ -193,8 +195,9 @@ def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = Audi
     for i, sha in enumerate(shas):
         if sha is None:
             hrec[i] = frec[i] = {"status": "file_not_found" if not Path(paths[i]).exists() else "unreadable"}
-    return _assemble(hrec, frec if settings.faces else None, settings, len(paths) - len(items), len(items),
-                     time.perf_counter() - t0)
+    sig = _assemble(hrec, frec if settings.faces else None, settings, len(paths) - len(items), len(items),
+                    time.perf_counter() - t0)
+    return dataclasses.replace(sig, fingerprint=fp)
 
 
 def _assemble(hrec: list[dict], frec: list[dict] | None, s: AuditSettings, cached: int, computed: int,

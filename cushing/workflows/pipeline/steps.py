@@ -107,11 +107,22 @@ def _crops_intact(o: dict[str, Any]) -> bool:
 
 
 def _audit(ctx: Context) -> dict[str, Any]:
-    res = run_audit(manifest=str(ctx.crops), out=str(ctx.spec.out / "audit"), experiment=ctx.experiment)
+    p = ctx.protocol()  # the study's audit_threshold, audit_decisions and audit_curve (--set audit_threshold=...)
+    res = run_audit(manifest=str(ctx.crops), out=str(ctx.spec.out / "audit"), experiment=ctx.experiment,
+                    threshold=p.audit_threshold, decisions=p.audit_decisions, curve=p.audit_curve)
     pairs = res.audit.pairs
     different = pairs[~pairs["same_subject"]]["kind"].value_counts() if len(pairs) else {}
     return {"audit": str(res.out), "sha256": file_sha256(res.out),
             "pairs": {str(k): int(v) for k, v in dict(different).items()}}
+
+
+def _audit_keys(ctx: Context) -> dict[str, Any]:
+    """What the audit step's result depends on from the study: the threshold, and the decisions and curve files
+    by content (a revised review reruns the audit)."""
+    p = ctx.protocol()
+    files = {k: v for k, v in (("decisions", p.audit_decisions), ("curve", p.audit_curve)) if v}
+    return {"audit_threshold": p.audit_threshold,
+            **{k: file_sha256(v) if Path(v).is_file() else v for k, v in files.items()}}
 
 
 def _file_intact(key: str) -> Callable[[dict[str, Any]], bool]:
@@ -191,7 +202,8 @@ STEPS = (
                                  "settings": _face_settings(c.spec).to_dict()}, _faces, _crops_intact,
          lambda o: f"{o['extracted']} of {o['photos']} photos extracted ({o['mask']}): {o['manifest']}"),
     Step("audit", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "out": str(c.spec.out / "audit"),
-                                          "settings": dataclasses.asdict(AuditSettings())}, _audit,
+                                          "settings": dataclasses.asdict(AuditSettings()),
+                                          "threshold": _audit_keys(c)}, _audit,
          _file_intact("audit"), lambda o: f"{sum(o['pairs'].values())} suspicious pairs: {o['audit']}"),
     Step("sweep", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "study": study_identity(c.study())},
          _sweep, _run_exists, lambda o: f"{o['configurations']} configurations (best on validation: {o['best']}), "

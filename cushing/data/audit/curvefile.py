@@ -1,0 +1,114 @@
+"""The same-person curve on a labelled cohort (`cushing audit --evaluate`): for every grid distance, how many pairs
+of different people (by sex of the pair) and of one person come closer, with Wilson intervals; written in the
+format of the shipped `same_person_curve.csv` so a site can audit with its own (`audit_curve`).
+
+Counts are kept beside the rates so that intervals can be recomputed and curves of several cohorts merged by
+summing counts. All pairs are counted in row blocks (bounded memory).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cushing.data.audit.descriptors import LANDMARKS
+from cushing.data.audit.threshold import CURVE_FORMAT
+from cushing.stats.intervals import wilson
+
+__all__ = ["GRID", "curve_counts", "curve_table", "write_curve"]
+
+GRID = np.round(np.arange(0.300, 0.6501, 0.005), 3)
+_NEG = ("all", "F", "M", "mixed")
+_POS = ("all", "F", "M")
+
+
+def _pair_groups(sx_i: np.ndarray, sx_j: np.ndarray) -> dict[str, np.ndarray]:
+    f, m = (sx_i == "F") & (sx_j == "F"), (sx_i == "M") & (sx_j == "M")
+    mixed = ((sx_i == "F") & (sx_j == "M")) | ((sx_i == "M") & (sx_j == "F"))
+    return {"all": np.ones_like(f), "F": f, "M": m, "mixed": mixed}
+
+
+def curve_counts(x: np.ndarray, subjects: np.ndarray, sex: np.ndarray, grid: np.ndarray = GRID,
+                 block_rows: int = 512) -> dict[str, np.ndarray]:
+    """Pair totals and, per grid distance t, pairs with distance < t: `neg_*`/`false_*` for pairs of different
+    subjects, `pos_*`/`true_*` for pairs of one subject, by sex of the pair (each photo's subject's sex)."""
+    x = np.asarray(x, dtype=np.float64)
+    codes = pd.factorize(pd.Series(np.asarray(subjects, dtype=object)))[0]
+    sex = np.asarray(sex, dtype=object)
+    sq = (x * x).sum(axis=1)
+    out = {f"{k}_{g}": np.zeros(len(grid), np.int64) for k in ("false", "true") for g in _NEG}
+    out.update({f"{k}_{g}": 0 for k in ("neg", "pos") for g in _NEG})
+    for s in range(0, len(x), block_rows):
+        rows = np.arange(s, min(s + block_rows, len(x)))
+        d = np.sqrt(np.maximum(sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T), 0.0))
+        ii, jj = np.nonzero(np.arange(len(x))[None, :] > rows[:, None])
+        ii = rows[ii]
+        dist = d[ii - s, jj]
+        same = codes[ii] == codes[jj]
+        for g, mask in _pair_groups(sex[ii], sex[jj]).items():
+            for kind, sel in (("false", mask & ~same), ("true", mask & same)):
+                v = np.sort(dist[sel])
+                out[f"{kind}_{g}"] += np.searchsorted(v, grid, side="left")  # strict: distance < t
+                out[f"{'neg' if kind == 'false' else 'pos'}_{g}"] += len(v)
+    return out
+
+
+def _rates(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ci = np.array([wilson(int(v), int(n)) for v in k]).reshape(-1, 2)
+    return (k / n if n else np.full(len(k), np.nan)), ci[:, 0], ci[:, 1]
+
+
+def curve_table(counts: dict[str, Any], grid: np.ndarray = GRID) -> pd.DataFrame:
+    """The curve's columns, in the shipped file's order."""
+    cols: dict[str, Any] = {"distance": grid}
+    for g in _NEG:
+        rate, lo, hi = _rates(counts[f"false_{g}"], counts[f"neg_{g}"])
+        cols.update({f"neg_pairs_{g}": counts[f"neg_{g}"], f"false_pairs_{g}": counts[f"false_{g}"],
+                     f"false_pair_rate_{g}": rate, f"fpr_lo_{g}": lo, f"fpr_hi_{g}": hi})
+    for g in _POS:
+        rate, lo, hi = _rates(counts[f"true_{g}"], counts[f"pos_{g}"])
+        cols.update({f"pos_pairs_{g}": counts[f"pos_{g}"], f"true_pairs_{g}": counts[f"true_{g}"],
+                     f"recall_{g}": rate, f"recall_lo_{g}": lo, f"recall_hi_{g}": hi})
+    return pd.DataFrame(cols)
+
+
+def _dlib_version() -> str:
+    for dist in ("dlib-bin", "dlib"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def write_curve(table: pd.DataFrame, path: str | Path, *, fingerprint: dict[str, Any], cohort: str,
+                manifest_sha256: str, photos: int, identities: int, flip_average: bool, command: str) -> Path:
+    """The curve file: `# key: value` lines (what it was measured with and on), then the table."""
+    weights = fingerprint.get("weights", {})
+    meta = {"format": CURVE_FORMAT,
+            "descriptor": "dlib_face_recognition_resnet_model_v1, 150 px chip, padding 0.25, num_jitters 0",
+            "landmarks": LANDMARKS.removesuffix(".dat"), "flip_average": str(flip_average).lower(),
+            "detection": "hog upsample 0..2 (bounded by max_side 800), mmod cnn fallback (upsample 0..1), "
+                         "whole image last",
+            "distance": "euclidean between descriptors; a pair counts when distance < t (strict)",
+            "dlib": _dlib_version(),
+            "sha256_descriptor_model": weights.get("dlib_face_recognition_resnet_model_v1.dat", ""),
+            "sha256_landmark_model": weights.get(LANDMARKS, ""),
+            "sha256_cnn_detector": weights.get("mmod_human_face_detector.dat", ""),
+            "cohort": cohort, "cohort_manifest_sha256": manifest_sha256, "photos": str(photos),
+            "identities": str(identities),
+            "sex": "per identity, its most frequent value; F = both photos F, M = both M, mixed = one of each",
+            "intervals": "Wilson 95%", "grid": f"{table['distance'].min():.3f}..{table['distance'].max():.3f} step "
+                                               f"{np.diff(table['distance'].to_numpy()).min():.3f}",
+            "measured": dt.date.today().isoformat(), "command": command}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w") as f:
+        for k, v in meta.items():
+            f.write(f"# {k}: {v}\n")
+        table.to_csv(f, index=False, float_format="%.6g")
+    return p

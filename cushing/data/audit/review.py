@@ -1,0 +1,71 @@
+"""The review page (`cushing audit --review-page OUT.html`): the two photos of each pair side by side, for the person
+who may see them. One self-contained HTML file, the photos embedded as data URIs (JPEG, at most 256 px), so it
+opens offline and can be moved without its photos. It shows faces and file names: it is PHI, written locally
+only and logged to MLflow only with allow_phi_artifacts."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from cushing.data.imageio import BadImage, open_rgb
+
+__all__ = ["review_page", "REVIEWED"]
+
+REVIEWED = ("auto_merged", "review")  # the decisions a person should look at (and any pair with a verdict)
+_SIDE = 256
+
+
+def _data_uri(path: str) -> str:
+    from PIL import Image
+
+    try:
+        im = Image.fromarray(open_rgb(path))
+    except BadImage as e:
+        return f"unreadable ({e.reason})"
+    im.thumbnail((_SIDE, _SIDE))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(path: str) -> str:
+    uri = _data_uri(path)
+    name = html.escape(Path(path).name)
+    if not uri.startswith("data:"):
+        return f"<figure><div class=missing>{html.escape(uri)}</div><figcaption>{name}</figcaption></figure>"
+    return f"<figure><img src='{uri}' alt='{name}'><figcaption>{name}</figcaption></figure>"
+
+
+_STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:70em}
+.pair{display:flex;gap:1.5em;align-items:center;border-top:1px solid #ccc;padding:.8em 0}
+figure{margin:0;text-align:center}img{height:200px}figcaption{font-size:.8em;color:#555}
+.auto_merged{background:#fff4e0}.review{background:#eef4ff}.missing{width:160px;height:200px;background:#eee}
+.meta{min-width:16em}code{background:#f2f2f2;padding:0 .2em}"""
+
+
+def review_page(pairs: pd.DataFrame, paths: Sequence[str], *, threshold: float | None = None,
+                manifest: str = "") -> str:
+    """HTML for the pairs to review (auto_merged and review, and any pair a decisions file marked), closest first.
+    `pairs` is audit.csv (lines refer to rows of `paths`, line 2 = row 0)."""
+    sel = pairs[pairs["decision"].isin(REVIEWED) | (pairs["verdict"].fillna("") != "")]
+    sel = sel[~sel["same_subject"]].sort_values(["kind", "distance"], kind="stable")
+    head = (f"<h1>Cohort audit: {len(sel)} pairs to review</h1><p>Manifest <code>{html.escape(manifest)}</code>"
+            + (f"; same-person threshold {threshold:.3f}" if threshold is not None else "") + ". "
+            "<b>auto_merged</b> pairs are kept in one split group; <b>review</b> pairs are not. To decide, copy "
+            "audit.csv to reviewed.csv, write <code>same</code> or <code>different</code> in the "
+            "<code>verdict</code> column of the pairs you checked, and run again with "
+            "<code>--decisions reviewed.csv</code> (training: <code>audit_decisions=reviewed.csv</code>).</p>")
+    rows = []
+    for r in sel.itertuples():
+        verdict = f"<br>verdict: <b>{html.escape(r.verdict)}</b>" if r.verdict else ""
+        meta = (f"<div class=meta><b>{html.escape(r.decision)}</b> ({html.escape(r.kind)})<br>distance "
+                f"{r.distance:.3f}<br>lines {r.line_a} and {r.line_b}{verdict}</div>")
+        rows.append(f"<div class='pair {html.escape(r.decision)}'>{meta}{_img(paths[r.line_a - 2])}"
+                    f"{_img(paths[r.line_b - 2])}</div>")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>Cohort audit review</title>"
+            f"<style>{_STYLE}</style></head><body>{head}{''.join(rows)}</body></html>")
