@@ -130,8 +130,11 @@ def test_review_page_shows_each_pair_and_is_not_logged_by_default(planted, track
     html = page.read_text()
     shown = run.audit.pairs[run.audit.pairs["decision"].isin(["auto_merged", "review"])]
     assert html.count("class='pair ") == len(shown) > 0
+    rows = pd.read_csv(d / "manifest.csv")
     for r in shown.itertuples():
         assert f"lines {r.line_a} and {r.line_b}" in html
+        for line in (r.line_a, r.line_b):  # named as the manifest names it, for the reviewer to look up
+            assert f"{rows['image'][line - 2]} ({rows['subject_id'][line - 2]})" in html
     assert html.count("data:image/jpeg;base64,") == 2 * len(shown)
     c = mlflow.MlflowClient()
     logged = {a.path for a in c.list_artifacts(run.run_id)} | {a.path for a in c.list_artifacts(run.run_id, "review")}

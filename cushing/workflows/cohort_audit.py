@@ -60,9 +60,15 @@ def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | f
         page = Path(review)
         page.parent.mkdir(parents=True, exist_ok=True)
         t = audit.choice.threshold if audit.choice else None
-        page.write_text(review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source)))
+        page.write_text(review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source),
+                                    captions=_captions(m.table)))
     run_id = _log(audit, m, experiment, folder, page if allow_phi else None, allow_phi) if track else None
     return AuditRun(audit, folder / "audit.csv", run_id, settings.faces, page)
+
+
+def _captions(table) -> list[str]:
+    """Each photo as the manifest names it (image entry, subject id): what a reviewer looks up, not a resolved path."""
+    return [f"{image} ({subject})" for image, subject in zip(table["image"], table["subject_id"])]
 
 
 def _log(audit: CohortAudit, m, experiment: str, folder: Path, page: Path | None, allow_phi: bool) -> str:

@@ -33,9 +33,9 @@ def _data_uri(path: str) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _img(path: str) -> str:
+def _img(path: str, caption: str | None = None) -> str:
     uri = _data_uri(path)
-    name = html.escape(Path(path).name)
+    name = html.escape(caption or Path(path).name)
     if not uri.startswith("data:"):
         return f"<figure><div class=missing>{html.escape(uri)}</div><figcaption>{name}</figcaption></figure>"
     return f"<figure><img src='{uri}' alt='{name}'><figcaption>{name}</figcaption></figure>"
@@ -49,9 +49,13 @@ figure{margin:0;text-align:center}img{height:200px}figcaption{font-size:.8em;col
 
 
 def review_page(pairs: pd.DataFrame, paths: Sequence[str], *, threshold: float | None = None,
-                manifest: str = "") -> str:
+                manifest: str = "", captions: Sequence[str] | None = None) -> str:
     """HTML for the pairs to review (auto_merged and review, and any pair a decisions file marked), closest first.
-    `pairs` is audit.csv (lines refer to rows of `paths`, line 2 = row 0)."""
+    `pairs` is audit.csv (lines refer to rows of `paths`, line 2 = row 0); `captions` (one per row) name each photo
+    as the manifest does (its image entry and subject id), default the file's name."""
+    def img(line: int) -> str:
+        return _img(paths[line - 2], captions[line - 2] if captions is not None else None)
+
     sel = pairs[pairs["decision"].isin(REVIEWED) | (pairs["verdict"].fillna("") != "")]
     sel = sel[~sel["same_subject"]].sort_values(["kind", "distance"], kind="stable")
     head = (f"<h1>Cohort audit: {len(sel)} pairs to review</h1><p>Manifest <code>{html.escape(manifest)}</code>"
@@ -65,7 +69,6 @@ def review_page(pairs: pd.DataFrame, paths: Sequence[str], *, threshold: float |
         verdict = f"<br>verdict: <b>{html.escape(r.verdict)}</b>" if r.verdict else ""
         meta = (f"<div class=meta><b>{html.escape(r.decision)}</b> ({html.escape(r.kind)})<br>distance "
                 f"{r.distance:.3f}<br>lines {r.line_a} and {r.line_b}{verdict}</div>")
-        rows.append(f"<div class='pair {html.escape(r.decision)}'>{meta}{_img(paths[r.line_a - 2])}"
-                    f"{_img(paths[r.line_b - 2])}</div>")
+        rows.append(f"<div class='pair {html.escape(r.decision)}'>{meta}{img(r.line_a)}{img(r.line_b)}</div>")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>Cohort audit review</title>"
             f"<style>{_STYLE}</style></head><body>{head}{''.join(rows)}</body></html>")

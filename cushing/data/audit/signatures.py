@@ -107,7 +107,7 @@ def _run_pool(items: list[tuple[int, str, bool, bool]], s: AuditSettings, worker
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(items), desc="audit", unit="photo", disable=not progress)
+    bar = tqdm(total=len(items), desc="audit", unit="photo", disable=not progress or not items)  # all cached: none
     try:
         if workers <= 1 or len(items) <= 1:
             _init_worker(asdict(s))
