@@ -182,22 +182,55 @@ def test_compile_mode_is_validated():
     assert TrainConfig(compile="reduce-overhead").compile == "reduce-overhead"
 
 
+RUN_PHASES = {"store: tracking server check", "run start (store, experiment, tags, heartbeat)",
+              "setup logging (params, splits, dataset)", "model build", "training loop", "epoch metrics flush",
+              "scoring (val, test)", "intervals (bootstrap)", "model: weights and code", "model: MLflow log_model",
+              "tables", "plots", "final metrics and tags", "artifact upload", "run end"}
+CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)"}
+DATA_PHASES = {"data: manifest", "data: cohort audit", "data: split", "data: decode images"}
+
+
 def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys, cushing_home, monkeypatch):
     import json
 
+    from cushing.phases import OTHER
     from cushing.workflows.bench import bench_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
     rows = bench_run(model="resnet18", img_size=32, epochs=1, repeats=1, device="cpu", cam=False,
-                     out=str(tmp_path / "run.json"))
+                     out=str(tmp_path / "run.json"), launches=0)
     data = json.loads((tmp_path / "run.json").read_text())
     assert len(rows) == 1 and len(data["runs"]) == 1 and data["median"]["wall_s"] == rows[0]["wall_s"]
     for r in rows:
         assert 0 < r["train_s"] < r["wall_s"] and r["other_s"] == pytest.approx(r["wall_s"] - r["train_s"])
-    assert "training loop" in capsys.readouterr().out
+        # the phases the run recorded name all of its work and add up to its wall time
+        assert set(r["phases"]) == RUN_PHASES | {OTHER}, "no Grad-CAM phase with cam off"
+        assert all(v >= 0 for v in r["phases"].values())
+        assert sum(r["phases"].values()) == pytest.approx(r["wall_s"], rel=0.02, abs=0.05)
+        assert r["phases"]["training loop"] == pytest.approx(r["train_s"], rel=0.05, abs=0.05)
+    assert data["phases"]["in_process"] == pytest.approx(rows[0]["phases"]) and data["phases"]["mlflow_run"] == {}
+    out = capsys.readouterr().out
+    assert "training loop" in out and "artifact upload" in out and "total" in out
     import os
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
     assert not (tmp_path / "mine.db").exists(), "benchmark runs go to a throwaway store, not the user's"
+
+
+@pytest.mark.slow
+def test_a_launched_run_is_timed_from_the_launcher_to_its_exit(cushing_home, demo_manifest, monkeypatch):
+    """`mlflow run` as a user types it: the launcher, the process start and the exit around the phases the run
+    recorded itself, which add up to the launch's wall time."""
+    from cushing.phases import OTHER
+    from cushing.workflows.bench import EXIT, LAUNCHER, STARTUP, launch_run
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    r = launch_run(model="resnet18", img_size=32, epochs=1, device="cpu", cam=True)
+    names = set(r["phases"])
+    assert names == RUN_PHASES | CAM_PHASES | DATA_PHASES | {LAUNCHER, STARTUP, EXIT, OTHER}
+    assert list(r["phases"])[:2] == [LAUNCHER, STARTUP] and list(r["phases"])[-1] == EXIT
+    assert all(v >= 0 for v in r["phases"].values()) and r["phases"][LAUNCHER] > 0 and r["phases"][STARTUP] > 0
+    assert sum(r["phases"].values()) == pytest.approx(r["wall_s"], rel=1e-6)
+    assert 0 < r["train_s"] < r["wall_s"]
 
 
 def test_checkpoints_honour_the_epoch_step_and_the_time_floor(cohort):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -24,14 +26,15 @@ from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import Report, build_report
 from cushing.data.splits import assign_folds
-from cushing.model.train import Cohort, TrainOutcome, prepare_cohort, train
+from cushing.model.train import Cohort, Fitted, TrainOutcome, fit_model, prepare_cohort, score
 from cushing.tracking import artifact_dir
 from cushing.faces.settings import settings_for_manifest
 from cushing.model import explain
 from cushing.stats.calibration import logit
+from cushing.phases import PHASES_OUT_ENV, PhaseTimer, phase, phased, process_start_time, timing
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
-           "resume_single", "ResumeError"]
+           "resume_single", "ResumeError", "Trained", "train_part", "finish_part"]
 
 
 
@@ -45,6 +48,7 @@ class RunSummary:
     predictions: pd.DataFrame | None = None  # the run's predictions table (hashed subjects), when it trained
     stopped: str = ""  # why training ended early (patience, a pruner), if it did
     selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
+    phases: PhaseTimer | None = None  # where the run's wall time went, by named phase
 
 
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
@@ -113,32 +117,37 @@ def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
     return float(cohort.labels[cohort.index("train")].mean())
 
 
-def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report) -> dict[str, float]:
+def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], dict[str, str]]:
+    """The final metrics (at step 0; per-epoch series are under epoch/) and tags of a trained run."""
     fit = outcome.fit
     metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                "train_seconds": fit.seconds, "temperature": outcome.temperature,
                "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
                # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
                "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
-    run.log_metrics(metrics)  # final results at step 0; per-epoch series are under epoch/
     tags = dict(report.tags)
     tags["device"] = outcome.device
     if fit.stopped:
         tags["stopped_early"] = fit.stopped
-    run.set_tags(tags)
+    return metrics, tags
+
+
+def _write_tables(d: Path, outcome: TrainOutcome, report: Report) -> None:
+    """predictions.csv, per_sex.csv, per_subgroup.csv and history.csv into the run's artifact folder."""
     extra = [c for c in outcome.config.subgroup_columns if c != "sex"]
     pred = outcome.predictions[["subject", "split", "sex", *extra, "label", "probability", "prediction"]]
-    run.log_table(pred, "predictions.csv")
-    run.log_table(report.per_sex, "per_sex.csv")
-    run.log_table(report.per_subgroup, "per_subgroup.csv")
-    run.log_table(pd.DataFrame(fit.history), "history.csv")
-    with artifact_dir() as d:
-        plots.roc_plot(outcome.predictions, d / "roc.png", title=run_name(outcome.config))
-        plots.confusion_plot(outcome.predictions, outcome.threshold, d / "confusion.png")
-        plots.curves_plot(fit.history, fit.best_epoch, d / "curves.png")
-        plots.calibration_plot(report.reliability, d / "calibration.png")
-        run.log_files(d, "plots")
-    return metrics
+    for table, name in ((pred, "predictions.csv"), (report.per_sex, "per_sex.csv"),
+                        (report.per_subgroup, "per_subgroup.csv"), (pd.DataFrame(outcome.fit.history), "history.csv")):
+        table.to_csv(d / name, index=False)
+
+
+def _write_plots(d: Path, outcome: TrainOutcome, report: Report) -> None:
+    fit = outcome.fit
+    (d / "plots").mkdir()
+    plots.roc_plot(outcome.predictions, d / "plots" / "roc.png", title=run_name(outcome.config))
+    plots.confusion_plot(outcome.predictions, outcome.threshold, d / "plots" / "confusion.png")
+    plots.curves_plot(fit.history, fit.best_epoch, d / "plots" / "curves.png")
+    plots.calibration_plot(report.reliability, d / "plots" / "calibration.png")
 
 
 def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
@@ -170,21 +179,50 @@ class _Stages:
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
                on_epoch: EpochCallback | None = None, progress: bool = True,
                extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> RunSummary:
-    tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
-    cohort = cohort or prepare_cohort(cfg, progress=progress)
-    name = run_name(cfg)
-    with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), **(extra_tags or {})},
-                            parent_run_id=parent_run_id) as run:
-        if on_start is not None:
-            on_start(run.run_id)
-        _log_setup(run, cfg, cohort)
-        return _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+    with timing() as timer:
+        with phase("store: tracking server check"):
+            tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
+        cohort = cohort or prepare_cohort(cfg, progress=progress)
+        name = run_name(cfg)
+        tags = {**_tags(cfg, cohort), **(extra_tags or {})}
+        opened = tracking.start_run(experiment=cfg.experiment, run_name=name, tags=tags, parent_run_id=parent_run_id)
+        with phased(opened, RUN_START, RUN_END) as run:
+            if on_start is not None:
+                on_start(run.run_id)
+            with phase("setup logging (params, splits, dataset)"):
+                _log_setup(run, cfg, cohort)
+            summary = _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+    summary.phases = timer
+    return summary
+
+
+RUN_START = "run start (store, experiment, tags, heartbeat)"
+RUN_END = "run end"
+
+
+@dataclass
+class Trained:
+    """What finishing a run needs once its training loop is over: the open run, its configuration and cohort,
+    and the best-epoch model not yet scored. Finishing (scoring, intervals, model logging, tables, plots,
+    Grad-CAM, upload) needs nothing else, so it can run beside the next configuration's training."""
+
+    run: tracking.RunLogger
+    cfg: TrainConfig
+    cohort: Cohort
+    fitted: Fitted
 
 
 def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
                    progress: bool, resume: FitState | None = None, logged: int = 0) -> RunSummary:
     """Train (from the start, or on from a checkpoint), then evaluate and log everything into `run`. Epochs up to
     `logged` (a resumed run's epochs already in MLflow before it stopped) are recomputed but not logged twice."""
+    trained = train_part(run, cfg, cohort, on_epoch=on_epoch, progress=progress, resume=resume, logged=logged)
+    return finish_part(trained, progress=progress)
+
+
+def train_part(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
+               progress: bool, resume: FitState | None = None, logged: int = 0) -> Trained:
+    """The training loop of a run, its epochs logged as they end (written by the run logger's own thread)."""
     saver = None
     if cfg.checkpoint_every:
         saver = Checkpointer(run.run_id, lambda path, epoch: run.note_checkpoint(path, epoch, cfg.log_checkpoint))
@@ -192,25 +230,52 @@ def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *,
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch > logged:
             run.log_epoch(epoch, metrics)
-    outcome = train(cfg, cohort, on_epoch=_chain(log_epoch, on_epoch), progress=progress, resume=resume,
-                    on_checkpoint=saver)
-    run.flush()
-    stages = _Stages(["intervals"] + ["model"] * cfg.log_model + ["tables and plots"] + ["Grad-CAM"] * cfg.cam,
-                     progress)
+    fitted = fit_model(cfg, cohort, on_epoch=_chain(log_epoch, on_epoch), progress=progress, resume=resume,
+                       on_checkpoint=saver)
+    with phase("epoch metrics flush"):
+        run.flush()
+    return Trained(run, cfg, cohort, fitted)
+
+
+def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
+    """Everything after the training loop: score the held best weights, intervals, the logged model, results,
+    tables, plots and Grad-CAM, written into one artifact folder and uploaded in one call (also when a step
+    fails, so that what was made is kept). Touches the run only through `trained.run`."""
+    run, cfg, cohort = trained.run, trained.cfg, trained.cohort
+    stages = _Stages(["scoring", "intervals"] + ["model"] * cfg.log_model + ["tables and plots"]
+                     + ["Grad-CAM"] * cfg.cam, progress)
+    uri = None
     try:
-        stages("intervals (bootstrap)")
-        report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
-                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              subgroup_columns=cfg.subgroup_columns)
-        uri = None
-        if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
-            stages("model")
-            uri = _log_model(run, outcome, cohort)
-        stages("tables and plots")
-        metrics = _log_results(run, outcome, report)
-        if cfg.cam:
-            stages("Grad-CAM")
-            metrics.update(_log_cams(run, outcome, cohort))
+        with artifact_dir() as d:
+            try:
+                stages("scoring")
+                with phase("scoring (val, test)"):
+                    outcome = score(trained.fitted, cohort)
+                stages("intervals (bootstrap)")
+                with phase("intervals (bootstrap)"):
+                    report = build_report(outcome.predictions, threshold=outcome.threshold,
+                                          min_positives=cfg.min_positives, bootstrap=cfg.bootstrap, seed=cfg.seed,
+                                          prevalence=_prevalence(cfg, cohort), subgroup_columns=cfg.subgroup_columns)
+                if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
+                    stages("model")
+                    uri = _log_model(run, outcome, cohort)
+                stages("tables and plots")
+                metrics, tags = _results(outcome, report)
+                with phase("tables"):
+                    _write_tables(d, outcome, report)
+                with phase("plots"):
+                    _write_plots(d, outcome, report)
+                if cfg.cam:
+                    stages("Grad-CAM")
+                    cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
+                    metrics.update(cams.metrics)
+                    tags.update(cams.tags)
+                with phase("final metrics and tags"):
+                    run.log_metrics(metrics)  # final results at step 0; per-epoch series are under epoch/
+                    run.set_tags(tags)
+            finally:
+                with phase("artifact upload"):
+                    run.log_files(d, None)
     finally:
         stages.close()
     remove_checkpoint(run.run_id)  # finished: nothing to resume
@@ -311,16 +376,6 @@ def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -
     return logged.uri
 
 
-def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> dict[str, float]:
-
-    with artifact_dir() as d:
-        result = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=outcome.config.allow_phi_artifacts)
-        run.log_files(d, None)
-        run.log_metrics(result.metrics)
-        run.set_tags(result.tags)
-    return result.metrics
-
-
 def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
     """Fold i is the test fold, fold i+1 (mod k) validates, the rest train."""
     out = np.where(folds == i, "test", np.where(folds == (i + 1) % k, "val", "train"))
@@ -403,7 +458,20 @@ def run_seeds(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool 
 
 def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCallback | None = None,
                    parent_run_id: str | None = None) -> RunSummary:
-    """The main job: a single run, CV folds or seed repeats, as the config asks."""
+    """The main job: a single run, CV folds or seed repeats, as the config asks. With CUSHING_PHASES_OUT set,
+    where the time went (named phases, and when this process started) is written there as JSON."""
+    with timing() as timer:
+        summary = _dispatch(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
+    summary.phases = timer
+    out = os.environ.get(PHASES_OUT_ENV)
+    if out:
+        timer.write(out, process_start=process_start_time(), run_id=summary.run_id,
+                    train_seconds=summary.metrics.get("train_seconds"))
+    return summary
+
+
+def _dispatch(cfg: TrainConfig, *, progress: bool, on_epoch: EpochCallback | None,
+              parent_run_id: str | None) -> RunSummary:
     if cfg.resume:
         return resume_single(cfg, progress=progress)
     if cfg.cv_folds > 1:
@@ -411,4 +479,3 @@ def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCa
     if cfg.seeds > 1:
         return run_seeds(cfg, progress=progress, parent_run_id=parent_run_id)
     return run_single(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
-
