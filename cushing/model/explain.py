@@ -22,67 +22,126 @@ import torch
 from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
 from cushing.stats.plots import pyplot
 from cushing.model.augment import DeviceAugment
+from cushing.phases import phase
 
-__all__ = ["compute_cams", "grad_cam", "CamReport", "explain_outcome", "explain_images", "region_masks",
+__all__ = ["compute_cams", "cams_and_raw", "spearman", "CamReport", "explain_outcome", "explain_images", "region_masks",
            "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
 
 REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "neck_background")
 
 
-def _require_grad_cam():
-    try:
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    except ImportError as e:  # pragma: no cover - pinned dependency
-        raise ImportError("Grad-CAM needs the `grad-cam` package: pip install grad-cam==1.5.7") from e
-    return GradCAM, ClassifierOutputTarget
-
-
 @contextmanager
-def grad_cam(model, name: str) -> Iterator:
-    """A pytorch-grad-cam GradCAM on the registry's layer and reshape; hooks are removed on exit."""
-    GradCAM, _ = _require_grad_cam()
-    cam = GradCAM(model=model, target_layers=[cam_target_layer(model, name)], reshape_transform=cam_reshape(model, name))
-    cam.compute_input_gradient = True  # frozen backbones: activations need grad through the input
+def _graph_from(model, name: str) -> Iterator[dict]:
+    """While open, the registry's CAM layer starts the autograd graph: weights need no gradient (their flags are
+    put back on exit), the layer's output becomes a fresh leaf, so backward runs only from the logits down to that
+    layer. A forward fills the dict's "leaf"; hooks are removed on exit."""
+    layer = cam_target_layer(model, name)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    seen: dict = {}
+
+    def start_graph(module, inputs, output):
+        seen["leaf"] = output.detach().requires_grad_(True)
+        return seen["leaf"].clone()  # not the leaf itself: an in-place op downstream would refuse a leaf
+    handle = layer.register_forward_hook(start_graph)
     try:
-        yield cam
+        yield seen
     finally:
-        cam.activations_and_grads.release()
-        model.zero_grad(set_to_none=True)
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _scaled(cams: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Each map shifted to 0 and divided by (1e-7 + its max), then resized to `size` (width, height) bilinearly:
+    pytorch-grad-cam's `scale_cam_image`, whose maps these are."""
+    import cv2
+
+    out = []
+    for m in cams:
+        m = m - np.min(m)
+        m = m / (1e-7 + np.max(m))
+        out.append(cv2.resize(np.float32(m), size) if size is not None else m)
+    return np.float32(out)
+
+
+def _cam_batch(model, name: str, x: torch.Tensor, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(maps in [0, 1] at the input size, raw grid maps) of one batch: Grad-CAM as pytorch-grad-cam's GradCAM
+    with ClassifierOutputTarget(target) computes it (channel weights = the gradient's spatial mean; the raw map is
+    the weighted sum of activations, the map its ReLU rescaled), from one forward and a backward that stops at the
+    CAM layer."""
+    reshape = cam_reshape(model, name) or (lambda t: t)
+    with _graph_from(model, name) as seen, torch.enable_grad():
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits[:, target].sum(), seen["leaf"])
+    acts = reshape(seen["leaf"].detach()).float().cpu().numpy()
+    grads = reshape(grad).float().cpu().numpy()
+    raw = (grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32)
+    relu = np.maximum(raw, 0)
+    maps = _scaled(np.maximum(_scaled(relu, (x.shape[-1], x.shape[-2])), 0))
+    return maps.astype(np.float32), raw
+
+
+def cams_and_raw(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """([N, H, W] Grad-CAM maps in [0, 1], [N, h, w] raw grid maps) for class `target` in one pass, batched on x's
+    device, in eval mode (the model's mode is put back); x is not modified.
+
+    The raw maps are the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
+    keep their ranking information even where the ReLU'd map is all zero."""
+    was_training = model.training
+    model.eval()
+    maps, raws = [], []
+    try:
+        for i in range(0, len(x), batch):
+            m, r = _cam_batch(model, name, x[i:i + batch].detach().clone().float(), target)
+            maps.append(m)
+            raws.append(r)
+    finally:
+        model.train(was_training)
+    if not maps:
+        return np.zeros((0,) + tuple(x.shape[-2:]), np.float32), np.zeros((0, 0, 0), np.float32)
+    return np.concatenate(maps), np.concatenate(raws)
 
 
 def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32,
                  raw: bool = False) -> np.ndarray:
-    """[N, H, W] Grad-CAM maps in [0, 1] for class `target`, batched on x's device; x is not modified.
-
-    raw=True gives the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
-    keep their ranking information even where the ReLU'd map is all zero.
-    """
-    _, ClassifierOutputTarget = _require_grad_cam()
-    was_training = model.training
-    out = []
-    with grad_cam(model, name) as cam:
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch].detach().clone().float()
-            maps = cam(input_tensor=xb, targets=[ClassifierOutputTarget(target)] * len(xb)).astype(np.float32)
-            if raw:
-                acts = cam.activations_and_grads.activations[0].float().numpy()
-                grads = cam.activations_and_grads.gradients[0].float().numpy()
-                maps = (grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32)
-            out.append(maps)
-    model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+    """[N, H, W] Grad-CAM maps in [0, 1] for class `target` (raw=True: the raw grid maps instead); see
+    `cams_and_raw`."""
+    maps, raws = cams_and_raw(model, name, x, target=target, batch=batch)
+    return raws if raw else maps
 
 
-def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two flattened maps: Pearson's r of their average ranks, as
+    scipy.stats.spearmanr computes it (np.corrcoef of the ranks), without importing scipy.stats."""
+    ranks = np.vstack([_average_ranks(np.ravel(a)), _average_ranks(np.ravel(b))])
+    return float(np.corrcoef(ranks)[1, 0])
+
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's "average")."""
+    order = np.argsort(v, kind="stable")
+    s = v[order]
+    first = np.r_[True, s[1:] != s[:-1]]
+    group = np.cumsum(first) - 1  # tie group of each sorted position
+    starts = np.r_[np.flatnonzero(first), len(v)]
+    mean_rank = (starts[:-1] + starts[1:] + 1) / 2.0  # mean of 1-based ranks start+1 .. end
+    out = np.empty(len(v), float)
+    out[order] = mean_rank[group]
+    return out
+
+
+def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32,
+                        trained_raw: np.ndarray | None = None) -> float:
     """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
-    the head and the last block are re-initialised. Near 1 means the map does not depend on the learned weights."""
-    from scipy.stats import spearmanr
-
+    the head and the last block are re-initialised. Near 1 means the map does not depend on the learned weights.
+    `trained_raw`: the trained model's raw maps of x already computed (the main Grad-CAM pass), not redone."""
     k = min(n, len(x))
     if k == 0:
         return float("nan")
-    trained = compute_cams(model, name, x[:k], raw=True)
+    trained = trained_raw[:k] if trained_raw is not None else compute_cams(model, name, x[:k], raw=True)
     rand = copy.deepcopy(model)
     torch.manual_seed(seed)
     for module in (rand.get_classifier(), last_block(rand, name)):
@@ -91,8 +150,7 @@ def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: 
                 m.reset_parameters()
     rmaps = compute_cams(rand, name, x[:k], raw=True)
     del rand
-    rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(trained, rmaps)
-            if np.ptp(a) > 0 and np.ptp(b) > 0]
+    rhos = [spearman(a, b) for a, b in zip(trained, rmaps) if np.ptp(a) > 0 and np.ptp(b) > 0]
     return float(np.mean(rhos)) if rhos else float("nan")
 
 
@@ -187,9 +245,19 @@ def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndar
     import time
 
     t0 = time.perf_counter()
-    maps = compute_cams(model, name, x_norm)
+    with phase("Grad-CAM maps"):
+        maps, raw = cams_and_raw(model, name, x_norm)
     seconds = time.perf_counter() - t0
-    rho = randomization_check(model, name, x_norm, seed=seed)
+    with phase("Grad-CAM randomization check"):
+        rho = randomization_check(model, name, x_norm, seed=seed, trained_raw=raw)
+    with phase("Grad-CAM aggregates (figures, regions)"):
+        return _aggregates(maps, rho, seconds, images_u8=images_u8, labels=labels, preds=preds, sexes=sexes,
+                           subjects=subjects, out_dir=out_dir, allow_phi=allow_phi, landmarks=landmarks)
+
+
+def _aggregates(maps: np.ndarray, rho: float, seconds: float, *, images_u8: np.ndarray, labels: np.ndarray,
+                preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path, allow_phi: bool,
+                landmarks: list | None) -> CamReport:
     size = maps.shape[-1]
     labs, source = region_masks(len(maps), size, landmarks)
     shares = region_shares(maps, labs)
