@@ -187,7 +187,8 @@ RUN_PHASES = {"store: tracking server check", "run start (store, experiment, tag
               "scoring (val, test)", "intervals (bootstrap)", "model: weights and code", "model: MLflow log_model",
               "tables", "plots", "final metrics and tags", "artifact upload", "run end"}
 CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)"}
-DATA_PHASES = {"data: manifest", "data: cohort audit", "data: split", "data: decode images"}
+DATA_PHASES = {"data: manifest", "data: cohort audit", "data: split", "data: decode images",
+               "backbone registry: timm import, pretrained config"}
 
 
 def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys, cushing_home, monkeypatch):

@@ -122,9 +122,10 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
     with phase("data: split"):
         split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns,
                               groups=groups)
-    with phase("data: decode images"):
+    with phase("backbone registry: timm import, pretrained config"):
         # interpolation is a property of the backbone's pretrained config; read it without building weights
         interp = interpolation_of(cfg.model)
+    with phase("data: decode images"):
         images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
                                progress=progress)
     return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns,
