@@ -248,3 +248,25 @@ def test_checkpoints_honour_the_epoch_step_and_the_time_floor(cohort):
     assert epochs_saved(checkpoint_every=2, checkpoint_seconds=0.0) == [2, 4]
     assert epochs_saved(checkpoint_every=1, checkpoint_seconds=3600.0) == []
     assert epochs_saved(checkpoint_every=0, checkpoint_seconds=0.0) == []
+
+
+def test_a_failure_after_training_keeps_the_results_made_before_it(tracking, small_demo, monkeypatch):
+    """Grad-CAM fails: the run ends FAILED, with the final metrics, tables and plots made before it."""
+    import mlflow
+
+    from cushing.model import explain
+    from cushing.workflows.experiment import run_single
+
+    def broken(*a, **k):
+        raise RuntimeError("Grad-CAM broke")
+    monkeypatch.setattr(explain, "explain_outcome", broken)
+    cfg = TrainConfig(data=str(small_demo), model="resnet18", pretrained=False, img_size=32, epochs=1, bootstrap=0,
+                      cam=True, log_model=False, experiment="finish-failure")
+    with pytest.raises(RuntimeError, match="Grad-CAM broke"):
+        run_single(cfg, progress=False)
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("finish-failure").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert {"test/f1", "val/auc", "threshold", "train_seconds"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.csv", "per_sex.csv", "history.csv", "plots"} <= names

@@ -239,43 +239,24 @@ def train_part(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_
 
 def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
     """Everything after the training loop: score the held best weights, intervals, the logged model, results,
-    tables, plots and Grad-CAM, written into one artifact folder and uploaded in one call (also when a step
-    fails, so that what was made is kept). Touches the run only through `trained.run`."""
-    run, cfg, cohort = trained.run, trained.cfg, trained.cohort
+    tables, plots and Grad-CAM, written into one artifact folder; then the final metrics and tags in one call
+    each and the folder in one upload. Touches the run only through `trained.run`."""
+    run, cfg = trained.run, trained.cfg
     stages = _Stages(["scoring", "intervals"] + ["model"] * cfg.log_model + ["tables and plots"]
                      + ["Grad-CAM"] * cfg.cam, progress)
-    uri = None
+    made: dict[str, Any] = {"metrics": {}, "tags": {}, "uri": None}
     try:
         with artifact_dir() as d:
             try:
-                stages("scoring")
-                with phase("scoring (val, test)"):
-                    outcome = score(trained.fitted, cohort)
-                stages("intervals (bootstrap)")
-                with phase("intervals (bootstrap)"):
-                    report = build_report(outcome.predictions, threshold=outcome.threshold,
-                                          min_positives=cfg.min_positives, bootstrap=cfg.bootstrap, seed=cfg.seed,
-                                          prevalence=_prevalence(cfg, cohort), subgroup_columns=cfg.subgroup_columns)
-                if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
-                    stages("model")
-                    uri = _log_model(run, outcome, cohort)
-                stages("tables and plots")
-                metrics, tags = _results(outcome, report)
-                with phase("tables"):
-                    _write_tables(d, outcome, report)
-                with phase("plots"):
-                    _write_plots(d, outcome, report)
-                if cfg.cam:
-                    stages("Grad-CAM")
-                    cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
-                    metrics.update(cams.metrics)
-                    tags.update(cams.tags)
-                with phase("final metrics and tags"):
-                    run.log_metrics(metrics)  # final results at step 0; per-epoch series are under epoch/
-                    run.set_tags(tags)
-            finally:
-                with phase("artifact upload"):
-                    run.log_files(d, None)
+                outcome = _finish_into(d, trained, stages, made)
+            except BaseException:
+                _keep_what_was_made(run, d, made)
+                raise
+            with phase("final metrics and tags"):
+                run.log_metrics(made["metrics"])  # final results at step 0; per-epoch series are under epoch/
+                run.set_tags(made["tags"])
+            with phase("artifact upload"):
+                run.log_files(d, None)
     finally:
         stages.close()
     remove_checkpoint(run.run_id)  # finished: nothing to resume
@@ -283,8 +264,48 @@ def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
     selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
                  f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
                  f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
-    return RunSummary(run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions, stopped=fit.stopped,
-                      selection=selection)
+    return RunSummary(run.run_id, run_name(cfg), made["metrics"], made["uri"], predictions=outcome.predictions,
+                      stopped=fit.stopped, selection=selection)
+
+
+def _finish_into(d: Path, trained: Trained, stages: "_Stages", made: dict[str, Any]) -> TrainOutcome:
+    """Score, intervals, model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they
+    come (so that a failure later keeps them)."""
+    run, cfg, cohort = trained.run, trained.cfg, trained.cohort
+    stages("scoring")
+    with phase("scoring (val, test)"):
+        outcome = score(trained.fitted, cohort)
+    stages("intervals (bootstrap)")
+    with phase("intervals (bootstrap)"):
+        report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
+                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
+                              subgroup_columns=cfg.subgroup_columns)
+    if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
+        stages("model")
+        made["uri"] = _log_model(run, outcome, cohort)
+    stages("tables and plots")
+    made["metrics"], made["tags"] = _results(outcome, report)
+    with phase("tables"):
+        _write_tables(d, outcome, report)
+    with phase("plots"):
+        _write_plots(d, outcome, report)
+    if cfg.cam:
+        stages("Grad-CAM")
+        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
+        made["metrics"].update(cams.metrics)
+        made["tags"].update(cams.tags)
+    return outcome
+
+
+def _keep_what_was_made(run: tracking.RunLogger, d: Path, made: dict[str, Any]) -> None:
+    """A step after training failed (the run ends FAILED): log the results and files made before it, best effort,
+    never hiding the failure itself."""
+    for keep in (lambda: run.log_metrics(made["metrics"]), lambda: run.set_tags(made["tags"]),
+                 lambda: run.log_files(d, None)):
+        try:
+            keep()
+        except Exception:
+            pass
 
 
 class ResumeError(ValueError):
