@@ -306,8 +306,6 @@ def _print_phases(table: dict[str, dict[str, float]]) -> None:
 
 def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None, out: str) -> dict:
     """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
-    from cushing.faces.pipeline import FaceSettings, extract_faces
-
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
         if limit:
