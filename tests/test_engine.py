@@ -270,3 +270,26 @@ def test_a_failure_after_training_keeps_the_results_made_before_it(tracking, sma
     assert {"test/f1", "val/auc", "threshold", "train_seconds"} <= set(run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"predictions.csv", "per_sex.csv", "history.csv", "plots"} <= names
+
+
+def test_scoring_reuses_the_best_epochs_validation_pass(small_demo):
+    """The best epoch's validation logits are what scoring the validation split with the restored weights
+    computes again (same weights, batches, precision): kept and reused, only the test split is scored anew."""
+    from cushing.model.engine import proba_of_logits
+    from cushing.model.train import fit_model, score
+
+    cfg = TrainConfig(data=str(small_demo), model="resnet18", pretrained=False, img_size=32, epochs=4, lr=0.05,
+                      select_metric="val/loss", device="cpu")
+    cohort = prepare_cohort(cfg, progress=False)
+    fitted = fit_model(cfg, cohort, progress=False)
+    assert fitted.fit.best_epoch < fitted.fit.epochs_run, "the weights were restored from an earlier epoch"
+    va, te = cohort.index("val"), cohort.index("test")
+    again = predict_proba(fitted.model, fitted.bank, va, fitted.aug)
+    kept = proba_of_logits(fitted.fit.val_logits)
+    assert np.array_equal(kept[0], again[0]) and np.array_equal(kept[1], again[1])
+    test = predict_proba(fitted.model, fitted.bank, te, fitted.aug)
+    out = score(fitted, cohort)
+    assert np.array_equal(out.predictions["probability"].to_numpy(), np.concatenate([again[0], test[0]]))
+    assert fitted.bank is None, "scoring releases the device images"
+    frozen = fit_model(dataclasses.replace(cfg, freeze=True, epochs=2), cohort, progress=False)
+    assert frozen.fit.val_logits is None, "the head's pass on cached features is not the full model's: scored anew"

@@ -21,7 +21,8 @@ from cushing.config import TrainConfig, cache_home
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank, decode_images
 from cushing.devices import training_device
-from cushing.model.engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
+from cushing.model.engine import (CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit,
+                                  predict_proba, proba_of_logits)
 from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.data.splits import assign_splits, split_table
 from cushing.stats.subgroups import check_subgroup_columns
@@ -214,7 +215,14 @@ def score(fitted: Fitted, cohort: Cohort) -> TrainOutcome:
     cfg = fitted.config
     va, te = cohort.index("val"), cohort.index("test")
     scored = np.concatenate([va, te])
-    prob, logit = predict_proba(fitted.model, fitted.bank, scored, fitted.aug)
+    kept = fitted.fit.val_logits
+    if kept is not None and len(kept) == len(va):
+        # the best epoch's validation pass already scored val with these weights: only test is new
+        val_prob, val_logit = proba_of_logits(kept)
+        test_prob, test_logit = predict_proba(fitted.model, fitted.bank, te, fitted.aug)
+        prob, logit = np.concatenate([val_prob, test_prob]), np.concatenate([val_logit, test_logit])
+    else:
+        prob, logit = predict_proba(fitted.model, fitted.bank, scored, fitted.aug)
     names = np.array(["val"] * len(va) + ["test"] * len(te))
     pred = predictions_frame(cohort, scored, names, prob, logit)
     temperature = 1.0
