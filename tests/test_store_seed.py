@@ -17,9 +17,16 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("seed-home")
 
 
+def _clauses(sql):
+    """A CREATE statement's clauses in a fixed order: MLflow's batch migrations (table rebuilds in SQLite) emit a
+    table's constraints in an order that varies from one process to the next (set iteration)."""
+    return tuple(sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+
+
 def _dump(path):
     with sqlite3.connect(path) as c:
-        schema = sorted(c.execute("select type, name, tbl_name, sql from sqlite_master"))
+        schema = sorted((t, n, tbl, _clauses(sql))
+                        for t, n, tbl, sql in c.execute("select type, name, tbl_name, sql from sqlite_master"))
         version = list(c.execute("select version_num from alembic_version"))
         experiments = list(c.execute("select experiment_id, name, artifact_location, lifecycle_stage from experiments"))
     return schema, version, experiments

@@ -8,47 +8,29 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from cushing import __version__
-from cushing import release, tracking
-from cushing.stats import plots
+from cushing import tracking
 from cushing.model.backbones import get_spec
 from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
 from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, checkpoint_dir, load_checkpoint,
-                                      remove_checkpoint, resume_lock)
+                                      resume_lock)
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
-from cushing.stats.report import Report, build_report
+from cushing.stats.report import build_report
 from cushing.data.splits import assign_folds
-from cushing.model.train import Cohort, Fitted, TrainOutcome, fit_model, prepare_cohort, score
-from cushing.tracking import artifact_dir
-from cushing.faces.settings import settings_for_manifest
-from cushing.model import explain
+from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
-from cushing.phases import PHASES_OUT_ENV, PhaseTimer, phase, phased, process_start_time, timing
+from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
+from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
            "resume_single", "ResumeError", "Trained", "train_part", "finish_part"]
 
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    run_name: str
-    metrics: dict[str, float]
-    model_uri: str | None = None
-    children: list["RunSummary"] = field(default_factory=list)
-    predictions: pd.DataFrame | None = None  # the run's predictions table (hashed subjects), when it trained
-    stopped: str = ""  # why training ended early (patience, a pruner), if it did
-    selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
-    phases: PhaseTimer | None = None  # where the run's wall time went, by named phase
 
 
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
@@ -111,71 +93,6 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     run.set_tags(tags)
 
 
-def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
-    if cfg.prevalence is not None:
-        return cfg.prevalence
-    return float(cohort.labels[cohort.index("train")].mean())
-
-
-def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], dict[str, str]]:
-    """The final metrics (at step 0; per-epoch series are under epoch/) and tags of a trained run."""
-    fit = outcome.fit
-    metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-               "train_seconds": fit.seconds, "temperature": outcome.temperature,
-               "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
-               # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
-               "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
-    tags = dict(report.tags)
-    tags["device"] = outcome.device
-    if fit.stopped:
-        tags["stopped_early"] = fit.stopped
-    return metrics, tags
-
-
-def _write_tables(d: Path, outcome: TrainOutcome, report: Report) -> None:
-    """predictions.csv, per_sex.csv, per_subgroup.csv and history.csv into the run's artifact folder."""
-    extra = [c for c in outcome.config.subgroup_columns if c != "sex"]
-    pred = outcome.predictions[["subject", "split", "sex", *extra, "label", "probability", "prediction"]]
-    for table, name in ((pred, "predictions.csv"), (report.per_sex, "per_sex.csv"),
-                        (report.per_subgroup, "per_subgroup.csv"), (pd.DataFrame(outcome.fit.history), "history.csv")):
-        table.to_csv(d / name, index=False)
-
-
-def _write_plots(d: Path, outcome: TrainOutcome, report: Report) -> None:
-    fit = outcome.fit
-    (d / "plots").mkdir()
-    plots.roc_plot(outcome.predictions, d / "plots" / "roc.png", title=run_name(outcome.config))
-    plots.confusion_plot(outcome.predictions, outcome.threshold, d / "plots" / "confusion.png")
-    plots.curves_plot(fit.history, fit.best_epoch, d / "plots" / "curves.png")
-    plots.calibration_plot(report.reliability, d / "plots" / "calibration.png")
-
-
-def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
-    """The face-stage settings recorded in a face-crop manifest's sidecar, so serving applies the same."""
-    return settings_for_manifest(cohort.manifest.source)
-
-
-class _Stages:
-    """One progress line for the work after the epoch bar (intervals, model, tables and plots, Grad-CAM), so the
-    seconds it takes are not silent."""
-
-    def __init__(self, names: list[str], progress: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=len(names), desc="after training", unit="stage", disable=not progress, leave=False,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
-        self.started = False
-
-    def __call__(self, name: str) -> None:
-        if self.started:
-            self.bar.update(1)
-        self.started = True
-        self.bar.set_postfix_str(name)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
                on_epoch: EpochCallback | None = None, progress: bool = True,
                extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> RunSummary:
@@ -198,18 +115,6 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
 
 RUN_START = "run start (store, experiment, tags, heartbeat)"
 RUN_END = "run end"
-
-
-@dataclass
-class Trained:
-    """What finishing a run needs once its training loop is over: the open run, its configuration and cohort,
-    and the best-epoch model not yet scored. Finishing (scoring, intervals, model logging, tables, plots,
-    Grad-CAM, upload) needs nothing else, so it can run beside the next configuration's training."""
-
-    run: tracking.RunLogger
-    cfg: TrainConfig
-    cohort: Cohort
-    fitted: Fitted
 
 
 def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
@@ -235,77 +140,6 @@ def train_part(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_
     with phase("epoch metrics flush"):
         run.flush()
     return Trained(run, cfg, cohort, fitted)
-
-
-def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
-    """Everything after the training loop: score the held best weights, intervals, the logged model, results,
-    tables, plots and Grad-CAM, written into one artifact folder; then the final metrics and tags in one call
-    each and the folder in one upload. Touches the run only through `trained.run`."""
-    run, cfg = trained.run, trained.cfg
-    stages = _Stages(["scoring", "intervals"] + ["model"] * cfg.log_model + ["tables and plots"]
-                     + ["Grad-CAM"] * cfg.cam, progress)
-    made: dict[str, Any] = {"metrics": {}, "tags": {}, "uri": None}
-    try:
-        with artifact_dir() as d:
-            try:
-                outcome = _finish_into(d, trained, stages, made)
-            except BaseException:
-                _keep_what_was_made(run, d, made)
-                raise
-            with phase("final metrics and tags"):
-                run.log_metrics(made["metrics"])  # final results at step 0; per-epoch series are under epoch/
-                run.set_tags(made["tags"])
-            with phase("artifact upload"):
-                run.log_files(d, None)
-    finally:
-        stages.close()
-    remove_checkpoint(run.run_id)  # finished: nothing to resume
-    fit = outcome.fit
-    selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
-                 f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
-                 f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
-    return RunSummary(run.run_id, run_name(cfg), made["metrics"], made["uri"], predictions=outcome.predictions,
-                      stopped=fit.stopped, selection=selection)
-
-
-def _finish_into(d: Path, trained: Trained, stages: "_Stages", made: dict[str, Any]) -> TrainOutcome:
-    """Score, intervals, model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they
-    come (so that a failure later keeps them)."""
-    run, cfg, cohort = trained.run, trained.cfg, trained.cohort
-    stages("scoring")
-    with phase("scoring (val, test)"):
-        outcome = score(trained.fitted, cohort)
-    stages("intervals (bootstrap)")
-    with phase("intervals (bootstrap)"):
-        report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
-                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              subgroup_columns=cfg.subgroup_columns)
-    if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
-        stages("model")
-        made["uri"] = _log_model(run, outcome, cohort)
-    stages("tables and plots")
-    made["metrics"], made["tags"] = _results(outcome, report)
-    with phase("tables"):
-        _write_tables(d, outcome, report)
-    with phase("plots"):
-        _write_plots(d, outcome, report)
-    if cfg.cam:
-        stages("Grad-CAM")
-        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
-        made["metrics"].update(cams.metrics)
-        made["tags"].update(cams.tags)
-    return outcome
-
-
-def _keep_what_was_made(run: tracking.RunLogger, d: Path, made: dict[str, Any]) -> None:
-    """A step after training failed (the run ends FAILED): log the results and files made before it, best effort,
-    never hiding the failure itself."""
-    for keep in (lambda: run.log_metrics(made["metrics"]), lambda: run.set_tags(made["tags"]),
-                 lambda: run.log_files(d, None)):
-        try:
-            keep()
-        except Exception:
-            pass
 
 
 class ResumeError(ValueError):
@@ -387,14 +221,6 @@ def _checkpoint_of(run_id: str) -> FitState:
         host = tracking.get_run(run_id).tags.get("checkpoint_host", "another host")
         raise ResumeError(f"run {run_id} has no checkpoint here: it stopped before its first checkpoint, or the "
                           f"checkpoint is on {host} (log_checkpoint=true puts it in the run's artifacts)") from None
-
-
-def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
-    logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
-                               synthetic=cohort.manifest.synthetic)
-    run.model_id = logged.model_id
-    run.set_tags({"model_uri": logged.uri})
-    return logged.uri
 
 
 def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
