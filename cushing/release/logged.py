@@ -82,9 +82,9 @@ def _logging_model():
 
 
 def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthetic: bool,
-              name: str = "model") -> LoggedModel:
-    """Log the trained model as a models-from-code pyfunc in the active run, before its final metrics (which
-    are then linked to it)."""
+              name: str = "model", run_id: str | None = None) -> LoggedModel:
+    """Log the trained model as a models-from-code pyfunc in run `run_id` (default: the active run), before its
+    final metrics (which are then linked to it)."""
     import pandas as pd
     from mlflow.models import Model
 
@@ -103,6 +103,7 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthe
                 flavor=_Pyfunc,
                 flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for models from code
                 validate_serving_input=False,
+                run_id=run_id,
                 python_model=str(Path(__file__).with_name("model_code.py")),
                 artifacts=artifacts,
                 code_paths=[str(code)],

@@ -5,6 +5,7 @@ Grad-CAM into one artifact folder, then the final metrics, tags and one upload. 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from cushing.stats import plots
 from cushing.stats.report import Report, build_report
 from cushing.tracking import artifact_dir
 
-__all__ = ["RunSummary", "Trained", "finish_part"]
+__all__ = ["RunSummary", "Trained", "Scored", "finish_part", "score_part", "finish_rest"]
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RunSummary:
     stopped: str = ""  # why training ended early (patience, a pruner), if it did
     selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
     phases: PhaseTimer | None = None  # where the run's wall time went, by named phase
+    pending: Future | None = None  # a run handed to a finisher: its full summary once finished
 
 
 def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
@@ -116,18 +118,56 @@ class Trained:
     fitted: Fitted
 
 
+@dataclass
+class Scored:
+    """A trained run scored: its predictions, report (point values and intervals) and the final metrics and tags
+    so far. What a sweep's objective needs is here, so the rest of finishing can wait for the finisher."""
+
+    trained: Trained
+    outcome: TrainOutcome
+    report: Report
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    stages: "_Stages"
+
+
 def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
     """Everything after the training loop: score the held best weights, intervals, the logged model, results,
     tables, plots and Grad-CAM, written into one artifact folder; then the final metrics and tags in one call
     each and the folder in one upload. Touches the run only through `trained.run`."""
-    run, cfg = trained.run, trained.cfg
+    return finish_rest(score_part(trained, progress=progress))
+
+
+def score_part(trained: Trained, *, progress: bool) -> Scored:
+    """Scoring (val, test) and the report with its intervals: the final results, before any file is made."""
+    cfg, cohort = trained.cfg, trained.cohort
     stages = _Stages(["scoring", "intervals"] + ["model"] * cfg.log_model + ["tables and plots"]
                      + ["Grad-CAM"] * cfg.cam, progress)
-    made: dict[str, Any] = {"metrics": {}, "tags": {}, "uri": None}
+    try:
+        stages("scoring")
+        with phase("scoring (val, test)"):
+            outcome = score(trained.fitted, cohort)
+        stages("intervals (bootstrap)")
+        with phase("intervals (bootstrap)"):
+            report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
+                                  bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
+                                  subgroup_columns=cfg.subgroup_columns)
+    except BaseException:
+        stages.close()
+        raise
+    metrics, tags = _results(outcome, report)
+    return Scored(trained, outcome, report, metrics, tags, stages)
+
+
+def finish_rest(scored: Scored) -> RunSummary:
+    """The logged model, tables, plots and Grad-CAM into one folder; the final metrics and tags (one call each)
+    and one upload; a failure still logs what was made before it. The run is not ended here."""
+    run, cfg, outcome = scored.trained.run, scored.trained.cfg, scored.outcome
+    made: dict[str, Any] = {"metrics": dict(scored.metrics), "tags": dict(scored.tags), "uri": None}
     try:
         with artifact_dir() as d:
             try:
-                outcome = _finish_into(d, trained, stages, made)
+                _finish_into(d, scored, made)
             except BaseException:
                 _keep_what_was_made(run, d, made)
                 raise
@@ -137,43 +177,39 @@ def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
             with phase("artifact upload"):
                 run.log_files(d, None)
     finally:
-        stages.close()
+        scored.stages.close()
     remove_checkpoint(run.run_id)  # finished: nothing to resume
+    return _summary(scored, made["metrics"], made["uri"])
+
+
+def _summary(scored: Scored, metrics: dict[str, float], uri: str | None) -> RunSummary:
+    cfg, outcome = scored.trained.cfg, scored.outcome
     fit = outcome.fit
     selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
                  f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
                  f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
-    return RunSummary(run.run_id, run_name(cfg), made["metrics"], made["uri"], predictions=outcome.predictions,
+    return RunSummary(scored.trained.run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions,
                       stopped=fit.stopped, selection=selection)
 
 
-def _finish_into(d: Path, trained: Trained, stages: "_Stages", made: dict[str, Any]) -> TrainOutcome:
-    """Score, intervals, model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they
-    come (so that a failure later keeps them)."""
-    run, cfg, cohort = trained.run, trained.cfg, trained.cohort
-    stages("scoring")
-    with phase("scoring (val, test)"):
-        outcome = score(trained.fitted, cohort)
-    stages("intervals (bootstrap)")
-    with phase("intervals (bootstrap)"):
-        report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
-                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              subgroup_columns=cfg.subgroup_columns)
+def _finish_into(d: Path, scored: Scored, made: dict[str, Any]) -> None:
+    """Model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they come (so that a
+    failure later keeps them)."""
+    run, cfg, cohort, outcome, stages = (scored.trained.run, scored.trained.cfg, scored.trained.cohort,
+                                         scored.outcome, scored.stages)
     if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
         stages("model")
         made["uri"] = _log_model(run, outcome, cohort)
     stages("tables and plots")
-    made["metrics"], made["tags"] = _results(outcome, report)
     with phase("tables"):
-        _write_tables(d, outcome, report)
+        _write_tables(d, outcome, scored.report)
     with phase("plots"):
-        _write_plots(d, outcome, report)
+        _write_plots(d, outcome, scored.report)
     if cfg.cam:
         stages("Grad-CAM")
         cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
         made["metrics"].update(cams.metrics)
         made["tags"].update(cams.tags)
-    return outcome
 
 
 def _keep_what_was_made(run: tracking.RunLogger, d: Path, made: dict[str, Any]) -> None:
@@ -189,7 +225,7 @@ def _keep_what_was_made(run: tracking.RunLogger, d: Path, made: dict[str, Any]) 
 
 def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
     logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
-                               synthetic=cohort.manifest.synthetic)
+                               synthetic=cohort.manifest.synthetic, run_id=run.run_id)
     run.model_id = logged.model_id
     run.set_tags({"model_uri": logged.uri})
     return logged.uri
