@@ -13,9 +13,13 @@ def _exit(code: int) -> None:
     import os
     import threading
 
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    shutdown = getattr(threading, "_shutdown", None)  # what a normal exit runs first (CPython)
+    if shutdown is not None:
+        shutdown()  # threading's exit hooks (a ThreadPoolExecutor's workers are told to stop), then the joins
+    else:
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -84,3 +84,20 @@ def test_written_table_and_process_start(tmp_path):
     started = process_start_time()
     assert started is not None and started <= timer.start <= time.time()
     assert time.time() - started < 24 * 3600, "this test process started recently"
+
+
+def test_python_m_cushing_exits_with_a_thread_pool_alive(tmp_path):
+    """The fast exit (no module-by-module teardown) still runs threading's exit hooks first: a ThreadPoolExecutor
+    left open (MLflow makes some) stops its workers there; joining them without it waited for ever."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import concurrent.futures, runpy, sys\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(2)\n"
+            "pool.submit(print, 'pool used').result()\n"
+            f"sys.argv = ['cushing', 'sweep', {str(ROOT / 'projects' / 'paper.yaml')!r}, '--plan']\n"
+            "runpy.run_module('cushing', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "pool used" in r.stdout and "--workers 4:" in r.stdout, r.stderr[-2000:]
