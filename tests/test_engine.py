@@ -212,6 +212,11 @@ def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys
     assert data["phases"]["in_process"] == pytest.approx(rows[0]["phases"]) and data["phases"]["mlflow_run"] == {}
     out = capsys.readouterr().out
     assert "training loop" in out and "artifact upload" in out and "total" in out
+    from cushing.workflows.plan import overhead_from_bench
+
+    o = overhead_from_bench(tmp_path / "run.json")  # what `cushing sweep --plan --plan-from` reads
+    assert o.worker_s + o.finish_s == pytest.approx(rows[0]["wall_s"] - rows[0]["phases"]["training loop"])
+    assert f"in a sweep: {o.finish_s:.2f} s of the rest is finished beside the next training" in out
     import os
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
     assert not (tmp_path / "mine.db").exists(), "benchmark runs go to a throwaway store, not the user's"

@@ -129,6 +129,7 @@ class Scored:
     metrics: dict[str, float]
     tags: dict[str, str]
     stages: "_Stages"
+    randomized: Any = None  # Grad-CAM's randomization check weights, drawn here (torch's generator is global)
 
 
 def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
@@ -156,7 +157,11 @@ def score_part(trained: Trained, *, progress: bool) -> Scored:
         stages.close()
         raise
     metrics, tags = _results(outcome, report)
-    return Scored(trained, outcome, report, metrics, tags, stages)
+    randomized = None
+    if cfg.cam:
+        with phase("randomization weights for Grad-CAM (drawn before a hand-over)"):
+            randomized = explain.randomized_parts(outcome.model, cfg.model, cfg.seed)
+    return Scored(trained, outcome, report, metrics, tags, stages, randomized)
 
 
 def finish_rest(scored: Scored) -> RunSummary:
@@ -207,7 +212,8 @@ def _finish_into(d: Path, scored: Scored, made: dict[str, Any]) -> None:
         _write_plots(d, outcome, scored.report)
     if cfg.cam:
         stages("Grad-CAM")
-        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
+        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts,
+                                       randomized=scored.randomized)
         made["metrics"].update(cams.metrics)
         made["tags"].update(cams.tags)
 
