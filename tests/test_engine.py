@@ -186,7 +186,8 @@ RUN_PHASES = {"store: tracking server check", "run start (store, experiment, tag
               "setup logging (params, splits, dataset)", "model build", "training loop", "epoch metrics flush",
               "scoring (val, test)", "intervals (bootstrap)", "model: weights and code", "model: MLflow log_model",
               "tables", "plots", "final metrics and tags", "artifact upload", "run end"}
-CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)"}
+CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)",
+              "Grad-CAM randomization weights (drawn before a hand-over)"}
 DATA_PHASES = {"data: manifest", "data: cohort audit", "data: split", "data: decode images",
                "backbone registry: timm import, pretrained config"}
 

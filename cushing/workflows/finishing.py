@@ -159,7 +159,7 @@ def score_part(trained: Trained, *, progress: bool) -> Scored:
     metrics, tags = _results(outcome, report)
     randomized = None
     if cfg.cam:
-        with phase("randomization weights for Grad-CAM (drawn before a hand-over)"):
+        with phase("Grad-CAM randomization weights (drawn before a hand-over)"):
             randomized = explain.randomized_parts(outcome.model, cfg.model, cfg.seed)
     return Scored(trained, outcome, report, metrics, tags, stages, randomized)
 

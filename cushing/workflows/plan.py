@@ -48,7 +48,8 @@ RUN_OVERHEAD_S = 12.0
 # 112 px, 3 epochs, Grad-CAM on, 2-core CPU, 2026-12-05; docs/explanation/benchmarks.md), the phases FINISH_PHASES
 # against the rest outside the training loop.
 FINISH_SHARE = 0.75
-FINISH_PHASES = ("model:", "tables", "plots", "Grad-CAM", "final metrics and tags", "artifact upload", "run end")
+FINISH_PHASES = ("model:", "tables", "plots", "Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates",
+                 "final metrics and tags", "artifact upload", "run end")
 FROZEN_EPOCH_EQUIV = 7.0  # frozen DINOv2: features once + 200 head epochs took about 7 fine-tuning epochs (bench)
 GPU_SHARING = {1: 1.0, 2: 1.5, 3: 1.55, 4: 1.6}  # total throughput of k trainings on one GPU vs one
 
