@@ -216,7 +216,11 @@ def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys
     from cushing.workflows.plan import overhead_from_bench
 
     o = overhead_from_bench(tmp_path / "run.json")  # what `cushing sweep --plan --plan-from` reads
-    assert o.worker_s + o.finish_s == pytest.approx(rows[0]["wall_s"] - rows[0]["phases"]["training loop"])
+    outside = sum(rows[0]["phases"].values()) - rows[0]["phases"]["training loop"]
+    assert o.worker_s + o.finish_s == pytest.approx(outside)
+    assert o.finish_s == pytest.approx(sum(v for k, v in rows[0]["phases"].items() if k in {
+        "model: weights and code", "model: MLflow log_model", "tables", "plots", "final metrics and tags",
+        "artifact upload", "run end"}))
     assert f"in a sweep: {o.finish_s:.2f} s of the rest is finished beside the next training" in out
     import os
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
