@@ -83,7 +83,7 @@ def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, pro
         grid.ostudy.tell(trial, value)
         beating.close()
     else:
-        summary.pending.add_done_callback(lambda done: _settle_trial(grid, trial, value, done, beating))
+        summary.pending.add_done_callback(lambda done: _settle_trial(grid, trial, label, value, done, beating))
     return value
 
 
@@ -92,7 +92,7 @@ def _why_key(e: BaseException) -> str:
         if isinstance(e, SystemExit) else "error"
 
 
-def _settle_trial(grid: _Grid, trial, value: float, done: Future, beating: contextlib.ExitStack) -> None:
+def _settle_trial(grid: _Grid, trial, label: str, value: float, done: Future, beating: contextlib.ExitStack) -> None:
     """On the finisher's thread, once the trial's run has ended: tell its value, or fail it (an error while
     finishing counts as a training error; a stop before the run was finished, as interrupted)."""
     try:
@@ -103,6 +103,13 @@ def _settle_trial(grid: _Grid, trial, value: float, done: Future, beating: conte
             _fail_trial(grid, trial, _why_key(e), f"{type(e).__name__}: {e}"[:2000])
     finally:
         beating.close()
+    n = len(grid.study.labels)
+    try:
+        done_n = sum(a.done for a in _attempts(grid).values())
+    except Exception:  # the count is for the progress line only
+        return
+    _say(grid, f"configuration {grid.study.labels.index(label) + 1}/{n} {label}: run "
+               f"{'finished' if e is None else 'ended (' + type(e).__name__ + ')'}; {done_n}/{n} done")
 
 
 def _fail_trial(grid: _Grid, trial, key: str, why: str) -> None:
@@ -189,6 +196,8 @@ def _work(grid: _Grid, progress: bool, finisher: Finisher | None) -> int:
                        "while this one started; not training it here")
             continue
         trained += 1
-        done = sum(a.done for a in _attempts(grid).values())
-        _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: {study.objective_metric} "
-                   f"{value:.4f}; {done}/{n} done")
+        head = f"configuration {study.labels.index(label) + 1}/{n} {label}: {study.objective_metric} {value:.4f}"
+        if finisher is not None:
+            _say(grid, f"{head}; its run is finished beside the next training")
+        else:
+            _say(grid, f"{head}; {sum(a.done for a in _attempts(grid).values())}/{n} done")
