@@ -12,7 +12,8 @@ cd "$CUSHING_ROOT"
 export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-cushing}"
 
 # Offline-friendly defaults for a CPU: random weights (no download), a small backbone at 112 px, 16 epochs at
-# lr 0.01 (enough for ResNet-18 from scratch to learn the demo cohort's moon face and plethora; about 3 minutes).
+# lr 0.01 (enough for ResNet-18 from scratch to learn the demo cohort's moon face and plethora; the run takes a little over
+# a minute on two idle cores).
 defaults=(model=resnet18 pretrained=false epochs=16 lr=0.01 img_size=112 bootstrap=500)
 
 # the names the caller sets with -P NAME=VALUE, -PNAME=VALUE, --param-list NAME=VALUE or --param-list=NAME=VALUE
