@@ -182,22 +182,66 @@ def test_compile_mode_is_validated():
     assert TrainConfig(compile="reduce-overhead").compile == "reduce-overhead"
 
 
+RUN_PHASES = {"store: tracking server check", "run start (store, experiment, tags, heartbeat)",
+              "setup logging (params, splits, dataset)", "model build", "training loop", "epoch metrics flush",
+              "scoring (val, test)", "intervals (bootstrap)", "model: weights and code", "model: MLflow log_model",
+              "tables", "plots", "final metrics and tags", "artifact upload", "run end"}
+CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)",
+              "Grad-CAM randomization weights (drawn before a hand-over)"}
+DATA_PHASES = {"data: manifest", "data: cohort audit", "data: split", "data: decode images",
+               "backbone registry: timm import, pretrained config"}
+
+
 def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys, cushing_home, monkeypatch):
     import json
 
+    from cushing.phases import OTHER
     from cushing.workflows.bench import bench_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
     rows = bench_run(model="resnet18", img_size=32, epochs=1, repeats=1, device="cpu", cam=False,
-                     out=str(tmp_path / "run.json"))
+                     out=str(tmp_path / "run.json"), launches=0)
     data = json.loads((tmp_path / "run.json").read_text())
     assert len(rows) == 1 and len(data["runs"]) == 1 and data["median"]["wall_s"] == rows[0]["wall_s"]
     for r in rows:
         assert 0 < r["train_s"] < r["wall_s"] and r["other_s"] == pytest.approx(r["wall_s"] - r["train_s"])
-    assert "training loop" in capsys.readouterr().out
+        # the phases the run recorded name all of its work and add up to its wall time
+        assert set(r["phases"]) == RUN_PHASES | {OTHER}, "no Grad-CAM phase with cam off"
+        assert all(v >= 0 for v in r["phases"].values())
+        assert sum(r["phases"].values()) == pytest.approx(r["wall_s"], rel=0.02, abs=0.05)
+        assert r["phases"]["training loop"] == pytest.approx(r["train_s"], rel=0.05, abs=0.05)
+    assert data["phases"]["in_process"] == pytest.approx(rows[0]["phases"]) and data["phases"]["mlflow_run"] == {}
+    out = capsys.readouterr().out
+    assert "training loop" in out and "artifact upload" in out and "total" in out
+    from cushing.workflows.plan import overhead_from_bench
+
+    o = overhead_from_bench(tmp_path / "run.json")  # what `cushing sweep --plan --plan-from` reads
+    outside = sum(rows[0]["phases"].values()) - rows[0]["phases"]["training loop"]
+    assert o.worker_s + o.finish_s == pytest.approx(outside)
+    assert o.finish_s == pytest.approx(sum(v for k, v in rows[0]["phases"].items() if k in {
+        "model: weights and code", "model: MLflow log_model", "tables", "plots", "final metrics and tags",
+        "artifact upload", "run end"}))
+    assert f"in a sweep: {o.finish_s:.2f} s of the rest is finished beside the next training" in out
     import os
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
     assert not (tmp_path / "mine.db").exists(), "benchmark runs go to a throwaway store, not the user's"
+
+
+@pytest.mark.slow
+def test_a_launched_run_is_timed_from_the_launcher_to_its_exit(cushing_home, demo_manifest, monkeypatch):
+    """`mlflow run` as a user types it: the launcher, the process start and the exit around the phases the run
+    recorded itself, which add up to the launch's wall time."""
+    from cushing.phases import OTHER
+    from cushing.workflows.bench import EXIT, LAUNCHER, STARTUP, launch_run
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    r = launch_run(model="resnet18", img_size=32, epochs=1, device="cpu", cam=True)
+    names = set(r["phases"])
+    assert names == RUN_PHASES | CAM_PHASES | DATA_PHASES | {LAUNCHER, STARTUP, EXIT, OTHER}
+    assert list(r["phases"])[:2] == [LAUNCHER, STARTUP] and list(r["phases"])[-1] == EXIT
+    assert all(v >= 0 for v in r["phases"].values()) and r["phases"][LAUNCHER] > 0 and r["phases"][STARTUP] > 0
+    assert sum(r["phases"].values()) == pytest.approx(r["wall_s"], rel=1e-6)
+    assert 0 < r["train_s"] < r["wall_s"]
 
 
 def test_checkpoints_honour_the_epoch_step_and_the_time_floor(cohort):
@@ -214,3 +258,48 @@ def test_checkpoints_honour_the_epoch_step_and_the_time_floor(cohort):
     assert epochs_saved(checkpoint_every=2, checkpoint_seconds=0.0) == [2, 4]
     assert epochs_saved(checkpoint_every=1, checkpoint_seconds=3600.0) == []
     assert epochs_saved(checkpoint_every=0, checkpoint_seconds=0.0) == []
+
+
+def test_a_failure_after_training_keeps_the_results_made_before_it(tracking, small_demo, monkeypatch):
+    """Grad-CAM fails: the run ends FAILED, with the final metrics, tables and plots made before it."""
+    import mlflow
+
+    from cushing.model import explain
+    from cushing.workflows.experiment import run_single
+
+    def broken(*a, **k):
+        raise RuntimeError("Grad-CAM broke")
+    monkeypatch.setattr(explain, "explain_outcome", broken)
+    cfg = TrainConfig(data=str(small_demo), model="resnet18", pretrained=False, img_size=32, epochs=1, bootstrap=0,
+                      cam=True, log_model=False, experiment="finish-failure")
+    with pytest.raises(RuntimeError, match="Grad-CAM broke"):
+        run_single(cfg, progress=False)
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("finish-failure").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert {"test/f1", "val/auc", "threshold", "train_seconds"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.csv", "per_sex.csv", "history.csv", "plots"} <= names
+
+
+def test_scoring_reuses_the_best_epochs_validation_pass(small_demo):
+    """The best epoch's validation logits are what scoring the validation split with the restored weights
+    computes again (same weights, batches, precision): kept and reused, only the test split is scored anew."""
+    from cushing.model.engine import proba_of_logits
+    from cushing.model.train import fit_model, score
+
+    cfg = TrainConfig(data=str(small_demo), model="resnet18", pretrained=False, img_size=32, epochs=4, lr=0.05,
+                      select_metric="val/loss", device="cpu")
+    cohort = prepare_cohort(cfg, progress=False)
+    fitted = fit_model(cfg, cohort, progress=False)
+    assert fitted.fit.best_epoch < fitted.fit.epochs_run, "the weights were restored from an earlier epoch"
+    va, te = cohort.index("val"), cohort.index("test")
+    again = predict_proba(fitted.model, fitted.bank, va, fitted.aug)
+    kept = proba_of_logits(fitted.fit.val_logits)
+    assert np.array_equal(kept[0], again[0]) and np.array_equal(kept[1], again[1])
+    test = predict_proba(fitted.model, fitted.bank, te, fitted.aug)
+    out = score(fitted, cohort)
+    assert np.array_equal(out.predictions["probability"].to_numpy(), np.concatenate([again[0], test[0]]))
+    assert fitted.bank is None, "scoring releases the device images"
+    frozen = fit_model(dataclasses.replace(cfg, freeze=True, epochs=2), cohort, progress=False)
+    assert frozen.fit.val_logits is None, "the head's pass on cached features is not the full model's: scored anew"

@@ -43,6 +43,31 @@ def test_bootstrap_resamples_subjects_not_images():
     assert np.allclose(w[:, :20].sum(1), 20) and np.allclose(w[:, 20:].sum(1), 20)
 
 
+def _subject_weights_one_resample_at_a_time(subjects, strata, n_boot, seed):
+    """The bootstrap's weights as they were computed before vectorising: a bincount per resample and stratum."""
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(subjects, return_inverse=True)
+    subj_stratum = pd.Series(strata).groupby(inv).first().to_numpy()
+    draws = np.zeros((n_boot, len(uniq)), dtype=np.float64)
+    for s in np.unique(subj_stratum):
+        members = np.flatnonzero(subj_stratum == s)
+        picks = rng.integers(0, len(members), size=(n_boot, len(members)))
+        for b in range(n_boot):
+            draws[b] += np.bincount(members[picks[b]], minlength=len(uniq))
+    return draws[:, inv]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_vectorised_subject_bootstrap_draws_the_same_resamples(seed):
+    """Same seed, same random draws, same weights (exactly): every interval keeps its value."""
+    rng = np.random.default_rng(seed)
+    subjects = np.array([f"s{i}" for i in rng.integers(0, 90, 240)])  # subjects with several images
+    strata = np.array([f"{s}{int(int(x[1:]) % 7 == 0)}" for x, s in zip(subjects, rng.choice(["F", "M"], 240))])
+    strata = pd.Series(strata).groupby(subjects).transform("first").to_numpy()  # one stratum per subject
+    got = intervals.subject_weights(subjects, strata, n_boot=500, seed=seed)
+    assert np.array_equal(got, _subject_weights_one_resample_at_a_time(subjects, strata, 500, seed))
+
+
 def _table(n=200, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)

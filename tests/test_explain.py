@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cushing.model.backbones import build_model, cam_grid, cam_reshape, cam_target_layer
-from cushing.model.explain import (REGIONS, compute_cams, explain_images, landmark_regions, randomization_check,
-                             region_shares, template_regions)
+from cushing.model.explain import (REGIONS, cams_and_raw, compute_cams, explain_images, landmark_regions,
+                                   randomization_check, region_shares, spearman, template_regions)
 
 FAMILIES = [("resnet18", None, 64), ("densenet121", None, 64), ("vit_b_16", None, 64), ("vit_b_32", None, 224),
             ("swin_t", None, 224), ("dinov2_s", True, 224), ("dinov2_s", False, 56)]
@@ -33,6 +33,66 @@ def test_cam_for_each_family(name, freeze, size):
     assert all(p.grad is None for p in model.parameters())
     if freeze:
         assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head"))
+
+
+def _pytorch_grad_cam(model, name, x, batch=32):
+    """The maps and raw maps as pytorch-grad-cam's GradCAM made them (the project's implementation before it
+    computed them itself, from a backward that stops at the CAM layer)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = GradCAM(model=model, target_layers=[cam_target_layer(model, name)],
+                  reshape_transform=cam_reshape(model, name))
+    cam.compute_input_gradient = True
+    maps, raws = [], []
+    try:
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].detach().clone().float()
+            maps.append(cam(input_tensor=xb, targets=[ClassifierOutputTarget(1)] * len(xb)).astype(np.float32))
+            acts = cam.activations_and_grads.activations[0].float().numpy()
+            grads = cam.activations_and_grads.gradients[0].float().numpy()
+            raws.append((grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32))
+    finally:
+        cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+    return np.concatenate(maps), np.concatenate(raws)
+
+
+@pytest.mark.parametrize("name,freeze,size", [f for f in FAMILIES if f[0] != "vit_b_32"])
+def test_cams_equal_pytorch_grad_cams(name, freeze, size):
+    """The maps (and the raw maps of the randomization check) are pytorch-grad-cam's GradCAM maps, computed in
+    one pass whose backward stops at the CAM layer."""
+    torch.manual_seed(0)
+    model = build_model(name, pretrained=False, img_size=size, freeze=freeze).eval()
+    x = torch.randn(3, 3, size, size)
+    maps, raw = cams_and_raw(model, name, x)
+    ref_maps, ref_raw = _pytorch_grad_cam(model, name, x)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(raw, ref_raw, rtol=1e-4, atol=1e-6 * float(np.abs(ref_raw).max()))
+    assert _no_hooks(model) and all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == \
+        [p.requires_grad for p in build_model(name, pretrained=False, img_size=size, freeze=freeze).parameters()]
+
+
+def test_a_batched_cam_pass_equals_the_per_image_maps():
+    torch.manual_seed(0)
+    model = build_model("resnet18", pretrained=False, img_size=64).eval()
+    x = torch.randn(7, 3, 64, 64)
+    maps, raw = cams_and_raw(model, "resnet18", x, batch=7)
+    one = [cams_and_raw(model, "resnet18", x[i:i + 1], batch=1) for i in range(7)]
+    np.testing.assert_allclose(maps, np.concatenate([m for m, _ in one]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(raw, np.concatenate([r for _, r in one]), rtol=1e-4, atol=1e-7)
+    assert model.training is False and compute_cams(model, "resnet18", x, batch=3).shape == (7, 64, 64)
+
+
+def test_spearman_is_scipys():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a = rng.random((4, 4)).astype(np.float32)
+        b = np.round(rng.random((4, 4)), 1)  # ties: averaged ranks
+        assert spearman(a, b) == spearmanr(a.ravel(), b.ravel()).statistic
 
 
 def test_token_grids_are_read_from_the_model():
@@ -75,6 +135,17 @@ def test_randomization_check_is_computed():
     rho = randomization_check(model, "resnet18", x)
     assert -1 <= rho <= 1
     assert randomization_check(model, "resnet18", x, seed=0) == rho  # seeded
+    # the main pass's raw maps, handed over, give the same value without recomputing the trained maps
+    assert randomization_check(model, "resnet18", x, seed=0, trained_raw=raw) == rho
+    # its weights drawn beforehand (a run finished beside the next training): same value, and the check itself
+    # leaves torch's global generator, which the training on the other thread draws from, alone
+    from cushing.model.explain import randomized_parts
+
+    parts = randomized_parts(model, "resnet18", seed=0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert randomization_check(model, "resnet18", x, trained_raw=raw, randomized=parts) == rho
+    assert torch.equal(torch.get_rng_state(), state)
     assert _no_hooks(model)
 
 

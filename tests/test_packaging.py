@@ -180,3 +180,13 @@ def test_only_tracking_and_release_import_mlflow():
         rel = path.relative_to(ROOT).as_posix()
         if re.search(r"^\s*(import mlflow|from mlflow)", path.read_text(), re.M):
             assert rel.startswith(("cushing/tracking/", "cushing/release/")), rel
+
+
+def test_cushing_help_imports_neither_pandas_nor_the_data_modules():
+    """`cushing --help` (and every command's argument parsing) stays at the standard library, numpy and the
+    configuration: the error types of the data modules are imported when an error is being handled."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cushing", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "usage: cushing" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"pandas", "cushing.data.manifest", "cushing.data.splits", "torch", "mlflow"}

@@ -35,9 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cushing.data.manifest import ManifestError
-    from cushing.data.splits import SplitError
-
     parser = build_parser()
     ns = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -51,12 +48,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signal.getsignal(signal.SIGTERM) is _ignore:
             _ignore_until_exit()
         return code
-    except (ConfigError, ManifestError, SplitError, _stack_error()) as e:
+    except (ConfigError, *_data_errors(), _stack_error()) as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
     except _user_errors() as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """Imported when an error is being handled, not before every command: the data modules import pandas
+    (a quarter of a second of `cushing --help` on a 2-core CPU)."""
+    from cushing.data.manifest import ManifestError
+    from cushing.data.splits import SplitError
+
+    return ManifestError, SplitError
 
 
 def _stack_error() -> type[BaseException]:

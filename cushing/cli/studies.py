@@ -20,6 +20,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action="store_true", help="only print Table II and III from the tracking store")
     p.add_argument("--plan", action="store_true",
                    help="only print the estimated wall time on one H200 for 1, 2 and 4 workers (trains nothing)")
+    p.add_argument("--plan-from", metavar="FILE", default=None,
+                   help="--plan: the per-run seconds outside training measured by `cushing bench run --out FILE` "
+                        "(default: ./bench_run.json when there is one, else the built-in H200 figure)")
     _compile_option(p)
     p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -102,17 +105,28 @@ def _print_sweep_result(res) -> None:
     _print_tables(res.table2, res.table3)
 
 
-def _print_plan(project: str, workers: int | None, compile: str | None) -> None:
+def _print_plan(project: str, workers: int | None, compile: str | None, plan_from: str | None = None) -> int:
+    from cushing.workflows.plan import default_overhead, overhead_from_bench
     from cushing.workflows.sweeps import plan_sweep
 
     counts = sorted({1, 2, 4, workers or 1})
-    table, wall = plan_sweep(project, counts, compile)
+    if plan_from is None and Path("bench_run.json").exists():
+        plan_from = "bench_run.json"  # what `cushing bench run` wrote here last
+    try:
+        overhead = overhead_from_bench(plan_from) if plan_from else default_overhead()
+    except ValueError as e:
+        print(f"cushing sweep --plan: {e}", file=sys.stderr)
+        return 2
+    table, wall = plan_sweep(project, counts, compile, overhead)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
+    print(f"\nper run outside the training loop: {overhead.worker_s:.1f} s on the worker + {overhead.finish_s:.1f} s "
+          f"finished beside the next training; {overhead.source}")
     how = "cold compile cache" if compile and compile != "none" else "as the file says"
     print(f"\nestimated wall time on one NVIDIA H200 (registry epoch costs, compile: {how}; other GPUs scale; "
           "measure with the sweep itself):")
     for w, sec in wall.items():
         print(f"  --workers {w}: {sec / 60:5.1f} min")
+    return 0
 
 
 def _print_tables(t2, t3) -> None:
@@ -130,8 +144,7 @@ def _sweep(ns: argparse.Namespace) -> int:
     from cushing.workflows.sweeps import default_storage, load_for, report_sweep, run_sweep, sweep_worker
 
     if ns.plan:
-        _print_plan(ns.project, ns.workers, ns.compile)
-        return 0
+        return _print_plan(ns.project, ns.workers, ns.compile, ns.plan_from)
     if ns.worker:
         sweep_worker(load_for(ns.project, "sweep", ns.compile), ns.storage or default_storage(), ns.parent_run,
                      progress=False)

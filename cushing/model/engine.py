@@ -28,7 +28,7 @@ from cushing.config import cache_home
 from cushing.model.backbones import head_of
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
-           "features_of", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback"]
+           "features_of", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback", "proba_of_logits"]
 
 
 class StopTraining(Exception):
@@ -98,6 +98,9 @@ class FitResult:
     seconds: float
     stopped: str = ""  # why training ended early, if it did
     epoch_seconds: list[float] = field(default_factory=list)
+    # the best epoch's validation logits [n_val, 2] (eager fine-tuning): exactly what scoring the validation split
+    # with the restored weights would compute again; None when not kept (frozen, compiled, best epoch before resume)
+    val_logits: torch.Tensor | None = None
 
 
 def oversampled(labels: np.ndarray, factor: int) -> np.ndarray:
@@ -138,6 +141,13 @@ def predict_proba(model, bank: ImageBank, idx: np.ndarray, aug: DeviceAugment, b
     if not probs:
         return np.zeros(0), np.zeros(0)
     return torch.cat(probs).cpu().numpy().astype(np.float64), torch.cat(diffs).cpu().numpy().astype(np.float64)
+
+
+def proba_of_logits(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(probability of class 1, logit difference) from logits, as `predict_proba` computes them."""
+    logits = logits.float()
+    return (logits.softmax(1)[:, 1].cpu().numpy().astype(np.float64),
+            (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64))
 
 
 def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor, loss_sum: torch.Tensor, n_train: int) -> dict[str, float]:
@@ -262,14 +272,17 @@ def _progress(s: FitSettings):
 class _Snapshot:
     """The best epoch's weights, kept on the device: buffers allocated once, refreshed with one foreach copy."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, keep: Callable[[], torch.Tensor | None] = lambda: None):
         self.module = module
         self.saved: list[torch.Tensor] | None = None
+        self.keep = keep  # what else the best epoch leaves behind (its validation logits), taken with the weights
+        self.kept: torch.Tensor | None = None
 
     def _live(self) -> list[torch.Tensor]:
         return [t.detach() for t in self.module.state_dict().values()]
 
     def take(self) -> None:
+        self.kept = self.keep()
         live = self._live()
         if self.saved is None:
             self.saved = [t.clone() for t in live]
@@ -316,7 +329,8 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
     finally:
         bar.close()
     snap.restore()
-    return FitResult(sel.best_epoch, sel.value(), history, len(history), time.perf_counter() - t0, stopped, times)
+    return FitResult(sel.best_epoch, sel.value(), history, len(history), time.perf_counter() - t0, stopped, times,
+                     snap.kept)
 
 
 def compiled_forward(model: torch.nn.Module, mode: str):
@@ -370,10 +384,14 @@ def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ck
         with torch.no_grad():
             logits = torch.cat([_logits(forward, step_begin, aug, bank, val_t[a:b])
                                 for a, b in _batches(len(val_t), s.eval_batch)])
+        last["val_logits"] = logits
         return _epoch_metrics(y_val, logits, loss_sum, len(epoch_pos))
 
+    last: dict[str, torch.Tensor] = {}
+    # eager: the validation pass is the forward that scoring would repeat (same weights, batches and precision)
+    keep = (lambda: last.get("val_logits")) if s.compile == "none" else (lambda: None)
     try:
-        return _loop(s, run_epoch, _Snapshot(model), on_epoch, ckpt, opt, gen)
+        return _loop(s, run_epoch, _Snapshot(model, keep), on_epoch, ckpt, opt, gen)
     finally:
         release_compiled(s.compile)  # torch.compile is lazy: nothing compiles before the loop runs
 

@@ -22,77 +22,149 @@ import torch
 from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
 from cushing.stats.plots import pyplot
 from cushing.model.augment import DeviceAugment
+from cushing.phases import phase
 
-__all__ = ["compute_cams", "grad_cam", "CamReport", "explain_outcome", "explain_images", "region_masks",
-           "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
+__all__ = ["compute_cams", "cams_and_raw", "spearman", "CamReport", "explain_outcome", "explain_images", "region_masks",
+           "REGIONS", "randomization_check", "randomized_parts", "template_regions", "landmark_regions", "landmarks_of"]
 
 REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "neck_background")
 
 
-def _require_grad_cam():
-    try:
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    except ImportError as e:  # pragma: no cover - pinned dependency
-        raise ImportError("Grad-CAM needs the `grad-cam` package: pip install grad-cam==1.5.7") from e
-    return GradCAM, ClassifierOutputTarget
-
-
 @contextmanager
-def grad_cam(model, name: str) -> Iterator:
-    """A pytorch-grad-cam GradCAM on the registry's layer and reshape; hooks are removed on exit."""
-    GradCAM, _ = _require_grad_cam()
-    cam = GradCAM(model=model, target_layers=[cam_target_layer(model, name)], reshape_transform=cam_reshape(model, name))
-    cam.compute_input_gradient = True  # frozen backbones: activations need grad through the input
+def _graph_from(model, name: str) -> Iterator[dict]:
+    """While open, the registry's CAM layer starts the autograd graph: weights need no gradient (their flags are
+    put back on exit), the layer's output becomes a fresh leaf, so backward runs only from the logits down to that
+    layer. A forward fills the dict's "leaf"; hooks are removed on exit."""
+    layer = cam_target_layer(model, name)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    seen: dict = {}
+
+    def start_graph(module, inputs, output):
+        seen["leaf"] = output.detach().requires_grad_(True)
+        return seen["leaf"].clone()  # not the leaf itself: an in-place op downstream would refuse a leaf
+    handle = layer.register_forward_hook(start_graph)
     try:
-        yield cam
+        yield seen
     finally:
-        cam.activations_and_grads.release()
-        model.zero_grad(set_to_none=True)
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _scaled(cams: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Each map shifted to 0 and divided by (1e-7 + its max), then resized to `size` (width, height) bilinearly:
+    pytorch-grad-cam's `scale_cam_image`, whose maps these are."""
+    import cv2
+
+    out = []
+    for m in cams:
+        m = m - np.min(m)
+        m = m / (1e-7 + np.max(m))
+        out.append(cv2.resize(np.float32(m), size) if size is not None else m)
+    return np.float32(out)
+
+
+def _cam_batch(model, name: str, x: torch.Tensor, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(maps in [0, 1] at the input size, raw grid maps) of one batch: Grad-CAM as pytorch-grad-cam's GradCAM
+    with ClassifierOutputTarget(target) computes it (channel weights = the gradient's spatial mean; the raw map is
+    the weighted sum of activations, the map its ReLU rescaled), from one forward and a backward that stops at the
+    CAM layer."""
+    reshape = cam_reshape(model, name) or (lambda t: t)
+    with _graph_from(model, name) as seen, torch.enable_grad():
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits[:, target].sum(), seen["leaf"])
+    acts = reshape(seen["leaf"].detach()).float().cpu().numpy()
+    grads = reshape(grad).float().cpu().numpy()
+    raw = (grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32)
+    relu = np.maximum(raw, 0)
+    maps = _scaled(np.maximum(_scaled(relu, (x.shape[-1], x.shape[-2])), 0))
+    return maps.astype(np.float32), raw
+
+
+def cams_and_raw(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """([N, H, W] Grad-CAM maps in [0, 1], [N, h, w] raw grid maps) for class `target` in one pass, batched on x's
+    device, in eval mode (the model's mode is put back); x is not modified.
+
+    The raw maps are the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
+    keep their ranking information even where the ReLU'd map is all zero."""
+    was_training = model.training
+    model.eval()
+    maps, raws = [], []
+    try:
+        for i in range(0, len(x), batch):
+            m, r = _cam_batch(model, name, x[i:i + batch].detach().clone().float(), target)
+            maps.append(m)
+            raws.append(r)
+    finally:
+        model.train(was_training)
+    if not maps:
+        return np.zeros((0,) + tuple(x.shape[-2:]), np.float32), np.zeros((0, 0, 0), np.float32)
+    return np.concatenate(maps), np.concatenate(raws)
 
 
 def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32,
                  raw: bool = False) -> np.ndarray:
-    """[N, H, W] Grad-CAM maps in [0, 1] for class `target`, batched on x's device; x is not modified.
-
-    raw=True gives the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
-    keep their ranking information even where the ReLU'd map is all zero.
-    """
-    _, ClassifierOutputTarget = _require_grad_cam()
-    was_training = model.training
-    out = []
-    with grad_cam(model, name) as cam:
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch].detach().clone().float()
-            maps = cam(input_tensor=xb, targets=[ClassifierOutputTarget(target)] * len(xb)).astype(np.float32)
-            if raw:
-                acts = cam.activations_and_grads.activations[0].float().numpy()
-                grads = cam.activations_and_grads.gradients[0].float().numpy()
-                maps = (grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32)
-            out.append(maps)
-    model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+    """[N, H, W] Grad-CAM maps in [0, 1] for class `target` (raw=True: the raw grid maps instead); see
+    `cams_and_raw`."""
+    maps, raws = cams_and_raw(model, name, x, target=target, batch=batch)
+    return raws if raw else maps
 
 
-def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32) -> float:
-    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
-    the head and the last block are re-initialised. Near 1 means the map does not depend on the learned weights."""
-    from scipy.stats import spearmanr
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two flattened maps: Pearson's r of their average ranks, as
+    scipy.stats.spearmanr computes it (np.corrcoef of the ranks), without importing scipy.stats."""
+    ranks = np.vstack([_average_ranks(np.ravel(a)), _average_ranks(np.ravel(b))])
+    return float(np.corrcoef(ranks)[1, 0])
 
-    k = min(n, len(x))
-    if k == 0:
-        return float("nan")
-    trained = compute_cams(model, name, x[:k], raw=True)
-    rand = copy.deepcopy(model)
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's "average")."""
+    order = np.argsort(v, kind="stable")
+    s = v[order]
+    first = np.r_[True, s[1:] != s[:-1]]
+    group = np.cumsum(first) - 1  # tie group of each sorted position
+    starts = np.r_[np.flatnonzero(first), len(v)]
+    mean_rank = (starts[:-1] + starts[1:] + 1) / 2.0  # mean of 1-based ranks start+1 .. end
+    out = np.empty(len(v), float)
+    out[order] = mean_rank[group]
+    return out
+
+
+def randomized_parts(model, name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Copies of the head and the last block re-initialised from torch's global generator seeded with `seed`:
+    the randomization check's weights. Drawn on the caller's thread, because the global generator is shared by
+    every thread: a run finished beside the next training draws them before it is handed over, so the training
+    and the check each see the numbers they would see one after the other."""
+    parts = (copy.deepcopy(model.get_classifier()), copy.deepcopy(last_block(model, name)))
     torch.manual_seed(seed)
-    for module in (rand.get_classifier(), last_block(rand, name)):
+    for module in parts:
         for m in module.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+    return parts
+
+
+def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32,
+                        trained_raw: np.ndarray | None = None,
+                        randomized: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> float:
+    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
+    the head and the last block are re-initialised. Near 1 means the map does not depend on the learned weights.
+    `trained_raw`: the trained model's raw maps of x already computed (the main Grad-CAM pass), not redone.
+    `randomized`: the re-initialised head and block (`randomized_parts`), drawn earlier with the same seed."""
+    k = min(n, len(x))
+    if k == 0:
+        return float("nan")
+    trained = trained_raw[:k] if trained_raw is not None else compute_cams(model, name, x[:k], raw=True)
+    head, block = randomized or randomized_parts(model, name, seed)
+    rand = copy.deepcopy(model)
+    rand.get_classifier().load_state_dict(head.state_dict())
+    last_block(rand, name).load_state_dict(block.state_dict())
     rmaps = compute_cams(rand, name, x[:k], raw=True)
     del rand
-    rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(trained, rmaps)
-            if np.ptp(a) > 0 and np.ptp(b) > 0]
+    rhos = [spearman(a, b) for a, b in zip(trained, rmaps) if np.ptp(a) > 0 and np.ptp(b) > 0]
     return float(np.mean(rhos)) if rhos else float("nan")
 
 
@@ -182,14 +254,25 @@ def _overlay(path: Path, img: np.ndarray, m: np.ndarray) -> None:
 
 def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndarray, labels: np.ndarray,
                    preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path,
-                   allow_phi: bool = False, landmarks: list | None = None, seed: int = 0) -> CamReport:
+                   allow_phi: bool = False, landmarks: list | None = None, seed: int = 0,
+                   randomized: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> CamReport:
     """CAMs of the positive class for a batch of images; aggregates (and, if allowed, overlays) into out_dir."""
     import time
 
     t0 = time.perf_counter()
-    maps = compute_cams(model, name, x_norm)
+    with phase("Grad-CAM maps"):
+        maps, raw = cams_and_raw(model, name, x_norm)
     seconds = time.perf_counter() - t0
-    rho = randomization_check(model, name, x_norm, seed=seed)
+    with phase("Grad-CAM randomization check"):
+        rho = randomization_check(model, name, x_norm, seed=seed, trained_raw=raw, randomized=randomized)
+    with phase("Grad-CAM aggregates (figures, regions)"):
+        return _aggregates(maps, rho, seconds, images_u8=images_u8, labels=labels, preds=preds, sexes=sexes,
+                           subjects=subjects, out_dir=out_dir, allow_phi=allow_phi, landmarks=landmarks)
+
+
+def _aggregates(maps: np.ndarray, rho: float, seconds: float, *, images_u8: np.ndarray, labels: np.ndarray,
+                preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path, allow_phi: bool,
+                landmarks: list | None) -> CamReport:
     size = maps.shape[-1]
     labs, source = region_masks(len(maps), size, landmarks)
     shares = region_shares(maps, labs)
@@ -242,8 +325,10 @@ def landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None
     return out
 
 
-def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test") -> CamReport:
-    """CAMs for a finished training: best-epoch model, the given split, positive class."""
+def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test",
+                    randomized: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> CamReport:
+    """CAMs for a finished training: best-epoch model, the given split, positive class (`randomized`: the
+    randomization check's weights, drawn earlier on the training's thread)."""
     dev = next(outcome.model.parameters()).device
     idx = cohort.index(split)
     if len(idx) == 0:
@@ -255,4 +340,4 @@ def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, 
                           labels=pred["label"].to_numpy(), preds=pred["prediction"].to_numpy(),
                           sexes=pred["sex"].to_numpy(), subjects=pred["subject"].tolist(), out_dir=out_dir,
                           allow_phi=allow_phi, landmarks=landmarks_of(cohort.table, idx, cohort.img_size),
-                          seed=outcome.config.seed)
+                          seed=outcome.config.seed, randomized=randomized)

@@ -21,7 +21,8 @@ from cushing.config import TrainConfig, cache_home
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank, decode_images
 from cushing.devices import training_device
-from cushing.model.engine import CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit, predict_proba
+from cushing.model.engine import (CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit,
+                                  predict_proba, proba_of_logits)
 from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.data.splits import assign_splits, split_table
 from cushing.stats.subgroups import check_subgroup_columns
@@ -29,8 +30,10 @@ from cushing.stats.calibration import apply_temperature, fit_temperature
 from cushing.stats.thresholds import choose_threshold
 from cushing.data.demo import make_demo_cohort
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
+from cushing.phases import phase
 
-__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError"]
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError",
+           "Fitted", "fit_model", "score"]
 
 
 def resolve_data(data: str) -> Path:
@@ -113,15 +116,21 @@ def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
 
 
 def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:
-    manifest = manifest or load_manifest(resolve_data(cfg.data))
-    check_subgroup_columns(manifest.table, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns)
-                                                 if c != "label"))
-    audit, groups, merges = _audit(cfg, manifest, progress) if cfg.audit != "off" else (None, None, 0)
-    split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns, groups=groups)
-    # interpolation is a property of the backbone's pretrained config; read it without building weights
-    interp = interpolation_of(cfg.model)
-    images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
-                           progress=progress)
+    with phase("data: manifest"):
+        manifest = manifest or load_manifest(resolve_data(cfg.data))
+        check_subgroup_columns(manifest.table, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns)
+                                                     if c != "label"))
+    with phase("data: cohort audit"):
+        audit, groups, merges = _audit(cfg, manifest, progress) if cfg.audit != "off" else (None, None, 0)
+    with phase("data: split"):
+        split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns,
+                              groups=groups)
+    with phase("backbone registry: timm import, pretrained config"):
+        # interpolation is a property of the backbone's pretrained config; read it without building weights
+        interp = interpolation_of(cfg.model)
+    with phase("data: decode images"):
+        images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
+                               progress=progress)
     return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns,
                   cfg.strata_columns, groups)
 
@@ -160,29 +169,62 @@ def fit_settings(cfg: TrainConfig, frozen: bool, progress: bool, desc: str) -> F
                        checkpoint_every=cfg.checkpoint_every, checkpoint_seconds=60.0 * cfg.checkpoint_minutes)
 
 
-def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,
-          model_factory: Callable[..., torch.nn.Module] = build_model, resume: FitState | None = None,
-          on_checkpoint: CheckpointCallback | None = None) -> TrainOutcome:
-    """Train one configuration on a prepared cohort and score its validation and test splits (continuing from
-    `resume`, a checkpointed FitState, when given)."""
-    spec = get_spec(cfg.model)
-    frozen = cfg.frozen
-    device = training_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = model_factory(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
-                          freeze=frozen).to(device)
-    if spec.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    pre = preprocess_of(model, cfg.img_size)
-    bank = ImageBank(cohort.images, device, cfg.memory_budget_gb * 2**30)
-    aug = DeviceAugment(pre, device, cfg.aug_strength, spec.channels_last and device.type == "cuda")
-    tr, va, te = cohort.index("train"), cohort.index("val"), cohort.index("test")
+@dataclass
+class Fitted:
+    """A finished training loop, not yet scored: the best-epoch model and what scoring it needs. Scoring (and
+    everything after it) can run later or on another thread; the images stay on the device until then."""
+
+    config: TrainConfig
+    spec: BackboneSpec
+    frozen: bool
+    model: torch.nn.Module  # best-epoch weights
+    preprocess: Preprocess
+    fit: FitResult
+    bank: ImageBank | None  # None once scored
+    aug: DeviceAugment
+    device: torch.device
+
+
+def fit_model(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,
+              model_factory: Callable[..., torch.nn.Module] = build_model, resume: FitState | None = None,
+              on_checkpoint: CheckpointCallback | None = None) -> Fitted:
+    """The training loop of one configuration on a prepared cohort (continuing from `resume`, a checkpointed
+    FitState, when given); the model holds the best validation epoch's weights on return."""
+    with phase("model build"):
+        spec = get_spec(cfg.model)
+        frozen = cfg.frozen
+        device = training_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        model = model_factory(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
+                              freeze=frozen).to(device)
+        if spec.channels_last and device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        pre = preprocess_of(model, cfg.img_size)
+        bank = ImageBank(cohort.images, device, cfg.memory_budget_gb * 2**30)
+        aug = DeviceAugment(pre, device, cfg.aug_strength, spec.channels_last and device.type == "cuda")
+    tr, va = cohort.index("train"), cohort.index("val")
     desc = f"{cfg.model}{'-frozen' if frozen else ''}"
-    result = fit(model, bank, cohort.labels, tr, va, aug, fit_settings(cfg, frozen, progress, desc), on_epoch,
-                 resume=resume, on_checkpoint=on_checkpoint)
+    with phase("training loop"):
+        result = fit(model, bank, cohort.labels, tr, va, aug, fit_settings(cfg, frozen, progress, desc), on_epoch,
+                     resume=resume, on_checkpoint=on_checkpoint)
     model.eval()
+    return Fitted(cfg, spec, frozen, model, pre, result, bank, aug, device)
+
+
+def score(fitted: Fitted, cohort: Cohort) -> TrainOutcome:
+    """Score the best-epoch model on the validation and test splits, calibrate (if asked) and choose the
+    operating threshold on validation. Releases the device images."""
+    cfg = fitted.config
+    va, te = cohort.index("val"), cohort.index("test")
     scored = np.concatenate([va, te])
-    prob, logit = predict_proba(model, bank, scored, aug)
+    kept = fitted.fit.val_logits
+    if kept is not None and len(kept) == len(va):
+        # the best epoch's validation pass already scored val with these weights: only test is new
+        val_prob, val_logit = proba_of_logits(kept)
+        test_prob, test_logit = predict_proba(fitted.model, fitted.bank, te, fitted.aug)
+        prob, logit = np.concatenate([val_prob, test_prob]), np.concatenate([val_logit, test_logit])
+    else:
+        prob, logit = predict_proba(fitted.model, fitted.bank, scored, fitted.aug)
     names = np.array(["val"] * len(va) + ["test"] * len(te))
     pred = predictions_frame(cohort, scored, names, prob, logit)
     temperature = 1.0
@@ -193,5 +235,17 @@ def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = 
     val = pred[pred["split"] == "val"]
     threshold = choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(), cfg.threshold)
     pred["prediction"] = (pred["probability"] >= threshold).astype(int)
-    del bank
-    return TrainOutcome(cfg, spec, frozen, model, pre, result, pred, threshold, temperature, str(device))
+    fitted.bank = None  # the device copy of the images is no longer needed
+    return TrainOutcome(cfg, fitted.spec, fitted.frozen, fitted.model, fitted.preprocess, fitted.fit, pred,
+                        threshold, temperature, str(fitted.device))
+
+
+def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,
+          model_factory: Callable[..., torch.nn.Module] = build_model, resume: FitState | None = None,
+          on_checkpoint: CheckpointCallback | None = None) -> TrainOutcome:
+    """Train one configuration on a prepared cohort and score its validation and test splits (continuing from
+    `resume`, a checkpointed FitState, when given)."""
+    fitted = fit_model(cfg, cohort, on_epoch=on_epoch, progress=progress, model_factory=model_factory,
+                       resume=resume, on_checkpoint=on_checkpoint)
+    with phase("scoring (val, test)"):
+        return score(fitted, cohort)

@@ -38,13 +38,13 @@ def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed:
     rng = np.random.default_rng(seed)
     uniq, inv = np.unique(subjects, return_inverse=True)
     subj_stratum = pd.Series(strata).groupby(inv).first().to_numpy()
-    draws = np.zeros((n_boot, len(uniq)), dtype=np.float64)
+    rows = np.arange(n_boot)[:, None] * len(uniq)  # resample b counts in cells b*n_subjects + subject
+    counts = np.zeros(n_boot * len(uniq), dtype=np.int64)
     for s in np.unique(subj_stratum):
         members = np.flatnonzero(subj_stratum == s)
-        picks = rng.integers(0, len(members), size=(n_boot, len(members)))
-        for b in range(n_boot):
-            draws[b] += np.bincount(members[picks[b]], minlength=len(uniq))
-    return draws[:, inv]
+        picks = rng.integers(0, len(members), size=(n_boot, len(members)))  # the same draws, stratum by stratum
+        counts += np.bincount((rows + members[picks]).ravel(), minlength=len(counts))
+    return counts.reshape(n_boot, len(uniq)).astype(np.float64)[:, inv]
 
 
 def percentile_interval(v: np.ndarray) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cushing.tracking.stores import sqlite_path, store_lock
+from cushing.tracking.stores import seed_sqlite, sqlite_path, store_lock
 
 __all__ = ["HTTP_RETRY_DEFAULTS", "tracking_uri", "TrackingUnavailable", "check_reachable", "configure", "client",
            "artifact_dir", "using_store"]
@@ -89,6 +89,7 @@ def _ensure_store(uri: str) -> None:
 
     if uri not in _READY and sqlite_path(uri) is not None:
         with store_lock(uri, "mlflow-schema"):
+            seed_sqlite(uri)  # a new store gets its schema from a template, not ~60 migrations again
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
         _READY.add(uri)
 

@@ -106,13 +106,38 @@ def _same_param(logged: str, value: str) -> bool:
 
 
 class RunLogger:
-    """Everything a run logs, one method per kind of thing."""
+    """Everything a run logs, one method per kind of thing. Every call names the run by id (none relies on
+    MLflow's active run, which is per thread), so a run can be finished on another thread than the one that
+    trained it (`hand_over`, then `end` there)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._epochs = _EpochWriter(run_id)
         self.model_id: str | None = None  # set by the release module once the model is logged
         self._beat: _Heartbeat | None = None
+        self.handed_over = False  # whoever holds it now ends it (`end`), not the `start_run` block that opened it
+        self._ended = False
+        self._end_lock = threading.Lock()
+
+    def hand_over(self, handed: bool = True) -> None:
+        """Leaving the `start_run(..., detached=True)` block no longer ends the run (it keeps beating): the one it
+        was handed to calls `end`. `hand_over(False)` takes it back (the hand-over did not happen)."""
+        self.handed_over = handed
+
+    def end(self, status: str) -> bool:
+        """End the run with `status` (FINISHED, FAILED, KILLED): the first call wins, later ones return False. The
+        queued epochs are written and the heartbeat stops first; a failure there turns FINISHED into FAILED."""
+        with self._end_lock:
+            if self._ended:
+                return False
+            self._ended = True
+        try:
+            self.close()
+        except Exception:
+            client().set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status)
+            raise
+        client().set_terminated(self.run_id, status)
+        return True
 
     def start_heartbeat(self) -> None:
         """Tag the run with this process (host, pid and start time) and a heartbeat every
@@ -126,17 +151,19 @@ class RunLogger:
 
         self.set_tags({"checkpoint_epoch": epoch, "checkpoint_host": socket.gethostname()})
         if upload:
-            mlflow.log_artifact(str(path), "checkpoint")
+            client().log_artifact(self.run_id, str(path), "checkpoint")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        import mlflow
+        from mlflow.entities import RunTag
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 tags per call
+            client().log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params, keeping those `mlflow run` already logged from -P. A value that really differs from the one
         `mlflow run` logged (MLflow refuses to change a param) is logged as `resolved/<name>`."""
-        import mlflow
+        from mlflow.entities import Param
 
         logged = client().get_run(self.run_id).data.params
         out = {}
@@ -148,7 +175,7 @@ class RunLogger:
                 out[f"resolved/{k}"] = text
         items = list(out.items())
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            mlflow.log_params(dict(items[i:i + 100]))
+            client().log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]], synchronous=True)
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Queued for a background `log_batch` (one call per epoch, or fewer): the training loop never waits on the
@@ -172,22 +199,17 @@ class RunLogger:
             client().log_batch(self.run_id, metrics=nan[i:i + 900], synchronous=True)
 
     def log_dict(self, data: Any, name: str) -> None:
-        import mlflow
-
-        mlflow.log_dict(data, name)
+        client().log_dict(self.run_id, data, name)
 
     def log_table(self, df: pd.DataFrame, name: str) -> None:
-        import mlflow
-
         with artifact_dir() as d:
             path = d / Path(name).name
             df.to_csv(path, index=False)
-            mlflow.log_artifact(str(path), str(Path(name).parent) if Path(name).parent != Path(".") else None)
+            parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
+            client().log_artifact(self.run_id, str(path), parent)
 
     def log_files(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        mlflow.log_artifacts(str(folder), artifact_path)
+        client().log_artifacts(self.run_id, str(folder), artifact_path)
 
     def log_dataset(self, table: pd.DataFrame, *, digest: str, name: str, context: str = "training") -> None:
         """The cohort as a run input: hashed subjects, split, sex and label only (no paths, no file names).
@@ -196,15 +218,15 @@ class RunLogger:
         a missing value, and declaring them as doubles is the remedy it recommends. Concurrent workers logging
         the same dataset to one server can collide on its unique key; the loser retries and finds it."""
         import mlflow
-
         from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.tracking.fluent import _create_dataset_input  # what mlflow.log_input sends, for this run id
 
         table = table.astype({c: "float64" for c in table.columns if pd.api.types.is_integer_dtype(table[c])})
         source = CodeDatasetSource({"cohort_digest": digest, "note": "file paths withheld (faces are PHI)"})
         ds = mlflow.data.from_pandas(table, source=source, name=name, digest=digest[:36], targets="label")
         for attempt in range(4):
             try:
-                mlflow.log_input(ds, context=context)
+                client().log_inputs(self.run_id, datasets=[_create_dataset_input(ds, context, None)])
                 return
             except Exception:  # e.g. a unique violation on the dataset row another worker just created
                 if attempt == 3:

@@ -59,14 +59,21 @@ def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env
 @contextmanager
 def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
               parent_run_id: str | None = None, use_env_run: bool = True,
-              run_id: str | None = None) -> Iterator[RunLogger]:
+              run_id: str | None = None, detached: bool = False) -> Iterator[RunLogger]:
     """A run in `experiment`: the one `mlflow run` created (MLFLOW_RUN_ID; taken once per process), `run_id`
     (continued), or a new (child) run. While it is open it beats (`RunLogger.start_heartbeat`).
 
     The run ends FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (the interrupt carries the run id as
     `cushing_run` for the one-line message), else FINISHED.
+
+    `detached=True`: always a new run, created by id and never MLflow's active run, which the body may hand over
+    (`RunLogger.hand_over`) to be finished and ended on another thread (a sweep worker's finisher).
     """
     configure()
+    if detached:
+        with _detached_lifecycle(experiment, run_name, tags, parent_run_id) as logger:
+            yield logger
+        return
     with contextlib.ExitStack() as keep:
         env = env_run_id()
         if not (env and use_env_run and parent_run_id is None and not run_id):
@@ -106,6 +113,31 @@ def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | Non
             # the body's own exception is already propagating; do not mask it
         finally:
             mlflow.end_run(status=status)
+
+
+@contextmanager
+def _detached_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None,
+                        parent_run_id: str | None) -> Iterator[RunLogger]:
+    logger = RunLogger(_new_run_id(experiment, run_name, tags or {}, parent_run_id))
+    status = "FINISHED"
+    try:
+        logger.start_heartbeat()
+        yield logger
+    except KeyboardInterrupt as e:
+        status = "KILLED"
+        if not getattr(e, "cushing_run", None):
+            e.cushing_run = logger.run_id
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if status != "FINISHED" or not logger.handed_over:
+            try:
+                logger.end(status)
+            except Exception:
+                if status == "FINISHED":
+                    raise
 
 
 @contextmanager

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -29,12 +31,15 @@ from cushing.model.engine import FitSettings, _batches, fit, oversampled
 from cushing import tracking
 from cushing.config import TrainConfig
 from cushing.workflows.experiment import run_single
+from cushing.workflows.plan import FINISH_PHASES
 from cushing.model.train import prepare_cohort
 from cushing.data.demo import make_demo_cohort
 from cushing.faces.pipeline import extract_faces
 from cushing.faces.settings import FaceSettings
+from cushing.phases import OTHER, PHASES_OUT_ENV
+from cushing.tracking.stores import seed_sqlite
 
-__all__ = ["run_bench", "BenchRow", "paper_shaped_labels", "bench_run", "bench_faces"]
+__all__ = ["run_bench", "BenchRow", "paper_shaped_labels", "bench_run", "bench_faces", "launch_run"]
 
 N_TRAIN, N_TRAIN_POS, N_VAL = 115, 17, 114
 
@@ -193,11 +198,21 @@ def _write(out: str, device: str, img_size: int, epochs: int, rows: list[BenchRo
         json.dump(payload, f, indent=1)
 
 
+LAUNCHER = "launcher (mlflow run: its imports, project, store, run; until the training process starts)"
+STARTUP = "python start, imports, arguments"
+EXIT = "exit (summary, interpreter teardown, launcher end)"
+
+
 def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, repeats: int = 3,
-              device: str = "auto", cam: bool = True, out: str = "bench_run.json") -> list[dict]:
-    """Whole runs (`run_single` on the demo cohort, random weights) split into the training loop and the rest:
-    setup logging, scoring, bootstrap, plots, Grad-CAM, model logging. The per-run cost a sweep pays 23 times.
-    Logs into a throwaway embedded store, not yours; median of `repeats` after one warm-up run."""
+              device: str = "auto", cam: bool = True, out: str = "bench_run.json", launches: int = 1) -> list[dict]:
+    """Whole runs on the demo cohort (random weights), split by named phase: what the run's own phase timer
+    recorded (data, store, training loop, scoring, bootstrap, model logging, tables, plots, Grad-CAM, upload,
+    run end).
+
+    In process (`run_single`, as a sweep worker runs them; median of `repeats` after one warm-up run): the per-run
+    cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager local`, each
+    on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and imports,
+    and the exit. Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
     with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \
@@ -210,22 +225,98 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
             summary = run_single(cfg, cohort=cohort, progress=False)
             wall = time.perf_counter() - t
             train_s = summary.metrics["train_seconds"]
-            rows.append({"wall_s": wall, "train_s": train_s, "other_s": wall - train_s})
+            rows.append({"wall_s": wall, "train_s": train_s, "other_s": wall - train_s,
+                         "phases": summary.phases.table()})
+    launched = [launch_run(model=model, img_size=img_size, epochs=epochs, device=device, cam=cam)
+                for _ in range(launches)]
     med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "train_s", "other_s")}
+    table = {"in_process": _median_phases([r["phases"] for r in rows]),
+             "mlflow_run": _median_phases([r["phases"] for r in launched]) if launched else {}}
     name = device_name(pick_device(device))
     print(f"device: {name}; {model} at {img_size} px, {epochs} epochs, Grad-CAM {'on' if cam else 'off'}; "
-          f"median of {repeats} runs")
-    print(f"run {med['wall_s']:.2f} s = training loop {med['train_s']:.2f} s + the rest {med['other_s']:.2f} s")
+          f"median of {repeats} in-process runs" + (f" and of {launches} launched (mlflow run)" if launches else ""))
+    _print_phases(table)
+    print(f"run {med['wall_s']:.2f} s = training loop {med['train_s']:.2f} s + the rest {med['other_s']:.2f} s "
+          f"(rest/loop {med['other_s'] / med['train_s']:.2f}; in process, as a sweep runs each configuration)")
+    _print_hidden(table["in_process"], med["train_s"])
+    lmed = {}
+    if launched:
+        lmed = {k: statistics.median(r[k] for r in launched) for k in ("wall_s", "train_s")}
+        print(f"mlflow run {lmed['wall_s']:.2f} s = {lmed['wall_s'] / lmed['train_s']:.2f} x the training loop "
+              f"({lmed['train_s']:.2f} s): launcher to exit, on a fresh store")
     with open(out, "w") as f:
         json.dump({"device": name, "model": model, "img_size": img_size, "epochs": epochs, "cam": cam,
-                   "median": med, "runs": rows}, f, indent=1)
+                   "median": med, "runs": rows, "phases": table, "mlflow_run": {"median": lmed, "runs": launched}},
+                  f, indent=1)
     return rows
+
+
+def _print_hidden(phases: dict[str, float], train_s: float) -> None:
+    """What of the rest a sweep worker's finisher does beside the next configuration's training."""
+    rest = {k: v for k, v in phases.items() if k != "training loop"}
+    hidden = sum(v for k, v in rest.items() if k.startswith(FINISH_PHASES))
+    visible = sum(rest.values()) - hidden
+    print(f"in a sweep: {hidden:.2f} s of the rest is finished beside the next training; {visible:.2f} s stays on "
+          f"the worker (rest/loop {visible / train_s:.2f})")
+
+
+def launch_run(*, model: str, img_size: int, epochs: int, device: str = "auto", cam: bool = True,
+               extra: tuple[str, ...] = ()) -> dict:
+    """One `mlflow run . --env-manager local` of the main entry point on a fresh throwaway store (seeded as
+    scripts/quickstart.sh seeds one), split into the launcher, the training process's start, the phases the run
+    recorded itself (CUSHING_PHASES_OUT) and the exit."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "MLproject").exists():
+        raise FileNotFoundError(f"no MLproject beside the package ({root}): launched runs need the project's clone")
+    with tempfile.TemporaryDirectory(prefix="cushing-bench-launch-") as d:
+        report, store = Path(d) / "phases.json", f"sqlite:///{d}/mlflow.db"
+        seed_sqlite(store)  # as scripts/quickstart.sh does before its `mlflow run`
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store, PHASES_OUT_ENV: str(report)}
+        for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            env.pop(k, None)
+        params = {"model": model, "pretrained": "false", "epochs": epochs, "img_size": img_size, "device": device,
+                  "cam": str(cam).lower(), "experiment": "cushing-bench"}
+        cmd = [*_mlflow_cli(), "run", str(root), "--env-manager", "local", "--experiment-name", "cushing-bench",
+               *[a for k, v in params.items() for a in ("-P", f"{k}={v}")], *extra]
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
+        t1 = time.time()
+        if r.returncode != 0 or not report.exists():
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        run = json.loads(report.read_text())
+    started = run["process_start"] or run["start"]
+    phases = {LAUNCHER: started - t0, STARTUP: run["start"] - started, **run["phases"], EXIT: t1 - run["end"]}
+    return {"wall_s": t1 - t0, "train_s": run["train_seconds"], "phases": phases}
+
+
+def _mlflow_cli() -> list[str]:
+    """The `mlflow` a user types, from this interpreter's environment."""
+    exe = Path(sys.executable).with_name("mlflow")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+
+
+def _median_phases(tables: list[dict[str, float]]) -> dict[str, float]:
+    names = list(dict.fromkeys(n for t in tables for n in t))
+    order = [n for n in names if n != OTHER] + [OTHER] * (OTHER in names)
+    return {n: statistics.median(t.get(n, 0.0) for t in tables) for n in order}
+
+
+def _print_phases(table: dict[str, dict[str, float]]) -> None:
+    cols = [c for c in ("mlflow_run", "in_process") if table.get(c)]
+    order = list(dict.fromkeys(n for c in cols for n in table[c] if n != OTHER)) + [OTHER]
+    totals = {c: sum(table[c].values()) for c in cols}
+    heads = {"mlflow_run": "mlflow run", "in_process": "in process"}
+    print(f"{'phase':76s}" + "".join(f"{heads[c]:>20s}" for c in cols))
+    for n in order + ["total"]:
+        cells = []
+        for c in cols:
+            v = totals[c] if n == "total" else table[c].get(n)
+            cells.append(f"{'-':>20s}" if v is None else f"{v:9.2f} s {100 * v / totals[c]:6.1f}%  ")
+        print(f"{n[:76]:76s}" + "".join(cells))
 
 
 def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None, out: str) -> dict:
     """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
-
-
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
         if limit:

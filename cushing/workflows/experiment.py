@@ -7,44 +7,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import os
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from cushing import __version__
-from cushing import release, tracking
-from cushing.stats import plots
+from cushing import tracking
 from cushing.model.backbones import get_spec
 from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
 from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, checkpoint_dir, load_checkpoint,
-                                      remove_checkpoint, resume_lock)
+                                      resume_lock)
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
-from cushing.stats.report import Report, build_report
+from cushing.stats.report import build_report
 from cushing.data.splits import assign_folds
-from cushing.model.train import Cohort, TrainOutcome, prepare_cohort, train
-from cushing.tracking import artifact_dir
-from cushing.faces.settings import settings_for_manifest
-from cushing.model import explain
+from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
+from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
+from cushing.workflows.finisher import Finisher, summary_now
+from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part, score_part
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
-           "resume_single", "ResumeError"]
+           "resume_single", "ResumeError", "Trained", "train_part", "finish_part"]
 
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    run_name: str
-    metrics: dict[str, float]
-    model_uri: str | None = None
-    children: list["RunSummary"] = field(default_factory=list)
-    predictions: pd.DataFrame | None = None  # the run's predictions table (hashed subjects), when it trained
-    stopped: str = ""  # why training ended early (patience, a pruner), if it did
-    selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
 
 
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
@@ -107,84 +94,64 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     run.set_tags(tags)
 
 
-def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
-    if cfg.prevalence is not None:
-        return cfg.prevalence
-    return float(cohort.labels[cohort.index("train")].mean())
-
-
-def _log_results(run: tracking.RunLogger, outcome: TrainOutcome, report: Report) -> dict[str, float]:
-    fit = outcome.fit
-    metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-               "train_seconds": fit.seconds, "temperature": outcome.temperature,
-               "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
-               # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
-               "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
-    run.log_metrics(metrics)  # final results at step 0; per-epoch series are under epoch/
-    tags = dict(report.tags)
-    tags["device"] = outcome.device
-    if fit.stopped:
-        tags["stopped_early"] = fit.stopped
-    run.set_tags(tags)
-    extra = [c for c in outcome.config.subgroup_columns if c != "sex"]
-    pred = outcome.predictions[["subject", "split", "sex", *extra, "label", "probability", "prediction"]]
-    run.log_table(pred, "predictions.csv")
-    run.log_table(report.per_sex, "per_sex.csv")
-    run.log_table(report.per_subgroup, "per_subgroup.csv")
-    run.log_table(pd.DataFrame(fit.history), "history.csv")
-    with artifact_dir() as d:
-        plots.roc_plot(outcome.predictions, d / "roc.png", title=run_name(outcome.config))
-        plots.confusion_plot(outcome.predictions, outcome.threshold, d / "confusion.png")
-        plots.curves_plot(fit.history, fit.best_epoch, d / "curves.png")
-        plots.calibration_plot(report.reliability, d / "calibration.png")
-        run.log_files(d, "plots")
-    return metrics
-
-
-def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
-    """The face-stage settings recorded in a face-crop manifest's sidecar, so serving applies the same."""
-    return settings_for_manifest(cohort.manifest.source)
-
-
-class _Stages:
-    """One progress line for the work after the epoch bar (intervals, model, tables and plots, Grad-CAM), so the
-    seconds it takes are not silent."""
-
-    def __init__(self, names: list[str], progress: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=len(names), desc="after training", unit="stage", disable=not progress, leave=False,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
-        self.started = False
-
-    def __call__(self, name: str) -> None:
-        if self.started:
-            self.bar.update(1)
-        self.started = True
-        self.bar.set_postfix_str(name)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
                on_epoch: EpochCallback | None = None, progress: bool = True,
-               extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> RunSummary:
-    tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
-    cohort = cohort or prepare_cohort(cfg, progress=progress)
-    name = run_name(cfg)
-    with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), **(extra_tags or {})},
-                            parent_run_id=parent_run_id) as run:
-        if on_start is not None:
-            on_start(run.run_id)
-        _log_setup(run, cfg, cohort)
-        return _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+               extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None,
+               finisher: Finisher | None = None) -> RunSummary:
+    """One tracked training. With a `finisher` (a sweep worker's), the run is scored here and handed over to be
+    finished beside the next training: the summary then holds the final results so far (all but Grad-CAM's)
+    and `pending`, the full summary once the run has ended."""
+    with timing() as timer:
+        with phase("store: tracking server check"):
+            tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
+        cohort = cohort or prepare_cohort(cfg, progress=progress)
+        tags = {**_tags(cfg, cohort), **(extra_tags or {})}
+        opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), tags=tags,
+                                    parent_run_id=parent_run_id, detached=finisher is not None)
+        with phased(opened, RUN_START, RUN_END if finisher is None else HAND_OVER) as run:
+            if on_start is not None:
+                on_start(run.run_id)
+            with phase("setup logging (params, splits, dataset)"):
+                _log_setup(run, cfg, cohort)
+            if finisher is None:
+                summary = _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+            else:
+                summary = _train_and_hand_over(run, cfg, cohort, finisher, on_epoch=on_epoch, progress=progress)
+    summary.phases = timer
+    return summary
+
+
+def _train_and_hand_over(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, finisher: Finisher, *,
+                         on_epoch: EpochCallback | None, progress: bool) -> RunSummary:
+    trained = train_part(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+    scored = score_part(trained, progress=False)  # no "after training" bar: the finisher's part is silent
+    run.hand_over()
+    try:
+        with phase("hand-over (waiting for the finisher)"):
+            pending = finisher.submit(scored)
+    except BaseException:
+        run.hand_over(False)  # not handed over: the run's block ends it (KILLED on a stop)
+        scored.stages.close()
+        raise
+    return summary_now(scored, pending)
+
+
+RUN_START = "run start (store, experiment, tags, heartbeat)"
+RUN_END = "run end"
+HAND_OVER = "run handed to the finisher"
 
 
 def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
                    progress: bool, resume: FitState | None = None, logged: int = 0) -> RunSummary:
     """Train (from the start, or on from a checkpoint), then evaluate and log everything into `run`. Epochs up to
     `logged` (a resumed run's epochs already in MLflow before it stopped) are recomputed but not logged twice."""
+    trained = train_part(run, cfg, cohort, on_epoch=on_epoch, progress=progress, resume=resume, logged=logged)
+    return finish_part(trained, progress=progress)
+
+
+def train_part(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
+               progress: bool, resume: FitState | None = None, logged: int = 0) -> Trained:
+    """The training loop of a run, its epochs logged as they end (written by the run logger's own thread)."""
     saver = None
     if cfg.checkpoint_every:
         saver = Checkpointer(run.run_id, lambda path, epoch: run.note_checkpoint(path, epoch, cfg.log_checkpoint))
@@ -192,34 +159,11 @@ def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *,
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch > logged:
             run.log_epoch(epoch, metrics)
-    outcome = train(cfg, cohort, on_epoch=_chain(log_epoch, on_epoch), progress=progress, resume=resume,
-                    on_checkpoint=saver)
-    run.flush()
-    stages = _Stages(["intervals"] + ["model"] * cfg.log_model + ["tables and plots"] + ["Grad-CAM"] * cfg.cam,
-                     progress)
-    try:
-        stages("intervals (bootstrap)")
-        report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
-                              bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              subgroup_columns=cfg.subgroup_columns)
-        uri = None
-        if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
-            stages("model")
-            uri = _log_model(run, outcome, cohort)
-        stages("tables and plots")
-        metrics = _log_results(run, outcome, report)
-        if cfg.cam:
-            stages("Grad-CAM")
-            metrics.update(_log_cams(run, outcome, cohort))
-    finally:
-        stages.close()
-    remove_checkpoint(run.run_id)  # finished: nothing to resume
-    fit = outcome.fit
-    selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
-                 f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
-                 f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
-    return RunSummary(run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions, stopped=fit.stopped,
-                      selection=selection)
+    fitted = fit_model(cfg, cohort, on_epoch=_chain(log_epoch, on_epoch), progress=progress, resume=resume,
+                       on_checkpoint=saver)
+    with phase("epoch metrics flush"):
+        run.flush()
+    return Trained(run, cfg, cohort, fitted)
 
 
 class ResumeError(ValueError):
@@ -301,24 +245,6 @@ def _checkpoint_of(run_id: str) -> FitState:
         host = tracking.get_run(run_id).tags.get("checkpoint_host", "another host")
         raise ResumeError(f"run {run_id} has no checkpoint here: it stopped before its first checkpoint, or the "
                           f"checkpoint is on {host} (log_checkpoint=true puts it in the run's artifacts)") from None
-
-
-def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
-    logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
-                               synthetic=cohort.manifest.synthetic)
-    run.model_id = logged.model_id
-    run.set_tags({"model_uri": logged.uri})
-    return logged.uri
-
-
-def _log_cams(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> dict[str, float]:
-
-    with artifact_dir() as d:
-        result = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=outcome.config.allow_phi_artifacts)
-        run.log_files(d, None)
-        run.log_metrics(result.metrics)
-        run.set_tags(result.tags)
-    return result.metrics
 
 
 def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
@@ -403,7 +329,20 @@ def run_seeds(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool 
 
 def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCallback | None = None,
                    parent_run_id: str | None = None) -> RunSummary:
-    """The main job: a single run, CV folds or seed repeats, as the config asks."""
+    """The main job: a single run, CV folds or seed repeats, as the config asks. With CUSHING_PHASES_OUT set,
+    where the time went (named phases, and when this process started) is written there as JSON."""
+    with timing() as timer:
+        summary = _dispatch(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
+    summary.phases = timer
+    out = os.environ.get(PHASES_OUT_ENV)
+    if out:
+        timer.write(out, process_start=process_start_time(), run_id=summary.run_id,
+                    train_seconds=summary.metrics.get("train_seconds"))
+    return summary
+
+
+def _dispatch(cfg: TrainConfig, *, progress: bool, on_epoch: EpochCallback | None,
+              parent_run_id: str | None) -> RunSummary:
     if cfg.resume:
         return resume_single(cfg, progress=progress)
     if cfg.cv_folds > 1:
@@ -411,4 +350,3 @@ def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCa
     if cfg.seeds > 1:
         return run_seeds(cfg, progress=progress, parent_run_id=parent_run_id)
     return run_single(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
-

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cushing import tracking
-from cushing.workflows.plan import estimate, makespan
+from cushing.workflows.plan import Overhead, estimate, makespan
 from cushing.workflows.studies import Study
 from cushing.workflows.sweeps.grid import _Grid, _attempts, _open_grid
 from cushing.workflows.sweeps.storage import default_storage, load_for
@@ -182,12 +182,12 @@ def _log_pass(run_id: str, grid: _Grid, trained: int, done: int) -> None:
         r.log_metrics({"sweep/configurations_done": float(done), "sweep/trained_here": float(max(trained, 0))})
 
 
-def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None
+def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None, overhead: Overhead | None = None
                ) -> tuple[pd.DataFrame, dict[int, float]]:
     """Per-configuration estimates (H200 seconds; `schedule`) and the estimated wall time per worker count."""
     study = load_for(path, "sweep", compile)
-    est = [estimate(c) for c in study.configurations]
+    est = [estimate(c, overhead) for c in study.configurations]
     table = pd.DataFrame({"configuration": study.labels, "compile_s": [e.compile_s for e in est],
                           "train_s": [e.gpu_s for e in est], "other_s": [e.overhead_s for e in est],
-                          "total_s": [e.total_s for e in est]})
+                          "finish_s": [e.finish_s for e in est], "total_s": [e.total_s for e in est]})
     return table, {w: makespan(est, w) for w in workers}

@@ -20,7 +20,8 @@ from cushing.workflows.sweeps.parent import _parent_run
 from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _storage, _study_name, \
     default_storage, load_for
 from cushing.workflows.sweeps.watch import _end_orphan, _fail_stale
-from cushing.workflows.sweeps.worker import _CohortMemo, _objective_value
+from cushing.workflows.finisher import Finisher, FinishError
+from cushing.workflows.sweeps.worker import _CohortMemo, _objective_value, finisher_for_worker
 
 __all__ = ["TuneResult", "TuneHandle", "open_tune", "run_tune", "finish_tune"]
 
@@ -57,12 +58,16 @@ def _suggest(trial, study: Study) -> dict[str, Any]:
     return out
 
 
-def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool):
+def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool, finisher: Finisher | None = None):
+    """The objective: train a trial's configuration and return its value as soon as it is scored (the sampler
+    sees the same value at the same point as without a finisher); the run is finished beside the next trial."""
     optuna = _optuna()
 
     per_epoch = study.objective_metric
 
     def objective(trial) -> float:
+        if finisher is not None:
+            finisher.check()  # an earlier trial's run whose finishing failed stops the tuning, loudly
         params = _suggest(trial, study)
         cfg = study.config_for({**params, "run_name": f"{study.name}-trial{trial.number}"})
         cfg = dataclasses.replace(cfg, experiment=study.experiment)
@@ -76,7 +81,10 @@ def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool
                 raise StopTraining(f"pruned by {type(trial.study.pruner).__name__} at epoch {epoch}")
         summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=parent, progress=progress, on_epoch=report,
                              extra_tags={"tune": study.name, "optuna_trial": str(trial.number)},
-                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                             finisher=finisher)
+        if summary.pending is not None and study.objective_metric not in summary.metrics:
+            summary = summary.pending.result()  # an objective only finishing computes (a Grad-CAM figure)
         if summary.stopped.startswith("pruned"):
             tracking.set_tags(summary.run_id, {"pruned": summary.stopped})
             raise optuna.TrialPruned(summary.stopped)
@@ -134,8 +142,7 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
         for t in _fail_stale(h.ostudy):
             _end_orphan(t)
         n = n_trials or h.study.n_trials
-        h.ostudy.optimize(_tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress), n_trials=n, catch=(),
-                          callbacks=[_tune_progress(h.study.name, n)])
+        _optimize_finishing(h, n, progress)
         result = finish_tune(h)
     finally:
         _close_storage(h.storage)
@@ -146,6 +153,28 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
                         "study": h.ostudy.study_name})
             r.log_metrics({"tune/trials_here": float(n), "tune/complete": float(result.n_complete)})
     return result
+
+
+def _optimize_finishing(h: TuneHandle, n: int, progress: bool) -> None:
+    """Optuna's optimize with a finisher: joined before the parent's tables are made (its first failure raised,
+    naming the run); on a stop it drains within its grace and ends what is left KILLED."""
+    finisher = finisher_for_worker()
+    objective = _tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress, finisher)
+    try:
+        h.ostudy.optimize(objective, n_trials=n, catch=(), callbacks=[_tune_progress(h.study.name, n)])
+    except (KeyboardInterrupt, SystemExit):
+        if finisher is not None:
+            finisher.stop()
+        raise
+    except BaseException:
+        if finisher is not None:
+            try:
+                finisher.join()
+            except FinishError as e:
+                print(f"[tune {h.study.name}] {e}", flush=True)
+        raise
+    if finisher is not None:
+        finisher.join()
 
 
 def _tune_progress(name: str, n: int):

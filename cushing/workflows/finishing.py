@@ -1,0 +1,237 @@
+"""Finishing a trained run: score the held best weights, intervals, the logged model, tables, plots and
+Grad-CAM into one artifact folder, then the final metrics, tags and one upload. Touches the run only through the
+`Trained` it is given, so it can run on another thread than the training (see `finisher`).
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cushing import release, tracking
+from cushing.config import TrainConfig, run_name
+from cushing.faces.settings import settings_for_manifest
+from cushing.model import explain
+from cushing.model.checkpoint import remove_checkpoint
+from cushing.model.train import Cohort, Fitted, TrainOutcome, score
+from cushing.phases import PhaseTimer, phase
+from cushing.stats import plots
+from cushing.stats.report import Report, build_report
+from cushing.tracking import artifact_dir
+
+__all__ = ["RunSummary", "Trained", "Scored", "finish_part", "score_part", "finish_rest"]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_name: str
+    metrics: dict[str, float]
+    model_uri: str | None = None
+    children: list["RunSummary"] = field(default_factory=list)
+    predictions: pd.DataFrame | None = None  # the run's predictions table (hashed subjects), when it trained
+    stopped: str = ""  # why training ended early (patience, a pruner), if it did
+    selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
+    phases: PhaseTimer | None = None  # where the run's wall time went, by named phase
+    pending: Future | None = None  # a run handed to a finisher: its full summary once finished
+
+
+def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
+    if cfg.prevalence is not None:
+        return cfg.prevalence
+    return float(cohort.labels[cohort.index("train")].mean())
+
+
+def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], dict[str, str]]:
+    """The final metrics (at step 0; per-epoch series are under epoch/) and tags of a trained run."""
+    fit = outcome.fit
+    metrics = {**report.metrics, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+               "train_seconds": fit.seconds, "temperature": outcome.temperature,
+               "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
+               # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
+               "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
+    tags = dict(report.tags)
+    tags["device"] = outcome.device
+    if fit.stopped:
+        tags["stopped_early"] = fit.stopped
+    return metrics, tags
+
+
+def _write_tables(d: Path, outcome: TrainOutcome, report: Report) -> None:
+    """predictions.csv, per_sex.csv, per_subgroup.csv and history.csv into the run's artifact folder."""
+    extra = [c for c in outcome.config.subgroup_columns if c != "sex"]
+    pred = outcome.predictions[["subject", "split", "sex", *extra, "label", "probability", "prediction"]]
+    for table, name in ((pred, "predictions.csv"), (report.per_sex, "per_sex.csv"),
+                        (report.per_subgroup, "per_subgroup.csv"), (pd.DataFrame(outcome.fit.history), "history.csv")):
+        table.to_csv(d / name, index=False)
+
+
+def _write_plots(d: Path, outcome: TrainOutcome, report: Report) -> None:
+    fit = outcome.fit
+    (d / "plots").mkdir()
+    plots.roc_plot(outcome.predictions, d / "plots" / "roc.png", title=run_name(outcome.config))
+    plots.confusion_plot(outcome.predictions, outcome.threshold, d / "plots" / "confusion.png")
+    plots.curves_plot(fit.history, fit.best_epoch, d / "plots" / "curves.png")
+    plots.calibration_plot(report.reliability, d / "plots" / "calibration.png")
+
+
+def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
+    """The face-stage settings recorded in a face-crop manifest's sidecar, so serving applies the same."""
+    return settings_for_manifest(cohort.manifest.source)
+
+
+class _Stages:
+    """One progress line for the work after the epoch bar (intervals, model, tables and plots, Grad-CAM), so the
+    seconds it takes are not silent."""
+
+    def __init__(self, names: list[str], progress: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), desc="after training", unit="stage", disable=not progress, leave=False,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class Trained:
+    """What finishing a run needs once its training loop is over: the open run, its configuration and cohort,
+    and the best-epoch model not yet scored. Finishing (scoring, intervals, model logging, tables, plots,
+    Grad-CAM, upload) needs nothing else, so it can run beside the next configuration's training."""
+
+    run: tracking.RunLogger
+    cfg: TrainConfig
+    cohort: Cohort
+    fitted: Fitted
+
+
+@dataclass
+class Scored:
+    """A trained run scored: its predictions, report (point values and intervals) and the final metrics and tags
+    so far. What a sweep's objective needs is here, so the rest of finishing can wait for the finisher."""
+
+    trained: Trained
+    outcome: TrainOutcome
+    report: Report
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    stages: "_Stages"
+    randomized: Any = None  # Grad-CAM's randomization check weights, drawn here (torch's generator is global)
+
+
+def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
+    """Everything after the training loop: score the held best weights, intervals, the logged model, results,
+    tables, plots and Grad-CAM, written into one artifact folder; then the final metrics and tags in one call
+    each and the folder in one upload. Touches the run only through `trained.run`."""
+    return finish_rest(score_part(trained, progress=progress))
+
+
+def score_part(trained: Trained, *, progress: bool) -> Scored:
+    """Scoring (val, test) and the report with its intervals: the final results, before any file is made."""
+    cfg, cohort = trained.cfg, trained.cohort
+    stages = _Stages(["scoring", "intervals"] + ["model"] * cfg.log_model + ["tables and plots"]
+                     + ["Grad-CAM"] * cfg.cam, progress)
+    try:
+        stages("scoring")
+        with phase("scoring (val, test)"):
+            outcome = score(trained.fitted, cohort)
+        stages("intervals (bootstrap)")
+        with phase("intervals (bootstrap)"):
+            report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
+                                  bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
+                                  subgroup_columns=cfg.subgroup_columns)
+    except BaseException:
+        stages.close()
+        raise
+    metrics, tags = _results(outcome, report)
+    randomized = None
+    if cfg.cam:
+        with phase("Grad-CAM randomization weights (drawn before a hand-over)"):
+            randomized = explain.randomized_parts(outcome.model, cfg.model, cfg.seed)
+    return Scored(trained, outcome, report, metrics, tags, stages, randomized)
+
+
+def finish_rest(scored: Scored) -> RunSummary:
+    """The logged model, tables, plots and Grad-CAM into one folder; the final metrics and tags (one call each)
+    and one upload; a failure still logs what was made before it. The run is not ended here."""
+    run, cfg, outcome = scored.trained.run, scored.trained.cfg, scored.outcome
+    made: dict[str, Any] = {"metrics": dict(scored.metrics), "tags": dict(scored.tags), "uri": None}
+    try:
+        with artifact_dir() as d:
+            try:
+                _finish_into(d, scored, made)
+            except BaseException:
+                _keep_what_was_made(run, d, made)
+                raise
+            with phase("final metrics and tags"):
+                run.log_metrics(made["metrics"])  # final results at step 0; per-epoch series are under epoch/
+                run.set_tags(made["tags"])
+            with phase("artifact upload"):
+                run.log_files(d, None)
+    finally:
+        scored.stages.close()
+    remove_checkpoint(run.run_id)  # finished: nothing to resume
+    return _summary(scored, made["metrics"], made["uri"])
+
+
+def _summary(scored: Scored, metrics: dict[str, float], uri: str | None) -> RunSummary:
+    cfg, outcome = scored.trained.cfg, scored.outcome
+    fit = outcome.fit
+    selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
+                 f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
+                 f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
+    return RunSummary(scored.trained.run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions,
+                      stopped=fit.stopped, selection=selection)
+
+
+def _finish_into(d: Path, scored: Scored, made: dict[str, Any]) -> None:
+    """Model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they come (so that a
+    failure later keeps them)."""
+    run, cfg, cohort, outcome, stages = (scored.trained.run, scored.trained.cfg, scored.trained.cohort,
+                                         scored.outcome, scored.stages)
+    if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
+        stages("model")
+        made["uri"] = _log_model(run, outcome, cohort)
+    stages("tables and plots")
+    with phase("tables"):
+        _write_tables(d, outcome, scored.report)
+    with phase("plots"):
+        _write_plots(d, outcome, scored.report)
+    if cfg.cam:
+        stages("Grad-CAM")
+        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts,
+                                       randomized=scored.randomized)
+        made["metrics"].update(cams.metrics)
+        made["tags"].update(cams.tags)
+
+
+def _keep_what_was_made(run: tracking.RunLogger, d: Path, made: dict[str, Any]) -> None:
+    """A step after training failed (the run ends FAILED): log the results and files made before it, best effort,
+    never hiding the failure itself."""
+    for keep in (lambda: run.log_metrics(made["metrics"]), lambda: run.set_tags(made["tags"]),
+                 lambda: run.log_files(d, None)):
+        try:
+            keep()
+        except Exception:
+            pass
+
+
+def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
+    logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
+                               synthetic=cohort.manifest.synthetic, run_id=run.run_id)
+    run.model_id = logged.model_id
+    run.set_tags({"model_uri": logged.uri})
+    return logged.uri
