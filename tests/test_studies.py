@@ -18,6 +18,9 @@ def test_shipped_study_files_are_valid():
     assert len(set(paper.labels)) == 23
     demo = load_study(ROOT / "projects" / "demo.yaml")
     assert len(demo.configurations) == 3 and demo.configurations[0].data == "demo"
+    cpu = load_study(ROOT / "projects" / "demo_cpu.yaml")  # the benchmark's realistic CPU size of the demo
+    assert len(cpu.configurations) == 3 and {c.img_size for c in cpu.configurations} == {112}
+    assert len(set(cpu.labels)) == 3 and all(c.epochs > demo.configurations[0].epochs for c in cpu.configurations)
     tune = load_study(ROOT / "projects" / "tune_vit.yaml")
     assert {p.name for p in tune.space} >= {"lr", "weight_decay", "batch_size", "oversample", "aug_strength", "freeze"}
     assert tune.objective_metric == "val/f1" and tune.pruner["type"] == "median"
