@@ -291,7 +291,11 @@ def test_scoring_reuses_the_best_epochs_validation_pass(small_demo):
     cfg = TrainConfig(data=str(small_demo), model="resnet18", pretrained=False, img_size=32, epochs=4, lr=0.05,
                       select_metric="val/loss", device="cpu")
     cohort = prepare_cohort(cfg, progress=False)
-    fitted = fit_model(cfg, cohort, progress=False)
+    for seed in range(6):  # a seed whose best epoch is not the last (which one depends on the CPU's arithmetic)
+        cfg = dataclasses.replace(cfg, seed=seed)
+        fitted = fit_model(cfg, cohort, progress=False)
+        if fitted.fit.best_epoch < fitted.fit.epochs_run:
+            break
     assert fitted.fit.best_epoch < fitted.fit.epochs_run, "the weights were restored from an earlier epoch"
     va, te = cohort.index("val"), cohort.index("test")
     again = predict_proba(fitted.model, fitted.bank, va, fitted.aug)

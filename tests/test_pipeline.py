@@ -274,7 +274,8 @@ def test_a_sigterm_during_the_sweep_then_the_resume_command_trains_nothing_twice
     assert p["run"].info.status == "KILLED" and p["steps"]["sweep"].info.status == "KILLED"
     r = stopped["resume"]
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
-    assert re.search(r"^  sweep +run: 1 of 2 configurations to train \(1 finished earlier\)$", r.stdout, re.M)
+    assert re.search(r"^  sweep +run: 1 of 2 configurations to train \(1 finished earlier\)$", r.stdout, re.M), \
+        f"{r.stdout[-3000:]}\n--- the stopped pass:\n{stopped['stderr'][-3000:]}"
     resumed = _pipeline(d, stopped["resumed_id"])
     assert resumed["run"].info.status == "FINISHED"
     assert {s for s, (_, reused) in resumed["links"].items() if reused} >= {"faces", "audit"}

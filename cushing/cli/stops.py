@@ -22,9 +22,12 @@ def _on_signal(signum, frame) -> None:
     A terminal's Ctrl-C reaches every process of its group at once, and schedulers follow SIGTERM with more."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # a Python no-op, not SIG_IGN: a signal already pending when the
         signal.signal(sig, _ignore)  # handler changes to SIG_IGN is raised as "OSError: ignored due to race condition"
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Terminated(signum)
+    from cushing.interrupts import hold_back
+
+    exc = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+    if hold_back(exc):  # inside a store write: raised as the write returns (cushing/interrupts.py)
+        return
+    raise exc
 
 
 def _ignore(signum, frame) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from cushing.interrupts import held
 from cushing.tracking.stores import seed_sqlite, sqlite_path, store_lock
 
 __all__ = ["HTTP_RETRY_DEFAULTS", "tracking_uri", "TrackingUnavailable", "check_reachable", "configure", "client",
@@ -95,10 +96,36 @@ def _ensure_store(uri: str) -> None:
 
 
 def client():
+    """An MlflowClient; on an embedded SQLite store, its calls from the main thread hold back a Ctrl-C or SIGTERM
+    until they return (`cushing.interrupts`), so a stop never leaves the store's file locked mid-write."""
     import mlflow
 
-    configure()
-    return mlflow.MlflowClient()
+    uri = configure()
+    c = mlflow.MlflowClient()
+    return _HeldClient(c) if sqlite_path(uri) is not None else c
+
+
+def holding():
+    """`interrupts.held()` where the store is an embedded SQLite file (a server's writes may retry for minutes: a
+    stop is not held back that long)."""
+    return held(sqlite_path(tracking_uri()) is not None)
+
+
+class _HeldClient:
+    """An MlflowClient whose method calls run inside `interrupts.held()` (a no-op off the main thread)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with held():
+                return attr(*args, **kwargs)
+        return call
 
 
 @contextmanager

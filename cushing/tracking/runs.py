@@ -8,7 +8,7 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-from cushing.tracking.connection import client, configure
+from cushing.tracking.connection import client, configure, holding
 from cushing.tracking.liveness import _Heartbeat
 from cushing.tracking.logger import RunLogger
 from cushing.tracking.queries import experiment_id
@@ -87,7 +87,8 @@ def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | Non
                    use_env_run: bool, run_id: str | None) -> Iterator[RunLogger]:
     import mlflow
 
-    run = _open_run(experiment, run_name, parent_run_id, use_env_run, run_id)
+    with holding():  # a stop here is raised once the run exists (cushing.interrupts)
+        run = _open_run(experiment, run_name, parent_run_id, use_env_run, run_id)
     logger = RunLogger(run.info.run_id)
     if tags:
         logger.set_tags(tags)
