@@ -131,20 +131,18 @@ def predict_proba(model, bank: ImageBank, idx: np.ndarray, aug: DeviceAugment, b
     """(probability of class 1, logit difference) for the images at `idx`; eval mode, no augmentation."""
     model.eval()
     dev = bank.device
-    probs, diffs = [], []
+    logits = []
     t_idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
     for a, b in _batches(len(t_idx), batch):
         with autocast_for(dev):
-            logits = model(aug.normalize(bank.take(t_idx[a:b]))).float()
-        probs.append(logits.softmax(1)[:, 1])
-        diffs.append(logits[:, 1] - logits[:, 0])
-    if not probs:
+            logits.append(model(aug.normalize(bank.take(t_idx[a:b]))).float())
+    if not logits:
         return np.zeros(0), np.zeros(0)
-    return torch.cat(probs).cpu().numpy().astype(np.float64), torch.cat(diffs).cpu().numpy().astype(np.float64)
+    return proba_of_logits(torch.cat(logits))
 
 
 def proba_of_logits(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(probability of class 1, logit difference) from logits, as `predict_proba` computes them."""
+    """(probability of class 1, logit difference) from [n, 2] logits: what `predict_proba` returns."""
     logits = logits.float()
     return (logits.softmax(1)[:, 1].cpu().numpy().astype(np.float64),
             (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64))

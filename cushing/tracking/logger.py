@@ -147,8 +147,6 @@ class RunLogger:
 
     def note_checkpoint(self, path: Path, epoch: int, upload: bool = False) -> None:
         """Record the run's latest checkpoint (and upload it as the artifact checkpoint/checkpoint.pt if asked)."""
-        import mlflow
-
         self.set_tags({"checkpoint_epoch": epoch, "checkpoint_host": socket.gethostname()})
         if upload:
             client().log_artifact(self.run_id, str(path), "checkpoint")

@@ -82,6 +82,28 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
             yield logger
 
 
+class _Outcome:
+    """How the body of a run's block ended: FINISHED; KILLED on Ctrl-C or SIGTERM (the interrupt names the
+    innermost run as `cushing_run`, for the one-line message of cli/stops.py); FAILED when it raised."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.status = "FINISHED"
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            self.status = "KILLED"
+            if not getattr(e, "cushing_run", None):
+                e.cushing_run = self.run_id
+            raise
+        except BaseException:
+            self.status = "FAILED"
+            raise
+
+
 @contextmanager
 def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None, parent_run_id: str | None,
                    use_env_run: bool, run_id: str | None) -> Iterator[RunLogger]:
@@ -92,52 +114,38 @@ def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | Non
     logger = RunLogger(run.info.run_id)
     if tags:
         logger.set_tags(tags)
-    status = "FINISHED"
+    outcome = _Outcome(logger.run_id)
     try:
-        logger.start_heartbeat()
-        yield logger
-    except KeyboardInterrupt as e:
-        status = "KILLED"
-        if not getattr(e, "cushing_run", None):
-            e.cushing_run = logger.run_id  # the innermost run: the one training when the signal came
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
+        with outcome.watch():
+            logger.start_heartbeat()
+            yield logger
     finally:
         try:
             logger.close()
         except Exception:
-            if status == "FINISHED":
-                status = "FAILED"
+            if outcome.status == "FINISHED":
+                outcome.status = "FAILED"
                 raise
             # the body's own exception is already propagating; do not mask it
         finally:
-            mlflow.end_run(status=status)
+            mlflow.end_run(status=outcome.status)
 
 
 @contextmanager
 def _detached_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None,
                         parent_run_id: str | None) -> Iterator[RunLogger]:
     logger = RunLogger(_new_run_id(experiment, run_name, tags or {}, parent_run_id))
-    status = "FINISHED"
+    outcome = _Outcome(logger.run_id)
     try:
-        logger.start_heartbeat()
-        yield logger
-    except KeyboardInterrupt as e:
-        status = "KILLED"
-        if not getattr(e, "cushing_run", None):
-            e.cushing_run = logger.run_id
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
+        with outcome.watch():
+            logger.start_heartbeat()
+            yield logger
     finally:
-        if status != "FINISHED" or not logger.handed_over:
+        if outcome.status != "FINISHED" or not logger.handed_over:
             try:
-                logger.end(status)
+                logger.end(outcome.status)
             except Exception:
-                if status == "FINISHED":
+                if outcome.status == "FINISHED":
                     raise
 
 
@@ -205,20 +213,13 @@ def held_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None =
         run_id = _new_run_id(experiment, run_name, tags or {}, parent_run_id)
     beat = _Heartbeat(run_id)
     beat.start()
-    status = "FINISHED"
+    outcome = _Outcome(run_id)
     try:
-        yield run_id
-    except KeyboardInterrupt as e:
-        status = "KILLED"
-        if not getattr(e, "cushing_run", None):
-            e.cushing_run = run_id  # the innermost run, for the one-line message (cli/stops.py)
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
+        with outcome.watch():
+            yield run_id
     finally:
         beat.stop()
-        client().set_terminated(run_id, status)
+        client().set_terminated(run_id, outcome.status)
 
 
 @contextmanager

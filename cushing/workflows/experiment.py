@@ -26,7 +26,7 @@ from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
 from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
-from cushing.workflows.finisher import Finisher, summary_now
+from cushing.workflows.finisher import RUN_END, Finisher, summary_now
 from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part, score_part
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
@@ -137,7 +137,6 @@ def _train_and_hand_over(run: tracking.RunLogger, cfg: TrainConfig, cohort: Coho
 
 
 RUN_START = "run start (store, experiment, tags, heartbeat)"
-RUN_END = "run end"
 HAND_OVER = "run handed to the finisher"
 
 

@@ -15,12 +15,14 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from cushing.phases import PhaseTimer, phase, timing
 from cushing.workflows.finishing import RunSummary, Scored, _summary, finish_rest
 
-__all__ = ["Finisher", "FinishError", "FinishStopped", "FINISH_GRACE_ENV", "summary_now"]
+__all__ = ["Finisher", "FinishError", "FinishStopped", "FINISH_GRACE_ENV", "summary_now", "finishing_beside"]
 
 FINISH_GRACE_ENV = "CUSHING_FINISH_GRACE_S"
 RUN_END = "run end"
@@ -187,6 +189,29 @@ class Finisher:
                 with self._cond:
                     self._current = None
                     self._cond.notify_all()
+
+
+@contextmanager
+def finishing_beside(say: Callable[[str], None]) -> Iterator[Finisher | None]:
+    """A worker's finisher for the block (None when CUSHING_FINISHER=0: each run is finished before the next
+    trains). At the end it is joined (its first failure raised, naming the run); on a stop it drains within its
+    grace and ends what is left KILLED; after another error it finishes what it holds, `say`ing a failure there."""
+    if os.environ.get("CUSHING_FINISHER", "1") == "0":
+        yield None
+        return
+    finisher = Finisher()
+    try:
+        yield finisher
+    except (KeyboardInterrupt, SystemExit):
+        finisher.stop()
+        raise
+    except BaseException:
+        try:
+            finisher.join()
+        except FinishError as e:
+            say(str(e))
+        raise
+    finisher.join()
 
 
 def summary_now(scored: Scored, pending: Future) -> RunSummary:

@@ -20,8 +20,8 @@ from cushing.workflows.sweeps.parent import _parent_run
 from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _storage, _study_name, \
     default_storage, load_for
 from cushing.workflows.sweeps.watch import _end_orphan, _fail_stale
-from cushing.workflows.finisher import Finisher, FinishError
-from cushing.workflows.sweeps.worker import _CohortMemo, _objective_value, finisher_for_worker
+from cushing.workflows.finisher import Finisher, finishing_beside
+from cushing.workflows.sweeps.worker import _CohortMemo, _objective_value
 
 __all__ = ["TuneResult", "TuneHandle", "open_tune", "run_tune", "finish_tune"]
 
@@ -156,25 +156,10 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
 
 
 def _optimize_finishing(h: TuneHandle, n: int, progress: bool) -> None:
-    """Optuna's optimize with a finisher: joined before the parent's tables are made (its first failure raised,
-    naming the run); on a stop it drains within its grace and ends what is left KILLED."""
-    finisher = finisher_for_worker()
-    objective = _tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress, finisher)
-    try:
+    """Optuna's optimize, each trial's run finished beside the next trial (`finishing_beside`)."""
+    with finishing_beside(lambda text: print(f"[tune {h.study.name}] {text}", flush=True)) as finisher:
+        objective = _tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress, finisher)
         h.ostudy.optimize(objective, n_trials=n, catch=(), callbacks=[_tune_progress(h.study.name, n)])
-    except (KeyboardInterrupt, SystemExit):
-        if finisher is not None:
-            finisher.stop()
-        raise
-    except BaseException:
-        if finisher is not None:
-            try:
-                finisher.join()
-            except FinishError as e:
-                print(f"[tune {h.study.name}] {e}", flush=True)
-        raise
-    if finisher is not None:
-        finisher.join()
 
 
 def _tune_progress(name: str, n: int):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -15,13 +14,13 @@ from cushing.config import COHORT_FIELDS, TrainConfig
 from cushing.model.backbones import interpolation_of
 from cushing.model.train import prepare_cohort
 from cushing.workflows.experiment import run_single
-from cushing.workflows.finisher import Finisher, FinishError, FinishStopped
+from cushing.workflows.finisher import Finisher, FinishStopped, finishing_beside
 from cushing.workflows.studies import Study
 from cushing.workflows.sweeps.grid import _Grid, _attempts, _new_trial, _open_grid, _previous_trial, _taken_over
 from cushing.workflows.sweeps.storage import _beat, _optuna
 from cushing.workflows.sweeps.watch import _adopt_beatless, _end_orphan, _fail_stale, _heartbeat
 
-__all__ = ["sweep_worker", "finisher_for_worker"]
+__all__ = ["sweep_worker"]
 
 
 class _CohortMemo:
@@ -142,30 +141,9 @@ def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, p
     return _work_finishing(grid, progress)
 
 
-def finisher_for_worker() -> Finisher | None:
-    """A finisher for this worker's runs, unless CUSHING_FINISHER=0 (finish each run before the next trains)."""
-    return None if os.environ.get("CUSHING_FINISHER", "1") == "0" else Finisher()
-
-
 def _work_finishing(grid: _Grid, progress: bool) -> int:
-    """`_work` with a finisher: joined at the end (its first failure raised, naming the run); on a stop it
-    drains within its grace and ends what is left KILLED; after another error it finishes what it holds."""
-    finisher = finisher_for_worker()
-    if finisher is None:
-        return _work(grid, progress, None)
-    try:
-        trained = _work(grid, progress, finisher)
-    except (KeyboardInterrupt, SystemExit):
-        finisher.stop()
-        raise
-    except BaseException:
-        try:
-            finisher.join()
-        except FinishError as e:
-            _say(grid, str(e))
-        raise
-    finisher.join()
-    return trained
+    with finishing_beside(lambda text: _say(grid, text)) as finisher:
+        return _work(grid, progress, finisher)
 
 
 def _work(grid: _Grid, progress: bool, finisher: Finisher | None) -> int:
