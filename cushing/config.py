@@ -205,13 +205,11 @@ def parse_bool(value: Any) -> bool:
 
 def parse_audit_threshold(value: str | float | None) -> float | None:
     """`auto` (or empty) -> None, the automatic threshold; else a positive distance."""
-    if value is None or str(value).strip().lower() in ("", "auto", "none"):
-        return None
     try:
-        t = float(value)
+        t = _coerce(float | None, value)
     except ValueError:
-        raise ValueError(f"audit_threshold: auto or a distance like 0.5, got {value!r}") from None
-    if not 0 < t < 10:
+        t = -1.0
+    if t is not None and not 0 < t < 10:
         raise ValueError(f"audit_threshold: auto or a positive distance like 0.5, got {value!r}")
     return t
 

@@ -97,8 +97,7 @@ class AuditError(ValueError):
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
     """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any merged pair of
     different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
-    settings = dataclasses.replace(audit_settings(manifest, cfg.audit_threshold, cfg.audit_decisions),
-                                   curve=cfg.audit_curve)
+    settings = audit_settings(manifest, cfg.audit_threshold, cfg.audit_decisions, cfg.audit_curve)
     audit = audit_manifest(manifest, settings=settings, progress=progress)
     pairs = audit.pairs[~audit.pairs["same_subject"] & audit.pairs["merged"]]  # not review or near-miss pairs
     if pairs.empty:

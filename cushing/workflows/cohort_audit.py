@@ -47,14 +47,13 @@ def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | f
     """Audit a cohort; `threshold` is auto or a distance, `decisions` a reviewed CSV, `curve` a site's curve,
     `review` where to write the local review page (HTML with the photos)."""
     m = load_manifest(resolve_data(manifest))
-    settings = dataclasses.replace(audit_settings(m, threshold, decisions), curve=curve or None)
-    if not faces:
-        settings = dataclasses.replace(settings, faces=False)
+    settings = audit_settings(m, threshold, decisions, curve, faces)
     audit = audit_manifest(m, settings=settings, cache_dir=cache_dir, workers=workers, progress=progress)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     audit.pairs.to_csv(folder / "audit.csv", index=False)
-    summary_table(audit).to_csv(folder / "audit_summary.csv", index=False)
+    summary = summary_table(audit)
+    summary.to_csv(folder / "audit_summary.csv", index=False)
     page = None
     if review:
         page = Path(review)
@@ -62,7 +61,7 @@ def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | f
         t = audit.choice.threshold if audit.choice else None
         page.write_text(review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source),
                                     captions=_captions(m.table)))
-    run_id = _log(audit, m, experiment, folder, page if allow_phi else None, allow_phi) if track else None
+    run_id = _log(audit, m, experiment, summary, page if allow_phi else None, allow_phi) if track else None
     return AuditRun(audit, folder / "audit.csv", run_id, settings.faces, page)
 
 
@@ -71,7 +70,8 @@ def _captions(table) -> list[str]:
     return [f"{image} ({subject})" for image, subject in zip(table["image"], table["subject_id"])]
 
 
-def _log(audit: CohortAudit, m, experiment: str, folder: Path, page: Path | None, allow_phi: bool) -> str:
+def _log(audit: CohortAudit, m, experiment: str, summary: pd.DataFrame, page: Path | None, allow_phi: bool
+         ) -> str:
     s = audit.settings
     with tracking.start_run(experiment=experiment, run_name="audit", tags={
             "task": "audit", "synthetic_data": str(m.synthetic).lower(), "data_digest": m.digest,
@@ -83,7 +83,7 @@ def _log(audit: CohortAudit, m, experiment: str, folder: Path, page: Path | None
         run.log_metrics({**audit.summary(), "audit/photos": float(n), "audit/seconds": audit.seconds,
                          "audit/photos_per_s": n / max(audit.seconds, 1e-9), "audit/computed": float(audit.computed)})
         run.log_table(audit.pairs, "audit.csv")
-        run.log_table(pd.read_csv(folder / "audit_summary.csv"), "audit_summary.csv")
+        run.log_table(summary, "audit_summary.csv")
         if allow_phi and audit.decisions is not None:  # a person's notes may name people: PHI
             run.log_table(pd.read_csv(audit.decisions.path, dtype=str), "review/decisions.csv")
         if page is not None:

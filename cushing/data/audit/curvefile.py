@@ -8,18 +8,17 @@ summing counts. All pairs are counted in row blocks (bounded memory).
 from __future__ import annotations
 
 import datetime as dt
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cushing.data.audit.descriptors import LANDMARKS
+from cushing.data.audit.descriptors import CURVE_MODELS, LANDMARKS
 from cushing.data.audit.threshold import CURVE_FORMAT
 from cushing.stats.intervals import wilson
 
-__all__ = ["GRID", "curve_counts", "curve_table", "write_curve"]
+__all__ = ["GRID", "curve_counts", "curve_table", "write_curve", "rate"]
 
 GRID = np.round(np.arange(0.300, 0.6501, 0.005), 3)
 _NEG = ("all", "F", "M", "mixed")
@@ -57,9 +56,14 @@ def curve_counts(x: np.ndarray, subjects: np.ndarray, sex: np.ndarray, grid: np.
     return out
 
 
+def rate(k: int, n: int) -> tuple[float, float, float]:
+    """(k / n, Wilson 95% low, high); NaN when n is 0."""
+    lo, hi = wilson(int(k), int(n))
+    return (k / n if n else float("nan")), lo, hi
+
+
 def _rates(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ci = np.array([wilson(int(v), int(n)) for v in k]).reshape(-1, 2)
-    return (k / n if n else np.full(len(k), np.nan)), ci[:, 0], ci[:, 1]
+    return tuple(np.array(v, dtype=float) for v in zip(*(rate(v, n) for v in k)))  # type: ignore[return-value]
 
 
 def curve_table(counts: dict[str, Any], grid: np.ndarray = GRID) -> pd.DataFrame:
@@ -76,15 +80,6 @@ def curve_table(counts: dict[str, Any], grid: np.ndarray = GRID) -> pd.DataFrame
     return pd.DataFrame(cols)
 
 
-def _dlib_version() -> str:
-    for dist in ("dlib-bin", "dlib"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
-
-
 def write_curve(table: pd.DataFrame, path: str | Path, *, fingerprint: dict[str, Any], cohort: str,
                 manifest_sha256: str, photos: int, identities: int, flip_average: bool, command: str) -> Path:
     """The curve file: `# key: value` lines (what it was measured with and on), then the table."""
@@ -95,9 +90,8 @@ def write_curve(table: pd.DataFrame, path: str | Path, *, fingerprint: dict[str,
             "detection": "hog upsample 0..2 (bounded by max_side 800), mmod cnn fallback (upsample 0..1), "
                          "whole image last",
             "distance": "euclidean between descriptors; a pair counts when distance < t (strict)",
-            "dlib": _dlib_version(),
-            "sha256_descriptor_model": weights.get("dlib_face_recognition_resnet_model_v1.dat", ""),
-            "sha256_landmark_model": weights.get(LANDMARKS, ""),
+            "dlib": fingerprint.get("dlib", "unknown"),
+            **{key: weights.get(name, "") for key, name in CURVE_MODELS.items()},
             "sha256_cnn_detector": weights.get("mmod_human_face_detector.dat", ""),
             "cohort": cohort, "cohort_manifest_sha256": manifest_sha256, "photos": str(photos),
             "identities": str(identities),

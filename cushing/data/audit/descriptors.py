@@ -13,9 +13,13 @@ import pandas as pd
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.weights import file_hash, models_dir
 
-__all__ = ["FaceDescriptor", "FaceDescriber", "descriptor_pairs", "LANDMARKS"]
+__all__ = ["FaceDescriptor", "FaceDescriber", "descriptor_pairs", "LANDMARKS", "DESCRIPTOR_MODEL", "CURVE_MODELS"]
 
 LANDMARKS = "shape_predictor_68_face_landmarks.dat"  # the chip's alignment (the 5-point model until issue 22)
+DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
+# a same-person curve's header key -> the model file whose sha256 it records (a curve measured with other weights
+# does not apply)
+CURVE_MODELS = {"sha256_descriptor_model": DESCRIPTOR_MODEL, "sha256_landmark_model": LANDMARKS}
 
 
 def _import_dlib():
@@ -51,7 +55,7 @@ class FaceDescriber:
     def __init__(self, settings: AuditSettings = AuditSettings()):
         dlib = _import_dlib()
         models = models_dir()
-        need = [models / LANDMARKS, models / "dlib_face_recognition_resnet_model_v1.dat"]
+        need = [models / LANDMARKS, models / DESCRIPTOR_MODEL]
         if missing := [p.name for p in need if not p.exists()]:
             raise ImportError(f"{', '.join(missing)} not found in {models}: reinstall face-recognition-models==0.3.0")
         self.settings = settings
@@ -147,7 +151,7 @@ def _dlib_version() -> str:
 def _face_fingerprint(s: AuditSettings, memo: Path) -> dict[str, Any]:
     """What a descriptor depends on besides the photo: the weights (hashed, memoised), dlib, the knobs."""
     models = models_dir()
-    names = [LANDMARKS, "dlib_face_recognition_resnet_model_v1.dat"]
+    names = [LANDMARKS, DESCRIPTOR_MODEL]
     names += ["mmod_human_face_detector.dat"] if s.cnn_fallback else []
     return {"dlib": _dlib_version(), "weights": {n: file_hash(models / n, memo) for n in names},
             "max_upsample": s.max_upsample, "cnn_fallback": s.cnn_fallback, "max_side": s.max_side}

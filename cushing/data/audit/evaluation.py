@@ -12,11 +12,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cushing.data.audit.curvefile import curve_counts, curve_table
+from cushing.data.audit.curvefile import curve_counts, curve_table, rate
 from cushing.data.audit.hashing import _hamming_block, color_distance, color_thumbnail, perceptual_hash
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.audit.signatures import _decode, photo_signatures
-from cushing.stats.intervals import wilson
 
 __all__ = ["SamePersonEvaluation", "evaluate_same_person", "evaluate_duplicates"]
 
@@ -49,20 +48,15 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
     return pd.concat([chosen, fill], ignore_index=True)
 
 
-def _rate(k: int, n: int) -> tuple[float, float, float]:
-    lo, hi = wilson(int(k), int(n))
-    return (k / n if n else float("nan")), lo, hi
-
-
 def _threshold_rows(d: np.ndarray, same: np.ndarray, group: str, thresholds: Sequence[float]) -> list[dict]:
     pos, neg = np.sort(d[same]), np.sort(d[~same])
     rows = []
     for t in thresholds:
         tp = int(np.searchsorted(pos, t, side="left"))
         fp = int(np.searchsorted(neg, t, side="left"))
-        p, plo, phi = _rate(tp, tp + fp)
-        r, rlo, rhi = _rate(tp, len(pos))
-        f, flo, fhi = _rate(fp, len(neg))
+        p, plo, phi = rate(tp, tp + fp)
+        r, rlo, rhi = rate(tp, len(pos))
+        f, flo, fhi = rate(fp, len(neg))
         rows.append({"threshold": float(t), "group": group, "pos_pairs": len(pos), "neg_pairs": len(neg),
                      "tp": tp, "fp": fp, "precision": p, "precision_lo": plo, "precision_hi": phi,
                      "recall": r, "recall_lo": rlo, "recall_hi": rhi, "false_match_rate": f,
@@ -192,7 +186,7 @@ def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300,
     copies = _copy_distances(df["path"].head(n_copies).tolist(), sig.hashes, sig.mirrors, s)
     nz = np.flatnonzero(strangers)
     return {"photos": int(ok.sum()), "stranger_pairs": int(strangers.sum()), "threshold_bits": s.duplicate_max_bits,
-            "false_pairs": fp, "false_pair_rate": _rate(fp, int(strangers.sum())),
+            "false_pairs": fp, "false_pair_rate": rate(fp, int(strangers.sum())),
             "min_stranger_bits": int(nz[0]) if len(nz) else None,
             "stranger_bits_quantiles": {q: int(np.searchsorted(np.cumsum(strangers), q * strangers.sum()))
                                         for q in (1e-6, 1e-5, 1e-4, 1e-3, 0.5)},

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cushing.data.audit.descriptors import descriptor_pairs
+from cushing.data.audit.descriptors import CURVE_MODELS, descriptor_pairs
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.audit.threshold import Curve, curve_threshold, expected_at, guarded_threshold, mutual_pairs, \
     nearest_strangers, pair_counts, read_curve
@@ -17,9 +17,6 @@ __all__ = ["ThresholdChoice", "same_person_pairs", "check_curve"]
 
 # the radius searched beyond the threshold for the nearest misses (per-pair recall rises ~0.08 over 0.025)
 NEAR_MARGIN = 0.05
-# curve header key -> the model file whose sha256 it records: a curve measured with other weights does not apply
-_CURVE_MODELS = {"sha256_descriptor_model": "dlib_face_recognition_resnet_model_v1.dat",
-                 "sha256_landmark_model": "shape_predictor_68_face_landmarks.dat"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ def check_curve(curve: Curve, fingerprint: dict[str, Any] | None, flip_average: 
     """What differs between how the curve was measured and how this audit describes faces (empty: it applies)."""
     weights = (fingerprint or {}).get("weights", {})
     problems = [f"{key} {curve.meta.get(key, '?')[:12]}... vs {weights[name][:12]}... ({name})"
-                for key, name in _CURVE_MODELS.items() if name in weights and curve.meta.get(key) != weights[name]]
+                for key, name in CURVE_MODELS.items() if name in weights and curve.meta.get(key) != weights[name]]
     if curve.meta.get("flip_average", "true") != str(flip_average).lower():
         problems.append(f"flip_average {curve.meta.get('flip_average')} vs {str(flip_average).lower()}")
     return problems

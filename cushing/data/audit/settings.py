@@ -59,10 +59,12 @@ class AuditSettings:
             raise ValueError("false_pairs_per_photo > 0, mutual_k >= 1 and 0 < max_group_share <= 1")
 
 
-def audit_settings(manifest: Manifest, threshold: str | float | None = None,
-                   decisions: str | None = None) -> AuditSettings:
-    """The defaults, without the same-person check on a synthetic cohort: dlib's face-recognition model was
-    trained on photos and sees every drawn demo face as one person, so its distances mean nothing there.
-    `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions file."""
-    return AuditSettings(faces=not manifest.synthetic, same_person_max_distance=parse_audit_threshold(threshold),
-                         decisions=decisions or None)
+def audit_settings(manifest: Manifest, threshold: str | float | None = None, decisions: str | None = None,
+                   curve: str | None = None, faces: bool = True) -> AuditSettings:
+    """The defaults, without the same-person check on a synthetic cohort (or with `faces` false): dlib's
+    face-recognition model was trained on photos and sees every drawn demo face as one person, so its distances
+    mean nothing there. `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions file;
+    `curve` a site's same-person curve (default the shipped one)."""
+    return AuditSettings(faces=faces and not manifest.synthetic,
+                         same_person_max_distance=parse_audit_threshold(threshold), decisions=decisions or None,
+                         curve=curve or None)

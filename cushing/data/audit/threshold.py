@@ -15,6 +15,7 @@ false-pair rates on a 0.30..0.65 grid; `cushing audit --evaluate` writes one for
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,22 +51,23 @@ def read_curve(path: str | Path | None = None) -> Curve:
     p = Path(path) if path else SHIPPED_CURVE
     if not p.is_file():
         raise FileNotFoundError(f"same-person curve {p} not found (write one with `cushing audit --evaluate`)")
+    data = p.read_bytes()
+    text = data.decode("utf-8", errors="replace")
     meta: dict[str, str] = {}
-    with open(p) as f:
-        for line in f:
-            if not line.startswith("#"):
-                break
-            k, _, v = line[1:].strip().partition(":")
-            meta[k.strip()] = v.strip()
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        k, _, v = line[1:].strip().partition(":")
+        meta[k.strip()] = v.strip()
     if meta.get("format") != CURVE_FORMAT:
         raise ValueError(f"{p}: not a same-person curve (its first lines must say `# format: {CURVE_FORMAT}`)")
-    table = pd.read_csv(p, comment="#")
+    table = pd.read_csv(io.StringIO(text), comment="#")
     if missing := [c for c in _NEEDED if c not in table.columns]:
         raise ValueError(f"{p}: missing column(s) {', '.join(missing)}")
     d = table["distance"].to_numpy(dtype=float)
     if len(d) < 2 or not (np.diff(d) > 0).all():
         raise ValueError(f"{p}: the distance column must increase down the rows")
-    return Curve(table, meta, p, hashlib.sha256(p.read_bytes()).hexdigest())
+    return Curve(table, meta, p, hashlib.sha256(data).hexdigest())
 
 
 def pair_counts(sex: np.ndarray, subjects: np.ndarray) -> dict[str, int]:
@@ -118,7 +120,10 @@ def nearest_strangers(x: np.ndarray, codes: np.ndarray, k: int, block_rows: int 
         d2 = sq[s:s + block_rows, None] + sq[None, :] - 2.0 * (xv[s:s + block_rows] @ xv.T)
         d2[(codes[s:s + block_rows, None] == codes[None, :]) | ~valid[None, :] | ~valid[s:s + block_rows, None]] \
             = np.inf
-        order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+        kk = min(k, d2.shape[1])
+        near = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk else np.zeros((len(d2), 0), np.int64)
+        # the k smallest (O(n) per row, not a full sort), then in order of distance, ties by index
+        order = np.take_along_axis(near, np.lexsort((near, np.take_along_axis(d2, near, axis=1)), axis=1), axis=1)
         ok = np.isfinite(np.take_along_axis(d2, order, axis=1))
         out[s:s + block_rows, :order.shape[1]] = np.where(ok, order, -1)
     return out
