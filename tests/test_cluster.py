@@ -39,7 +39,7 @@ HERE = {"vm", "localhost", "127.0.0.1"}
 
 
 def _checks(**kw):
-    args = {"tracking_uri": "http://mlflow.lab:5000", "storage": "postgresql://optuna@db.lab/optuna",
+    args = {"tracking_uri": "http://mlflow.example:5000", "storage": "postgresql://optuna@db.example/optuna",
             "sbatch": "/usr/bin/sbatch", "srun": "/usr/bin/srun", "compute_hosts": REMOTE, "local_names": HERE}
     return launch_checks(**{**args, **kw})
 
@@ -191,11 +191,11 @@ def test_secrets_file_and_the_job_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CUSHING_SECRETS_FILE", str(f))
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret pw")
     monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     before = dict(os.environ)
-    with cluster_secrets._job_environment("postgresql://optuna@db.lab/optuna"):
-        assert os.environ["CUSHING_OPTUNA_STORAGE"] == "postgresql://optuna@db.lab/optuna"
+    with cluster_secrets._job_environment("postgresql://optuna@db.example/optuna"):
+        assert os.environ["CUSHING_OPTUNA_STORAGE"] == "postgresql://optuna@db.example/optuna"
         assert "MLFLOW_TRACKING_PASSWORD" not in os.environ and "MLFLOW_RUN_ID" not in os.environ
         assert os.environ["PYTHONPATH"] == f"{ROOT}{os.pathsep}/elsewhere"
     assert dict(os.environ) == before
