@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cushing.interrupts import held
+from cushing.interrupts import guard_connections, held
 from cushing.tracking.stores import seed_sqlite, sqlite_path, store_lock
 
 __all__ = ["HTTP_RETRY_DEFAULTS", "tracking_uri", "TrackingUnavailable", "check_reachable", "configure", "client",
@@ -79,6 +79,8 @@ def configure() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     check_reachable()
+    if not uri.startswith(("http://", "https://", "databricks")):  # a database store, through SQLAlchemy
+        guard_connections()
     mlflow.set_tracking_uri(uri)
     _ensure_store(uri)
     return uri

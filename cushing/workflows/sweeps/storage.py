@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cushing import tracking
+from cushing.interrupts import guard_connections
 from cushing.config import EXECUTION_FIELDS, config_digest
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.studies import Study, load_study, with_execution
@@ -33,7 +34,8 @@ def _optuna():
         import optuna
     except ImportError as e:  # pragma: no cover - pinned dependency
         raise ImportError("sweeps and tuning need optuna (pip install optuna==5.0.0)") from e
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if optuna.logging.get_verbosity() != optuna.logging.WARNING:  # once: setting it takes logging's module lock
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
 
@@ -55,6 +57,7 @@ def _storage(url: str, retry_stale: bool = False):
 
 
     url = sqlalchemy_url(url)
+    guard_connections()  # a stop waits until the main thread gives its connection back (cushing.interrupts)
     heartbeat, grace = _beat()
     engine = {"connect_args": {"timeout": 60}} if sqlite_path(url) else {"pool_pre_ping": True}
     with warnings.catch_warnings(), store_lock(url, "optuna-schema"):
