@@ -56,6 +56,11 @@ def _busy() -> bool:
     return _depth > 0 or bool(_connections) or _logging_busy()
 
 
+def _hold_on() -> bool:
+    """A pending stop waits longer: the main thread is still busy and the stop is not yet MAX_HOLD_S old."""
+    return _busy() and time.monotonic() - _since < MAX_HOLD_S
+
+
 def hold_back(exc: BaseException) -> bool:
     """For a signal handler: True when the main thread is busy (see the module's docstring), in which case `exc`
     is kept and raised as soon as it is not (the handler returns without raising)."""
@@ -95,7 +100,7 @@ def _recheck(signum, frame) -> None:
     if _pending is None:
         _disarm()
         return
-    if _busy() and time.monotonic() - _since < MAX_HOLD_S:
+    if _hold_on():
         signal.setitimer(signal.ITIMER_REAL, RECHECK_S)
         return
     _raise_pending()
@@ -121,7 +126,7 @@ def held(active: bool = True) -> Iterator[None]:
     finally:
         _depth -= 1
         if _depth == 0 and _pending is not None:
-            if _busy() and time.monotonic() - _since < MAX_HOLD_S:
+            if _hold_on():
                 _arm()
             else:
                 _raise_pending()

@@ -79,11 +79,18 @@ def configure() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     check_reachable()
-    if not uri.startswith(("http://", "https://", "databricks")):  # a database store, through SQLAlchemy
+    if _database_store(uri):
         guard_connections()
     mlflow.set_tracking_uri(uri)
     _ensure_store(uri)
     return uri
+
+
+def _database_store(uri: str) -> bool:
+    """MLflow opens `uri` as a SQLAlchemy store (its scheme, less any `+driver`, is one of MLflow's engines)."""
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    return uri.partition(":")[0].partition("+")[0] in DATABASE_ENGINES
 
 
 def _ensure_store(uri: str) -> None:
