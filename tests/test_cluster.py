@@ -320,6 +320,16 @@ class _Output:
         pytest.fail(f"no {pattern!r} in the launcher's output after {timeout} s:\n{self.text[-4000:]}")
 
 
+def _logged(path: Path, text: str, timeout: float) -> None:
+    """Wait until a task's log holds `text` (a signal its job handled, say)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{path.name} did not log {text!r} within {timeout} s")
+
+
 def _training(storage: str, label: str, timeout: float = 150.0):
     """(study name, MLflow run, worker) of `label`'s first trial, a second into its training (its MLflow run open;
     epochs are logged asynchronously, so waiting for a logged epoch could be too late on a fast machine)."""
@@ -393,8 +403,11 @@ def test_sweep_on_slurm_retries_cancelled_and_preempted_tasks(tmp_path, pg_stack
             slurm.scancel(cancelled)  # SIGTERM (ignored by submitit's job), SIGKILL after KillWait
             _, b_run, b_owner = _training(storage, "b")
             preempted = cluster.worker_tasks(logs, array)[b_owner]
-            for sig in ("TERM", "USR2"):  # what Slurm sends a preempted job (as submitit's own _interrupt)
-                slurm.run("scancel", f"--signal={sig}", preempted)
+            # what Slurm sends a preempted job (as submitit's own _interrupt): TERM, then USR2 once TERM is handled
+            # (two scancel calls may be delivered in either order: a late TERM kills the requeue's own scontrol)
+            slurm.run("scancel", "--signal=TERM", preempted)
+            _logged(logs / f"{preempted}_0_log.out", "Bypassing signal SIGTERM", 60)
+            slurm.run("scancel", "--signal=USR2", preempted)
         proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
