@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cushing.config import cache_home
+from cushing.private import private_dir
 from cushing.data.weights import file_hash, landmark_model_path, models_dir
 from cushing.faces.mask import FaceResult
 from cushing.faces.settings import FaceSettings
@@ -33,7 +34,7 @@ def cache_key(photo_sha: str, s: FaceSettings, fingerprint: dict[str, str]) -> s
 
 class _Cache:
     def __init__(self, root: Path):
-        self.root = root
+        self.root = private_dir(root, narrow=True)  # face crops: this account's only (cushing.private)
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]

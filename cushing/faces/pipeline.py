@@ -19,6 +19,7 @@ import pandas as pd
 
 from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import load_manifest, REQUIRED, sha256_file, subject_key
+from cushing.private import private_dir
 from cushing.faces.cache import _Cache, _default_cache, cache_key, weights_fingerprint
 from cushing.faces.detect import Detection, _Dlib, detect
 from cushing.faces.mask import _result, hull_mask, sam_prompt
@@ -92,7 +93,7 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    (out / "crops").mkdir(parents=True, exist_ok=True)
+    private_dir(private_dir(out) / "crops", narrow=True)
     table = _read_input(Path(manifest))
     cache = _Cache(Path(cache_dir) if cache_dir else _default_cache())
     shas = _hash_photos(table["path"])

@@ -20,6 +20,7 @@ from cushing.data.audit import AuditSettings, CohortAudit, audit_manifest, audit
 from cushing.data.audit.curvefile import write_curve
 from cushing.data.audit.review import review_page
 from cushing.data.manifest import load_manifest, sha256_file
+from cushing.private import private_dir, write_private
 from cushing.model.train import resolve_data
 
 __all__ = ["AuditRun", "run_audit", "run_evaluation", "summary_table"]
@@ -49,17 +50,16 @@ def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | f
     m = load_manifest(resolve_data(manifest))
     settings = audit_settings(m, threshold, decisions, curve, faces)
     audit = audit_manifest(m, settings=settings, cache_dir=cache_dir, workers=workers, progress=progress)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(out)  # the pairs name photos and subject ids
     audit.pairs.to_csv(folder / "audit.csv", index=False)
     summary = summary_table(audit)
     summary.to_csv(folder / "audit_summary.csv", index=False)
     page = None
     if review:
         page = Path(review)
-        page.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(page.parent)
         t = audit.choice.threshold if audit.choice else None
-        page.write_text(review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source),
+        write_private(page, review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source),
                                     captions=_captions(m.table)))
     run_id = _log(audit, m, experiment, summary, page if allow_phi else None, allow_phi) if track else None
     return AuditRun(audit, folder / "audit.csv", run_id, settings.faces, page)

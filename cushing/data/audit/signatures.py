@@ -20,6 +20,7 @@ from cushing.data.audit.hashing import color_thumbnail, perceptual_hash
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import sha256_file
+from cushing.private import private_dir
 
 __all__ = ["SignatureCache", "Signatures", "photo_signatures"]
 
@@ -31,7 +32,7 @@ class SignatureCache:
     """One small JSON file per (photo content, kind, parameters), written atomically (tmp + rename)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = private_dir(root, narrow=True)  # face descriptors: this account's only (cushing.private)
 
     @staticmethod
     def key(kind: str, photo_sha: str, params: dict[str, Any]) -> str:

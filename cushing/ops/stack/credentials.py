@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from cushing.ops.stack.processes import StackError
+from cushing.private import write_private
 
 __all__ = ["check_admin_password", "write_pgpass", "write_auth_config", "SECRET_KEYS"]
 
@@ -32,23 +33,15 @@ def _private(path: Path, mode: int = 0o600) -> Path:
     return path
 
 
-def _write_private(path: Path, text: str) -> Path:
-    """A file only its owner can read, created with that mode (never readable, even for an instant)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return _private(path)
-
-
 def write_pgpass(path: Path, entries: list[tuple[str, int, str, str]]) -> Path:
     """A libpq password file (host, port, user, password; any database), mode 0600 as libpq requires."""
     esc = lambda v: str(v).replace("\\", "\\\\").replace(":", "\\:")  # noqa: E731
-    return _write_private(path, "".join(f"{esc(h)}:{p}:*:{esc(u)}:{esc(pw)}\n" for h, p, u, pw in entries))
+    return write_private(path, "".join(f"{esc(h)}:{p}:*:{esc(u)}:{esc(pw)}\n" for h, p, u, pw in entries))
 
 
 def write_auth_config(path: Path, database_uri: str, default_permission: str = "NO_PERMISSIONS") -> Path:
     """MLflow basic-auth settings; the admin password comes from MLFLOW_AUTH_ADMIN_PASSWORD, not the file."""
-    return _write_private(path, "[mlflow]\n"
+    return write_private(path, "[mlflow]\n"
                           f"default_permission = {default_permission}\n"
                           f"database_uri = {database_uri.replace('%', '%%')}\n"
                           "admin_username = admin\n"

@@ -11,11 +11,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cushing.ops.stack.credentials import SECRET_KEYS, _write_private, check_admin_password, write_pgpass
+from cushing.ops.stack.credentials import SECRET_KEYS, check_admin_password, write_pgpass
 from cushing.ops.stack.postgres import Postgres
 from cushing.ops.stack.processes import StackError, _group_is_ours, _listeners, _ours, free_port, port_open, \
     stop_group
 from cushing.ops.stack.server import MlflowServer, migrate
+from cushing.private import write_private
 
 __all__ = ["LocalStack", "stop_saved", "restart_saved"]
 
@@ -136,12 +137,12 @@ class LocalStack:
         return self._save_state(server_pgid=self.server.proc.pid)
 
     def _save_state(self, server_pgid: int | None) -> Path:
-        return _write_private(self.base / "stack.json", json.dumps({
+        return write_private(self.base / "stack.json", json.dumps({
             "server_pgid": server_pgid, "pg_root": str(self.pg.root), "url": f"http://127.0.0.1:{self.port}",
             "port": self.port, "pg_port": self.pg.port, "workers": self.workers}))
 
     def _save_secrets(self) -> Path:
-        return _write_private(self.base / "secrets.json", json.dumps({k: getattr(self, k) for k in SECRET_KEYS}))
+        return write_private(self.base / "secrets.json", json.dumps({k: getattr(self, k) for k in SECRET_KEYS}))
 
     @classmethod
     def from_saved(cls, base: Path) -> "LocalStack":
@@ -156,7 +157,7 @@ class LocalStack:
                 "PGPASSFILE": str(self.pgpass)}
 
     def write_env_file(self) -> Path:
-        return _write_private(self.base / "env.sh", "".join(f"export {k}='{v}'\n" for k, v in self.env().items()))
+        return write_private(self.base / "env.sh", "".join(f"export {k}='{v}'\n" for k, v in self.env().items()))
 
 
 def stop_saved(base: Path) -> list[str]:

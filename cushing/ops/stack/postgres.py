@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cushing.ops.stack.credentials import _write_private
 from cushing.ops.stack.processes import StackError, free_port
+from cushing.private import write_private
 
 __all__ = ["Postgres", "INIT_SCRIPT"]
 
@@ -103,7 +103,7 @@ class Postgres:
         for d in (self.data, self.sock):
             d.mkdir(exist_ok=True)
         pwfile = self.root / "pwfile"
-        _write_private(pwfile, self.superuser_password)
+        write_private(pwfile, self.superuser_password)
         self._own(self.data, self.sock, pwfile)
         os.chmod(self.data, 0o700)
         os.chmod(self.sock, 0o700)

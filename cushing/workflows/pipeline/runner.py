@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cushing import tracking
+from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
 from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, step_key
 from cushing.workflows.pipeline.plan import KEY_TAG, OUTPUTS_TAG, STEP_TAG, Plan, format_plan, gpu_estimate, \
@@ -94,7 +95,7 @@ def plan_pipeline(spec: PipelineSpec, *, experiment: str | None = None, code: st
 @contextmanager
 def _folder_lock(out: Path, say: Callable[[str], None]) -> Iterator[None]:
     """One pipeline at a time in a pipeline folder: a second waits, then finds the first one's steps finished."""
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)  # it holds the face crops and the audit
     with open(out / ".pipeline.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
