@@ -236,7 +236,11 @@ def test_submitit_preempted_task_is_requeued(slurm_env, tmp_path):
     job = ex.submit(attempt, str(marks))
     _wait_for(lambda: (marks / "attempt-0").exists(), 20, "the first attempt")
     time.sleep(0.5)  # let submitit's signal handlers be in place (they are installed before the function runs)
-    job._interrupt()  # scancel --signal SIGTERM then USR2: preemption; submitit requeues with `scontrol requeue`
+    # what job._interrupt() sends for a preemption (TERM, then USR2; submitit requeues with `scontrol requeue`), with
+    # USR2 sent once TERM is handled: two scancel calls may land in either order, and a late TERM kills the scontrol
+    slurm_env.run("scancel", "--signal=TERM", job.job_id)
+    _wait_for(lambda: "Bypassing signal SIGTERM" in (job.stdout() or "") + (job.stderr() or ""), 15, "TERM handled")
+    slurm_env.run("scancel", "--signal=USR2", job.job_id)
     _wait_for(lambda: slurm_env.show_job(job.job_id)[0]["Restarts"] == "1", 15, "the requeue")
     deadline = time.monotonic() + 30
     while not job.done():
