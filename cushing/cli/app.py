@@ -1,16 +1,17 @@
-"""The thin main: the parser built from every command family's COMMANDS (in this order), the signal handlers,
-and the errors a user made turned into one line and exit code 2."""
+"""The thin main: the parser built from every command family's COMMANDS (in this order), cooperative stops
+(`cushing.stops`), the environment set once at start-up, and the errors a user made turned into one line and exit
+code 2."""
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 import threading
 from typing import Sequence
 
 from cushing.cli import bench, cohort, dashboard, jobs, pipeline, promote, stack, studies, train
 from cushing.cli.options import Command
-from cushing.cli.stops import _ignore, _ignore_until_exit, _on_signal, _stopped
+from cushing.cli.stops import stopped
 from cushing.config import ConfigError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -38,22 +39,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_signal)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the parent ignores it
-            signal.signal(signal.SIGINT, _on_signal)
+        _startup()
     try:
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt as e:
-        code = _stopped(ns.command, e)
-        if signal.getsignal(signal.SIGTERM) is _ignore:
-            _ignore_until_exit()
-        return code
+        return stopped(ns.command, e)
     except (ConfigError, *_data_errors(), _stack_error()) as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
     except _user_errors() as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         return 2
+
+
+def _startup() -> None:
+    """Before any other thread runs: cooperative stops, and the environment the libraries read (MLflow's client
+    retries, torch.compile's disk cache): nothing writes the environment later."""
+    from cushing import stops
+    from cushing.config import cache_home
+    from cushing.tracking.connection import http_defaults
+
+    stops.install()
+    http_defaults()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
 
 
 def _data_errors() -> tuple[type[BaseException], ...]:

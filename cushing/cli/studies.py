@@ -119,8 +119,7 @@ def _print_plan(project: str, workers: int | None, compile: str | None, plan_fro
         return 2
     table, wall = plan_sweep(project, counts, compile, overhead)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
-    print(f"\nper run outside the training loop: {overhead.worker_s:.1f} s on the worker + {overhead.finish_s:.1f} s "
-          f"finished beside the next training; {overhead.source}")
+    print(f"\nper run outside the training loop: {overhead.worker_s:.1f} s; {overhead.source}")
     how = "cold compile cache" if compile and compile != "none" else "as the file says"
     print(f"\nestimated wall time on one NVIDIA H200 (registry epoch costs, compile: {how}; other GPUs scale; "
           "measure with the sweep itself):")

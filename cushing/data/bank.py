@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cushing import stops
 from cushing.data.imageio import open_rgb
 
 __all__ = ["decode_image", "decode_images", "ImageBank", "letterbox"]
@@ -41,19 +42,23 @@ def decode_image(path: str, size: int, interpolation: str = "bicubic") -> np.nda
 
 def decode_images(paths: Sequence[str], size: int, interpolation: str = "bicubic", workers: int = 0,
                   progress: bool = False) -> torch.Tensor:
-    """uint8 [N, 3, S, S] on the CPU; decoding runs on a thread pool (PIL releases the GIL)."""
+    """uint8 [N, 3, S, S] on the CPU; decoding runs on a thread pool (PIL releases the GIL), in chunks with a safe
+    point for a stop between them."""
+    from tqdm.auto import tqdm
+
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     workers = workers or min(32, os.cpu_count() or 1)
 
     def one(i: int) -> None:
         out[i] = torch.from_numpy(decode_image(paths[i], size, interpolation))
-    with ThreadPoolExecutor(workers) as pool:
-        it = pool.map(one, range(len(paths)))
-        if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, total=len(paths), desc="decode", unit="img", leave=False)
-        for _ in it:
-            pass
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="decode", unit="img", leave=False,
+                                                   disable=not progress) as bar:
+        for start in range(0, len(paths), 16 * workers):
+            stops.check()
+            chunk = range(start, min(start + 16 * workers, len(paths)))
+            for _ in pool.map(one, chunk):
+                pass
+            bar.update(len(chunk))
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cushing import stops
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank
 from cushing.devices import autocast_for
@@ -134,6 +135,7 @@ def predict_proba(model, bank: ImageBank, idx: np.ndarray, aug: DeviceAugment, b
     logits = []
     t_idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
     for a, b in _batches(len(t_idx), batch):
+        stops.check()
         with autocast_for(dev):
             logits.append(model(aug.normalize(bank.take(t_idx[a:b]))).float())
     if not logits:
@@ -228,9 +230,11 @@ class _Checkpoints:
     seconds: float = 0.0  # the time floor: a checkpoint costs a device-to-host copy and a write of ~3x the weights
     since: float = field(default_factory=time.perf_counter)
 
-    def due(self, epoch: int, last: int) -> bool:
-        return bool(self.callback and self.every and epoch % self.every == 0 and epoch < last
-                    and time.perf_counter() - self.since >= self.seconds)
+    def due(self, epoch: int, last: int, stopping: bool = False) -> bool:
+        """A periodic checkpoint; or, when a stop was asked, one at this epoch's end whatever the period."""
+        if not (self.callback and self.every and epoch < last):
+            return False
+        return stopping or (epoch % self.every == 0 and time.perf_counter() - self.since >= self.seconds)
 
     def capture(self, epoch: int, module, opt, gen, sel: "_Selector", snap: "_Snapshot", history: list,
                 times: list) -> FitState:
@@ -322,8 +326,9 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
             if s.patience and epoch - sel.best_epoch >= s.patience:
                 stopped = f"no improvement in {s.patience} epochs"
                 break
-            if ckpt.due(epoch, s.epochs):
+            if ckpt.due(epoch, s.epochs, stopping=stops.requested() is not None):
                 ckpt.callback(ckpt.capture(epoch, snap.module, opt, gen, sel, snap, history, times))
+            stops.check()  # at an epoch's end, after its checkpoint
     finally:
         bar.close()
     snap.restore()
@@ -341,8 +346,7 @@ def compiled_forward(model: torch.nn.Module, mode: str):
     """
     if mode == "none":
         return model, lambda: None
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))  # set at start-up by the CLI
     return torch.compile(model, mode=mode, dynamic=False), torch.compiler.cudagraph_mark_step_begin
 
 
@@ -369,6 +373,7 @@ def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ck
         order = epoch_pos[torch.randperm(len(epoch_pos), device=dev, generator=gen)]
         loss_sum = torch.zeros((), device=dev)
         for a, b in bounds:
+            stops.check()  # a stop is answered within one batch
             idx = order[a:b]
             x = aug(bank.take(idx), gen)
             step_begin()
@@ -409,6 +414,7 @@ def _feature_bank(model, bank, idx: torch.Tensor, aug: DeviceAugment, views: int
     for v in range(views):
         feats = []
         for a, b in _batches(len(idx), batch):
+            stops.check()
             x = bank.take(idx[a:b])
             x = aug(x, gen) if views > 1 else aug.normalize(x)
             with autocast_for(bank.device):
@@ -437,6 +443,7 @@ def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ck
         view = torch.randint(0, n_views, (len(order),), device=dev, generator=gen)
         loss_sum = torch.zeros((), device=dev)
         for a, b in bounds:
+            stops.check()
             loss = F.cross_entropy(head(train_views[view[a:b], order[a:b]]), y_tr[order[a:b]])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cushing import stops
 from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
 from cushing.stats.plots import pyplot
 from cushing.model.augment import DeviceAugment
 from cushing.phases import phase
 
 __all__ = ["compute_cams", "cams_and_raw", "spearman", "CamReport", "explain_outcome", "explain_images", "region_masks",
-           "REGIONS", "randomization_check", "randomized_parts", "template_regions", "landmark_regions", "landmarks_of"]
+           "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
 
 REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "neck_background")
 
@@ -95,6 +96,7 @@ def cams_and_raw(model, name: str, x: torch.Tensor, *, target: int = 1, batch: i
     maps, raws = [], []
     try:
         for i in range(0, len(x), batch):
+            stops.check()
             m, r = _cam_batch(model, name, x[i:i + batch].detach().clone().float(), target)
             maps.append(m)
             raws.append(r)
@@ -114,54 +116,28 @@ def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: i
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two flattened maps: Pearson's r of their average ranks, as
-    scipy.stats.spearmanr computes it (np.corrcoef of the ranks), without importing scipy.stats."""
-    ranks = np.vstack([_average_ranks(np.ravel(a)), _average_ranks(np.ravel(b))])
-    return float(np.corrcoef(ranks)[1, 0])
+    """Spearman's rank correlation of two flattened maps."""
+    from scipy.stats import spearmanr
 
-
-def _average_ranks(v: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's "average")."""
-    order = np.argsort(v, kind="stable")
-    s = v[order]
-    first = np.r_[True, s[1:] != s[:-1]]
-    group = np.cumsum(first) - 1  # tie group of each sorted position
-    starts = np.r_[np.flatnonzero(first), len(v)]
-    mean_rank = (starts[:-1] + starts[1:] + 1) / 2.0  # mean of 1-based ranks start+1 .. end
-    out = np.empty(len(v), float)
-    out[order] = mean_rank[group]
-    return out
-
-
-def randomized_parts(model, name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Copies of the head and the last block re-initialised from torch's global generator seeded with `seed`:
-    the randomization check's weights. Drawn on the caller's thread, because the global generator is shared by
-    every thread: a run finished beside the next training draws them before it is handed over, so the training
-    and the check each see the numbers they would see one after the other."""
-    parts = (copy.deepcopy(model.get_classifier()), copy.deepcopy(last_block(model, name)))
-    torch.manual_seed(seed)
-    for module in parts:
-        for m in module.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-    return parts
+    return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
 
 
 def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32,
-                        trained_raw: np.ndarray | None = None,
-                        randomized: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> float:
+                        trained_raw: np.ndarray | None = None) -> float:
     """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
-    the head and the last block are re-initialised. Near 1 means the map does not depend on the learned weights.
-    `trained_raw`: the trained model's raw maps of x already computed (the main Grad-CAM pass), not redone.
-    `randomized`: the re-initialised head and block (`randomized_parts`), drawn earlier with the same seed."""
+    the head and the last block are re-initialised (torch's generator seeded with `seed`). Near 1 means the map does
+    not depend on the learned weights. `trained_raw`: the trained model's raw maps of x already computed (the main
+    Grad-CAM pass), not redone."""
     k = min(n, len(x))
     if k == 0:
         return float("nan")
     trained = trained_raw[:k] if trained_raw is not None else compute_cams(model, name, x[:k], raw=True)
-    head, block = randomized or randomized_parts(model, name, seed)
     rand = copy.deepcopy(model)
-    rand.get_classifier().load_state_dict(head.state_dict())
-    last_block(rand, name).load_state_dict(block.state_dict())
+    torch.manual_seed(seed)
+    for module in (rand.get_classifier(), last_block(rand, name)):
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     rmaps = compute_cams(rand, name, x[:k], raw=True)
     del rand
     rhos = [spearman(a, b) for a, b in zip(trained, rmaps) if np.ptp(a) > 0 and np.ptp(b) > 0]
@@ -254,8 +230,7 @@ def _overlay(path: Path, img: np.ndarray, m: np.ndarray) -> None:
 
 def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndarray, labels: np.ndarray,
                    preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path,
-                   allow_phi: bool = False, landmarks: list | None = None, seed: int = 0,
-                   randomized: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> CamReport:
+                   allow_phi: bool = False, landmarks: list | None = None, seed: int = 0) -> CamReport:
     """CAMs of the positive class for a batch of images; aggregates (and, if allowed, overlays) into out_dir."""
     import time
 
@@ -264,7 +239,7 @@ def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndar
         maps, raw = cams_and_raw(model, name, x_norm)
     seconds = time.perf_counter() - t0
     with phase("Grad-CAM randomization check"):
-        rho = randomization_check(model, name, x_norm, seed=seed, trained_raw=raw, randomized=randomized)
+        rho = randomization_check(model, name, x_norm, seed=seed, trained_raw=raw)
     with phase("Grad-CAM aggregates (figures, regions)"):
         return _aggregates(maps, rho, seconds, images_u8=images_u8, labels=labels, preds=preds, sexes=sexes,
                            subjects=subjects, out_dir=out_dir, allow_phi=allow_phi, landmarks=landmarks)
@@ -325,10 +300,8 @@ def landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None
     return out
 
 
-def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test",
-                    randomized: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> CamReport:
-    """CAMs for a finished training: best-epoch model, the given split, positive class (`randomized`: the
-    randomization check's weights, drawn earlier on the training's thread)."""
+def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, split: str = "test") -> CamReport:
+    """CAMs for a finished training: best-epoch model, the given split, positive class."""
     dev = next(outcome.model.parameters()).device
     idx = cohort.index(split)
     if len(idx) == 0:
@@ -340,4 +313,4 @@ def explain_outcome(outcome, cohort, *, out_dir: Path, allow_phi: bool = False, 
                           labels=pred["label"].to_numpy(), preds=pred["prediction"].to_numpy(),
                           sexes=pred["sex"].to_numpy(), subjects=pred["subject"].tolist(), out_dir=out_dir,
                           allow_phi=allow_phi, landmarks=landmarks_of(cohort.table, idx, cohort.img_size),
-                          seed=outcome.config.seed, randomized=randomized)
+                          seed=outcome.config.seed)

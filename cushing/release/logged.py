@@ -2,7 +2,6 @@
 its configuration, metadata, params and provenance; and loading it back (as the pyfunc, or as a torch model)."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -66,19 +65,19 @@ def _model_params(cfg: dict[str, Any]) -> dict[str, str]:
 
 @contextmanager
 def _logging_model():
-    """Should MLflow load the model while logging it (an input-example check), its load-time synthetic-data
-    warning is meant for servers, not for the training run that is logging it."""
+    """Should MLflow load the model while logging it (an input-example check), its INFO lines and the load-time
+    synthetic-data warning (meant for servers) stay out of the training run's console."""
     import logging
 
-    log = logging.getLogger("mlflow.pyfunc")  # its INFO "Validating input example" line is noise in a run
-    level = log.level
-    os.environ["CUSHING_LOGGING_MODEL"] = "1"
-    log.setLevel(logging.WARNING)
+    logs = [logging.getLogger(n) for n in ("mlflow.pyfunc", "cushing.serve")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        os.environ.pop("CUSHING_LOGGING_MODEL", None)
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthetic: bool,

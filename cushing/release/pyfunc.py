@@ -13,7 +13,6 @@ import binascii
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +99,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
 
         self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
         c = self.cfg
-        if c.get("synthetic_data") and not os.environ.get("CUSHING_LOGGING_MODEL"):
+        if c.get("synthetic_data"):
             logging.getLogger("cushing.serve").warning(
                 "this model was TRAINED ON SYNTHETIC DATA (the demo cohort, data digest %s): its outputs on real "
                 "photos mean nothing; use it only to try the service", str(c.get("data_digest", ""))[:12])

@@ -14,7 +14,7 @@ import pandas as pd
 
 from cushing.stats.metrics import lower_is_better
 from cushing.stats.subgroups import gap_name
-from cushing.tracking import artifact_dir, client, download_artifact, env_run_id, experiments_with_runs, find_runs, \
+from cushing.tracking import artifact_dir, client, download_artifact, experiments_with_runs, find_runs, launcher_run, \
     log_artifacts_to, start_run
 from cushing.config import to_params, TrainConfig
 from cushing.release.card import CardInputs, render_card
@@ -193,7 +193,7 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
     eligible = ranking[ranking["eligible"]] if not ranking.empty else ranking
     if eligible.empty:
         d = Decision(None, None, False, False, False, _nothing_eligible(experiment, parent_run_id, ranking), ranking)
-        if log and env_run_id():
+        if log and launcher_run():
             d.logged_run = _log_decision(experiment, d, policy, parent_run_id)
         return d
     best = eligible.iloc[0]
@@ -218,7 +218,7 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
         reason = (f"best eligible run {best['run_id']} ({best['run_name']}) was trained on SYNTHETIC data: version "
                   f"{mv.version} is challenger but is not made champion without --allow-synthetic")
     d = Decision(best["run_id"], mv.version, moved_challenger, moved_champion, new_version, reason, ranking)
-    if log and (d.changed or env_run_id()):
+    if log and (d.changed or launcher_run()):
         d.logged_run = _log_decision(experiment, d, policy, parent_run_id)
     return d
 

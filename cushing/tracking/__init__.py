@@ -10,10 +10,11 @@ epoch, operating threshold chosen on validation) keep the contract names (`val/f
 compare view lines up across runs.
 
 Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every entry point logs into the run
-`mlflow run` created (MLflow's multistep-workflow convention) instead of opening a second one.
+`mlflow run` created (MLflow's multistep-workflow convention) instead of opening a second one. Runs are named by id
+in every call: none is MLflow's active run, and no environment variable is written after start-up.
 
 Owns: `connection` (the tracking URI, the reachability check, the client, a block on another store), `runs` (a
-run's life: start, resume, log into, KILLED on a stop; a run held by id, offered to the next run a block starts),
+run's life: start, resume, log into, FAILED with its reason, KILLED on a stop; a run offered to a block),
 `logger` (`RunLogger`: everything a run logs), `records` (`RunRecord`, the typed record other packages read runs
 as), `queries` (runs read, tagged and ended by id; dead runs reaped; finished runs found by their tags),
 `liveness` (heartbeats and process identity), `stores` (SQLite paths, first-use locks). Imports mlflow (inside
@@ -23,17 +24,19 @@ MLflow object.
 from __future__ import annotations
 
 from cushing.tracking.connection import HTTP_RETRY_DEFAULTS, TrackingUnavailable, artifact_dir, check_reachable, \
-    client, configure, tracking_uri, using_store
+    client, configure, http_defaults, tracking_uri, using_store
 from cushing.tracking.liveness import machine_id
 from cushing.tracking.logger import EPOCH_PREFIX, RunLogger
 from cushing.tracking.queries import download_artifact, end_run_as, experiment_id, experiment_of_run, \
     experiments_with_runs, find_finished, find_runs, get_run, last_step, list_artifacts, log_artifacts_to, reap, \
     set_tags
 from cushing.tracking.records import RunRecord
-from cushing.tracking.runs import env_run_id, held_run, log_into, offer_run, resume_run, start_run
+from cushing.tracking.runs import ERROR_TAG, env_run_id, launcher_run, log_into, offer_run, resolve_experiment, \
+    resume_run, start_run
 
 __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir", "HTTP_RETRY_DEFAULTS",
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
            "TrackingUnavailable", "last_step", "log_artifacts_to", "RunRecord", "set_tags", "end_run_as",
-           "list_artifacts", "log_into", "client", "machine_id", "find_finished", "held_run", "offer_run"]
+           "list_artifacts", "log_into", "client", "machine_id", "find_finished", "offer_run", "launcher_run",
+           "http_defaults", "ERROR_TAG", "resolve_experiment"]

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cushing.interrupts import guard_connections, held
+from cushing import stops
 from cushing.tracking.stores import seed_sqlite, sqlite_path, store_lock
 
-__all__ = ["HTTP_RETRY_DEFAULTS", "tracking_uri", "TrackingUnavailable", "check_reachable", "configure", "client",
-           "artifact_dir", "using_store"]
+__all__ = ["HTTP_RETRY_DEFAULTS", "http_defaults", "tracking_uri", "TrackingUnavailable", "check_reachable",
+           "configure", "client", "artifact_dir", "using_store"]
 
 
 # Client-side retries so a brief server restart does not kill a run (MLflow's own variables).
@@ -27,9 +27,19 @@ HTTP_RETRY_DEFAULTS = {
 }
 
 
+_OVERRIDE: list[str] = []  # a store a block points this process at (`using_store`), innermost last
+
+
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri = _OVERRIDE[-1] if _OVERRIDE else os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def http_defaults() -> None:
+    """Client-side retries (HTTP_RETRY_DEFAULTS) where the environment does not set them: MLflow reads them from the
+    environment only, so they are set at start-up (`cushing.cli.main`), before any other thread runs."""
+    for k, v in {**HTTP_RETRY_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+        os.environ.setdefault(k, v)
 
 
 _READY: set[str] = set()  # stores this process has opened (a SQLite store is created or migrated on first use)
@@ -59,38 +69,27 @@ def check_reachable(timeout: float | None = None) -> None:
             return
         except OSError as e:
             last = e.strerror or str(e)
+        stops.check()
         if time.time() >= deadline:
             raise TrackingUnavailable(
                 f"the MLflow tracking server at {uri} is not reachable ({last}; tried for {timeout:.0f} s). Start "
                 "it (`cushing stack up`, `docker compose up -d`), fix MLFLOW_TRACKING_URI, or unset it to use the "
                 "embedded store in this folder.")
-        time.sleep(1.0)
+        stops.wait(1.0)
 
 
 def configure() -> str:
-    """Point MLflow at the resolved tracking URI and set retry defaults; returns the URI.
+    """Point MLflow at the resolved tracking URI; returns the URI.
 
     The first use of an embedded SQLite store creates or migrates its schema; two launchers starting at once on a
     fresh store would race in that migration (`duplicate column name`), so it runs under a file lock."""
     import mlflow
 
-    for k, v in HTTP_RETRY_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     check_reachable()
-    if _database_store(uri):
-        guard_connections()
     mlflow.set_tracking_uri(uri)
     _ensure_store(uri)
     return uri
-
-
-def _database_store(uri: str) -> bool:
-    """MLflow opens `uri` as a SQLAlchemy store (its scheme, less any `+driver`, is one of MLflow's engines)."""
-    from mlflow.store.db.db_types import DATABASE_ENGINES
-
-    return uri.partition(":")[0].partition("+")[0] in DATABASE_ENGINES
 
 
 def _ensure_store(uri: str) -> None:
@@ -105,36 +104,9 @@ def _ensure_store(uri: str) -> None:
 
 
 def client():
-    """An MlflowClient; on an embedded SQLite store, its calls from the main thread hold back a Ctrl-C or SIGTERM
-    until they return (`cushing.interrupts`), so a stop never leaves the store's file locked mid-write."""
     import mlflow
 
-    uri = configure()
-    c = mlflow.MlflowClient()
-    return _HeldClient(c) if sqlite_path(uri) is not None else c
-
-
-def holding():
-    """`interrupts.held()` where the store is an embedded SQLite file (a server's writes may retry for minutes: a
-    stop is not held back that long)."""
-    return held(sqlite_path(tracking_uri()) is not None)
-
-
-class _HeldClient:
-    """An MlflowClient whose method calls run inside `interrupts.held()` (a no-op off the main thread)."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._inner, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            with held():
-                return attr(*args, **kwargs)
-        return call
+    return mlflow.MlflowClient(configure())
 
 
 @contextmanager
@@ -145,16 +117,13 @@ def artifact_dir() -> Iterator[Path]:
 
 @contextmanager
 def using_store(uri: str) -> Iterator[str]:
-    """Point this process at another tracking store for a block (e.g. a benchmark's throwaway one); restore after."""
+    """Point this process at another tracking store for a block (e.g. a benchmark's throwaway one); restore after.
+    The environment is left alone: subprocesses started in the block are given the URI by whoever starts them."""
     import mlflow
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    _OVERRIDE.append(uri)
     try:
         yield configure()
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+        _OVERRIDE.pop()
         mlflow.set_tracking_uri(tracking_uri())  # point back only: opening the store is for whoever uses it

@@ -107,37 +107,13 @@ def _same_param(logged: str, value: str) -> bool:
 
 class RunLogger:
     """Everything a run logs, one method per kind of thing. Every call names the run by id (none relies on
-    MLflow's active run, which is per thread), so a run can be finished on another thread than the one that
-    trained it (`hand_over`, then `end` there)."""
+    MLflow's active run)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._epochs = _EpochWriter(run_id)
         self.model_id: str | None = None  # set by the release module once the model is logged
         self._beat: _Heartbeat | None = None
-        self.handed_over = False  # whoever holds it now ends it (`end`), not the `start_run` block that opened it
-        self._ended = False
-        self._end_lock = threading.Lock()
-
-    def hand_over(self, handed: bool = True) -> None:
-        """Leaving the `start_run(..., detached=True)` block no longer ends the run (it keeps beating): the one it
-        was handed to calls `end`. `hand_over(False)` takes it back (the hand-over did not happen)."""
-        self.handed_over = handed
-
-    def end(self, status: str) -> bool:
-        """End the run with `status` (FINISHED, FAILED, KILLED): the first call wins, later ones return False. The
-        queued epochs are written and the heartbeat stops first; a failure there turns FINISHED into FAILED."""
-        with self._end_lock:
-            if self._ended:
-                return False
-            self._ended = True
-        try:
-            self.close()
-        except Exception:
-            client().set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status)
-            raise
-        client().set_terminated(self.run_id, status)
-        return True
 
     def start_heartbeat(self) -> None:
         """Tag the run with this process (host, pid and start time) and a heartbeat every

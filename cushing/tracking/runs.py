@@ -1,237 +1,169 @@
-"""A run's life: opened (the one `mlflow run` created, taken once per process; a run continued by id; or a new
-(child) run), beating while open, ended FINISHED, FAILED, or KILLED on Ctrl-C and SIGTERM; runs resumed later
-keep the status they had."""
+"""A run's life, by id: opened (the run `mlflow run` made for this process, taken once; a run offered to a block; a
+run continued by id; or a new (child) run), beating while open, ended FINISHED, FAILED (with the reason as the tag
+`cushing.error`) or KILLED on a stop. No run is ever MLflow's active run and no environment variable is written:
+every call names its run, so runs nest and end exactly as the code says, whatever thread or order."""
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-from cushing.tracking.connection import client, configure, holding
-from cushing.tracking.liveness import _Heartbeat
+from cushing.tracking.connection import client, configure
 from cushing.tracking.logger import RunLogger
 from cushing.tracking.queries import experiment_id
 
-__all__ = ["env_run_id", "start_run", "resume_run", "log_into", "held_run", "offer_run"]
+__all__ = ["env_run_id", "launcher_run", "start_run", "resume_run", "log_into", "offer_run", "ERROR_TAG",
+           "resolve_experiment"]
+
+ERROR_TAG = "cushing.error"  # a FAILED run's reason, one line
+_taken: set[str] = set()  # launcher runs already taken by a run of this process
+_offered: contextvars.ContextVar[str | None] = contextvars.ContextVar("cushing_offered_run", default=None)
 
 
 def env_run_id() -> str | None:
-    """The run `mlflow run` created for this process, if any."""
+    """The run `mlflow run` created for this process (MLFLOW_RUN_ID, read only), if any."""
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
+def launcher_run() -> str | None:
+    """The run the next `start_run` of this block takes: one offered to it (`offer_run`), else `mlflow run`'s until
+    a run of this process has taken it."""
+    offered = _offered.get()
+    if offered:
+        return offered
+    env = env_run_id()
+    return env if env and env not in _taken else None
+
+
 @contextmanager
-def _without_env_run() -> Iterator[None]:
-    """For the whole life of a run that is not the one `mlflow run` created: mlflow.start_run() would resume
-    MLFLOW_RUN_ID while it is set, and mlflow.end_run() unsets it, so hide it and put it back afterwards."""
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+def offer_run(run_id: str) -> Iterator[None]:
+    """For the block, the first run opened with `use_env_run` logs into `run_id` (a pipeline's step run), as a run
+    `mlflow run` created would be taken (MLflow's multistep convention, in one process)."""
+    token = _offered.set(run_id)
     try:
         yield
     finally:
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
+        _offered.reset(token)
 
 
-def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env_run: bool, run_id: str | None):
-    import mlflow
+def resolve_experiment(given: str | None, what: str = "experiment") -> str:
+    """The experiment a command logs into. Under `mlflow run`, the one its run is in: `given` (`what` names where it
+    came from) must agree or is refused, so that the launcher's run and the runs nested under it share one
+    experiment. Otherwise `given`, else MLFLOW_EXPERIMENT_NAME, else `cushing`."""
+    from cushing.config import ConfigError
+    from cushing.tracking.queries import experiment_of_run
 
-    if run_id:  # continue an existing run (resume after a stop)
-        return mlflow.start_run(run_id=run_id)
-    env_run = env_run_id() if use_env_run and parent_run_id is None else None
-    if env_run:
-        os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
-        run = mlflow.start_run(run_id=env_run)
-        mlflow.set_tag("mlflow.runName", run_name)
-        actual = client().get_experiment(run.info.experiment_id).name
-        if actual != experiment:
-            import sys
-
-            print(f"note: this run is in experiment {actual!r} (chosen by `mlflow run --experiment-name` or "
-                  f"MLFLOW_EXPERIMENT_NAME), not {experiment!r}; promotion and reports look in the experiment you "
-                  f"name, so pass --experiment-name {experiment}", file=sys.stderr)
-        return run
-    return mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
-                            nested=parent_run_id is not None or mlflow.active_run() is not None,
-                            parent_run_id=parent_run_id)
+    env = env_run_id()
+    if env is None:
+        return given or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cushing"
+    actual = experiment_of_run(env)
+    if given and given != actual:
+        raise ConfigError(f"{what} {given!r} is not the experiment `mlflow run` made this run in ({actual!r}): name "
+                          f"the experiment once, with `mlflow run --experiment-name {given}`")
+    return actual
 
 
-@contextmanager
-def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
-              parent_run_id: str | None = None, use_env_run: bool = True,
-              run_id: str | None = None, detached: bool = False) -> Iterator[RunLogger]:
-    """A run in `experiment`: the one `mlflow run` created (MLFLOW_RUN_ID; taken once per process), `run_id`
-    (continued), or a new (child) run. While it is open it beats (`RunLogger.start_heartbeat`).
-
-    The run ends FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (the interrupt carries the run id as
-    `cushing_run` for the one-line message), else FINISHED.
-
-    `detached=True`: always a new run, created by id and never MLflow's active run, which the body may hand over
-    (`RunLogger.hand_over`) to be finished and ended on another thread (a sweep worker's finisher).
-    """
-    configure()
-    if detached:
-        with _detached_lifecycle(experiment, run_name, tags, parent_run_id) as logger:
-            yield logger
-        return
-    with contextlib.ExitStack() as keep:
-        env = env_run_id()
-        if not (env and use_env_run and parent_run_id is None and not run_id):
-            keep.enter_context(_without_env_run())  # not `mlflow run`'s run: leave MLFLOW_RUN_ID for a later one
-        with _run_lifecycle(experiment, run_name, tags, parent_run_id, use_env_run, run_id) as logger:
-            yield logger
+def _take(experiment: str, run_name: str, tags: Mapping[str, Any]) -> str | None:
+    run_id = launcher_run()
+    if run_id is None:
+        return None
+    if run_id == env_run_id():
+        resolve_experiment(experiment)  # refuses an experiment other than the one `mlflow run` chose
+    if _offered.get() == run_id:
+        _offered.set(None)
+    _taken.add(run_id)
+    RunLogger(run_id).set_tags({**tags, "mlflow.runName": run_name})
+    return run_id
 
 
-class _Outcome:
-    """How the body of a run's block ended: FINISHED; KILLED on Ctrl-C or SIGTERM (the interrupt names the
-    innermost run as `cushing_run`, for the one-line message of cli/stops.py); FAILED when it raised."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-        self.status = "FINISHED"
-
-    @contextmanager
-    def watch(self) -> Iterator[None]:
-        try:
-            yield
-        except KeyboardInterrupt as e:
-            self.status = "KILLED"
-            if not getattr(e, "cushing_run", None):
-                e.cushing_run = self.run_id
-            raise
-        except BaseException:
-            self.status = "FAILED"
-            raise
-
-
-@contextmanager
-def _run_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None, parent_run_id: str | None,
-                   use_env_run: bool, run_id: str | None) -> Iterator[RunLogger]:
-    import mlflow
-
-    with holding():  # a stop here is raised once the run exists (cushing.interrupts)
-        run = _open_run(experiment, run_name, parent_run_id, use_env_run, run_id)
-    logger = RunLogger(run.info.run_id)
-    if tags:
-        logger.set_tags(tags)
-    outcome = _Outcome(logger.run_id)
-    try:
-        with outcome.watch():
-            logger.start_heartbeat()
-            yield logger
-    finally:
-        try:
-            logger.close()
-        except Exception:
-            if outcome.status == "FINISHED":
-                outcome.status = "FAILED"
-                raise
-            # the body's own exception is already propagating; do not mask it
-        finally:
-            mlflow.end_run(status=outcome.status)
-
-
-@contextmanager
-def _detached_lifecycle(experiment: str, run_name: str, tags: Mapping[str, Any] | None,
-                        parent_run_id: str | None) -> Iterator[RunLogger]:
-    logger = RunLogger(_new_run_id(experiment, run_name, tags or {}, parent_run_id))
-    outcome = _Outcome(logger.run_id)
-    try:
-        with outcome.watch():
-            logger.start_heartbeat()
-            yield logger
-    finally:
-        if outcome.status != "FINISHED" or not logger.handed_over:
-            try:
-                logger.end(outcome.status)
-            except Exception:
-                if outcome.status == "FINISHED":
-                    raise
-
-
-@contextmanager
-def resume_run(run_id: str) -> Iterator[RunLogger]:
-    """Log more into an existing run (CAMs computed later, a sweep's tables into its parent). Its status afterwards
-    is the one it had: a FAILED or KILLED run is not turned FINISHED (and promotable) by it, and a run another
-    process holds open stays RUNNING. An ended run beats while it is written, so a concurrent reap leaves it."""
-    import mlflow
-
-    configure()
-    before = client().get_run(run_id).info.status
-    with _without_env_run():
-        mlflow.start_run(run_id=run_id)
-        logger = RunLogger(run_id)
-        try:
-            if before != "RUNNING":
-                logger.start_heartbeat()
-            yield logger
-        finally:
-            try:
-                logger.close()
-            finally:
-                mlflow.end_run(status=before)
-
-
-@contextmanager
-def log_into(parent_run_id: str | None, *, experiment: str, run_name: str,
-             tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
-    """Where a step that works on other runs (a dashboard, a comparison) logs: the run `mlflow run` created, nested
-    under `parent_run_id`; else `parent_run_id` itself; else a new run named `run_name`."""
-    if parent_run_id and not env_run_id():
-        with resume_run(parent_run_id) as r:
-            yield r
-        return
-    with start_run(experiment=experiment, run_name=run_name, tags=tags) as r:
-        r.nest_under(parent_run_id)
-        yield r
-
-
-def _new_run_id(experiment: str, run_name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> str:
-    from mlflow.tracking.context.registry import resolve_tags
+def _new_run(experiment: str, run_name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> str:
+    from mlflow.tracking.context.registry import resolve_tags  # the source, user and git tags mlflow.start_run adds
 
     tags = {**{k: str(v) for k, v in tags.items()}, "mlflow.runName": run_name,
             **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     return client().create_run(experiment_id(experiment), run_name=run_name, tags=resolve_tags(tags)).info.run_id
 
 
+def _reopen(run_id: str) -> str:
+    client().update_run(run_id, status="RUNNING")  # a stopped run continued (resume)
+    return run_id
+
+
 @contextmanager
-def held_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
-             parent_run_id: str | None = None, use_env_run: bool = True) -> Iterator[str]:
-    """A run this process holds by id and never makes MLflow's active run, so that what runs inside it in this
-    process opens (or takes, `offer_run`) runs of its own freely: a pipeline and its steps. The run `mlflow run`
-    created (taken once per process) when there is one and no parent is given; else a new (child) run. It beats
-    while held and ends FINISHED, FAILED when the body raises, KILLED on Ctrl-C and SIGTERM (whatever the body's
-    own runs did with it)."""
+def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+              parent_run_id: str | None = None, use_env_run: bool = True,
+              run_id: str | None = None) -> Iterator[RunLogger]:
+    """A run in `experiment` ("": `resolve_experiment`): `run_id` (continued), else the launcher's run (`launcher_run`, when `use_env_run` and no
+    parent is given), else a new (child) run. It beats while open (`cushing.heartbeat`) and ends FINISHED; FAILED
+    when the body raises (the reason in the tag `cushing.error`); KILLED on a stop (the interrupt carries the
+    innermost run id as `cushing_run`, for the one-line message)."""
     configure()
-    env = env_run_id() if use_env_run and parent_run_id is None else None
-    if env:
-        os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
-        run_id = env
-        for k, v in {**(tags or {}), "mlflow.runName": run_name}.items():
-            client().set_tag(run_id, k, str(v))
+    experiment = experiment or resolve_experiment(None)  # "" (an MLproject default): the launcher's, or the default
+    tags = dict(tags or {})
+    if run_id:
+        run_id = _reopen(run_id)
     else:
-        run_id = _new_run_id(experiment, run_name, tags or {}, parent_run_id)
-    beat = _Heartbeat(run_id)
-    beat.start()
-    outcome = _Outcome(run_id)
+        taken = _take(experiment, run_name, tags) if use_env_run and parent_run_id is None else None
+        run_id = taken or _new_run(experiment, run_name, tags, parent_run_id)
+    logger = RunLogger(run_id)
+    status = "FINISHED"
     try:
-        with outcome.watch():
-            yield run_id
+        logger.start_heartbeat()
+        yield logger
+    except KeyboardInterrupt as e:
+        status = "KILLED"
+        if not getattr(e, "cushing_run", None):
+            e.cushing_run = run_id
+        raise
+    except BaseException as e:
+        status = "FAILED"
+        _note_error(logger, e)
+        raise
     finally:
-        beat.stop()
-        client().set_terminated(run_id, outcome.status)
+        _end(logger, status)
+
+
+def _note_error(logger: RunLogger, e: BaseException) -> None:
+    text = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+    try:
+        logger.set_tags({ERROR_TAG: text[:4900]})
+    except Exception:  # the store itself may be what failed: the status still says it
+        pass
+
+
+def _end(logger: RunLogger, status: str) -> None:
+    try:
+        logger.close()
+    except Exception:
+        if status == "FINISHED":
+            client().set_terminated(logger.run_id, "FAILED")
+            raise
+    client().set_terminated(logger.run_id, status)
 
 
 @contextmanager
-def offer_run(run_id: str) -> Iterator[None]:
-    """For the block, `run_id` is the run `mlflow run` would have created (MLFLOW_RUN_ID): the first run the block
-    starts logs into it (MLflow's multistep convention, in one process). Withdrawn afterwards, taken or not."""
-    saved = os.environ.get("MLFLOW_RUN_ID")
-    os.environ["MLFLOW_RUN_ID"] = run_id
+def resume_run(run_id: str) -> Iterator[RunLogger]:
+    """Log more into an existing run (CAMs computed later, a sweep's tables into its parent). Its status stays the one
+    it had: a FAILED or KILLED run is not turned FINISHED (and promotable) by it, and a run another process holds open
+    stays RUNNING."""
+    configure()
+    logger = RunLogger(run_id)
     try:
-        yield
+        yield logger
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_RUN_ID", None)
-        else:
-            os.environ["MLFLOW_RUN_ID"] = saved
+        logger.close()
+
+
+@contextmanager
+def log_into(parent_run_id: str | None, *, experiment: str, run_name: str,
+             tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
+    """Where a step that works on other runs (a dashboard, a comparison) logs: the launcher's run, nested under
+    `parent_run_id`; else `parent_run_id` itself; else a new run named `run_name`."""
+    if parent_run_id and not launcher_run():
+        with resume_run(parent_run_id) as r:
+            yield r
+        return
+    with start_run(experiment=experiment, run_name=run_name, tags=tags) as r:
+        r.nest_under(parent_run_id)
+        yield r

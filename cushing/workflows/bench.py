@@ -31,7 +31,6 @@ from cushing.model.engine import FitSettings, _batches, fit, oversampled
 from cushing import tracking
 from cushing.config import TrainConfig
 from cushing.workflows.experiment import run_single
-from cushing.workflows.plan import FINISH_PHASES
 from cushing.model.train import prepare_cohort
 from cushing.data.demo import make_demo_cohort
 from cushing.faces.pipeline import extract_faces
@@ -238,7 +237,6 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     _print_phases(table)
     print(f"run {med['wall_s']:.2f} s = training loop {med['train_s']:.2f} s + the rest {med['other_s']:.2f} s "
           f"(rest/loop {med['other_s'] / med['train_s']:.2f}; in process, as a sweep runs each configuration)")
-    _print_hidden(table["in_process"], med["train_s"])
     lmed = {}
     if launched:
         lmed = {k: statistics.median(r[k] for r in launched) for k in ("wall_s", "train_s")}
@@ -249,15 +247,6 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
                    "median": med, "runs": rows, "phases": table, "mlflow_run": {"median": lmed, "runs": launched}},
                   f, indent=1)
     return rows
-
-
-def _print_hidden(phases: dict[str, float], train_s: float) -> None:
-    """What of the rest a sweep worker's finisher does beside the next configuration's training."""
-    rest = {k: v for k, v in phases.items() if k != "training loop"}
-    hidden = sum(v for k, v in rest.items() if k.startswith(FINISH_PHASES))
-    visible = sum(rest.values()) - hidden
-    print(f"in a sweep: {hidden:.2f} s of the rest is finished beside the next training; {visible:.2f} s stays on "
-          f"the worker (rest/loop {visible / train_s:.2f})")
 
 
 def launch_run(*, model: str, img_size: int, epochs: int, device: str = "auto", cam: bool = True,

@@ -25,9 +25,9 @@ from cushing.stats.report import build_report
 from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
+from cushing import stops
 from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
-from cushing.workflows.finisher import RUN_END, Finisher, summary_now
-from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part, score_part
+from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part
 
 __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
            "resume_single", "ResumeError", "Trained", "train_part", "finish_part"]
@@ -94,50 +94,31 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     run.set_tags(tags)
 
 
+RUN_START = "run start (store, experiment, tags, heartbeat)"
+RUN_END = "run end"
+
+
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
                on_epoch: EpochCallback | None = None, progress: bool = True,
-               extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None,
-               finisher: Finisher | None = None) -> RunSummary:
-    """One tracked training. With a `finisher` (a sweep worker's), the run is scored here and handed over to be
-    finished beside the next training: the summary then holds the final results so far (all but Grad-CAM's)
-    and `pending`, the full summary once the run has ended."""
+               extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None
+               ) -> RunSummary:
+    """One tracked training, finished (scored, logged, ended) before it returns."""
     with timing() as timer:
         with phase("store: tracking server check"):
             tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
         cohort = cohort or prepare_cohort(cfg, progress=progress)
         tags = {**_tags(cfg, cohort), **(extra_tags or {})}
         opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), tags=tags,
-                                    parent_run_id=parent_run_id, detached=finisher is not None)
-        with phased(opened, RUN_START, RUN_END if finisher is None else HAND_OVER) as run:
+                                    parent_run_id=parent_run_id)
+        with phased(opened, RUN_START, RUN_END) as run:
+            stops.check()  # a stop that came while the run was being opened ends it KILLED
             if on_start is not None:
                 on_start(run.run_id)
             with phase("setup logging (params, splits, dataset)"):
                 _log_setup(run, cfg, cohort)
-            if finisher is None:
-                summary = _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
-            else:
-                summary = _train_and_hand_over(run, cfg, cohort, finisher, on_epoch=on_epoch, progress=progress)
+            summary = _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
     summary.phases = timer
     return summary
-
-
-def _train_and_hand_over(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, finisher: Finisher, *,
-                         on_epoch: EpochCallback | None, progress: bool) -> RunSummary:
-    trained = train_part(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
-    scored = score_part(trained, progress=False)  # no "after training" bar: the finisher's part is silent
-    run.hand_over()
-    try:
-        with phase("hand-over (waiting for the finisher)"):
-            pending = finisher.submit(scored)
-    except BaseException:
-        run.hand_over(False)  # not handed over: the run's block ends it (KILLED on a stop)
-        scored.stages.close()
-        raise
-    return summary_now(scored, pending)
-
-
-RUN_START = "run start (store, experiment, tags, heartbeat)"
-HAND_OVER = "run handed to the finisher"
 
 
 def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
@@ -173,7 +154,7 @@ def resume_single(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
     """Continue a stopped run (cfg.resume: its id, or "true" for the latest stopped run of this configuration)
     from its last checkpoint, in the same MLflow run, with the configuration it was started with."""
     tracking.check_reachable()
-    env_run = tracking.env_run_id()
+    env_run = tracking.launcher_run()
     target = _resume_target(cfg, env_run)
     try:
         with resume_lock(target):

@@ -1,11 +1,8 @@
-"""Finishing a trained run: score the held best weights, intervals, the logged model, tables, plots and
-Grad-CAM into one artifact folder, then the final metrics, tags and one upload. Touches the run only through the
-`Trained` it is given, so it can run on another thread than the training (see `finisher`).
-"""
+"""Finishing a trained run, on the thread that trained it: score the held best weights, intervals, the logged
+model, tables, plots and Grad-CAM into one artifact folder, then the final metrics, tags and one upload."""
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from cushing.stats import plots
 from cushing.stats.report import Report, build_report
 from cushing.tracking import artifact_dir
 
-__all__ = ["RunSummary", "Trained", "Scored", "finish_part", "score_part", "finish_rest"]
+__all__ = ["RunSummary", "Trained", "finish_part"]
 
 
 @dataclass
@@ -38,7 +35,6 @@ class RunSummary:
     stopped: str = ""  # why training ended early (patience, a pruner), if it did
     selection: str = ""  # which epoch was kept and its per-epoch value (what the epoch bar showed last as best)
     phases: PhaseTimer | None = None  # where the run's wall time went, by named phase
-    pending: Future | None = None  # a run handed to a finisher: its full summary once finished
 
 
 def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
@@ -109,8 +105,7 @@ class _Stages:
 @dataclass
 class Trained:
     """What finishing a run needs once its training loop is over: the open run, its configuration and cohort,
-    and the best-epoch model not yet scored. Finishing (scoring, intervals, model logging, tables, plots,
-    Grad-CAM, upload) needs nothing else, so it can run beside the next configuration's training."""
+    and the best-epoch model not yet scored."""
 
     run: tracking.RunLogger
     cfg: TrainConfig
@@ -119,29 +114,21 @@ class Trained:
 
 
 @dataclass
-class Scored:
-    """A trained run scored: its predictions, report (point values and intervals) and the final metrics and tags
-    so far. What a sweep's objective needs is here, so the rest of finishing can wait for the finisher."""
-
+class _Scored:
     trained: Trained
     outcome: TrainOutcome
     report: Report
     metrics: dict[str, float]
     tags: dict[str, str]
     stages: "_Stages"
-    randomized: Any = None  # Grad-CAM's randomization check weights, drawn here (torch's generator is global)
 
 
 def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
-    """Everything after the training loop: score the held best weights, intervals, the logged model, results,
-    tables, plots and Grad-CAM, written into one artifact folder; then the final metrics and tags in one call
-    each and the folder in one upload. Touches the run only through `trained.run`."""
-    return finish_rest(score_part(trained, progress=progress))
-
-
-def score_part(trained: Trained, *, progress: bool) -> Scored:
-    """Scoring (val, test) and the report with its intervals: the final results, before any file is made."""
-    cfg, cohort = trained.cfg, trained.cohort
+    """Everything after the training loop: score the held best weights (val, test), intervals, the logged model,
+    results, tables, plots and Grad-CAM, written into one artifact folder; then the final metrics and tags in one
+    call each and the folder in one upload; a failure still logs what was made before it. The run is not ended
+    here."""
+    cfg, cohort, run = trained.cfg, trained.cohort, trained.run
     stages = _Stages(["scoring", "intervals"] + ["model"] * cfg.log_model + ["tables and plots"]
                      + ["Grad-CAM"] * cfg.cam, progress)
     try:
@@ -153,23 +140,9 @@ def score_part(trained: Trained, *, progress: bool) -> Scored:
             report = build_report(outcome.predictions, threshold=outcome.threshold, min_positives=cfg.min_positives,
                                   bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
                                   subgroup_columns=cfg.subgroup_columns)
-    except BaseException:
-        stages.close()
-        raise
-    metrics, tags = _results(outcome, report)
-    randomized = None
-    if cfg.cam:
-        with phase("Grad-CAM randomization weights (drawn before a hand-over)"):
-            randomized = explain.randomized_parts(outcome.model, cfg.model, cfg.seed)
-    return Scored(trained, outcome, report, metrics, tags, stages, randomized)
-
-
-def finish_rest(scored: Scored) -> RunSummary:
-    """The logged model, tables, plots and Grad-CAM into one folder; the final metrics and tags (one call each)
-    and one upload; a failure still logs what was made before it. The run is not ended here."""
-    run, cfg, outcome = scored.trained.run, scored.trained.cfg, scored.outcome
-    made: dict[str, Any] = {"metrics": dict(scored.metrics), "tags": dict(scored.tags), "uri": None}
-    try:
+        metrics, tags = _results(outcome, report)
+        scored = _Scored(trained, outcome, report, metrics, tags, stages)
+        made: dict[str, Any] = {"metrics": dict(metrics), "tags": dict(tags), "uri": None}
         with artifact_dir() as d:
             try:
                 _finish_into(d, scored, made)
@@ -182,12 +155,12 @@ def finish_rest(scored: Scored) -> RunSummary:
             with phase("artifact upload"):
                 run.log_files(d, None)
     finally:
-        scored.stages.close()
+        stages.close()
     remove_checkpoint(run.run_id)  # finished: nothing to resume
     return _summary(scored, made["metrics"], made["uri"])
 
 
-def _summary(scored: Scored, metrics: dict[str, float], uri: str | None) -> RunSummary:
+def _summary(scored: _Scored, metrics: dict[str, float], uri: str | None) -> RunSummary:
     cfg, outcome = scored.trained.cfg, scored.outcome
     fit = outcome.fit
     selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
@@ -197,7 +170,7 @@ def _summary(scored: Scored, metrics: dict[str, float], uri: str | None) -> RunS
                       stopped=fit.stopped, selection=selection)
 
 
-def _finish_into(d: Path, scored: Scored, made: dict[str, Any]) -> None:
+def _finish_into(d: Path, scored: _Scored, made: dict[str, Any]) -> None:
     """Model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they come (so that a
     failure later keeps them)."""
     run, cfg, cohort, outcome, stages = (scored.trained.run, scored.trained.cfg, scored.trained.cohort,
@@ -212,8 +185,7 @@ def _finish_into(d: Path, scored: Scored, made: dict[str, Any]) -> None:
         _write_plots(d, outcome, scored.report)
     if cfg.cam:
         stages("Grad-CAM")
-        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts,
-                                       randomized=scored.randomized)
+        cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
         made["metrics"].update(cams.metrics)
         made["tags"].update(cams.tags)
 

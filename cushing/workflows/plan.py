@@ -1,9 +1,8 @@
 """Roughly how long a sweep takes on one GPU, before it runs (`cushing sweep FILE --plan`).
 
 A configuration is three phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the
-training loop on the worker (CPU: setup logging, model build, scoring, bootstrap); the rest of finishing a run
-(model logging, tables, plots, Grad-CAM, upload) runs beside the worker's next training (its finisher), so a
-worker pays it only after its last configuration, or where it outlasts the next configuration. Training seconds are
+training loop on its worker (CPU: setup logging, model build, scoring, bootstrap, model logging, tables, plots,
+Grad-CAM, upload), which overlaps other workers' training. Training seconds are
     runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup
 with the backbone's epoch cost and its family's compile effect from the tables below (H200 figures), runs = the CV folds (else the
 seeds; cross-validation ignores seeds), and a frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features once,
@@ -21,7 +20,7 @@ from cushing.model.backbones import get_spec
 from cushing.config import TrainConfig
 
 __all__ = ["Estimate", "estimate", "makespan", "RUN_OVERHEAD_S", "EPOCH_COST_S", "COMPILE_EFFECT",
-           "FINISH_SHARE", "Overhead", "overhead_from_bench", "default_overhead"]
+           "Overhead", "overhead_from_bench", "default_overhead"]
 
 # Seconds of one paper-shaped fine-tuning epoch (183 training images at batch 32 + 114 validation images, 224 px,
 # bf16) on an NVIDIA H200, with where each figure came from. "measured": `cushing bench` (README, Benchmarks; run 3
@@ -44,12 +43,6 @@ COMPILE_EFFECT: dict[str, tuple[float, float]] = {"resnet": (3.7, 41.0), "densen
 # Per run outside training: 14 s measured on the ViT-B/32 paper run (H200, README), less the ~2 s per run of MLflow
 # async-queue waits that the run logger's own epoch writer removed (measured on CPU: 8.75 -> 6.6 s per short run).
 RUN_OVERHEAD_S = 12.0
-# The share of that work a sweep worker's finisher does beside the next training: `cushing bench run` (ResNet-18,
-# 112 px, 3 epochs, Grad-CAM on, 2-core CPU, 2026-12-05; docs/explanation/benchmarks.md), the phases FINISH_PHASES
-# against the rest outside the training loop.
-FINISH_SHARE = 0.75
-FINISH_PHASES = ("model:", "tables", "plots", "Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates",
-                 "final metrics and tags", "artifact upload", "run end")
 FROZEN_EPOCH_EQUIV = 7.0  # frozen DINOv2: features once + 200 head epochs took about 7 fine-tuning epochs (bench)
 GPU_SHARING = {1: 1.0, 2: 1.5, 3: 1.55, 4: 1.6}  # total throughput of k trainings on one GPU vs one
 
@@ -58,41 +51,35 @@ GPU_SHARING = {1: 1.0, 2: 1.5, 3: 1.55, 4: 1.6}  # total throughput of k trainin
 class Estimate:
     compile_s: float  # cold torch.compile (CPU), 0 when eager
     gpu_s: float  # training loop, alone on the GPU
-    overhead_s: float  # the run's work outside the training loop on the worker (CPU)
-    finish_s: float = 0.0  # finishing the run beside the next training (CPU, the worker's finisher)
+    overhead_s: float  # the run's work outside the training loop on its worker (CPU)
 
     @property
     def total_s(self) -> float:
-        return self.compile_s + self.gpu_s + self.overhead_s + self.finish_s
+        return self.compile_s + self.gpu_s + self.overhead_s
 
 
 @dataclass(frozen=True)
 class Overhead:
-    """Seconds per run outside the training loop: on the worker, and beside the next training; and whence."""
+    """Seconds per run outside the training loop, and whence."""
 
     worker_s: float
-    finish_s: float
     source: str
 
 
 def default_overhead() -> Overhead:
-    return Overhead(RUN_OVERHEAD_S * (1 - FINISH_SHARE), RUN_OVERHEAD_S * FINISH_SHARE,
-                    f"{RUN_OVERHEAD_S:.0f} s per run (H200 ViT-B/32 run), {FINISH_SHARE:.0%} of it beside the next "
-                    "training (CPU bench)")
+    return Overhead(RUN_OVERHEAD_S, f"{RUN_OVERHEAD_S:.0f} s per run (H200 ViT-B/32 run)")
 
 
 def overhead_from_bench(path: str | Path) -> Overhead:
-    """The per-run figures a `cushing bench run --out FILE` measured (its in-process phase table, median runs):
-    everything outside the training loop, split by what the finisher does."""
+    """The per-run figure a `cushing bench run --out FILE` measured (its in-process phase table, median runs):
+    everything outside the training loop."""
     try:
         data = json.loads(Path(path).read_text())
         table = data["phases"]["in_process"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not the JSON of `cushing bench run --out FILE` ({type(e).__name__}: {e})") from None
-    rest = {k: float(v) for k, v in table.items() if k != "training loop"}
-    finish = sum(v for k, v in rest.items() if k.startswith(FINISH_PHASES))
-    return Overhead(sum(rest.values()) - finish, finish,
-                    f"measured by `cushing bench run` in {path} ({data.get('device', '?')}, {data.get('model', '?')} "
+    rest = sum(float(v) for k, v in table.items() if k != "training loop")
+    return Overhead(rest, f"measured by `cushing bench run` in {path} ({data.get('device', '?')}, {data.get('model', '?')} "
                     f"at {data.get('img_size', '?')} px)")
 
 
@@ -103,11 +90,10 @@ def estimate(cfg: TrainConfig, overhead: Overhead | None = None) -> Estimate:
     runs = cfg.cv_folds if cfg.cv_folds > 1 else cfg.seeds  # as experiment.run_experiment dispatches
     per_epoch = EPOCH_COST_S[cfg.model][0] * (cfg.img_size / 224) ** 2
     if cfg.frozen:
-        return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * o.worker_s, runs * o.finish_s)
+        return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * o.worker_s)
     compiled = cfg.compile != "none"
     speedup, compile_s = COMPILE_EFFECT[family] if compiled else (1.0, 0.0)
-    return Estimate(runs * compile_s, runs * cfg.epochs * per_epoch / speedup, runs * o.worker_s,
-                    runs * o.finish_s)
+    return Estimate(runs * compile_s, runs * cfg.epochs * per_epoch / speedup, runs * o.worker_s)
 
 
 def _sharing(k: int) -> float:
@@ -118,17 +104,10 @@ def makespan(estimates: list[Estimate], workers: int) -> float:
     """Wall seconds for `workers` processes taking the jobs in order, all training on one GPU.
 
     k jobs in their GPU phase each progress at sharing(k)/k; CPU phases run at full speed. Event-driven: time
-    advances to the next phase end. A job's finishing runs beside the next job its worker takes (taken as the
-    job `workers` places later): only what outlasts that job is charged to it, and the last jobs' finishing at
-    the end.
+    advances to the next phase end.
     """
-    w = max(1, workers)
-    queue = []
-    for i, e in enumerate(estimates):
-        prev = estimates[i - w].finish_s if i >= w else 0.0
-        waits = max(0.0, prev - (e.compile_s + e.gpu_s + e.overhead_s))  # the finisher is behind: it waits
-        queue.append([["cpu", e.compile_s], ["gpu", e.gpu_s], ["cpu", e.overhead_s + waits]])
-    return _simulate(queue, w) + max((e.finish_s for e in estimates[-w:]), default=0.0)
+    queue = [[["cpu", e.compile_s], ["gpu", e.gpu_s], ["cpu", e.overhead_s]] for e in estimates]
+    return _simulate(queue, max(1, workers))
 
 
 def _simulate(queue: list[list[list]], workers: int) -> float:

@@ -113,11 +113,11 @@ def exec_mlflow_server(*, db_host: str, db_port: int, db_password_file: str | No
     pgpass = write_pgpass(folder / "pgpass", [(db_host, db_port, "mlflow",
                                                _read(db_password_file, "MLFLOW_DB_PASSWORD"))])
     ini = write_auth_config(folder / "basic_auth.ini", f"postgresql+psycopg2://mlflow@{db_host}:{db_port}/mlflow_auth")
-    os.environ.update({"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
-                       "MLFLOW_FLASK_SERVER_SECRET_KEY": key, "PGPASSFILE": str(pgpass)})
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": key, "PGPASSFILE": str(pgpass)}
     cmd = mlflow_server_command(backend_uri=f"postgresql+psycopg2://mlflow@{db_host}:{db_port}/mlflow",
                                 artifacts=artifacts, host=host, port=port, allowed_hosts=allowed_hosts, workers=workers)
-    os.execve(cmd[0], cmd, server_environment(os.environ))
+    os.execve(cmd[0], cmd, server_environment(env))
 
 
 def migrate_from_secrets(*, db_host: str, db_port: int, db_password_file: str | None) -> None:

@@ -14,7 +14,7 @@ from cushing.workflows.cluster.options import SlurmOptions, ClusterError, Submit
 from cushing.workflows.cluster.refusals import _checked
 from cushing.workflows.cluster.secrets import _job_environment
 from cushing.workflows.cluster.task import ArrayTask, ArrayWorker, worker_tasks
-from cushing.workflows.cluster.watcher import ACTIVE_STATES, install_squeue_watcher, task_states
+from cushing.workflows.cluster.watcher import ACTIVE_STATES, follow_with_squeue, task_states
 from cushing.workflows.sweeps import MAX_RETRY, default_storage, finish_sweep, finish_tune, open_sweep, open_tune, \
     sweep_status
 
@@ -52,14 +52,15 @@ def _log_folder(options: SlurmOptions) -> Path:
 
 def _submit(task: ArrayTask, tasks: int, options: SlurmOptions, name: str, storage: str) -> list:
     submitit = _submitit()
-    install_squeue_watcher(delay_s=max(options.poll_s, 5.0))
     ex = submitit.SlurmExecutor(folder=task.folder, max_num_timeout=3)
     ex.update_parameters(**sbatch_parameters(options, name, tasks))
     with _job_environment(storage):
         try:
-            return ex.map_array(ArrayWorker(), [task] * tasks, list(range(tasks)))
+            jobs = ex.map_array(ArrayWorker(), [task] * tasks, list(range(tasks)))
         except submitit.core.utils.FailedJobError as e:  # sbatch's own message (bad partition, account, limits)
             raise ClusterError(f"sbatch refused the job array: {e}") from e
+    follow_with_squeue(jobs, delay_s=max(options.poll_s, 5.0))
+    return jobs
 
 
 def _say(array: str, out: Callable[[str], None]) -> Callable[[str], None]:
@@ -92,7 +93,7 @@ def submit_sweep(path: str | Path, options: SlurmOptions = SlurmOptions(), *, st
     if not wait:
         out(f"follow it with `squeue -j {array}` and `cushing sweep {path} --report`; the last task out logs "
             "Tables II and III on the parent run")
-        h.grid.claims.close()
+        h.grid.close()
         return sub
     sub.task_states = _follow_sweep(h, jobs, options, _say(array, out))
     sub.sweep = finish_sweep(h)
@@ -138,30 +139,25 @@ def _states_text(states: Mapping[str, str]) -> str:
 
 def _trial_lines(h, seen: dict[int, str], workers: Mapping[str, str]) -> Iterator[str]:
     """One line per trial state not printed yet: training (on which task), done, stopped/died (retried) or failed."""
-    owners = h.grid.claims.claimed(h.study_name)
     labels = h.study.labels
-    deaths: dict[str, int] = {}
     for t in sorted(h.grid.ostudy.get_trials(deepcopy=False), key=lambda t: t.number):
         label, state = t.user_attrs.get("label"), t.state.name
-        died = state == "FAIL" and not any(k in t.user_attrs for k in ("error", "interrupted", "superseded"))
-        deaths[label] = deaths.get(label, 0) + died
-        if label not in labels or seen.get(t.number) == state:
+        if label not in labels or seen.get(t.number) == state or state == "WAITING":
             continue
         seen[t.number] = state
-        attempt = int(t.system_attrs.get("grid_attempt", 0))
-        where = workers.get(owners.get((label, attempt), ""), "?")
-        retry = "another worker retries it" if deaths[label] <= MAX_RETRY else \
-            f"not retried (its workers died {deaths[label]} times)"
+        where = workers.get(t.user_attrs.get("worker", ""), "?")
+        deaths = len(t.system_attrs.get("retry_history", [])) + 1
+        retry = "another worker retries it" if deaths <= MAX_RETRY else \
+            f"not retried (its workers died {deaths} times)"
         if state == "RUNNING":
-            text = f"training on task {where}" + (f" (retry {attempt})" if attempt else "")
+            of = t.system_attrs.get("failed_trial", t.user_attrs.get("retry_of"))
+            text = f"training on task {where}" + (f" (retry of trial {of})" if of is not None else "")
         elif state == "COMPLETE":
             text = f"done on task {where}: {h.study.objective_metric} {t.value:.4f}"
         elif "error" in t.user_attrs:
             text = f"failed on task {where}: {t.user_attrs['error'][:300]} (not retried: it would fail again)"
         elif "interrupted" in t.user_attrs:
-            text = f"stopped on task {where} ({t.user_attrs['interrupted'][:120]}); the next launch retries it"
-        elif "superseded" in t.user_attrs:
-            text = f"left by task {where} to the worker that took it over while it started"
+            text = f"stopped on task {where} ({t.user_attrs['interrupted'][:120]}); queued again for another worker"
         else:
             text = f"its worker (task {where}) stopped beating: cancelled, killed or lost with its node; {retry}"
         yield f"configuration {labels.index(label) + 1}/{len(labels)} {label}: {text}"

@@ -1,8 +1,9 @@
 """What each array task runs: one sweep worker (or its share of tuning trials) on the storage its environment
 names, the same worker `cushing sweep --workers N` runs on one host. Preemption and time limits: submitit asks for
-`--signal=USR2@90` and, on that signal, requeues the task (at most 3 times after time-outs); the trial the task was
-training is marked interrupted first (`Preempted`), so a live worker retries it at once. Module-level, so submitit
-pickles the task by reference and the node imports it."""
+`--signal=USR2@90`; here that signal is a cooperative stop (`cushing.stops`) like Ctrl-C: the worker stops at its
+next safe point, its trial is failed as interrupted (a live worker queues it again at once) and its run ends
+KILLED; then submitit's own handler, called from the task's code instead of from the signal, requeues the task (at
+most 3 times after time-outs). Module-level, so submitit pickles the task by reference and the node imports it."""
 from __future__ import annotations
 
 import os
@@ -10,21 +11,13 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from cushing import stops
 from cushing.workflows.cluster.options import ClusterError
 from cushing.workflows.cluster.secrets import SECRETS_FILE_ENV, STORAGE_ENV, read_secrets_file
 from cushing.workflows.sweeps import finish_sweep, open_sweep, run_tune, sweep_worker
-from cushing.workflows.sweeps.claims import GridClaims
+from cushing.workflows.sweeps.worker import worker_id
 
-__all__ = ["Preempted", "ArrayTask", "run_array_task", "ArrayWorker", "worker_tasks"]
-
-
-class Preempted(KeyboardInterrupt):
-    """Slurm preempted the task or its time ran out. Raised like Ctrl-C, so the trial in training is marked
-    interrupted (retried by a live worker at once) and its MLflow run ends KILLED."""
-
-    def __init__(self, message: str, requeued: bool):
-        super().__init__(message)
-        self.requeued = requeued
+__all__ = ["ArrayTask", "run_array_task", "ArrayWorker", "worker_tasks"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +30,7 @@ class ArrayTask:
     compile: str | None = None
     n_trials: int = 0  # tune: this task's share
     log_tables: bool = False  # sweep with no launcher waiting: the last task out logs Tables II and III
-    folder: str = ""  # where each task records which worker (host:pid, as the claims table names it) it is
+    folder: str = ""  # where each task records which worker (host:pid, as a trial's `worker` names it) it is
 
 
 def run_array_task(task: ArrayTask, index: int) -> int:
@@ -50,14 +43,19 @@ def run_array_task(task: ArrayTask, index: int) -> int:
     if not storage:
         raise ClusterError(f"{STORAGE_ENV} is not set in this task's environment")
     _announce(task, index)
-    _interrupt_on_preemption()
+    preempt = _preemption()
     try:
         return _sweep_task(task, storage) if task.kind == "sweep" else _tune_task(task, storage)
-    except Preempted as e:
-        print(f"[cushing] {e}: this worker stops; its trial is retried by another", flush=True)
-        if e.requeued:
-            raise SystemExit(-1) from None  # as submitit exits after a requeue: no result, the task runs again
-        raise RuntimeError(str(e)) from None
+    except stops.Stopped as e:
+        if preempt is None or e.signame != preempt[0].name:
+            raise
+        print(f"[cushing] preempted ({e.signame}): this worker stops; its trial is queued again for another",
+              flush=True)
+        try:
+            preempt[1](preempt[0], None)  # submitit's handler: `scontrol requeue`, then it exits (SystemExit)
+        except Exception as err:  # submitit's UncompletedJobError: timed out too often, not requeued
+            raise RuntimeError(f"stopped and not requeued: {err}") from None
+        raise
 
 
 class ArrayWorker:
@@ -77,12 +75,20 @@ class ArrayWorker:
 def _sweep_task(task: ArrayTask, storage: str) -> int:
     h = open_sweep(task.path, storage=storage, parent_run_id=task.parent_run_id, compile=task.compile)
     trained = sweep_worker(h.study, h.storage, progress=False, grid=h.grid)
-    # every worker returns once the grid is finished, all seeing the same trials: one claim picks who logs the tables
-    if task.log_tables and h.grid.claims.claim(h.study_name, "__tables__", len(h.grid.ostudy.get_trials())):
+    # every worker returns once the grid is finished: the first to record it in the study logs the tables
+    if task.log_tables and _first_to_finish(h):
         finish_sweep(h, trained)
     else:
         h.grid.close()
     return trained
+
+
+def _first_to_finish(h) -> bool:
+    with h.grid.lock():
+        if h.grid.ostudy.user_attrs.get("tables_logged_for") == len(h.grid.ostudy.get_trials(deepcopy=False)):
+            return False
+        h.grid.ostudy.set_user_attr("tables_logged_for", len(h.grid.ostudy.get_trials(deepcopy=False)))
+        return True
 
 
 def _tune_task(task: ArrayTask, storage: str) -> int:
@@ -97,9 +103,9 @@ def _task_id(index: int) -> tuple[str, str]:
 
 
 def _announce(task: ArrayTask, index: int) -> None:
-    """Say (and record, for the launcher) which worker this task is: the claims table names workers host:pid."""
+    """Say (and record, for the launcher) which worker this task is: a trial's `worker` attribute names it host:pid."""
     array, task_id = _task_id(index)
-    owner = GridClaims.owner()
+    owner = worker_id()
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     print(f"[cushing] array task {task_id} (restart {restart}) is worker {owner}", flush=True)
     if task.folder:
@@ -109,26 +115,19 @@ def _announce(task: ArrayTask, index: int) -> None:
 
 
 def worker_tasks(folder: str | os.PathLike, array_id: str) -> dict[str, str]:
-    """Worker (host:pid, as in the claims table) -> array task id ('12_1') for a job array's tasks so far."""
+    """Worker (host:pid, as a trial's `worker` attribute) -> array task id ('12_1') for a job array's tasks so far."""
     d = Path(folder) / "cushing-workers" / str(array_id)
     if not d.is_dir():
         return {}
     return {p.name: p.read_text().strip() for p in d.iterdir() if p.is_file()}
 
 
-def _interrupt_on_preemption() -> None:
-    """submitit's handler of the preemption signal requeues the task, then exits (SystemExit): inside training that
-    would mark the trial as an error, never retried. Turn its exit into `Preempted` instead."""
+def _preemption():
+    """(signal, submitit's handler) for the preemption signal, which becomes a cooperative stop here; None outside
+    a submitit task."""
     sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
     current = signal.getsignal(sig) if sig is not None else None
     if not callable(current):
-        return
-
-    def handler(signum, frame) -> None:
-        try:
-            current(signum, frame)
-        except SystemExit:
-            raise Preempted(f"preempted (signal {signal.Signals(signum).name}); requeued", requeued=True) from None
-        except Exception as e:  # submitit's UncompletedJobError: timed out too often, not requeued
-            raise Preempted(f"stopped and not requeued: {e}", requeued=False) from None
-    signal.signal(sig, handler)
+        return None
+    stops.install(sig.name)
+    return sig, current

@@ -1,14 +1,14 @@
-"""Following a job array's tasks without slurmdbd: there `sacct` says accounting is disabled and submitit never
-learns a task's state (it would wait forever on a cancelled one). `SqueueInfoWatcher` asks `squeue --states=all`
-instead; a task that left the queue has ended. submitit is imported inside the functions."""
+"""Following a job array's tasks where Slurm keeps no accounting (no slurmdbd): there `sacct` fails and submitit's
+own watcher never learns a task's state (it would wait forever on a cancelled one). Only then, and only for the
+jobs of that submission, `SqueueWatcher` answers instead, from `squeue --states=all`; a task that left the queue
+has ended."""
 from __future__ import annotations
 
 import subprocess
 import time
 from typing import Any, Sequence
 
-__all__ = ["ACTIVE_STATES", "install_squeue_watcher", "task_states"]
-
+__all__ = ["ACTIVE_STATES", "SqueueWatcher", "follow_with_squeue", "has_accounting", "task_states"]
 
 # squeue's long state names of a task that has not ended (UNKNOWN: not seen yet)
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
@@ -17,68 +17,77 @@ ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "RE
 GONE = "LEFT_QUEUE"  # no longer listed by squeue (past MinJobAge): it has ended
 
 
-def _watcher_class():
-    from submitit.slurm.slurm import SlurmInfoWatcher
+class SqueueWatcher:
+    """What submitit's SlurmJob asks its watcher (register_job, get_info, get_state, is_done, update), answered
+    from `squeue --states=all --array` (ended jobs stay listed for MinJobAge)."""
 
-    class SqueueInfoWatcher(SlurmInfoWatcher):
-        """submitit's watcher asks `sacct`, which fails without slurmdbd: then a task's state stays UNKNOWN and a
-        cancelled task is waited on forever. This one asks `squeue --states=all` (ended jobs stay listed for
-        MinJobAge); a registered task no longer listed has ended."""
+    def __init__(self, delay_s: float = 30.0):
+        self.delay_s = delay_s
+        self.jobs: set[str] = set()
+        self.info: dict[str, dict[str, str]] = {}
+        self.checked = float("-inf")
+        self.num_calls = 0
 
-        def _make_command(self):
-            to_check = {x.split("_")[0] for x in self._registered - self._finished}
-            if not to_check:
-                return None
-            return ["squeue", "--noheader", "--states=all", "--format=%i|%T|%N",
-                    "--jobs=" + ",".join(sorted(to_check))]
+    def register_job(self, job_id: str) -> None:
+        self.jobs.add(str(job_id))
 
-        def read_info(self, string):
-            if not isinstance(string, str):
-                string = string.decode()
-            return super().read_info("JobID|State|NodeList\n" + string)
+    def clear(self) -> None:
+        self.info.clear()
+        self.checked = float("-inf")
 
-        def update(self) -> None:
-            command = self._make_command()
-            if command is None:
-                return
-            self._num_calls += 1
-            try:
-                r = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self._last_status_check = time.time()
-                return
-            if r.returncode != 0 and "Invalid job id" not in r.stderr:  # squeue failed: keep what we knew
-                self._last_status_check = time.time()
-                return
-            info = self.read_info(r.stdout if r.returncode == 0 else "")
-            asked = set(command[-1].split("=", 1)[1].split(","))
-            for job_id in self._registered - self._finished:
-                if job_id.split("_")[0] in asked and job_id not in info:
-                    info[job_id] = {"JobID": job_id, "State": GONE}
-            self._info_dict.update(info)
-            self._last_status_check = time.time()
-            for job_id in self._registered - self._finished:
-                if self.is_done(job_id, mode="cache"):
-                    self._finished.add(job_id)
+    def update(self) -> None:
+        arrays = sorted({j.split("_")[0] for j in self.jobs if not self.is_done(j, mode="cache")})
+        if not arrays:
+            return
+        self.num_calls += 1
+        try:
+            r = subprocess.run(["squeue", "--noheader", "--states=all", "--array", "--format=%i|%T|%N",
+                                "--jobs=" + ",".join(arrays)], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            r = None
+        self.checked = time.time()
+        if r is None or (r.returncode != 0 and "Invalid job id" not in r.stderr):  # keep what was known
+            return
+        listed = {f[0]: f for f in (line.strip().split("|") for line in r.stdout.splitlines()) if len(f) == 3}
+        for j in self.jobs:
+            if j.split("_")[0] in arrays:
+                _, state, nodes = listed.get(j, (j, GONE, ""))
+                self.info[j] = {"JobID": j, "State": state, "NodeList": nodes}
 
-        def is_done(self, job_id: str, mode: str = "standard") -> bool:
-            return self.get_state(job_id, mode=mode).split()[0].upper() not in ACTIVE_STATES
+    def get_info(self, job_id: str, mode: str = "standard") -> dict[str, str]:
+        self.register_job(job_id)
+        if mode == "force" or (mode == "standard" and time.time() - self.checked >= self.delay_s):
+            self.update()
+        return self.info.get(str(job_id), {})
 
-    return SqueueInfoWatcher
+    def get_state(self, job_id: str, mode: str = "standard") -> str:
+        return self.get_info(job_id, mode).get("State") or "UNKNOWN"
+
+    def is_done(self, job_id: str, mode: str = "standard") -> bool:
+        return self.get_state(job_id, mode).split()[0].upper() not in ACTIVE_STATES
 
 
-def install_squeue_watcher(delay_s: float = 30.0):
-    """Make submitit's Slurm jobs (array tasks included) follow their state with squeue; returns the watcher.
-    Replacing the executor's job class is not enough: array tasks are made as `SlurmJob` whatever it says."""
-    from submitit.slurm import slurm
+def has_accounting() -> bool:
+    """Slurm keeps job accounting (`sacct` answers): submitit's own watcher can follow the jobs."""
+    try:
+        return subprocess.run(["sacct", "--noheader", "-X", "-j", "1"], capture_output=True,
+                              timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
-    watcher = _watcher_class()(delay_s=int(delay_s))
-    slurm.SlurmJob.watcher = watcher
-    return watcher
+
+def follow_with_squeue(jobs: Sequence[Any], delay_s: float) -> None:
+    """Where `sacct` cannot answer, these jobs (only these) follow their state with squeue."""
+    if not jobs or has_accounting():
+        return
+    watcher = SqueueWatcher(delay_s)
+    for j in jobs:
+        j.watcher = watcher
+        watcher.register_job(j.job_id)
 
 
 def task_states(jobs: Sequence[Any]) -> dict[str, str]:
-    """Array task id -> squeue state (LEFT_QUEUE once no longer listed), asked once for all tasks."""
+    """Array task id -> state (LEFT_QUEUE once squeue no longer lists it), asked once for all tasks."""
     if not jobs:
         return {}
     watcher = jobs[0].watcher

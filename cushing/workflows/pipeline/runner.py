@@ -3,8 +3,9 @@ whose key matches a finished step run is reused (linked by tags on the pipeline 
 that fails ends the pipeline FAILED naming itself, its run and the command that resumes; a stop ends it KILLED.
 
 Each step runs in this process: its run is created here as a child of the pipeline run and offered to the step's
-own code as MLflow's multistep convention offers the run `mlflow run` created (MLFLOW_RUN_ID), so the step logs
-exactly as its `cushing` command does. One pipeline at a time works in a pipeline folder (a file lock)."""
+own code (`tracking.offer_run`) as MLflow's multistep convention offers the run `mlflow run` created, so the step
+logs exactly as its `cushing` command does. Between steps, a stop ends the pipeline KILLED. One pipeline at a time
+works in a pipeline folder (a file lock)."""
 from __future__ import annotations
 
 import fcntl
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cushing import tracking
+from cushing import stops, tracking
 from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
 from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, step_key
@@ -63,10 +64,10 @@ class PipelineResult:
 
 
 def pipeline_experiment(spec: PipelineSpec) -> str:
-    """The experiment of `mlflow run`'s run, else --experiment, MLFLOW_EXPERIMENT_NAME, the study file's."""
-    env = tracking.env_run_id()
-    if env:
-        return tracking.experiment_of_run(env)
+    """The experiment of `mlflow run`'s run (--experiment must agree), else --experiment, MLFLOW_EXPERIMENT_NAME,
+    the study file's."""
+    if tracking.env_run_id():
+        return tracking.resolve_experiment(spec.experiment, "--experiment")
     return spec.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or load_study(spec.study).experiment
 
 
@@ -121,9 +122,9 @@ def _run_step(step: Step, ctx: Context, key: str, pipeline_run: str) -> StepReco
     tags = {STEP_TAG: step.name, "cushing.pipeline.run": pipeline_run, "cushing.pipeline.code": ctx.code,
             "task": f"pipeline-{step.name}"}
     try:
-        with tracking.held_run(experiment=ctx.experiment, run_name=step.name, tags=tags,
-                               parent_run_id=pipeline_run, use_env_run=False) as run_id:
-            started = run_id
+        with tracking.start_run(experiment=ctx.experiment, run_name=step.name, tags=tags,
+                                parent_run_id=pipeline_run, use_env_run=False) as run:
+            run_id = started = run.run_id
             try:
                 with tracking.offer_run(run_id):
                     outputs = step.run(ctx)
@@ -171,10 +172,14 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
         name = f"pipeline-{load_study(spec.study).name}"
         tags = {"task": "pipeline", "cushing.pipeline.code": code,
                 "cushing.pipeline.command": resume_command(spec, experiment)[:4900]}
-        with tracking.held_run(experiment=experiment, run_name=name, tags=tags) as run_id:
+        with tracking.start_run(experiment=experiment, run_name=name, tags=tags) as run:
+            run_id = run.run_id
             say(f"[pipeline] run {run_id} in experiment {experiment!r}")
             ctx = Context(spec, experiment, code)
-            records = [_step(step, ctx, run_id, say) for step in steps_for(spec)]
+            records = []
+            for step in steps_for(spec):
+                stops.check()
+                records.append(_step(step, ctx, run_id, say))
             result = _finish(ctx, records, run_id)
     result.seconds = time.perf_counter() - t0
     return result

@@ -13,10 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from cushing import tracking
+from cushing import stops, tracking
 from cushing.workflows.plan import Overhead, estimate, makespan
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.grid import _Grid, _attempts, _open_grid
+from cushing.workflows.sweeps.grid import _Grid, _open_grid, _standings
 from cushing.workflows.sweeps.storage import default_storage, load_for
 from cushing.workflows.sweeps.tables import _log_tables, _retries, sweep_tables
 from cushing.workflows.sweeps.worker import sweep_worker
@@ -38,18 +38,21 @@ class SweepResult:
 
 def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
     """N worker processes; the storage URL (which may hold a password) reaches them through the environment,
-    never their command line (which every account on the host can read). A stop (SIGTERM, Ctrl-C) is passed on
-    (`_stop_workers`)."""
+    never their command line (which every account on the host can read). A stop is passed on (`stop_processes`)."""
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
     env["CUSHING_OPTUNA_STORAGE"] = storage
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     extra = ["--compile", compile] if compile else []
     procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--parent-run", parent,
                                "--worker", *extra], env=env) for _ in range(n)]
     try:
-        return [p.wait() for p in procs]
+        while any(p.poll() is None for p in procs):
+            stops.check()
+            stops.wait(0.5)
+        return [p.returncode for p in procs]
     except KeyboardInterrupt as e:
-        _stop_workers(procs, forward=getattr(e, "signame", "SIGINT") != "SIGINT")
+        stop_processes(procs, forward=getattr(e, "signame", "SIGINT") != "SIGINT")
         raise
 
 
@@ -58,37 +61,28 @@ def _stop_grace() -> float:
     return float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
 
 
-def _stop_workers(procs: list[subprocess.Popen], forward: bool) -> None:
-    """Stop the workers of an interrupted launcher without interrupting their own clean-up.
+def stop_processes(procs: list[subprocess.Popen], forward: bool) -> None:
+    """Stop a stopped launcher's processes without cutting their own clean-up short.
 
     Ctrl-C reaches every process of the terminal's foreground group: the workers got their own SIGINT and are
-    already failing their trial as `interrupted` and ending their MLflow run KILLED; a second signal now would land
-    in that clean-up and leave both RUNNING. So they are given the grace period to exit on their own, then sent
-    SIGTERM, and SIGKILLed only after a further grace period. A SIGTERM (docker stop, a scheduler, `kill`) usually
-    reaches the launcher alone, so it is passed on at once (`forward`), and SIGKILL follows after the grace period.
-    Another Ctrl-C while waiting moves on to the next step at once."""
+    failing their trial as `interrupted` and ending their MLflow run KILLED. So they are given the grace period to
+    exit on their own, then sent SIGTERM, and SIGKILLed only after a further grace period. A SIGTERM (docker stop, a
+    scheduler, `kill`) usually reaches the launcher alone, so it is passed on at once (`forward`). A second signal
+    (Ctrl-C again) ends every grace period at once."""
     grace = _stop_grace()
-    steps = ([] if forward else [None]) + [subprocess.Popen.terminate, subprocess.Popen.kill]
-    for step in steps:
+    for step in ([] if forward else [None]) + [subprocess.Popen.terminate, subprocess.Popen.kill]:
         alive = [p for p in procs if p.poll() is None]
         if not alive:
             return
-        if step is not None:
-            for p in alive:
-                step(p)
+        for p in alive if step is not None else ():
+            step(p)
         if step is subprocess.Popen.kill:
             for p in alive:
                 p.wait()
             return
-        try:
-            deadline = time.monotonic() + grace
-            for p in alive:
-                try:
-                    p.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    break
-        except KeyboardInterrupt:
-            continue
+        deadline = time.monotonic() + grace
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline and not stops.now():
+            time.sleep(0.05)
 
 
 def auto_workers() -> int:
@@ -122,19 +116,20 @@ def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: s
                compile: str | None = None) -> SweepHandle:
     """Load the study file, open (or create) its Optuna study and parent run: what every launcher does first."""
     study = load_for(path, "sweep", compile)
-    launcher_run = tracking.env_run_id()  # read before the parent run may take it
+    launcher_run = tracking.launcher_run()  # read before the parent run may take it
     storage = storage or default_storage()
     return SweepHandle(study, storage, _open_grid(study, storage, parent_run_id), launcher_run, time.perf_counter())
 
 
 def sweep_status(h: SweepHandle) -> dict[str, Any]:
     """Where the grid stands (for progress lines): configurations done, training, failed for good, waiting."""
-    states = _attempts(h.grid)
-    return {"n": len(states), "done": sum(a.done for a in states.values()),
-            "training": sum(a.live for a in states.values()),
-            "failed": sorted(k for k, a in states.items() if a.errored or (a.next_attempt is None and not a.done
-                                                                         and not a.live)),
-            "finished": all(a.done or a.errored or (a.next_attempt is None and not a.live) for a in states.values())}
+    states = _standings(h.grid)
+    interrupted = {k for k, s in states.items() if s.failed and s.last is not None
+                   and "interrupted" in s.last.user_attrs}  # queued again by the next worker or launch
+    return {"n": len(states), "done": sum(s.done for s in states.values()),
+            "training": sum(s.training for s in states.values()),
+            "failed": sorted(k for k, s in states.items() if s.failed and k not in interrupted),
+            "finished": all(s.done or (s.failed and k not in interrupted) for k, s in states.items())}
 
 
 def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
@@ -161,7 +156,9 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
     h = open_sweep(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
     try:
         workers = workers or auto_workers()
-        if workers > 1:
+        if sweep_status(h)["finished"]:
+            trained = 0  # nothing queued or training: no worker to start
+        elif workers > 1:
             codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
             trained = -1
             if any(codes):

@@ -26,7 +26,7 @@ def default_experiment() -> str:
     """MLFLOW_EXPERIMENT_NAME, else the experiment of the run `mlflow run` created, else `cushing`."""
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return os.environ["MLFLOW_EXPERIMENT_NAME"]
-    run = tracking.env_run_id()
+    run = tracking.launcher_run()
     return tracking.experiment_of_run(run) if run else "cushing"
 
 

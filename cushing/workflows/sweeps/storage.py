@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cushing import tracking
-from cushing.interrupts import guard_connections
 from cushing.config import EXECUTION_FIELDS, config_digest
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.studies import Study, load_study, with_execution
@@ -21,7 +20,7 @@ __all__ = ["MAX_RETRY", "default_storage", "StorageMissing", "load_for"]
 
 
 MAX_RETRY = 2  # deaths (not stops) of a configuration's workers that are retried; one more fails it for good
-GRID_LAYOUT = "grid-v2"  # trial parameters: the configuration's label and its varying fields (part of the name)
+GRID_LAYOUT = "grid-v3"  # Optuna's queue: the label as user attribute and parameter, the varying fields (in the name)
 
 
 def _beat() -> tuple[int, int]:
@@ -34,8 +33,7 @@ def _optuna():
         import optuna
     except ImportError as e:  # pragma: no cover - pinned dependency
         raise ImportError("sweeps and tuning need optuna (pip install optuna==5.0.0)") from e
-    if optuna.logging.get_verbosity() != optuna.logging.WARNING:  # once: setting it takes logging's module lock
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
 
@@ -48,7 +46,8 @@ def default_storage() -> str:
 
 
 def _storage(url: str, retry_stale: bool = False):
-    """Optuna's RDB storage with heartbeats; its schema is created under a lock (two first launches on a fresh
+    """Optuna's RDB storage with heartbeats (`retry_stale`: a trial whose worker stopped beating is failed and
+    re-queued, at most MAX_RETRY times); its schema is created under a lock (two first launches on a fresh
     PostgreSQL database otherwise race: `type studydirection already exists`)."""
     import warnings
 
@@ -57,7 +56,6 @@ def _storage(url: str, retry_stale: bool = False):
 
 
     url = sqlalchemy_url(url)
-    guard_connections()  # a stop waits until the main thread gives its connection back (cushing.interrupts)
     heartbeat, grace = _beat()
     engine = {"connect_args": {"timeout": 60}} if sqlite_path(url) else {"pool_pre_ping": True}
     with warnings.catch_warnings(), store_lock(url, "optuna-schema"):
@@ -137,8 +135,10 @@ def _name_metric(ostudy, study: Study) -> None:
 
 
 def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
-    """The study file, checked to be a `kind` study, with a command-line compile mode applied to it."""
+    """The study file, checked to be a `kind` study (and, under `mlflow run`, to train in the launcher's
+    experiment), with a command-line compile mode applied to it."""
     study = load_study(path)
     if study.kind != kind:
         raise ValueError(f"{path} is a {study.kind} study; use `cushing {study.kind}`")
+    tracking.resolve_experiment(study.experiment, f"{Path(path).name} trains in experiment")
     return with_execution(study, compile=compile) if compile else study

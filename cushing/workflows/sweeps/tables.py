@@ -73,12 +73,12 @@ def report_sweep(path: str | Path, storage: str | None = None) -> tuple[str | No
 
 
 def _retries(ostudy) -> list[dict]:
+    """Trials that retry an earlier one: of a dead worker (Optuna's `failed_trial`) or a stopped one (`retry_of`)."""
     out = []
     for t in ostudy.get_trials(deepcopy=False):
-        if "retry_of" in t.system_attrs or "failed_trial" in t.system_attrs:
-            out.append({"trial": t.number, "retry_of": t.system_attrs.get("retry_of", t.system_attrs.get(
-                "failed_trial")), "config": t.user_attrs.get("label", t.params.get("config")),
-                "state": t.state.name})
+        of = t.system_attrs.get("failed_trial", t.user_attrs.get("retry_of"))
+        if of is not None:
+            out.append({"trial": t.number, "retry_of": of, "config": t.user_attrs.get("label"), "state": t.state.name})
     return out
 
 

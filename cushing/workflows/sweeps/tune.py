@@ -14,13 +14,11 @@ import pandas as pd
 from cushing import tracking
 from cushing.model.engine import StopTraining
 from cushing.workflows.experiment import run_single
+from cushing.tracking.stores import sqlalchemy_url, store_lock
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.claims import GridClaims
 from cushing.workflows.sweeps.parent import _parent_run
 from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _storage, _study_name, \
     default_storage, load_for
-from cushing.workflows.sweeps.watch import _end_orphan, _fail_stale
-from cushing.workflows.finisher import Finisher, finishing_beside
 from cushing.workflows.sweeps.worker import _CohortMemo, _objective_value
 
 __all__ = ["TuneResult", "TuneHandle", "open_tune", "run_tune", "finish_tune"]
@@ -58,16 +56,13 @@ def _suggest(trial, study: Study) -> dict[str, Any]:
     return out
 
 
-def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool, finisher: Finisher | None = None):
-    """The objective: train a trial's configuration and return its value as soon as it is scored (the sampler
-    sees the same value at the same point as without a finisher); the run is finished beside the next trial."""
+def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool):
+    """The objective: train a trial's configuration, pruned on the per-epoch validation metric."""
     optuna = _optuna()
 
     per_epoch = study.objective_metric
 
     def objective(trial) -> float:
-        if finisher is not None:
-            finisher.check()  # an earlier trial's run whose finishing failed stops the tuning, loudly
         params = _suggest(trial, study)
         cfg = study.config_for({**params, "run_name": f"{study.name}-trial{trial.number}"})
         cfg = dataclasses.replace(cfg, experiment=study.experiment)
@@ -81,10 +76,7 @@ def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool
                 raise StopTraining(f"pruned by {type(trial.study.pruner).__name__} at epoch {epoch}")
         summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=parent, progress=progress, on_epoch=report,
                              extra_tags={"tune": study.name, "optuna_trial": str(trial.number)},
-                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
-                             finisher=finisher)
-        if summary.pending is not None and study.objective_metric not in summary.metrics:
-            summary = summary.pending.result()  # an objective only finishing computes (a Grad-CAM figure)
+                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
         if summary.stopped.startswith("pruned"):
             tracking.set_tags(summary.run_id, {"pruned": summary.stopped})
             raise optuna.TrialPruned(summary.stopped)
@@ -120,14 +112,14 @@ def open_tune(path: str | Path, *, storage: str | None = None, parent_run_id: st
     optuna = _optuna()
     study = load_for(path, "tune", compile)
     storage = storage or default_storage()
-    launcher_run = tracking.env_run_id()
+    launcher_run = tracking.launcher_run()
     rdb = _storage(storage, retry_stale=True)
     try:
         ostudy = optuna.create_study(study_name=_study_name(study), storage=rdb, sampler=_sampler(study),
                                      pruner=_pruner(study), direction=study.direction, load_if_exists=True)
         _name_metric(ostudy, study)
-        with GridClaims(storage) as claims:
-            parent = _parent_run(ostudy, study, claims, parent_run_id)
+        with store_lock(sqlalchemy_url(storage), "sweep-queue"):
+            parent = _parent_run(ostudy, study, parent_run_id)
     except BaseException:
         _close_storage(rdb)
         raise
@@ -139,10 +131,9 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
     """This worker's `n_trials` of the study (any number of workers and hosts may share the storage)."""
     h = open_tune(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
     try:
-        for t in _fail_stale(h.ostudy):
-            _end_orphan(t)
         n = n_trials or h.study.n_trials
-        _optimize_finishing(h, n, progress)
+        objective = _tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress)
+        h.ostudy.optimize(objective, n_trials=n, catch=(), callbacks=[_tune_progress(h.study.name, n)])
         result = finish_tune(h)
     finally:
         _close_storage(h.storage)
@@ -153,13 +144,6 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
                         "study": h.ostudy.study_name})
             r.log_metrics({"tune/trials_here": float(n), "tune/complete": float(result.n_complete)})
     return result
-
-
-def _optimize_finishing(h: TuneHandle, n: int, progress: bool) -> None:
-    """Optuna's optimize, each trial's run finished beside the next trial (`finishing_beside`)."""
-    with finishing_beside(lambda text: print(f"[tune {h.study.name}] {text}", flush=True)) as finisher:
-        objective = _tune_objective(h.study, h.parent_run_id, _CohortMemo(), progress, finisher)
-        h.ostudy.optimize(objective, n_trials=n, catch=(), callbacks=[_tune_progress(h.study.name, n)])
 
 
 def _tune_progress(name: str, n: int):

@@ -1,26 +1,37 @@
-"""The sweep worker: claim a configuration, train it as a trial (beating), record its value; while others train
-the last ones, wait, so that a configuration whose worker dies is retried. Cohorts are decoded once per worker
-process. A stop (Ctrl-C, SIGTERM, preemption) fails the trial as interrupted, not as a death."""
+"""The sweep worker: take a configuration from Optuna's queue (`study.ask()`), train it as a trial (beating), tell
+its value (`study.tell()`, on this thread, retried on a transient store error), repeat; while others train the
+last ones, wait, so that a configuration whose worker dies (its trial stops beating: failed and re-queued by
+Optuna's `RetryHeartbeatStaleTrialCallback`) is retried. A configuration whose run already FINISHED (its worker died
+before telling) is told its value, never trained again. A stop (Ctrl-C, SIGTERM, preemption) fails the trial as
+`interrupted`; the next launch, or a live worker, queues it again. Cohorts are decoded once per worker process."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import datetime as dt
 import math
+import os
+import socket
+import threading
 import time
-from concurrent.futures import Future
-from typing import Any
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+from cushing import stops, tracking
 from cushing.config import COHORT_FIELDS, TrainConfig
 from cushing.model.backbones import interpolation_of
 from cushing.model.train import prepare_cohort
 from cushing.workflows.experiment import run_single
-from cushing.workflows.finisher import Finisher, FinishStopped, finishing_beside
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.grid import _Grid, _attempts, _new_trial, _open_grid, _previous_trial, _taken_over
-from cushing.workflows.sweeps.storage import _beat, _optuna
-from cushing.workflows.sweeps.watch import _adopt_beatless, _end_orphan, _fail_stale, _heartbeat
+from cushing.workflows.sweeps.grid import _Grid, _open_grid, _standings
+from cushing.workflows.sweeps.storage import _beat
 
-__all__ = ["sweep_worker"]
+__all__ = ["sweep_worker", "worker_id"]
+
+
+def worker_id() -> str:
+    """host:pid, as a trial's `worker` attribute names the worker that took it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _CohortMemo:
@@ -47,135 +58,183 @@ def _objective_value(metrics: dict[str, float], study: Study) -> float:
     return value if math.isfinite(value) else (-1.0 if study.direction == "maximize" else 1e9)
 
 
-def _train_claimed(grid: _Grid, label: str, attempt: int, memo: _CohortMemo, progress: bool,
-                   finisher: Finisher | None = None) -> float | None:
-    """Train a claimed configuration as a trial; its objective value, or None when another worker had taken the
-    configuration over while this one started (the trial is failed as `superseded`, not counted as a death).
-    With a finisher, the run is finished beside the next training; the trial keeps beating and is told its
-    value (or failed) once its run has ended."""
-    study = grid.study
-    i = study.labels.index(label)
-    retry_of = _previous_trial(grid, label, attempt) if attempt else None
-    trial = _new_trial(grid, label, attempt, retry_of)
-    cfg = dataclasses.replace(study.configurations[i], experiment=study.experiment, run_name=label)
-    tags = {"sweep": study.name, "sweep_config": label, "optuna_trial": str(trial.number),
-            **({"retry_of_trial": str(retry_of)} if retry_of is not None else {})}
-    beating = contextlib.ExitStack()
-    beating.enter_context(_heartbeat(grid.storage, trial._trial_id))
-    try:
-        why = _taken_over(grid, label, attempt, trial._trial_id)
-        if why:
-            _fail_trial(grid, trial, "superseded", why)
-            beating.close()
-            return None
-        summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=grid.parent, progress=progress,
-                             extra_tags=tags, on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
-                             finisher=finisher)
-    except BaseException as e:
-        # stopped (SIGTERM, Ctrl-C, preempted): claimed again by the next worker and not counted against
-        # MAX_RETRY; an exit from inside training is retried as a death; a training error would only repeat
-        _fail_trial(grid, trial, _why_key(e), f"{type(e).__name__}: {e}"[:2000])
-        beating.close()
-        raise
-    value = _objective_value(summary.metrics, study)
-    if summary.pending is None:
-        grid.ostudy.tell(trial, value)
-        beating.close()
-    else:
-        summary.pending.add_done_callback(lambda done: _settle_trial(grid, trial, label, value, done, beating))
-    return value
-
-
-def _why_key(e: BaseException) -> str:
-    return "interrupted" if isinstance(e, (KeyboardInterrupt, FinishStopped)) else "exited" \
-        if isinstance(e, SystemExit) else "error"
-
-
-def _settle_trial(grid: _Grid, trial, label: str, value: float, done: Future, beating: contextlib.ExitStack) -> None:
-    """On the finisher's thread, once the trial's run has ended: tell its value, or fail it (an error while
-    finishing counts as a training error; a stop before the run was finished, as interrupted)."""
-    try:
-        e = done.exception()
-        if e is None:
-            grid.ostudy.tell(trial, value)
-        else:
-            _fail_trial(grid, trial, _why_key(e), f"{type(e).__name__}: {e}"[:2000])
-    finally:
-        beating.close()
-    n = len(grid.study.labels)
-    try:
-        done_n = sum(a.done for a in _attempts(grid).values())
-    except Exception:  # the count is for the progress line only
-        return
-    _say(grid, f"configuration {grid.study.labels.index(label) + 1}/{n} {label}: run "
-               f"{'finished' if e is None else 'ended (' + type(e).__name__ + ')'}; {done_n}/{n} done")
-
-
-def _fail_trial(grid: _Grid, trial, key: str, why: str) -> None:
-    """Fail a trial with the reason under user attribute `key` (unless it was failed already, e.g. as stale)."""
-    optuna = _optuna()
-    from optuna.trial import TrialState
-
-    try:
-        trial.set_user_attr(key, why)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return
-    grid.ostudy.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-
-
 def _say(grid: _Grid, text: str) -> None:
     print(f"[sweep {grid.study.name}] {text}", flush=True)
 
 
+def _trial_id(grid: _Grid, number: int) -> int:
+    return grid.storage.get_trial_id_from_study_id_trial_number(grid.storage.get_study_id_from_name(grid.name),
+                                                                number)
+
+
+@contextmanager
+def _beating(grid: _Grid, trial_id: int) -> Iterator[None]:
+    """Beat for a trial while its configuration trains (the first beat before the block starts), as Optuna's own
+    optimize loop does; a worker that dies stops beating and its trial goes stale."""
+    interval, _ = _beat()
+    done = threading.Event()
+    grid.storage.record_heartbeat(trial_id)
+
+    def beat() -> None:
+        while not done.wait(interval):
+            try:
+                grid.storage.record_heartbeat(trial_id)
+            except Exception:  # a brief database outage: the next beat tries again
+                pass
+    thread = threading.Thread(target=beat, name=f"trial-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _retrying(fn, *args, **kwargs):
+    """A store call retried on a transient error (SQLite busy, a dropped connection, a server restarting)."""
+    import sqlalchemy as sa
+
+    for wait in (0.5, 1, 2, 4, 8, 16, 0):
+        try:
+            return fn(*args, **kwargs)
+        except sa.exc.DBAPIError:
+            if not wait:
+                raise
+            time.sleep(wait)
+
+
+def _tend(grid: _Grid) -> None:
+    """Fail trials whose worker stopped beating (Optuna re-queues them) and, under the queue's lock, queue again
+    the configurations a stop interrupted, and fail (and re-queue) a trial whose worker died before its first beat:
+    Optuna's stale check skips a trial that never beat."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the heartbeat API is marked experimental
+        fail_stale_trials(grid.ostudy)
+    _, grace = _beat()
+    with grid.lock():
+        for label, s in _standings(grid).items():
+            t = s.last
+            if s.failed and t is not None and "interrupted" in t.user_attrs:
+                grid.ostudy.enqueue_trial(t.params or grid.params[grid.study.labels.index(label)],
+                                          user_attrs={"label": label, "retry_of": t.number})
+            elif (s.training and t.state == TrialState.RUNNING and "worker" not in t.user_attrs
+                  and t.datetime_start and dt.datetime.now() - t.datetime_start > dt.timedelta(seconds=10 * grace)):
+                _fail_beatless(grid, t)
+
+
+def _fail_beatless(grid: _Grid, trial) -> None:
+    import optuna
+
+    try:
+        if grid.storage.set_trial_state_values(_trial_id(grid, trial.number), optuna.trial.TrialState.FAIL):
+            retry = grid.storage.get_heartbeat_stale_trial_callback()
+            if retry is not None:
+                retry(grid.ostudy, grid.storage.get_trial(_trial_id(grid, trial.number)))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+def _ask(grid: _Grid):
+    """A queued configuration's trial, or None when the queue is empty (a trial Optuna made because another worker
+    took the last one meanwhile is failed at once, as `queue_empty`)."""
+    from optuna.trial import TrialState
+
+    if not grid.ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
+        trial = _retrying(grid.ostudy.ask)
+    if "label" not in trial.user_attrs:
+        trial.set_user_attr("queue_empty", "another worker took the last queued configuration")
+        _retrying(grid.ostudy.tell, trial, state=TrialState.FAIL, skip_if_finished=True)
+        return None
+    return trial
+
+
+def _fail(grid: _Grid, trial, key: str, why: str) -> None:
+    """Fail a trial with the reason under user attribute `key` (unless it was failed already, e.g. as stale)."""
+    import optuna
+
+    try:
+        trial.set_user_attr(key, why[:2000])
+        grid.ostudy.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+def _finished_run(grid: _Grid, label: str) -> tracking.RunRecord | None:
+    runs = tracking.find_runs(grid.study.experiment, parent_run_id=grid.parent,
+                              filter_string=f"tags.sweep_config = '{label}' and attributes.status = 'FINISHED'")
+    return runs[0] if runs else None
+
+
+def _train(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> float | None:
+    """Train the trial's configuration (or take its finished run's value); None when it was given up."""
+    study, label = grid.study, trial.user_attrs["label"]
+    i = study.labels.index(label)
+    for name, d in grid.dists.items():
+        trial.suggest_categorical(name, d.choices)  # the queued values: the trial's real parameters
+    done = _finished_run(grid, label)
+    if done is not None:
+        trial.set_user_attr("mlflow_run_id", done.run_id)
+        trial.set_user_attr("recovered", "its run had finished; the value was not told before its worker stopped")
+        return _objective_value(done.metrics, study)
+    _say(grid, f"configuration {i + 1}/{len(study.labels)} {label}: training")
+    cfg = dataclasses.replace(study.configurations[i], experiment=study.experiment, run_name=label)
+    tags = {"sweep": study.name, "sweep_config": label, "optuna_trial": str(trial.number),
+            **({"retry_of_trial": str(trial.user_attrs["retry_of"])} if "retry_of" in trial.user_attrs else {})}
+    summary = run_single(cfg, cohort=memo.get(cfg), parent_run_id=grid.parent, progress=progress, extra_tags=tags,
+                         on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+    return _objective_value(summary.metrics, study)
+
+
+def _run_trial(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> bool:
+    """Beat, train, tell; True when this worker trained the configuration."""
+    import optuna
+
+    with _beating(grid, _trial_id(grid, trial.number)):
+        try:
+            trial.set_user_attr("worker", worker_id())  # after its first beat: it is no longer beatless
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # failed as beatless meanwhile (a very slow store): its retry is queued
+        try:
+            value = _train(grid, trial, memo, progress)
+        except KeyboardInterrupt as e:
+            _fail(grid, trial, "interrupted", f"{type(e).__name__}: {e}")
+            raise
+        except BaseException as e:  # a training error would only repeat: not retried
+            _fail(grid, trial, "error", f"{type(e).__name__}: {e}")
+            raise
+        _retrying(grid.ostudy.tell, trial, value, skip_if_finished=True)
+    label = trial.user_attrs["label"]
+    n = len(grid.study.labels)
+    done = sum(s.done for s in _standings(grid).values())
+    _say(grid, f"configuration {grid.study.labels.index(label) + 1}/{n} {label}: {grid.study.objective_metric} "
+               f"{value:.4f}; {done}/{n} done")
+    return "recovered" not in trial.user_attrs
+
+
 def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, progress: bool = False,
                  grid: _Grid | None = None) -> int:
-    """Claim and train configurations until every one is done or failed for good; returns how many this worker
-    trained. While others train the last ones, it waits, so that a configuration whose worker dies is retried.
-    Each run is finished (model, plots, Grad-CAM, upload) beside the next one's training."""
-    if grid is None:
-        grid = _open_grid(study, storage, parent_run_id)
-        try:
-            return _work_finishing(grid, progress)
-        finally:
+    """Take and train configurations until none is queued or training; returns how many this worker trained."""
+    own = grid is None
+    grid = grid or _open_grid(study, storage, parent_run_id)
+    try:
+        memo, trained = _CohortMemo(), 0
+        interval, _ = _beat()
+        while True:
+            stops.check()
+            _tend(grid)
+            trial = _ask(grid)
+            if trial is not None:
+                trained += _run_trial(grid, trial, memo, progress)
+            elif not any(s.training or s.waiting for s in _standings(grid).values()):
+                return trained
+            else:
+                stops.wait(min(interval, 2.0))  # the rest train elsewhere: wait, in case a worker dies
+    finally:
+        if own:
             grid.close()
-    return _work_finishing(grid, progress)
-
-
-def _work_finishing(grid: _Grid, progress: bool) -> int:
-    with finishing_beside(lambda text: _say(grid, text)) as finisher:
-        return _work(grid, progress, finisher)
-
-
-def _work(grid: _Grid, progress: bool, finisher: Finisher | None) -> int:
-    study = grid.study
-    memo, trained, n = _CohortMemo(), 0, len(study.labels)
-    interval, _ = _beat()
-    while True:
-        if finisher is not None:
-            finisher.check()  # a run whose finishing failed stops this worker, loudly
-        _adopt_beatless(grid)
-        for t in _fail_stale(grid.ostudy):
-            _end_orphan(t)
-        states = _attempts(grid)
-        todo = [(label, a.next_attempt) for label, a in states.items() if a.next_attempt is not None]
-        if not todo and not any(a.live for a in states.values()):
-            return trained
-        won = next(((label, k) for label, k in todo if grid.claims.claim(grid.name, label, k)), None)
-        if won is None:
-            time.sleep(min(interval, 2.0))  # the rest are training elsewhere: wait, in case a worker dies
-            continue
-        label, attempt = won
-        done = sum(a.done for a in states.values())
-        _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: training"
-                   f"{f' (attempt {attempt + 1})' if attempt else ''}; {done}/{n} done")
-        value = _train_claimed(grid, label, attempt, memo, progress, finisher)
-        if value is None:
-            _say(grid, f"configuration {study.labels.index(label) + 1}/{n} {label}: another worker took it over "
-                       "while this one started; not training it here")
-            continue
-        trained += 1
-        head = f"configuration {study.labels.index(label) + 1}/{n} {label}: {study.objective_metric} {value:.4f}"
-        if finisher is not None:
-            _say(grid, f"{head}; its run is finished beside the next training")
-        else:
-            _say(grid, f"{head}; {sum(a.done for a in _attempts(grid).values())}/{n} done")
