@@ -186,8 +186,7 @@ RUN_PHASES = {"store: tracking server check", "run start (store, experiment, tag
               "setup logging (params, splits, dataset)", "model build", "training loop", "epoch metrics flush",
               "scoring (val, test)", "intervals (bootstrap)", "model: weights and code", "model: MLflow log_model",
               "tables", "plots", "final metrics and tags", "artifact upload", "run end"}
-CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)",
-              "Grad-CAM randomization weights (drawn before a hand-over)"}
+CAM_PHASES = {"Grad-CAM maps", "Grad-CAM randomization check", "Grad-CAM aggregates (figures, regions)"}
 DATA_PHASES = {"data: manifest", "data: cohort audit", "data: split", "data: decode images",
                "backbone registry: timm import, pretrained config"}
 
@@ -217,11 +216,7 @@ def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys
 
     o = overhead_from_bench(tmp_path / "run.json")  # what `cushing sweep --plan --plan-from` reads
     outside = sum(rows[0]["phases"].values()) - rows[0]["phases"]["training loop"]
-    assert o.worker_s + o.finish_s == pytest.approx(outside)
-    assert o.finish_s == pytest.approx(sum(v for k, v in rows[0]["phases"].items() if k in {
-        "model: weights and code", "model: MLflow log_model", "tables", "plots", "final metrics and tags",
-        "artifact upload", "run end"}))
-    assert f"in a sweep: {o.finish_s:.2f} s of the rest is finished beside the next training" in out
+    assert o.worker_s == pytest.approx(outside)
     import os
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("mine.db")  # restored
     assert not (tmp_path / "mine.db").exists(), "benchmark runs go to a throwaway store, not the user's"

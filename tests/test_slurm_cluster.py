@@ -134,27 +134,6 @@ if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then sleep 120; fi
 
 
 # ------------------------------------------------------------------------------------------------ submitit
-def _squeue_watcher_class():
-    """submitit's SlurmInfoWatcher asks `sacct`, which fails without slurmdbd ('Slurm accounting storage is
-    disabled'): submitit then logs a warning and the state stays UNKNOWN. This one asks `squeue --states=all`
-    instead (finished jobs stay listed for MinJobAge), whose job ids look like sacct's ('5_1', '5_[2-3]')."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    class SqueueInfoWatcher(SlurmInfoWatcher):
-        def _make_command(self):
-            to_check = {x.split("_")[0] for x in self._registered - self._finished}
-            if not to_check:
-                return None
-            return ["squeue", "--noheader", "--states=all", "--format=%i|%T|%N", "--jobs=" + ",".join(sorted(to_check))]
-
-        def read_info(self, string):
-            if not isinstance(string, str):
-                string = string.decode()
-            return super().read_info("JobID|State|NodeList\n" + string)
-
-    return SqueueInfoWatcher
-
-
 def test_submitit_job_array(slurm_env, tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
     monkeypatch.setenv("CUSHING_TEST_SECRET", SECRET)
@@ -202,7 +181,12 @@ def test_submitit_cancelled_task_without_sacct(slurm_env, tmp_path, monkeypatch)
     assert not jobs[1].done(force_check=True)
     assert jobs[1].state == "UNKNOWN"
 
-    monkeypatch.setattr(SlurmJob, "watcher", _squeue_watcher_class()(delay_s=60))  # array tasks are SlurmJob
+    from cushing.workflows.cluster import has_accounting, follow_with_squeue
+
+    stock = SlurmJob.watcher
+    assert not has_accounting()  # no slurmdbd here: sacct cannot answer
+    follow_with_squeue(jobs, delay_s=60)  # these jobs only: submitit's class-wide watcher is left as it is
+    assert SlurmJob.watcher is stock and all(j.watcher is not stock for j in jobs)
     assert jobs[1].done(force_check=True)
     assert jobs[1].state == "CANCELLED" and jobs[0].state == "RUNNING"
     jobs[1]._results_timeout_s = 0  # result() waits that long for a result pickle before giving up

@@ -114,7 +114,7 @@ def test_a_killed_worker_is_retried_and_completed(tmp_path, cushing_home):
     finished = sorted(k.data.tags["sweep_config"] for k in kids if k.info.status == "FINISHED")
     assert finished == ["a", "b"]
     orphan = next(k for k in kids if k.info.run_id == running[0].info.run_id)
-    assert orphan.info.status == "FAILED" and "worker_died" in orphan.data.tags
+    assert orphan.info.status == "FAILED" and "is gone" in orphan.data.tags["cushing.died"]
 
 
 # ------------------------------------------------------------------------------------------------ tune
@@ -194,7 +194,7 @@ def test_sweep_and_tune_on_postgres_storage(pg_stack, tmp_path, cushing_home):
     assert counts[res.study_name] == 2 and counts[tres.study_name] == 2
 
 
-# ------------------------------------------------------------------------------------------------ parent run, claims
+# ------------------------------------------------------------------------------------------------ parent run, queue
 
 def _closed_port() -> int:
     import socket
@@ -204,101 +204,62 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens on it once closed
 
 
-def _parent_claims(storage: str, name: str) -> dict:
-    from cushing.workflows.sweeps.claims import GridClaims
-    from cushing.workflows.sweeps.parent import PARENT_KEY
-
-    with GridClaims(storage) as c:
-        return {k: v for k, v in c.claims(name).items() if k[0] == PARENT_KEY}
-
-
-def _open_with_store(study: Path, storage: str, tmp_path: Path, experiment: str):
-    """Open the sweep against a fresh embedded tracking store; (its handle, the parent runs it holds)."""
+def test_a_failed_parent_creation_leaves_the_next_launch_free(tmp_path, cushing_home):
+    """The first launch cannot reach the tracking server: nothing is recorded as the parent, the storage's lock is
+    released with the process, and the next launch, with a good tracking URI, creates the parent."""
+    from cushing.tracking import TrackingUnavailable
     from cushing.workflows.sweeps import open_sweep
 
+    study = _small_sweep(tmp_path, "parentfail")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with env_vars({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}", "CUSHING_TRACKING_CONNECT_S": "1"}):
+        with pytest.raises(TrackingUnavailable):
+            open_sweep(study, storage=storage)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with env_vars({"MLFLOW_TRACKING_URI": uri}):
         h = open_sweep(study, storage=storage)
         h.grid.close()
-    parents, _, _ = _children(uri, experiment)
-    return h, parents
-
-
-def test_a_failed_parent_creation_releases_its_claim(tmp_path, cushing_home):
-    """The first launch wins the parent-run claim and cannot reach the tracking server: its claim is given back,
-    and the next launch, with a good tracking URI, creates the parent instead of waiting for one that never comes."""
-    from cushing.tracking import TrackingUnavailable
-    from cushing.workflows.sweeps import load_for, open_sweep
-    from cushing.workflows.sweeps.storage import _study_name
-
-    study = _small_sweep(tmp_path, "parentfail")
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    name = _study_name(load_for(study, "sweep"))
-    with env_vars({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}", "CUSHING_TRACKING_CONNECT_S": "1"}):
-        with pytest.raises(TrackingUnavailable):
-            open_sweep(study, storage=storage)
-    assert _parent_claims(storage, name) == {}, "the failed launch released its claim"
-    h, parents = _open_with_store(study, storage, tmp_path, "parentfail")
+    parents, _, _ = _children(uri, "parentfail")
     assert [p.info.run_id for p in parents] == [h.parent_run_id]
-    assert list(_parent_claims(storage, name)) == [("__parent_run__", 0)]
+    assert sorted(t.user_attrs["label"] for t in h.grid.ostudy.get_trials(deepcopy=False)) == ["a", "b"], \
+        "the grid was queued once, by the launch that could open it"
 
 
-def test_a_parent_claim_whose_launcher_died_is_claimed_again(tmp_path, cushing_home):
-    """A launcher killed after claiming the parent run, before recording it: once the claim is older than the
-    timeout, the next launch claims attempt 1 and creates the parent."""
-    from cushing.workflows.sweeps.claims import GridClaims
-    from cushing.workflows.sweeps.parent import PARENT_CLAIM_TIMEOUT_S, PARENT_KEY
-    from cushing.workflows.sweeps.storage import _study_name, load_for
+def _queued(study_path: Path, storage: str, uri: str):
+    """The open sweep and its trials: what workers take from Optuna's queue."""
+    from cushing.workflows.sweeps import open_sweep
 
-    study = _small_sweep(tmp_path, "parentdied")
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    name = _study_name(load_for(study, "sweep"))
-    with GridClaims(storage) as c, c.engine.begin() as conn:
-        conn.execute(c.table.insert().values(study=name, key=PARENT_KEY, attempt=0, owner="gone:1",
-                                             claimed_at=time.time() - PARENT_CLAIM_TIMEOUT_S - 60))
-    h, parents = _open_with_store(study, storage, tmp_path, "parentdied")
-    assert [p.info.run_id for p in parents] == [h.parent_run_id]
-    claims = _parent_claims(storage, name)
-    assert set(claims) == {(PARENT_KEY, 0), (PARENT_KEY, 1)} and claims[(PARENT_KEY, 1)][0] != "gone:1"
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        h = open_sweep(study_path, storage=storage)
+    return h
 
 
-# ------------------------------------------------------------------------------------------------ attempts
-
-def _fake_attempt(grid, label: str, attempt: int, state: str, attrs: dict | None = None) -> int:
-    """What a worker leaves behind: its claim and its trial in `state` (RUNNING, or FAIL with `attrs`, as an
-    interrupted worker or Optuna's stale check leaves it), written through the claims table and Optuna's storage."""
+def test_stops_do_not_count_against_the_retry_limit_and_deaths_do(tmp_path, cushing_home):
+    """Configuration a was stopped (Ctrl-C) MAX_RETRY + 1 times: it is queued again each time. b's workers died
+    MAX_RETRY + 1 times (Optuna's stale check with RetryHeartbeatStaleTrialCallback): it is failed for good."""
     from optuna.trial import TrialState
 
-    from cushing.workflows.sweeps.grid import _new_trial
-
-    assert grid.claims.claim(grid.name, label, attempt)
-    trial = _new_trial(grid, label, attempt, None)
-    for k, v in (attrs or {}).items():
-        trial.set_user_attr(k, v)
-    if state != "RUNNING":
-        grid.storage.set_trial_state_values(trial._trial_id, TrialState[state])
-    return trial._trial_id
-
-
-def test_stops_do_not_count_against_the_retry_limit(tmp_path, cushing_home):
-    """Configuration a was stopped (Ctrl-C) MAX_RETRY + 1 times, b's workers died MAX_RETRY + 1 times: a is trained
-    by the next launch, b is failed for good."""
-    from cushing.workflows.sweeps import MAX_RETRY, open_sweep, run_sweep, sweep_status
-    from cushing.workflows.sweeps.grid import _attempts
+    from cushing.workflows.sweeps import MAX_RETRY, run_sweep, sweep_status
+    from cushing.workflows.sweeps.worker import _tend
 
     study = _small_sweep(tmp_path, "stops", epochs=1)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with env_vars({"MLFLOW_TRACKING_URI": uri}):
-        h = open_sweep(study, storage=storage)
+    with env_vars({"MLFLOW_TRACKING_URI": uri, "CUSHING_HEARTBEAT_S": "1", "CUSHING_GRACE_S": "1"}):
+        h = _queued(study, storage, uri)
         try:
-            for k in range(MAX_RETRY + 1):
-                _fake_attempt(h.grid, "a", k, "FAIL", {"interrupted": "KeyboardInterrupt: "})
-                _fake_attempt(h.grid, "b", k, "FAIL")  # failed by the stale check: no note
-            states = _attempts(h.grid)
-            assert states["a"].next_attempt == MAX_RETRY + 1 and states["a"].deaths == 0
-            assert states["b"].next_attempt is None and states["b"].deaths == MAX_RETRY + 1
-            assert sweep_status(h)["failed"] == ["b"]
+            for _ in range(MAX_RETRY + 1):
+                for trial in (h.grid.ostudy.ask(), h.grid.ostudy.ask()):
+                    if trial.user_attrs["label"] == "a":  # stopped: failed as interrupted
+                        trial.set_user_attr("interrupted", "KeyboardInterrupt: ")
+                        h.grid.ostudy.tell(trial, state=TrialState.FAIL)
+                    else:  # died: it beat once, then stopped beating
+                        h.grid.storage.record_heartbeat(h.grid.storage.get_trial_id_from_study_id_trial_number(
+                            h.grid.storage.get_study_id_from_name(h.grid.name), trial.number))
+                time.sleep(2.5)
+                _tend(h.grid)
+            status = sweep_status(h)
+            assert status["failed"] == ["b"] and not status["finished"], status
         finally:
             h.grid.close()
         res = run_sweep(study, storage=storage, workers=1, progress=False)
@@ -307,38 +268,32 @@ def test_stops_do_not_count_against_the_retry_limit(tmp_path, cushing_home):
     assert [k.data.tags["sweep_config"] for k in kids if k.info.status == "FINISHED"] == ["a"]
 
 
-def test_a_worker_that_was_taken_over_while_starting_gives_up(tmp_path, cushing_home):
-    """Creating a trial can outlast the grace period (SQLite's busy timeout): another worker then claims the next
-    attempt. Whichever of the two sees the other once its own trial exists gives up, unstarted."""
+def test_a_trial_asked_after_the_queue_emptied_is_failed_not_trained(tmp_path, cushing_home, monkeypatch):
+    """Two workers ask for the last queued configuration at once: Optuna gives the slower one a new trial that no
+    configuration is queued for; it is failed at once (`queue_empty`), never trained."""
     from optuna.trial import TrialState
 
-    from cushing.workflows.sweeps import open_sweep
-    from cushing.workflows.sweeps.grid import _attempts, _grid_trials
-    from cushing.workflows.sweeps.worker import _CohortMemo, _train_claimed
+    from cushing.workflows.sweeps.worker import _ask
 
-    study = _small_sweep(tmp_path, "takeover", epochs=1)
+    study = _small_sweep(tmp_path, "race", epochs=1)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with env_vars({"MLFLOW_TRACKING_URI": uri}):
-        h = open_sweep(study, storage=storage)
-        try:
-            # a: the slow starter of attempt 0 finds attempt 1 claimed by a worker that thought it dead
-            assert h.grid.claims.claim(h.grid.name, "a", 0) and h.grid.claims.claim(h.grid.name, "a", 1)
-            assert _train_claimed(h.grid, "a", 0, _CohortMemo(), progress=False) is None
-            # b: the worker of attempt 1 finds attempt 0's trial running (its slow starter got there first)
-            _fake_attempt(h.grid, "b", 0, "RUNNING")
-            assert h.grid.claims.claim(h.grid.name, "b", 1)
-            assert _train_claimed(h.grid, "b", 1, _CohortMemo(), progress=False) is None
-            trials = _grid_trials(h.grid)
-            states = _attempts(h.grid)
-        finally:
-            h.grid.close()
-    for key in (("a", 0), ("b", 1)):
-        assert trials[key].state == TrialState.FAIL and "superseded" in trials[key].user_attrs, key
-    assert trials[("b", 0)].state == TrialState.RUNNING
-    assert states["a"].deaths == 0 and states["b"].deaths == 0 and states["b"].live
-    _, kids, _ = _children(uri, "takeover")
-    assert kids == [], "neither trained"
+    h = _queued(study, storage, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        first = h.grid.ostudy.ask()  # one of the two queued configurations is taken; one is left
+        real_ask = h.grid.ostudy.ask
+
+        def racing_ask(*args, **kwargs):
+            real_ask()  # another worker takes the last queued configuration between the check and the ask
+            return real_ask(*args, **kwargs)
+        monkeypatch.setattr(h.grid.ostudy, "ask", racing_ask)
+        assert _ask(h.grid) is None, "nothing queued for it: nothing to train"
+        trials = h.grid.ostudy.get_trials(deepcopy=False)
+    finally:
+        h.grid.close()
+    labelled = sorted(t.user_attrs["label"] for t in trials if "label" in t.user_attrs)
+    assert labelled == ["a", "b"] and first.user_attrs["label"] in labelled
+    (extra,) = [t for t in trials if "label" not in t.user_attrs]
+    assert extra.state == TrialState.FAIL and "queue_empty" in extra.user_attrs
 
 
 # ------------------------------------------------------------------------------------------------ cohorts, storage

@@ -37,9 +37,11 @@ from cushing.workflows.cluster.refusals import Preflight, launch_checks, preflig
 from cushing.workflows.cluster.secrets import read_secrets_file
 from cushing.workflows.cluster.submission import Submission, submit_sweep, submit_tune
 from cushing.workflows.cluster.task import ArrayTask, ArrayWorker, run_array_task, worker_tasks
-from cushing.workflows.cluster.watcher import ACTIVE_STATES, SqueueWatcher, follow_with_squeue, task_states
+from cushing.workflows.cluster.watcher import ACTIVE_STATES, SqueueWatcher, follow_with_squeue, has_accounting, \
+    task_states
 
 __all__ = ["SlurmOptions", "Preflight", "ClusterError", "SubmititMissing", "Submission", "ArrayTask",
            "launch_checks", "preflight", "submit_sweep", "submit_tune", "run_array_task", "sbatch_parameters",
-           "parse_time", "parse_sbatch_options", "read_secrets_file", "SqueueWatcher", "follow_with_squeue", "task_states",
+           "parse_time", "parse_sbatch_options", "read_secrets_file", "SqueueWatcher", "follow_with_squeue",
+           "has_accounting", "task_states",
            "ArrayWorker", "worker_tasks", "DEFAULT_TIME_MIN", "ACTIVE_STATES"]

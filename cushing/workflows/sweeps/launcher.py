@@ -133,7 +133,9 @@ def sweep_status(h: SweepHandle) -> dict[str, Any]:
 
 
 def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
-    """Tables II and III and the retries on the parent run (and this launch's own run under `mlflow run`)."""
+    """Tables II and III and the retries on the parent run (and this launch's own run under `mlflow run`). Runs of
+    the experiment whose process died (a SIGKILLed worker or launcher) are marked FAILED on the way."""
+    tracking.find_runs(h.study.experiment, filter_string="attributes.status = 'RUNNING'")  # reaps the dead
     t2, t3 = sweep_tables(h.grid.parent, h.study)
     retried = _retries(h.grid.ostudy)
     done = sweep_status(h)["done"]
@@ -186,5 +188,5 @@ def plan_sweep(path: str | Path, workers: list[int], compile: str | None = None,
     est = [estimate(c, overhead) for c in study.configurations]
     table = pd.DataFrame({"configuration": study.labels, "compile_s": [e.compile_s for e in est],
                           "train_s": [e.gpu_s for e in est], "other_s": [e.overhead_s for e in est],
-                          "finish_s": [e.finish_s for e in est], "total_s": [e.total_s for e in est]})
+                          "total_s": [e.total_s for e in est]})
     return table, {w: makespan(est, w) for w in workers}
