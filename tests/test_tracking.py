@@ -42,9 +42,10 @@ def test_the_body_error_is_not_masked_by_a_logging_error(tracking):
 
 def test_final_metrics_at_step_zero_and_params_kept_from_mlflow_run(tracking):
     with tracking_run("final") as run:
-        import mlflow
+        from mlflow.entities import Param
 
-        mlflow.log_params({"weights": "''", "epochs": "3"})  # as `mlflow run` logs -P weights= and -P epochs=3
+        trk.client().log_batch(run.run_id, params=[Param("weights", "''"), Param("epochs", "3")])  # as `mlflow run`
+        # logs -P weights= and -P epochs=3
         run.log_params({"weights": None, "epochs": 3, "lr": 0.01, "freeze": "auto"})
         run.log_params({"epochs": 5})  # a value that really differs is kept beside the original
         run.log_metrics({"test/f1": 0.5, "val/f1": 0.25})
@@ -69,7 +70,7 @@ def test_logging_into_an_ended_run_keeps_its_status(tracking):
     trk.end_run_as(run.run_id, "KILLED")
     with trk.resume_run(run.run_id) as r:
         r.log_metrics({"later": 1.0})
-        assert tracking_status(run.run_id) == "RUNNING" and "cushing.heartbeat" in trk.get_run(run.run_id).tags
+        assert tracking_status(run.run_id) == "KILLED", "never reopened: nothing to reap or to end"
     assert tracking_status(run.run_id) == "KILLED" and trk.get_run(run.run_id).metrics["later"] == 1.0
     c = trk.client()
     held = c.create_run(c.get_experiment_by_name("tracking-test").experiment_id).info.run_id  # open in another process
@@ -94,3 +95,34 @@ def test_a_pid_is_only_checked_on_the_machine_and_pid_namespace_that_owns_it(tra
             assert tracking_status(run.run_id) == ("FAILED" if reaped else "RUNNING")
             if reaped:
                 assert "is gone" in trk.get_run(run.run_id).tags["cushing.died"]
+
+
+def test_a_failed_run_says_why_in_one_line(tracking):
+    with pytest.raises(ValueError):
+        with tracking_run("why") as run:
+            raise ValueError("the cohort has no patients in its validation split\nsecond line")
+    tags = trk.get_run(run.run_id).tags
+    assert tracking_status(run.run_id) == "FAILED"
+    assert tags[trk.ERROR_TAG] == "ValueError: the cohort has no patients in its validation split"
+
+
+def test_under_mlflow_run_the_launchers_experiment_is_the_experiment(tracking, monkeypatch, capsys):
+    """`mlflow run --experiment-name A` made the run in A: a command that names no experiment logs into A; one that
+    names B is refused with one line before anything runs (its runs would nest under a run of another experiment)."""
+    from cushing.cli import main
+    from cushing.config import ConfigError
+
+    c = trk.client()
+    launcher = c.create_run(trk.experiment_id("A")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    assert trk.resolve_experiment("") == "A" and trk.resolve_experiment("A") == "A"
+    with pytest.raises(ConfigError, match="'B' is not the experiment `mlflow run` made this run in \\('A'\\)"):
+        trk.resolve_experiment("B")
+    assert main(["train", "--experiment", "B", "--pretrained", "false", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "experiment 'B' is not the experiment `mlflow run` made this run in ('A')" in err
+    assert "--experiment-name B" in err and len(err.strip().splitlines()) == 1
+    with trk.start_run(experiment="", run_name="taken") as run:  # "": the launcher's
+        assert run.run_id == launcher
+    with trk.start_run(experiment="", run_name="next") as other:
+        assert other.run_id != launcher and trk.get_run(other.run_id).experiment_id == trk.experiment_id("A")
