@@ -4,6 +4,7 @@ services run, so both paths start the server the same way. Database passwords re
 file (PGPASSFILE), never its command line."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -92,10 +93,8 @@ class MlflowServer:
             return
         if self.proc.poll() is None or _group_is_ours(self.proc.pid, self.base):  # its workers may outlive it
             stop_group(self.proc.pid)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
     def client_env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": "admin",

@@ -53,9 +53,7 @@ def launch_checks(*, tracking_uri: str, storage: str, sbatch: str | None, srun: 
                   compute_hosts: Sequence[tuple[str, ...]] | None, local_names: set[str],
                   private_files: Mapping[str, str] | None = None,
                   secrets_in_env: Sequence[str] = ()) -> Preflight:
-    """What would make a multi-node launch fail or leak, found before anything is submitted.
-
-    compute_hosts: per node of the partition, its name, hostname and address (None: could not be listed)."""
+    """compute_hosts: per node of the partition, its name, hostname and address (None: could not be listed)."""
     problems, warnings = [], []
     if sbatch is None or srun is None:
         missing = " and ".join(n for n, p in (("sbatch", sbatch), ("srun", srun)) if p is None)
