@@ -37,6 +37,12 @@ def _as_postgres(cmd: list[str]) -> list[str]:
                                                                    " ".join(cmd)]
 
 
+def _postgres_can_enter(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    return subprocess.run(_as_postgres(["test", "-x", str(path)]), capture_output=True).returncode == 0
+
+
 @dataclass
 class Postgres:
     """A throwaway cluster listening on 127.0.0.1:port, password required for every connection."""
@@ -68,7 +74,7 @@ class Postgres:
             return
         if os.geteuid() == 0:
             os.chmod(self.base, 0o711)
-        if subprocess.run(_as_postgres(["test", "-x", str(self.base)]), capture_output=True).returncode == 0:
+        if _postgres_can_enter(self.base):
             self.root = self.base / "pg"
             self.root.mkdir(exist_ok=True)
         else:
@@ -102,7 +108,7 @@ class Postgres:
     def _initdb(self) -> None:
         pwfile = self.root / "pwfile"
         for d in (self.data, self.sock):
-            d.mkdir(mode=0o700, exist_ok=True)
+            d.mkdir(exist_ok=True)
             os.chmod(d, 0o700)
         write_private(pwfile, self.superuser_password)
         self._own(self.data, self.sock, pwfile)
