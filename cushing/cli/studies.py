@@ -159,11 +159,11 @@ def _sweep(ns: argparse.Namespace) -> int:
         print(f"sweep parent run {parent}")
         _print_tables(t2, t3)
         return 0
-    if ns.launcher == "slurm" and ns.workers and ns.workers > 1:
-        print("cushing sweep: --workers counts processes on this host; with --launcher slurm each array task is one "
-              "worker: use --array N", file=sys.stderr)
-        return 2
     if ns.launcher == "slurm":
+        if ns.workers and ns.workers > 1:
+            print("cushing sweep: --workers counts processes on this host; with --launcher slurm each array task is "
+                  "one worker: use --array N", file=sys.stderr)
+            return 2
         return _on_slurm(ns, "sweep")
     res = run_sweep(ns.project, storage=ns.storage or None, workers=ns.workers, parent_run_id=ns.parent_run or None,
                     compile=ns.compile)
