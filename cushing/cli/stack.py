@@ -3,6 +3,8 @@ docker-compose services run (mlflow-server, migrate)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +33,6 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
 
 
 def _stack(ns: argparse.Namespace) -> int:
-    import os
-
     from cushing.ops import stack
 
     if ns.action == "mlflow-server":
@@ -51,7 +51,14 @@ def _stack(ns: argparse.Namespace) -> int:
         print(f"no stack in {base} (no stack.json): nothing to {ns.action}", file=sys.stderr)
         return 1
     if ns.action == "down":
-        return _stack_down(base, ns.dir)
+        port = json.loads((base / "stack.json").read_text())["port"]
+        problems = stack.stop_saved(base, remove=True)
+        if problems:
+            print("cushing stack down: could not stop everything, so nothing was removed: " + "; ".join(problems),
+                  file=sys.stderr)
+            return 1
+        print(f"stopped the MLflow server on port {port} and PostgreSQL, removed {base}")
+        return 0
     if ns.action == "restart":
         s = stack.restart_saved(base)
         print(f"restarted: PostgreSQL on 127.0.0.1:{s.pg.port}, MLflow server on {s.server.url}")
@@ -61,31 +68,11 @@ def _stack(ns: argparse.Namespace) -> int:
         return 1
     kw = {"admin_password": os.environ["MLFLOW_ADMIN_PASSWORD"]} if os.environ.get("MLFLOW_ADMIN_PASSWORD") else {}
     s = stack.LocalStack(base=base, pg_port=ns.pg_port, port=ns.port, **kw).start()
-    s.save_state()
-    env = s.write_env_file()
+    env = s.save_state()
     where = "" if str(s.pg.root).startswith(str(base)) else f" (cluster in {s.pg.root}: the postgres user cannot " \
                                                                f"enter {base})"
     print(f"PostgreSQL on 127.0.0.1:{s.pg.port}{where}, MLflow server (basic-auth) on {s.server.url}\n"
           f"credentials and URIs: source {env}\nstop with: cushing stack down --dir {ns.dir}")
-    return 0
-
-
-def _stack_down(base: Path, name: str) -> int:
-    import json
-    import shutil
-
-    from cushing.ops import stack
-
-    state = json.loads((base / "stack.json").read_text())
-    problems = stack.stop_saved(base)
-    if problems:
-        print("cushing stack down: could not stop everything, so nothing was removed: " + "; ".join(problems),
-              file=sys.stderr)
-        return 1
-    shutil.rmtree(base, ignore_errors=True)
-    if state.get("pg_root") and not state["pg_root"].startswith(str(base)):
-        shutil.rmtree(state["pg_root"], ignore_errors=True)
-    print(f"stopped the MLflow server on port {state['port']} and PostgreSQL, removed {base}")
     return 0
 
 

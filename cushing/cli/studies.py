@@ -79,21 +79,24 @@ def _slurm_options(ns: argparse.Namespace):
     return SlurmOptions(**kwargs)
 
 
-def _sweep_on_slurm(ns: argparse.Namespace) -> int:
-    from cushing.workflows.cluster import ClusterError, submit_sweep
+def _on_slurm(ns: argparse.Namespace, command: str) -> int:
+    """The study as a Slurm job array; with --wait, the results as a local launch prints them."""
+    from cushing.workflows.cluster import ClusterError, submit_sweep, submit_tune
 
-    if ns.workers and ns.workers > 1:
-        print("cushing sweep: --workers counts processes on this host; with --launcher slurm each array task is one "
-              "worker: use --array N", file=sys.stderr)
-        return 2
     try:
-        sub = submit_sweep(ns.project, _slurm_options(ns), storage=ns.storage or None, compile=ns.compile,
-                           wait=ns.wait)
+        if command == "sweep":
+            sub = submit_sweep(ns.project, _slurm_options(ns), storage=ns.storage or None, compile=ns.compile,
+                               wait=ns.wait)
+        else:
+            sub = submit_tune(ns.project, _slurm_options(ns), storage=ns.storage or None,
+                              n_trials=ns.n_trials or None, compile=ns.compile, wait=ns.wait)
     except ClusterError as e:
-        print(f"cushing sweep: {e}", file=sys.stderr)
+        print(f"cushing {command}: {e}", file=sys.stderr)
         return 2
     if sub.sweep is not None:
         _print_sweep_result(sub.sweep)
+    if sub.tune is not None:
+        _print_tune_result(sub.tune)
     return 0
 
 
@@ -157,7 +160,11 @@ def _sweep(ns: argparse.Namespace) -> int:
         _print_tables(t2, t3)
         return 0
     if ns.launcher == "slurm":
-        return _sweep_on_slurm(ns)
+        if ns.workers and ns.workers > 1:
+            print("cushing sweep: --workers counts processes on this host; with --launcher slurm each array task is "
+                  "one worker: use --array N", file=sys.stderr)
+            return 2
+        return _on_slurm(ns, "sweep")
     res = run_sweep(ns.project, storage=ns.storage or None, workers=ns.workers, parent_run_id=ns.parent_run or None,
                     compile=ns.compile)
     _print_sweep_result(res)
@@ -177,20 +184,6 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     _launcher_options(p, "one per trial")
 
 
-def _tune_on_slurm(ns: argparse.Namespace) -> int:
-    from cushing.workflows.cluster import ClusterError, submit_tune
-
-    try:
-        sub = submit_tune(ns.project, _slurm_options(ns), storage=ns.storage or None, n_trials=ns.n_trials or None,
-                          compile=ns.compile, wait=ns.wait)
-    except ClusterError as e:
-        print(f"cushing tune: {e}", file=sys.stderr)
-        return 2
-    if sub.tune is not None:
-        _print_tune_result(sub.tune)
-    return 0
-
-
 def _print_tune_result(res) -> None:
     print(f"tune {res.study_name}: parent run {res.parent_run_id}; {res.n_complete} complete, {res.n_pruned} pruned")
     print(f"best value {res.best_value:.4f} with {res.best_params}")
@@ -202,7 +195,7 @@ def _tune(ns: argparse.Namespace) -> int:
     from cushing.workflows.sweeps import run_tune
 
     if ns.launcher == "slurm":
-        return _tune_on_slurm(ns)
+        return _on_slurm(ns, "tune")
     res = run_tune(ns.project, storage=ns.storage or None, n_trials=ns.n_trials or None, compile=ns.compile)
     _print_tune_result(res)
     return 0

@@ -1,14 +1,12 @@
 """Roughly how long a sweep takes on one GPU, before it runs (`cushing sweep FILE --plan`).
 
 A configuration is three phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the
-training loop on its worker (CPU: setup logging, model build, scoring, bootstrap, model logging, tables, plots,
-Grad-CAM, upload), which overlaps other workers' training. Training seconds are
-    runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup
-with the backbone's epoch cost and its family's compile effect from the tables below (H200 figures), runs = the CV folds (else the
-seeds; cross-validation ignores seeds), and a frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features once,
-then the head). Concurrent trainings share the GPU with the total throughput measured in
-../shared/bench/gpu_ceiling_h200_2026-11-26.json (two at once: 1.5x one; four: 1.6x); CPU phases run in parallel.
-On another GPU the seconds scale; compare with a measured sweep.
+training loop (CPU: logging, model build, scoring, bootstrap, tables, plots, Grad-CAM, upload), which overlaps other
+workers' training. Training seconds are runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup, with
+H200 figures from the tables below, runs = the CV folds (else the seeds), and a frozen backbone counting
+FROZEN_EPOCH_EQUIV epochs (features once, then the head). Concurrent trainings share the GPU as measured in
+../shared/bench/gpu_ceiling_h200_2026-11-26.json (GPU_SHARING); CPU phases run in parallel. On another GPU the
+seconds scale; compare with a measured sweep.
 """
 from __future__ import annotations
 
@@ -23,18 +21,14 @@ __all__ = ["Estimate", "estimate", "makespan", "RUN_OVERHEAD_S", "EPOCH_COST_S",
            "Overhead", "overhead_from_bench", "default_overhead"]
 
 # Seconds of one paper-shaped fine-tuning epoch (183 training images at batch 32 + 114 validation images, 224 px,
-# bf16) on an NVIDIA H200, with where each figure came from. "measured": `cushing bench` (README, Benchmarks; run 3
-# for resnet18/50, vit_b_16/32, swin_b, dinov2_s/b; run 1 for the densenets). "estimated": by hand from measured
-# family members and FLOPs, keeping the 20 near run 1's measured sum (5.53 s; these add to 5.19 s).
-EPOCH_COST_S: dict[str, tuple[float, str]] = {
-    "densenet121": (0.29, "measured"), "densenet161": (0.42, "measured"), "densenet169": (0.46, "measured"),
-    "densenet201": (0.59, "measured"), "resnet18": (0.047, "measured"), "resnet34": (0.07, "estimated"),
-    "resnet50": (0.086, "measured"), "resnet101": (0.15, "estimated"), "resnet152": (0.22, "estimated"),
-    "vit_b_16": (0.106, "measured"), "vit_b_32": (0.103, "measured"), "vit_l_16": (0.30, "estimated"),
-    "vit_l_32": (0.20, "estimated"), "swin_t": (0.20, "estimated"), "swin_s": (0.33, "estimated"),
-    "swin_b": (0.366, "measured"), "swin_l": (0.60, "estimated"), "dinov2_s": (0.108, "measured"),
-    "dinov2_b": (0.147, "measured"), "dinov2_l": (0.40, "estimated"),
-}
+# bf16) on an NVIDIA H200. Measured by `cushing bench` (README, Benchmarks): the densenets (run 1), resnet18/50,
+# vit_b_16/32, swin_b, dinov2_s/b (run 3). The others estimated by hand from measured family members and FLOPs,
+# keeping the 20 near run 1's measured sum (5.53 s; these add to 5.19 s).
+EPOCH_COST_S: dict[str, float] = {
+    "densenet121": 0.29, "densenet161": 0.42, "densenet169": 0.46, "densenet201": 0.59, "resnet18": 0.047,
+    "resnet34": 0.07, "resnet50": 0.086, "resnet101": 0.15, "resnet152": 0.22, "vit_b_16": 0.106, "vit_b_32": 0.103,
+    "vit_l_16": 0.30, "vit_l_32": 0.20, "swin_t": 0.20, "swin_s": 0.33, "swin_b": 0.366, "swin_l": 0.60,
+    "dinov2_s": 0.108, "dinov2_b": 0.147, "dinov2_l": 0.40}
 # torch.compile(mode="reduce-overhead") on an H200 at batch 32, per backbone family: (step speedup, cold compile
 # seconds), from ../shared/bench/gpu_ceiling_h200_2026-11-26.json (resnet50, densenet121, swin_b, vit_b_16 measured;
 # DINOv2 taken as ViT).
@@ -79,8 +73,8 @@ def overhead_from_bench(path: str | Path) -> Overhead:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not the JSON of `cushing bench run --out FILE` ({type(e).__name__}: {e})") from None
     rest = sum(float(v) for k, v in table.items() if k != "training loop")
-    return Overhead(rest, f"measured by `cushing bench run` in {path} ({data.get('device', '?')}, {data.get('model', '?')} "
-                    f"at {data.get('img_size', '?')} px)")
+    run = f"{data.get('device', '?')}, {data.get('model', '?')} at {data.get('img_size', '?')} px"
+    return Overhead(rest, f"measured by `cushing bench run` in {path} ({run})")
 
 
 def estimate(cfg: TrainConfig, overhead: Overhead | None = None) -> Estimate:
@@ -88,7 +82,7 @@ def estimate(cfg: TrainConfig, overhead: Overhead | None = None) -> Estimate:
     o = overhead or default_overhead()
     family = get_spec(cfg.model).family
     runs = cfg.cv_folds if cfg.cv_folds > 1 else cfg.seeds  # as experiment.run_experiment dispatches
-    per_epoch = EPOCH_COST_S[cfg.model][0] * (cfg.img_size / 224) ** 2
+    per_epoch = EPOCH_COST_S[cfg.model] * (cfg.img_size / 224) ** 2
     if cfg.frozen:
         return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * o.worker_s)
     compiled = cfg.compile != "none"
@@ -96,40 +90,23 @@ def estimate(cfg: TrainConfig, overhead: Overhead | None = None) -> Estimate:
     return Estimate(runs * compile_s, runs * cfg.epochs * per_epoch / speedup, runs * o.worker_s)
 
 
-def _sharing(k: int) -> float:
-    return GPU_SHARING.get(k, GPU_SHARING[max(GPU_SHARING)])
-
-
 def makespan(estimates: list[Estimate], workers: int) -> float:
-    """Wall seconds for `workers` processes taking the jobs in order, all training on one GPU.
-
-    k jobs in their GPU phase each progress at sharing(k)/k; CPU phases run at full speed. Event-driven: time
-    advances to the next phase end.
-    """
-    queue = [[["cpu", e.compile_s], ["gpu", e.gpu_s], ["cpu", e.overhead_s]] for e in estimates]
-    return _simulate(queue, max(1, workers))
-
-
-def _simulate(queue: list[list[list]], workers: int) -> float:
-    running: list[list[list]] = []  # per job: its remaining phases [kind, seconds at full speed]
+    """Wall seconds for `workers` processes taking the jobs in order, all training on one GPU: k jobs in their GPU
+    phase each progress at GPU_SHARING[k] / k, CPU phases at full speed. Time advances to the next phase end."""
+    phases = (((False, e.compile_s), (True, e.gpu_s), (False, e.overhead_s)) for e in estimates)
+    queue = [job for job in ([[gpu, s] for gpu, s in p if s > 1e-9] for p in phases) if job]
+    running: list[list[list]] = []  # per job: its phases left, [on the GPU, seconds at full speed]
     t = 0.0
-    while True:
-        running = [job for job in map(_drop_done, running) if job]
+    while queue or running:
         while queue and len(running) < max(1, workers):
-            job = _drop_done(queue.pop(0))
-            if job:
-                running.append(job)
-        if not running:
-            return t
-        k = sum(job[0][0] == "gpu" for job in running)
-        rates = [_sharing(k) / k if job[0][0] == "gpu" else 1.0 for job in running]
+            running.append(queue.pop(0))
+        k = sum(job[0][0] for job in running)
+        rates = [GPU_SHARING.get(k, GPU_SHARING[max(GPU_SHARING)]) / k if job[0][0] else 1.0 for job in running]
         dt = min(job[0][1] / r for job, r in zip(running, rates))
         t += dt
         for job, r in zip(running, rates):
             job[0][1] -= dt * r
-
-
-def _drop_done(job: list[list]) -> list[list]:
-    while job and job[0][1] <= 1e-9:
-        job.pop(0)
-    return job
+            if job[0][1] <= 1e-9:
+                job.pop(0)
+        running = [job for job in running if job]
+    return t

@@ -2,7 +2,6 @@
 read (created with that mode): libpq password files, MLflow's basic-auth settings."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cushing.ops.stack.processes import StackError
@@ -28,11 +27,6 @@ def check_admin_password(password: str | None) -> str:
     return password
 
 
-def _private(path: Path, mode: int = 0o600) -> Path:
-    os.chmod(path, mode)
-    return path
-
-
 def write_pgpass(path: Path, entries: list[tuple[str, int, str, str]]) -> Path:
     """A libpq password file (host, port, user, password; any database), mode 0600 as libpq requires."""
     esc = lambda v: str(v).replace("\\", "\\\\").replace(":", "\\:")  # noqa: E731
@@ -49,9 +43,3 @@ def write_auth_config(path: Path, database_uri: str, default_permission: str = "
                           # PBKDF2 costs ~1 s per request on a small CPU: cache verified credentials per worker
                           # for a minute (a changed password takes up to that long to reach every worker)
                           "auth_cache_ttl_seconds = 60\n")
-
-
-def _read(path: str | None, env: str) -> str:
-    if path:
-        return Path(path).read_text().strip()
-    return os.environ.get(env, "")

@@ -48,7 +48,7 @@ class LocalStack:
 
     @property
     def optuna_storage(self) -> str:
-        return self.pg.uri("optuna", "optuna")
+        return self.storage_for("optuna")
 
     def storage_for(self, database: str) -> str:
         """An Optuna storage URL for another database of this cluster, owned by the optuna role."""
@@ -69,9 +69,8 @@ class LocalStack:
         if port_open(self.port):
             raise StackError(f"port {self.port} on 127.0.0.1 is already in use, so the MLflow server cannot listen "
                              "there: stop what listens on it or choose another port (--port)")
-        existed = self._cluster_exists()
+        existed = ((self.pg.root or self.base / "pg") / "pgdata" / "PG_VERSION").exists()
         self._load_or_save_secrets(existed)
-        self.pg.base.mkdir(parents=True, exist_ok=True)
         self.pg._place()
         self._save_state(server_pgid=None)
         try:
@@ -91,9 +90,6 @@ class LocalStack:
             raise
         return self
 
-    def _cluster_exists(self) -> bool:
-        return ((self.pg.root or self.base / "pg") / "pgdata" / "PG_VERSION").exists()
-
     def _load_or_save_secrets(self, existed: bool) -> None:
         """An existing cluster keeps the passwords its roles were made with (new ones would lock the migration
         and the server out of it); a new cluster's are saved before it is made."""
@@ -111,9 +107,7 @@ class LocalStack:
 
     def _abandon(self, remove_cluster: bool) -> None:
         """Undo a start that failed part-way (see `start`)."""
-        if self.server is not None:
-            self.server.stop()
-        self.pg.stop()
+        self.stop(remove=False)
         if not remove_cluster or (self.pg.data.exists() and self.pg.running()):
             return  # an older cluster, or one that did not stop: `cushing stack down` finds it in stack.json
         if self.pg.root is not None:
@@ -126,15 +120,15 @@ class LocalStack:
             self.server.stop()
         self.pg.stop()
         if remove:
-            shutil.rmtree(self.base, ignore_errors=True)
-            if self.pg.root and not str(self.pg.root).startswith(str(self.base)):
-                shutil.rmtree(self.pg.root, ignore_errors=True)
+            _remove(self.base, self.pg.root)
 
     def save_state(self) -> Path:
-        """What `cushing stack down|restart` need: processes and ports (stack.json) and the secrets (0600)."""
+        """What `cushing stack down|restart` need (processes and ports in stack.json, secrets.json) and what clients
+        source (env.sh: URIs and credentials), all 0600. Returns env.sh."""
         assert self.server is not None and self.server.proc is not None
         self._save_secrets()
-        return self._save_state(server_pgid=self.server.proc.pid)
+        self._save_state(server_pgid=self.server.proc.pid)
+        return write_private(self.base / "env.sh", "".join(f"export {k}='{v}'\n" for k, v in self.env().items()))
 
     def _save_state(self, server_pgid: int | None) -> Path:
         return write_private(self.base / "stack.json", json.dumps({
@@ -156,13 +150,18 @@ class LocalStack:
         return {**self.server.client_env(), "CUSHING_OPTUNA_STORAGE": self.optuna_storage,
                 "PGPASSFILE": str(self.pgpass)}
 
-    def write_env_file(self) -> Path:
-        return write_private(self.base / "env.sh", "".join(f"export {k}='{v}'\n" for k, v in self.env().items()))
+
+def _remove(base: Path, pg_root: Path | str | None) -> None:
+    """The stack's folder, and its cluster's when that lives elsewhere (/var/tmp)."""
+    shutil.rmtree(base, ignore_errors=True)
+    if pg_root and not str(pg_root).startswith(str(base)):
+        shutil.rmtree(pg_root, ignore_errors=True)
 
 
-def stop_saved(base: Path) -> list[str]:
+def stop_saved(base: Path, remove: bool = False) -> list[str]:
     """Stop everything a `cushing stack up` in `base` started: the server's process group, any process still
-    listening on its port (a server restarted since), PostgreSQL. Returns what could not be stopped."""
+    listening on its port (a server restarted since), PostgreSQL. Returns what could not be stopped; with `remove`,
+    when that is nothing, the stack's folder and cluster are removed."""
     state = json.loads((base / "stack.json").read_text())
     problems = []
     pgid = int(state.get("server_pgid") or state.get("server_pid") or 0)
@@ -180,6 +179,8 @@ def stop_saved(base: Path) -> list[str]:
     pg.stop()
     if pg.data.exists() and pg.running():
         problems.append(f"PostgreSQL in {pg.data} is still running")
+    if remove and not problems:
+        _remove(base, state["pg_root"])
     return problems
 
 
@@ -191,5 +192,4 @@ def restart_saved(base: Path) -> LocalStack:
     s = LocalStack.from_saved(base)
     s.start()
     s.save_state()
-    s.write_env_file()
     return s

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -22,12 +23,9 @@ INIT_SCRIPT = Path(__file__).parents[1] / "deploy" / "init-databases.sh"
 
 
 def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    if found:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
+    if found[-1]:
         return found[-1]
-    on_path = shutil.which(name)
-    if on_path:
-        return on_path
     raise StackError(f"PostgreSQL's {name} was not found: install Debian's postgresql (apt-get install postgresql)")
 
 
@@ -86,27 +84,34 @@ class Postgres:
 
     def _own(self, *paths: Path) -> None:
         if os.geteuid() == 0:
-            import pwd
-
             pw = pwd.getpwnam("postgres")
             for p in paths:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
+
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), *args]), capture_output=True,
+                              text=True)
 
     def start(self) -> "Postgres":
         self.base.mkdir(parents=True, exist_ok=True)
         self._place()
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
-        return self.launch()
+        self.log.touch()
+        self._own(self.log)
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} -c unix_socket_permissions=0700"
+        r = self._pg_ctl("-l", str(self.log), "-o", opts, "-w", "-t", "60", "start")
+        if r.returncode != 0:
+            raise StackError(f"PostgreSQL did not start: {r.stderr}\n{self.log.read_text()[-2000:]}")
+        return self
 
     def _initdb(self) -> None:
+        pwfile = self.root / "pwfile"
         for d in (self.data, self.sock):
             d.mkdir(exist_ok=True)
-        pwfile = self.root / "pwfile"
+            os.chmod(d, 0o700)
         write_private(pwfile, self.superuser_password)
         self._own(self.data, self.sock, pwfile)
-        os.chmod(self.data, 0o700)
-        os.chmod(self.sock, 0o700)
         r = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
                                          "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
                                          f"--pwfile={pwfile}"]), capture_output=True, text=True)
@@ -114,23 +119,11 @@ class Postgres:
         if r.returncode != 0:
             raise StackError(f"initdb failed in {self.data}: {r.stderr.strip()[-1500:]}")
 
-    def launch(self) -> "Postgres":
-        self.log.touch()
-        self._own(self.log)
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} "
-                "-c unix_socket_permissions=0700")
-        r = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
-                                         "-w", "-t", "60", "start"]), capture_output=True, text=True)
-        if r.returncode != 0:
-            raise StackError(f"PostgreSQL did not start: {r.stderr}\n{self.log.read_text()[-2000:]}")
-        return self
-
-    def env(self) -> dict[str, str]:
-        return {"PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "postgres",
-                "PGPASSWORD": self.superuser_password}
-
     def init_databases(self, mlflow_password: str, optuna_password: str) -> None:
-        env = {**os.environ, **self.env(), "MLFLOW_DB_PASSWORD": mlflow_password, "OPTUNA_DB_PASSWORD": optuna_password}
+        """The roles and databases (init-databases.sh); passwords reach psql through its environment."""
+        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "postgres",
+               "PGPASSWORD": self.superuser_password, "MLFLOW_DB_PASSWORD": mlflow_password,
+               "OPTUNA_DB_PASSWORD": optuna_password}
         r = subprocess.run(["sh", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise StackError(f"creating databases failed: {r.stderr}")
@@ -140,10 +133,8 @@ class Postgres:
         return f"{driver}://{user}@127.0.0.1:{self.port}/{db}"
 
     def running(self) -> bool:
-        r = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "status"]), capture_output=True)
-        return r.returncode == 0
+        return self._pg_ctl("status").returncode == 0
 
     def stop(self) -> None:
         if self.data.exists():
-            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
-                           capture_output=True, text=True)
+            self._pg_ctl("-m", "fast", "-w", "stop")

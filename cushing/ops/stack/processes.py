@@ -60,25 +60,19 @@ def stop_group(pgid: int, grace: float = 20.0) -> bool:
     """SIGTERM a process group, SIGKILL what is left after `grace` seconds; True when it is gone (also when it was
     gone already). Only for a group this process started or has checked is its own (`_group_is_ours`). A member
     that exited but was not yet reaped (a zombie: the leader is often the caller's own child) counts as gone."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        if not _group_members(pgid, live=True):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
             return True
-        time.sleep(0.2)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return True
-    deadline = time.time() + 5
-    while _group_members(pgid, live=True):
-        if time.time() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+        deadline = time.time() + wait
+        while _group_members(pgid, live=True):
+            if time.time() > deadline:
+                break
+            time.sleep(0.2)
+        else:
+            return True
+    return False
 
 
 def _listeners(port: int) -> set[int]:

@@ -4,6 +4,7 @@ services run, so both paths start the server the same way. Database passwords re
 file (PGPASSFILE), never its command line."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from cushing.ops.stack.credentials import _private, _read, check_admin_password, write_auth_config, write_pgpass
+from cushing.ops.stack.credentials import check_admin_password, write_auth_config, write_pgpass
 from cushing.ops.stack.processes import StackError, _group_is_ours, free_port, stop_group, wait_http
 
 __all__ = ["mlflow_server_command", "server_environment", "migrate", "MlflowServer", "exec_mlflow_server",
@@ -83,7 +84,7 @@ class MlflowServer:
                                     workers=self.workers)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _private(self.log)
+        self.log.chmod(0o600)
         wait_http(f"{self.url}/health", timeout, proc=self.proc, log=self.log)
         return self
 
@@ -92,21 +93,23 @@ class MlflowServer:
             return
         if self.proc.poll() is None or _group_is_ours(self.proc.pid, self.base):  # its workers may outlive it
             stop_group(self.proc.pid)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
     def client_env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": "admin",
                 "MLFLOW_TRACKING_PASSWORD": self.admin_password}
 
 
+def _read(path: str | None, env: str) -> str:
+    """A secret from its file (docker secrets), else from the environment."""
+    return Path(path).read_text().strip() if path else os.environ.get(env, "")
+
+
 def exec_mlflow_server(*, db_host: str, db_port: int, db_password_file: str | None, admin_password_file: str | None,
                        secret_key_file: str | None, artifacts: str, host: str, port: int, allowed_hosts: str,
                        workers: int = 4) -> None:
-    """Replace this process with the MLflow server (the docker-compose `mlflow` service's command). The database
-    password goes into a private libpq password file, not the server's command line."""
+    """Replace this process with the MLflow server (the docker-compose `mlflow` service's command)."""
     admin = check_admin_password(_read(admin_password_file, "MLFLOW_ADMIN_PASSWORD"))
     key = _read(secret_key_file, "MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_urlsafe(32)
     folder = Path(tempfile.mkdtemp(prefix="mlflow-auth-"))

@@ -31,19 +31,16 @@ class SubmititMissing(ImportError, ClusterError):
 
 def parse_time(text: str | int | None) -> int | None:
     """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) as whole minutes; None for ''."""
-    if text is None or str(text).strip() in ("", "None"):
+    s = "" if text is None else str(text).strip()
+    if s in ("", "None"):
         return None
-    s = str(text).strip()
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
     if not m:
         raise ClusterError(f"time limit: minutes or [D-]HH:MM[:SS] as sbatch takes it, got {s!r}")
-    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
-    if days is not None:  # D-HH[:MM[:SS]]
-        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # HH:MM:SS
-        seconds = a * 3600 + b * 60 + c
-    else:  # MM or MM:SS
-        seconds = a * 60 + (b or 0)
+    days, *rest = m.groups()
+    parts = [int(p) for p in rest if p is not None]
+    units = (3600, 60, 1) if days is not None or len(parts) == 3 else (60, 1)  # D-HH[:MM[:SS]], HH:MM:SS; MM[:SS]
+    seconds = int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
     if seconds <= 0:
         raise ClusterError(f"time limit must be positive, got {s!r}")
     return math.ceil(seconds / 60)
@@ -114,20 +111,16 @@ class SlurmOptions:
         return min(tasks, self.max_parallel or tasks)
 
 
-def _mem(gb: float) -> str:
-    return f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
-
-
 def sbatch_parameters(options: SlurmOptions, name: str, tasks: int) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters (they become #SBATCH lines: no secret may go here)."""
     extra = parse_sbatch_options(options.extra)
     extra["requeue" if options.requeue else "no-requeue"] = True
     params: dict[str, Any] = {"job_name": name, "time": options.time_min, "array_parallelism": options.at_once(tasks),
                               "stderr_to_stdout": True, "additional_parameters": extra}
-    for key, value in (("partition", options.partition), ("account", options.account),
-                       ("cpus_per_task", options.cpus_per_task), ("gpus_per_task", options.gpus_per_task)):
-        if value is not None:
-            params[key] = value
-    if options.mem_gb is not None:
-        params["mem"] = _mem(options.mem_gb)
+    for key in ("partition", "account", "cpus_per_task", "gpus_per_task"):
+        if getattr(options, key) is not None:
+            params[key] = getattr(options, key)
+    gb = options.mem_gb
+    if gb is not None:
+        params["mem"] = f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
     return params

@@ -34,23 +34,16 @@ def _scheme(url: str) -> str:
     return url.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url) else ""
 
 
-def _host(url: str) -> str | None:
-    """The host a URL names; '' for a database reached through a local socket (no host)."""
+def _is_loopback(url: str) -> bool:
+    """The URL names this host: a loopback address, or a database's local socket (no host, or ?host=/folder)."""
     try:
         u = urlparse(url)
     except ValueError:
-        return None
+        return False
     host = u.hostname or ""
     if not host and "host=" in (u.query or ""):
         host = re.search(r"host=([^&]+)", u.query).group(1)
-        return "" if host.startswith("/") else host
-    return host
-
-
-def _is_loopback(url: str) -> bool:
-    host = _host(url)
-    if host is None:
-        return False
+        host = "" if host.startswith("/") else host
     if host == "":  # postgresql:///db: a Unix socket on whichever host runs the client
         return _scheme(url).startswith("postgres")
     return host.lower() in _LOOPBACK or host.startswith("127.")
@@ -60,9 +53,7 @@ def launch_checks(*, tracking_uri: str, storage: str, sbatch: str | None, srun: 
                   compute_hosts: Sequence[tuple[str, ...]] | None, local_names: set[str],
                   private_files: Mapping[str, str] | None = None,
                   secrets_in_env: Sequence[str] = ()) -> Preflight:
-    """What would make a multi-node launch fail or leak, found before anything is submitted.
-
-    compute_hosts: per node of the partition, its name, hostname and address (None: could not be listed)."""
+    """compute_hosts: per node of the partition, its name, hostname and address (None: could not be listed)."""
     problems, warnings = [], []
     if sbatch is None or srun is None:
         missing = " and ".join(n for n, p in (("sbatch", sbatch), ("srun", srun)) if p is None)
@@ -89,10 +80,7 @@ def launch_checks(*, tracking_uri: str, storage: str, sbatch: str | None, srun: 
             problems.append(f"the {what} {_redact(url)} names this host's loopback, which the compute nodes "
                             f"({nodes}) cannot reach: use an address they reach (this host's name on the cluster "
                             "network)")
-    for var, path in (private_files or {}).items():
-        problem = _mode_problem(var, path)
-        if problem:
-            problems.append(problem)
+    problems += [p for p in (_mode_problem(var, path) for var, path in (private_files or {}).items()) if p]
     if secrets_in_env:
         verb = "reaches" if len(secrets_in_env) == 1 else "reach"
         warnings.append(f"{', '.join(secrets_in_env)} {verb} the tasks through the job's environment (sbatch "

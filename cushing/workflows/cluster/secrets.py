@@ -1,7 +1,8 @@
 """Secrets never reach a command line, an #SBATCH line or the pickled task. The tasks read the Optuna storage URL
-from CUSHING_OPTUNA_STORAGE and MLflow's credentials from the environment sbatch exports, or from 0600 files on
-shared storage: PGPASSFILE for PostgreSQL, and CUSHING_SECRETS_FILE (KEY=VALUE lines), whose variables are then
-left out of the job's environment altogether and read by each task."""
+from CUSHING_OPTUNA_STORAGE and MLflow's credentials from the environment sbatch exports (its default --export=ALL;
+slurmctld keeps a copy in its state folder, `scontrol show job` does not show it), or from 0600 files on shared
+storage: PGPASSFILE for PostgreSQL, and CUSHING_SECRETS_FILE (KEY=VALUE lines), whose variables are then left out
+of the job's environment altogether and read by each task."""
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,7 @@ def read_secrets_file(path: str | os.PathLike) -> dict[str, str]:
 def _job_environment(storage: str) -> Iterator[None]:
     """What sbatch exports to the tasks (submitit runs it with this process's environment): the storage URL and the
     tracking URI set, `mlflow run`'s run and the secrets file's variables left out, this checkout importable."""
-    saved = dict(os.environ)
-    env = os.environ
+    saved, env = dict(os.environ), os.environ
     env[STORAGE_ENV] = storage
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     env.pop("MLFLOW_RUN_ID", None)  # tasks log children of the parent, not into an `mlflow run` run

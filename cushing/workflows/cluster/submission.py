@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from cushing.private import private_dir
 from cushing.workflows.cluster.options import SlurmOptions, ClusterError, SubmititMissing, sbatch_parameters
 from cushing.workflows.cluster.refusals import _checked
 from cushing.workflows.cluster.secrets import _job_environment
@@ -19,15 +20,6 @@ from cushing.workflows.sweeps import MAX_RETRY, default_storage, finish_sweep, f
     sweep_status
 
 __all__ = ["Submission", "submit_sweep", "submit_tune"]
-
-
-def _submitit():
-    try:
-        import submitit
-    except ImportError as e:
-        raise SubmititMissing("--launcher slurm needs submitit: pip install submitit==1.5.4 (into the project's venv "
-                              "after `source scripts/env.sh`)") from e
-    return submitit
 
 
 @dataclass
@@ -44,14 +36,15 @@ class Submission:
 
 
 def _log_folder(options: SlurmOptions) -> Path:
-    folder = Path(options.folder).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)  # pickles and logs: this account's only
-    return folder
+    return private_dir(Path(options.folder).expanduser().resolve(), narrow=True)  # pickles and logs
 
 
 def _submit(task: ArrayTask, tasks: int, options: SlurmOptions, name: str, storage: str) -> list:
-    submitit = _submitit()
+    try:
+        import submitit
+    except ImportError as e:
+        raise SubmititMissing("--launcher slurm needs submitit: pip install submitit==1.5.4 (into the project's venv "
+                              "after `source scripts/env.sh`)") from e
     ex = submitit.SlurmExecutor(folder=task.folder, max_num_timeout=3)
     ex.update_parameters(**sbatch_parameters(options, name, tasks))
     with _job_environment(storage):
@@ -85,7 +78,7 @@ def submit_sweep(path: str | Path, options: SlurmOptions = SlurmOptions(), *, st
     task = ArrayTask("sweep", str(h.study.path.resolve()), h.parent_run_id, compile, log_tables=not wait,
                      folder=str(folder))
     jobs = _submit(task, n, options, f"cushing-sweep-{h.study.name}", h.storage)
-    array = jobs[0].job_id.split("_")[0]
+    array = _array_of(jobs)
     out(f"submitted Slurm job array {array}: {n} task(s), at most {options.at_once(n)} at once, for sweep "
         f"{h.study_name} ({left} of {status['n']} configurations to train); parent run {h.parent_run_id}; "
         f"task logs in {folder}")

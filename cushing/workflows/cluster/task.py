@@ -34,9 +34,8 @@ class ArrayTask:
 
 
 def run_array_task(task: ArrayTask, index: int) -> int:
-    """The function each array task runs: one sweep worker (or `task.n_trials` tuning trials) on the storage named by
-    CUSHING_OPTUNA_STORAGE in the task's environment. Module-level, so submitit sends it by reference and the node
-    imports it (the venv or the image must hold this package). Returns how many it trained."""
+    """The function each array task runs (the venv or the image on the node must hold this package). Returns how
+    many it trained."""
     if os.environ.get(SECRETS_FILE_ENV):
         os.environ.update(read_secrets_file(os.environ[SECRETS_FILE_ENV]))
     storage = os.environ.get(STORAGE_ENV)
