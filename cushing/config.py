@@ -59,7 +59,7 @@ class TrainConfig:
     seeds: int = 1  # >1: repeat with seeds seed..seed+N-1, one child run per seed
     cam: bool = True
     allow_phi_artifacts: bool = False  # per-image overlays, crops, file names: off unless explicitly allowed
-    experiment: str = "cushing"
+    experiment: str = ""  # "": the one `mlflow run` made its run in, else MLFLOW_EXPERIMENT_NAME, else cushing
     run_name: str | None = None
     memory_budget_gb: float = 4.0  # decoded uint8 images above this stream from host memory
     patience: int = 0  # stop after this many epochs without improvement (0 = never; the paper trains 200)

@@ -157,31 +157,32 @@ def test_the_sbatch_script_carries_the_options_and_requeue(tmp_path):
 @pytest.mark.parametrize("submitit_does,raised", [(SystemExit(-1), SystemExit), (RuntimeError("timed-out"), RuntimeError)])
 def test_preemption_is_a_cooperative_stop_then_submitit_requeues(submitit_does, raised, monkeypatch):
     """USR2 only asks the task to stop: nothing is raised from the signal (submitit's own handler, which requeues
-    and exits, is not called there). The worker stops at its next safe point (here: at once), then submitit's
-    handler runs from the task's code: requeued (SystemExit) or, out of requeues, an error."""
+    and exits, is not called there). The worker stops at its next safe point, then submitit's handler runs from the
+    task's code: requeued (SystemExit) or, out of requeues, an error."""
     from cushing import stops
 
-    calls = []
+    calls, seen = [], {}
 
     def submitit_handler(signum, frame):  # submitit: requeue then sys.exit(-1), or UncompletedJobError
         calls.append(signum)
         raise submitit_does
-    old = {s: signal.getsignal(s) for s in (signal.SIGUSR2,)}
-    signal.signal(signal.SIGUSR2, submitit_handler)
-    monkeypatch.setenv("CUSHING_OPTUNA_STORAGE", "sqlite:///unused.db")
-    monkeypatch.setattr(cluster_task, "_sweep_task", lambda task, storage: stops.check() or 0)
-    try:
-        stops.reset()
-        assert cluster_task._preemption() is not None
+
+    def training(task, storage):  # the signal lands mid-training; the next safe point stops it
         os.kill(os.getpid(), signal.SIGUSR2)  # raises nothing here
         time.sleep(0.2)
-        assert stops.requested() == "SIGUSR2" and calls == []
+        seen.update(requested=stops.requested(), calls=list(calls))
+        stops.check()
+    old = signal.signal(signal.SIGUSR2, submitit_handler)
+    monkeypatch.setenv("CUSHING_OPTUNA_STORAGE", "sqlite:///unused.db")
+    monkeypatch.setattr(cluster_task, "_sweep_task", training)
+    stops.reset()
+    try:
         with pytest.raises(raised):
             cluster.run_array_task(cluster.ArrayTask("sweep", "/shared/study.yaml", "0" * 32), 0)
+        assert seen == {"requested": "SIGUSR2", "calls": []}, "submitit's handler is not called from the signal"
         assert calls == [signal.SIGUSR2]
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGUSR2, old)
         stops.reset()
 
 

@@ -15,13 +15,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    import dataclasses
-
     from cushing.workflows.experiment import run_experiment
-    from cushing.tracking import resolve_experiment, tracking_uri
+    from cushing.tracking import tracking_uri
 
     cfg = config_from(ns)
-    cfg = dataclasses.replace(cfg, experiment=resolve_experiment(cfg.experiment, "experiment"))
     summary = run_experiment(cfg, progress=True)
     m = summary.metrics
     print(f"run {summary.run_id} ({summary.run_name}) in {tracking_uri()}")

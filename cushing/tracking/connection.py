@@ -27,18 +27,17 @@ HTTP_RETRY_DEFAULTS = {
 }
 
 
-_OVERRIDE: list[str] = []  # a store a block points this process at (`using_store`), innermost last
-
-
 def tracking_uri() -> str:
-    uri = _OVERRIDE[-1] if _OVERRIDE else os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def http_defaults() -> None:
-    """Client-side retries (HTTP_RETRY_DEFAULTS) where the environment does not set them: MLflow reads them from the
-    environment only, so they are set at start-up (`cushing.cli.main`), before any other thread runs."""
-    for k, v in {**HTTP_RETRY_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    """What MLflow reads from the environment, set at start-up (`cushing.cli.main`) before any other thread runs:
+    the client's retries (HTTP_RETRY_DEFAULTS) where not set, and the tracking URI resolved (MLflow's own
+    `set_tracking_uri` writes the environment: with it set already, `configure` never needs to call it)."""
+    for k, v in {**HTTP_RETRY_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                 "MLFLOW_TRACKING_URI": tracking_uri()}.items():
         os.environ.setdefault(k, v)
 
 
@@ -85,9 +84,11 @@ def configure() -> str:
     fresh store would race in that migration (`duplicate column name`), so it runs under a file lock."""
     import mlflow
 
+    http_defaults()  # a no-op after the CLI's start-up; library use gets the same settings on first use
     uri = tracking_uri()
     check_reachable()
-    mlflow.set_tracking_uri(uri)
+    if mlflow.get_tracking_uri() != uri:  # MLflow writes the environment here: not after start-up (`http_defaults`)
+        mlflow.set_tracking_uri(uri)
     _ensure_store(uri)
     return uri
 
@@ -117,13 +118,19 @@ def artifact_dir() -> Iterator[Path]:
 
 @contextmanager
 def using_store(uri: str) -> Iterator[str]:
-    """Point this process at another tracking store for a block (e.g. a benchmark's throwaway one); restore after.
-    The environment is left alone: subprocesses started in the block are given the URI by whoever starts them."""
+    """Point this process at another tracking store for a block (a benchmark's throwaway one, between its runs);
+    restore after."""
     import mlflow
 
-    _OVERRIDE.append(uri)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         yield configure()
     finally:
-        _OVERRIDE.pop()
-        mlflow.set_tracking_uri(tracking_uri())  # point back only: opening the store is for whoever uses it
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+        mlflow.set_tracking_uri(saved or tracking_uri())  # point back only: opening it is for whoever uses it
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)  # MLflow's set_tracking_uri writes it

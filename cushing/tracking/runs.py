@@ -9,9 +9,10 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
+from cushing.config import ConfigError
 from cushing.tracking.connection import client, configure
 from cushing.tracking.logger import RunLogger
-from cushing.tracking.queries import experiment_id
+from cushing.tracking.queries import experiment_id, experiment_of_run
 
 __all__ = ["env_run_id", "launcher_run", "start_run", "resume_run", "log_into", "offer_run", "ERROR_TAG",
            "resolve_experiment"]
@@ -51,9 +52,6 @@ def resolve_experiment(given: str | None, what: str = "experiment") -> str:
     """The experiment a command logs into. Under `mlflow run`, the one its run is in: `given` (`what` names where it
     came from) must agree or is refused, so that the launcher's run and the runs nested under it share one
     experiment. Otherwise `given`, else MLFLOW_EXPERIMENT_NAME, else `cushing`."""
-    from cushing.config import ConfigError
-    from cushing.tracking.queries import experiment_of_run
-
     env = env_run_id()
     if env is None:
         return given or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cushing"

@@ -311,6 +311,7 @@ def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCa
                    parent_run_id: str | None = None) -> RunSummary:
     """The main job: a single run, CV folds or seed repeats, as the config asks. With CUSHING_PHASES_OUT set,
     where the time went (named phases, and when this process started) is written there as JSON."""
+    cfg = dataclasses.replace(cfg, experiment=tracking.resolve_experiment(cfg.experiment))
     with timing() as timer:
         summary = _dispatch(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
     summary.phases = timer
