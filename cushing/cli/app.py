@@ -60,7 +60,7 @@ def _startup() -> None:
     from cushing.tracking.connection import http_defaults
 
     stops.install()
-    http_defaults()
+    http_defaults(startup=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
 
 

@@ -32,12 +32,12 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def http_defaults() -> None:
-    """What MLflow reads from the environment, set at start-up (`cushing.cli.main`) before any other thread runs:
-    the client's retries (HTTP_RETRY_DEFAULTS) where not set, and the tracking URI resolved (MLflow's own
-    `set_tracking_uri` writes the environment: with it set already, `configure` never needs to call it)."""
-    for k, v in {**HTTP_RETRY_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                 "MLFLOW_TRACKING_URI": tracking_uri()}.items():
+def http_defaults(startup: bool = False) -> None:
+    """What MLflow reads from the environment, set before any other thread runs: the client's retries
+    (HTTP_RETRY_DEFAULTS) where not set; at the CLI's start-up also the tracking URI resolved (MLflow's own
+    `set_tracking_uri` writes the environment: with it set already, `configure` never calls it)."""
+    uri = {"MLFLOW_TRACKING_URI": tracking_uri()} if startup else {}
+    for k, v in {**HTTP_RETRY_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **uri}.items():
         os.environ.setdefault(k, v)
 
 
