@@ -11,7 +11,6 @@ copy stays with the run's artifacts. Loading unpickles nothing (torch.load weigh
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -45,18 +44,14 @@ class Checkpointer:
     def __call__(self, state: FitState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / CHECKPOINT
-        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         for stale in self.dir.glob(f".{CHECKPOINT}.*.tmp"):  # a write that was killed halfway
             stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         torch.save(state.to_dict(), tmp)
         _fault(state.epoch, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        meta = self.dir / "checkpoint.json"
-        meta_tmp = meta.with_suffix(".tmp")
-        meta_tmp.write_text(json.dumps({"epoch": state.epoch}))
-        os.replace(meta_tmp, meta)
         if self.on_saved is not None:
             self.on_saved(path, state.epoch)
 
@@ -64,8 +59,7 @@ class Checkpointer:
 def _fault(epoch: int, tmp: Path) -> None:
     """`CUSHING_FAULT=kill-in-checkpoint:<epoch>`: die by SIGKILL halfway through writing that epoch's checkpoint,
     as an out-of-memory kill or a lost node would (the fault suite checks the previous checkpoint survives)."""
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == f"kill-in-checkpoint:{epoch}":
+    if os.environ.get(FAULT_ENV) == f"kill-in-checkpoint:{epoch}":
         with open(tmp, "r+b") as f:
             f.truncate(max(1, tmp.stat().st_size // 2))
         os.kill(os.getpid(), signal.SIGKILL)
@@ -84,9 +78,8 @@ def resume_lock(run_id: str) -> Iterator[None]:
     """Held for the whole of a resume: a second `--resume` of the same run on this host is refused at once instead
     of training into the same run and deleting the first one's checkpoint writes. (Across hosts the run's
     heartbeat refuses it: a RUNNING run whose process beats is not resumed.)"""
-    d = checkpoint_dir(run_id)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".resume.lock", "a") as f:
+    checkpoint_dir(run_id).mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir(run_id) / ".resume.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
