@@ -6,6 +6,8 @@ the logged models use as input examples.
 """
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,17 +104,12 @@ def draw_face(t: FaceTraits, size: int = 224, seed: int = 0) -> Image.Image:
     d.line([cx + dx, ey + h * 0.02, cx + dx * 1.3 - w * 0.03, cy + h * 0.13], fill=nose, width=int(S * 0.008))
     lips = (170, 70, 80) if t.sex == "F" else _mix(t.skin, (120, 40, 40), 0.5)
     d.chord([cx + dx - w * 0.14, cy + h * 0.16, cx + dx + w * 0.14, cy + h * 0.28], 0, 180, fill=lips)
-    img = img.rotate(t.roll, resample=Image.BICUBIC, fillcolor=t.background)
-    img = _light(img, t.light)
+    arr = np.asarray(img.rotate(t.roll, resample=Image.BICUBIC, fillcolor=t.background), dtype=np.float32)
+    side_light = 1 + np.linspace(-1, 1, S)[None, :, None] * t.light * 0.18
+    img = Image.fromarray(np.clip(arr * side_light, 0, 255).astype(np.uint8))
     img = img.resize((size, size), Image.LANCZOS).filter(ImageFilter.GaussianBlur(0.6))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-
-
-def _light(img: Image.Image, light: float) -> Image.Image:
-    arr = np.asarray(img, dtype=np.float32)
-    ramp = np.linspace(-1, 1, arr.shape[1])[None, :, None] * light * 0.18
-    return Image.fromarray(np.clip(arr * (1 + ramp), 0, 255).astype(np.uint8))
 
 
 def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: int = 1) -> Path:
@@ -139,9 +136,6 @@ def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: 
 
 def synthetic_jpeg_b64(seed: int = 0, size: int = 224) -> str:
     """A base64 JPEG of a synthetic face: the input example for logged models (never a real face)."""
-    import base64
-    import io
-
     buf = io.BytesIO()
     draw_face(FaceTraits.draw(np.random.default_rng(seed), 1, "F"), size=size, seed=seed).save(buf, "JPEG", quality=90)
     return base64.b64encode(buf.getvalue()).decode()
