@@ -16,10 +16,9 @@ PRIVATE_FILE_MODE = 0o600
 
 
 def private_dir(path: str | os.PathLike, *, narrow: bool = False) -> Path:
-    """Create `path` as a folder only this account can enter (missing parents as the umask says) and return it.
-
-    A folder that is already there keeps its mode, unless `narrow` (a folder cushing keeps for itself, such as its
-    caches) and this account owns it: then group and other access is taken away."""
+    """Create `path` as a folder only this account can enter (missing parents as the umask says) and return it. One
+    already there keeps its mode, unless `narrow` (cushing's own, such as its caches) and this account owns it: then
+    it becomes 0700."""
     p = Path(path)
     p.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)  # the mode applies only to a folder made here
     if narrow and p.stat().st_mode & 0o077 and p.stat().st_uid == os.geteuid():

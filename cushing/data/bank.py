@@ -1,7 +1,5 @@
-"""Decode once and keep the cohort as uint8: letterboxed to a square (white padding, as the face stage pads) and
-held as [N, 3, S, S], on the accelerator when it fits the memory budget, otherwise in pinned host memory and
-streamed per batch.
-"""
+"""Decode once and keep the cohort as uint8 [N, 3, S, S], letterboxed to a square (white padding, as the face stage
+pads): on the accelerator when it fits the memory budget, otherwise in pinned host memory, streamed per batch."""
 from __future__ import annotations
 
 import os

@@ -1,8 +1,7 @@
 """A synthetic demo cohort with exactly the paper's Table I counts, drawn procedurally.
 
 The label changes face roundness (moon facies) and cheek redness (plethora); skin tone, hair, pose, lighting,
-background and sex-typical features vary as nuisance. No real face is involved, so these images are also what
-the logged models use as input examples.
+background and sex-typical features vary as nuisance. No real face: these are also the logged models' input examples.
 """
 from __future__ import annotations
 
@@ -112,14 +111,14 @@ def draw_face(t: FaceTraits, size: int = 224, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: int = 1) -> Path:
-    """Write images/ and manifest.csv (Table I counts x `scale`); returns the manifest path."""
+def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224) -> Path:
+    """Write images/ and manifest.csv (Table I counts); returns the manifest path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for (split, sex, label), n in TABLE_I.items():
-        for _ in range(n * scale):
+        for _ in range(n):
             i = len(rows)
             traits = FaceTraits.draw(rng, label, sex)
             name = f"images/demo_{i:04d}.jpg"

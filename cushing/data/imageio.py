@@ -58,15 +58,13 @@ def _to_rgb(im) -> np.ndarray:
         raise BadImage("unsupported_mode", f"mode {im.mode}: {e}") from None
 
 
-def open_rgb(src: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None,
-             name: str = "") -> np.ndarray:
-    """uint8 RGB [H, W, 3] with EXIF orientation applied, or BadImage with a reason code.
+def open_rgb(src: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] with EXIF orientation applied, or BadImage with a reason code (naming the file, for a path).
 
-    `draft` lets JPEG decode at a reduced scale (DCT scaling) when the photo is far larger than needed.
-    """
+    `draft` lets JPEG decode at a reduced scale (DCT scaling) when the photo is far larger than needed."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    label = name or (str(src) if not isinstance(src, bytes) else "")
+    label = "" if isinstance(src, bytes) else str(src)
     try:
         data = src if isinstance(src, bytes) else Path(src).read_bytes()
     except OSError as e:

@@ -1,9 +1,8 @@
 """The one backbone registry: paper model names -> timm models, freeze policy, Grad-CAM layout.
 
-The names and the freeze policy are declared in `cushing.model_names` (the bottom layer, so the typed
-configuration can check them without importing this package); this registry holds one spec per name. Nothing
-else holds a timm id or branches on a model's name. Normalisation and interpolation come from timm's pretrained
-config of the built model.
+Names and freeze policy are declared in `cushing.model_names` (the bottom layer the typed configuration checks
+against); this registry holds one spec per name, and nothing else holds a timm id or branches on a model's name.
+Normalisation and interpolation come from timm's pretrained config of the built model.
 """
 from __future__ import annotations
 
@@ -16,11 +15,9 @@ from typing import Callable
 
 from cushing.model_names import FROZEN_BY_DEFAULT, MODEL_NAMES, resolve_freeze
 
-__all__ = [
-    "BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable", "resolve_freeze",
-    "interpolation_of", "Preprocess", "preprocess_of", "cam_target_layer", "cam_reshape", "cam_grid", "last_block",
-    "param_count",
-]
+__all__ = ["BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable", "resolve_freeze",
+           "interpolation_of", "Preprocess", "preprocess_of", "cam_target_layer", "cam_reshape", "cam_grid",
+           "last_block", "param_count"]
 
 
 @dataclass(frozen=True)
@@ -131,11 +128,8 @@ def _create(spec: BackboneSpec, *, pretrained: bool, weights: str | None, num_cl
 
 def build_model(name: str, *, pretrained: bool = True, weights: str | None = None, num_classes: int = 2,
                 img_size: int = 224, freeze: bool | None = None):
-    """Build the timm model for a paper name with a fresh `num_classes` head.
-
-    freeze=None uses the registry's policy. A frozen model has requires_grad only on the head, so an optimiser
-    over `p for p in model.parameters() if p.requires_grad` trains the head alone.
-    """
+    """The timm model for a paper name with a fresh `num_classes` head. freeze=None uses the registry's policy; a
+    frozen model has requires_grad only on the head, so an optimiser over the parameters that do trains the head."""
     spec = get_spec(name)
     if pretrained and not weights and os.environ.get("CUSHING_OFFLINE") == "1":
         raise WeightsUnavailable(_weights_help(spec, "CUSHING_OFFLINE=1 forbids downloads"))

@@ -1,12 +1,11 @@
 """Checkpoints of a training run, so a stopped run (SIGTERM, SIGKILL, a lost node) continues instead of starting over.
 
-At an epoch end that is a multiple of `checkpoint_every`, once `checkpoint_minutes` of wall time passed since the last
-checkpoint (default: every 5 minutes, so the paper's sub-second epochs are not slowed by writes of ~3x the weights),
-the engine hands out a FitState; it is written atomically (a temporary file, fsync, rename) to
-`<cache_home>/checkpoints/<run_id>/checkpoint.pt`, so a kill in the middle of a write leaves the previous checkpoint
-intact. It stays out of the run's artifacts unless `log_checkpoint` asks for it (then resuming works on another host
-too). The local copy is removed when the run finishes; a failed or killed run keeps it for `--resume`, and a logged
-copy stays with the run's artifacts. Loading unpickles nothing (torch.load weights_only=True).
+At an epoch end that is a multiple of `checkpoint_every`, once `checkpoint_minutes` (default 5) passed since the last
+one, so sub-second epochs are not slowed by writes of ~3x the weights, the engine hands out a FitState. It is written
+atomically (temporary file, fsync, rename: a kill mid-write leaves the previous one intact) to
+`<cache_home>/checkpoints/<run_id>/checkpoint.pt`, and logged with the run only when `log_checkpoint` asks (then a
+resume works on another host too). The local copy goes when the run finishes; a failed or killed run keeps it for
+`--resume`. Loading unpickles nothing (torch.load weights_only=True).
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """The training engine: the paper's protocol, built for speed. Returns values; logs nothing.
 
-Fine-tuning: uint8 images resident on the device, augmentation on the device, bf16 autocast and channels_last
-(CNNs) on CUDA, one host sync per epoch, and optionally torch.compile of the model (`compile`; static shapes,
-compiled code cached on disk so a second training of the same architecture starts warm). Frozen backbones:
-features of every image (and of `aug_views` augmented views per training image) are computed once and the head
-alone trains on them.
+Fine-tuning keeps uint8 images and their augmentation on the device, runs bf16 autocast and channels_last (CNNs) on
+CUDA, syncs with the host once per epoch and can torch.compile the model (`compile`: static shapes, code cached on
+disk). Frozen backbones: features of every image (and of `aug_views` augmented views per training image) are
+computed once and the head alone trains on them.
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""Grad-CAM for every backbone family, PHI-safe aggregates by default. Returns values and writes only to the
-folder it is given.
+"""Grad-CAM for every backbone family, PHI-safe aggregates by default; writes only to the folder it is given.
 
-The target layer and the token-to-grid reshape come from the backbone registry (derived from the built model:
-patch grid, prefix tokens, Swin's NHWC layout). Default artifacts are aggregates: mean CAM maps per true label
-x predicted label x sex, drawn without any face pixels, and the share of CAM mass per facial region. Overlays on
-individual faces exist only when allow_phi is set, named by hashed subject id.
+The target layer and the token-to-grid reshape come from the backbone registry. Default artifacts are aggregates:
+mean CAM maps per true label x predicted label x sex, drawn without any face pixels, and the share of CAM mass per
+facial region. Overlays on individual faces exist only when allow_phi is set, named by hashed subject id.
 """
 from __future__ import annotations
 
@@ -34,9 +32,8 @@ REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "nec
 
 @contextmanager
 def _graph_from(model, name: str) -> Iterator[dict]:
-    """While open, the registry's CAM layer starts the autograd graph: weights need no gradient (their flags are
-    put back on exit), the layer's output becomes a fresh leaf, so backward runs only from the logits down to that
-    layer. A forward fills the dict's "leaf"; hooks are removed on exit."""
+    """While open, the CAM layer's output is a fresh autograd leaf (filled into the dict's "leaf" by a forward) and
+    weights need no gradient, so backward runs only from the logits down to that layer; all is put back on exit."""
     layer = cam_target_layer(model, name)
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -65,10 +62,9 @@ def _scaled(cams: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray
 
 
 def _cam_batch(model, name: str, x: torch.Tensor, target: int) -> tuple[np.ndarray, np.ndarray]:
-    """(maps in [0, 1] at the input size, raw grid maps) of one batch: Grad-CAM as pytorch-grad-cam's GradCAM
-    with ClassifierOutputTarget(target) computes it (channel weights = the gradient's spatial mean; the raw map is
-    the weighted sum of activations, the map its ReLU rescaled), from one forward and a backward that stops at the
-    CAM layer."""
+    """(maps in [0, 1] at the input size, raw grid maps) of one batch: pytorch-grad-cam's GradCAM with
+    ClassifierOutputTarget(target) (raw map = activations weighted by the gradient's spatial mean; map = its ReLU,
+    rescaled), from one forward and a backward that stops at the CAM layer."""
     reshape = cam_reshape(model, name) or (lambda t: t)
     with _graph_from(model, name) as seen, torch.enable_grad():
         logits = model(x)
@@ -81,11 +77,9 @@ def _cam_batch(model, name: str, x: torch.Tensor, target: int) -> tuple[np.ndarr
 
 def cams_and_raw(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """([N, H, W] Grad-CAM maps in [0, 1], [N, h, w] raw grid maps) for class `target` in one pass, batched on x's
-    device, in eval mode (the model's mode is put back); x is not modified.
-
-    The raw maps are the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
-    keep their ranking information even where the ReLU'd map is all zero."""
+    """([N, H, W] Grad-CAM maps in [0, 1], [N, h, w] raw grid maps) for class `target`, batched on x's device in
+    eval mode (the model's mode is put back); x is not modified. The raw maps (before ReLU and rescaling) keep their
+    ranking information even where the ReLU'd map is all zero."""
     was_training = model.training
     model.eval()
     parts = []
@@ -117,10 +111,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32,
                         trained_raw: np.ndarray | None = None) -> float:
-    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
-    the head and the last block are re-initialised (torch's generator seeded with `seed`). Near 1 means the map does
-    not depend on the learned weights. `trained_raw`: the trained model's raw maps of x already computed (the main
-    Grad-CAM pass), not redone."""
+    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps (`trained_raw` when
+    already computed) and those after the head and the last block are re-initialised (torch seeded with `seed`).
+    Near 1 means the map does not depend on the learned weights."""
     k = min(n, len(x))
     if k == 0:
         return float("nan")

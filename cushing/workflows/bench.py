@@ -1,10 +1,9 @@
-"""`cushing bench`: the engine's paper-shaped epoch against the compute floor, per backbone.
+"""`cushing bench`: the engine's paper-shaped epoch against the compute floor, per backbone; whole runs; faces.
 
-Paper shape (Table I): 115 training subjects with 17 patients -> 183 images per epoch after x5 oversampling,
-batch 32, plus a 114-image validation pass. Weights are random: speed does not depend on them.
-floor = 183/32 x (fwd+bwd step on static device tensors) + 114/128 x (fwd at batch 128), as in
-../shared/bench/gpu_anchor.py. The engine's epoch includes augmentation, the validation pass, metrics and the
-one host sync per epoch.
+Paper shape (Table I): 115 training subjects with 17 patients -> 183 images per epoch after x5 oversampling, batch
+32, plus a 114-image validation pass, with random weights (speed does not depend on them). The engine's epoch
+includes augmentation, the validation pass, metrics and the one host sync per epoch; the floor is the same work as
+pure compute on static device tensors.
 """
 from __future__ import annotations
 
@@ -80,12 +79,9 @@ def _timed(fn, reps: int, dev: torch.device) -> float:
 
 
 def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: int, n_val: int) -> tuple[float, float]:
-    """Pure compute on static device tensors: (exact, anchor).
-
-    exact: the epoch's own batches (the last of 183 is 23 images) and the validation forward at its size, in
-    batches of 128; anchor: ../shared/bench/gpu_anchor.py's formula, n_train/bs full steps plus n_val/128 of a
-    128-image forward.
-    """
+    """(exact, anchor) seconds of pure compute. exact: the epoch's own batches (the last of 183 is 23 images) and the
+    validation forward in batches of 128; anchor: ../shared/bench/gpu_anchor.py's formula, n_train/bs full steps
+    plus n_val/128 of a 128-image forward."""
     fmt = torch.channels_last if spec.channels_last and dev.type == "cuda" else torch.contiguous_format
     x = torch.randn(max(bs, 128), 3, img, img, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (len(x),), device=dev)
@@ -188,14 +184,12 @@ EXIT = "exit (summary, interpreter teardown, launcher end)"
 
 def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, repeats: int = 3,
               device: str = "auto", cam: bool = True, out: str = "bench_run.json", launches: int = 1) -> list[dict]:
-    """Whole runs on the demo cohort (random weights), split by named phase: what the run's own phase timer
-    recorded (data, store, training loop, scoring, bootstrap, model logging, tables, plots, Grad-CAM, upload,
-    run end).
+    """Whole runs on the demo cohort (random weights), split by the phases the run's own timer recorded.
 
     In process (`run_single`, as a sweep worker runs them; median of `repeats` after one warm-up run): the per-run
     cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager local`, each
-    on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and imports,
-    and the exit. Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
+    on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and the exit.
+    Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
     with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \

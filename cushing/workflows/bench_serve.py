@@ -1,8 +1,7 @@
 """`cushing bench serve`: latency and throughput of a served model as clients see them.
 
-Each model URI is served by `mlflow models serve` (as users serve it) on a free loopback port, or an already
-running server is given by URL. Clients post one photo per request (base64 JPEG/PNG, the model's input) at 1, 4
-and 8 at once; p50/p95 latency and requests/s are printed and written as JSON. Whether the face stage ran is read
+Each model URI is served by `mlflow models serve` on a free loopback port (or a running server is given by URL);
+clients post one photo per request (base64 JPEG/PNG) at 1, 4 and 8 at once. Whether the face stage ran is read
 from the answers (`face_status` ok vs not_applied), not assumed.
 """
 from __future__ import annotations
