@@ -348,7 +348,7 @@ def _sgd_pass(opt, n: int, batch_size: int, loss_of: Callable[[int, int], torch.
 def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt: _Checkpoints) -> FitResult:
     dev = bank.device
     forward, step_begin = compiled_forward(model, s.compile)
-    y_all = torch.as_tensor(labels, dtype=torch.long, device=dev)
+    y_all = torch.tensor(labels, dtype=torch.long, device=dev)  # a copy: labels may be a read-only view
     epoch_pos = torch.as_tensor(train_idx[oversampled(labels[train_idx], s.oversample)], device=dev)
     val_t = torch.as_tensor(val_idx, dtype=torch.long, device=dev)
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], s, dev)
