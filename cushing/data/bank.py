@@ -14,6 +14,7 @@ from cushing.data.imageio import open_rgb
 
 __all__ = ["decode_image", "decode_images", "ImageBank", "letterbox"]
 
+
 def letterbox(img, size: int, interpolation: str = "bicubic", fill: int = 255):
     """Fit inside size x size keeping the aspect ratio; pad with `fill` (white, as face crops are padded)."""
     from PIL import Image
