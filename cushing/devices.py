@@ -13,9 +13,7 @@ __all__ = ["pick_device", "training_device", "serving_device", "device_name", "a
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here; use device=auto or cpu")

@@ -13,7 +13,7 @@ import contextvars
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -62,12 +62,11 @@ class PhaseTimer:
         rows[OTHER] = max(0.0, self.wall - sum(rows.values()))
         return rows
 
-    def to_dict(self, **extra: Any) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "wall_s": self.wall, "phases": self.table(), **extra}
-
     def write(self, path: str | os.PathLike, **extra: Any) -> None:
+        """The table as JSON, with start, end and wall seconds and `extra`."""
         with open(path, "w") as f:
-            json.dump(self.to_dict(**extra), f, indent=1)
+            json.dump({"start": self.start, "end": self.end, "wall_s": self.wall, "phases": self.table(), **extra}, f,
+                      indent=1)
 
 
 def current() -> PhaseTimer | None:
@@ -78,10 +77,7 @@ def current() -> PhaseTimer | None:
 def phase(name: str) -> Iterator[None]:
     """Time the block as `name` in the current timer, if there is one."""
     timer = _CURRENT.get()
-    if timer is None:
-        yield
-        return
-    with timer.phase(name):
+    with timer.phase(name) if timer is not None else nullcontext():
         yield
 
 

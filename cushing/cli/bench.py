@@ -6,8 +6,6 @@ import argparse
 from cushing.cli.options import Command
 from cushing.config import COMPILE_MODES
 
-COMMANDS: dict[str, Command] = {}
-
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", nargs="?", default="train", choices=["train", "run", "faces", "serve"],
@@ -41,23 +39,22 @@ def _bench(ns: argparse.Namespace) -> int:
         bench_serve(model_uris=ns.model_uri, urls=ns.url, photos=photos[: ns.limit or None],
                     clients=tuple(int(c) for c in ns.clients.split(",")), per_client=ns.requests,
                     out=ns.out if ns.out != "bench.json" else "bench_serve.json")
-        return 0
-    if ns.what == "faces":
+    elif ns.what == "faces":
         from cushing.workflows.bench import bench_faces
 
         bench_faces(manifest=ns.manifest, limit=ns.limit, sam_checkpoint=ns.sam_checkpoint, out=ns.out)
-        return 0
-    if ns.what == "run":
+    elif ns.what == "run":
         from cushing.workflows.bench import bench_run
 
         bench_run(model=ns.models.split(",")[0], img_size=ns.img_size, epochs=ns.epochs, device=ns.device,
                   out=ns.out)
-        return 0
-    from cushing.workflows.bench import run_bench
+    else:
+        from cushing.workflows.bench import run_bench
 
-    run_bench(models=[m for m in ns.models.split(",") if m], frozen=[m for m in ns.frozen.split(",") if m],
-              epochs=ns.epochs, img_size=ns.img_size, device=ns.device, out=ns.out, compile=ns.compile)
+        run_bench(models=[m for m in ns.models.split(",") if m], frozen=[m for m in ns.frozen.split(",") if m],
+                  epochs=ns.epochs, img_size=ns.img_size, device=ns.device, out=ns.out, compile=ns.compile)
     return 0
 
 
-COMMANDS["bench"] = ("time the engine's epoch against the compute floor (or the face stage)", _bench_args, _bench)
+COMMANDS: dict[str, Command] = {
+    "bench": ("time the engine's epoch against the compute floor (or the face stage)", _bench_args, _bench)}

@@ -1,7 +1,5 @@
-"""Decode once and keep the cohort as uint8: letterboxed to a square (white padding, as the face stage pads) and
-held as [N, 3, S, S], on the accelerator when it fits the memory budget, otherwise in pinned host memory and
-streamed per batch.
-"""
+"""Decode once and keep the cohort as uint8 [N, 3, S, S], letterboxed to a square (white padding, as the face stage
+pads): on the accelerator when it fits the memory budget, otherwise in pinned host memory, streamed per batch."""
 from __future__ import annotations
 
 import os
@@ -16,8 +14,6 @@ from cushing.data.imageio import open_rgb
 
 __all__ = ["decode_image", "decode_images", "ImageBank", "letterbox"]
 
-_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
-
 
 def letterbox(img, size: int, interpolation: str = "bicubic", fill: int = 255):
     """Fit inside size x size keeping the aspect ratio; pad with `fill` (white, as face crops are padded)."""
@@ -26,7 +22,7 @@ def letterbox(img, size: int, interpolation: str = "bicubic", fill: int = 255):
     w, h = img.size
     s = size / max(w, h)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    img = img.resize((nw, nh), _RESAMPLE.get(interpolation, 3))
+    img = img.resize((nw, nh), getattr(Image.Resampling, interpolation.upper(), Image.Resampling.BICUBIC))
     canvas = Image.new("RGB", (size, size), (fill, fill, fill))
     canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
     return canvas
@@ -56,30 +52,22 @@ def decode_images(paths: Sequence[str], size: int, interpolation: str = "bicubic
         for start in range(0, len(paths), 16 * workers):
             stops.check()
             chunk = range(start, min(start + 16 * workers, len(paths)))
-            for _ in pool.map(one, chunk):
-                pass
+            list(pool.map(one, chunk))
             bar.update(len(chunk))
     return out
 
 
 class ImageBank:
-    """Decoded images addressable by index on the training device.
-
-    Resident on the device when they fit `budget_bytes`; otherwise in pinned host memory, copied per batch.
-    """
+    """Decoded images addressable by index on the training device: resident there when they fit `budget_bytes`,
+    otherwise in pinned host memory, copied per batch."""
 
     def __init__(self, images: torch.Tensor, device: torch.device, budget_bytes: float):
         self.device = device
-        self.nbytes = images.numel() * images.element_size()
-        self.resident = self.nbytes <= budget_bytes
+        self.resident = images.numel() * images.element_size() <= budget_bytes
         if self.resident:
             self.images = images.to(device)
         else:
             self.images = images.pin_memory() if device.type == "cuda" else images
-        self.shape = tuple(images.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         if self.resident:

@@ -1,11 +1,12 @@
 """A synthetic demo cohort with exactly the paper's Table I counts, drawn procedurally.
 
 The label changes face roundness (moon facies) and cheek redness (plethora); skin tone, hair, pose, lighting,
-background and sex-typical features vary as nuisance. No real face is involved, so these images are also what
-the logged models use as input examples.
+background and sex-typical features vary as nuisance. No real face: these are also the logged models' input examples.
 """
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,27 +103,22 @@ def draw_face(t: FaceTraits, size: int = 224, seed: int = 0) -> Image.Image:
     d.line([cx + dx, ey + h * 0.02, cx + dx * 1.3 - w * 0.03, cy + h * 0.13], fill=nose, width=int(S * 0.008))
     lips = (170, 70, 80) if t.sex == "F" else _mix(t.skin, (120, 40, 40), 0.5)
     d.chord([cx + dx - w * 0.14, cy + h * 0.16, cx + dx + w * 0.14, cy + h * 0.28], 0, 180, fill=lips)
-    img = img.rotate(t.roll, resample=Image.BICUBIC, fillcolor=t.background)
-    img = _light(img, t.light)
+    arr = np.asarray(img.rotate(t.roll, resample=Image.BICUBIC, fillcolor=t.background), dtype=np.float32)
+    side_light = 1 + np.linspace(-1, 1, S)[None, :, None] * t.light * 0.18
+    img = Image.fromarray(np.clip(arr * side_light, 0, 255).astype(np.uint8))
     img = img.resize((size, size), Image.LANCZOS).filter(ImageFilter.GaussianBlur(0.6))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _light(img: Image.Image, light: float) -> Image.Image:
-    arr = np.asarray(img, dtype=np.float32)
-    ramp = np.linspace(-1, 1, arr.shape[1])[None, :, None] * light * 0.18
-    return Image.fromarray(np.clip(arr * (1 + ramp), 0, 255).astype(np.uint8))
-
-
-def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: int = 1) -> Path:
-    """Write images/ and manifest.csv (Table I counts x `scale`); returns the manifest path."""
+def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224) -> Path:
+    """Write images/ and manifest.csv (Table I counts); returns the manifest path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for (split, sex, label), n in TABLE_I.items():
-        for _ in range(n * scale):
+        for _ in range(n):
             i = len(rows)
             traits = FaceTraits.draw(rng, label, sex)
             name = f"images/demo_{i:04d}.jpg"
@@ -139,9 +135,6 @@ def make_demo_cohort(out: str | Path, *, seed: int = 0, size: int = 224, scale: 
 
 def synthetic_jpeg_b64(seed: int = 0, size: int = 224) -> str:
     """A base64 JPEG of a synthetic face: the input example for logged models (never a real face)."""
-    import base64
-    import io
-
     buf = io.BytesIO()
     draw_face(FaceTraits.draw(np.random.default_rng(seed), 1, "F"), size=size, seed=seed).save(buf, "JPEG", quality=90)
     return base64.b64encode(buf.getvalue()).decode()

@@ -42,41 +42,29 @@ class BadImage(Exception):
 def _to_rgb(im) -> np.ndarray:
     from PIL import Image
 
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # scaled to 8 bits, not clipped
         arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        g = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2)
-    if mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        g = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2)
-    if mode in ("P", "PA"):
+        if im.mode == "F":
+            peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return np.repeat(np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode in ("P", "PA", "RGBA", "LA", "La", "RGBa"):  # transparency composited on white
         im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "La", "RGBa"):
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, im).convert("RGB"))
-    if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB"))
     try:
         return np.asarray(im.convert("RGB"))
     except (ValueError, OSError) as e:
-        raise BadImage("unsupported_mode", f"mode {mode}: {e}") from None
+        raise BadImage("unsupported_mode", f"mode {im.mode}: {e}") from None
 
 
-def open_rgb(src: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None,
-             name: str = "") -> np.ndarray:
-    """uint8 RGB [H, W, 3] with EXIF orientation applied, or BadImage with a reason code.
+def open_rgb(src: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] with EXIF orientation applied, or BadImage with a reason code (naming the file, for a path).
 
-    `draft` lets JPEG decode at a reduced scale (DCT scaling) when the photo is far larger than needed.
-    """
+    `draft` lets JPEG decode at a reduced scale (DCT scaling) when the photo is far larger than needed."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    label = name or (str(src) if not isinstance(src, bytes) else "")
+    label = "" if isinstance(src, bytes) else str(src)
     try:
         data = src if isinstance(src, bytes) else Path(src).read_bytes()
     except OSError as e:

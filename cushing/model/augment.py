@@ -48,8 +48,6 @@ class DeviceAugment:
         cos, sin = angle.cos() * crop, angle.sin() * crop
         theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], 1),
                              torch.stack([sin * flip, cos, torch.zeros_like(cos)], 1)], 1)
-        xf = x.float()
-        grid = F.affine_grid(theta, list(xf.shape), align_corners=False)
-        xf = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        xf = (xf * bright.view(b, 1, 1, 1)).clamp_(0, 255)
-        return torch.addcmul(self._bias, xf, self._scale).contiguous(memory_format=self._fmt)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        xf = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return self.normalize((xf * bright.view(b, 1, 1, 1)).clamp_(0, 255))

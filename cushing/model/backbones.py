@@ -1,14 +1,13 @@
 """The one backbone registry: paper model names -> timm models, freeze policy, Grad-CAM layout.
 
-The names and the freeze policy are declared in `cushing.model_names` (the bottom layer, so the typed
-configuration can check them without importing this package); this registry holds one spec per name.
-
-Nothing else in the package holds a timm id or branches on a model's name; callers ask this module.
+Names and freeze policy are declared in `cushing.model_names` (the bottom layer the typed configuration checks
+against); this registry holds one spec per name, and nothing else holds a timm id or branches on a model's name.
 Normalisation and interpolation come from timm's pretrained config of the built model.
 """
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -16,11 +15,9 @@ from typing import Callable
 
 from cushing.model_names import FROZEN_BY_DEFAULT, MODEL_NAMES, resolve_freeze
 
-__all__ = [
-    "BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable", "resolve_freeze",
-    "interpolation_of",
-    "Preprocess", "preprocess_of", "cam_target_layer", "cam_reshape", "cam_grid", "last_block", "param_count", "head_of",
-]
+__all__ = ["BackboneSpec", "REGISTRY", "MODEL_NAMES", "get_spec", "build_model", "WeightsUnavailable", "resolve_freeze",
+           "interpolation_of", "Preprocess", "preprocess_of", "cam_target_layer", "cam_reshape", "cam_grid",
+           "last_block", "param_count"]
 
 
 @dataclass(frozen=True)
@@ -42,54 +39,36 @@ class BackboneSpec:
         """The freeze policy of `cushing.model_names` (DINOv2 frozen, the others fine-tuned)."""
         return self.name in FROZEN_BY_DEFAULT
 
-    @property
-    def architecture(self) -> str:
-        return self.timm_id.split(".")[0]
 
-    @property
-    def hub_id(self) -> str:
-        return f"timm/{self.timm_id}"
-
-
-def _cnn(name: str, tag: str, family: str) -> BackboneSpec:
-    layer, block = ("layer4.-1", "layer4.-1") if family == "resnet" else ("features.norm5", "features.denseblock4")
-    return BackboneSpec(name=name, timm_id=f"{name}.{tag}", family=family, kind="CNN",
-                        cam_layer=layer, layout="nchw", channels_last=True, size_kwarg=False, last_block=block)
+# family -> kind (the paper's model type), cam_layer, layout, channels_last, size_kwarg, last_block. ViT and DINOv2:
+# the CLS-pooled output has no gradient on patch tokens after the last block, so the CAM hooks its norm1.
+_FAMILIES = {
+    "densenet": ("CNN", "features.norm5", "nchw", True, False, "features.denseblock4"),
+    "resnet": ("CNN", "layer4.-1", "nchw", True, False, "layer4.-1"),
+    "vit": ("ViT", "blocks.-1.norm1", "tokens", False, True, "blocks.-1"),
+    "swin": ("Swin", "layers.-1.blocks.-1.norm1", "nhwc", False, False, "layers.-1.blocks.-1"),
+    "dinov2": ("DINOv2", "blocks.-1.norm1", "tokens", False, True, "blocks.-1"),
+}
 
 
-def _vit(name: str, timm_id: str) -> BackboneSpec:
-    # The CLS-pooled output has no gradient on patch tokens after the last block: hook the last block's norm1.
-    return BackboneSpec(name=name, timm_id=timm_id, family="vit", kind="ViT",
-                        cam_layer="blocks.-1.norm1", layout="tokens", channels_last=False, size_kwarg=True,
-                        last_block="blocks.-1")
-
-
-def _swin(name: str, timm_id: str) -> BackboneSpec:
-    return BackboneSpec(name=name, timm_id=timm_id, family="swin", kind="Swin",
-                        cam_layer="layers.-1.blocks.-1.norm1", layout="nhwc", channels_last=False, size_kwarg=False,
-                        last_block="layers.-1.blocks.-1")
-
-
-def _dinov2(name: str, timm_id: str) -> BackboneSpec:
-    return BackboneSpec(name=name, timm_id=timm_id, family="dinov2", kind="DINOv2",
-                        cam_layer="blocks.-1.norm1", layout="tokens", channels_last=False, size_kwarg=True,
-                        last_block="blocks.-1")
+def _spec(family: str, name: str, timm_id: str = "") -> BackboneSpec:
+    return BackboneSpec(name, timm_id or f"{name}.tv_in1k", family, *_FAMILIES[family])
 
 
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
-    *(_cnn(n, "tv_in1k", "densenet") for n in ("densenet121", "densenet161", "densenet169", "densenet201")),
-    *(_cnn(n, "tv_in1k", "resnet") for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")),
-    _vit("vit_b_16", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),
-    _vit("vit_b_32", "vit_base_patch32_224.augreg_in21k_ft_in1k"),
-    _vit("vit_l_16", "vit_large_patch16_224.augreg_in21k_ft_in1k"),
-    _vit("vit_l_32", "vit_large_patch32_224.orig_in21k"),
-    _swin("swin_t", "swin_tiny_patch4_window7_224.ms_in1k"),
-    _swin("swin_s", "swin_small_patch4_window7_224.ms_in1k"),
-    _swin("swin_b", "swin_base_patch4_window7_224.ms_in1k"),
-    _swin("swin_l", "swin_large_patch4_window7_224.ms_in22k_ft_in1k"),
-    _dinov2("dinov2_s", "vit_small_patch14_dinov2.lvd142m"),
-    _dinov2("dinov2_b", "vit_base_patch14_dinov2.lvd142m"),
-    _dinov2("dinov2_l", "vit_large_patch14_dinov2.lvd142m"),
+    *(_spec("densenet", n) for n in ("densenet121", "densenet161", "densenet169", "densenet201")),
+    *(_spec("resnet", n) for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")),
+    _spec("vit", "vit_b_16", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    _spec("vit", "vit_b_32", "vit_base_patch32_224.augreg_in21k_ft_in1k"),
+    _spec("vit", "vit_l_16", "vit_large_patch16_224.augreg_in21k_ft_in1k"),
+    _spec("vit", "vit_l_32", "vit_large_patch32_224.orig_in21k"),
+    _spec("swin", "swin_t", "swin_tiny_patch4_window7_224.ms_in1k"),
+    _spec("swin", "swin_s", "swin_small_patch4_window7_224.ms_in1k"),
+    _spec("swin", "swin_b", "swin_base_patch4_window7_224.ms_in1k"),
+    _spec("swin", "swin_l", "swin_large_patch4_window7_224.ms_in22k_ft_in1k"),
+    _spec("dinov2", "dinov2_s", "vit_small_patch14_dinov2.lvd142m"),
+    _spec("dinov2", "dinov2_b", "vit_base_patch14_dinov2.lvd142m"),
+    _spec("dinov2", "dinov2_l", "vit_large_patch14_dinov2.lvd142m"),
 ]}
 
 
@@ -116,10 +95,10 @@ def _weights_help(spec: BackboneSpec, cause: BaseException | str) -> str:
     return (
         f"pretrained weights for {spec.name} ({spec.timm_id}) could not be loaded: {cause}\n"
         f"Provide them in one of two ways:\n"
-        f"  1. a local file: -P weights=/path/to/{spec.architecture}.safetensors (or .pth / .bin state dict; "
+        f"  1. a local file: -P weights=/path/to/{spec.timm_id.split('.')[0]}.safetensors (or .pth / .bin state dict; "
         f"`cushing train --weights FILE`)\n"
         f"  2. a populated Hugging Face cache: on a machine with internet run "
-        f"`huggingface-cli download {spec.hub_id}` and copy ~/.cache/huggingface (or $HF_HOME) here; "
+        f"`huggingface-cli download timm/{spec.timm_id}` and copy ~/.cache/huggingface (or $HF_HOME) here; "
         f"set HF_HUB_OFFLINE=1 to use it offline\n"
         f"or train from random weights with -P pretrained=false."
     )
@@ -130,21 +109,18 @@ def _create(spec: BackboneSpec, *, pretrained: bool, weights: str | None, num_cl
     import timm
     import torch
 
-    kwargs: dict = {"num_classes": num_classes}
-    if spec.size_kwarg:
-        kwargs["img_size"] = img_size
+    kwargs: dict = {"num_classes": num_classes, **({"img_size": img_size} if spec.size_kwarg else {})}
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsUnavailable(_weights_help(spec, f"weights file {str(path)!r} does not exist"))
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
-    if meta:
-        with torch.device("meta"):
-            return timm.create_model(spec.timm_id, pretrained=False, **kwargs)
+    load = pretrained or bool(weights)
     try:
-        return timm.create_model(spec.timm_id, pretrained=pretrained or bool(weights), **kwargs)
+        with torch.device("meta") if meta else nullcontext():
+            return timm.create_model(spec.timm_id, pretrained=load, **kwargs)
     except Exception as e:  # hub, HTTP and file errors share no importable base class
-        if not (pretrained or weights):
+        if not load:
             raise
         first = (str(e).splitlines() or [""])[0][:300]
         raise WeightsUnavailable(_weights_help(spec, f"{type(e).__name__}: {first}")) from e
@@ -152,27 +128,16 @@ def _create(spec: BackboneSpec, *, pretrained: bool, weights: str | None, num_cl
 
 def build_model(name: str, *, pretrained: bool = True, weights: str | None = None, num_classes: int = 2,
                 img_size: int = 224, freeze: bool | None = None):
-    """Build the timm model for a paper name with a fresh `num_classes` head.
-
-    freeze=None uses the registry's policy. A frozen model has requires_grad only on the head, so an optimiser
-    over `p for p in model.parameters() if p.requires_grad` trains the head alone.
-    """
+    """The timm model for a paper name with a fresh `num_classes` head. freeze=None uses the registry's policy; a
+    frozen model has requires_grad only on the head, so an optimiser over the parameters that do trains the head."""
     spec = get_spec(name)
     if pretrained and not weights and os.environ.get("CUSHING_OFFLINE") == "1":
         raise WeightsUnavailable(_weights_help(spec, "CUSHING_OFFLINE=1 forbids downloads"))
     model = _create(spec, pretrained=pretrained, weights=weights, num_classes=num_classes, img_size=img_size)
-    frozen = resolve_freeze(name, freeze)
-    if frozen:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in head_of(model).parameters():
-            p.requires_grad_(True)
+    if resolve_freeze(name, freeze):
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
     return model
-
-
-def head_of(model):
-    """The classifier layer that `forward_head(..., pre_logits=True)` features feed."""
-    return model.get_classifier()
 
 
 def param_count(name: str, img_size: int = 224) -> int:
@@ -191,17 +156,15 @@ class Preprocess:
     @classmethod
     def from_model_config(cls, c: dict) -> "Preprocess":
         """From a logged model's config (release: mean, std, interpolation, img_size)."""
-        return cls(tuple(c["mean"]), tuple(c["std"]), c.get("interpolation", "bicubic"), int(c["img_size"]))
+        return cls(tuple(map(float, c["mean"])), tuple(map(float, c["std"])), str(c.get("interpolation", "bicubic")),
+                   int(c["img_size"]))
 
 
 def preprocess_of(model, img_size: int) -> Preprocess:
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return Preprocess(
-        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
-        interpolation=str(cfg.get("interpolation", "bicubic")),
-        img_size=img_size,
-    )
+    """From the model's pretrained config, as timm resolves it (ImageNet's mean/std and bicubic where it says none)."""
+    from timm.data import resolve_model_data_config
+
+    return Preprocess.from_model_config({**resolve_model_data_config(model), "img_size": img_size})
 
 
 def _resolve(model, dotted: str):
@@ -220,14 +183,12 @@ def last_block(model, name: str):
 
 def cam_grid(model, name: str, img_size: int) -> tuple[int, int]:
     """The spatial grid of the activations at the CAM layer, read from the built model."""
-    spec = get_spec(name)
-    if spec.layout == "tokens":
+    layout = get_spec(name).layout
+    if layout == "tokens":
         return tuple(int(v) for v in model.patch_embed.grid_size)
-    if spec.layout == "nhwc":
-        stride = int(model.feature_info[-1]["reduction"])
-        return (img_size // stride, img_size // stride)
     stride = int(model.feature_info[-1]["reduction"])
-    return (-(-img_size // stride), -(-img_size // stride))
+    side = img_size // stride if layout == "nhwc" else -(-img_size // stride)  # Swin floors; CNNs pad, so round up
+    return (side, side)
 
 
 def cam_reshape(model, name: str) -> Callable | None:

@@ -1,17 +1,15 @@
 """Checkpoints of a training run, so a stopped run (SIGTERM, SIGKILL, a lost node) continues instead of starting over.
 
-At an epoch end that is a multiple of `checkpoint_every`, once `checkpoint_minutes` of wall time passed since the last
-checkpoint (default: every 5 minutes, so the paper's sub-second epochs are not slowed by writes of ~3x the weights),
-the engine hands out a FitState; it is written atomically (a temporary file, fsync, rename) to
-`<cache_home>/checkpoints/<run_id>/checkpoint.pt`, so a kill in the middle of a write leaves the previous checkpoint
-intact. It stays out of the run's artifacts unless `log_checkpoint` asks for it (then resuming works on another host
-too). The local copy is removed when the run finishes; a failed or killed run keeps it for `--resume`, and a logged
-copy stays with the run's artifacts. Loading unpickles nothing (torch.load weights_only=True).
+At an epoch end that is a multiple of `checkpoint_every`, once `checkpoint_minutes` (default 5) passed since the last
+one, so sub-second epochs are not slowed by writes of ~3x the weights, the engine hands out a FitState. It is written
+atomically (temporary file, fsync, rename: a kill mid-write leaves the previous one intact) to
+`<cache_home>/checkpoints/<run_id>/checkpoint.pt`, and logged with the run only when `log_checkpoint` asks (then a
+resume works on another host too). The local copy goes when the run finishes; a failed or killed run keeps it for
+`--resume`. Loading unpickles nothing (torch.load weights_only=True).
 """
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -45,18 +43,14 @@ class Checkpointer:
     def __call__(self, state: FitState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / CHECKPOINT
-        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         for stale in self.dir.glob(f".{CHECKPOINT}.*.tmp"):  # a write that was killed halfway
             stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         torch.save(state.to_dict(), tmp)
         _fault(state.epoch, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        meta = self.dir / "checkpoint.json"
-        meta_tmp = meta.with_suffix(".tmp")
-        meta_tmp.write_text(json.dumps({"epoch": state.epoch}))
-        os.replace(meta_tmp, meta)
         if self.on_saved is not None:
             self.on_saved(path, state.epoch)
 
@@ -64,8 +58,7 @@ class Checkpointer:
 def _fault(epoch: int, tmp: Path) -> None:
     """`CUSHING_FAULT=kill-in-checkpoint:<epoch>`: die by SIGKILL halfway through writing that epoch's checkpoint,
     as an out-of-memory kill or a lost node would (the fault suite checks the previous checkpoint survives)."""
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == f"kill-in-checkpoint:{epoch}":
+    if os.environ.get(FAULT_ENV) == f"kill-in-checkpoint:{epoch}":
         with open(tmp, "r+b") as f:
             f.truncate(max(1, tmp.stat().st_size // 2))
         os.kill(os.getpid(), signal.SIGKILL)
@@ -84,9 +77,8 @@ def resume_lock(run_id: str) -> Iterator[None]:
     """Held for the whole of a resume: a second `--resume` of the same run on this host is refused at once instead
     of training into the same run and deleting the first one's checkpoint writes. (Across hosts the run's
     heartbeat refuses it: a RUNNING run whose process beats is not resumed.)"""
-    d = checkpoint_dir(run_id)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".resume.lock", "a") as f:
+    checkpoint_dir(run_id).mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir(run_id) / ".resume.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,10 +1,9 @@
 """The training engine: the paper's protocol, built for speed. Returns values; logs nothing.
 
-Fine-tuning: uint8 images resident on the device, augmentation on the device, bf16 autocast and channels_last
-(CNNs) on CUDA, one host sync per epoch, and optionally torch.compile of the model (`compile`; static shapes,
-compiled code cached on disk so a second training of the same architecture starts warm). Frozen backbones:
-features of every image (and of `aug_views` augmented views per training image) are computed once and the head
-alone trains on them.
+Fine-tuning keeps uint8 images and their augmentation on the device, runs bf16 autocast and channels_last (CNNs) on
+CUDA, syncs with the host once per epoch and can torch.compile the model (`compile`: static shapes, code cached on
+disk). Frozen backbones: features of every image (and of `aug_views` augmented views per training image) are
+computed once and the head alone trains on them.
 """
 from __future__ import annotations
 
@@ -14,30 +13,26 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from cushing import stops
-from cushing.model.augment import DeviceAugment
+from cushing.config import cache_home
 from cushing.data.bank import ImageBank
 from cushing.devices import autocast_for
+from cushing.model.augment import DeviceAugment
 from cushing.stats.metrics import lower_is_better, point_metrics
-from cushing.config import cache_home
-from cushing.model.backbones import head_of
 
 __all__ = ["FitSettings", "FitResult", "EpochCallback", "StopTraining", "fit", "predict_proba", "oversampled",
-           "features_of", "compiled_forward", "release_compiled", "FitState", "CheckpointCallback", "proba_of_logits"]
+           "compiled_forward", "FitState", "CheckpointCallback", "proba_of_logits"]
 
 
 class StopTraining(Exception):
     """Raised by an epoch callback to end training early (e.g. an Optuna pruner); carries the reason."""
-
-
-class EpochCallback(Protocol):
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -65,8 +60,8 @@ class FitSettings:
 @dataclass
 class FitState:
     """Everything needed to continue a fit after `epoch` exactly as if it had not stopped: weights, optimizer
-    buffers, the random streams (the augmentation generator and torch's global one), the best-epoch selection and
-    snapshot, history and timings. Plain tensors, numbers and lists: torch.load(weights_only=True) reads it."""
+    buffers, the random streams, the best-epoch selection and snapshot, history and timings. Plain tensors, numbers
+    and lists: torch.load(weights_only=True) reads it."""
 
     epoch: int
     module: dict[str, torch.Tensor]
@@ -87,6 +82,7 @@ class FitState:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, that epoch's metrics)
 CheckpointCallback = Callable[[FitState], None]
 
 
@@ -122,25 +118,25 @@ def _batches(n: int, bs: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def features_of(model, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)
+def _outputs(forward, bank: ImageBank, idx: torch.Tensor, prep: Callable, batch: int,
+             step_begin: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """forward(prep(images at `idx`)) batch by batch, as float32 copies (a CUDA-graph replay for the next batch may
+    reuse an output's memory); a safe point between batches."""
+    out = []
+    for a, b in _batches(len(idx), batch):
+        stops.check()
+        step_begin()
+        with autocast_for(bank.device):
+            out.append(forward(prep(bank.take(idx[a:b]))).float().clone())
+    return torch.cat(out) if out else torch.zeros((0, 2), device=bank.device)
 
 
-@torch.no_grad()
 def predict_proba(model, bank: ImageBank, idx: np.ndarray, aug: DeviceAugment, batch: int = 128
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(probability of class 1, logit difference) for the images at `idx`; eval mode, no augmentation."""
     model.eval()
-    dev = bank.device
-    logits = []
-    t_idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
-    for a, b in _batches(len(t_idx), batch):
-        stops.check()
-        with autocast_for(dev):
-            logits.append(model(aug.normalize(bank.take(t_idx[a:b]))).float())
-    if not logits:
-        return np.zeros(0), np.zeros(0)
-    return proba_of_logits(torch.cat(logits))
+    t_idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=bank.device)
+    return proba_of_logits(_outputs(model, bank, t_idx, aug.normalize, batch))
 
 
 def proba_of_logits(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -153,16 +149,11 @@ def proba_of_logits(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor, loss_sum: torch.Tensor, n_train: int) -> dict[str, float]:
     """Validation metrics and the mean training loss, from one device-to-host copy (one sync per epoch)."""
     packed = torch.cat([logits.float().reshape(-1), loss_sum.float().reshape(1)]).cpu().numpy().astype(np.float64)
-    z = packed[:-1].reshape(-1, 2)
-    if len(y_val):
-        lse = np.logaddexp(z[:, 0], z[:, 1])
-        loss = float(np.mean(lse - z[np.arange(len(z)), np.asarray(y_val, int)]))
-    else:
-        loss = float("nan")
-    p = 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))
-    m = point_metrics(y_val, p, 0.5)
-    return {"val/loss": loss, "val/f1": m["f1"], "val/auc": m["auc"], "val/accuracy": m["accuracy"],
-            "val/recall": m["recall"], "val/specificity": m["specificity"], "val/precision": m["precision"],
+    z, y = packed[:-1].reshape(-1, 2), np.asarray(y_val, int)
+    loss = float(np.mean(np.logaddexp(z[:, 0], z[:, 1]) - z[np.arange(len(z)), y])) if len(y) else float("nan")
+    m = point_metrics(y_val, 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1])), 0.5)
+    return {"val/loss": loss, **{f"val/{k}": m[k] for k in ("f1", "auc", "accuracy", "recall", "specificity",
+                                                            "precision")},
             "train/loss": float(packed[-1]) / max(1, n_train)}
 
 
@@ -198,16 +189,14 @@ def fit(model, bank: ImageBank, labels: np.ndarray, train_idx: np.ndarray, val_i
         resume: FitState | None = None, on_checkpoint: CheckpointCallback | None = None) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch.
 
-    With `resume` (a FitState handed out by `on_checkpoint` earlier: at an epoch that is a multiple of
-    `s.checkpoint_every` once `s.checkpoint_seconds` passed since the last one, so its cost stays a bounded share
-    of the run whatever the epoch length) training continues after that epoch; on the CPU the result equals that of a fit that never stopped."""
+    With `resume` (a FitState handed to `on_checkpoint` earlier) training continues after that epoch; on the CPU the
+    result equals that of a fit that never stopped."""
     torch.manual_seed(s.seed)
     gen = torch.Generator(device=bank.device)
     gen.manual_seed(s.seed)
     ckpt = _Checkpoints(resume, on_checkpoint, s.checkpoint_every, s.checkpoint_seconds)
-    if s.frozen:
-        return _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt)
-    return _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt)
+    split = np.asarray(labels), np.asarray(train_idx), np.asarray(val_idx)
+    return (_fit_head if s.frozen else _fit_full)(model, bank, *split, aug, s, gen, on_epoch, ckpt)
 
 
 def _to_cpu(obj):
@@ -266,11 +255,6 @@ def _optimizer(params, s: FitSettings, device: torch.device):
     return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, **kw)
 
 
-def _progress(s: FitSettings):
-    from tqdm.auto import tqdm
-    return tqdm(total=s.epochs, desc=s.desc, unit="ep", disable=not s.progress, leave=False, mininterval=0.5)
-
-
 class _Snapshot:
     """The best epoch's weights, kept on the device: buffers allocated once, refreshed with one foreach copy."""
 
@@ -304,8 +288,8 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
     start, history, times = ckpt.restore(snap.module, opt, gen, sel, snap)
     stopped = ""
     t0 = time.perf_counter()
-    bar = _progress(s)
-    bar.update(start - 1)
+    bar = tqdm(total=s.epochs, initial=start - 1, desc=s.desc, unit="ep", disable=not s.progress, leave=False,
+               mininterval=0.5)
     try:
         for epoch in range(start, s.epochs + 1):
             te = time.perf_counter()
@@ -341,118 +325,90 @@ def compiled_forward(model: torch.nn.Module, mode: str):
 
     Inductor's on-disk caches default to `cache_home()/inductor` (TORCHINDUCTOR_CACHE_DIR overrides, e.g. a folder
     shared by the hosts of a sweep), so the second training of an architecture (a rerun, tuning trials, folds,
-    seeds) skips most of the compile. The step marker tells CUDA-graph trees (reduce-overhead, max-autotune) that a
-    new training iteration begins.
-    """
+    seeds) skips most of the compile. The step marker tells CUDA-graph trees that a new iteration begins."""
     if mode == "none":
         return model, lambda: None
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))  # set at start-up by the CLI
     return torch.compile(model, mode=mode, dynamic=False), torch.compiler.cudagraph_mark_step_begin
 
 
-def release_compiled(mode: str) -> None:
-    """Drop in-process compiled code and CUDA-graph pools after a fit, so the next model in a sweep or study
-    neither inherits memory nor runs into dynamo's recompile limit (the disk cache keeps the next compile warm)."""
-    if mode != "none":
-        torch._dynamo.reset()
+def _sgd_pass(opt, n: int, batch_size: int, loss_of: Callable[[int, int], torch.Tensor], device) -> torch.Tensor:
+    """SGD steps over items [0, n) of an epoch's order, batch by batch; the summed loss, left on the device."""
+    loss_sum = torch.zeros((), device=device)
+    for a, b in _batches(n, batch_size):
+        stops.check()  # a stop is answered within one batch
+        loss = loss_of(a, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * (b - a)
+    return loss_sum
 
 
 def _fit_full(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt: _Checkpoints) -> FitResult:
     dev = bank.device
     forward, step_begin = compiled_forward(model, s.compile)
-    y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=dev)
-    epoch_pos = torch.as_tensor(np.asarray(train_idx)[oversampled(labels[train_idx], s.oversample)], device=dev)
-    val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.long, device=dev)
-    y_val = np.asarray(labels)[val_idx]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, s, dev)
-    bounds = _batches(len(epoch_pos), s.batch_size)
+    y_all = torch.tensor(labels, dtype=torch.long, device=dev)  # a copy: labels may be a read-only view
+    epoch_pos = torch.as_tensor(train_idx[oversampled(labels[train_idx], s.oversample)], device=dev)
+    val_t = torch.as_tensor(val_idx, dtype=torch.long, device=dev)
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], s, dev)
+    last: dict[str, torch.Tensor] = {}
 
     def run_epoch(epoch: int) -> dict[str, float]:
         model.train()
         order = epoch_pos[torch.randperm(len(epoch_pos), device=dev, generator=gen)]
-        loss_sum = torch.zeros((), device=dev)
-        for a, b in bounds:
-            stops.check()  # a stop is answered within one batch
-            idx = order[a:b]
-            x = aug(bank.take(idx), gen)
+
+        def loss_of(a: int, b: int) -> torch.Tensor:
+            x = aug(bank.take(order[a:b]), gen)
             step_begin()
             with autocast_for(dev):
-                loss = F.cross_entropy(forward(x), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * (b - a)
+                return F.cross_entropy(forward(x), y_all[order[a:b]])
+        loss_sum = _sgd_pass(opt, len(order), s.batch_size, loss_of, dev)
         model.eval()
-        with torch.no_grad():
-            logits = torch.cat([_logits(forward, step_begin, aug, bank, val_t[a:b])
-                                for a, b in _batches(len(val_t), s.eval_batch)])
-        last["val_logits"] = logits
-        return _epoch_metrics(y_val, logits, loss_sum, len(epoch_pos))
+        last["val_logits"] = _outputs(forward, bank, val_t, aug.normalize, s.eval_batch, step_begin)
+        return _epoch_metrics(labels[val_idx], last["val_logits"], loss_sum, len(epoch_pos))
 
-    last: dict[str, torch.Tensor] = {}
     # eager: the validation pass is the forward that scoring would repeat (same weights, batches and precision)
     keep = (lambda: last.get("val_logits")) if s.compile == "none" else (lambda: None)
     try:
         return _loop(s, run_epoch, _Snapshot(model, keep), on_epoch, ckpt, opt, gen)
     finally:
-        release_compiled(s.compile)  # torch.compile is lazy: nothing compiles before the loop runs
+        # in-process compiled code and CUDA-graph pools go, so the next model in a sweep neither inherits memory nor
+        # hits dynamo's recompile limit (the disk cache keeps its compile warm)
+        if s.compile != "none":
+            torch.compiler.reset()
 
 
-def _logits(forward, step_begin, aug, bank, idx):
-    step_begin()
-    with autocast_for(bank.device):
-        # a copy: a CUDA-graph replay for the next batch may reuse the output's memory
-        return forward(aug.normalize(bank.take(idx))).float().clone()
-
-
-@torch.no_grad()
-def _feature_bank(model, bank, idx: torch.Tensor, aug: DeviceAugment, views: int, gen, batch: int) -> torch.Tensor:
-    """[views, N, D] features; view 0 is un-augmented when views > 1 is not asked (val/test)."""
+def _feature_bank(model, bank, idx: np.ndarray, aug: DeviceAugment, views: int, gen, batch: int) -> torch.Tensor:
+    """[views, N, D] pre-logit features: `views` augmented views of the images, or (views=1) the plain images."""
     model.eval()
-    out = []
-    for v in range(views):
-        feats = []
-        for a, b in _batches(len(idx), batch):
-            stops.check()
-            x = bank.take(idx[a:b])
-            x = aug(x, gen) if views > 1 else aug.normalize(x)
-            with autocast_for(bank.device):
-                feats.append(features_of(model, x).float())
-        out.append(torch.cat(feats))
-    return torch.stack(out)
+    prep = (lambda x: aug(x, gen)) if views > 1 else aug.normalize
+    t_idx = torch.as_tensor(idx, dtype=torch.long, device=bank.device)
+    return torch.stack([_outputs(lambda x: model.forward_head(model.forward_features(x), pre_logits=True), bank,
+                                 t_idx, prep, batch) for _ in range(views)])
 
 
 def _fit_head(model, bank, labels, train_idx, val_idx, aug, s, gen, on_epoch, ckpt: _Checkpoints) -> FitResult:
     dev = bank.device
-    tr_t = torch.as_tensor(np.asarray(train_idx), dtype=torch.long, device=dev)
-    val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.long, device=dev)
-    train_views = _feature_bank(model, bank, tr_t, aug, max(2, s.aug_views) if s.aug_strength > 0 else 1, gen,
-                                s.eval_batch)
-    val_feats = _feature_bank(model, bank, val_t, aug, 1, gen, s.eval_batch)[0]
-    head = copy.deepcopy(head_of(model)).float().train()
+    views = max(2, s.aug_views) if s.aug_strength > 0 else 1
+    train_feats = _feature_bank(model, bank, train_idx, aug, views, gen, s.eval_batch)
+    val_feats = _feature_bank(model, bank, val_idx, aug, 1, gen, s.eval_batch)[0]
+    head = copy.deepcopy(model.get_classifier()).float().train()
     opt = _optimizer(list(head.parameters()), s, dev)
-    y_tr = torch.as_tensor(np.asarray(labels)[train_idx], dtype=torch.long, device=dev)
-    y_val = np.asarray(labels)[val_idx]
-    epoch_pos = torch.as_tensor(oversampled(np.asarray(labels)[train_idx], s.oversample), device=dev)
-    n_views = train_views.shape[0]
-    bounds = _batches(len(epoch_pos), s.batch_size)
+    y_tr = torch.as_tensor(labels[train_idx], dtype=torch.long, device=dev)
+    epoch_pos = torch.as_tensor(oversampled(labels[train_idx], s.oversample), device=dev)  # into train_idx
 
     def run_epoch(epoch: int) -> dict[str, float]:
         order = epoch_pos[torch.randperm(len(epoch_pos), device=dev, generator=gen)]
-        view = torch.randint(0, n_views, (len(order),), device=dev, generator=gen)
-        loss_sum = torch.zeros((), device=dev)
-        for a, b in bounds:
-            stops.check()
-            loss = F.cross_entropy(head(train_views[view[a:b], order[a:b]]), y_tr[order[a:b]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * (b - a)
+        view = torch.randint(0, views, (len(order),), device=dev, generator=gen)
+
+        def loss_of(a: int, b: int) -> torch.Tensor:
+            return F.cross_entropy(head(train_feats[view[a:b], order[a:b]]), y_tr[order[a:b]])
+        loss_sum = _sgd_pass(opt, len(order), s.batch_size, loss_of, dev)
         with torch.no_grad():
-            return _epoch_metrics(y_val, head(val_feats), loss_sum, len(epoch_pos))
+            return _epoch_metrics(labels[val_idx], head(val_feats), loss_sum, len(epoch_pos))
 
     result = _loop(s, run_epoch, _Snapshot(head), on_epoch, ckpt, opt, gen)
-    target = head_of(model)
+    target = model.get_classifier()
     target.load_state_dict({k: v.to(next(target.parameters()).dtype) for k, v in head.state_dict().items()})
     return result

@@ -1,17 +1,16 @@
-"""Grad-CAM for every backbone family, PHI-safe aggregates by default. Returns values and writes only to the
-folder it is given.
+"""Grad-CAM for every backbone family, PHI-safe aggregates by default; writes only to the folder it is given.
 
-The target layer and the token-to-grid reshape come from the backbone registry (derived from the built model:
-patch grid, prefix tokens, Swin's NHWC layout). Default artifacts are aggregates: mean CAM maps per true label
-x predicted label x sex, drawn without any face pixels, and the share of CAM mass per facial region. Overlays on
-individual faces exist only when allow_phi is set, named by hashed subject id.
+The target layer and the token-to-grid reshape come from the backbone registry. Default artifacts are aggregates:
+mean CAM maps per true label x predicted label x sex, drawn without any face pixels, and the share of CAM mass per
+facial region. Overlays on individual faces exist only when allow_phi is set, named by hashed subject id.
 """
 from __future__ import annotations
 
 import copy
 import json
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -20,10 +19,10 @@ import pandas as pd
 import torch
 
 from cushing import stops
-from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
-from cushing.stats.plots import pyplot
 from cushing.model.augment import DeviceAugment
+from cushing.model.backbones import cam_reshape, cam_target_layer, last_block
 from cushing.phases import phase
+from cushing.stats.plots import pyplot
 
 __all__ = ["compute_cams", "cams_and_raw", "spearman", "CamReport", "explain_outcome", "explain_images", "region_masks",
            "REGIONS", "randomization_check", "template_regions", "landmark_regions", "landmarks_of"]
@@ -33,13 +32,11 @@ REGIONS = ("forehead", "periorbital", "cheeks", "nose_mouth", "chin_jowls", "nec
 
 @contextmanager
 def _graph_from(model, name: str) -> Iterator[dict]:
-    """While open, the registry's CAM layer starts the autograd graph: weights need no gradient (their flags are
-    put back on exit), the layer's output becomes a fresh leaf, so backward runs only from the logits down to that
-    layer. A forward fills the dict's "leaf"; hooks are removed on exit."""
+    """While open, the CAM layer's output is a fresh autograd leaf (filled into the dict's "leaf" by a forward) and
+    weights need no gradient, so backward runs only from the logits down to that layer; all is put back on exit."""
     layer = cam_target_layer(model, name)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
     seen: dict = {}
 
     def start_graph(module, inputs, output):
@@ -50,7 +47,7 @@ def _graph_from(model, name: str) -> Iterator[dict]:
         yield seen
     finally:
         handle.remove()
-        for p, flag in flags:
+        for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
 
 
@@ -59,19 +56,15 @@ def _scaled(cams: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray
     pytorch-grad-cam's `scale_cam_image`, whose maps these are."""
     import cv2
 
-    out = []
-    for m in cams:
-        m = m - np.min(m)
-        m = m / (1e-7 + np.max(m))
-        out.append(cv2.resize(np.float32(m), size) if size is not None else m)
-    return np.float32(out)
+    m = cams - cams.min(axis=(1, 2), keepdims=True)
+    m = np.float32(m / (1e-7 + m.max(axis=(1, 2), keepdims=True)))
+    return np.float32([cv2.resize(x, size) for x in m]) if size is not None else m
 
 
 def _cam_batch(model, name: str, x: torch.Tensor, target: int) -> tuple[np.ndarray, np.ndarray]:
-    """(maps in [0, 1] at the input size, raw grid maps) of one batch: Grad-CAM as pytorch-grad-cam's GradCAM
-    with ClassifierOutputTarget(target) computes it (channel weights = the gradient's spatial mean; the raw map is
-    the weighted sum of activations, the map its ReLU rescaled), from one forward and a backward that stops at the
-    CAM layer."""
+    """(maps in [0, 1] at the input size, raw grid maps) of one batch: pytorch-grad-cam's GradCAM with
+    ClassifierOutputTarget(target) (raw map = activations weighted by the gradient's spatial mean; map = its ReLU,
+    rescaled), from one forward and a backward that stops at the CAM layer."""
     reshape = cam_reshape(model, name) or (lambda t: t)
     with _graph_from(model, name) as seen, torch.enable_grad():
         logits = model(x)
@@ -79,32 +72,26 @@ def _cam_batch(model, name: str, x: torch.Tensor, target: int) -> tuple[np.ndarr
     acts = reshape(seen["leaf"].detach()).float().cpu().numpy()
     grads = reshape(grad).float().cpu().numpy()
     raw = (grads.mean(axis=(2, 3))[:, :, None, None] * acts).sum(1).astype(np.float32)
-    relu = np.maximum(raw, 0)
-    maps = _scaled(np.maximum(_scaled(relu, (x.shape[-1], x.shape[-2])), 0))
-    return maps.astype(np.float32), raw
+    return _scaled(np.maximum(_scaled(np.maximum(raw, 0), (x.shape[-1], x.shape[-2])), 0)), raw
 
 
 def cams_and_raw(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """([N, H, W] Grad-CAM maps in [0, 1], [N, h, w] raw grid maps) for class `target` in one pass, batched on x's
-    device, in eval mode (the model's mode is put back); x is not modified.
-
-    The raw maps are the grid-level maps before ReLU and rescaling (sum of gradient-weighted activations), which
-    keep their ranking information even where the ReLU'd map is all zero."""
+    """([N, H, W] Grad-CAM maps in [0, 1], [N, h, w] raw grid maps) for class `target`, batched on x's device in
+    eval mode (the model's mode is put back); x is not modified. The raw maps (before ReLU and rescaling) keep their
+    ranking information even where the ReLU'd map is all zero."""
     was_training = model.training
     model.eval()
-    maps, raws = [], []
+    parts = []
     try:
         for i in range(0, len(x), batch):
             stops.check()
-            m, r = _cam_batch(model, name, x[i:i + batch].detach().clone().float(), target)
-            maps.append(m)
-            raws.append(r)
+            parts.append(_cam_batch(model, name, x[i:i + batch].detach().clone().float(), target))
     finally:
         model.train(was_training)
-    if not maps:
+    if not parts:
         return np.zeros((0,) + tuple(x.shape[-2:]), np.float32), np.zeros((0, 0, 0), np.float32)
-    return np.concatenate(maps), np.concatenate(raws)
+    return np.concatenate([m for m, _ in parts]), np.concatenate([r for _, r in parts])
 
 
 def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32,
@@ -124,10 +111,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: int = 32,
                         trained_raw: np.ndarray | None = None) -> float:
-    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps and those after
-    the head and the last block are re-initialised (torch's generator seeded with `seed`). Near 1 means the map does
-    not depend on the learned weights. `trained_raw`: the trained model's raw maps of x already computed (the main
-    Grad-CAM pass), not redone."""
+    """Adebayo et al.: mean Spearman correlation between the trained model's raw Grad-CAM maps (`trained_raw` when
+    already computed) and those after the head and the last block are re-initialised (torch seeded with `seed`).
+    Near 1 means the map does not depend on the learned weights."""
     k = min(n, len(x))
     if k == 0:
         return float("nan")
@@ -139,12 +125,9 @@ def randomization_check(model, name: str, x: torch.Tensor, *, seed: int = 0, n: 
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     rmaps = compute_cams(rand, name, x[:k], raw=True)
-    del rand
     rhos = [spearman(a, b) for a, b in zip(trained, rmaps) if np.ptp(a) > 0 and np.ptp(b) > 0]
     return float(np.mean(rhos)) if rhos else float("nan")
 
-
-# ------------------------------------------------------------------------------------------------ regions
 
 def template_regions(size: int) -> np.ndarray:
     """Region index per pixel for a centred, eye-level face filling an aligned square crop."""
@@ -165,14 +148,11 @@ def landmark_regions(points: np.ndarray, size: int) -> np.ndarray:
 
     p = np.asarray(points, np.float64).reshape(68, 2)
     lab = np.full((size, size), REGIONS.index("neck_background"), np.uint8)
-    jaw, brows = p[0:17], p[17:27]
-    eye_h = np.linalg.norm(p[45] - p[36])
-    top = brows[:, 1].min() - 0.9 * eye_h  # forehead extends about an eye-span above the brows
-    face_poly = np.vstack([jaw, [[p[16][0], top], [p[0][0], top]]])
+    top = p[17:27, 1].min() - 0.9 * np.linalg.norm(p[45] - p[36])  # the forehead: about an eye-span above the brows
 
     def fill(poly, region):
         cv2.fillPoly(lab, [np.round(poly).astype(np.int32)], int(REGIONS.index(region)))
-    fill(face_poly, "cheeks")
+    fill(np.vstack([p[0:17], [[p[16][0], top], [p[0][0], top]]]), "cheeks")  # the jaw line closed at the top
     fill(np.vstack([[p[0][0], top], [p[16][0], top], p[26], p[17]]), "forehead")
     fill(np.vstack([p[4], p[5:12], p[12], p[54], p[57], p[48]]), "chin_jowls")
     fill(cv2.convexHull(np.vstack([p[17:27], p[36:48], p[[0, 16]]]).astype(np.float32))[:, 0], "periorbital")
@@ -193,19 +173,10 @@ def region_shares(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.stack([(maps * (labels == r)).reshape(len(maps), -1).sum(1) / total for r in range(len(REGIONS))], 1)
 
 
-# ------------------------------------------------------------------------------------------------ report
-
 @dataclass
 class CamReport:
     metrics: dict[str, float]
     tags: dict[str, str]
-    files: list[str] = field(default_factory=list)
-    groups: pd.DataFrame | None = None
-    seconds: float = 0.0
-
-
-def _group_key(label: int, pred: int, sex: str) -> str:
-    return f"true{int(label)}_pred{int(pred)}_{'female' if sex == 'F' else 'male'}"
 
 
 def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> None:
@@ -232,8 +203,6 @@ def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndar
                    preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path,
                    allow_phi: bool = False, landmarks: list | None = None, seed: int = 0) -> CamReport:
     """CAMs of the positive class for a batch of images; aggregates (and, if allowed, overlays) into out_dir."""
-    import time
-
     t0 = time.perf_counter()
     with phase("Grad-CAM maps"):
         maps, raw = cams_and_raw(model, name, x_norm)
@@ -253,24 +222,20 @@ def _aggregates(maps: np.ndarray, rho: float, seconds: float, *, images_u8: np.n
     shares = region_shares(maps, labs)
     cam_dir = out_dir / "cam"
     cam_dir.mkdir(parents=True, exist_ok=True)
-    keys = np.array([_group_key(a, b, c) for a, b, c in zip(labels, preds, sexes)])
+    keys = np.array([f"true{int(a)}_pred{int(b)}_{'female' if c == 'F' else 'male'}"
+                     for a, b, c in zip(labels, preds, sexes)])
     outline = template_regions(size) if source.startswith("template") else np.round(labs.mean(0)).astype(np.int8)
-    rows, files, means = [], [], {}
+    rows, means, counts = [], {}, []
     for key in sorted(set(keys)) + ["all"]:
         sel = keys == key if key != "all" else np.ones(len(keys), bool)
-        mean = maps[sel].mean(0)
-        means[key] = mean
-        fname = f"cam/mean_{key}.png"
-        _draw_mean(out_dir / fname, mean, f"{key.replace('_', ' ')} (n={int(sel.sum())})", outline)
-        files.append(fname)
-        for r, region in enumerate(REGIONS):
-            rows.append({"group": key, "n": int(sel.sum()), "region": region, "share": float(shares[sel, r].mean()),
-                         "region_source": source})
+        means[key] = maps[sel].mean(0)
+        counts.append(int(sel.sum()))
+        _draw_mean(cam_dir / f"mean_{key}.png", means[key], f"{key.replace('_', ' ')} (n={counts[-1]})", outline)
+        rows += [{"group": key, "n": counts[-1], "region": region, "share": float(shares[sel, r].mean()),
+                  "region_source": source} for r, region in enumerate(REGIONS)]
     np.savez_compressed(cam_dir / "mean_maps.npz", **{k: v.astype(np.float16) for k, v in means.items()},
-                        counts=np.array([int((keys == k).sum()) if k != "all" else len(keys) for k in means]),
-                        names=np.array(list(means)))
-    regions = pd.DataFrame(rows)
-    regions.to_csv(out_dir / "cam_regions.csv", index=False)
+                        counts=np.array(counts), names=np.array(list(means)))
+    pd.DataFrame(rows).to_csv(out_dir / "cam_regions.csv", index=False)
     (cam_dir / "README.txt").write_text(
         "Grad-CAM (positive class) with the best-epoch model on the test split. mean_*.png: mean map per true "
         "label x predicted label x sex, drawn without face pixels; outlines = facial regions "
@@ -280,12 +245,9 @@ def _aggregates(maps: np.ndarray, rho: float, seconds: float, *, images_u8: np.n
         (cam_dir / "overlays").mkdir(exist_ok=True)
         for i, (img, m, s) in enumerate(zip(images_u8, maps, subjects)):
             _overlay(cam_dir / "overlays" / f"{s}_{i}.png", img, m)
-    metrics = {"cam/randomization_spearman": rho, "cam/seconds": seconds, "cam/images": float(len(maps))}
-    for region in REGIONS:
-        metrics[f"cam/share/{region}"] = float(regions[(regions["group"] == "all") & (regions["region"] == region)]
-                                                ["share"].iloc[0])
-    tags = {"cam_region_source": source, "cam_overlays": str(bool(allow_phi)).lower()}
-    return CamReport(metrics, tags, files, regions, seconds)
+    return CamReport({"cam/randomization_spearman": rho, "cam/seconds": seconds, "cam/images": float(len(maps)),
+                      **{f"cam/share/{region}": float(shares[:, r].mean()) for r, region in enumerate(REGIONS)}},
+                     {"cam_region_source": source, "cam_overlays": str(bool(allow_phi)).lower()})
 
 
 def landmarks_of(table: pd.DataFrame, idx: np.ndarray, size: int) -> list | None:

@@ -1,10 +1,9 @@
-"""`cushing bench`: the engine's paper-shaped epoch against the compute floor, per backbone.
+"""`cushing bench`: the engine's paper-shaped epoch against the compute floor, per backbone; whole runs; faces.
 
-Paper shape (Table I): 115 training subjects with 17 patients -> 183 images per epoch after x5 oversampling,
-batch 32, plus a 114-image validation pass. Weights are random: speed does not depend on them.
-floor = 183/32 x (fwd+bwd step on static device tensors) + 114/128 x (fwd at batch 128), as in
-../shared/bench/gpu_anchor.py. The engine's epoch includes augmentation, the validation pass, metrics and the
-one host sync per epoch.
+Paper shape (Table I): 115 training subjects with 17 patients -> 183 images per epoch after x5 oversampling, batch
+32, plus a 114-image validation pass, with random weights (speed does not depend on them). The engine's epoch
+includes augmentation, the validation pass, metrics and the one host sync per epoch; the floor is the same work as
+pure compute on static device tensors.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +22,20 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cushing.model.backbones import build_model, get_spec, preprocess_of
-from cushing.model.augment import DeviceAugment
-from cushing.data.bank import ImageBank
-from cushing.devices import autocast_for, device_name, pick_device, training_device
-from cushing.model.engine import FitSettings, _batches, fit, oversampled
 from cushing import tracking
 from cushing.config import TrainConfig
-from cushing.workflows.experiment import run_single
-from cushing.model.train import prepare_cohort
+from cushing.data.bank import ImageBank
 from cushing.data.demo import make_demo_cohort
+from cushing.devices import autocast_for, device_name, pick_device, training_device
 from cushing.faces.pipeline import extract_faces
 from cushing.faces.settings import FaceSettings
+from cushing.model.augment import DeviceAugment
+from cushing.model.backbones import build_model, get_spec, preprocess_of
+from cushing.model.engine import FitSettings, _batches, fit, oversampled
+from cushing.model.train import prepare_cohort
 from cushing.phases import OTHER, PHASES_OUT_ENV
 from cushing.tracking.stores import seed_sqlite
+from cushing.workflows.experiment import run_single
 
 __all__ = ["run_bench", "BenchRow", "paper_shaped_labels", "bench_run", "bench_faces", "launch_run"]
 
@@ -66,64 +65,54 @@ def paper_shaped_labels(seed: int = 0) -> np.ndarray:
     return np.r_[rng.permutation(tr), rng.permutation(va)]
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, reps: int, dev: torch.device) -> float:
+    """Median seconds of `reps` calls, each timed between two device syncs."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     ts = []
     for _ in range(reps):
-        _sync(dev)
+        sync()
         t = time.perf_counter()
         fn()
-        _sync(dev)
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
-def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: int, n_val: int,
-                  frozen: bool) -> tuple[float, float]:
-    """Pure compute on static device tensors: (exact, anchor).
+def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: int, n_val: int) -> tuple[float, float]:
+    """(exact, anchor) seconds of pure compute. exact: the epoch's own batches (the last of 183 is 23 images) and the
+    validation forward in batches of 128; anchor: ../shared/bench/gpu_anchor.py's formula, n_train/bs full steps
+    plus n_val/128 of a 128-image forward."""
+    fmt = torch.channels_last if spec.channels_last and dev.type == "cuda" else torch.contiguous_format
+    x = torch.randn(max(bs, 128), 3, img, img, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 2, (len(x),), device=dev)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                          **({"fused": True} if dev.type == "cuda" else {}))
+    sizes = [b - a for a, b in _batches(n_train, bs)]
+    val = min(128, n_val)
 
-    exact: the epoch's own shapes, batch by batch (the last batch of 183 is 23 images) plus the validation forward
-    at its size; anchor: ../shared/bench/gpu_anchor.py's formula, n/bs full steps plus n_val/128 of a 128 forward.
-    """
-    cl = spec.channels_last and dev.type == "cuda"
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    sizes = [b - a for a, b in _batches(n_train, bs)] if n_train else []
-    xs = {k: torch.randn(k, 3, img, img, device=dev).contiguous(memory_format=fmt) for k in set(sizes) | {bs}}
-    ys = {k: torch.randint(0, 2, (k,), device=dev) for k in xs}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **({"fused": True} if dev.type == "cuda" else {}))
-
-    def step(k: int):
+    def step(k: int) -> None:
         with autocast_for(dev):
-            loss = F.cross_entropy(model(xs[k]), ys[k])
+            loss = F.cross_entropy(model(x[:k]), y[:k])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    model.train()
-    for k in xs:
-        step(k)
-    reps = 5 if dev.type == "cuda" else 2
-    n = 10 if dev.type == "cuda" else 1
-    t_step = _timed(lambda: [step(bs) for _ in range(n)], reps, dev) / n
-    t_epoch_steps = _timed(lambda: [step(k) for k in sizes], reps, dev) if sizes else 0.0
-    xv = torch.randn(min(128, n_val), 3, img, img, device=dev).contiguous(memory_format=fmt)
-    xv_exact = torch.randn(n_val, 3, img, img, device=dev).contiguous(memory_format=fmt) if n_val <= 128 else xv
-    model.eval()
 
-    def fwd(x):
-        with torch.no_grad(), autocast_for(dev):
-            for i in range(0, len(x), 128):
-                model(x[i:i + 128])
-    fwd(xv)
-    fwd(xv_exact)
-    t_fwd = _timed(lambda: fwd(xv), reps, dev)
-    t_val = _timed(lambda: fwd(xv_exact), reps, dev) if n_val <= 128 else n_val / 128 * t_fwd
-    anchor = n_train / bs * t_step + n_val / xv.shape[0] * t_fwd
-    return t_epoch_steps + t_val, anchor
+    @torch.no_grad()
+    def forward(n: int) -> None:
+        for a in range(0, n, 128):
+            with autocast_for(dev):
+                model(x[:min(128, n - a)])
+    model.train()
+    for k in {*sizes, bs}:  # warm-up, one per shape (cuDNN autotuning)
+        step(k)
+    reps, n = (5, 10) if dev.type == "cuda" else (2, 1)
+    t_step = _timed(lambda: [step(bs) for _ in range(n)], reps, dev) / n
+    t_epoch = _timed(lambda: [step(k) for k in sizes], reps, dev) if sizes else 0.0
+    model.eval()
+    forward(n_val)
+    forward(val)
+    t_val, t_fwd = _timed(lambda: forward(n_val), reps, dev), _timed(lambda: forward(val), reps, dev)
+    return t_epoch + t_val, n_train / bs * t_step + n_val / val * t_fwd
 
 
 def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: int, head_epochs: int = 200,
@@ -144,20 +133,16 @@ def bench_one(name: str, frozen: bool, *, dev: torch.device, img: int, epochs: i
                     weight_decay=0.0, oversample=5, aug_strength=1.0, aug_views=8, seed=0, frozen=frozen,
                     progress=False, desc=name, compile="none" if frozen else compile)
     if frozen:
-        fit(model, bank, labels, tr, va, aug, FitSettings(**{**asdict(s), "epochs": 2}))  # warm-up
-        _sync(dev)
-        t = time.perf_counter()
-        fit(model, bank, labels, tr, va, aug, s)
-        _sync(dev)
-        total = time.perf_counter() - t
-        floor, _ = compute_floor(model, spec, dev, img, 32, 0, len(labels) + 7 * N_TRAIN, frozen)
+        fit(model, bank, labels, tr, va, aug, replace(s, epochs=2))  # warm-up
+        total = _timed(lambda: fit(model, bank, labels, tr, va, aug, s), 1, dev)
+        floor, _ = compute_floor(model, spec, dev, img, 32, 0, len(labels) + 7 * N_TRAIN)
         return BenchRow(name, True, total / head_epochs, floor / head_epochs, total / max(floor, 1e-9),
                         floor / head_epochs, total / max(floor, 1e-9), total, n_epoch,
-                        f"features once ({8} views/train image) + {head_epochs} head epochs; "
+                        f"features once (8 views/train image) + {head_epochs} head epochs; "
                         f"floor = one forward of every image and view")
     result = fit(model, bank, labels, tr, va, aug, s)
     epoch_s = statistics.median(result.epoch_seconds[warm:])
-    floor, anchor = compute_floor(model, spec, dev, img, 32, n_epoch, N_VAL, frozen)
+    floor, anchor = compute_floor(model, spec, dev, img, 32, n_epoch, N_VAL)
     return BenchRow(name, False, epoch_s, floor, epoch_s / floor, anchor, epoch_s / anchor,
                     sum(result.epoch_seconds[warm:]), n_epoch, compile=compile,
                     first_epoch_s=result.epoch_seconds[0])
@@ -185,16 +170,11 @@ def run_bench(*, models: list[str], frozen: list[str], epochs: int = 6, img_size
               f"{'  ' + r.note if r.note.startswith('error') else ''}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        _write(out, name, img_size, epochs, rows)  # after every model: an interrupted bench keeps what it measured
+        # after every model: an interrupted bench keeps what it measured
+        Path(out).write_text(json.dumps({"device": name, "torch": torch.__version__, "img_size": img_size,
+                                         "epochs": epochs, "rows": [asdict(r) for r in rows]}, indent=1))
     print(f"wrote {out}")
     return rows
-
-
-def _write(out: str, device: str, img_size: int, epochs: int, rows: list[BenchRow]) -> None:
-    payload = {"device": device, "torch": torch.__version__, "img_size": img_size, "epochs": epochs,
-               "rows": [asdict(r) for r in rows]}
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
 
 
 LAUNCHER = "launcher (mlflow run: its imports, project, store, run; until the training process starts)"
@@ -204,14 +184,12 @@ EXIT = "exit (summary, interpreter teardown, launcher end)"
 
 def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, repeats: int = 3,
               device: str = "auto", cam: bool = True, out: str = "bench_run.json", launches: int = 1) -> list[dict]:
-    """Whole runs on the demo cohort (random weights), split by named phase: what the run's own phase timer
-    recorded (data, store, training loop, scoring, bootstrap, model logging, tables, plots, Grad-CAM, upload,
-    run end).
+    """Whole runs on the demo cohort (random weights), split by the phases the run's own timer recorded.
 
     In process (`run_single`, as a sweep worker runs them; median of `repeats` after one warm-up run): the per-run
     cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager local`, each
-    on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and imports,
-    and the exit. Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
+    on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and the exit.
+    Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
     with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \
@@ -242,15 +220,13 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
         lmed = {k: statistics.median(r[k] for r in launched) for k in ("wall_s", "train_s")}
         print(f"mlflow run {lmed['wall_s']:.2f} s = {lmed['wall_s'] / lmed['train_s']:.2f} x the training loop "
               f"({lmed['train_s']:.2f} s): launcher to exit, on a fresh store")
-    with open(out, "w") as f:
-        json.dump({"device": name, "model": model, "img_size": img_size, "epochs": epochs, "cam": cam,
-                   "median": med, "runs": rows, "phases": table, "mlflow_run": {"median": lmed, "runs": launched}},
-                  f, indent=1)
+    Path(out).write_text(json.dumps({"device": name, "model": model, "img_size": img_size, "epochs": epochs, "cam": cam,
+                                     "median": med, "runs": rows, "phases": table,
+                                     "mlflow_run": {"median": lmed, "runs": launched}}, indent=1))
     return rows
 
 
-def launch_run(*, model: str, img_size: int, epochs: int, device: str = "auto", cam: bool = True,
-               extra: tuple[str, ...] = ()) -> dict:
+def launch_run(*, model: str, img_size: int, epochs: int, device: str = "auto", cam: bool = True) -> dict:
     """One `mlflow run . --env-manager local` of the main entry point on a fresh throwaway store (seeded as
     scripts/quickstart.sh seeds one), split into the launcher, the training process's start, the phases the run
     recorded itself (CUSHING_PHASES_OUT) and the exit."""
@@ -265,8 +241,10 @@ def launch_run(*, model: str, img_size: int, epochs: int, device: str = "auto", 
             env.pop(k, None)
         params = {"model": model, "pretrained": "false", "epochs": epochs, "img_size": img_size, "device": device,
                   "cam": str(cam).lower(), "experiment": "cushing-bench"}
-        cmd = [*_mlflow_cli(), "run", str(root), "--env-manager", "local", "--experiment-name", "cushing-bench",
-               *[a for k, v in params.items() for a in ("-P", f"{k}={v}")], *extra]
+        mlflow = Path(sys.executable).with_name("mlflow")  # the `mlflow` a user types, from this environment
+        cmd = [*([str(mlflow)] if mlflow.exists() else [sys.executable, "-m", "mlflow"]), "run", str(root),
+               "--env-manager", "local", "--experiment-name", "cushing-bench",
+               *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
         t0 = time.time()
         r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
         t1 = time.time()
@@ -276,12 +254,6 @@ def launch_run(*, model: str, img_size: int, epochs: int, device: str = "auto", 
     started = run["process_start"] or run["start"]
     phases = {LAUNCHER: started - t0, STARTUP: run["start"] - started, **run["phases"], EXIT: t1 - run["end"]}
     return {"wall_s": t1 - t0, "train_s": run["train_seconds"], "phases": phases}
-
-
-def _mlflow_cli() -> list[str]:
-    """The `mlflow` a user types, from this interpreter's environment."""
-    exe = Path(sys.executable).with_name("mlflow")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
 
 
 def _median_phases(tables: list[dict[str, float]]) -> dict[str, float]:
@@ -307,7 +279,9 @@ def _print_phases(table: dict[str, dict[str, float]]) -> None:
 def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None, out: str) -> dict:
     """Photos per second cold (empty cache) and warm (everything cached), printed and written as JSON."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(manifest) if manifest else _synthetic_photos(Path(tmp) / "photos")
+        # default: the 343 demo-cohort faces at 448 px as stand-in photos (dlib finds about half of these drawn
+        # faces; --manifest with real photos gives real figures)
+        src = Path(manifest) if manifest else make_demo_cohort(Path(tmp) / "photos", size=448)
         if limit:
             df = pd.read_csv(src).head(limit)
             df["image"] = [str((src.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
@@ -328,9 +302,3 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
           f"({n / t_cold:.1f} photos/s), warm {t_warm:.3f} s ({n / t_warm:.0f} photos/s), {t_cold / t_warm:.0f}x")
     Path(out).write_text(json.dumps(res, indent=1))
     return res
-
-
-def _synthetic_photos(folder: Path) -> Path:
-    """The 343 demo-cohort faces at 448 px as stand-in photos (dlib finds about half of these drawn faces; use
-    --manifest with real photos for real figures)."""
-    return make_demo_cohort(folder, size=448)

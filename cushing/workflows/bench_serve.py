@@ -1,8 +1,7 @@
 """`cushing bench serve`: latency and throughput of a served model as clients see them.
 
-Each model URI is served by `mlflow models serve` (as users serve it) on a free loopback port, or an already
-running server is given by URL. Clients post one photo per request (base64 JPEG/PNG, the model's input) at 1, 4
-and 8 at once; p50/p95 latency and requests/s are printed and written as JSON. Whether the face stage ran is read
+Each model URI is served by `mlflow models serve` on a free loopback port (or a running server is given by URL);
+clients post one photo per request (base64 JPEG/PNG) at 1, 4 and 8 at once. Whether the face stage ran is read
 from the answers (`face_status` ok vs not_applied), not assumed.
 """
 from __future__ import annotations
@@ -14,6 +13,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +27,9 @@ __all__ = ["bench_serve", "serve_model"]
 @contextmanager
 def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
     """`mlflow models serve -m URI` on a free 127.0.0.1 port for the block; yields its base URL."""
-    import tempfile
-
     port = free_port()
-    log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
-    with open(log, "wb") as fh:
+    with tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False) as fh:
+        log = Path(fh.name)
         proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
                                  "local", "--host", "127.0.0.1", "-p", str(port)], stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -67,17 +65,10 @@ def _load(url: str, photos: list[str], clients: int, per_client: int) -> dict:
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
     wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
+    off = results and all(r[2] == "not_applied" for r in results)
     return {"clients": clients, "requests": len(results), "errors": sum(r[1] != 200 for r in results),
             "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
-            "requests_per_s": len(results) / wall, "face_stage": _face_stage([r[2] for r in results])}
-
-
-def _face_stage(statuses: list[str]) -> str:
-    return "off" if statuses and all(s == "not_applied" for s in statuses) else "on"
-
-
-def _photos(paths: list[str]) -> list[str]:
-    return [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
+            "requests_per_s": len(results) / wall, "face_stage": "off" if off else "on"}
 
 
 def bench_serve(*, model_uris: list[str], urls: list[str], photos: list[str], clients: tuple[int, ...] = (1, 4, 8),
@@ -87,7 +78,7 @@ def bench_serve(*, model_uris: list[str], urls: list[str], photos: list[str], cl
 
     import requests
 
-    data = _photos(photos)
+    data = [base64.b64encode(Path(p).read_bytes()).decode() for p in photos]
     rows: list[dict] = []
 
     def measure(label: str, url: str) -> None:
