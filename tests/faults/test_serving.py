@@ -127,7 +127,8 @@ def test_one_batch_answers_every_photo_each_with_its_status(server, face_model):
 
 
 @pytest.mark.parametrize("name,records,reason", [
-    ("no image column", [{"photo": "PHOTO"}], "expected a column named 'image' (base64 photo); got columns ['photo']"),
+    ("no image column", [{"photo": "PHOTO"}],
+     "expected a column named 'image' (base64 photo); got columns ['photo']"),
     ("the issue's request", [{"photo": "abc"}], "got columns ['photo']"),
     ("empty batch", [], "no rows to score"),
     ("too many rows", [{"image": "PHOTO"}] * 257, "257 rows in one request; at most 256"),
