@@ -27,7 +27,7 @@ def _one_sex(df: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def pool(celeba_manifest):
-    """6 identities with two photos each, the second photo under a new id; 80 strangers (one photo each)."""
+    """6 identities with two photos each, the second photo under a new id; 60 strangers (one photo each)."""
     df = _one_sex(celeba_manifest)
     counts = df["subject_id"].value_counts()
     twins = sorted(counts[counts >= 2].index)[:RENAMED]
@@ -35,7 +35,7 @@ def pool(celeba_manifest):
     second = pairs.groupby("subject_id").cumcount() == 1
     pairs["subject_id"] = pairs["subject_id"].astype(str)
     pairs.loc[second, "subject_id"] += "_renamed"
-    strangers = df[~df["subject_id"].isin(twins)].drop_duplicates("subject_id").sample(80, random_state=3)
+    strangers = df[~df["subject_id"].isin(twins)].drop_duplicates("subject_id").sample(60, random_state=3)
     strangers["subject_id"] = strangers["subject_id"].astype(str)
     return pairs, strangers
 
@@ -89,7 +89,7 @@ def test_planted_renamed_people_are_kept_together_at_the_automatic_threshold(pla
 
 
 def test_nothing_is_merged_on_celeba_identities_as_they_are(pool, tmp_path_factory):
-    """No one under two ids (the photos of the planted people under their own ids, and 80 strangers): the audit
+    """No one under two ids (the photos of the planted people under their own ids, and 60 strangers): the audit
     still suspects some strangers below its threshold and keeps them together as a precaution, but merges none."""
     d = tmp_path_factory.mktemp("as-they-are")
     pairs, strangers = pool
