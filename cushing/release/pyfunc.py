@@ -3,9 +3,8 @@
 Input: a DataFrame with a string column `image` (base64-encoded JPEG/PNG bytes).
 Output, one row per photo: `probability` (of Cushing's), `label` (1/0 at the threshold chosen on validation and
 stored with the model) and `face_status`: `ok` (`not_applied` without a face stage), or why the photo was not scored
-(then probability null, label -1): `not_base64`, `too_large`, a decoder code (`empty_file`, `not_an_image`,
-`truncated`, `corrupt`, `decompression_bomb`, `unsupported_mode`) or a face-stage one (`no_face`,
-`multiple_faces`, `empty_mask`). Only a request wrong as a whole is refused (PayloadError: HTTP 400).
+(`not_base64`, `too_large`, a decoder or face-stage reason code; then probability null, label -1). Only a request
+wrong as a whole is refused (PayloadError: HTTP 400).
 Weights are safetensors (no pickle); the model is logged as code (`model_code.py`), so loading it unpickles
 nothing and works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
@@ -110,9 +109,8 @@ def _request_frame(model_input: Any) -> pd.DataFrame:
     """The request as a table of photos, or PayloadError naming what is wrong with it as a whole."""
     try:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-    except ValueError:
-        raise PayloadError("expected a table with a column named 'image' (base64 photos), one row per photo") \
-            from None
+    except ValueError:  # e.g. a dict of single values
+        raise PayloadError("expected a table with a column named 'image', one row per photo") from None
     if len(df) == 0:
         raise PayloadError("no rows to score")
     if "image" not in df.columns:
