@@ -161,7 +161,8 @@ def _print_audit(res) -> None:
               f"false merges {c.expected_false_merges:.2f}); largest group kept in one split "
               f"{s['audit/largest_group']:.0f} photos (limit {c.group_limit})")
     different = a.pairs[~a.pairs["same_subject"]]
-    for (kind, outcome), count in different.groupby(["kind", "outcome"]).size().items():
+    counts = different.groupby(["kind", "outcome"]).size().items()
+    for (kind, outcome), count in sorted(counts, key=lambda kv: (kv[0][0], list(OUTCOMES).index(kv[0][1]))):
         print(f"  {count:4d} {kind} pairs of different subject ids, {OUTCOMES[outcome]}")
     print(f"  subject ids: {s['audit/merged_subjects']:.0f} merged as one photo or one person, "
           f"{s['audit/precaution_subjects']:.0f} kept in one split as a precaution (for review)")

@@ -61,7 +61,7 @@ def review_page(pairs: pd.DataFrame, paths: Sequence[str], *, choice=None, manif
 
     sel = pairs[pairs["outcome"].isin(REVIEWED) | (pairs["verdict"].fillna("") != "")]
     sel = sel[~sel["same_subject"]].sort_values(["kind", "distance"], kind="stable")
-    counts = "; ".join(f"{n} {OUTCOMES[o]}" for o, n in sel["outcome"].value_counts().items())
+    counts = "; ".join(f"{n} {OUTCOMES[o]}" for o in OUTCOMES if (n := int((sel["outcome"] == o).sum())))
     head = (f"<h1>Cohort audit: {len(sel)} pairs to review</h1><p>{html.escape(counts)}.</p><p>Manifest <code>"
             f"{html.escape(manifest)}</code>" + (f"; same-person threshold {choice.threshold:.3f}, strict distance "
                                                  f"{choice.strict:.3f}" if choice is not None else "")
