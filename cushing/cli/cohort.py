@@ -70,16 +70,19 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
                                                 "threshold tables and same_person_curve.csv)")
     p.add_argument("--threshold", default="auto",
                    help="same-person distance: auto (default) = the loosest distance at which the curve expects at "
-                        "most 0.2 false pairs per photo in this cohort (by its sex mix), merging only mutual "
-                        "nearest neighbours and lowered until no merged group holds over 5%% of the photos; or a "
-                        "number (the old fixed value was 0.45)")
+                        "most 0.2 false pairs per photo in this cohort (by its sex mix), keeping only mutual "
+                        "nearest neighbours in one split as a precaution and lowered until no such group holds "
+                        "over 5%% of the photos; or a number. Pairs closer than the strict distance (about 0.05 "
+                        "false pairs expected in the whole cohort) are merged as one person")
     p.add_argument("--decisions", default=None,
                    help="a reviewed CSV (audit.csv with its verdict column filled in: same or different): a "
-                        "`different` pair is never merged, a `same` pair is merged at any distance")
+                        "`different` pair is released (never kept together), a `same` pair is merged at any "
+                        "distance")
     p.add_argument("--curve", default=None, help="a same-person curve CSV from --evaluate on your own labelled "
                                                  "photos (default: the one shipped, measured on CelebA)")
     p.add_argument("--review-page", default=None, metavar="OUT.html",
-                   help="write a local HTML page with the two photos of each auto_merged and review pair side by "
+                   help="write a local HTML page with the two photos of each merged, precaution and review pair "
+                        "side by "
                         "side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
     p.add_argument("--allow-phi-artifacts", default="false",
                    help="true: also log the review page and the decisions file to MLflow")
@@ -143,6 +146,8 @@ def _audit(ns: argparse.Namespace) -> int:
 
 
 def _print_audit(res) -> None:
+    from cushing.data.audit.settings import OUTCOMES
+
     a = res.audit
     n = len(a.photos)
     print(f"{n} photos in {a.seconds:.2f} s ({n / max(a.seconds, 1e-9):.1f} photos/s; {a.computed} computed, "
@@ -152,11 +157,15 @@ def _print_audit(res) -> None:
         how = (f"auto ({'lowered by the group guard' if c.guard_bound else 'from the curve'})" if c.auto
                else "fixed")
         e = f"; expected false pairs {c.expected_false_pairs:.1f}" if math.isfinite(c.expected_false_pairs) else ""
-        print(f"  same-person threshold {c.threshold:.3f}, {how}{e}; largest merged group "
-              f"{s['audit/largest_merged_group']:.0f} photos (limit {c.group_limit})")
+        print(f"  same-person threshold {c.threshold:.3f}, {how}{e}; strict distance {c.strict:.3f} (expected "
+              f"false merges {c.expected_false_merges:.2f}); largest group kept in one split "
+              f"{s['audit/largest_group']:.0f} photos (limit {c.group_limit})")
     different = a.pairs[~a.pairs["same_subject"]]
-    for (kind, decision), count in different.groupby(["kind", "decision"]).size().items():
-        print(f"  {count:4d} {kind} pairs of different subject ids: {decision}")
+    counts = different.groupby(["kind", "outcome"]).size().items()
+    for (kind, outcome), count in sorted(counts, key=lambda kv: (kv[0][0], list(OUTCOMES).index(kv[0][1]))):
+        print(f"  {count:4d} {kind} pairs of different subject ids, {OUTCOMES[outcome]}")
+    print(f"  subject ids: {s['audit/merged_subjects']:.0f} merged as one photo or one person, "
+          f"{s['audit/precaution_subjects']:.0f} kept in one split as a precaution (for review)")
     if a.decisions is not None:
         print(f"  decisions {a.decisions.path}: {a.decisions.count('same')} same, "
               f"{a.decisions.count('different')} different, {a.decisions.unmatched} not in this manifest")

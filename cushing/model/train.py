@@ -30,6 +30,7 @@ from cushing.stats.calibration import apply_temperature, fit_temperature
 from cushing.stats.thresholds import choose_threshold
 from cushing.data.demo import make_demo_cohort
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
+from cushing.data.audit.settings import TOGETHER
 from cushing.phases import phase
 
 __all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError",
@@ -66,7 +67,8 @@ class Cohort:
     img_size: int
     interpolation: str
     audit: Any = None  # audit.CohortAudit: suspicious pairs (hashed ids, CSV lines)
-    merges: int = 0  # subjects joined to another subject's split group because the audit found them one person
+    merges: int = 0  # subject ids joined to another's split group as one person (the audit's merged pairs)
+    precautions: int = 0  # subject ids joined to another's split group only as a precaution (pairs for review)
     subgroups: tuple[str, ...] = ("sex",)
     strata: tuple[str, ...] = ("label", "sex")
     groups: pd.Series | None = None  # per image: the unit kept whole by splits and folds (None: the subject)
@@ -90,28 +92,31 @@ class Cohort:
 
 
 class AuditError(ValueError):
-    """audit=strict and the cohort audit found photos that are the same picture or the same person under
-    different subject ids; the message lists them by CSV line."""
+    """audit=strict and the cohort audit merged pairs of different subject ids (the same picture, or the same
+    person as nearly certain as the audit can say); the message lists them by CSV line."""
 
 
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
-    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any merged pair of
-    different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
+    """The cohort audit before splitting: (audit, split groups or None, merges, precautions). Merged and precaution
+    pairs of different subjects share one split group (a drawn split stays leak-free by person); strict refuses
+    merged pairs and keeps precaution pairs together as warn does (the audit only suspects those)."""
     settings = audit_settings(manifest, cfg.audit_threshold, cfg.audit_decisions, cfg.audit_curve)
     audit = audit_manifest(manifest, settings=settings, progress=progress)
-    pairs = audit.pairs[~audit.pairs["same_subject"] & audit.pairs["merged"]]  # not review or near-miss pairs
+    pairs = audit.pairs[~audit.pairs["same_subject"] & audit.pairs["outcome"].isin(TOGETHER)]
+    merged = pairs[pairs["outcome"] == "merged"]
+    if cfg.audit == "strict" and len(merged):
+        listed = "\n  ".join(f"pair {r.pair}, lines {r.line_a} and {r.line_b}: {r.kind} (distance {r.distance:.3f})"
+                             for r in merged.itertuples())
+        raise AuditError(f"{manifest.source}: the cohort audit (audit=strict) merged {len(merged)} pair(s) of "
+                         f"different subject ids as one photo or one person:\n  {listed}\nfix the subject ids, "
+                         f"mark a pair different in audit_decisions, or train with audit=warn")
     if pairs.empty:
-        return audit, None, 0
-    if cfg.audit == "strict":
-        listed = "\n  ".join(f"lines {r.line_a} and {r.line_b}: {r.kind} (distance {r.distance:.3f})"
-                             for r in pairs.itertuples())
-        raise AuditError(f"{manifest.source}: the cohort audit (audit=strict) found {len(pairs)} pair(s) of "
-                         f"different subject ids that look like one photo or one person:\n  {listed}\nfix the "
-                         f"subject ids, or train with audit=warn to keep each pair in one split")
+        return audit, None, 0, 0
     groups = merged_groups(pairs, manifest.table["subject_id"])
     if "split" in manifest.table.columns:  # the manifest's own split is used as given: nothing was merged
-        return audit, groups, 0
-    return audit, groups, int(manifest.table["subject_id"].nunique() - groups.nunique())
+        return audit, groups, 0, 0
+    counts = audit.summary()
+    return audit, groups, int(counts["audit/merged_subjects"]), int(counts["audit/precaution_subjects"])
 
 
 def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:
@@ -120,7 +125,8 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
         check_subgroup_columns(manifest.table, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns)
                                                      if c != "label"))
     with phase("data: cohort audit"):
-        audit, groups, merges = _audit(cfg, manifest, progress) if cfg.audit != "off" else (None, None, 0)
+        audit, groups, merges, precautions = _audit(cfg, manifest, progress) if cfg.audit != "off" else \
+            (None, None, 0, 0)
     with phase("data: split"):
         split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns,
                               groups=groups)
@@ -130,7 +136,7 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
     with phase("data: decode images"):
         images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
                                progress=progress)
-    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns,
+    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, precautions, cfg.subgroup_columns,
                   cfg.strata_columns, groups)
 
 

@@ -107,6 +107,16 @@ def _limitations(c: CardInputs) -> list[str]:
     return out
 
 
+def _audit_line(tags: dict[str, str]) -> str:
+    """The audit's words: merged as one person (certain) apart from kept together as a precaution (suspected)."""
+    if tags.get("audit", "off") == "off":
+        return "off"
+    if "audit_precautions" not in tags:  # a run from before the two were told apart: its count holds both
+        return f"{tags['audit']} ({tags.get('audit_merges', '0')} subject ids kept in one split with another)"
+    return (f"{tags['audit']} ({tags.get('audit_merges', '0')} subject ids merged as one photo or one person; "
+            f"{tags.get('audit_precautions', '0')} kept in one split as a precaution, for review)")
+
+
 def _markdown(c: CardInputs) -> str:
     m, p, t = c.metrics, c.params, c.tags
     weights = ("pretrained (" + (p.get("weights") if p.get("weights") not in (None, "", "''") else
@@ -133,7 +143,7 @@ best epoch {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen
 
 ## Training data
 - Content digest `{t.get('data_digest', '')}`; synthetic: {t.get('synthetic_data', 'false')}; split: \
-{t.get('split_source', '')}; cohort audit: {t.get('audit', 'off')} ({t.get('audit_merges', '0')} subjects merged).
+{t.get('split_source', '')}; cohort audit: {_audit_line(t)}.
 
 {_cohort(c)}
 

@@ -1,9 +1,10 @@
 """The cohort audit as a tracked step (`cushing audit`, entry point `audit`), and its threshold evaluation.
 
-Writes OUT/audit.csv (one row per pair, closest first: kind, distance, decision, verdict, merged, the two CSV lines,
-hashed subject ids, splits) and OUT/audit_summary.csv (the threshold, how it was chosen, the expected false pairs,
-the largest merged group), and logs both with the counts to a run tagged task=audit. No paths, raw ids or faces
-reach MLflow: the review page (`review_page`) and the decisions file itself only with allow_phi_artifacts.
+Writes OUT/audit.csv (one row per pair, closest first: pair number, kind, distance, decision, verdict, outcome, the
+two CSV lines, hashed subject ids, splits) and OUT/audit_summary.csv (the threshold and the strict distance, how
+they were chosen, the expected false pairs, the counts of merged and precaution pairs, the largest group kept in one
+split), and logs both with the counts to a run tagged task=audit. No paths, raw ids or faces reach MLflow: the
+review page (`review_page`) and the decisions file itself only with allow_phi_artifacts.
 """
 from __future__ import annotations
 
@@ -58,9 +59,8 @@ def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | f
     if review:
         page = Path(review)
         private_dir(page.parent)
-        t = audit.choice.threshold if audit.choice else None
-        write_private(page, review_page(audit.pairs, m.table["path"].tolist(), threshold=t, manifest=str(m.source),
-                                    captions=_captions(m.table)))
+        write_private(page, review_page(audit.pairs, m.table["path"].tolist(), choice=audit.choice,
+                                        manifest=str(m.source), captions=_captions(m.table)))
     run_id = _log(audit, m, experiment, summary, page if allow_phi else None, allow_phi) if track else None
     return AuditRun(audit, folder / "audit.csv", run_id, settings.faces, page)
 
@@ -73,14 +73,16 @@ def _captions(table) -> list[str]:
 def _log(audit: CohortAudit, m, experiment: str, summary: pd.DataFrame, page: Path | None, allow_phi: bool
          ) -> str:
     s = audit.settings
+    counts = audit.summary()
     with tracking.start_run(experiment=experiment, run_name="audit", tags={
             "task": "audit", "synthetic_data": str(m.synthetic).lower(), "data_digest": m.digest,
-            "allow_phi_artifacts": str(allow_phi).lower()}) as run:
+            "allow_phi_artifacts": str(allow_phi).lower(), "audit_merges": f"{counts['audit/merged_subjects']:.0f}",
+            "audit_precautions": f"{counts['audit/precaution_subjects']:.0f}"}) as run:
         run.log_params({"duplicate_max_bits": s.duplicate_max_bits, "duplicate_max_color": s.duplicate_max_color,
                         "same_person_max_distance": audit.choice.threshold if audit.choice else "",
                         "faces": str(s.faces).lower(), **audit.params()})
         n = len(audit.photos)
-        run.log_metrics({**audit.summary(), "audit/photos": float(n), "audit/seconds": audit.seconds,
+        run.log_metrics({**counts, "audit/photos": float(n), "audit/seconds": audit.seconds,
                          "audit/photos_per_s": n / max(audit.seconds, 1e-9), "audit/computed": float(audit.computed)})
         run.log_table(audit.pairs, "audit.csv")
         run.log_table(summary, "audit_summary.csv")

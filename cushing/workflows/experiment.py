@@ -22,6 +22,7 @@ from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, chec
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import build_report
+from cushing.data.audit.settings import TOGETHER
 from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
@@ -78,19 +79,23 @@ def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
 
 
 def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> None:
-    """The cohort audit that shaped the split: audit.csv (CSV lines and hashed ids only), counts, how many
-    subjects were merged into another's split group, and a warning when a given split keeps pairs apart."""
+    """The cohort audit that shaped the split: audit.csv (pair numbers, CSV lines and hashed ids only), counts, how
+    many subjects joined another's split group as one person (merges) or as a precaution, and a warning when a
+    given split keeps such pairs apart."""
     audit = cohort.audit
     pairs = audit.pairs.assign(split_a=cohort.split.to_numpy()[audit.pairs["line_a"].to_numpy() - 2],
                                split_b=cohort.split.to_numpy()[audit.pairs["line_b"].to_numpy() - 2])
     pairs["straddles_splits"] = pairs["split_a"] != pairs["split_b"]
     run.log_table(pairs, "audit.csv")
-    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["merged"]).sum())
-    run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges), "audit/pairs_across_splits": apart})
-    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges), **audit.params()}
+    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["outcome"].isin(TOGETHER)).sum())
+    run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges),
+                     "audit/precautions": float(cohort.precautions), "audit/pairs_across_splits": apart})
+    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges), "audit_precautions": str(cohort.precautions),
+            **audit.params()}
     if apart:
-        tags["audit_warning"] = (f"{apart} pair(s) of different subjects that look like one photo or one person sit "
-                                 "in different splits (a split given in the manifest is kept as it is): see audit.csv")
+        tags["audit_warning"] = (f"{apart} pair(s) of different subjects, merged as one photo or one person or kept "
+                                 "together as a precaution, sit in different splits (a split given in the manifest "
+                                 "is kept as it is): see audit.csv")
     run.set_tags(tags)
 
 
