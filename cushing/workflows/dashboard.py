@@ -54,7 +54,7 @@ class RunData:
     predictions: pd.DataFrame | None
     cam: dict[str, np.ndarray]
     splits: pd.DataFrame | None
-    origin: str = ""  # where a registry model from outside the runs asked for was trained (its parent run's name)
+    origin: str = ""  # a registry model trained outside the runs shown: its sweep's (parent run's) name
 
 
 def _artifact(run_id: str, path: str, d: Path):
@@ -90,7 +90,7 @@ def collect(experiment: str, parent_run_id: str | None = None, also: tuple[str, 
         raise DashboardError(f"{where} has no finished training runs with test metrics: nothing to show. {hint}")
     own = {r.run_id for r in runs}
     extra = [r for r in map(_run_or_none, dict.fromkeys(i for i in also if i not in own)) if r and _trained(r)]
-    origin = {r.run_id: _origin(r) for r in extra}
+    origin = {r.run_id: ((r.parent_run_id and _run_or_none(r.parent_run_id)) or r).name for r in extra}  # its sweep
     runs += extra
     for r in runs:
         if _has_overlays(r.run_id) and r.tags.get("allow_phi_artifacts") != "true":
@@ -118,12 +118,6 @@ def _run_or_none(run_id: str):
         return tracking.get_run(run_id)
     except Exception:  # deleted, or in another store
         return None
-
-
-def _origin(r) -> str:
-    """The sweep (its parent run) a run was trained in, by name; else the run's own name."""
-    parent = _run_or_none(r.parent_run_id) if r.parent_run_id else None
-    return parent.name if parent is not None else r.name
 
 
 def _label(r) -> str:
