@@ -71,6 +71,7 @@ def _print_result(res) -> None:
         print(f"champion: version {c['version']} ({c['model']}, run {c['run']}; {c['selection']})")
         print(f"model card: {res.model_card} (also the version's description in the registry)")
     print(f"dashboard: {res.dashboard}")
+    print(f"runs in the MLflow UI: {res.ui}")
     evaluation = next((s for s in res.steps if s.name == "evaluate"), None)
     if evaluation is not None:
         o = evaluation.outputs
