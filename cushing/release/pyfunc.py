@@ -2,7 +2,8 @@
 
 Input: a DataFrame with a string column `image` (base64-encoded JPEG/PNG bytes).
 Output: `probability` (of Cushing's; null when there is no usable face), `label` (1/0 at the threshold chosen on
-validation and stored with the model; -1 when no usable face) and `face_status`.
+validation and stored with the model; -1 when no usable face), `face_status` and `operating_point` (the threshold,
+its rule and what that rule guarantees on validation).
 Weights are safetensors (no pickle); the model is logged as code (`model_code.py`), so loading it unpickles
 nothing and works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
@@ -51,7 +52,8 @@ def signature():
     return ModelSignature(
         # optional for MLflow's schema check (its error for a missing column also echoes the request): ours says so
         inputs=Schema([ColSpec("string", "image", required=False)]),
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("long", "label"), ColSpec("string", "face_status")]),
+        outputs=Schema([ColSpec("double", "probability"), ColSpec("long", "label"), ColSpec("string", "face_status"),
+                               ColSpec("string", "operating_point")]),
     )
 
 
@@ -64,8 +66,14 @@ def model_description(cfg: dict[str, Any]) -> str:
     return (f"{warning}Cushing's syndrome screening model ({cfg['model']}"
             f"{', frozen backbone' if cfg.get('frozen') else ''}). "
             f"Input: column `image`, base64 JPEG/PNG. It {how}. Output: probability, label at threshold "
-            f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status. "
+            f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status, "
+            f"operating_point. {_operating_point(cfg)}. "
             f"A screening aid, not a diagnosis.")
+
+
+def _operating_point(cfg: dict[str, Any]) -> str:
+    g = cfg.get("threshold_guarantee")
+    return f"threshold {cfg['threshold']:.4f}, rule {cfg.get('threshold_rule')}" + (f": {g}" if g else "")
 
 
 def save_model_artifacts(folder: Path, *, model, cfg: dict[str, Any]) -> dict[str, str]:
@@ -159,4 +167,5 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         label = np.where(np.isnan(prob), -1, (prob >= thr).astype(int))
         # no usable face: probability None (JSON null; NaN would make the served response invalid JSON)
         probability = pd.Series([float(v) if math.isfinite(v) else None for v in prob], dtype=object)
-        return pd.DataFrame({"probability": probability, "label": label.astype(np.int64), "face_status": statuses})
+        return pd.DataFrame({"probability": probability, "label": label.astype(np.int64), "face_status": statuses,
+                             "operating_point": _operating_point(self.cfg)})

@@ -8,7 +8,7 @@ import pandas as pd
 
 from cushing.stats.metrics import auc, confusion, roc_points
 
-__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "pyplot"]
+__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "decision_plot", "pyplot"]
 
 
 def pyplot():
@@ -89,6 +89,26 @@ def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> 
         ax.plot(r["mean_predicted"], r["observed_rate"], "o-", label=f"{split} (n={int(r['count'].sum())})")
     ax.set(xlabel="mean predicted probability", ylabel="observed patient rate", xlim=(0, 1), ylim=(0, 1),
            title="reliability")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def decision_plot(curve: pd.DataFrame, path: str | Path, threshold: float | None = None) -> None:
+    """The decision curve (`decision.decision_curve`): the model's net benefit with its band, treat all, treat none."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    t = curve["threshold"]
+    ax.fill_between(t, curve["ci_low"], curve["ci_high"], color="C0", alpha=0.2, lw=0, label="95% (subjects)")
+    ax.plot(t, curve["net_benefit"], color="C0", label="model")
+    ax.plot(t, curve["treat_all"], color="0.4", ls="--", label="treat all")
+    ax.axhline(0, color="0.6", lw=0.8, label="treat none")
+    if threshold is not None and t.min() <= threshold <= t.max():
+        ax.axvline(threshold, color="C3", ls=":", lw=1, label=f"operating threshold {threshold:.3f}")
+    top = np.nanmax(np.r_[curve["net_benefit"], curve["ci_high"], curve["treat_all"], [0.01]])
+    ax.set(xlabel="threshold probability", ylabel="net benefit", ylim=(-0.1 * top, 1.1 * top),
+           title="decision curve")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

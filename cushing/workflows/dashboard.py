@@ -54,6 +54,7 @@ class RunData:
     predictions: pd.DataFrame | None
     cam: dict[str, np.ndarray]
     splits: pd.DataFrame | None
+    decision: pd.DataFrame | None = None  # decision_curve.csv
 
 
 def _artifact(run_id: str, path: str, d: Path):
@@ -95,11 +96,13 @@ def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
             pred = _artifact(rid, "predictions.csv", sub)
             npz = _artifact(rid, "cam/mean_maps.npz", sub)
             spl = _artifact(rid, "splits.csv", sub)
+            dc = _artifact(rid, "decision_curve.csv", sub)
             cam = {}
             if npz is not None:
                 with np.load(npz) as z:
                     cam = {str(k): z[str(k)].astype(np.float32) for k in z["names"]}
-            out.append(RunData(r, pd.read_csv(pred) if pred else None, cam, pd.read_csv(spl) if spl else None))
+            out.append(RunData(r, pd.read_csv(pred) if pred else None, cam, pd.read_csv(spl) if spl else None,
+                               pd.read_csv(dc) if dc else None))
     return out
 
 
@@ -164,6 +167,29 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
     ax.set(xlabel="mean predicted probability", ylabel="observed patient rate", xlim=(0, 1), ylim=(0, 1),
            title="test calibration")
     ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _decision_figure(ranked: list[RunData], top: int) -> str | None:
+    """The top models' decision curves over one another, with treat-all (of the first) and treat-none."""
+    shown_ = [rd for rd in ranked[:top] if rd.decision is not None and not rd.decision.empty]
+    if not shown_:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.6))
+    for i, rd in enumerate(shown_):
+        d, m = rd.decision, rd.run.metrics
+        ax.plot(d["threshold"], d["net_benefit"], color=f"C{i}", label=_label(rd.run))
+        ax.fill_between(d["threshold"], d["ci_low"], d["ci_high"], color=f"C{i}", alpha=0.12, lw=0)
+        if math.isfinite(m.get("test/net_benefit", math.nan)) and m["threshold"] <= d["threshold"].max():
+            ax.plot([m["threshold"]], [m["test/net_benefit"]], "o", color=f"C{i}", ms=4)
+    ax.plot(shown_[0].decision["threshold"], shown_[0].decision["treat_all"], "--", color="0.4", label="treat all")
+    ax.axhline(0, color="0.6", lw=0.8, label="treat none")
+    top_nb = np.nanmax(np.concatenate([rd.decision[c].to_numpy(float) for rd in shown_ for c in ("ci_high",
+                                                                                               "treat_all")] + [[0.01]]))
+    ax.set(xlabel="threshold probability", ylabel="net benefit", ylim=(-0.1 * top_nb, 1.1 * top_nb),
+           title="test decision curves")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
@@ -268,7 +294,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
     cohort, cohort_note = _cohort(runs)
     figures = {"roc": _roc_figure(ranked, spec["roc_top"]), "calibration": _calibration_figure(ranked,
                spec["calibration_top"]), "per_sex": _per_sex_figure(ranked), "cam": _cam_figure(ranked,
-               spec["cam_models"])}
+               spec["cam_models"]), "decision": _decision_figure(ranked, spec["roc_top"])}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), autoescape=True)
     html = env.get_template(spec["template"]).render(
         title=spec["title"], experiment=experiment, parent=parent_run_id, runs=rows, per_sex=per_sex,
