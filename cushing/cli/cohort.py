@@ -193,7 +193,8 @@ def _size(ns: argparse.Namespace) -> int:
         print(f"cushing size: {e}", file=sys.stderr)
         return 2
     print(f"test split, in subjects; expected 95% interval widths at recall {ns.sensitivity:g}, specificity "
-          f"{ns.specificity:g}, AUC {ns.auc:g}; needed for a width of {ns.width:g} (Buderer 1996, Hanley & McNeil 1982)")
+          f"{ns.specificity:g}, AUC {ns.auc:g}; needed for a width of {ns.width:g} (Buderer 1996; Hanley & "
+          "McNeil 1982)")
     print(t.round(3).to_string(index=False))
     return 0
 

@@ -75,19 +75,14 @@ def _cohort(c: CardInputs) -> str:
     return _table(rows, ["split", "sex", "label", "subjects", "images"])
 
 
-_METHODS = {"subject_bootstrap": "several photos per subject, so every proportion from the subject bootstrap "
-                                 "(Wilson at its effective sample size), as F1 and AUC",
-            "": "Wilson for proportions (one photo per subject), subject bootstrap for F1 and AUC"}
-
-
 def _utility(m: dict[str, float]) -> str:
     nb = m.get("test/net_benefit")
     if nb is None:
         return "No decision curve was logged."
     return (f"Net benefit at the operating threshold: {_with_ci(m, 'test/net_benefit')} vs "
             f"{_num(m.get('test/net_benefit/treat_all'))} for treating everyone and 0 for no one, at prevalence "
-            f"{_num(m.get('prevalence'))}: per 100 people screened, about {_num(100 * nb, 1)} true cases found net "
-            "of the unnecessary work-ups this threshold accepts.")
+            f"{_num(m.get('prevalence'))}: {_num(100 * nb, 1)} true cases found per 100 people screened, net of the "
+            "unnecessary work-ups this threshold accepts (below 0: worse than screening no one).")
 
 
 def _known_to(c: CardInputs) -> str:
@@ -154,7 +149,8 @@ def _markdown(c: CardInputs) -> str:
 - Input: a frontal facial photo (base64 JPEG/PNG); face stage: {t.get('face_mask_source', 'none (trained on the images as given)')}; \
 {p.get('img_size', '')} px.
 - Operating threshold: {_num(m.get('threshold'), 4)}, chosen on validation by rule `{p.get('threshold', 'f1')}`\
-{f" ({t['threshold_guarantee']})" if t.get('threshold_guarantee') else ''}; best epoch {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen on `{p.get('select_metric', 'val/f1')}`.
+{f" ({t['threshold_guarantee']})" if t.get('threshold_guarantee') else ''}; best epoch \
+{int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen on `{p.get('select_metric', 'val/f1')}`.
 - Source run: `{c.run_id}`.
 
 ## Training data
@@ -165,7 +161,8 @@ def _markdown(c: CardInputs) -> str:
 
 {_known_to(c)}
 
-## Performance (95% intervals counting subjects: {_METHODS.get(t.get('interval_method', ''), _METHODS[''])})
+## Performance (95% intervals counting subjects: {"all from the subject bootstrap, as several photos share a subject"
+ if t.get('interval_method') == 'subject_bootstrap' else "Wilson for proportions, subject bootstrap for F1 and AUC"})
 {_performance(m)}
 
 ## Per subgroup (test)
@@ -175,7 +172,8 @@ Sex gap (female - male), test: recall {_with_ci(m, 'test/recall/sex_gap')}, F1 {
 
 ## Calibration
 Brier {_num(m.get('test/brier'))} (test), ECE {_num(m.get('test/ece'))}; PPV {_with_ci(m, 'test/ppv')} and NPV \
-{_with_ci(m, 'test/npv')} at prevalence {_num(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the source run.
+{_with_ci(m, 'test/npv')} at prevalence {_num(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the \
+source run.
 
 ## Clinical utility (decision curve, test)
 {_utility(m)} Curve: `plots/decision_curve.png` and `decision_curve.csv` of the source run.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from cushing.stats.intervals import Z95
@@ -93,5 +92,5 @@ def known_to(patients: dict[str, int], sensitivity: float = 0.85) -> str:
     group (e.g. {"female": 12, "male": 4})."""
     parts = [(n, g, proportion_width(sensitivity, n) / 2) for g, n in patients.items()]
     return ("with " + " and ".join(f"{n} {g}" for n, g, _ in parts) + " patients in test, recall is known to about "
-            + " and ".join(f"±{h:.2f}" if np.isfinite(h) else "nothing" for *_, h in parts)
+            + " and ".join(f"±{h:.2f}" if math.isfinite(h) else "nothing" for *_, h in parts)
             + f" (95% interval half-width at a recall of {sensitivity:g}; Buderer 1996)")

@@ -72,7 +72,6 @@ class OperatingPoint:
     rule: str
     lower_bound: float = math.nan  # the subject-level 95% lower bound at the threshold (guaranteed rules)
     met: bool = True
-    needed: int = 0  # not met: validation subjects a guarantee would need at the rate seen (0: none would do)
     statement: str = ""
 
 
@@ -125,9 +124,10 @@ def operating_point(val: pd.DataFrame | dict, rule: ThresholdRule | str, *, n_bo
     if rule.kind == "fixed":
         return OperatingPoint(float(rule.value), str(rule))
     y, p = np.asarray(val["label"]).astype(bool), np.asarray(val["probability"], float)
-    if y.sum() == 0 or (~y).sum() == 0:
-        return OperatingPoint(0.5, str(rule), met=not rule.kind.endswith("_lcb"),
-                              statement="validation has one class only: threshold 0.5, nothing guaranteed")
+    if y.sum() == 0 or (~y).sum() == 0:  # nothing to choose with; argmax is the honest default
+        lcb = rule.kind.endswith("_lcb")
+        return OperatingPoint(0.5, str(rule), met=not lcb, statement="NOT MET: validation holds one class only; "
+                              "threshold 0.5 (argmax), no guarantee" if lcb else "")
     cuts = cutoffs(p)
     plain = ThresholdRule(rule.kind.removesuffix("_lcb"), rule.value)
     score = _scores(y, p, cuts, plain)
@@ -157,15 +157,11 @@ def _guaranteed(val: pd.DataFrame, y: np.ndarray, p: np.ndarray, cuts: np.ndarra
     if len(ok):
         i = ok.max() if m == "recall" else ok.min()
         lb = float(low[cand == i][0])
-        return OperatingPoint(float(cuts[i]), str(rule), lb, True, 0,
+        return OperatingPoint(float(cuts[i]), str(rule), lb, True,
                               f"validation {m} {point[i]:.3f}, 95% lower bound {lb:.3f} >= {target:g} "
                               f"({n} validation {who}): guaranteed, at validation {other} {every[other][0, i]:.3f}")
-    rate = float(point[np.searchsorted(cuts, fallback)])
-    need = subjects_needed(target, rate)
-    best = float(np.max(low)) if len(low) else math.nan
-    return OperatingPoint(fallback, str(rule), best, False, need,
-                          f"NOT MET: no cut-off gives a validation {m} whose 95% lower bound reaches {target:g} "
-                          f"(best {best:.3f}, {n} validation {who}); threshold falls back to "
-                          f"{rule.kind[:-4]}:{target:g} (validation {m} {rate:.3f}, no guarantee); "
-                          + (f"at that {m} a guarantee needs about {need} validation {who}" if need else
-                             f"a {m} of {rate:.3f} cannot guarantee {target:g} at any size"))
+    rate = float(point[np.searchsorted(cuts, fallback)])  # only without the check before training (`unattainable`)
+    return OperatingPoint(fallback, str(rule), float(np.max(low, initial=0.0)), False,
+                          f"NOT MET: no cut-off's validation {m} has a 95% lower bound of {target:g} ({n} validation "
+                          f"{who}); threshold falls back to {rule.kind[:-4]}:{target:g} (validation {m} {rate:.3f}, no "
+                          f"guarantee), where one needs about {subjects_needed(target, rate) or 'no number of'} {who}")

@@ -3,8 +3,9 @@ evaluation, and what a cohort of this size can show (`cushing size`).
 
 Writes OUT/audit.csv (one row per pair, closest first: kind, distance, decision, verdict, merged, the two CSV lines,
 hashed subject ids, splits) and OUT/audit_summary.csv (the threshold, how it was chosen, the expected false pairs,
-the largest merged group, how well recall is known per sex), and logs both with the counts to a run tagged task=audit. No paths, raw ids or faces
-reach MLflow: the review page (`review_page`) and the decisions file itself only with allow_phi_artifacts.
+the largest merged group, how well recall is known per sex), and logs both with the counts to a run tagged
+task=audit. No paths, raw ids or faces reach MLflow: the review page (`review_page`) and the decisions file itself
+only with allow_phi_artifacts.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from cushing import __version__
 from cushing import tracking
-from cushing.stats import calibration
+from cushing.stats import calibration, plots
 from cushing.stats.metrics import auc, lower_is_better, roc_points
 from cushing.stats.plots import pyplot
 from cushing.stats.report import interval_of, shown
@@ -172,26 +172,11 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
 
 
 def _decision_figure(ranked: list[RunData], top: int) -> str | None:
-    """The top models' decision curves over one another, with treat-all (of the first) and treat-none."""
     shown_ = [rd for rd in ranked[:top] if rd.decision is not None and not rd.decision.empty]
-    if not shown_:
-        return None
-    fig, ax = pyplot().subplots(figsize=(6.4, 4.6))
-    for i, rd in enumerate(shown_):
-        d, m = rd.decision, rd.run.metrics
-        ax.plot(d["threshold"], d["net_benefit"], color=f"C{i}", label=_label(rd.run))
-        ax.fill_between(d["threshold"], d["ci_low"], d["ci_high"], color=f"C{i}", alpha=0.12, lw=0)
-        if math.isfinite(m.get("test/net_benefit", math.nan)) and m["threshold"] <= d["threshold"].max():
-            ax.plot([m["threshold"]], [m["test/net_benefit"]], "o", color=f"C{i}", ms=4)
-    ax.plot(shown_[0].decision["threshold"], shown_[0].decision["treat_all"], "--", color="0.4", label="treat all")
-    ax.axhline(0, color="0.6", lw=0.8, label="treat none")
-    top_nb = np.nanmax(np.concatenate([rd.decision[c].to_numpy(float) for rd in shown_ for c in ("ci_high",
-                                                                                               "treat_all")] + [[0.01]]))
-    ax.set(xlabel="threshold probability", ylabel="net benefit", ylim=(-0.1 * top_nb, 1.1 * top_nb),
-           title="test decision curves")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    return _png(plots.decision_plot(
+        {_label(rd.run): rd.decision for rd in shown_},
+        {_label(rd.run): (rd.run.metrics["threshold"], rd.run.metrics.get("test/net_benefit", math.nan))
+         for rd in shown_}, title="test decision curves")) if shown_ else None
 
 
 def _per_sex_figure(ranked: list[RunData]) -> str:

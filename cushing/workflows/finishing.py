@@ -65,7 +65,6 @@ def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], d
         tags["threshold_guarantee"] = op.statement
         metrics.update({"threshold/lower_bound": op.lower_bound, "threshold/guarantee_met": float(op.met)})
         if not op.met:
-            metrics["threshold/subjects_needed"] = float(op.needed)
             print(f"cushing: {run_name(outcome.config)}: threshold {op.rule} {op.statement}", file=sys.stderr,
                   flush=True)
     return metrics, tags
@@ -88,7 +87,8 @@ def _write_plots(d: Path, outcome: TrainOutcome, report: Report) -> None:
     plots.confusion_plot(outcome.predictions, outcome.threshold, d / "plots" / "confusion.png")
     plots.curves_plot(fit.history, fit.best_epoch, d / "plots" / "curves.png")
     plots.calibration_plot(report.reliability, d / "plots" / "calibration.png")
-    plots.decision_plot(report.decision_curve, d / "plots" / "decision_curve.png", outcome.threshold)
+    plots.decision_plot({"model": report.decision_curve}, {"model": (outcome.threshold, report.metrics.get(
+        "test/net_benefit", math.nan))}, d / "plots" / "decision_curve.png", "decision curve (test)")
 
 
 def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
