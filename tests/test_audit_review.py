@@ -3,6 +3,8 @@ manifests under tmp_path): renamed people found, a reviewed decisions file honou
 of strangers, the review page kept local, and `--evaluate` writing a curve the audit reads."""
 from __future__ import annotations
 
+import re
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -77,6 +79,11 @@ def test_planted_renamed_people_are_found_at_the_automatic_threshold(planted):
     assert float(summary["audit/threshold"]) == pytest.approx(c.threshold)
     assert float(summary["audit/largest_merged_group"]) == res.audit.summary()["audit/largest_merged_group"] >= 2
     assert summary["audit_threshold"] == "auto"
+    # how well recall is known with the test patients per sex (the line `cushing size` and model cards give)
+    counts = [int(n) for n in re.findall(r"(\d+) (?:female|male)", summary["cohort_size"])]
+    assert res.size == summary["cohort_size"] and len(counts) == table["sex"].nunique()
+    assert sum(counts) <= table.loc[table["label"] == 1, "subject_id"].nunique()
+    assert ("±" in summary["cohort_size"]) == (sum(counts) > 0), summary["cohort_size"]
 
 
 def test_a_decisions_file_overrides_a_merge_and_forces_one(planted):

@@ -52,9 +52,11 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _performance(m: dict[str, float]) -> str:
+def _performance(m: dict[str, float], tags: dict[str, str]) -> str:
+    how = ("all from the subject bootstrap, as several photos share a subject" if tags.get("interval_method") ==
+           "subject_bootstrap" else "Wilson for proportions, subject bootstrap for F1 and AUC")
     rows = [[metric] + [_with_ci(m, f"{split}/{metric}") for split in ("val", "test")] for metric in METRICS]
-    return _table(rows, ["metric", "validation", "test"])
+    return f"## Performance (95% intervals counting subjects: {how})\n" + _table(rows, ["metric", "validation", "test"])
 
 
 def _subgroups(c: CardInputs) -> str:
@@ -90,9 +92,9 @@ def _known_to(c: CardInputs) -> str:
     t = c.splits
     if t is None or t.empty:
         return ""
-    test = t[(t["split"].astype(str) == "test") & (t["label"].astype(int) == 1)]
-    return "Cohort size: " + known_to({{"F": "female", "M": "male"}.get(str(k), str(k)): int(n)
-                                       for k, n in test.groupby("sex")["subjects"].sum().items()}) + "."
+    test = t[(t["split"].astype(str) == "test") & (t["label"].astype(int) == 1)].groupby("sex")["subjects"].sum()
+    return "Cohort size: " + known_to({{"F": "female", "M": "male"}.get(k, k): int(test.get(k, 0))
+                                       for k in sorted(t["sex"].unique())}) + "."
 
 
 def _command(c: CardInputs) -> str:
@@ -161,9 +163,7 @@ def _markdown(c: CardInputs) -> str:
 
 {_known_to(c)}
 
-## Performance (95% intervals counting subjects: {"all from the subject bootstrap, as several photos share a subject"
- if t.get('interval_method') == 'subject_bootstrap' else "Wilson for proportions, subject bootstrap for F1 and AUC"})
-{_performance(m)}
+{_performance(m, t)}
 
 ## Per subgroup (test)
 {_subgroups(c)}

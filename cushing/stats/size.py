@@ -90,7 +90,7 @@ def plan(subjects: pd.DataFrame, *, test_fraction: float, sensitivity: float = 0
 def known_to(patients: dict[str, int], sensitivity: float = 0.85) -> str:
     """One line for a model card or an audit summary: how well recall is known with these test patients per
     group (e.g. {"female": 12, "male": 4})."""
-    parts = [(n, g, proportion_width(sensitivity, n) / 2) for g, n in patients.items()]
-    return ("with " + " and ".join(f"{n} {g}" for n, g, _ in parts) + " patients in test, recall is known to about "
-            + " and ".join(f"±{h:.2f}" if math.isfinite(h) else "nothing" for *_, h in parts)
+    parts = [(n, g, proportion_width(sensitivity, n) / 2) for g, n in patients.items()] or [(0, "", math.nan)]
+    return ("with " + " and ".join(f"{n} {g}".strip() for n, g, _ in parts) + " patients in test, recall is known to "
+            "about " + " and ".join(f"±{h:.2f}" if math.isfinite(h) else "nothing" for *_, h in parts)
             + f" (95% interval half-width at a recall of {sensitivity:g}; Buderer 1996)")

@@ -150,5 +150,5 @@ def size_line(m, cfg: TrainConfig | None = None) -> str:
         s = _subjects(m, cfg or TrainConfig())
     except SplitError as e:  # a given split that leaks: the audit says so; nothing to plan from
         return f"not estimated ({e})"
-    test = s[(s["split"] == "test") & (s["label"] == 1)]
-    return known_to({{"F": "female", "M": "male"}[k]: int(n) for k, n in test.groupby("sex").size().items()})
+    test = s[(s["split"] == "test") & (s["label"] == 1)].groupby("sex").size()
+    return known_to({{"F": "female", "M": "male"}[k]: int(test.get(k, 0)) for k in sorted(s["sex"].unique())})
