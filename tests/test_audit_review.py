@@ -4,6 +4,8 @@ reviewed decisions file honoured, the group bound on a cohort of strangers, the 
 like audit.csv, and `--evaluate` writing a curve the audit reads."""
 from __future__ import annotations
 
+import re
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -86,6 +88,11 @@ def test_planted_renamed_people_are_kept_together_at_the_automatic_threshold(pla
     assert s["audit/pairs_merged"] == len(merged) and s["audit/pairs_precaution"] == len(kept) - len(merged)
     assert s["audit/merged_subjects"] + s["audit/precaution_subjects"] >= len(found)
     assert summary["audit_threshold"] == "auto"
+    # how well recall is known with the test patients per sex (the line `cushing size` and model cards give)
+    counts = [int(n) for n in re.findall(r"(\d+) (?:female|male)", summary["cohort_size"])]
+    assert res.size == summary["cohort_size"] and len(counts) == table["sex"].nunique()
+    assert sum(counts) <= table.loc[table["label"] == 1, "subject_id"].nunique()
+    assert ("±" in summary["cohort_size"]) == (sum(counts) > 0), summary["cohort_size"]
 
 
 def test_nothing_is_merged_on_celeba_identities_as_they_are(pool, tmp_path_factory):

@@ -143,7 +143,7 @@ def test_model_reloads_weights_only_and_scores_a_synthetic_face(finished_run, mo
     model_uri = run.data.tags["model_uri"]
     model = mlflow.pyfunc.load_model(model_uri)
     out = model.predict(pd.DataFrame({"image": [synthetic_jpeg_b64(seed=s) for s in range(3)]}))
-    assert list(out.columns) == ["probability", "label", "face_status"]
+    assert list(out.columns) == ["probability", "label", "face_status", "operating_point"]
     assert ((out["probability"] >= 0) & (out["probability"] <= 1)).all()
     thr = run.data.metrics["threshold"]
     assert (out["label"] == (out["probability"] >= thr).astype(int)).all()

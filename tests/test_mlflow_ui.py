@@ -132,8 +132,17 @@ def test_model_version_page_shows_its_model_card(ui, flow):
     assert "champion" in view.data["aliases"]
     shown = ui.page.inner_text("body")
     assert "Intended use" in shown and "not a diagnostic device" in shown, "the card is shown on the page"
+    for item in ("95% intervals counting subjects", "Clinical utility (decision curve, test)",
+                 "Net benefit at the operating threshold", "Cohort size: with "):
+        assert item in description and item in shown, item
     mu.screenshot(ui, "demo-flow-model-version")
     mu.docs_screenshot(ui, "mlflow-model-card")
+    size = ui.page.viewport_size
+    ui.page.set_viewport_size(mu.DOCS_VIEWPORT)  # lay out at the picture's size first, then scroll: its own picture
+    ui.page.wait_for_timeout(800)
+    ui.page.get_by_text("Performance (95% intervals counting subjects").first.evaluate("e => e.scrollIntoView()")
+    mu.docs_screenshot(ui, "mlflow-model-card-evidence")
+    ui.page.set_viewport_size(size)
 
 
 def test_run_chart_view_draws_the_epoch_curves_as_lines(ui, flow):

@@ -248,7 +248,8 @@ def test_served_champion_scores_real_faces(served, celeba_dir):
     assert r1.status_code == 200, r1.text[:500]
     out1 = pd.DataFrame(r1.json()["predictions"])
     out2 = pd.DataFrame(r2.json()["predictions"])
-    assert list(out1.columns) == ["probability", "label", "face_status"]
+    assert list(out1.columns) == ["probability", "label", "face_status", "operating_point"]
+    assert out1["operating_point"][0].startswith("threshold ") and ", rule f1" in out1["operating_point"][0]
     assert "TRAINED ON SYNTHETIC DATA" in log.read_text(), "the server says so when it loads a synthetic model"
     p = out1["probability"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all() and np.allclose(p, out2["probability"].to_numpy())

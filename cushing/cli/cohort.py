@@ -1,5 +1,5 @@
-"""The cohort before training: `cushing faces` (the face stage) and `cushing audit` (the same photo, or the same
-person, under two subject ids)."""
+"""The cohort before training: `cushing faces` (the face stage), `cushing audit` (the same photo, or the same
+person, under two subject ids) and `cushing size` (what a cohort of this size can show)."""
 from __future__ import annotations
 
 import argparse
@@ -169,6 +169,7 @@ def _print_audit(res) -> None:
     if a.decisions is not None:
         print(f"  decisions {a.decisions.path}: {a.decisions.count('same')} same, "
               f"{a.decisions.count('different')} different, {a.decisions.unmatched} not in this manifest")
+    print(f"  cohort size: {res.size}")
     print(f"audit: {res.out}" + (f" (logged to run {res.run_id})" if res.run_id else ""))
     if res.review_page:
         print(f"review page (PHI, local): {res.review_page}")
@@ -176,3 +177,36 @@ def _print_audit(res) -> None:
 
 COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",
                      _audit_args, _audit)
+
+
+# ------------------------------------------------------------------------------------------------ size
+
+def _size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
+    p.add_argument("--sensitivity", type=float, default=0.85, help="expected recall (default 0.85)")
+    p.add_argument("--specificity", type=float, default=0.9, help="expected specificity (default 0.9)")
+    p.add_argument("--auc", type=float, default=0.9, help="expected AUC (default 0.9)")
+    p.add_argument("--width", type=float, default=0.2, help="target 95%% interval width, upper - lower (default 0.2)")
+    p.add_argument("--split-ratios", default="1:1:1", help="train:val:test as the run would use (default 1:1:1)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--subgroups", default="sex", help="manifest columns to plan per value of (default sex)")
+
+
+def _size(ns: argparse.Namespace) -> int:
+    from cushing.workflows.cohort_audit import cohort_size
+
+    try:
+        t = cohort_size(manifest=ns.manifest, sensitivity=ns.sensitivity, specificity=ns.specificity, auc=ns.auc,
+                        width=ns.width, split_ratios=ns.split_ratios, split_seed=ns.split_seed, subgroups=ns.subgroups)
+    except ValueError as e:
+        print(f"cushing size: {e}", file=sys.stderr)
+        return 2
+    print(f"test split, in subjects; expected 95% interval widths at recall {ns.sensitivity:g}, specificity "
+          f"{ns.specificity:g}, AUC {ns.auc:g}; needed for a width of {ns.width:g} (Buderer 1996; Hanley & "
+          "McNeil 1982)")
+    print(t.round(3).to_string(index=False))
+    return 0
+
+
+COMMANDS["size"] = ("what a cohort can show: interval widths per sex and subgroup, and the patients a target "
+                    "width needs", _size_args, _size)

@@ -27,7 +27,7 @@ from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.data.splits import assign_splits, split_table
 from cushing.stats.subgroups import check_subgroup_columns
 from cushing.stats.calibration import apply_temperature, fit_temperature
-from cushing.stats.thresholds import choose_threshold
+from cushing.stats.thresholds import OperatingPoint, operating_point
 from cushing.data.demo import make_demo_cohort
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 from cushing.data.audit.settings import TOGETHER
@@ -152,6 +152,7 @@ class TrainOutcome:
     threshold: float
     temperature: float
     device: str
+    operating: OperatingPoint | None = None  # the threshold's rule and what it guarantees
 
 
 def predictions_frame(cohort: Cohort, idx: np.ndarray, split_names: np.ndarray, prob: np.ndarray,
@@ -237,12 +238,11 @@ def score(fitted: Fitted, cohort: Cohort) -> TrainOutcome:
         is_val = pred["split"] == "val"
         temperature = fit_temperature(pred.loc[is_val, "label"], pred.loc[is_val, "probability"])
         pred["probability"] = apply_temperature(pred["probability"].to_numpy(), temperature)
-    val = pred[pred["split"] == "val"]
-    threshold = choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(), cfg.threshold)
-    pred["prediction"] = (pred["probability"] >= threshold).astype(int)
+    op = operating_point(pred[pred["split"] == "val"], cfg.threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+    pred["prediction"] = (pred["probability"] >= op.threshold).astype(int)
     fitted.bank = None  # the device copy of the images is no longer needed
     return TrainOutcome(cfg, fitted.spec, fitted.frozen, fitted.model, fitted.preprocess, fitted.fit, pred,
-                        threshold, temperature, str(fitted.device))
+                        op.threshold, temperature, str(fitted.device), op)
 
 
 def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,

@@ -2,9 +2,10 @@
 
 Input: a DataFrame with a string column `image` (base64-encoded JPEG/PNG bytes).
 Output, one row per photo: `probability` (of Cushing's), `label` (1/0 at the threshold chosen on validation and
-stored with the model) and `face_status`: `ok` (`not_applied` without a face stage), or why the photo was not scored
-(`not_base64`, `too_large`, a decoder or face-stage reason code; then probability null, label -1). Only a request
-wrong as a whole is refused (PayloadError: HTTP 400).
+stored with the model), `face_status`: `ok` (`not_applied` without a face stage), or why the photo was not scored
+(`not_base64`, `too_large`, a decoder or face-stage reason code; then probability null, label -1), and
+`operating_point` (the threshold, its rule and what that rule guarantees on validation). Only a request wrong as a
+whole is refused (PayloadError: HTTP 400).
 Weights are safetensors (no pickle); the model is logged as code (`model_code.py`), so loading it unpickles
 nothing and works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
@@ -64,7 +65,7 @@ def signature():
     # outputs only: with an input schema MLflow drops unknown columns before `predict` sees them, and a request
     # with `photo` instead of `image` could not be told what it sent
     return ModelSignature(outputs=Schema([ColSpec("double", "probability"), ColSpec("long", "label"),
-                                          ColSpec("string", "face_status")]))
+                                          ColSpec("string", "face_status"), ColSpec("string", "operating_point")]))
 
 
 def model_description(cfg: dict[str, Any]) -> str:
@@ -76,8 +77,14 @@ def model_description(cfg: dict[str, Any]) -> str:
     return (f"{warning}Cushing's syndrome screening model ({cfg['model']}"
             f"{', frozen backbone' if cfg.get('frozen') else ''}). "
             f"Input: column `image`, base64 JPEG/PNG. It {how}. Output: probability, label at threshold "
-            f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status. "
+            f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status, "
+            f"operating_point. {_operating_point(cfg)}. "
             f"A screening aid, not a diagnosis.")
+
+
+def _operating_point(cfg: dict[str, Any]) -> str:
+    g = cfg.get("threshold_guarantee")
+    return f"threshold {cfg['threshold']:.4f}, rule {cfg.get('threshold_rule')}" + (f": {g}" if g else "")
 
 
 def save_model_artifacts(folder: Path, *, model, cfg: dict[str, Any]) -> dict[str, str]:
@@ -180,4 +187,4 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         # not scored: probability None (JSON null; NaN would make the served response invalid JSON)
         probability = pd.Series([float(v) if math.isfinite(v) else None for v in prob], dtype=object)
         return pd.DataFrame({"probability": probability, "label": label.astype(np.int64),
-                             "face_status": list(statuses)})
+                             "face_status": list(statuses), "operating_point": _operating_point(self.cfg)})

@@ -20,7 +20,7 @@ import pandas as pd
 
 from cushing import __version__
 from cushing import tracking
-from cushing.stats import calibration
+from cushing.stats import calibration, plots
 from cushing.stats.metrics import auc, lower_is_better, roc_points
 from cushing.stats.plots import pyplot
 from cushing.stats.report import interval_of, shown
@@ -55,6 +55,7 @@ class RunData:
     cam: dict[str, np.ndarray]
     splits: pd.DataFrame | None
     origin: str = ""  # a registry model trained outside the runs shown: its sweep's (parent run's) name
+    decision: pd.DataFrame | None = None  # decision_curve.csv
 
 
 def _artifact(run_id: str, path: str, d: Path):
@@ -104,12 +105,13 @@ def collect(experiment: str, parent_run_id: str | None = None, also: tuple[str, 
             pred = _artifact(rid, "predictions.csv", sub)
             npz = _artifact(rid, "cam/mean_maps.npz", sub)
             spl = _artifact(rid, "splits.csv", sub)
+            dc = _artifact(rid, "decision_curve.csv", sub)
             cam = {}
             if npz is not None:
                 with np.load(npz) as z:
                     cam = {str(k): z[str(k)].astype(np.float32) for k in z["names"]}
             out.append(RunData(r, pd.read_csv(pred) if pred else None, cam, pd.read_csv(spl) if spl else None,
-                               origin.get(rid, "")))
+                               origin.get(rid, ""), pd.read_csv(dc) if dc else None))
     return out
 
 
@@ -183,6 +185,14 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return _png(fig)
+
+
+def _decision_figure(ranked: list[RunData], top: int) -> str | None:
+    shown_ = [rd for rd in ranked[:top] if rd.decision is not None and not rd.decision.empty]
+    return _png(plots.decision_plot(
+        {_label(rd.run): rd.decision for rd in shown_},
+        {_label(rd.run): (rd.run.metrics["threshold"], rd.run.metrics.get("test/net_benefit", math.nan))
+         for rd in shown_}, title="test decision curves")) if shown_ else None
 
 
 def _per_sex_figure(ranked: list[RunData]) -> str:
@@ -286,7 +296,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
     cohort, cohort_note = _cohort(runs)
     figures = {"roc": _roc_figure(ranked, spec["roc_top"]), "calibration": _calibration_figure(ranked,
                spec["calibration_top"]), "per_sex": _per_sex_figure(ranked), "cam": _cam_figure(ranked,
-               spec["cam_models"])}
+               spec["cam_models"]), "decision": _decision_figure(ranked, spec["roc_top"])}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), autoescape=True)
     html = env.get_template(spec["template"]).render(
         title=spec["title"], experiment=experiment, parent=parent_run_id, runs=rows, per_sex=per_sex,

@@ -16,13 +16,14 @@ import pandas as pd
 from cushing import __version__
 from cushing import tracking
 from cushing.model.backbones import get_spec
-from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
+from cushing.config import EXECUTION_FIELDS, ConfigError, TrainConfig, config_digest, resolve, run_name, to_params
 from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, checkpoint_dir, load_checkpoint,
                                       resume_lock)
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import build_report
 from cushing.data.audit.settings import TOGETHER
+from cushing.stats.thresholds import unattainable
 from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
@@ -49,6 +50,15 @@ def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
     if cohort.manifest.synthetic:
         tags["data_note"] = "SYNTHETIC demo cohort: procedurally drawn faces, not patients"
     return tags
+
+
+def _check_guarantee(cfg: TrainConfig, cohort: Cohort) -> None:
+    """A guaranteed threshold rule (sensitivity_lcb:X) that no model could meet on this validation split is
+    refused before training, not found out after it."""
+    val = cohort.table[(cohort.split == "val").to_numpy()].groupby("subject_id")["label"].max()
+    why = unattainable(cfg.threshold, int(val.sum()), int(len(val) - val.sum()))
+    if why:
+        raise ConfigError(why)
 
 
 def _chain(*callbacks: EpochCallback | None) -> EpochCallback:
@@ -110,6 +120,7 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
         with phase("store: tracking server check"):
             tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
         cohort = cohort or prepare_cohort(cfg, progress=progress)
+        _check_guarantee(cfg, cohort)
         tags = {**_tags(cfg, cohort), **(extra_tags or {})}
         opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), tags=tags,
                                     parent_run_id=parent_run_id, detached=finisher is not None)
@@ -287,7 +298,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
         oof = pd.concat(pooled, ignore_index=True).assign(split="oof")
         report = build_report(oof, threshold=0.5, splits=("oof",), min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              argmax_split=None, subgroup_columns=cfg.subgroup_columns)
+                              argmax_split=None, subgroup_columns=cfg.subgroup_columns, decision=False)
         metrics = {**report.metrics, **_spread(children)}
         parent.log_metrics(metrics)
         parent.set_tags(report.tags)
