@@ -174,3 +174,14 @@ def test_gpu_run_refuses_an_unknown_mode_and_a_missing_out(tmp_path):
     r = subprocess.run(["bash", str(GPU_RUN), "engine"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "set OUT to the folder for the results" in r.stderr
     assert not list(tmp_path.iterdir()), "nothing ran"
+
+
+def test_a_bench_whose_model_failed_exits_non_zero(tmp_path):
+    """So the GPU run's status names it: the row says why, and the other models are still measured and written."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "cushing", "bench", "--models", "resnet_18", "--frozen", "",
+                        "--epochs", "1", "--img-size", "14", "--device", "cpu", "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "resnet_18" and row["note"].startswith("error") and "resnet_18" in row["note"]
