@@ -70,7 +70,6 @@ def main() -> None:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-checks-"))
-    os.chdir(work)  # MLflow's artifacts (./mlruns) land here, not in the clone
     os.environ.setdefault("CUSHING_HOME", str(work / "home"))
     import torch
 
@@ -166,6 +165,7 @@ def main() -> None:
         from cushing.workflows.experiment import run_single
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+        os.chdir(work)  # MLflow's artifacts (./mlruns) land here, not in the clone
         cfg = TrainConfig(model=z["run"], pretrained=False, epochs=z["run_epochs"], img_size=size,
                           bootstrap=z["bootstrap"])
         t = time.perf_counter()

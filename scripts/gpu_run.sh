@@ -18,9 +18,9 @@ status="$OUT/status_$what.txt"
 : > "$status"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
 
-# The same command at CPU sizes: 1 epoch, 14 px, resnet18 (dinov2_s where a backbone is frozen), one repeat, one
-# sweep worker, the demo study instead of the paper's, gpu_checks.py --quick. Every option stays as written, so the
-# dry run checks them.
+# The same command at CPU sizes: 1 epoch, 14 px, resnet18 (dinov2_s where a backbone is frozen), one repeat, the
+# demo study instead of the paper's, gpu_checks.py --quick. Every option stays as written, so the dry run checks
+# them.
 tiny() {
   cmd=()
   local a prev=
@@ -30,7 +30,7 @@ tiny() {
       --img-size) a=14 ;;
       --models) a=resnet18 ;;
       --frozen) a=${a:+dinov2_s} ;;
-      --workers | --repeats) a=1 ;;
+      --repeats) a=1 ;;
     esac
     cmd+=("$a")
     prev=$a

@@ -86,7 +86,7 @@ def test_the_sweep_mode_runs_every_command_on_a_cpu(dry_runs):
     out, code, log = dry_runs["sweep"]
     assert code == 0 and _status(out, "sweep") == dict.fromkeys(MODES["sweep"], 0), log[-4000:]
     assert "dry run" in (out / "nvidia.txt").read_text() and "torch " in (out / "nvidia.txt").read_text()
-    timing = json.loads((out / "sweep_timing_1ep_w1.json").read_text())
+    timing = json.loads((out / "sweep_timing_1ep_w2.json").read_text())
     demo = yaml.safe_load((ROOT / "projects" / "demo.yaml").read_text())
     assert timing["study"] == "projects/demo.yaml" and timing["exit_code"] == 0
     assert timing["children_finished"] == len(demo["configurations"]) == 3, timing["stderr_tail"]
