@@ -50,6 +50,10 @@ def _status(out: Path, mode: str) -> dict[str, int]:
     return {name: int(code) for name, code in (line.split() for line in lines if line)}
 
 
+def _stores() -> dict:
+    return {n: sorted(os.listdir(ROOT / n)) if (ROOT / n).is_dir() else (ROOT / n).exists() for n in STORES}
+
+
 def _rows(path: Path) -> list[dict]:
     rows = json.loads(path.read_text())["rows"]
     assert rows and not [r["note"] for r in rows if r["note"].startswith("error")], path
@@ -63,15 +67,12 @@ def dry_runs(tmp_path_factory, demo_manifest) -> dict[str, tuple[Path, int, str]
     ($OUT, exit code, output), and under "clone" what the clone held of STORES before and after."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CUSHING_OPTUNA"))}
     env.update(CUSHING_GPU_DRY_RUN="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-    def stores():
-        return {n: sorted(os.listdir(ROOT / n)) if (ROOT / n).is_dir() else (ROOT / n).exists() for n in STORES}
-
-    before = stores()
+    before = _stores()
     outs = {mode: tmp_path_factory.mktemp(f"gpu-{mode}") for mode in MODES}
     procs = {mode: subprocess.Popen(["bash", str(GPU_RUN), mode], cwd=ROOT, env={**env, "OUT": str(outs[mode])},
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for mode in MODES}
     logs = {mode: p.communicate(timeout=1500)[0] for mode, p in procs.items()}
-    return {**{mode: (outs[mode], procs[mode].returncode, logs[mode]) for mode in MODES}, "clone": (before, stores())}
+    return {**{mode: (outs[mode], procs[mode].returncode, logs[mode]) for mode in MODES}, "clone": (before, _stores())}
 
 
 def dry(test):
