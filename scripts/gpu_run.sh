@@ -2,6 +2,7 @@
 # A GPU session's checks, in priority order, each bounded in time; results land in $OUT.
 #   bash scripts/gpu_run.sh sweep   # the sweep's speed (issue 7): a measured 20-epoch grid, compile, per-run cost
 #   bash scripts/gpu_run.sh engine  # the engine against the compute floor, CUDA training, Grad-CAM, SAM
+#   bash scripts/gpu_run.sh sweep bench_run  # only the named checks of a mode (a rerun of one that failed)
 # Expects the project's extra wheels in .whl/ (Benchmarks: "GPU checks") on a machine with PyTorch and timm.
 # Each check's output goes to $OUT/NAME.log and its exit code to $OUT/status_MODE.txt; the script exits 1 when any
 # check failed (after running the others).
@@ -11,6 +12,7 @@
 # fails the suite instead of a GPU session.
 set -uo pipefail
 what=${1:-sweep}
+only=${*:2}
 dry=${CUSHING_GPU_DRY_RUN:-0}
 : "${OUT:?set OUT to the folder for the results}"
 case $what in sweep | engine) ;; *) echo "gpu_run.sh: unknown mode '$what' (sweep or engine)" >&2; exit 2 ;; esac
@@ -47,6 +49,7 @@ tiny() {
 run() {
   local limit=$1 name=$2
   shift 2
+  [ -z "$only" ] || [[ " $only " == *" $name "* ]] || return 0
   if [ "$dry" = 1 ]; then tiny "$@" && set -- "${cmd[@]}" && limit=600; fi  # a shared CPU is no GPU
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "$name ${PIPESTATUS[0]}" >> "$status"
@@ -78,4 +81,7 @@ else
     --models densenet121,densenet161,densenet169,densenet201,resnet18,resnet34,resnet101,resnet152,vit_b_32,vit_l_16,vit_l_32,swin_t,swin_s,swin_l,dinov2_s,dinov2_l \
     --out "$OUT/bench_rest.json"
 fi
+for name in $only; do
+  grep -q "^$name " "$status" || { echo "gpu_run.sh: no check '$name' in mode $what" >&2; exit 2; }
+done
 ! grep -v ' 0$' "$status"

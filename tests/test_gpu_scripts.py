@@ -22,6 +22,8 @@ from tests.conftest import ROOT
 SCRIPTS = ROOT / "scripts"
 GPU_RUN = SCRIPTS / "gpu_run.sh"
 MODES = {"sweep": {"sweep_timing", "bench_compile", "bench_run"}, "engine": {"bench_required", "checks", "bench_rest"}}
+# the dry run as three invocations at once, about even in CPU time, so that two cores finish them together
+GROUPS = (("sweep", ["sweep_timing"]), ("sweep", ["bench_compile", "bench_run"]), ("engine", []))
 CHECKS = ("cuda_training", "gradcam_114", "sam_batched", "paper_protocol_run_with_mlflow")
 STORES = ("mlruns", "mlflow.db", "optuna.db")  # what an MLflow run or a sweep leaves in its working directory
 
@@ -61,18 +63,31 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def dry_runs(tmp_path_factory, demo_manifest) -> dict[str, tuple[Path, int, str]]:
-    """Both modes at once, each into its own $OUT, as a GPU session would run them (the dry run computes on one
-    thread per process, so the two fill a 2-core machine); the demo cohort is drawn beforehand, once. By mode:
-    ($OUT, exit code, output), and under "clone" what the clone held of STORES before and after."""
+def dry_runs(tmp_path_factory, demo_manifest) -> dict:
+    """gpu_run.sh under CUSHING_GPU_DRY_RUN=1, both modes in the invocations of GROUPS at once, each into its own
+    $OUT (the dry run computes on one thread per process); the demo cohort is drawn beforehand, once. Returns each
+    invocation's (mode, $OUT, output, exit code), each check's ($OUT, exit code), and what the clone held of STORES
+    before and after."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CUSHING_OPTUNA"))}
     env.update(CUSHING_GPU_DRY_RUN="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     before = _stores()
-    outs = {mode: tmp_path_factory.mktemp(f"gpu-{mode}") for mode in MODES}
-    procs = {mode: subprocess.Popen(["bash", str(GPU_RUN), mode], cwd=ROOT, env={**env, "OUT": str(outs[mode])},
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for mode in MODES}
-    logs = {mode: p.communicate(timeout=1500)[0] for mode, p in procs.items()}
-    return {**{mode: (outs[mode], procs[mode].returncode, logs[mode]) for mode in MODES}, "clone": (before, _stores())}
+    procs = []
+    for mode, names in GROUPS:
+        out = tmp_path_factory.mktemp(f"gpu-{mode}")
+        procs.append((mode, out, subprocess.Popen(["bash", str(GPU_RUN), mode, *names], cwd=ROOT,
+                                                  env={**env, "OUT": str(out)}, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, text=True)))
+    runs = [(mode, out, p.communicate(timeout=1500)[0], p.returncode) for mode, out, p in procs]
+    checks = {name: (out, code) for mode, out, _, _ in runs for name, code in _status(out, mode).items()}
+    return {"runs": runs, "checks": checks, "clone": (before, _stores())}
+
+
+def _ran(dry_runs: dict, mode: str) -> None:
+    """Every invocation of `mode` exited 0, and every check of it ran and exited 0."""
+    failed = [log[-4000:] for m, _, log, code in dry_runs["runs"] if m == mode and code]
+    assert not failed, failed
+    codes = {name: code for name, (_, code) in dry_runs["checks"].items() if name in MODES[mode]}
+    assert codes == dict.fromkeys(MODES[mode], 0)
 
 
 def dry(test):
@@ -84,8 +99,9 @@ def dry(test):
 def test_the_sweep_mode_runs_every_command_on_a_cpu(dry_runs):
     """The measured grid (the demo study, every configuration finished, the per-run metrics the script reads still
     logged), the compiled engine's bench and whole runs, each exiting 0, their JSON where the GPU run writes it."""
-    out, code, log = dry_runs["sweep"]
-    assert code == 0 and _status(out, "sweep") == dict.fromkeys(MODES["sweep"], 0), log[-4000:]
+    _ran(dry_runs, "sweep")
+    out = dry_runs["checks"]["sweep_timing"][0]
+    assert _status(out, "sweep") == {"sweep_timing": 0}, "a named check runs alone"
     assert "dry run" in (out / "nvidia.txt").read_text() and "torch " in (out / "nvidia.txt").read_text()
     timing = json.loads((out / "sweep_timing_1ep_w2.json").read_text())
     demo = yaml.safe_load((ROOT / "projects" / "demo.yaml").read_text())
@@ -94,21 +110,20 @@ def test_the_sweep_mode_runs_every_command_on_a_cpu(dry_runs):
     for child in timing["children"]:
         assert None not in child.values() and child["train_s"] > 0, child
     assert timing["measured_wall_s"] > 0 and set(timing["full_estimate_s"]) == {"1", "2", "4"}
+    out = dry_runs["checks"]["bench_compile"][0]
     (compiled,) = _rows(out / "bench_compile.json")
     assert (compiled["model"], compiled["compile"]) == ("resnet18", "reduce-overhead") and compiled["epoch_s"] > 0
     run = json.loads((out / "bench_run.json").read_text())
     assert (run["model"], run["img_size"], run["epochs"], len(run["runs"])) == ("resnet18", 14, 1, 1)
     assert len(run["mlflow_run"]["runs"]) == 1 and run["phases"]["in_process"]["training loop"] > 0
-    before, after = dry_runs["clone"]
-    assert after == before, "the scripts' runs logged into the clone's working directory"
 
 
 @dry
 def test_the_engine_mode_runs_every_command_on_a_cpu(dry_runs):
     """The benches against the compute floor (fine-tuned and frozen) and every check of gpu_checks.py --quick,
     none of which recorded an error."""
-    out, code, log = dry_runs["engine"]
-    assert code == 0 and _status(out, "engine") == dict.fromkeys(MODES["engine"], 0), log[-4000:]
+    _ran(dry_runs, "engine")
+    out = dry_runs["checks"]["checks"][0]
     for name in ("bench_required", "bench_rest"):
         assert [(r["model"], r["frozen"]) for r in _rows(out / f"{name}.json")] == [("resnet18", False),
                                                                                   ("dinov2_s", True)]
@@ -125,9 +140,11 @@ def test_the_engine_mode_runs_every_command_on_a_cpu(dry_runs):
 
 @dry
 def test_the_dry_run_ran_every_command_the_gpu_runs(dry_runs):
-    """The names the dry run reported are the commands written in gpu_run.sh, none left out."""
-    ran = {name for mode in MODES for name in _status(dry_runs[mode][0], mode)}
-    assert ran == set(gpu_commands()) == set().union(*MODES.values())
+    """The names the dry run reported are the commands written in gpu_run.sh, none left out; none of them logged
+    into the clone's working directory (where gpu_run.sh runs)."""
+    assert set(dry_runs["checks"]) == set(gpu_commands()) == set().union(*MODES.values())
+    before, after = dry_runs["clone"]
+    assert after == before
 
 
 def test_every_option_model_and_module_the_gpu_scripts_name_still_exists(tmp_path):
@@ -167,14 +184,18 @@ def test_every_option_model_and_module_the_gpu_scripts_name_still_exists(tmp_pat
                 assert not missing, f"{path.name}: {node.module} has no {missing}"
 
 
-def test_gpu_run_refuses_an_unknown_mode_and_a_missing_out(tmp_path):
-    r = subprocess.run(["bash", str(GPU_RUN), "sweeps"], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
-                       capture_output=True, text=True)
+def test_gpu_run_refuses_an_unknown_mode_or_check_and_a_missing_out(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "CUSHING_GPU_DRY_RUN": "1"}
+    r = subprocess.run(["bash", str(GPU_RUN), "sweeps"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "gpu_run.sh: unknown mode 'sweeps' (sweep or engine)"
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    assert not list(tmp_path.iterdir()), "nothing ran"
+    r = subprocess.run(["bash", str(GPU_RUN), "engine", "bench_run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "gpu_run.sh: no check 'bench_run' in mode engine"
+    assert _status(tmp_path, "engine") == {}, "nothing else ran"
+    env.pop("OUT")
     r = subprocess.run(["bash", str(GPU_RUN), "engine"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "set OUT to the folder for the results" in r.stderr
-    assert not list(tmp_path.iterdir()), "nothing ran"
 
 
 def test_a_bench_whose_model_failed_exits_non_zero(tmp_path):
