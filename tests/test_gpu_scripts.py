@@ -53,7 +53,9 @@ def _status(out: Path, mode: str) -> dict[str, int]:
 
 
 def _stores() -> dict:
-    return {n: sorted(os.listdir(ROOT / n)) if (ROOT / n).is_dir() else (ROOT / n).exists() for n in STORES}
+    """What the clone holds of STORES: a folder's entries two levels down (runs), a file's modification time."""
+    return {n: sorted(map(str, (ROOT / n).glob("*/*"))) if (ROOT / n).is_dir()
+            else (ROOT / n).exists() and (ROOT / n).stat().st_mtime_ns for n in STORES}
 
 
 def _rows(path: Path) -> list[dict]:
