@@ -74,6 +74,13 @@ def _cohort(c: CardInputs) -> str:
     return _table(rows, ["split", "sex", "label", "subjects", "images"])
 
 
+def _skipped(m: dict[str, float]) -> str:
+    if not (n := int(m.get("skipped_photos", 0))):
+        return "none" if "skipped_photos" in m else "not recorded"
+    return f"{n} (" + ", ".join(f"{k}s {int(m.get(f'skipped_photos/{k}', 0))}" for k in ("patient", "control")) + \
+        "; " + ", ".join(f"{k} {int(m.get(f'skipped_photos/{k}', 0))}" for k in ("female", "male")) + ")"
+
+
 def _command(c: CardInputs) -> str:
     """The `mlflow run` that reproduces the run: every parameter that differs from the defaults."""
     skip = {"experiment", "run_name", "resume"}
@@ -134,6 +141,7 @@ best epoch {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen
 ## Training data
 - Content digest `{t.get('data_digest', '')}`; synthetic: {t.get('synthetic_data', 'false')}; split: \
 {t.get('split_source', '')}; cohort audit: {t.get('audit', 'off')} ({t.get('audit_merges', '0')} subjects merged).
+- Photos left out (not found, unreadable or no face crop; `skip_bad_photos`): {_skipped(m)}.
 
 {_cohort(c)}
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from cushing import tracking
 from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
-from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, step_key
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, step_key, validate_inputs
 from cushing.workflows.pipeline.plan import KEY_TAG, OUTPUTS_TAG, STEP_TAG, Plan, format_plan, gpu_estimate, \
     plan_steps, reusable
 from cushing.workflows.pipeline.steps import Context, Step, steps_for
@@ -166,6 +166,8 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
     end. A failed step raises `StepFailed`; a stop (Ctrl-C, SIGTERM) ends the runs KILLED and is re-raised."""
     t0 = time.perf_counter()
     experiment, code = pipeline_experiment(spec), code_version()
+    ctx = Context(spec, experiment, code)
+    validate_inputs(spec, ctx.study())  # before any run, folder or lock: a refused input leaves nothing behind
     with _folder_lock(spec.out, say):
         say(format_plan(plan_pipeline(spec, experiment=experiment, code=code)))
         name = f"pipeline-{load_study(spec.study).name}"
@@ -173,7 +175,6 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
                 "cushing.pipeline.command": resume_command(spec, experiment)[:4900]}
         with tracking.held_run(experiment=experiment, run_name=name, tags=tags) as run_id:
             say(f"[pipeline] run {run_id} in experiment {experiment!r}")
-            ctx = Context(spec, experiment, code)
             records = [_step(step, ctx, run_id, say) for step in steps_for(spec)]
             result = _finish(ctx, records, run_id)
     result.seconds = time.perf_counter() - t0
