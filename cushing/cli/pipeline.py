@@ -82,7 +82,8 @@ def _print_result(res) -> None:
     if evaluation is not None:
         o = evaluation.outputs
         print(f"external evaluation: run {o['run']} ({o['model_uri']}; AUC {o['auc']:.3f}, F1 {o['f1']:.3f}, "
-              f"n {o['n']:.0f}; {o.get('excluded', 0)} photos excluded, not scored: no usable face)")
+              f"n {o['n']:.0f}" + (f"; {o['excluded']} photos excluded, not scored: no usable face)" if
+                                     o.get("excluded") else ")"))
     print(f"serve the champion:\n  {res.serve}")
 
 
