@@ -108,13 +108,12 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
     records = {i: rec for i, key in enumerate(keys) if (rec := cache.get(key)) is not None}
     todo = [i for i in range(len(table)) if i not in records]
     records.update(_process_all(table, todo, keys, settings, cache, workers, progress))
-    report, crops = _assemble(m, records, keys, cache)
+    report, crops, crop_keys = _assemble(m, records, keys, cache)
     bad = _no_crop(report)
     if len(bad) and not skip_bad_photos:
         raise BadPhotos(manifest, bad, len(report))
     out = Path(out_dir)
-    _link_crops(crops, [keys[i] for i in range(len(table)) if records[i]["status"] == "ok"], cache,
-                private_dir(private_dir(out) / "crops", narrow=True))
+    _link_crops(crops, crop_keys, cache, private_dir(private_dir(out) / "crops", narrow=True))
     fm = out / "manifest.csv"
     crops.to_csv(fm, index=False)  # with its header even when no photo gave a crop
     report.to_csv(out / "faces_report.csv", index=False)
@@ -180,18 +179,19 @@ def _process(table, todo, keys, settings, cache, workers, bar):
 
 
 def _assemble(m, records, keys, cache):
-    """The report (every photo, in manifest order: skipped ones too) and the face-crop manifest rows (the ones
-    that gave a crop). The same pixels under two names (a JPEG and a PNG of one photo) give the same crop: the
-    later one is rejected as `duplicate_of` the first, so the crop manifest never holds one face twice."""
+    """The report (every photo, in manifest order: skipped ones too), the face-crop manifest rows (the ones that
+    gave a crop) and their cache keys. The same pixels under two names (a JPEG and a PNG of one photo) give the
+    same crop: the later one is rejected as `duplicate_of` the first, so the crop manifest never holds one face
+    twice."""
     table, lines = m.table, m.lines
     extras = [k for k in table.columns if k not in (*REQUIRED, "path", "sha256", "image")]
-    report, rows, first = [], [], {}
+    report, rows, crop_keys, first = [], [], [], {}
     for i in range(len(table)):
         row, rec = table.iloc[i], records[i]
         if rec["status"] == "ok":
             pixels = sha256_file(cache.crop_path(keys[i]))
             if pixels in first:
-                rec = records[i] = {"status": "duplicate_of", "detail": f"line {first[pixels]}"}
+                rec = {"status": "duplicate_of", "detail": f"line {first[pixels]}"}
             first.setdefault(pixels, lines[i])
         ok = rec["status"] == "ok"
         report.append({"line": lines[i], "image": row["image"], "path": row["path"], "subject_id": row["subject_id"],
@@ -199,7 +199,8 @@ def _assemble(m, records, keys, cache):
                        "reason": "" if ok else rec["status"],
                        "detail": "" if ok else (rec.get("detail") or REASONS.get(rec["status"], ""))})
         if ok:
-            rows.append({"image": f"crops/{m.table['sha256'].iat[i][:20]}.png", "label": int(row["label"]),
+            crop_keys.append(keys[i])
+            rows.append({"image": f"crops/{row['sha256'][:20]}.png", "label": int(row["label"]),
                          "sex": row["sex"], **{k: row[k] for k in extras}, "source_image": row["path"],
                          **{k: v for k, v in rec.items() if k.startswith("face_")}})
     cols = ["line", "image", "path", "subject_id", "sex", "label", "status", "reason", "detail"]
@@ -208,7 +209,8 @@ def _assemble(m, records, keys, cache):
         skipped = m.skipped.assign(status="rejected", detail=[d or REASONS.get(r, "") for r, d in
                                                               zip(m.skipped["reason"], m.skipped["detail"])])
         report = pd.concat([report, skipped[cols]], ignore_index=True).sort_values("line", ignore_index=True)
-    return report, pd.DataFrame(rows, columns=None if rows else ["image", "label", "sex", *extras, "source_image"])
+    return report, pd.DataFrame(rows, columns=None if rows else ["image", "label", "sex", *extras, "source_image"]), \
+        crop_keys
 
 
 def _link_crops(crops: pd.DataFrame, keys: list[str], cache, folder: Path) -> None:

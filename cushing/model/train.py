@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ from cushing.data.demo import make_demo_cohort
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 from cushing.phases import phase
 
-__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "check_cohort", "train", "resolve_data", "predictions_frame",
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "check_cohort", "check_cohorts", "train", "resolve_data", "predictions_frame",
            "AuditError", "Fitted", "fit_model", "score"]
 
 
@@ -129,6 +129,16 @@ def check_cohort(cfg: TrainConfig, manifest: Manifest, groups: pd.Series | None 
                               allow_few=cfg.allow_few_positives, allow_one_class=cfg.allow_one_class_subgroups)
     if problems:
         raise SplitError("\n".join(f"{manifest.source}: {p}" for p in problems))
+
+
+def check_cohorts(configs: Iterable[TrainConfig]) -> None:
+    """`check_cohort` for every configuration (each manifest read once): what a sweep or a tuning checks before its
+    study or any run exists."""
+    read: dict[tuple, Manifest] = {}
+    for cfg in configs:
+        key = (cfg.data, cfg.skip_bad_photos)
+        read[key] = read.get(key) or load_manifest(resolve_data(cfg.data), skip_bad_photos=cfg.skip_bad_photos)
+        check_cohort(cfg, read[key])
 
 
 def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:

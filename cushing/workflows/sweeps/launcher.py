@@ -14,8 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cushing import tracking
-from cushing.data.manifest import load_manifest
-from cushing.model.train import check_cohort, resolve_data
+from cushing.model.train import check_cohorts
 from cushing.workflows.plan import Overhead, estimate, makespan
 from cushing.workflows.studies import Study
 from cushing.workflows.sweeps.grid import _Grid, _attempts, _open_grid
@@ -126,12 +125,7 @@ def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: s
     is refused before a study or a run exists), open (or create) its Optuna study and parent run: what every
     launcher does first."""
     study = load_for(path, "sweep", compile)
-    manifests: dict[tuple, Any] = {}
-    for cfg in study.configurations:
-        key = (cfg.data, cfg.skip_bad_photos)
-        if key not in manifests:
-            manifests[key] = load_manifest(resolve_data(cfg.data), skip_bad_photos=cfg.skip_bad_photos)
-        check_cohort(cfg, manifests[key])
+    check_cohorts(study.configurations)
     launcher_run = tracking.env_run_id()  # read before the parent run may take it
     storage = storage or default_storage()
     return SweepHandle(study, storage, _open_grid(study, storage, parent_run_id), launcher_run, time.perf_counter())
