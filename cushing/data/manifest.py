@@ -168,9 +168,10 @@ def _digest(df: pd.DataFrame) -> str:
 
 
 def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = True,
-                  skip_bad_photos: bool = False) -> Manifest:
+                  skip_bad_photos: bool | None = None) -> Manifest:
     """Load and validate a manifest; raise ManifestError listing every problem at once. With `skip_bad_photos`,
-    a photo that cannot be found or read is left out (`Manifest.skipped`) instead of being a problem."""
+    a photo that cannot be found or read is left out (`Manifest.skipped`) instead of being a problem; False says
+    the caller offers that option (the error then names it), None that it does not."""
     path = Path(path).expanduser().resolve()
     df = _read_csv(path)
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -199,7 +200,7 @@ def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = Tr
     problems += _group_problems(df)
     if problems:
         raise ManifestError(path, problems, f"\n({len(bad)} photos cannot be found or read: --skip-bad-photos true "
-                                            "leaves them out)" if bad and not skip_bad_photos else "")
+                                            "leaves them out)" if bad and skip_bad_photos is False else "")
     df["label"] = df["label"].astype(int)
     skipped = df.iloc[bad][["image", "path", "subject_id", "sex", "label"]].assign(
         line=[i + 2 for i in bad], reason=[results[i][1].reason for i in bad],
