@@ -242,8 +242,8 @@ def test_a_study_refused_at_validation_leaves_no_run_and_no_file(failed):
 def test_a_failed_step_names_itself_its_run_and_the_resume_command(first, failed):
     d, r = first["dir"], failed["result"]
     assert r.returncode == 1, r.stderr[-3000:]
-    found = re.search(r"step sweep failed \(run ([0-9a-f]{32})\): StepError: configuration\(s\) resnet18 did not "
-                      r"finish", r.stderr)
+    found = re.search(r"step sweep failed \(run ([0-9a-f]{32})\): WeightsUnavailable: pretrained weights for "
+                      r"resnet18 .*'missing.safetensors' does not exist", r.stderr)
     assert found, r.stderr[-3000:]
     assert _resume_line(r.stderr) == (
         f"MLFLOW_TRACKING_URI=sqlite:///{d / 'mlflow.db'} cushing pipeline --photos {d / 'photos/manifest.csv'} "
@@ -256,7 +256,7 @@ def test_a_failed_step_names_itself_its_run_and_the_resume_command(first, failed
     assert set(p["links"]) == {"faces", "audit"}, "nothing after the failed step ran"
     # each FAILED run says why in one line: the pipeline, its step, the training that failed
     assert p["run"].data.tags["cushing.error"].startswith(f"StepFailed: step sweep failed (run {found.group(1)})")
-    assert p["steps"]["sweep"].data.tags["cushing.error"].startswith("StepError: configuration(s) resnet18 did not")
+    assert p["steps"]["sweep"].data.tags["cushing.error"].startswith("WeightsUnavailable: pretrained weights for")
     (training,) = [t for t in _trainings(p["runs"]) if t.data.tags["sweep"].startswith("broken-")]
     assert training.info.status == "FAILED" and "missing.safetensors" in training.data.tags["cushing.error"]
     assert all("\n" not in x.data.tags["cushing.error"] for x in (p["run"], p["steps"]["sweep"], training))
