@@ -71,7 +71,7 @@ class TrainConfig:
     compile: str = "none"  # torch.compile mode for fine-tuning: none | default | reduce-overhead | max-autotune
     subgroups: str = "sex"  # manifest columns reported like sex (metrics, intervals, gaps), comma-separated
     split_strata: str = "label,sex"  # columns the drawn split is stratified on (label is always one of them)
-    audit: str = "warn"  # cohort audit before splitting: off | warn (merge likely same-person ids) | strict (refuse)
+    audit: str = "warn"  # off | warn (keep merged and suspected pairs in one split) | strict (refuse merged pairs)
     # same-person distance: auto = the loosest at which the shipped curve expects <= 0.2 false pairs per photo in
     # this cohort (its sex mix), mutual nearest neighbours only, lowered until no merged group holds > 5% of photos
     audit_threshold: str = "auto"  # same-person distance: auto (0.2 expected false pairs/photo, guarded) or a number

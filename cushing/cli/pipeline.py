@@ -75,6 +75,7 @@ def _print_result(res) -> None:
         print(f"champion: version {c['version']} ({c['model']}, run {c['run']}; {c['selection']})")
         print(f"model card: {res.model_card} (also the version's description in the registry)")
     print(f"dashboard: {res.dashboard}")
+    print(f"runs in the MLflow UI: {res.ui}")
     if skipped := res.steps[0].outputs.get("skipped"):
         print(f"skipped photos: {skipped} (--skip-bad-photos true; per class and sex on the face-stage run and in "
               "the model card)")

@@ -28,7 +28,7 @@ from cushing.tracking.liveness import machine_id
 from cushing.tracking.logger import EPOCH_PREFIX, RunLogger
 from cushing.tracking.queries import download_artifact, end_run_as, experiment_id, experiment_of_run, \
     experiments_with_runs, find_finished, find_runs, get_run, last_step, list_artifacts, log_artifacts_to, reap, \
-    set_tags
+    runs_link, set_tags
 from cushing.tracking.records import RunRecord
 from cushing.tracking.runs import env_run_id, held_run, log_into, offer_run, resume_run, start_run
 
@@ -36,4 +36,5 @@ __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir"
            "find_runs", "download_artifact", "get_run", "resume_run", "experiment_id", "using_store", "EPOCH_PREFIX",
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
            "TrackingUnavailable", "last_step", "log_artifacts_to", "RunRecord", "set_tags", "end_run_as",
-           "list_artifacts", "log_into", "client", "machine_id", "find_finished", "held_run", "offer_run"]
+           "list_artifacts", "log_into", "client", "machine_id", "find_finished", "held_run", "offer_run",
+           "runs_link"]

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 from cushing.tracking.connection import client, configure, holding
 from cushing.tracking.liveness import _Heartbeat
 from cushing.tracking.logger import RunLogger
-from cushing.tracking.queries import experiment_id
+from cushing.tracking.queries import experiment_id, mark_experiment
 
 __all__ = ["env_run_id", "start_run", "resume_run", "log_into", "held_run", "offer_run", "ERROR_TAG"]
 
@@ -46,7 +46,7 @@ def _open_run(experiment: str, run_name: str, parent_run_id: str | None, use_env
         os.environ.pop("MLFLOW_RUN_ID", None)  # taken: later runs of this process are new ones
         run = mlflow.start_run(run_id=env_run)
         mlflow.set_tag("mlflow.runName", run_name)
-        actual = client().get_experiment(run.info.experiment_id).name
+        actual = mark_experiment(run.info.experiment_id)  # one `mlflow run` made gets marked too
         if actual != experiment:
             import sys
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cushing import tracking
-from cushing.config import ConfigError, TrainConfig, config_digest, resolve
+from cushing.config import ConfigError, TrainConfig, config_digest, resolve, run_name
 from cushing.data.manifest import load_manifest
 from cushing.model.train import check_cohort
 from cushing.tracking.stores import sqlite_path
@@ -165,7 +165,7 @@ def derived_study(spec: PipelineSpec, *, data: str, data_digest: str, experiment
     """The study the pipeline trains, as a study file's mapping: the user's file with the face crops as every
     configuration's data, --set applied to the base and every configuration, one configuration when a model is
     named, and a name carrying the crops' digest (new crops under the same path are a new sweep, never the old
-    one's finished configurations)."""
+    one's finished configurations) and, with --set, the overrides' digest (its labels carry the overrides)."""
     user = load_study(spec.study)  # checked first: its errors name the user's file and line
     if user.kind != "sweep":
         raise ConfigError(f"{spec.study} is a {user.kind} study; the pipeline runs a sweep study (or --model)")
@@ -174,8 +174,14 @@ def derived_study(spec: PipelineSpec, *, data: str, data_digest: str, experiment
     base = {**(data_map.get("base") or {}), **sets, "data": data}
     confs = [{"model": spec.model}] if spec.model else (data_map.get("configurations") or [])
     confs = [{**{k: v for k, v in c.items() if k not in PIPELINE_FIXED}, **sets} for c in confs]
-    return {**data_map, "name": f"{user.name}-{data_digest[:8]}", "experiment": experiment, "base": base,
-            "configurations": confs}
+    name = f"{user.name}-{data_digest[:8]}"
+    if sets:  # told apart from the study's other sweeps in the run list: by name, and each configuration's label
+        text = ",".join(f"{k}={v}" for k, v in sorted(sets.items()))
+        name += f"-set-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+        for c in confs:
+            own = c.pop("label", None) or run_name(user.config_for(c))
+            c["label"] = f"{own}[{text}]"
+    return {**data_map, "name": name, "experiment": experiment, "base": base, "configurations": confs}
 
 
 def write_study(mapping: dict[str, Any], path: Path) -> Path:

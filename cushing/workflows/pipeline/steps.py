@@ -113,7 +113,7 @@ def _audit(ctx: Context) -> dict[str, Any]:
     res = run_audit(manifest=str(ctx.crops), out=str(ctx.spec.out / "audit"), experiment=ctx.experiment,
                     threshold=p.audit_threshold, decisions=p.audit_decisions, curve=p.audit_curve)
     pairs = res.audit.pairs
-    different = pairs[~pairs["same_subject"]]["kind"].value_counts() if len(pairs) else {}
+    different = pairs.loc[~pairs["same_subject"], "outcome"].value_counts() if len(pairs) else {}
     return {"audit": str(res.out), "sha256": file_sha256(res.out),
             "pairs": {str(k): int(v) for k, v in dict(different).items()}}
 
@@ -208,7 +208,9 @@ STEPS = (
     Step("audit", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "out": str(c.spec.out / "audit"),
                                           "settings": dataclasses.asdict(AuditSettings()),
                                           "threshold": _audit_keys(c)}, _audit,
-         _file_intact("audit"), lambda o: f"{sum(o['pairs'].values())} suspicious pairs: {o['audit']}"),
+         _file_intact("audit"), lambda o: f"{o['pairs'].get('merged', 0)} pairs merged, "
+                                          f"{o['pairs'].get('precaution', 0)} kept in one split as a precaution "
+                                          f"(for review): {o['audit']}"),
     Step("sweep", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "study": study_identity(c.study())},
          _sweep, _run_exists, lambda o: f"{o['configurations']} configurations (best on validation: {o['best']}), "
                                         f"parent run {o['parent_run']}"),
