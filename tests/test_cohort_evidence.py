@@ -37,10 +37,13 @@ def renamed_people(celeba_manifest, tmp_path_factory):
     return path, set(multi.astype(str))
 
 
+THIN = {"allow_one_class_subgroups": True}  # these CelebA patients are all men: women are one class
+
+
 @pytest.fixture(scope="module")
 def warn_cohort(renamed_people):
-    return prepare_cohort(TrainConfig(data=str(renamed_people[0]), model="resnet18", img_size=32, audit="warn"),
-                          progress=False)
+    return prepare_cohort(TrainConfig(data=str(renamed_people[0]), model="resnet18", img_size=32, audit="warn",
+                                      **THIN), progress=False)
 
 
 def test_same_person_under_two_ids_is_kept_in_one_split_or_refused(renamed_people, warn_cohort, tmp_path):
@@ -58,14 +61,15 @@ def test_same_person_under_two_ids_is_kept_in_one_split_or_refused(renamed_peopl
     merged = found[found["outcome"] == "merged"]
     assert len(merged) >= 1 and cohort.merges >= 1, "the closest renamed visits are certain"
     with pytest.raises(AuditError, match=rf"audit=strict\) merged {len(merged)} pair.*\n  pair \d+, lines \d+"):
-        prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="strict"), progress=False)
+        prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="strict", **THIN),
+                       progress=False)
     # the ids fixed as the error asks: strict trains, and keeps the suspected pairs together as warn does
     fixed = pd.read_csv(path)
     for a, b in zip(merged["line_a"] - 2, merged["line_b"] - 2):
         fixed.loc[fixed["subject_id"] == fixed.at[b, "subject_id"], "subject_id"] = fixed.at[a, "subject_id"]
     fixed.to_csv(tmp_path / "fixed.csv", index=False)
     strict = prepare_cohort(TrainConfig(data=str(tmp_path / "fixed.csv"), model="resnet18", img_size=32,
-                                        audit="strict"), progress=False)
+                                        audit="strict", **THIN), progress=False)
     kept = strict.audit.pairs[~strict.audit.pairs["same_subject"] & (strict.audit.pairs["outcome"] == "precaution")]
     assert strict.merges == 0 and strict.precautions >= 1 and len(kept) >= 1
     assert all(strict.split.iat[a] == strict.split.iat[b] for a, b in zip(kept["line_a"] - 2, kept["line_b"] - 2))
@@ -78,7 +82,7 @@ def test_the_audit_words_reach_the_run_and_the_model_card(warn_cohort, tracking)
     from cushing.workflows.experiment import run_single
 
     cfg = TrainConfig(data=str(warn_cohort.manifest.source), model="resnet18", pretrained=False, epochs=1, img_size=32,
-                      bootstrap=0, cam=False, min_positives=1, experiment="audit-words")
+                      bootstrap=0, cam=False, min_positives=1, experiment="audit-words", **THIN)
     s = run_single(cfg, cohort=warn_cohort, progress=False)
     c = mlflow.MlflowClient()
     run = c.get_run(s.run_id)

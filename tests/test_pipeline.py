@@ -18,14 +18,16 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from tests.conftest import celeba_identities, env_vars, mlflow_run, photo_cohort
+from tests.conftest import celeba_identities, env_vars, faceless, mlflow_run, photo_cohort
 from tests.test_tutorial import PAGE, blocks
 
 pytestmark = [pytest.mark.slow, pytest.mark.dlib]
 
-PHOTOS = {("F", 1): 6, ("M", 1): 6, ("F", 0): 12, ("M", 0): 12}  # 36 photos, one per CelebA identity
+PHOTOS = {("F", 1): 9, ("M", 1): 9, ("F", 0): 12, ("M", 0): 12}  # 42 photos, one per CelebA identity: 6
+# patients in each split (min_positives is 5), each with a face (a photo without one stops the pipeline)
 EXTERNAL = {("F", 1): 4, ("M", 1): 4, ("F", 0): 6, ("M", 0): 6}  # 20 other identities
 SUBSTITUTIONS = [  # (what the page's study says, what the test trains): small and offline, nothing else
     (r"epochs: \d+", "epochs: 1"),
@@ -98,7 +100,8 @@ def _resume_line(stderr: str) -> str:
 def first(tmp_path_factory, celeba_dir, cushing_home):
     d = tmp_path_factory.mktemp("pipeline-study")
     celeba = celeba_identities(celeba_dir)
-    used = photo_cohort(celeba, celeba_dir, d / "photos", PHOTOS, set(), "photo")
+    no_face = faceless(celeba, celeba_dir, PHOTOS, set(), tmp_path_factory.mktemp("candidates"))
+    used = photo_cohort(celeba, celeba_dir, d / "photos", PHOTOS, no_face, "photo")
     photo_cohort(celeba, celeba_dir, d / "external", EXTERNAL, used, "ext")
     env = _env(cushing_home)
     t0 = time.monotonic()
@@ -352,18 +355,33 @@ def test_the_dashboard_ranks_the_registrys_champion_and_challenger_from_any_swee
 
 @pytest.fixture(scope="module")
 def failed(first, changed):
+    """A study refused at validation (a subgroup column the photos lack), then one that fails after it (a
+    configuration's weights file is missing: found only when its training builds the model)."""
     d, env = first["dir"], first["env"]
+    (d / "unknown.yaml").write_text("name: unknown\nkind: sweep\nbase: {pretrained: false, epochs: 1, img_size: 32}\n"
+                                    "configurations:\n  - {model: resnet18, subgroups: 'sex,site'}\n")
+    before = len(_runs(d)), sorted(p.relative_to(d) for p in d.rglob("*"))
+    refused = _bash("cushing pipeline --photos photos/manifest.csv --study unknown.yaml", d, env)
+    after = len(_runs(d)), sorted(p.relative_to(d) for p in d.rglob("*"))
     (d / "broken.yaml").write_text("name: broken\nkind: sweep\nbase: {pretrained: false, epochs: 1, img_size: 32}\n"
-                                   "configurations:\n  - {model: resnet18, subgroups: 'sex,site'}\n")
+                                   "configurations:\n  - {model: resnet18, weights: missing.safetensors}\n")
     r = _bash("cushing pipeline --photos photos/manifest.csv --study broken.yaml --external external/manifest.csv",
               d, env)
-    return {"result": r, "id": _last_pipeline(d)}
+    return {"refused": refused, "unchanged": before == after, "result": r, "id": _last_pipeline(d)}
+
+
+def test_a_study_refused_at_validation_leaves_no_run_and_no_file(failed):
+    r = failed["refused"]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "subgroup column 'site' is not in the manifest" in r.stderr
+    assert failed["unchanged"], "no FAILED runs, nothing written in the study or pipeline folder"
 
 
 def test_a_failed_step_names_itself_its_run_and_the_resume_command(first, failed):
     d, r = first["dir"], failed["result"]
     assert r.returncode == 1, r.stderr[-3000:]
-    found = re.search(r"step sweep failed \(run ([0-9a-f]{32})\): SubgroupError: .*'site'", r.stderr)
+    found = re.search(r"step sweep failed \(run ([0-9a-f]{32})\): WeightsUnavailable: pretrained weights for "
+                      r"resnet18 .*'missing.safetensors' does not exist", r.stderr)
     assert found, r.stderr[-3000:]
     assert _resume_line(r.stderr) == (
         f"MLFLOW_TRACKING_URI=sqlite:///{d / 'mlflow.db'} cushing pipeline --photos {d / 'photos/manifest.csv'} "
@@ -374,6 +392,12 @@ def test_a_failed_step_names_itself_its_run_and_the_resume_command(first, failed
     assert list(p["steps"]) == ["sweep"] and p["steps"]["sweep"].info.run_id == found.group(1)
     assert p["steps"]["sweep"].info.status == "FAILED"
     assert set(p["links"]) == {"faces", "audit"}, "nothing after the failed step ran"
+    # each FAILED run says why in one line: the pipeline, its step, the training that failed
+    assert p["run"].data.tags["cushing.error"].startswith(f"StepFailed: step sweep failed (run {found.group(1)})")
+    assert p["steps"]["sweep"].data.tags["cushing.error"].startswith("WeightsUnavailable: pretrained weights for")
+    (training,) = [t for t in _trainings(p["runs"]) if t.data.tags["sweep"].startswith("broken-")]
+    assert training.info.status == "FAILED" and "missing.safetensors" in training.data.tags["cushing.error"]
+    assert all("\n" not in x.data.tags["cushing.error"] for x in (p["run"], p["steps"]["sweep"], training))
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +449,49 @@ def test_a_sigterm_during_the_sweep_then_the_resume_command_trains_nothing_twice
     assert labels == ["dinov2_s-frozen[seed=1]", "resnet18[seed=1]"], \
         "each configuration trained (and finished) exactly once, its label carrying --set"
     assert all(t.data.params["seed"] == "1" for t in finished)
+
+
+@pytest.fixture(scope="module")
+def skipping(first, stopped):
+    """The photos with two rows a real cohort may have: a photo of a wall (no face) and a typo in a file name. By
+    default the typo is refused before anything is made; with --skip-bad-photos true both are left out, counted."""
+    from PIL import Image
+
+    d, env = first["dir"], first["env"]
+    Image.new("RGB", (300, 300), (200, 190, 180)).save(d / "photos" / "wall.png")
+    rows = pd.read_csv(d / "photos" / "manifest.csv")
+    extra = pd.DataFrame({"image": ["wall.png", "photo_0O1.jpg"], "label": [1, 0], "sex": ["F", "M"],
+                          "subject_id": ["WALL", "TYPO"]})
+    pd.concat([rows, extra], ignore_index=True).to_csv(d / "photos" / "more.csv", index=False)
+    command = "cushing pipeline --photos photos/more.csv --study study.yaml --model resnet18"
+    before = len(_runs(d))
+    refused = _bash(command, d, env)
+    made = len(_runs(d)) - before
+    r = _bash(command + " --skip-bad-photos true", d, env)
+    return {"refused": refused, "made": made, "result": r, "id": _last_pipeline(d)}
+
+
+def test_photos_that_cannot_be_used_stop_the_pipeline_unless_skipped_and_then_are_counted(first, skipping):
+    d, refused, r = first["dir"], skipping["refused"], skipping["result"]
+    assert refused.returncode == 2 and "photo_0O1.jpg: file not found" in refused.stderr, refused.stderr[-2000:]
+    assert "--skip-bad-photos true leaves them out" in refused.stderr and skipping["made"] == 0
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    assert "skipped photos: 2 (--skip-bad-photos true" in r.stdout
+    p = _pipeline(d, skipping["id"])
+    counts = {"": 2, "/patient": 1, "/control": 1, "/female": 1, "/male": 1}  # the wall (F, 1) and the typo (M, 0)
+    sweep = json.loads(p["steps"]["sweep"].data.tags["cushing.pipeline.outputs"])["parent_run"]
+    (training,) = [t for t in _trainings(p["runs"]) if t.data.tags["mlflow.parentRunId"] == sweep]
+    faces = next(x for x in p["runs"] if x.data.tags.get("cushing.pipeline.step") == "faces"
+                 and x.data.tags["mlflow.parentRunId"] == skipping["id"])
+    for run in (faces, training):  # the face stage's run, and the training on its crops
+        assert {k: run.data.metrics[f"skipped_photos{k}"] for k in counts} == counts, run.info.run_name
+    version = json.loads(p["steps"]["promote"].data.tags["cushing.pipeline.outputs"])["version"]
+    with env_vars({"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}):
+        import mlflow
+
+        card = mlflow.MlflowClient().get_model_version("cushing", version).description
+    assert "Photos left out (not found, unreadable or no face crop; `skip_bad_photos`): 2 (patients 1, controls 1; " \
+           "female 1, male 1)." in card
 
 
 def test_the_plan_in_an_empty_folder_writes_nothing(tmp_path, celeba_dir, cushing_home):

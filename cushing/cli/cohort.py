@@ -7,7 +7,7 @@ import math
 import shlex
 import sys
 
-from cushing.cli.options import Command
+from cushing.cli.options import Command, _yes
 
 COMMANDS: dict[str, Command] = {}
 
@@ -24,7 +24,9 @@ def _faces_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="content-addressed cache (default ~/.cache/cushing/faces)")
     p.add_argument("--workers", type=int, default=0, help="dlib processes (default: one per core)")
     p.add_argument("--device", default="auto", help="where SAM runs")
-    p.add_argument("--strict", action="store_true", help="exit non-zero if any photo was rejected")
+    p.add_argument("--skip-bad-photos", type=_yes, default=False, metavar="BOOL",
+                   help="true: leave out photos that cannot be found, read or cropped (counted, logged) instead of "
+                        "stopping on them")
     p.add_argument("--allow-phi-artifacts", default="false", help="true: log montages of crops and failures")
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
@@ -40,7 +42,7 @@ def _faces(ns: argparse.Namespace) -> int:
                             device=ns.device)
     res = run_faces(manifest=ns.manifest, out=ns.out, settings=settings, cache_dir=ns.cache_dir or None,
                     workers=ns.workers, experiment=ns.experiment, allow_phi=parse_bool(ns.allow_phi_artifacts),
-                    track=not ns.no_track)
+                    track=not ns.no_track, skip_bad_photos=ns.skip_bad_photos)
     o = res.outcome
     rep = o.report
     print(f"extracted {o.extracted} of {len(rep)} photos ({o.cached} from cache, {o.processed} processed, "
@@ -49,12 +51,12 @@ def _faces(ns: argparse.Namespace) -> int:
         print(f"  rejected {n:4d} {reason}")
     print(f"face-crop manifest: {o.manifest}\nreport: {o.manifest.parent / 'faces_report.csv'}")
     if res.run_id:
-        print(f"audit logged to run {res.run_id}")
+        print(f"face-stage run {res.run_id}: quality audit, skipped photos per class and sex (no faces, no names)")
+    if n := len(o.skipped):
+        print(f"skipped {n} photo{'s' * (n != 1)} that gave no face crop (--skip-bad-photos true): "
+              + ", ".join(f"{k} {v}" for k, v in o.skipped["reason"].value_counts().items()))
     if o.extracted == 0:
         print("cushing faces: no face could be extracted", file=sys.stderr)
-        return 3
-    if ns.strict and o.extracted < len(rep):
-        print(f"cushing faces: --strict and {len(rep) - o.extracted} photos were rejected", file=sys.stderr)
         return 3
     return 0
 

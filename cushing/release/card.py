@@ -97,6 +97,13 @@ def _known_to(c: CardInputs) -> str:
                                        for k in sorted(t["sex"].unique())}) + "."
 
 
+def _skipped(m: dict[str, float]) -> str:
+    if not (n := int(m.get("skipped_photos", 0))):
+        return "none" if "skipped_photos" in m else "not recorded"
+    return f"{n} (" + ", ".join(f"{k}s {int(m.get(f'skipped_photos/{k}', 0))}" for k in ("patient", "control")) + \
+        "; " + ", ".join(f"{k} {int(m.get(f'skipped_photos/{k}', 0))}" for k in ("female", "male")) + ")"
+
+
 def _command(c: CardInputs) -> str:
     """The `mlflow run` that reproduces the run: every parameter that differs from the defaults."""
     skip = {"experiment", "run_name", "resume"}
@@ -168,6 +175,7 @@ def _markdown(c: CardInputs) -> str:
 ## Training data
 - Content digest `{t.get('data_digest', '')}`; synthetic: {t.get('synthetic_data', 'false')}; split: \
 {t.get('split_source', '')}; cohort audit: {_audit_line(t)}.
+- Photos left out (not found, unreadable or no face crop; `skip_bad_photos`): {_skipped(m)}.
 
 {_cohort(c)}
 

@@ -32,7 +32,7 @@ def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
             fpr, tpr = roc_points(y, p)
             ax.plot(fpr, tpr, style, drawstyle="steps-post",
                     label=f"{label} AUC {float(auc(y, p)[0]):.3f} (n={len(y)}, pos={int(y.sum())})")
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, label="chance")
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{split} ROC", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
     if title:

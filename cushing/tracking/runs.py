@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -13,7 +14,9 @@ from cushing.tracking.liveness import _Heartbeat
 from cushing.tracking.logger import RunLogger
 from cushing.tracking.queries import experiment_id, mark_experiment
 
-__all__ = ["env_run_id", "start_run", "resume_run", "log_into", "held_run", "offer_run"]
+__all__ = ["env_run_id", "start_run", "resume_run", "log_into", "held_run", "offer_run", "ERROR_TAG"]
+
+ERROR_TAG = "cushing.error"  # why a run ended FAILED: the first line of the error, photo file names left out
 
 
 def env_run_id() -> str | None:
@@ -99,8 +102,12 @@ class _Outcome:
             if not getattr(e, "cushing_run", None):
                 e.cushing_run = self.run_id
             raise
-        except BaseException:
+        except BaseException as e:
             self.status = "FAILED"
+            with contextlib.suppress(Exception):  # best effort: the failure itself must reach the user
+                line = (f"{type(e).__name__}: {e}".splitlines() or [""])[0].rstrip(" :")
+                client().set_tag(self.run_id, ERROR_TAG, re.sub(r"[^\s'\"]+\.(jpe?g|png|bmp|tiff?|webp|heic)\b",
+                                                                 "<photo>", line, flags=re.I)[:1000])
             raise
 
 

@@ -160,7 +160,7 @@ def _roc_figure(ranked: list[RunData], top: int) -> str:
         if 0 < y.sum() < len(y):
             fpr, tpr = roc_points(y, p)
             ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{_label(rd.run)} ({float(auc(y, p)[0]):.3f})")
-    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8, label="chance")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="test ROC (AUC)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -171,7 +171,7 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
-    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8, label="perfect")
     for rd in ranked[:top]:
         if rd.predictions is None:
             continue

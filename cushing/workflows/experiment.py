@@ -23,8 +23,10 @@ from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import build_report
 from cushing.data.audit.settings import TOGETHER
+from cushing.data.manifest import skipped_counts
+from cushing.data.splits import assign_folds, fold_split
+from cushing.faces.settings import settings_for_manifest
 from cushing.stats.thresholds import unattainable
-from cushing.data.splits import assign_folds
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
 from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
@@ -84,6 +86,9 @@ def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
                        "sex": cohort.table["sex"].to_numpy(), "label": cohort.table["label"].to_numpy()})
     name = "demo-cohort" if cohort.manifest.synthetic else "cohort"
     run.log_dataset(ds, digest=cohort.manifest.digest, name=name)
+    # photos left out here (skip_bad_photos) and by the face stage that made these crops (its sidecar)
+    faces = (settings_for_manifest(cohort.manifest.source) or {}).get("skipped", {})
+    run.log_metrics({k: v + faces.get(k, 0.0) for k, v in skipped_counts(cohort.manifest.skipped).items()})
     if cohort.audit is not None:
         _log_audit(run, cfg, cohort)
 
@@ -96,6 +101,8 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     pairs = audit.pairs.assign(split_a=cohort.split.to_numpy()[audit.pairs["line_a"].to_numpy() - 2],
                                split_b=cohort.split.to_numpy()[audit.pairs["line_b"].to_numpy() - 2])
     pairs["straddles_splits"] = pairs["split_a"] != pairs["split_b"]
+    lines = cohort.manifest.lines  # CSV lines (they differ from the table's rows once photos are skipped)
+    pairs["line_a"], pairs["line_b"] = lines[pairs["line_a"] - 2], lines[pairs["line_b"] - 2]
     run.log_table(pairs, "audit.csv")
     apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["outcome"].isin(TOGETHER)).sum())
     run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges),
@@ -262,12 +269,6 @@ def _checkpoint_of(run_id: str) -> FitState:
                           f"checkpoint is on {host} (log_checkpoint=true puts it in the run's artifacts)") from None
 
 
-def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
-    """Fold i is the test fold, fold i+1 (mod k) validates, the rest train."""
-    out = np.where(folds == i, "test", np.where(folds == (i + 1) % k, "val", "train"))
-    return pd.Series(out, index=folds.index, name="split")
-
-
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
     out = pred.copy()
@@ -288,7 +289,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
         _log_config(parent, cfg)
         children, pooled = [], []
         for i in range(k):
-            fold_cohort = cohort.with_split(_fold_split(folds, i, k))
+            fold_cohort = cohort.with_split(fold_split(folds, i, k))
             fcfg = dataclasses.replace(child_cfg, run_name=f"{run_name(cfg)}-fold{i}")
             summary = run_single(fcfg, cohort=fold_cohort, parent_run_id=parent.run_id, progress=progress,
                                  extra_tags={"fold": str(i)})

@@ -102,6 +102,7 @@ class EvaluationResult:
     run_id: str
     report: Report
     predictions: pd.DataFrame
+    excluded: dict[str, int]  # photos not scored, by face_status (no_face, multiple_faces, ...)
 
 
 def _score_with_pyfunc(model, paths: list[str], batch: int = 32) -> pd.DataFrame:
@@ -151,7 +152,8 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
         r.log_dataset(ds, digest=m.digest, name="external-cohort", context="evaluation")
         if version:
             release.link_evaluation(model_uri, r.run_id)
-        return EvaluationResult(r.run_id, report, scored)
+        excluded = pred.loc[pred["probability"].isna(), "face_status"].value_counts()
+        return EvaluationResult(r.run_id, report, scored, {str(k): int(v) for k, v in excluded.items()})
 
 
 # ------------------------------------------------------------------------------------------------ compare

@@ -22,12 +22,14 @@ import yaml
 
 from cushing import tracking
 from cushing.config import ConfigError, TrainConfig, config_digest, resolve, run_name
+from cushing.data.manifest import load_manifest
+from cushing.model.train import check_cohort
 from cushing.tracking.stores import sqlite_path
 from cushing.workflows.studies import Study, load_study
 
 __all__ = ["PipelineSpec", "user_folders", "resolve_input", "default_out", "file_sha256", "manifest_digest",
            "code_version", "step_key", "derived_study", "study_of", "write_study", "parse_overrides", "study_identity",
-           "run_digests", "PROJECT_ROOT"]
+           "run_digests", "validate_inputs", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the clone: projects/, dashboards/, MLproject
 PIPELINE_FIXED = ("data", "experiment", "run_name", "resume")  # what the pipeline sets itself, never --set
@@ -47,6 +49,7 @@ class PipelineSpec:
     workers: int | None = None
     gpu: str | None = None  # a GPU named for the estimate (h200)
     sam_checkpoint: str | None = None
+    skip_bad_photos: bool = False  # leave out photos that cannot be found, read or cropped instead of stopping
 
     def command(self, experiment: str, tracking_uri: str | None = None) -> str:
         """The same pipeline as one `cushing pipeline` command line: what resumes it."""
@@ -62,6 +65,8 @@ class PipelineSpec:
             args += ["--workers", str(self.workers)]
         if self.sam_checkpoint:
             args += ["--sam-checkpoint", self.sam_checkpoint]
+        if self.skip_bad_photos:
+            args += ["--skip-bad-photos", "true"]
         prefix = f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} " if tracking_uri else ""
         return prefix + shlex.join(args)
 
@@ -195,6 +200,17 @@ def study_of(mapping: dict[str, Any]) -> Study:
         return load_study(write_study(mapping, Path(name)))
     finally:
         os.unlink(name)
+
+
+def validate_inputs(spec: PipelineSpec, study: Study) -> None:
+    """What is checked before the pipeline makes a run, a folder or a lock, so that a refused input leaves nothing
+    behind: the photos' manifest with every photo in it, the external cohort's, and whether the cohort can support
+    a claim under each configuration (`check_cohort`, on the photos: training checks again on the crops)."""
+    photos = load_manifest(spec.photos, skip_bad_photos=spec.skip_bad_photos)
+    if spec.external:
+        load_manifest(spec.external)
+    for cfg in study.configurations:
+        check_cohort(cfg, photos)
 
 
 def study_identity(study: Study) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 from cushing import tracking
 from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
-from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, file_sha256, manifest_digest, step_key
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, file_sha256, manifest_digest, step_key, \
+    validate_inputs
 from cushing.workflows.pipeline.plan import KEY_TAG, OUTPUTS_TAG, STEP_TAG, Plan, format_plan, gpu_estimate, \
     plan_steps, reusable
 from cushing.workflows.pipeline.steps import Context, Step, steps_for
@@ -167,6 +168,8 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
     end. A failed step raises `StepFailed`; a stop (Ctrl-C, SIGTERM) ends the runs KILLED and is re-raised."""
     t0 = time.perf_counter()
     experiment, code = pipeline_experiment(spec), code_version()
+    ctx = Context(spec, experiment, code)
+    validate_inputs(spec, ctx.study())  # before any run, folder or lock: a refused input leaves nothing behind
     with _folder_lock(spec.out, say):
         say(format_plan(plan_pipeline(spec, experiment=experiment, code=code)))
         name = f"pipeline-{load_study(spec.study).name}"
@@ -175,7 +178,7 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
         with tracking.held_run(experiment=experiment, run_name=name, tags=tags) as run_id:
             say(f"[pipeline] run {run_id} in experiment {experiment!r}")
             tracking.RunLogger(run_id).log_params(_inputs(spec))
-            ctx, exp_id, records = Context(spec, experiment, code), tracking.experiment_id(experiment), []
+            exp_id, records = tracking.experiment_id(experiment), []
             for step in steps_for(spec):
                 records.append(_step(step, ctx, run_id, say))
                 tracking.set_tags(run_id, {"mlflow.note.content": _describe(exp_id, records)})
@@ -189,7 +192,8 @@ def _inputs(spec: PipelineSpec) -> dict[str, str]:
     e.g. a relative path, stays and this one is `resolved/<name>`)."""
     return {"photos_digest": manifest_digest(spec.photos)[:16], "study": str(spec.study),
             "study_digest": file_sha256(spec.study)[:16], "set": " ".join(f"{k}={v}" for k, v in spec.overrides),
-            "model": spec.model or "", "external_digest": manifest_digest(spec.external)[:16] if spec.external else ""}
+            "model": spec.model or "", "external_digest": manifest_digest(spec.external)[:16] if spec.external else "",
+            "skip_bad_photos": str(spec.skip_bad_photos).lower()}
 
 
 def _describe(experiment_id: str, records: list[StepRecord]) -> str:

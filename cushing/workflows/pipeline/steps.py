@@ -91,14 +91,16 @@ def _face_settings(spec: PipelineSpec) -> FaceSettings:
 
 def _faces(ctx: Context) -> dict[str, Any]:
     res = run_faces(manifest=str(ctx.spec.photos), out=str(ctx.spec.out / "faces"),
-                    settings=_face_settings(ctx.spec), experiment=ctx.experiment)
+                    settings=_face_settings(ctx.spec), experiment=ctx.experiment,
+                    skip_bad_photos=ctx.spec.skip_bad_photos)
     o = res.outcome
     if o.extracted == 0:
         raise StepError(f"no face could be extracted from {len(o.report)} photos (why: "
                         f"{o.manifest.parent / 'faces_report.csv'})")
     rejected = o.report.loc[o.report["status"] != "ok", "reason"].value_counts()
     return {"manifest": str(o.manifest), "digest": manifest_digest(o.manifest), "photos": len(o.report),
-            "extracted": o.extracted, "rejected": {str(k): int(v) for k, v in rejected.items()},
+            "extracted": o.extracted, "skipped": len(o.skipped),
+            "rejected": {str(k): int(v) for k, v in rejected.items()},
             "mask": o.settings.mask_method}
 
 
@@ -183,7 +185,7 @@ def _evaluate(ctx: Context) -> dict[str, Any]:
                        min_positives=cfg.min_positives, bootstrap=cfg.bootstrap, seed=cfg.seed,
                        prevalence=cfg.prevalence)
     m = res.report.metrics
-    return {"run": res.run_id, "model_uri": _model_uri(ctx),
+    return {"run": res.run_id, "model_uri": _model_uri(ctx), "excluded": sum(res.excluded.values()),
             **{k: m.get(f"external/{k}", math.nan) for k in ("n", "auc", "f1", "recall", "specificity")}}
 
 
@@ -199,8 +201,10 @@ def _n(x: Any) -> str:
 
 STEPS = (
     Step("faces", (), lambda c: {"photos": manifest_digest(c.spec.photos), "out": str(c.spec.out / "faces"),
-                                 "settings": _face_settings(c.spec).to_dict()}, _faces, _crops_intact,
-         lambda o: f"{o['extracted']} of {o['photos']} photos extracted ({o['mask']}): {o['manifest']}"),
+                                 "settings": _face_settings(c.spec).to_dict(), "skip": c.spec.skip_bad_photos},
+         _faces, _crops_intact, lambda o: f"{o['extracted']} of {o['photos']} photos extracted ({o['mask']}"
+                                          f"{'; ' + str(o['skipped']) + ' skipped' if o.get('skipped') else ''}): "
+                                          f"{o['manifest']}"),
     Step("audit", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "out": str(c.spec.out / "audit"),
                                           "settings": dataclasses.asdict(AuditSettings()),
                                           "threshold": _audit_keys(c)}, _audit,
