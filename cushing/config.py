@@ -53,7 +53,10 @@ class TrainConfig:
     threshold: str = "f1"  # f1 | youden | sensitivity:0.9 | a number; chosen on validation
     calibrate: bool = False  # temperature scaling fitted on validation
     prevalence: float | None = None  # screening prevalence for PPV/NPV; None = training prevalence
-    min_positives: int = 5  # subgroups with fewer positives are not estimable
+    min_positives: int = 5  # subgroups with fewer positives are not estimable; each split needs this many patients
+    allow_few_positives: bool = False  # train although a split has fewer than min_positives patients
+    allow_one_class_subgroups: bool = False  # train although a sex or subgroup of val or test lacks a class
+    skip_bad_photos: bool = False  # leave out photos that cannot be found or read (counted) instead of stopping
     bootstrap: int = 2000  # bootstrap resamples for F1/AUC intervals (0 = off)
     cv_folds: int = 0  # >1: stratified group k-fold, one child run per fold
     seeds: int = 1  # >1: repeat with seeds seed..seed+N-1, one child run per seed
@@ -68,7 +71,7 @@ class TrainConfig:
     compile: str = "none"  # torch.compile mode for fine-tuning: none | default | reduce-overhead | max-autotune
     subgroups: str = "sex"  # manifest columns reported like sex (metrics, intervals, gaps), comma-separated
     split_strata: str = "label,sex"  # columns the drawn split is stratified on (label is always one of them)
-    audit: str = "warn"  # cohort audit before splitting: off | warn (merge likely same-person ids) | strict (refuse)
+    audit: str = "warn"  # off | warn (keep merged and suspected pairs in one split) | strict (refuse merged pairs)
     # same-person distance: auto = the loosest at which the shipped curve expects <= 0.2 false pairs per photo in
     # this cohort (its sex mix), mutual nearest neighbours only, lowered until no merged group holds > 5% of photos
     audit_threshold: str = "auto"  # same-person distance: auto (0.2 expected false pairs/photo, guarded) or a number
@@ -106,7 +109,7 @@ def _columns(text: str) -> tuple[str, ...]:
 
 # What shapes a cohort (its photos, split and subgroups): configurations equal on these share one decoded cohort.
 COHORT_FIELDS = ("data", "img_size", "split_ratios", "split_seed", "split_strata", "subgroups", "audit",
-                 "audit_threshold", "audit_decisions", "audit_curve")
+                 "audit_threshold", "audit_decisions", "audit_curve", "skip_bad_photos")
 
 # How a run executes, not what it trains: changing these resumes the same study instead of starting a new one.
 EXECUTION_FIELDS = ("run_name", "compile", "decode_workers", "memory_budget_gb", "checkpoint_every",

@@ -3,17 +3,39 @@ paper's 114-image test split, SAM (ViT-H architecture, random weights) batched o
 end to end with MLflow. Writes JSON under --out. `cushing bench` (epoch vs compute floor) runs separately.
 
   python scripts/gpu_checks.py --out $OUT            # on a GPU machine
-  python scripts/gpu_checks.py --out /tmp/x --quick  # a CPU smoke test of the same code paths
+  python scripts/gpu_checks.py --out /tmp/x --quick  # the same code paths on a CPU (tests/test_gpu_scripts.py)
+
+Exits 1 when any check recorded an error (after running the others and writing the JSON).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+
+
+# What each check runs on a GPU (False) and with --quick (True): the smallest sizes that still take every code path
+# on a CPU. tests/test_gpu_scripts.py checks that every model named here is still in the registry.
+SIZES = {
+    False: {"img": 224, "dinov2_img": 224, "epochs": 8, "cam_images": 114, "sam_batch": 8, "sam_photos": 343,
+            "train": [("resnet50", None), ("vit_b_16", None), ("swin_b", None), ("dinov2_b", True),
+                      ("dinov2_b", False)],
+            "cam": ["resnet50", "vit_b_32", "swin_b", "dinov2_b"], "run": "vit_b_32", "run_epochs": 200,
+            "bootstrap": 500},
+    True: {"img": 32, "dinov2_img": 28, "epochs": 1, "cam_images": 5, "sam_batch": 2, "sam_photos": 3,
+           "train": [("resnet18", None), ("dinov2_s", True)], "cam": ["resnet18"], "run": "resnet18",
+           "run_epochs": 1, "bootstrap": 50},
+}
+SAM_ARCH = {  # SAM ViT-H's encoder (random weights), and a tiny one for --quick
+    False: {"encoder_embed_dim": 1280, "encoder_depth": 32, "encoder_num_heads": 16,
+            "encoder_global_attn_indexes": [7, 15, 23, 31]},
+    True: {"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2, "encoder_global_attn_indexes": [1]},
+}
 
 
 def _sync():
@@ -36,20 +58,25 @@ def step(results: dict, name: str):
     return wrap
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    out = Path(a.out)
+    ap.add_argument("--quick", action="store_true", help="CPU sizes: the same code paths in about a minute")
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
+    out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("CUSHING_HOME", tempfile.mkdtemp(prefix="cushing-home-"))
+    work = Path(tempfile.mkdtemp(prefix="gpu-checks-"))
+    os.environ.setdefault("CUSHING_HOME", str(work / "home"))
     import torch
 
     res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "torch": torch.__version__}
-    quick = a.quick
-    size = 64 if quick else 224
+    z = SIZES[a.quick]
+    size = z["img"]
 
     from cushing.config import TrainConfig
     from cushing.model.train import prepare_cohort, train
@@ -59,15 +86,12 @@ def main() -> None:
 
     @step(res, "cuda_training")
     def _train():
-        from cushing.metrics import auc_score
+        from cushing.stats.metrics import auc
 
         rows = {}
-        plan = [("resnet50", None), ("vit_b_16", None), ("swin_b", None), ("dinov2_b", True), ("dinov2_b", False)]
-        if quick:
-            plan = [("resnet18", None), ("dinov2_s", True)]
-        for name, freeze in plan:
-            img = 56 if quick and name.startswith("dinov2") else size
-            cfg = TrainConfig(model=name, freeze=freeze, pretrained=False, epochs=2 if quick else 8, img_size=img,
+        for name, freeze in z["train"]:
+            img = z["dinov2_img"] if name.startswith("dinov2") else size
+            cfg = TrainConfig(model=name, freeze=freeze, pretrained=False, epochs=z["epochs"], img_size=img,
                               cam=False, bootstrap=0)
             co = cohort if img == size else prepare_cohort(cfg, progress=False)
             _sync()
@@ -78,7 +102,7 @@ def main() -> None:
             rows[f"{name}{'-frozen' if o.frozen else ''}"] = {
                 "device": o.device, "seconds": time.perf_counter() - t, "epochs": o.fit.epochs_run,
                 "median_epoch_s": sorted(o.fit.epoch_seconds)[len(o.fit.epoch_seconds) // 2],
-                "test_auc": auc_score(te["label"], te["probability"]), "best_epoch": o.fit.best_epoch}
+                "test_auc": float(auc(te["label"], te["probability"])[0]), "best_epoch": o.fit.best_epoch}
         return rows
 
     @step(res, "gradcam_114")
@@ -87,9 +111,9 @@ def main() -> None:
         from cushing.model.explain import compute_cams, randomization_check
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        x = torch.randn(114 if not quick else 8, 3, size, size, device=dev)
+        x = torch.randn(z["cam_images"], 3, size, size, device=dev)
         rows = {}
-        for name in (["resnet50", "vit_b_32", "swin_b", "dinov2_b"] if not quick else ["resnet18"]):
+        for name in z["cam"]:
             m = build_model(name, pretrained=False, img_size=size).to(dev).eval()
             compute_cams(m, name, x[:4])  # warm-up
             _sync()
@@ -113,24 +137,20 @@ def main() -> None:
         from cushing.faces.detect import WORK
         from cushing.faces.sam import SamMasker, SamPrompt
 
-        d = Path(tempfile.mkdtemp())
-        arch = ({"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2, "encoder_global_attn_indexes":
-                 [1]} if quick else {"encoder_embed_dim": 1280, "encoder_depth": 32, "encoder_num_heads": 16,
-                                     "encoder_global_attn_indexes": [7, 15, 23, 31]})
         t = time.perf_counter()
-        sam = _build_sam(checkpoint=None, **arch)
-        torch.save(sam.state_dict(), d / "sam.pth")
+        sam = _build_sam(checkpoint=None, **SAM_ARCH[a.quick])
+        torch.save(sam.state_dict(), work / "sam.pth")
         del sam
         build_s = time.perf_counter() - t
         t = time.perf_counter()
-        masker = SamMasker(d / "sam.pth", device="auto", batch=8)
+        batch, n = z["sam_batch"], z["sam_photos"]
+        masker = SamMasker(work / "sam.pth", device="auto", batch=batch)
         load_s = time.perf_counter() - t
-        n = 16 if quick else 343
         rng = np.random.default_rng(0)
         imgs = [np.asarray(draw_face(FaceTraits.draw(rng, i % 2, "F"), size=WORK, seed=i)) for i in range(n)]
         prompts = [SamPrompt(points=np.array([[224.0, 230.0], [224.0, 260.0], [160.0, 250.0], [288.0, 250.0]]),
                              box=np.array([90.0, 40.0, 358.0, 420.0])) for _ in range(n)]
-        masker.masks(imgs[:8], prompts[:8])  # warm-up
+        masker.masks(imgs[:batch], prompts[:batch])  # warm-up
         _sync()
         t = time.perf_counter()
         masks = masker.masks(imgs, prompts)
@@ -144,18 +164,22 @@ def main() -> None:
     def _run():
         from cushing.workflows.experiment import run_single
 
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
-        cfg = TrainConfig(model="resnet18" if quick else "vit_b_32", pretrained=False, epochs=2 if quick else 200,
-                          img_size=size, bootstrap=500)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+        os.chdir(work)  # MLflow's artifacts (./mlruns) land here, not in the clone
+        cfg = TrainConfig(model=z["run"], pretrained=False, epochs=z["run_epochs"], img_size=size,
+                          bootstrap=z["bootstrap"])
         t = time.perf_counter()
         s = run_single(cfg, cohort=cohort, progress=False)
         total = time.perf_counter() - t
         return {"model": cfg.model, "epochs": cfg.epochs, "total_s": total, "train_seconds":
                 s.metrics.get("train_seconds"), "epoch_seconds_median": s.metrics.get("epoch_seconds_median"),
                 "cam_seconds": s.metrics.get("cam/seconds"), "test_f1": s.metrics.get("test/f1"),
-                "test_auc": s.metrics.get("test/auc"), "model_uri": s.model_uri}
+                "test_auc": s.metrics.get("test/auc"), "model_uri": s.model_uri, "phases": s.phases.table()}
 
     (out / "gpu_checks.json").write_text(json.dumps(res, indent=1, default=str))
+    failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    if failed:
+        sys.exit(f"gpu_checks: {', '.join(failed)} failed (errors in {out / 'gpu_checks.json'})")
 
 
 if __name__ == "__main__":

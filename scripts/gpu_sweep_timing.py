@@ -1,9 +1,10 @@
 """Measure a shortened sweep and set it beside the wall-time model (`cushing sweep --plan`), for issue 7.
 
-Writes a copy of the study file with `epochs` shortened, runs `cushing sweep` on it with N workers in a fresh
-MLflow store and Optuna storage, and reports: the measured wall time, the model's estimate for the same shortened
-grid, each child run's training seconds and median epoch, and the model's estimate for the full-length grid scaled
-by measured/estimated (the extrapolation). JSON under --out.
+Writes a copy of the study file with `epochs` shortened and random weights (a GPU machine has no hub access, and
+speed does not depend on the weights), runs `cushing sweep` on it with N workers in a fresh MLflow store and Optuna
+storage, and reports: the measured wall time, the model's estimate for the same shortened grid, each child run's
+training seconds and median epoch, and the model's estimate for the full-length grid scaled by measured/estimated
+(the extrapolation). JSON under --out; exits 1 unless every configuration finished.
 
   python scripts/gpu_sweep_timing.py --out $OUT --epochs 20 --workers 2                  # GPU: the paper grid
   python scripts/gpu_sweep_timing.py --out /tmp/x --study projects/demo.yaml --epochs 1   # CPU smoke test
@@ -25,11 +26,12 @@ import yaml
 def shortened(study: Path, epochs: int, dst: Path, compile: str | None) -> Path:
     data = yaml.safe_load(study.read_text())
     data["name"] = f"{data.get('name', study.stem)}-{epochs}ep"
-    data.setdefault("base", {})["epochs"] = epochs
+    data.setdefault("base", {}).update(epochs=epochs, pretrained=False)
     if compile:
         data["base"]["compile"] = compile
     for conf in data.get("configurations", []):
         conf.pop("epochs", None)
+        conf.pop("pretrained", None)
     dst.write_text(yaml.safe_dump(data, sort_keys=False))
     return dst
 
@@ -51,15 +53,21 @@ def children(experiment: str) -> list[dict]:
     return sorted(out, key=lambda d: d["configuration"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from cushing.config import COMPILE_MODES
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--study", default="projects/paper.yaml")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--full-epochs", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--compile", default=None)
-    a = ap.parse_args()
+    ap.add_argument("--compile", default=None, choices=COMPILE_MODES)
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sweep-timing-"))
@@ -71,14 +79,14 @@ def main() -> None:
 
     from cushing.workflows.sweeps import load_for, plan_sweep
 
-    experiment = load_for(short, "sweep").experiment
+    study = load_for(short, "sweep")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cushing", "sweep", str(short), "--workers", str(a.workers)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=work)  # its artifacts (./mlruns) not in the clone
     wall = time.perf_counter() - t
     _, est_short = plan_sweep(short, [a.workers])
     _, est_full = plan_sweep(full, [1, 2, 4, a.workers])
-    kids = children(experiment)
+    kids = children(study.experiment)
     scale = wall / est_short[a.workers]
     result = {
         "study": a.study, "epochs": a.epochs, "workers": a.workers, "compile": a.compile, "exit_code": proc.returncode,
@@ -93,6 +101,9 @@ def main() -> None:
     for w, s in est_full.items():
         print(f"  {a.full_epochs} epochs, --workers {w}: model {s / 60:.1f} min, scaled by the measurement "
               f"{s * scale / 60:.1f} min")
+    if proc.returncode or len(kids) < len(study.configurations):
+        sys.exit(f"the sweep failed: {len(kids)} of {len(study.configurations)} runs finished, exit code "
+                 f"{proc.returncode}\n{proc.stderr[-3000:]}")
 
 
 if __name__ == "__main__":

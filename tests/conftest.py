@@ -105,6 +105,24 @@ def photo_cohort(celeba: pd.DataFrame, src: Path, out: Path, counts: dict, skip:
     return used
 
 
+def faceless(celeba: pd.DataFrame, src: Path, counts: dict, skip: set, work: Path) -> set:
+    """The identities, among the first candidates `photo_cohort` would draw, whose photo gives no face crop (dlib
+    finds no face in a few percent of these small photos): a cohort drawn without them passes the face stage, which
+    stops on such a photo. Run through the face stage itself, into the session's face cache (CUSHING_HOME), so the
+    cohort's own face stage later finds every crop there."""
+    from cushing.faces.pipeline import extract_faces
+    from cushing.faces.settings import FaceSettings
+
+    pools = [celeba[(celeba["sex"] == sex) & (celeba["label"] == label) & ~celeba["subject_id"].isin(skip)].head(2 * n)
+             for (sex, label), n in counts.items()]
+    cand = pd.concat(pools)
+    cand.assign(image=[str(src / p) for p in cand["image"]])[["image", "label", "sex", "subject_id"]].to_csv(
+        work / "candidates.csv", index=False)
+    report = extract_faces(work / "candidates.csv", work / "candidates", FaceSettings(), progress=False,
+                           skip_bad_photos=True).report
+    return set(cand.loc[(report["status"] != "ok").to_numpy(), "subject_id"])
+
+
 @pytest.fixture(scope="session")
 def celeba_dir() -> Path:
     return shared_root() / "data" / "celeba-chubby"

@@ -87,6 +87,9 @@ def test_merged_groups_is_transitive_and_named_by_the_smallest_id():
     assert g.tolist() == ["s1", "s1", "s1", "s1", "s4", "s4"]
     only_dups = merged_groups(pairs, subjects, kinds=["duplicate_photo"])
     assert only_dups.tolist() == ["s1", "s1", "s2", "s1", "s4", "s5"]
+    told = pairs.assign(outcome=["precaution", "merged", "review"])  # a review pair keeps nobody together
+    assert merged_groups(told, subjects).tolist() == ["s1", "s1", "s1", "s1", "s4", "s5"]
+    assert merged_groups(told, subjects, outcomes=["merged"]).tolist() == ["s1", "s1", "s2", "s1", "s4", "s5"]
 
 
 def test_perceptual_hash_survives_reencoding_but_not_a_different_face(celeba_manifest, tmp_path):
@@ -173,9 +176,9 @@ def twin_ids(celeba_manifest, tmp_path_factory):
 
 
 @pytest.mark.dlib
-def test_same_person_under_two_ids_found_and_merged(twin_ids):
+def test_same_person_under_two_ids_found_and_kept_together(twin_ids):
     res, m, ids, _, _ = twin_ids
-    same = res.pairs[(res.pairs["kind"] == "same_person") & res.pairs["merged"]]
+    same = res.pairs[(res.pairs["kind"] == "same_person") & res.pairs["outcome"].isin(["merged", "precaution"])]
     raw = m.table["subject_id"]
     true_id = raw.str.replace("_b", "", regex=False)
     a, b = same["line_a"].to_numpy() - 2, same["line_b"].to_numpy() - 2
@@ -219,9 +222,10 @@ def test_output_names_no_path_and_no_raw_id(twin_ids, dup_audit):
         leaks += [p for p in m.table["path"] if p in text or p.rsplit("/", 1)[-1] in text]
         assert not leaks, f"audit output leaks {leaks[:3]}"
         assert str(m.source.parent) not in text
-        assert set(res.pairs.columns) == {"kind", "distance", "decision", "verdict", "merged", "line_a", "line_b",
-                                          "subject_a", "subject_b", "split_a", "split_b", "straddles_splits",
-                                          "same_subject", "detail"}
+        assert set(res.pairs.columns) == {"pair", "kind", "distance", "decision", "verdict", "outcome", "line_a",
+                                          "line_b", "subject_a", "subject_b", "split_a", "split_b",
+                                          "straddles_splits", "same_subject", "detail"}
+        assert res.pairs["pair"].tolist() == list(range(1, len(res.pairs) + 1)), "one key per pair"
         assert res.pairs[["subject_a", "subject_b"]].stack().str.fullmatch(r"[0-9a-f]{16}").all()
 
 

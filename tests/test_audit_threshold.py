@@ -1,6 +1,6 @@
 """The automatic same-person threshold on synthetic descriptors and curves (cheap, deterministic): the curve rule,
-pair counts by sex, mutual nearest neighbours around a hub face, the group-size guard, a person's verdicts, the
-decisions file's errors, and the curve counts against brute force."""
+the strict distance, pair counts by sex, mutual nearest neighbours around a hub face, the group-size guard, a
+person's verdicts, the decisions file's errors, and the curve counts against brute force."""
 from __future__ import annotations
 
 import itertools
@@ -14,14 +14,15 @@ from cushing.data.audit.curvefile import GRID, curve_counts, curve_table, write_
 from cushing.data.audit.decisions import DecisionsError, read_decisions
 from cushing.data.audit.sameperson import same_person_pairs
 from cushing.data.audit.threshold import SHIPPED_CURVE, curve_threshold, expected_false_pairs, guarded_threshold, \
-    mutual_pairs, nearest_strangers, pair_counts, read_curve
+    mutual_pairs, nearest_strangers, pair_counts, read_curve, strict_distance
 
 
-def _step_curve(tmp_path, step: float = 0.5):
-    """A curve whose stranger pairs never come closer than `step` and always do from there: t_curve is the grid
-    distance just below `step`, whatever the cohort."""
+def _step_curve(tmp_path, step: float = 0.5, band: float = 0.33):
+    """A curve whose stranger pairs never come closer than `band`, 1 in 1000 does from there and all from `step`:
+    t_curve is the grid distance just below `step` and the strict distance the one below `band` (for a cohort of
+    51 to 7,800 photo pairs)."""
     n = 1000
-    false = (GRID >= step).astype(np.int64) * n
+    false = (GRID >= step).astype(np.int64) * n + ((GRID >= band) & (GRID < step))
     counts = {f"false_{g}": false for g in ("all", "F", "M", "mixed")}
     counts.update({f"neg_{g}": n for g in ("all", "F", "M", "mixed")})
     counts.update({f"true_{g}": np.zeros(len(GRID), np.int64) for g in ("all", "F", "M")})
@@ -76,6 +77,19 @@ def test_curve_threshold_is_the_loosest_grid_distance_within_the_bound():
     assert curve_threshold(curve, paper, 343, 0.2)[0] == 0.525, "the figure the docs quote (cohort-audit.md)"
 
 
+def test_strict_distance_is_where_the_whole_cohort_expects_near_zero_false_pairs():
+    curve = read_curve()
+    for n_f, n_m in ((292, 51), (85, 15), (1000, 0)):
+        counts = pair_counts(np.array(["F"] * n_f + ["M"] * n_m, dtype=object), np.arange(n_f + n_m))
+        t, e = strict_distance(curve, counts, 0.05), expected_false_pairs(curve, counts)
+        i = int(np.flatnonzero(curve.grid == t)[0])
+        assert e[i] <= 0.05 < e[i + 1] and t < curve_threshold(curve, counts, n_f + n_m, 0.2)[0], (n_f, n_m, t)
+    paper = pair_counts(np.array(["F"] * 292 + ["M"] * 51, dtype=object), np.arange(343))
+    assert strict_distance(curve, paper, 0.05) == 0.32, "the figure the docs quote (cohort-audit.md)"
+    big = pair_counts(np.array(["F", "M"] * 1500, dtype=object), np.arange(3000))
+    assert strict_distance(curve, big, 0.05) == 0.0, "even the grid's first distance expects too many: no merges"
+
+
 def test_mutual_nearest_neighbours_bound_what_a_hub_can_merge():
     x, subj, _ = _hub_cohort()
     codes = pd.factorize(pd.Series(subj))[0]
@@ -101,17 +115,17 @@ def test_guard_lowers_the_threshold_until_the_largest_group_fits():
         "groups count photos; two subjects (one person under two ids) may merge past the limit, a third may not"
 
 
-def test_hub_cohort_merges_people_entered_twice_and_sends_the_hub_to_review(tmp_path):
+def test_hub_cohort_merges_people_entered_twice_and_keeps_the_hub_as_a_precaution(tmp_path):
     x, subj, sex = _hub_cohort()
     s = AuditSettings(curve=str(_step_curve(tmp_path)))
     df, choice = same_person_pairs(x, subj, sex, s)
     assert choice.auto and choice.threshold == choice.threshold_curve == 0.495 and not choice.guard_bound
-    merged = df[df["decision"] == "auto_merged"]
+    assert choice.strict == 0.325 and choice.expected_false_merges == 0.0
     twins = {(9 + 2 * k, 10 + 2 * k) for k in range(5)}
-    assert twins <= set(zip(merged["i"], merged["j"]))
-    hub = df[df["i"] == 0]
-    assert (hub["decision"] == "auto_merged").sum() == 2 and (hub["decision"] == "review").sum() == 6
-    assert len(merged) == 7 and (df["decision"] == "below_threshold").sum() == s.near_misses
+    assert set(zip(*df.loc[df["decision"] == "merged", ["i", "j"]].to_numpy().T)) == twins, "0.2 apart: certain"
+    hub = df[df["i"] == 0]  # 0.35 from its satellites: past the strict distance, so suspected only
+    assert (hub["decision"] == "precaution").sum() == 2 and (hub["decision"] == "review").sum() == 6
+    assert (df["decision"] == "precaution").sum() == 2 and (df["decision"] == "below_threshold").sum() == s.near_misses
     assert (df["distance"].diff().dropna() >= 0).all(), "closest first"
 
 
@@ -121,7 +135,7 @@ def test_verdicts_override_merges_and_the_guard_counts_forced_ones(tmp_path):
     verdicts = {(11, 12): "different", (30, 40): "same"}  # lines: a planted pair; two far strangers
     df, _ = same_person_pairs(x, subj, sex, s, verdicts=verdicts)
     row = df.set_index(["i", "j"])
-    assert row.loc[(9, 10), "verdict"] == "different" and row.loc[(9, 10), "decision"] == "auto_merged"
+    assert row.loc[(9, 10), "verdict"] == "different" and row.loc[(9, 10), "decision"] == "merged"
     assert row.loc[(28, 38), "verdict"] == "same" and row.loc[(28, 38), "decision"] == "below_threshold"
     assert row.loc[(28, 38), "distance"] == pytest.approx(3.0 * np.sqrt(2), rel=1e-5)
     # a satellite outside the hub's 2 nearest marked the same person as the hub: hub + it + the 2 mutual
@@ -129,14 +143,15 @@ def test_verdicts_override_merges_and_the_guard_counts_forced_ones(tmp_path):
     forced = {(2, 7): "same"}
     df, choice = same_person_pairs(x, subj, sex, s, verdicts=forced)
     assert choice.guard_bound and choice.threshold < 0.35 + 1e-6 and choice.group_limit == 3
-    assert not (df["decision"] == "auto_merged")[df["i"] == 0].any(), "the hub merges with nobody else"
+    assert not df.loc[df["i"] == 0, "decision"].isin(["merged", "precaution"]).any(), "the hub joins nobody else"
 
 
 def test_fixed_threshold_has_no_guard_and_reports_expected_pairs():
     x, subj, sex = _hub_cohort()
     df, choice = same_person_pairs(x, subj, sex, AuditSettings(same_person_max_distance=0.3))
     assert not choice.auto and choice.threshold == 0.3 and np.isfinite(choice.expected_false_pairs)
-    assert set(df.loc[df["distance"] < 0.3, "decision"]) == {"auto_merged"}
+    assert choice.strict == 0.3, "the shipped curve's strict distance for these 39 photos (0.425), capped at t"
+    assert set(df.loc[df["distance"] < 0.3, "decision"]) == {"merged"}
     assert (df["decision"] == "review").sum() == 0, "the hub pairs (0.35) are near misses at 0.3"
 
 

@@ -24,7 +24,8 @@ def test_resnet18_learns_sex_from_real_faces(celeba_manifest, tmp_path):
     df[["image", "label", "sex", "subject_id"]].to_csv(path, index=False)
     cfg = TrainConfig(data=str(path), model="resnet18", pretrained=False, epochs=7, img_size=64, oversample=1,
                       lr=0.02, aug_strength=0.3, split_ratios="2:1:1", select_metric="val/auc", cam=False,
-                      audit="off")  # the audit of these photos is tested in test_audit.py
+                      audit="off",  # the audit of these photos is tested in test_audit.py
+                      allow_one_class_subgroups=True)  # label = sex: each sex is one class
     cohort = prepare_cohort(cfg, progress=False)
     assert cohort.images.shape == (800, 3, 64, 64)
     out = train(cfg, cohort, progress=False)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cushing.config import TrainConfig
+from cushing.data.audit.settings import TOGETHER
 from cushing.stats.subgroups import SubgroupError
 from cushing.model.train import AuditError, prepare_cohort
 from tests.conftest import env_vars
@@ -36,20 +37,72 @@ def renamed_people(celeba_manifest, tmp_path_factory):
     return path, set(multi.astype(str))
 
 
-def test_same_person_under_two_ids_is_merged_into_one_split_or_refused(renamed_people):
+THIN = {"allow_one_class_subgroups": True}  # these CelebA patients are all men: women are one class
+
+
+@pytest.fixture(scope="module")
+def warn_cohort(renamed_people):
+    return prepare_cohort(TrainConfig(data=str(renamed_people[0]), model="resnet18", img_size=32, audit="warn",
+                                      **THIN), progress=False)
+
+
+def test_same_person_under_two_ids_is_kept_in_one_split_or_refused(renamed_people, warn_cohort, tmp_path):
     path, people = renamed_people
-    cohort = prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="warn"), progress=False)
+    cohort = warn_cohort
     pairs = cohort.audit.pairs
-    found = pairs[(pairs["kind"] == "same_person") & ~pairs["same_subject"] & pairs["merged"]]
+    found = pairs[(pairs["kind"] == "same_person") & ~pairs["same_subject"] & pairs["outcome"].isin(TOGETHER)]
     assert len(found) >= 3, "the audit finds renamed visits"
     table = cohort.table
     for a, b in zip(found["line_a"] - 2, found["line_b"] - 2):
-        assert cohort.split.iat[a] == cohort.split.iat[b], "a merged pair never straddles splits"
-    merged_people = {str(table["subject_id"].iat[a]).replace("-visit2", "") for a in found["line_a"] - 2}
-    assert len(merged_people & people) >= 3 and cohort.merges >= 3
+        assert cohort.split.iat[a] == cohort.split.iat[b], "a pair kept together never straddles splits"
+    kept_people = {str(table["subject_id"].iat[a]).replace("-visit2", "") for a in found["line_a"] - 2}
+    assert len(kept_people & people) >= 3 and cohort.merges + cohort.precautions >= 3
     assert not set(pairs["subject_a"]) & set(table["subject_id"].astype(str)), "audit.csv carries hashed ids"
-    with pytest.raises(AuditError, match=r"audit=strict.*\n  lines \d+ and \d+: same_person"):
-        prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="strict"), progress=False)
+    merged = found[found["outcome"] == "merged"]
+    assert len(merged) >= 1 and cohort.merges >= 1, "the closest renamed visits are certain"
+    with pytest.raises(AuditError, match=rf"audit=strict\) merged {len(merged)} pair.*\n  pair \d+, lines \d+"):
+        prepare_cohort(TrainConfig(data=str(path), model="resnet18", img_size=32, audit="strict", **THIN),
+                       progress=False)
+    # the ids fixed as the error asks: strict trains, and keeps the suspected pairs together as warn does
+    fixed = pd.read_csv(path)
+    for a, b in zip(merged["line_a"] - 2, merged["line_b"] - 2):
+        fixed.loc[fixed["subject_id"] == fixed.at[b, "subject_id"], "subject_id"] = fixed.at[a, "subject_id"]
+    fixed.to_csv(tmp_path / "fixed.csv", index=False)
+    strict = prepare_cohort(TrainConfig(data=str(tmp_path / "fixed.csv"), model="resnet18", img_size=32,
+                                        audit="strict", **THIN), progress=False)
+    kept = strict.audit.pairs[~strict.audit.pairs["same_subject"] & (strict.audit.pairs["outcome"] == "precaution")]
+    assert strict.merges == 0 and strict.precautions >= 1 and len(kept) >= 1
+    assert all(strict.split.iat[a] == strict.split.iat[b] for a, b in zip(kept["line_a"] - 2, kept["line_b"] - 2))
+
+
+def test_the_audit_words_reach_the_run_and_the_model_card(warn_cohort, tracking):
+    """Merged (certain) and kept as a precaution (suspected) counted apart in the run's tags and metrics and in the
+    registered version's card; nothing logged names a real subject id or a photo's file name."""
+    from cushing.release.registry import publish_card
+    from cushing.workflows.experiment import run_single
+
+    cfg = TrainConfig(data=str(warn_cohort.manifest.source), model="resnet18", pretrained=False, epochs=1, img_size=32,
+                      bootstrap=0, cam=False, min_positives=1, experiment="audit-words", **THIN)
+    s = run_single(cfg, cohort=warn_cohort, progress=False)
+    c = mlflow.MlflowClient()
+    run = c.get_run(s.run_id)
+    tags, m = run.data.tags, run.data.metrics
+    assert tags["audit_merges"] == str(warn_cohort.merges) and tags["audit_precautions"] == str(warn_cohort.precautions)
+    assert m["audit/merges"] == warn_cohort.merges and m["audit/precautions"] == warn_cohort.precautions > 0
+    assert m["audit/merged_subjects"] == warn_cohort.merges and m["audit/pairs_precaution"] >= 1
+    mv = mlflow.register_model(s.model_uri, "cushing")
+    c.set_model_version_tag("cushing", mv.version, "source_run", s.run_id)
+    md = publish_card("cushing", mv.version)
+    assert (f"cohort audit: warn ({warn_cohort.merges} subject ids merged as one photo or one person; "
+            f"{warn_cohort.precautions} kept in one split as a precaution, for review)") in md
+    path = mlflow.artifacts.download_artifacts(run_id=s.run_id, artifact_path="audit.csv")
+    logged = pd.read_csv(path, dtype=str, keep_default_na=False)
+    ids = set(warn_cohort.table["subject_id"].astype(str))
+    values = {*logged[["subject_a", "subject_b"]].stack(), *tags.values(), *run.data.params.values()}
+    assert not ids & values, "a real subject id reached MLflow"
+    text = " ".join([open(path).read(), md, *tags.values(), *run.data.params.values()])
+    names = {p.rsplit("/", 1)[-1] for p in warn_cohort.table["path"].astype(str)}
+    assert "-visit2" not in text and not [n for n in names if n in text], "a file name or made-up id reached MLflow"
 
 
 def test_the_demo_cohort_is_unaffected_by_the_audit(demo_manifest):

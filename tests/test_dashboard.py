@@ -68,8 +68,12 @@ def test_renders_in_headless_chromium(page_file):
         header.click()  # sorted descending on the ranking metric
         header.click()  # then ascending: the order flips
         assert rows.nth(2).locator("td").nth(0).inner_text() == first
+        curves = page.locator("img[alt='decision curves']")
+        assert curves.is_visible() and curves.evaluate("i => i.naturalWidth") > 300, "the top models' decision curves"
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         docs_screenshot(page, "dashboard")  # the documentation's picture, once the checks above passed
+        page.locator("h2", has_text="Decision curve").evaluate("h => h.scrollIntoView()")  # its own picture
+        docs_screenshot(page, "dashboard-decision-curve")
         browser.close()
     assert errors == [], errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests

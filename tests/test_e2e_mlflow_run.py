@@ -48,6 +48,13 @@ def test_run_is_finished_with_params_and_tags(finished_run):
     assert t["synthetic_data"] == "true" and "SYNTHETIC" in t["data_note"]
 
 
+def test_the_experiment_mlflow_run_made_is_marked_for_model_development(finished_run):
+    """`mlflow run --experiment-name cushing` made the experiment before the project's code ran; the run it took
+    marked it as a model-development experiment (the MLflow 3 UI's kind tag)."""
+    client, run, _, _ = finished_run
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_metric_names_overall_and_per_sex(finished_run):
     client, run, _, _ = finished_run
     m = run.data.metrics
@@ -136,7 +143,7 @@ def test_model_reloads_weights_only_and_scores_a_synthetic_face(finished_run, mo
     model_uri = run.data.tags["model_uri"]
     model = mlflow.pyfunc.load_model(model_uri)
     out = model.predict(pd.DataFrame({"image": [synthetic_jpeg_b64(seed=s) for s in range(3)]}))
-    assert list(out.columns) == ["probability", "label", "face_status"]
+    assert list(out.columns) == ["probability", "label", "face_status", "operating_point"]
     assert ((out["probability"] >= 0) & (out["probability"] <= 1)).all()
     thr = run.data.metrics["threshold"]
     assert (out["label"] == (out["probability"] >= thr).astype(int)).all()

@@ -117,11 +117,14 @@ def test_faces_entry_point(tmp_path, celeba_manifest):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("MLFLOW_RUN_ID", None)
     run_id, _ = mlflow_run(tmp_path, env, "faces", f"manifest={tmp_path / 'photos.csv'}", f"out={tmp_path / 'faces'}",
-                           "sam_checkpoint=", "sam_model_type=", "cache_dir=", experiment="cushing")
+                           "sam_checkpoint=", "sam_model_type=", "cache_dir=", "skip_bad_photos=true",
+                           experiment="cushing")
     with env_vars({"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}):
         run = _client(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["task"] == "faces"
         assert run.data.params["sam_checkpoint"] == "''" and run.data.metrics["faces/photos"] == 6
+        m = run.data.metrics  # a photo without a face dlib finds is left out, and counted, only when told
+        assert m["skipped_photos"] == 6 - m["faces/extracted"] == m["skipped_photos/female"] + m["skipped_photos/male"]
         assert len(_runs(env["MLFLOW_TRACKING_URI"], "cushing")) == 1, "no second run"
     assert (tmp_path / "faces" / "manifest.csv").exists()
 

@@ -116,3 +116,48 @@ def test_external_validation_of_a_logged_model(seeds, celeba_manifest, tmp_path)
     assert len(res.predictions) == 60 and not math.isnan(m["external/auc"])
     names = {x.path for x in mlflow.MlflowClient().list_artifacts(res.run_id)}
     assert {"per_sex.csv", "predictions.csv", "plots"} <= names
+
+
+def test_external_intervals_count_patients_not_photos(seeds, celeba_manifest, tmp_path):
+    """One registered model scored on an external cohort, then on the same photos listed three times per subject
+    (the original and two lossless re-encodings): no interval is narrower, the points stay, the tag says how."""
+    import mlflow
+    from PIL import Image
+
+    from cushing.workflows.jobs import run_evaluate
+
+    c = mlflow.MlflowClient()
+    source = seeds.children[0].run_id
+    mv = mlflow.register_model(c.get_run(source).data.tags["model_uri"], "cushing-evidence",
+                               tags={"source_run": source})  # as promotion registers it (the card reads it)
+    model_uri = f"models:/cushing-evidence/{mv.version}"
+    df = celeba_manifest.copy()
+    df["sex"] = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda s: s.mode()[0]))
+    df = df.drop_duplicates("subject_id")
+    ext = pd.concat([df[df["label"] == 1].head(20), df[df["label"] == 0].head(40)])[["image", "label", "sex",
+                                                                                        "subject_id"]]
+    copies = [ext]
+    for fmt in ("png", "bmp"):
+        again = ext.copy()
+        again["image"] = [str(tmp_path / f"{i}.{fmt}") for i in range(len(ext))]
+        for src, dst in zip(ext["image"], again["image"]):
+            Image.open(src).convert("RGB").save(dst)
+        copies.append(again)
+    ext.to_csv(tmp_path / "once.csv", index=False)
+    pd.concat(copies).to_csv(tmp_path / "thrice.csv", index=False)
+    runs = [c.get_run(run_evaluate(model_uri=model_uri, manifest=str(tmp_path / f"{name}.csv"),
+                                   experiment="evidence", bootstrap=300, prevalence=0.02).run_id)
+            for name in ("once", "thrice")]
+    (once, thrice) = [r.data.metrics for r in runs]
+    assert [r.data.tags["interval_method"] for r in runs] == ["wilson", "subject_bootstrap"]
+    assert thrice["external/n"] == 3 * once["external/n"] == 180
+    lows = [k for k in once if k.endswith("/ci_low")]
+    assert {"external/recall/ci_low", "external/specificity/ci_low", "external/ppv/ci_low"} <= set(lows)
+    for low in lows:
+        high = low[:-len("ci_low")] + "ci_high"
+        assert thrice[high] - thrice[low] >= once[high] - once[low] - 1e-9, low[:-len("/ci_low")]
+    for k in ("external/recall", "external/specificity", "external/auc", "external/net_benefit"):
+        assert thrice[k] == pytest.approx(once[k], abs=1e-6), k
+    names = {x.path for x in c.list_artifacts(runs[1].info.run_id)}
+    assert "decision_curve.csv" in names and "plots/decision_curve.png" in {
+        x.path for x in c.list_artifacts(runs[1].info.run_id, "plots")}

@@ -28,9 +28,53 @@ def flow(demo_sweep):
 
 
 @pytest.fixture(scope="module")
-def ui(flow):
-    with mu.mlflow_ui(flow["uri"]) as server, mu.browser() as b, mu.ui_page(server.url, browser_=b) as page:
+def server(flow):
+    with mu.mlflow_ui(flow["uri"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ui(server):
+    with mu.browser() as b, mu.ui_page(server.url, browser_=b) as page:
         yield page
+
+
+def test_the_experiment_link_lands_on_the_runs_table_in_a_fresh_browser(server, flow):
+    """`mlflow run --experiment-name cushing-demo` made the experiment; the project's first run in it marked it
+    as model development (the kind tag of MLflow 3's UI). MLflow 3.17's UI still opens any experiment on its GenAI
+    overview ("Detect Issues", traces, the assistant) in a browser that has not chosen "Model training" in the
+    sidebar, so the link the project gives (`runs_link`, printed by `cushing pipeline`) asks for that mode: in a
+    browser with no MLflow settings it lands on the runs table. DOM: the page's text; REST: runs/search of the
+    experiment, which only the runs table makes."""
+    import mlflow
+
+    from cushing import tracking
+
+    with env_vars({"MLFLOW_TRACKING_URI": flow["uri"]}):
+        kind = mlflow.MlflowClient().get_experiment(flow["exp_id"]).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"
+    with env_vars({"MLFLOW_TRACKING_URI": server.url}):
+        link = tracking.runs_link("cushing-demo")
+    assert link == f"{server.url}/#/experiments/{flow['exp_id']}/runs?workflowType=machine_learning"
+    with mu.browser() as b:
+        plain = mu.UIPage(b.new_context(viewport=mu.DOCS_VIEWPORT).new_page(), server.url)
+        plain.goto(f"#/experiments/{flow['exp_id']}")
+        mu.wait_for_text(plain, "Detect Issues")  # the bare experiment URL: MLflow's GenAI overview
+        mu.screenshot(plain, "demo-flow-bare-experiment-url", full=False)
+        ui = mu.UIPage(b.new_context(viewport=mu.VIEWPORT).new_page(), server.url)
+        ui.goto(link)
+        mu.wait_for_rest(ui, "runs/search", lambda c: flow["exp_id"] in _experiment_ids(c))
+        mu.wait_for_text(ui, "sweep-demo")
+        mu.settle(ui)
+        text = ui.page.inner_text("body")
+        assert "matching run" in text and "Detect Issues" not in text and "Evaluation runs" not in text, text[:800]
+        mu.screenshot(ui, "demo-flow-runs-link")
+        mu.docs_screenshot(ui, "mlflow-runs")
+        assert ui.unexpected_errors() == []
+
+
+def _experiment_ids(call) -> list:
+    return call.request.get("experiment_ids", []) if isinstance(call.request, dict) else []
 
 
 def test_a_child_runs_per_epoch_f1_has_one_point_per_epoch(ui, flow):
@@ -88,8 +132,17 @@ def test_model_version_page_shows_its_model_card(ui, flow):
     assert "champion" in view.data["aliases"]
     shown = ui.page.inner_text("body")
     assert "Intended use" in shown and "not a diagnostic device" in shown, "the card is shown on the page"
+    for item in ("95% intervals counting subjects", "Clinical utility (decision curve, test)",
+                 "Net benefit at the operating threshold", "Cohort size: with "):
+        assert item in description and item in shown, item
     mu.screenshot(ui, "demo-flow-model-version")
     mu.docs_screenshot(ui, "mlflow-model-card")
+    size = ui.page.viewport_size
+    ui.page.set_viewport_size(mu.DOCS_VIEWPORT)  # lay out at the picture's size first, then scroll: its own picture
+    ui.page.wait_for_timeout(800)
+    ui.page.get_by_text("Performance (95% intervals counting subjects").first.evaluate("e => e.scrollIntoView()")
+    mu.docs_screenshot(ui, "mlflow-model-card-evidence")
+    ui.page.set_viewport_size(size)
 
 
 def test_run_chart_view_draws_the_epoch_curves_as_lines(ui, flow):

@@ -50,6 +50,6 @@ def test_a_model_logged_before_the_move_loads_and_scores_with_todays_code(old_mo
         out = model.predict(pd.DataFrame({"image": [synthetic_jpeg_b64(seed=s) for s in range(4)]}))
         threshold = float(model.metadata.metadata["cushing"]["threshold"])
     assert cushing.model.train.__file__.startswith(str(ROOT)), "today's code did the scoring"
-    assert list(out.columns) == ["probability", "label", "face_status"]
+    assert list(out.columns) == ["probability", "label", "face_status", "operating_point"]
     p = out["probability"].astype(float)
     assert ((p > 0) & (p < 1)).all() and (out["label"] == (p >= threshold).astype(int)).all()

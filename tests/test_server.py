@@ -248,28 +248,34 @@ def test_served_champion_scores_real_faces(served, celeba_dir):
     assert r1.status_code == 200, r1.text[:500]
     out1 = pd.DataFrame(r1.json()["predictions"])
     out2 = pd.DataFrame(r2.json()["predictions"])
-    assert list(out1.columns) == ["probability", "label", "face_status"]
+    assert list(out1.columns) == ["probability", "label", "face_status", "operating_point"]
+    assert out1["operating_point"][0].startswith("threshold ") and ", rule f1" in out1["operating_point"][0]
     assert "TRAINED ON SYNTHETIC DATA" in log.read_text(), "the server says so when it loads a synthetic model"
     p = out1["probability"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all() and np.allclose(p, out2["probability"].to_numpy())
     assert set(out1["label"]) <= {0, 1}
 
 
-@pytest.mark.parametrize("name,body,raw", [
-    ("not an image", {"dataframe_records": [{"image": base64.b64encode(b"plain text, not a photo").decode()}]}, None),
-    ("empty", {"dataframe_records": [{"image": ""}]}, None),
-    ("not base64", {"dataframe_records": [{"image": "%%%not-base64%%%"}]}, None),
-    ("wrong column", {"dataframe_records": [{"photo": "aGVsbG8="}]}, None),
-    ("oversized", {"dataframe_records": [{"image": "A" * (21 * 1024 * 1024)}]}, None),
-    ("not json", None, "{this is not json"),
+@pytest.mark.parametrize("name,body,raw,status", [
+    ("not an image", {"dataframe_records": [{"image": base64.b64encode(b"plain text, not a photo").decode()}]}, None,
+     "not_an_image"),
+    ("empty", {"dataframe_records": [{"image": ""}]}, None, "empty_file"),
+    ("not base64", {"dataframe_records": [{"image": "%%%not-base64%%%"}]}, None, "not_base64"),
+    ("oversized", {"dataframe_records": [{"image": "A" * (21 * 1024 * 1024)}]}, None, "too_large"),
+    ("wrong column", {"dataframe_records": [{"photo": "aGVsbG8="}]}, None, None),
+    ("not json", None, "{this is not json", None),
 ])
-def test_bad_payloads_get_4xx_and_server_stays_up(served, name, body, raw, celeba_dir):
+def test_bad_photos_get_a_status_bad_requests_a_4xx_and_server_stays_up(served, name, body, raw, status, celeba_dir):
     url, log = served
     if raw is not None:
         r = requests.post(f"{url}/invocations", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
     else:
         r = requests.post(f"{url}/invocations", json=body, timeout=120)
-    assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+    if status:  # a bad photo: its row says why, the request is answered
+        assert r.status_code == 200, (name, r.text[:300])
+        assert r.json()["predictions"] == [{"probability": None, "label": -1, "face_status": status}]
+    else:
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
     assert r.headers["content-type"].startswith("application/json")
     assert str(celeba_dir) not in r.text and "demo-v1" not in r.text, "no training photo paths echoed"
     assert requests.get(f"{url}/ping", timeout=10).status_code == 200

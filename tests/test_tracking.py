@@ -126,3 +126,25 @@ def test_under_mlflow_run_the_launchers_experiment_is_the_experiment(tracking, m
         assert run.run_id == launcher
     with trk.start_run(experiment="", run_name="next") as other:
         assert other.run_id != launcher and trk.get_run(other.run_id).experiment_id == trk.experiment_id("A")
+
+
+def test_experiments_are_marked_for_model_development_and_a_users_kind_stays(tracking, monkeypatch):
+    """The MLflow 3 UI keeps an experiment's kind as the tag `mlflow.experimentKind` (its experiment-type selector
+    writes `custom_model_development` for "Machine learning"): an experiment made here gets it, one `mlflow run
+    --experiment-name` made gets it when its first run is taken, and a kind the user chose is never changed."""
+    kind = "mlflow.experimentKind"
+    with tracking_run("new"):
+        pass
+    c = trk.client()
+    assert c.get_experiment_by_name("tracking-test").tags[kind] == "custom_model_development"
+    made = c.create_experiment("made-by-mlflow-run")  # as `mlflow run --experiment-name` makes it: no kind
+    monkeypatch.setenv("MLFLOW_RUN_ID", c.create_run(made).info.run_id)
+    with trk.start_run(experiment="made-by-mlflow-run", run_name="taken"):
+        pass
+    assert c.get_experiment(made).tags[kind] == "custom_model_development"
+    users = c.create_experiment("a-genai-one", tags={kind: "genai_development"})
+    with trk.start_run(experiment="a-genai-one", run_name="mine", use_env_run=False):
+        pass
+    assert c.get_experiment(users).tags[kind] == "genai_development"
+    assert trk.runs_link("tracking-test").endswith(
+        f"/#/experiments/{c.get_experiment_by_name('tracking-test').experiment_id}/runs?workflowType=machine_learning")

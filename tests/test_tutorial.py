@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, celeba_identities, photo_cohort
+from tests.conftest import ROOT, celeba_identities, faceless, photo_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.dlib]
 
@@ -118,7 +118,8 @@ def _block_output(stdout: str, marker: str) -> str:
 def tutorial(tmp_path_factory, celeba_dir, cushing_home):
     study = tmp_path_factory.mktemp("study")
     celeba = celeba_identities(celeba_dir)
-    used = photo_cohort(celeba, celeba_dir, study / "photos", COHORT, set(), "photo")
+    no_face = faceless(celeba, celeba_dir, COHORT, set(), tmp_path_factory.mktemp("candidates"))
+    used = photo_cohort(celeba, celeba_dir, study / "photos", COHORT, no_face, "photo")  # the page's faces: no stop
     photo_cohort(celeba, celeba_dir, study / "external", EXTERNAL, used, "ext")
     ports = {p: _free_port() for p in PORTS}
     steps = substitute([b for b in blocks(PAGE.read_text()) if b[0] != "pipeline"], ports)
@@ -133,7 +134,7 @@ def tutorial(tmp_path_factory, celeba_dir, cushing_home):
     starts = re.findall(r"^=== block (\d+): .*\[t=(\d+)s\]$", r.stdout, re.M)
     print(f"tutorial: {len(steps)} blocks in {time.monotonic() - t0:.0f} s; block starts (s): "
           + ", ".join(f"{b}@{t}" for b, t in starts))
-    return {"dir": study, "stdout": r.stdout, "steps": steps}
+    return {"dir": study, "stdout": r.stdout, "stderr": r.stderr, "steps": steps}
 
 
 def test_the_page_marks_every_command_block_for_the_test():
@@ -156,7 +157,7 @@ def test_faces_and_audit_wrote_their_outputs(tutorial):
     d = tutorial["dir"]
     report = pd.read_csv(d / "faces" / "faces_report.csv")
     crops = pd.read_csv(d / "faces" / "manifest.csv")
-    assert len(report) == sum(COHORT.values()) and len(crops) == (report["status"] == "ok").sum() >= 40
+    assert len(report) == sum(COHORT.values()) == len(crops), "a face in every photo: the page's command did not stop"
     assert (d / "audit" / "audit.csv").exists()
 
 
@@ -179,6 +180,20 @@ def test_two_runs_on_the_crops_a_champion_and_an_external_evaluation(tutorial):
     assert champion.run_id in {r.info.run_id for r in trained.values()}
     assert len(external) == 1 and external[0].data.metrics["external/n"] > 0
     assert external[0].data.tags["task"] == "external_validation"
+
+
+def test_what_each_step_says_is_what_it_did(tutorial):
+    out = tutorial["stdout"]
+    faces = _block_output(out, "cushing faces")
+    assert re.search(r"^face-stage run [0-9a-f]{32}: ", faces, re.M) and "audit logged" not in faces
+    promote = _block_output(out, "cushing promote")
+    assert promote.count("'cushing'") == 1, "promote names its experiment once"
+    assert "already exists" not in tutorial["stderr"] and "Successfully registered model 'cushing'" in \
+        tutorial["stderr"], "the first promote on a fresh store creates the registered model, and says so"
+    evaluation = _block_output(out, "cushing evaluate")
+    n = re.search(r"^  (\d+) of (\d+) photos excluded, not scored \((.+)\)$|^  all (\d+) photos scored$", evaluation,
+                  re.M)
+    assert n and int(n.group(2) or n.group(4)) == sum(EXTERNAL.values()), evaluation[:2000]
 
 
 def test_the_served_champion_answered_the_photo(tutorial):

@@ -69,8 +69,9 @@ def _data_errors() -> tuple[type[BaseException], ...]:
     (a quarter of a second of `cushing --help` on a 2-core CPU)."""
     from cushing.data.manifest import ManifestError
     from cushing.data.splits import SplitError
+    from cushing.faces.pipeline import BadPhotos
 
-    return ManifestError, SplitError
+    return ManifestError, SplitError, BadPhotos
 
 
 def _stack_error() -> type[BaseException]:

@@ -19,6 +19,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="resnet50,vit_b_16,swin_b,dinov2_b")
     p.add_argument("--frozen", default="dinov2_b", help="comma list also benchmarked with a frozen backbone")
     p.add_argument("--epochs", type=int, default=10, help="timed epochs after warm-up (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="run: in-process runs timed after a warm-up (median)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default="none", choices=list(COMPILE_MODES),
@@ -47,12 +48,14 @@ def _bench(ns: argparse.Namespace) -> int:
         from cushing.workflows.bench import bench_run
 
         bench_run(model=ns.models.split(",")[0], img_size=ns.img_size, epochs=ns.epochs, device=ns.device,
-                  out=ns.out)
+                  out=ns.out, repeats=ns.repeats)
     else:
         from cushing.workflows.bench import run_bench
 
-        run_bench(models=[m for m in ns.models.split(",") if m], frozen=[m for m in ns.frozen.split(",") if m],
-                  epochs=ns.epochs, img_size=ns.img_size, device=ns.device, out=ns.out, compile=ns.compile)
+        rows = run_bench(models=[m for m in ns.models.split(",") if m],
+                         frozen=[m for m in ns.frozen.split(",") if m], epochs=ns.epochs, img_size=ns.img_size,
+                         device=ns.device, out=ns.out, compile=ns.compile)
+        return int(any(r.note.startswith("error") for r in rows))  # the others were measured and written all the same
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The cohort before training: `cushing faces` (the face stage) and `cushing audit` (the same photo, or the same
-person, under two subject ids)."""
+"""The cohort before training: `cushing faces` (the face stage), `cushing audit` (the same photo, or the same
+person, under two subject ids) and `cushing size` (what a cohort of this size can show)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import math
 import shlex
 import sys
 
-from cushing.cli.options import Command
+from cushing.cli.options import Command, _yes
 
 COMMANDS: dict[str, Command] = {}
 
@@ -24,7 +24,9 @@ def _faces_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="content-addressed cache (default ~/.cache/cushing/faces)")
     p.add_argument("--workers", type=int, default=0, help="dlib processes (default: one per core)")
     p.add_argument("--device", default="auto", help="where SAM runs")
-    p.add_argument("--strict", action="store_true", help="exit non-zero if any photo was rejected")
+    p.add_argument("--skip-bad-photos", type=_yes, default=False, metavar="BOOL",
+                   help="true: leave out photos that cannot be found, read or cropped (counted, logged) instead of "
+                        "stopping on them")
     p.add_argument("--allow-phi-artifacts", default="false", help="true: log montages of crops and failures")
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
@@ -40,7 +42,7 @@ def _faces(ns: argparse.Namespace) -> int:
                             device=ns.device)
     res = run_faces(manifest=ns.manifest, out=ns.out, settings=settings, cache_dir=ns.cache_dir or None,
                     workers=ns.workers, experiment=ns.experiment, allow_phi=parse_bool(ns.allow_phi_artifacts),
-                    track=not ns.no_track)
+                    track=not ns.no_track, skip_bad_photos=ns.skip_bad_photos)
     o = res.outcome
     rep = o.report
     print(f"extracted {o.extracted} of {len(rep)} photos ({o.cached} from cache, {o.processed} processed, "
@@ -49,12 +51,12 @@ def _faces(ns: argparse.Namespace) -> int:
         print(f"  rejected {n:4d} {reason}")
     print(f"face-crop manifest: {o.manifest}\nreport: {o.manifest.parent / 'faces_report.csv'}")
     if res.run_id:
-        print(f"audit logged to run {res.run_id}")
+        print(f"face-stage run {res.run_id}: quality audit, skipped photos per class and sex (no faces, no names)")
+    if n := len(o.skipped):
+        print(f"skipped {n} photo{'s' * (n != 1)} that gave no face crop (--skip-bad-photos true): "
+              + ", ".join(f"{k} {v}" for k, v in o.skipped["reason"].value_counts().items()))
     if o.extracted == 0:
         print("cushing faces: no face could be extracted", file=sys.stderr)
-        return 3
-    if ns.strict and o.extracted < len(rep):
-        print(f"cushing faces: --strict and {len(rep) - o.extracted} photos were rejected", file=sys.stderr)
         return 3
     return 0
 
@@ -70,16 +72,19 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
                                                 "threshold tables and same_person_curve.csv)")
     p.add_argument("--threshold", default="auto",
                    help="same-person distance: auto (default) = the loosest distance at which the curve expects at "
-                        "most 0.2 false pairs per photo in this cohort (by its sex mix), merging only mutual "
-                        "nearest neighbours and lowered until no merged group holds over 5%% of the photos; or a "
-                        "number (the old fixed value was 0.45)")
+                        "most 0.2 false pairs per photo in this cohort (by its sex mix), keeping only mutual "
+                        "nearest neighbours in one split as a precaution and lowered until no such group holds "
+                        "over 5%% of the photos; or a number. Pairs closer than the strict distance (about 0.05 "
+                        "false pairs expected in the whole cohort) are merged as one person")
     p.add_argument("--decisions", default=None,
                    help="a reviewed CSV (audit.csv with its verdict column filled in: same or different): a "
-                        "`different` pair is never merged, a `same` pair is merged at any distance")
+                        "`different` pair is released (never kept together), a `same` pair is merged at any "
+                        "distance")
     p.add_argument("--curve", default=None, help="a same-person curve CSV from --evaluate on your own labelled "
                                                  "photos (default: the one shipped, measured on CelebA)")
     p.add_argument("--review-page", default=None, metavar="OUT.html",
-                   help="write a local HTML page with the two photos of each auto_merged and review pair side by "
+                   help="write a local HTML page with the two photos of each merged, precaution and review pair "
+                        "side by "
                         "side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
     p.add_argument("--allow-phi-artifacts", default="false",
                    help="true: also log the review page and the decisions file to MLflow")
@@ -143,6 +148,8 @@ def _audit(ns: argparse.Namespace) -> int:
 
 
 def _print_audit(res) -> None:
+    from cushing.data.audit.settings import OUTCOMES
+
     a = res.audit
     n = len(a.photos)
     print(f"{n} photos in {a.seconds:.2f} s ({n / max(a.seconds, 1e-9):.1f} photos/s; {a.computed} computed, "
@@ -152,14 +159,19 @@ def _print_audit(res) -> None:
         how = (f"auto ({'lowered by the group guard' if c.guard_bound else 'from the curve'})" if c.auto
                else "fixed")
         e = f"; expected false pairs {c.expected_false_pairs:.1f}" if math.isfinite(c.expected_false_pairs) else ""
-        print(f"  same-person threshold {c.threshold:.3f}, {how}{e}; largest merged group "
-              f"{s['audit/largest_merged_group']:.0f} photos (limit {c.group_limit})")
+        print(f"  same-person threshold {c.threshold:.3f}, {how}{e}; strict distance {c.strict:.3f} (expected "
+              f"false merges {c.expected_false_merges:.2f}); largest group kept in one split "
+              f"{s['audit/largest_group']:.0f} photos (limit {c.group_limit})")
     different = a.pairs[~a.pairs["same_subject"]]
-    for (kind, decision), count in different.groupby(["kind", "decision"]).size().items():
-        print(f"  {count:4d} {kind} pairs of different subject ids: {decision}")
+    counts = different.groupby(["kind", "outcome"]).size().items()
+    for (kind, outcome), count in sorted(counts, key=lambda kv: (kv[0][0], list(OUTCOMES).index(kv[0][1]))):
+        print(f"  {count:4d} {kind} pairs of different subject ids, {OUTCOMES[outcome]}")
+    print(f"  subject ids: {s['audit/merged_subjects']:.0f} merged as one photo or one person, "
+          f"{s['audit/precaution_subjects']:.0f} kept in one split as a precaution (for review)")
     if a.decisions is not None:
         print(f"  decisions {a.decisions.path}: {a.decisions.count('same')} same, "
               f"{a.decisions.count('different')} different, {a.decisions.unmatched} not in this manifest")
+    print(f"  cohort size: {res.size}")
     print(f"audit: {res.out}" + (f" (logged to run {res.run_id})" if res.run_id else ""))
     if res.review_page:
         print(f"review page (PHI, local): {res.review_page}")
@@ -167,3 +179,36 @@ def _print_audit(res) -> None:
 
 COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",
                      _audit_args, _audit)
+
+
+# ------------------------------------------------------------------------------------------------ size
+
+def _size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
+    p.add_argument("--sensitivity", type=float, default=0.85, help="expected recall (default 0.85)")
+    p.add_argument("--specificity", type=float, default=0.9, help="expected specificity (default 0.9)")
+    p.add_argument("--auc", type=float, default=0.9, help="expected AUC (default 0.9)")
+    p.add_argument("--width", type=float, default=0.2, help="target 95%% interval width, upper - lower (default 0.2)")
+    p.add_argument("--split-ratios", default="1:1:1", help="train:val:test as the run would use (default 1:1:1)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--subgroups", default="sex", help="manifest columns to plan per value of (default sex)")
+
+
+def _size(ns: argparse.Namespace) -> int:
+    from cushing.workflows.cohort_audit import cohort_size
+
+    try:
+        t = cohort_size(manifest=ns.manifest, sensitivity=ns.sensitivity, specificity=ns.specificity, auc=ns.auc,
+                        width=ns.width, split_ratios=ns.split_ratios, split_seed=ns.split_seed, subgroups=ns.subgroups)
+    except ValueError as e:
+        print(f"cushing size: {e}", file=sys.stderr)
+        return 2
+    print(f"test split, in subjects; expected 95% interval widths at recall {ns.sensitivity:g}, specificity "
+          f"{ns.specificity:g}, AUC {ns.auc:g}; needed for a width of {ns.width:g} (Buderer 1996; Hanley & "
+          "McNeil 1982)")
+    print(t.round(3).to_string(index=False))
+    return 0
+
+
+COMMANDS["size"] = ("what a cohort can show: interval widths per sex and subgroup, and the patients a target "
+                    "width needs", _size_args, _size)

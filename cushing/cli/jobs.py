@@ -51,6 +51,9 @@ def _evaluate(ns: argparse.Namespace) -> int:
     res = run_evaluate(model_uri=ns.model, manifest=ns.manifest, experiment=ns.experiment,
                        min_positives=ns.min_positives, bootstrap=ns.bootstrap, seed=ns.seed, prevalence=ns.prevalence)
     print(f"external validation run {res.run_id}")
+    n, why = sum(res.excluded.values()), ", ".join(f"{k} {v}" for k, v in res.excluded.items())
+    print(f"  {n} of {n + len(res.predictions)} photos excluded, not scored ({why})" if n else
+          f"  all {len(res.predictions)} photos scored")
     print(res.report.per_sex.to_string(index=False, columns=[c for c in ("group", "n", "positives", "recall",
           "specificity", "f1", "auc") if c in res.report.per_sex.columns]))
     return 0

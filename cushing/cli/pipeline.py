@@ -47,6 +47,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", type=_gpu, default=None, metavar="NAME",
                    help="estimate the sweep's time on this GPU (h200); default: when CUDA is present")
     p.add_argument("--sam-checkpoint", type=_opt, default=None, help="SAM weights for the face masks (the paper's)")
+    p.add_argument("--skip-bad-photos", type=_yes, default=False, metavar="true|false",
+                   help="true: leave out photos that cannot be found, read or cropped (counted on the runs and in "
+                        "the model card) instead of stopping on them")
     p.add_argument("--plan", type=_yes, nargs="?", const=True, default=False, metavar="true|false",
                    help="only print the plan (steps, reused or to run, estimated time); runs and writes nothing")
 
@@ -59,7 +62,8 @@ def _spec(ns: argparse.Namespace):
                         out=Path(ns.out).expanduser().resolve() if ns.out else default_out(), model=ns.model,
                         overrides=parse_overrides(ns.overrides), external=resolve_input(
                             ns.external, "the external cohort's manifest") if ns.external else None,
-                        experiment=ns.experiment, workers=ns.workers, gpu=ns.gpu, sam_checkpoint=ns.sam_checkpoint)
+                        experiment=ns.experiment, workers=ns.workers, gpu=ns.gpu, sam_checkpoint=ns.sam_checkpoint,
+                        skip_bad_photos=ns.skip_bad_photos)
 
 
 def _print_result(res) -> None:
@@ -71,11 +75,16 @@ def _print_result(res) -> None:
         print(f"champion: version {c['version']} ({c['model']}, run {c['run']}; {c['selection']})")
         print(f"model card: {res.model_card} (also the version's description in the registry)")
     print(f"dashboard: {res.dashboard}")
+    print(f"runs in the MLflow UI: {res.ui}")
+    if skipped := res.steps[0].outputs.get("skipped"):
+        print(f"skipped photos: {skipped} (--skip-bad-photos true; per class and sex on the face-stage run and in "
+              "the model card)")
     evaluation = next((s for s in res.steps if s.name == "evaluate"), None)
     if evaluation is not None:
         o = evaluation.outputs
         print(f"external evaluation: run {o['run']} ({o['model_uri']}; AUC {o['auc']:.3f}, F1 {o['f1']:.3f}, "
-              f"n {o['n']:.0f})")
+              f"n {o['n']:.0f}" + (f"; {o['excluded']} photos excluded, not scored: no usable face)" if
+                                     o.get("excluded") else ")"))
     print(f"serve the champion:\n  {res.serve}")
 
 

@@ -29,7 +29,8 @@ def _promote(ns: argparse.Namespace) -> int:
                                ("max_subgroup_gap", ns.max_subgroup_gap)) if v not in (None, "")}
     policy = PromotionPolicy(**{**base, **given, "allow_synthetic": parse_bool(ns.allow_synthetic)})
     scope = _scope(ns)
-    print(f"ranking runs of {scope.how} in experiment {scope.experiment!r}")
+    where = "" if scope.how == f"experiment {scope.experiment!r}" else f" in experiment {scope.experiment!r}"
+    print(f"ranking runs of {scope.how}{where}")
     d = promote(experiment=scope.experiment, policy=policy, parent_run_id=scope.parent_run_id)
     if not d.ranking.empty:
         cols = ["rank", "run_name", policy.metric, "sex_gap", "val/auc", "test/f1 (not used)", "eligible",

@@ -18,6 +18,7 @@ __all__ = ["BadImage", "open_rgb", "REASONS", "DEFAULT_MAX_PIXELS"]
 DEFAULT_MAX_PIXELS = 64_000_000
 
 REASONS = {
+    "file_not_found": "the photo file does not exist",
     "empty_file": "the file has 0 bytes",
     "not_an_image": "not an image format Pillow recognises (wrong content for its name?)",
     "truncated": "the image data ends early (truncated file)",

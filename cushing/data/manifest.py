@@ -8,14 +8,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from cushing.data.imageio import BadImage, open_rgb
 
 __all__ = ["Manifest", "ManifestError", "load_manifest", "REQUIRED", "SPLITS", "hash_subject", "subject_key",
-           "sha256_file"]
+           "sha256_file", "skipped_counts"]
 
 REQUIRED = ("image", "label", "sex")
 SPLITS = ("train", "val", "test")
@@ -25,12 +26,12 @@ SEXES = ("F", "M")
 class ManifestError(ValueError):
     """Every problem found in a manifest, each with its CSV line; nothing was written."""
 
-    def __init__(self, path: str | Path, problems: list[str]):
+    def __init__(self, path: str | Path, problems: list[str], hint: str = ""):
         self.path = str(path)
         self.problems = problems
         head = f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the manifest"
         super().__init__(head + ":\n  " + "\n  ".join(problems[:200])
-                         + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""))
+                         + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "") + hint)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Manifest:
     table: pd.DataFrame
     digest: str  # sha256 over image bytes, labels, sexes, subjects and splits (not file names)
     synthetic: bool
+    # photos that cannot be used, left out (skip_bad_photos): line, image, path, subject_id, sex, label, reason, detail
+    skipped: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def has_split(self) -> bool:
@@ -50,6 +53,12 @@ class Manifest:
     def subject_key(self) -> str:
         """The key of this cohort's hashed subject ids (from the photos' bytes; never logged)."""
         return subject_key(self.table["sha256"])
+
+    @property
+    def lines(self) -> np.ndarray:
+        """The CSV line of each row of `table` (the rows of skipped photos are not in it)."""
+        gone = set(self.skipped["line"]) if len(self.skipped) else set()
+        return np.array([n for n in range(2, len(self.table) + len(gone) + 2) if n not in gone])
 
     def subject_hashes(self) -> pd.Series:
         key = self.subject_key
@@ -80,24 +89,29 @@ def hash_subject(subject_id: str, key: str) -> str:
     return hmac.new(key.encode(), str(subject_id).encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def _check_image(path: Path) -> tuple[str | None, str | None]:
-    """(sha256, problem) for one image file. The photo is decoded by the decoder training and serving use (at a
-    reduced JPEG scale, which still reads every byte), so a truncated file, a corrupt one or one over the pixel
-    limit is refused here, with its line, instead of crashing training later."""
-    if not path.exists():
-        return None, "file not found"
-    if not path.is_file():
-        return None, "not a file"
+def _check_image(path: Path) -> tuple[str | None, BadImage | None]:
+    """(sha256, why it cannot be used) for one photo. The photo is decoded by the decoder training and serving
+    use (at a reduced JPEG scale, which still reads every byte), so a truncated file, a corrupt one or one over the
+    pixel limit is refused here, with its line, instead of crashing training later."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        return None, BadImage("file_not_found")
     except OSError as e:
-        return None, f"unreadable ({e.strerror or e})"
-    digest = hashlib.sha256(data).hexdigest()
+        return None, BadImage("unreadable", e.strerror or str(e))
     try:
         open_rgb(data, draft=256)
     except BadImage as e:
-        return digest, f"not a readable image ({e})"
-    return digest, None
+        return hashlib.sha256(data).hexdigest(), e
+    return hashlib.sha256(data).hexdigest(), None
+
+
+def skipped_counts(rows: pd.DataFrame) -> dict[str, float]:
+    """How many photos were left out (unreadable, missing, no usable face), in all, per class and per sex."""
+    label, sex = pd.to_numeric(rows.get("label", pd.Series(dtype=float))), rows.get("sex", pd.Series(dtype=str))
+    return {"skipped_photos": float(len(rows)), "skipped_photos/patient": float((label == 1).sum()),
+            "skipped_photos/control": float((label == 0).sum()), "skipped_photos/female": float((sex == "F").sum()),
+            "skipped_photos/male": float((sex == "M").sum())}
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -153,8 +167,11 @@ def _digest(df: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = True) -> Manifest:
-    """Load and validate a manifest; raise ManifestError listing every problem at once."""
+def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = True,
+                  skip_bad_photos: bool | None = None) -> Manifest:
+    """Load and validate a manifest; raise ManifestError listing every problem at once. With `skip_bad_photos`,
+    a photo that cannot be found or read is left out (`Manifest.skipped`) instead of being a problem; False says
+    the caller offers that option (the error then names it), None that it does not."""
     path = Path(path).expanduser().resolve()
     df = _read_csv(path)
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -176,22 +193,28 @@ def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = Tr
     df["path"] = [str((root / p).resolve()) if p else None for p in df["image"]]
     results = _check_all(df["path"], workers) if check_images else [(None, None)] * len(df)
     df["sha256"] = [r[0] for r in results]
-    for i, (_, problem) in enumerate(results):
-        if problem:
-            problems.append(f"line {i + 2}: {df.at[i, 'image']}: {problem}")
+    bad = [i for i, (_, e) in enumerate(results) if e]
+    if not skip_bad_photos:
+        problems += [f"line {i + 2}: {df.at[i, 'image']}: " + ("file not found" if results[i][1].reason ==
+                     "file_not_found" else f"not a readable image ({results[i][1]})") for i in bad]
     problems += _group_problems(df)
     if problems:
-        raise ManifestError(path, problems)
+        raise ManifestError(path, problems, f"\n({len(bad)} photos cannot be found or read: --skip-bad-photos true "
+                                            "leaves them out)" if bad and skip_bad_photos is False else "")
     df["label"] = df["label"].astype(int)
+    skipped = df.iloc[bad][["image", "path", "subject_id", "sex", "label"]].assign(
+        line=[i + 2 for i in bad], reason=[results[i][1].reason for i in bad],
+        detail=[results[i][1].detail for i in bad]).reset_index(drop=True)
+    df = df.drop(index=bad).reset_index(drop=True)
     if "split" in df.columns and (df["split"] == "").all():
         df = df.drop(columns="split")
     synthetic = "synthetic" in df.columns and df["synthetic"].astype(str).str.lower().isin(["1", "true"]).all()
-    return Manifest(source=path, table=df, digest=_digest(df) if check_images else "", synthetic=bool(synthetic))
+    return Manifest(source=path, table=df, digest=_digest(df) if check_images else "", synthetic=bool(synthetic),
+                    skipped=skipped)
 
 
-def _check_all(paths: pd.Series, workers: int) -> list[tuple[str | None, str | None]]:
+def _check_all(paths: pd.Series, workers: int) -> list[tuple[str | None, BadImage | None]]:
     def one(p):
-        return (None, "image is empty") if not p else _check_image(Path(p))
+        return (None, None) if not p else _check_image(Path(p))  # an empty image cell is a row problem
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(one, paths))
-

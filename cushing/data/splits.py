@@ -6,7 +6,8 @@ import pandas as pd
 
 from cushing.data.manifest import SPLITS
 
-__all__ = ["assign_splits", "assign_folds", "split_table", "check_no_leak", "SplitError"]
+__all__ = ["assign_splits", "assign_folds", "fold_split", "split_table", "check_no_leak", "claim_problems",
+           "SplitError"]
 
 
 class SplitError(ValueError):
@@ -81,6 +82,46 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int = 0, *, strata: tuple[st
         offset += len(ids)  # rotate so small strata do not all start at fold 0
     key = groups if groups is not None else table["subject_id"]
     return key.map(fold_of).astype(int).rename("fold")
+
+
+def fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
+    """Fold i is the test fold, fold i+1 (mod k) validates, the rest train."""
+    out = np.where(folds == i, "test", np.where(folds == (i + 1) % k, "val", "train"))
+    return pd.Series(out, index=folds.index, name="split")
+
+
+def claim_problems(table: pd.DataFrame, splits: dict[str, pd.Series], *, min_positives: int,
+                   subgroups: tuple[str, ...], allow_few: bool, allow_one_class: bool) -> list[str]:
+    """What no claim can be made on, one line per kind with its numbers: a split (of each named split, e.g. a
+    CV fold's) without patients or without controls; with fewer patients than min_positives; a sex or subgroup
+    of val or test without one of the classes. The two last are refused unless allowed."""
+    if table["label"].nunique() < 2:
+        pos = int(table["label"].sum())
+        return [f"the cohort has {pos} patients and {len(table) - pos} controls: a screening model needs both"]
+    one, few, thin = [], [], []
+    for where, split in splits.items():
+        for name in SPLITS:
+            part = table[(split == name).to_numpy()]
+            pos = int(part["label"].sum())
+            if part.empty and name == "test":  # split_ratios may leave out a test split; never train or val
+                continue
+            if pos in (0, len(part)):
+                one.append(f"{where}{name} {pos} patients, {len(part) - pos} controls")
+                continue
+            few += [f"{where}{name} {pos}"] if pos < min_positives else []
+            for col in subgroups if name != "train" else ():
+                counts = part.groupby(part[col].astype(str))["label"].agg(["sum", "size"])
+                thin += [f"{where}{name} {col}={v}: {int(r['sum'])} patients, {int(r['size'] - r['sum'])} controls"
+                         for v, r in counts.iterrows() if r["sum"] in (0, r["size"])]
+    out = [f"a split without patients or without controls ({'; '.join(one)}): nothing can be estimated on one "
+           "class; add photos, or change split_ratios or the manifest's split column"] if one else []
+    if few and not allow_few:
+        out.append(f"fewer patients than min_positives={min_positives} ({', '.join(few)}): too few for its metrics "
+                   "to mean much (--allow-few-positives true trains anyway)")
+    if thin and not allow_one_class:
+        out.append(f"a subgroup without one of the classes ({'; '.join(thin)}): its metrics cannot be estimated "
+                   f"(--allow-one-class-subgroups true trains anyway)")
+    return out
 
 
 def check_no_leak(table: pd.DataFrame, split: pd.Series) -> None:

@@ -1,6 +1,7 @@
 """Face extraction over a manifest, as in the paper: dlib detection and 68 landmarks, eyes levelled, a crop that
 keeps forehead and chin, a Segment Anything mask (or the landmark hull, recorded as such), white background, white
-border trimmed, 224 px. Cached by content; bad photos get a reason code and the others go on.
+border trimmed, 224 px. Cached by content. A photo that gives no crop gets a reason code, and stops the stage
+(naming each one) unless the caller leaves such photos out (skip_bad_photos).
 
 Writes only to the output and cache folders it is given. dlib runs on a process pool, SAM batched in this process
 on the device; both are imported lazily, and a run over cached photos loads no model at all.
@@ -13,12 +14,12 @@ import secrets
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
 from cushing.data.imageio import BadImage, open_rgb
-from cushing.data.manifest import load_manifest, REQUIRED, sha256_file, subject_key
+from cushing.data.manifest import REQUIRED, load_manifest, sha256_file, skipped_counts, subject_key
 from cushing.private import private_dir
 from cushing.faces.cache import _Cache, _default_cache, cache_key, weights_fingerprint
 from cushing.faces.detect import Detection, _Dlib, detect
@@ -26,7 +27,7 @@ from cushing.faces.mask import _result, hull_mask, sam_prompt
 from cushing.faces.sam import SamMasker
 from cushing.faces.settings import REASONS, SETTINGS_FILE, FaceSettings
 
-__all__ = ["extract_faces", "FacesOutcome"]
+__all__ = ["extract_faces", "FacesOutcome", "BadPhotos"]
 
 
 _WORKER: dict[str, Any] = {}
@@ -69,59 +70,66 @@ class FacesOutcome:
     def extracted(self) -> int:
         return int((self.report["status"] == "ok").sum())
 
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return _no_crop(self.report)
 
-def _read_input(manifest: Path) -> pd.DataFrame:
-    return load_manifest(manifest, check_images=False).table
+
+def _no_crop(report: pd.DataFrame) -> pd.DataFrame:
+    """The photos that gave no crop (a duplicate of another photo's pixels is no loss: not one of them)."""
+    return report[(report["status"] != "ok") & (report["reason"] != "duplicate_of")]
 
 
-def _hash_photos(paths: Iterable[str]) -> list[str | None]:
-    out = []
-    for p in paths:
-        try:
-            out.append(sha256_file(p) if Path(p).is_file() else None)
-        except OSError:
-            out.append(None)
-    return out
+class BadPhotos(ValueError):
+    """Photos that gave no face crop (no face, two faces, an empty mask, unreadable): the stage stops before it
+    writes anything, naming each one, unless told to leave them out (skip_bad_photos)."""
+
+    def __init__(self, manifest: str | Path, bad: pd.DataFrame, total: int):
+        tally = ", ".join(f"{n} {reason}" for reason, n in bad["reason"].value_counts().items())
+        listed = "\n  ".join(f"line {r.line}: {r.image}: {r.reason}: {r.detail}" for r in bad.itertuples())
+        super().__init__(f"{manifest}: {len(bad)} of {total} photos give no face crop ({tally}); replace or remove "
+                         f"them, or leave them out with --skip-bad-photos true:\n  {listed}")
 
 
 def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSettings, *,
-                  cache_dir: str | Path | None = None, workers: int = 0, progress: bool = True) -> FacesOutcome:
-    """Extract every photo of a manifest into out_dir: crops/, manifest.csv, faces_report.csv, faces_settings.json."""
+                  cache_dir: str | Path | None = None, workers: int = 0, progress: bool = True,
+                  skip_bad_photos: bool = False) -> FacesOutcome:
+    """Extract every photo of a manifest into out_dir: crops/, manifest.csv, faces_report.csv, faces_settings.json.
+    A manifest with a problem (a photo that cannot be found or read, unless skip_bad_photos) is refused before
+    anything is written; so is one with photos that give no crop (`BadPhotos`), unless skip_bad_photos."""
     import time
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    private_dir(private_dir(out) / "crops", narrow=True)
-    table = _read_input(Path(manifest))
+    m = load_manifest(manifest, skip_bad_photos=skip_bad_photos)
+    table, shas = m.table, m.table["sha256"].tolist()
     cache = _Cache(Path(cache_dir) if cache_dir else _default_cache())
-    shas = _hash_photos(table["path"])
     fp = weights_fingerprint(settings, cache.root / "weights_hashes.json")
-    keys = [cache_key(s, settings, fp) if s else None for s in shas]
-    records: dict[int, dict] = {}
-    todo = []
-    for i, (path, key) in enumerate(zip(table["path"], keys)):
-        if key is None:
-            records[i] = {"status": "file_not_found" if not Path(path).exists() else "unreadable", "detail": ""}
-        elif (rec := cache.get(key)) is not None:
-            records[i] = rec
-        else:
-            todo.append(i)
-    cached = len(table) - len(todo)
-    if todo:
-        bar = tqdm(total=len(todo), desc="faces", unit="photo", disable=not progress)
-        for i, rec in _process(table, todo, keys, settings, cache, workers, bar):
-            records[i] = rec
-        bar.close()
-    report, crops = _assemble(table, records, keys, shas, cache, out)
+    keys = [cache_key(s, settings, fp) for s in shas]
+    records = {i: rec for i, key in enumerate(keys) if (rec := cache.get(key)) is not None}
+    todo = [i for i in range(len(table)) if i not in records]
+    records.update(_process_all(table, todo, keys, settings, cache, workers, progress))
+    report, crops, crop_keys = _assemble(m, records, keys, cache)
+    bad = _no_crop(report)
+    if len(bad) and not skip_bad_photos:
+        raise BadPhotos(manifest, bad, len(report))
+    out = Path(out_dir)
+    _link_crops(crops, crop_keys, cache, private_dir(private_dir(out) / "crops", narrow=True))
     fm = out / "manifest.csv"
     crops.to_csv(fm, index=False)  # with its header even when no photo gave a crop
     report.to_csv(out / "faces_report.csv", index=False)
     (out / SETTINGS_FILE).write_text(json.dumps({**settings.to_dict(), "mask_method": settings.mask_method,
-                                                 "weights": fp}, indent=1))
-    key = subject_key(shas) if any(shas) else secrets.token_hex(32)  # no readable photo: a key nobody can rebuild
-    return FacesOutcome(fm, report, settings, cached, len(todo), time.perf_counter() - t0, key)
+                                                 "weights": fp, "skipped": skipped_counts(bad)}, indent=1))
+    key = subject_key(shas) if shas else secrets.token_hex(32)  # no readable photo: a key nobody can rebuild
+    return FacesOutcome(fm, report, settings, len(table) - len(todo), len(todo), time.perf_counter() - t0, key)
+
+
+def _process_all(table, todo, keys, settings, cache, workers, progress) -> dict[int, dict]:
+    from tqdm.auto import tqdm
+
+    if not todo:
+        return {}
+    with tqdm(total=len(todo), desc="faces", unit="photo", disable=not progress) as bar:
+        return dict(_process(table, todo, keys, settings, cache, workers, bar))
 
 
 def _process(table, todo, keys, settings, cache, workers, bar):
@@ -170,40 +178,49 @@ def _process(table, todo, keys, settings, cache, workers, bar):
             pool.shutdown(cancel_futures=True)
 
 
-def _assemble(table, records, keys, shas, cache, out):
-    """The report (every photo) and the face-crop manifest rows (the ones that gave a crop). The same pixels under
-    two names (a JPEG and a PNG of one photo) give the same crop: the later one is rejected as `duplicate_of` the
-    first, so the crop manifest never holds one face twice."""
-    import shutil
-
-
-    report, rows, first = [], [], {}
+def _assemble(m, records, keys, cache):
+    """The report (every photo, in manifest order: skipped ones too), the face-crop manifest rows (the ones that
+    gave a crop) and their cache keys. The same pixels under two names (a JPEG and a PNG of one photo) give the
+    same crop: the later one is rejected as `duplicate_of` the first, so the crop manifest never holds one face
+    twice."""
+    table, lines = m.table, m.lines
+    extras = [k for k in table.columns if k not in (*REQUIRED, "path", "sha256", "image")]
+    report, rows, crop_keys, first = [], [], [], {}
     for i in range(len(table)):
-        row = table.iloc[i]
-        rec = records[i]
+        row, rec = table.iloc[i], records[i]
         if rec["status"] == "ok":
             pixels = sha256_file(cache.crop_path(keys[i]))
             if pixels in first:
                 rec = {"status": "duplicate_of", "detail": f"line {first[pixels]}"}
-            first.setdefault(pixels, i + 2)
+            first.setdefault(pixels, lines[i])
         ok = rec["status"] == "ok"
-        report.append({"line": i + 2, "image": row["image"], "path": row["path"], "subject_id": row["subject_id"],
-                       "sex": row["sex"],
-                       "label": row["label"], "status": "ok" if ok else "rejected",
+        report.append({"line": lines[i], "image": row["image"], "path": row["path"], "subject_id": row["subject_id"],
+                       "sex": row["sex"], "label": row["label"], "status": "ok" if ok else "rejected",
                        "reason": "" if ok else rec["status"],
                        "detail": "" if ok else (rec.get("detail") or REASONS.get(rec["status"], ""))})
-        if not ok:
-            continue
-        name = f"crops/{shas[i][:20]}.png"
-        target = out / name
+        if ok:
+            crop_keys.append(keys[i])
+            rows.append({"image": f"crops/{row['sha256'][:20]}.png", "label": int(row["label"]),
+                         "sex": row["sex"], **{k: row[k] for k in extras}, "source_image": row["path"],
+                         **{k: v for k, v in rec.items() if k.startswith("face_")}})
+    cols = ["line", "image", "path", "subject_id", "sex", "label", "status", "reason", "detail"]
+    report = pd.DataFrame(report, columns=cols)
+    if len(m.skipped):  # the photos the manifest check left out (skip_bad_photos): rejected with their reason
+        skipped = m.skipped.assign(status="rejected", detail=[d or REASONS.get(r, "") for r, d in
+                                                              zip(m.skipped["reason"], m.skipped["detail"])])
+        report = pd.concat([report, skipped[cols]], ignore_index=True).sort_values("line", ignore_index=True)
+    return report, pd.DataFrame(rows, columns=None if rows else ["image", "label", "sex", *extras, "source_image"]), \
+        crop_keys
+
+
+def _link_crops(crops: pd.DataFrame, keys: list[str], cache, folder: Path) -> None:
+    """The crops of the manifest's rows into `folder` (hard links into the cache, else copies)."""
+    import shutil
+
+    for name, key in zip(crops["image"], keys):
+        target = folder.parent / name
         if not target.exists():
             try:
-                os.link(cache.crop_path(keys[i]), target)
+                os.link(cache.crop_path(key), target)
             except OSError:
-                shutil.copyfile(cache.crop_path(keys[i]), target)
-        extra = {k: row[k] for k in table.columns if k not in (*REQUIRED, "path", "sha256", "image")}
-        rows.append({"image": name, "label": int(row["label"]), "sex": row["sex"], **extra,
-                     "source_image": row["path"], **{k: v for k, v in rec.items() if k.startswith("face_")}})
-    columns = ["image", "label", "sex", *[k for k in table.columns if k not in (*REQUIRED, "path", "sha256", "image")],
-               "source_image"]
-    return pd.DataFrame(report), pd.DataFrame(rows, columns=columns if not rows else None)
+                shutil.copyfile(cache.crop_path(key), target)

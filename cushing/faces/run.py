@@ -16,7 +16,7 @@ from cushing import tracking
 from cushing.faces.pipeline import FacesOutcome, extract_faces
 from cushing.faces.settings import FaceSettings
 from cushing.data.imageio import BadImage, open_rgb
-from cushing.data.manifest import hash_subject, load_manifest
+from cushing.data.manifest import hash_subject, load_manifest, skipped_counts
 from cushing.stats.plots import pyplot
 
 __all__ = ["run_faces", "audit_table"]
@@ -103,8 +103,9 @@ class FacesRun:
 
 def run_faces(*, manifest: str, out: str, settings: FaceSettings, cache_dir: str | None = None, workers: int = 0,
               experiment: str = "cushing", allow_phi: bool = False, track: bool = True,
-              progress: bool = True) -> FacesRun:
-    outcome = extract_faces(manifest, out, settings, cache_dir=cache_dir, workers=workers, progress=progress)
+              progress: bool = True, skip_bad_photos: bool = False) -> FacesRun:
+    outcome = extract_faces(manifest, out, settings, cache_dir=cache_dir, workers=workers, progress=progress,
+                            skip_bad_photos=skip_bad_photos)
     crops = pd.read_csv(outcome.manifest)
     audit = audit_table(outcome.report, crops)
     if not track:
@@ -114,7 +115,7 @@ def run_faces(*, manifest: str, out: str, settings: FaceSettings, cache_dir: str
     with tracking.start_run(experiment=experiment, run_name=f"faces-{settings.mask_method}", tags=tags) as run:
         run.log_params({k: v for k, v in settings.to_dict().items() if k != "sam_checkpoint"} |
                        {"sam_checkpoint": Path(settings.sam_checkpoint).name if settings.sam_checkpoint else ""})
-        run.log_metrics({**_audit_metrics(audit), "faces/seconds": outcome.seconds,
+        run.log_metrics({**_audit_metrics(audit), **skipped_counts(outcome.skipped), "faces/seconds": outcome.seconds,
                          "faces/cached": float(outcome.cached), "faces/processed": float(outcome.processed)})
         run.log_table(audit, "faces_audit.csv")
         _log_hashed_report(run, outcome)

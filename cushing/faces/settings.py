@@ -17,7 +17,6 @@ __all__ = ["FaceSettings", "REASONS", "SETTINGS_FILE", "settings_for_manifest"]
 SETTINGS_FILE = "faces_settings.json"
 REASONS = {  # the decoder's codes (imageio.REASONS) plus the face stage's own
     **IMAGE_REASONS,
-    "file_not_found": "the photo file does not exist",
     "no_face": "no face found (HOG detector, upsampled up to max_upsample)",
     "multiple_faces": "two or more faces of similar size: which one is the patient is ambiguous",
     "empty_mask": "the mask covered nothing",

@@ -10,30 +10,31 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from cushing.model.backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
-from cushing.config import TrainConfig, cache_home
+from cushing.config import ConfigError, TrainConfig, cache_home
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank, decode_images
 from cushing.devices import training_device
 from cushing.model.engine import (CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit,
                                   predict_proba, proba_of_logits)
 from cushing.data.manifest import Manifest, hash_subject, load_manifest
-from cushing.data.splits import assign_splits, split_table
+from cushing.data.splits import SplitError, assign_folds, assign_splits, claim_problems, fold_split, split_table
 from cushing.stats.subgroups import check_subgroup_columns
 from cushing.stats.calibration import apply_temperature, fit_temperature
-from cushing.stats.thresholds import choose_threshold
+from cushing.stats.thresholds import OperatingPoint, operating_point
 from cushing.data.demo import make_demo_cohort
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
+from cushing.data.audit.settings import TOGETHER
 from cushing.phases import phase
 
-__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "resolve_data", "predictions_frame", "AuditError",
-           "Fitted", "fit_model", "score"]
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "check_cohort", "check_cohorts", "train", "resolve_data",
+           "predictions_frame", "AuditError", "Fitted", "fit_model", "score"]
 
 
 def resolve_data(data: str) -> Path:
@@ -66,7 +67,8 @@ class Cohort:
     img_size: int
     interpolation: str
     audit: Any = None  # audit.CohortAudit: suspicious pairs (hashed ids, CSV lines)
-    merges: int = 0  # subjects joined to another subject's split group because the audit found them one person
+    merges: int = 0  # subject ids joined to another's split group as one person (the audit's merged pairs)
+    precautions: int = 0  # subject ids joined to another's split group only as a precaution (pairs for review)
     subgroups: tuple[str, ...] = ("sex",)
     strata: tuple[str, ...] = ("label", "sex")
     groups: pd.Series | None = None  # per image: the unit kept whole by splits and folds (None: the subject)
@@ -90,38 +92,73 @@ class Cohort:
 
 
 class AuditError(ValueError):
-    """audit=strict and the cohort audit found photos that are the same picture or the same person under
-    different subject ids; the message lists them by CSV line."""
+    """audit=strict and the cohort audit merged pairs of different subject ids (the same picture, or the same
+    person as nearly certain as the audit can say); the message lists them by CSV line."""
 
 
 def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
-    """The cohort audit before splitting: (audit, split groups or None, merges). strict refuses any merged pair of
-    different subjects; warn merges them into one split group (a drawn split stays leak-free by person)."""
+    """The cohort audit before splitting: (audit, split groups or None, merges, precautions). Merged and precaution
+    pairs of different subjects share one split group (a drawn split stays leak-free by person); strict refuses
+    merged pairs and keeps precaution pairs together as warn does (the audit only suspects those)."""
     settings = audit_settings(manifest, cfg.audit_threshold, cfg.audit_decisions, cfg.audit_curve)
     audit = audit_manifest(manifest, settings=settings, progress=progress)
-    pairs = audit.pairs[~audit.pairs["same_subject"] & audit.pairs["merged"]]  # not review or near-miss pairs
+    pairs = audit.pairs[~audit.pairs["same_subject"] & audit.pairs["outcome"].isin(TOGETHER)]
+    merged = pairs[pairs["outcome"] == "merged"]
+    if cfg.audit == "strict" and len(merged):
+        lines = manifest.lines  # CSV lines: the table's rows once photos are skipped are not
+        listed = "\n  ".join(f"pair {r.pair}, lines {lines[r.line_a - 2]} and {lines[r.line_b - 2]}: {r.kind} "
+                             f"(distance {r.distance:.3f})" for r in merged.itertuples())
+        raise AuditError(f"{manifest.source}: the cohort audit (audit=strict) merged {len(merged)} pair(s) of "
+                         f"different subject ids as one photo or one person:\n  {listed}\nfix the subject ids, "
+                         f"mark a pair different in audit_decisions, or train with audit=warn")
     if pairs.empty:
-        return audit, None, 0
-    if cfg.audit == "strict":
-        listed = "\n  ".join(f"lines {r.line_a} and {r.line_b}: {r.kind} (distance {r.distance:.3f})"
-                             for r in pairs.itertuples())
-        raise AuditError(f"{manifest.source}: the cohort audit (audit=strict) found {len(pairs)} pair(s) of "
-                         f"different subject ids that look like one photo or one person:\n  {listed}\nfix the "
-                         f"subject ids, or train with audit=warn to keep each pair in one split")
+        return audit, None, 0, 0
     groups = merged_groups(pairs, manifest.table["subject_id"])
     if "split" in manifest.table.columns:  # the manifest's own split is used as given: nothing was merged
-        return audit, groups, 0
-    return audit, groups, int(manifest.table["subject_id"].nunique() - groups.nunique())
+        return audit, groups, 0, 0
+    counts = audit.summary()
+    return audit, groups, int(counts["audit/merged_subjects"]), int(counts["audit/precaution_subjects"])
+
+
+def check_cohort(cfg: TrainConfig, manifest: Manifest, groups: pd.Series | None = None) -> None:
+    """Refuse a cohort whose split (with cv_folds, every fold's) cannot support a claim (`claim_problems`),
+    one line per problem with its numbers; cheap, so it runs before any photo is decoded or any run is made."""
+    t = manifest.table
+    check_subgroup_columns(t, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns) if c != "label"))
+    if cfg.cv_folds > 1:
+        folds = assign_folds(t, cfg.cv_folds, seed=cfg.split_seed, strata=cfg.strata_columns, groups=groups)
+        splits = {f"fold {i} ": fold_split(folds, i, cfg.cv_folds) for i in range(cfg.cv_folds)}
+    else:
+        splits = {"": assign_splits(t, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns, groups=groups)}
+    problems = claim_problems(t, splits, min_positives=cfg.min_positives, subgroups=cfg.subgroup_columns,
+                              allow_few=cfg.allow_few_positives, allow_one_class=cfg.allow_one_class_subgroups)
+    if problems:
+        raise SplitError("\n".join(f"{manifest.source}: {p}" for p in problems))
+
+
+def check_cohorts(configs: Iterable[TrainConfig]) -> None:
+    """`check_cohort` for every configuration (each manifest read once): what a sweep or a tuning checks before its
+    study or any run exists."""
+    read: dict[tuple, Manifest] = {}
+    for cfg in configs:
+        key = (cfg.data, cfg.skip_bad_photos)
+        read[key] = read.get(key) or load_manifest(resolve_data(cfg.data), skip_bad_photos=cfg.skip_bad_photos)
+        check_cohort(cfg, read[key])
 
 
 def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:
     with phase("data: manifest"):
-        manifest = manifest or load_manifest(resolve_data(cfg.data))
-        check_subgroup_columns(manifest.table, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns)
-                                                     if c != "label"))
+        manifest = manifest or load_manifest(resolve_data(cfg.data), skip_bad_photos=cfg.skip_bad_photos)
+        check_cohort(cfg, manifest)  # before the audit reads a photo
+        if len(manifest.skipped) and cfg.audit_decisions:
+            raise ConfigError(f"{cfg.audit_decisions} names manifest lines, which no longer match once photos are "
+                             "skipped: fix the photos, or train without audit_decisions")
     with phase("data: cohort audit"):
-        audit, groups, merges = _audit(cfg, manifest, progress) if cfg.audit != "off" else (None, None, 0)
+        audit, groups, merges, precautions = _audit(cfg, manifest, progress) if cfg.audit != "off" else \
+            (None, None, 0, 0)
     with phase("data: split"):
+        if groups is not None:
+            check_cohort(cfg, manifest, groups)  # the split as drawn: subjects the audit merged stay together
         split = assign_splits(manifest.table, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns,
                               groups=groups)
     with phase("backbone registry: timm import, pretrained config"):
@@ -130,7 +167,7 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
     with phase("data: decode images"):
         images = decode_images(manifest.table["path"].tolist(), cfg.img_size, interp, cfg.decode_workers,
                                progress=progress)
-    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, cfg.subgroup_columns,
+    return Cohort(manifest, split, images, cfg.img_size, interp, audit, merges, precautions, cfg.subgroup_columns,
                   cfg.strata_columns, groups)
 
 
@@ -146,6 +183,7 @@ class TrainOutcome:
     threshold: float
     temperature: float
     device: str
+    operating: OperatingPoint | None = None  # the threshold's rule and what it guarantees
 
 
 def predictions_frame(cohort: Cohort, idx: np.ndarray, split_names: np.ndarray, prob: np.ndarray,
@@ -231,12 +269,11 @@ def score(fitted: Fitted, cohort: Cohort) -> TrainOutcome:
         is_val = pred["split"] == "val"
         temperature = fit_temperature(pred.loc[is_val, "label"], pred.loc[is_val, "probability"])
         pred["probability"] = apply_temperature(pred["probability"].to_numpy(), temperature)
-    val = pred[pred["split"] == "val"]
-    threshold = choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(), cfg.threshold)
-    pred["prediction"] = (pred["probability"] >= threshold).astype(int)
+    op = operating_point(pred[pred["split"] == "val"], cfg.threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+    pred["prediction"] = (pred["probability"] >= op.threshold).astype(int)
     fitted.bank = None  # the device copy of the images is no longer needed
     return TrainOutcome(cfg, fitted.spec, fitted.frozen, fitted.model, fitted.preprocess, fitted.fit, pred,
-                        threshold, temperature, str(fitted.device))
+                        op.threshold, temperature, str(fitted.device), op)
 
 
 def train(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None = None, progress: bool = True,

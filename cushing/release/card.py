@@ -15,6 +15,7 @@ import pandas as pd
 
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import interval_of, shown
+from cushing.stats.size import known_to
 
 __all__ = ["CardInputs", "render_card"]
 INTENDED_USE = ("A screening aid for research, not a diagnostic device: it flags frontal facial photos whose "
@@ -51,9 +52,11 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _performance(m: dict[str, float]) -> str:
+def _performance(m: dict[str, float], tags: dict[str, str]) -> str:
+    how = ("all from the subject bootstrap, as several photos share a subject" if tags.get("interval_method") ==
+           "subject_bootstrap" else "Wilson for proportions, subject bootstrap for F1 and AUC")
     rows = [[metric] + [_with_ci(m, f"{split}/{metric}") for split in ("val", "test")] for metric in METRICS]
-    return _table(rows, ["metric", "validation", "test"])
+    return f"## Performance (95% intervals counting subjects: {how})\n" + _table(rows, ["metric", "validation", "test"])
 
 
 def _subgroups(c: CardInputs) -> str:
@@ -72,6 +75,33 @@ def _cohort(c: CardInputs) -> str:
     rows = [[str(r["split"]), str(r["sex"]), "patient" if int(r["label"]) else "control", str(int(r["subjects"])),
              str(int(r["images"]))] for _, r in c.splits.iterrows()]
     return _table(rows, ["split", "sex", "label", "subjects", "images"])
+
+
+def _utility(m: dict[str, float]) -> str:
+    nb = m.get("test/net_benefit")
+    if nb is None:
+        return "No decision curve was logged."
+    return (f"Net benefit at the operating threshold: {_with_ci(m, 'test/net_benefit')} vs "
+            f"{_num(m.get('test/net_benefit/treat_all'))} for treating everyone and 0 for no one, at prevalence "
+            f"{_num(m.get('prevalence'))}: {_num(100 * nb, 1)} true cases found per 100 people screened, net of the "
+            "unnecessary work-ups this threshold accepts (below 0: worse than screening no one).")
+
+
+def _known_to(c: CardInputs) -> str:
+    """How well recall is known with the test patients per sex (the line `cushing size` and the audit give)."""
+    t = c.splits
+    if t is None or t.empty:
+        return ""
+    test = t[(t["split"].astype(str) == "test") & (t["label"].astype(int) == 1)].groupby("sex")["subjects"].sum()
+    return "Cohort size: " + known_to({{"F": "female", "M": "male"}.get(k, k): int(test.get(k, 0))
+                                       for k in sorted(t["sex"].unique())}) + "."
+
+
+def _skipped(m: dict[str, float]) -> str:
+    if not (n := int(m.get("skipped_photos", 0))):
+        return "none" if "skipped_photos" in m else "not recorded"
+    return f"{n} (" + ", ".join(f"{k}s {int(m.get(f'skipped_photos/{k}', 0))}" for k in ("patient", "control")) + \
+        "; " + ", ".join(f"{k} {int(m.get(f'skipped_photos/{k}', 0))}" for k in ("female", "male")) + ")"
 
 
 def _command(c: CardInputs) -> str:
@@ -107,6 +137,16 @@ def _limitations(c: CardInputs) -> list[str]:
     return out
 
 
+def _audit_line(tags: dict[str, str]) -> str:
+    """The audit's words: merged as one person (certain) apart from kept together as a precaution (suspected)."""
+    if tags.get("audit", "off") == "off":
+        return "off"
+    if "audit_precautions" not in tags:  # a run from before the two were told apart: its count holds both
+        return f"{tags['audit']} ({tags.get('audit_merges', '0')} subject ids kept in one split with another)"
+    return (f"{tags['audit']} ({tags.get('audit_merges', '0')} subject ids merged as one photo or one person; "
+            f"{tags.get('audit_precautions', '0')} kept in one split as a precaution, for review)")
+
+
 def _markdown(c: CardInputs) -> str:
     m, p, t = c.metrics, c.params, c.tags
     weights = ("pretrained (" + (p.get("weights") if p.get("weights") not in (None, "", "''") else
@@ -127,18 +167,21 @@ def _markdown(c: CardInputs) -> str:
 {'frozen backbone, head trained' if t.get('freeze') == 'true' else 'fine-tuned'}; weights: {weights}.
 - Input: a frontal facial photo (base64 JPEG/PNG); face stage: {t.get('face_mask_source', 'none (trained on the images as given)')}; \
 {p.get('img_size', '')} px.
-- Operating threshold: {_num(m.get('threshold'), 4)}, chosen on validation by rule `{p.get('threshold', 'f1')}`; \
-best epoch {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen on `{p.get('select_metric', 'val/f1')}`.
+- Operating threshold: {_num(m.get('threshold'), 4)}, chosen on validation by rule `{p.get('threshold', 'f1')}`\
+{f" ({t['threshold_guarantee']})" if t.get('threshold_guarantee') else ''}; best epoch \
+{int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen on `{p.get('select_metric', 'val/f1')}`.
 - Source run: `{c.run_id}`.
 
 ## Training data
 - Content digest `{t.get('data_digest', '')}`; synthetic: {t.get('synthetic_data', 'false')}; split: \
-{t.get('split_source', '')}; cohort audit: {t.get('audit', 'off')} ({t.get('audit_merges', '0')} subjects merged).
+{t.get('split_source', '')}; cohort audit: {_audit_line(t)}.
+- Photos left out (not found, unreadable or no face crop; `skip_bad_photos`): {_skipped(m)}.
 
 {_cohort(c)}
 
-## Performance (95% intervals: Wilson for proportions, subject bootstrap for F1 and AUC)
-{_performance(m)}
+{_known_to(c)}
+
+{_performance(m, t)}
 
 ## Per subgroup (test)
 {_subgroups(c)}
@@ -146,8 +189,12 @@ best epoch {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen
 Sex gap (female - male), test: recall {_with_ci(m, 'test/recall/sex_gap')}, F1 {_with_ci(m, 'test/f1/sex_gap')}.
 
 ## Calibration
-Brier {_num(m.get('test/brier'))} (test), ECE {_num(m.get('test/ece'))}; PPV {_num(m.get('test/ppv'))} and NPV \
-{_num(m.get('test/npv'))} at prevalence {_num(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the source run.
+Brier {_num(m.get('test/brier'))} (test), ECE {_num(m.get('test/ece'))}; PPV {_with_ci(m, 'test/ppv')} and NPV \
+{_with_ci(m, 'test/npv')} at prevalence {_num(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the \
+source run.
+
+## Clinical utility (decision curve, test)
+{_utility(m)} Curve: `plots/decision_curve.png` and `decision_curve.csv` of the source run.
 
 ## External evaluations
 {external}

@@ -50,6 +50,7 @@ def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str, syn
         "model": cfg.model, "timm_id": outcome.spec.timm_id, "frozen": outcome.frozen, "img_size": cfg.img_size,
         "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
         "threshold": float(outcome.threshold), "threshold_rule": cfg.threshold,
+        "threshold_guarantee": outcome.operating.statement if outcome.operating else "",
         "temperature": float(outcome.temperature), "faces": faces, "data_digest": data_digest,
         "synthetic_data": bool(synthetic), "best_epoch": outcome.fit.best_epoch,
     }
@@ -58,7 +59,8 @@ def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str, syn
 def _model_params(cfg: dict[str, Any]) -> dict[str, str]:
     """Shown on the logged-model page beside its metrics."""
     keys = {"model": "model", "frozen": "frozen", "img_size": "img_size", "threshold": "operating_threshold",
-            "threshold_rule": "threshold_rule", "temperature": "temperature", "best_epoch": "best_epoch",
+            "threshold_rule": "threshold_rule", "threshold_guarantee": "threshold_guarantee",
+            "temperature": "temperature", "best_epoch": "best_epoch",
             "synthetic_data": "synthetic_data", "data_digest": "data_digest"}  # `threshold` is the run's rule param
     return {name: str(cfg[k]).lower() if isinstance(cfg[k], bool) else str(cfg[k]) for k, name in keys.items()}
 

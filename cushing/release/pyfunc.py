@@ -1,8 +1,11 @@
 """The logged and served model: an MLflow pyfunc that takes raw photos and returns a screening decision.
 
 Input: a DataFrame with a string column `image` (base64-encoded JPEG/PNG bytes).
-Output: `probability` (of Cushing's; null when there is no usable face), `label` (1/0 at the threshold chosen on
-validation and stored with the model; -1 when no usable face) and `face_status`.
+Output, one row per photo: `probability` (of Cushing's), `label` (1/0 at the threshold chosen on validation and
+stored with the model), `face_status`: `ok` (`not_applied` without a face stage), or why the photo was not scored
+(`not_base64`, `too_large`, a decoder or face-stage reason code; then probability null, label -1), and
+`operating_point` (the threshold, its rule and what that rule guarantees on validation). Only a request wrong as a
+whole is refused (PayloadError: HTTP 400).
 Weights are safetensors (no pickle); the model is logged as code (`model_code.py`), so loading it unpickles
 nothing and works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
@@ -26,6 +29,7 @@ from cushing.faces.extractor import FaceExtractor
 from cushing.faces.settings import FaceSettings
 from cushing.data.bank import letterbox
 from cushing.data.imageio import BadImage, open_rgb
+from mlflow.exceptions import MlflowException
 
 __all__ = ["CushingModel", "MODEL_CONFIG", "MAX_IMAGE_B64", "PayloadError", "save_model_artifacts", "signature",
            "model_description"]
@@ -36,22 +40,31 @@ MAX_IMAGE_B64 = 20 * 1024 * 1024  # characters of base64 per image (about 15 MB 
 MAX_ROWS = 256
 
 
-class PayloadError(ValueError):
-    """A request the model cannot score; the scoring server answers 400 with this message as the error's last line.
+class PayloadError(MlflowException):
+    """A request wrong as a whole (no `image` column, no rows, too many rows): the scoring server answers HTTP 400
+    with the reason as the error's message. A bad photo is not one: its row is answered with a status.
 
-    Deliberately not an MlflowException: MLflow's scoring server prefixes those with the whole submitted frame
-    ("Failed to predict data '<data>'"), which would echo the first characters of the patient's photo."""
+    The server rewrites an MlflowException's message to begin with the submitted frame ("Failed to predict data
+    '<data>'"), which would echo the start of a patient's photo: this error's JSON is its own reason only."""
+
+    def __init__(self, reason: str):
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+        super().__init__(reason, error_code=BAD_REQUEST)
+        self.reason = reason
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.reason})
 
 
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(
-        # optional for MLflow's schema check (its error for a missing column also echoes the request): ours says so
-        inputs=Schema([ColSpec("string", "image", required=False)]),
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("long", "label"), ColSpec("string", "face_status")]),
-    )
+    # outputs only: with an input schema MLflow drops unknown columns before `predict` sees them, and a request
+    # with `photo` instead of `image` could not be told what it sent
+    return ModelSignature(outputs=Schema([ColSpec("double", "probability"), ColSpec("long", "label"),
+                                          ColSpec("string", "face_status"), ColSpec("string", "operating_point")]))
 
 
 def model_description(cfg: dict[str, Any]) -> str:
@@ -63,8 +76,14 @@ def model_description(cfg: dict[str, Any]) -> str:
     return (f"{warning}Cushing's syndrome screening model ({cfg['model']}"
             f"{', frozen backbone' if cfg.get('frozen') else ''}). "
             f"Input: column `image`, base64 JPEG/PNG. It {how}. Output: probability, label at threshold "
-            f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status. "
+            f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status, "
+            f"operating_point. {_operating_point(cfg)}. "
             f"A screening aid, not a diagnosis.")
+
+
+def _operating_point(cfg: dict[str, Any]) -> str:
+    g = cfg.get("threshold_guarantee")
+    return f"threshold {cfg['threshold']:.4f}, rule {cfg.get('threshold_rule')}" + (f": {g}" if g else "")
 
 
 def save_model_artifacts(folder: Path, *, model, cfg: dict[str, Any]) -> dict[str, str]:
@@ -78,19 +97,34 @@ def save_model_artifacts(folder: Path, *, model, cfg: dict[str, Any]) -> dict[st
     return {"weights": str(folder / WEIGHTS), "config": str(folder / MODEL_CONFIG)}
 
 
-def _decode_payload(value: Any, row: int) -> bytes:
+def _decode_payload(value: Any) -> bytes | str:
+    """The photo's bytes, or the status of a row that holds none."""
     if not isinstance(value, str):
-        raise PayloadError(f"row {row}: `image` must be a base64 string, got {type(value).__name__}")
-    if not value:
-        raise PayloadError(f"row {row}: `image` is empty")
+        return "not_base64"
     if len(value) > MAX_IMAGE_B64:
-        raise PayloadError(f"row {row}: image is too large ({len(value):,} base64 characters > {MAX_IMAGE_B64:,})")
+        return "too_large"
     if value.startswith("data:") and "," in value[:100]:
         value = value.split(",", 1)[1]
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise PayloadError(f"row {row}: `image` is not valid base64") from None
+        return "not_base64"
+
+
+def _request_frame(model_input: Any) -> pd.DataFrame:
+    """The request as a table of photos, or PayloadError naming what is wrong with it as a whole."""
+    try:
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    except ValueError:  # e.g. a dict of single values
+        raise PayloadError("expected a table with a column named 'image', one row per photo") from None
+    if len(df) == 0:
+        raise PayloadError("no rows to score")
+    if "image" not in df.columns:
+        got = [str(c)[:40] for c in df.columns]
+        raise PayloadError(f"expected a column named 'image' (base64 photo); got columns {got}")
+    if len(df) > MAX_ROWS:
+        raise PayloadError(f"{len(df)} rows in one request; at most {MAX_ROWS}")
+    return df
 
 
 class CushingModel(mlflow.pyfunc.PythonModel):
@@ -113,15 +147,17 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         if c.get("faces"):
             self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"]))
 
-    def _prepare(self, raw: bytes, row: int) -> tuple[np.ndarray | None, str]:
+    def _prepare(self, raw: bytes | str) -> tuple[np.ndarray | None, str]:
+        """The model's input for one photo, or None and the status that says why there is none."""
         from PIL import Image
 
-
+        if isinstance(raw, str):
+            return None, raw
         size = int(self.cfg["img_size"])
         try:  # decode as training did: reduced-scale JPEG decoding only down to what the next step needs
             rgb = open_rgb(raw, draft=1600 if self.faces is not None else 2 * size)
         except BadImage as e:
-            raise PayloadError(f"row {row}: {e.reason}: {e.detail or 'not a usable image'}") from None
+            return None, e.reason
         status = "not_applied"
         if self.faces is not None:
             result = self.faces.extract(rgb)
@@ -132,20 +168,11 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         return np.asarray(img).transpose(2, 0, 1), status
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One row per photo; a photo that cannot be scored gets its status, probability null and label -1."""
         import torch
 
-        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "image" not in df.columns:
-            raise PayloadError(f"expected a column named 'image' (base64 photo); got columns {list(df.columns)}")
-        if len(df) == 0:
-            raise PayloadError("no rows to score")
-        if len(df) > MAX_ROWS:
-            raise PayloadError(f"{len(df)} rows in one request; at most {MAX_ROWS}")
-        arrays, statuses = [], []
-        for i, value in enumerate(df["image"].tolist()):
-            arr, status = self._prepare(_decode_payload(value, i), i)
-            arrays.append(arr)
-            statuses.append(status)
+        df = _request_frame(model_input)
+        arrays, statuses = zip(*(self._prepare(_decode_payload(v)) for v in df["image"].tolist()))
         ok = [i for i, a in enumerate(arrays) if a is not None]
         prob = np.full(len(df), math.nan)
         if ok:
@@ -156,6 +183,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
             prob[ok] = 1.0 / (1.0 + np.exp(-z))
         thr = float(self.cfg["threshold"])
         label = np.where(np.isnan(prob), -1, (prob >= thr).astype(int))
-        # no usable face: probability None (JSON null; NaN would make the served response invalid JSON)
+        # not scored: probability None (JSON null; NaN would make the served response invalid JSON)
         probability = pd.Series([float(v) if math.isfinite(v) else None for v in prob], dtype=object)
-        return pd.DataFrame({"probability": probability, "label": label.astype(np.int64), "face_status": statuses})
+        return pd.DataFrame({"probability": probability, "label": label.astype(np.int64),
+                             "face_status": list(statuses), "operating_point": _operating_point(self.cfg)})

@@ -72,7 +72,10 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
         value = m.get(policy.metric, math.nan)
         gap = m.get(_gap_metric(policy.metric), math.nan)
         why = []
-        if not math.isfinite(value):
+        n, pos = m.get("val/n", math.nan), m.get("val/positives", math.nan)
+        if n > 0 and pos in (0, n):  # F1 and accuracy have a value on one class, but it estimates nothing
+            why.append(f"{policy.metric} not estimable: validation has {pos:.0f} patients, {n - pos:.0f} controls")
+        elif not math.isfinite(value):
             why.append(f"{policy.metric} missing or not estimable")
         elif policy.min_value is not None and (value < policy.min_value if not lower_is_better(policy.metric)
                                                else value > policy.min_value):
@@ -132,16 +135,14 @@ def _alias_version(c, name: str, alias: str):
 def _register(c, policy: PromotionPolicy, row: pd.Series):
     import mlflow
 
-    try:
-        c.get_registered_model(policy.registered_model)
-    except Exception:
-        c.create_registered_model(policy.registered_model, description=(
-            "Cushing's syndrome screening from frontal facial photos (research use). Aliases: challenger = best of "
-            "the last ranked candidates, champion = best on validation so far."))
     mv = mlflow.register_model(row["model_uri"], policy.registered_model, tags={
         "source_run": row["run_id"], "model": str(row["model"]), "freeze": str(row["freeze"]),
         "threshold": f"{row['threshold']:.6f}", "data_digest": row["data_digest"], "selection_metric": policy.metric,
         "selection_value": f"{row[policy.metric]:.6f}", "synthetic_data": str(bool(row["synthetic_data"])).lower()})
+    if not c.get_registered_model(policy.registered_model).description:  # made just now by register_model
+        c.update_registered_model(policy.registered_model, description=(
+            "Cushing's syndrome screening from frontal facial photos (research use). Aliases: challenger = best of "
+            "the last ranked candidates, champion = best on validation so far."))
     publish_card(policy.registered_model, mv.version)
     return mv
 

@@ -1,32 +1,52 @@
-"""Intervals that keep small-n numbers honest: Wilson for proportions, a subject-level stratified bootstrap for
-F1, AUC and subgroup gaps. Built on `metrics` (the one metric implementation)."""
+"""Intervals that keep small-n numbers honest, counting subjects rather than photos: Wilson for proportions (at
+the subject bootstrap's effective sample size where a subject has several photos), a subject-level stratified
+bootstrap for F1, AUC and subgroup gaps. Built on `metrics` (the one metric implementation)."""
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from cushing.stats.metrics import auc, confusion, rates
+from cushing.stats.metrics import PROPORTIONS, auc, confusion, rates
 from cushing.stats.subgroups import Subgroup
 
-__all__ = ["wilson", "subject_weights", "bootstrap", "Gap", "percentile_interval", "Z95"]
+if TYPE_CHECKING:  # pandas is not imported for `cushing --help` (the config validates threshold rules)
+    import pandas as pd
+
+__all__ = ["wilson", "subject_weights", "resample_weights", "subject_wilson", "bootstrap", "Gap",
+           "percentile_interval", "Z95"]
 
 Z95 = 1.959963984540054
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials; NaN when n == 0."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    ph = k / n
-    denom = 1 + z * z / n
-    centre = (ph + z * z / (2 * n)) / denom
-    half = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
+def wilson(k, n, z: float = Z95):
+    """Wilson score interval for k successes in n trials (arrays, or floats for scalars); NaN where n == 0."""
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ph = k / n
+        denom = 1 + z * z / n
+        centre = (ph + z * z / (2 * n)) / denom
+        half = z * np.sqrt(np.maximum(ph * (1 - ph), 0) / n + z * z / (4 * n * n)) / denom
+    lo = np.where(n > 0, np.where(k <= 0, 0.0, np.maximum(0.0, centre - half)), np.nan)
+    hi = np.where(n > 0, np.where(k >= n, 1.0, np.minimum(1.0, centre + half)), np.nan)
+    return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
+
+
+def subject_wilson(point, resampled: np.ndarray | None, n_subjects):
+    """Wilson for a proportion of photos clustered in subjects, at the effective sample size whose binomial
+    variance is the subject bootstrap's (`resampled`: [B] or [B, cut-offs]; Korn & Graubard 1998), never more than
+    one per subject: never narrower than Wilson with each subject counted once, wider where a subject's photos
+    weigh more. Without resamples (or at 0 or 1, where they do not vary) each subject counts once."""
+    point = np.asarray(point, float)
+    n = np.broadcast_to(np.asarray(n_subjects, float), point.shape)
+    if resampled is not None:
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaN resamples (no denominator)
+            var = np.nanvar(resampled, axis=0)
+            n = np.where(var > 0, np.minimum(n, point * (1 - point) / var), n)
+    return wilson(point * n, n)
 
 
 def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -36,8 +56,8 @@ def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed:
     always travel together and each resample keeps the stratum sizes.
     """
     rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(subjects, return_inverse=True)
-    subj_stratum = pd.Series(strata).groupby(inv).first().to_numpy()
+    uniq, first, inv = np.unique(subjects, return_index=True, return_inverse=True)
+    subj_stratum = np.asarray(strata)[first]
     rows = np.arange(n_boot)[:, None] * len(uniq)  # resample b counts in cells b*n_subjects + subject
     counts = np.zeros(n_boot * len(uniq), dtype=np.int64)
     for s in np.unique(subj_stratum):
@@ -45,6 +65,13 @@ def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed:
         picks = rng.integers(0, len(members), size=(n_boot, len(members)))  # the same draws, stratum by stratum
         counts += np.bincount((rows + members[picks]).ravel(), minlength=len(counts))
     return counts.reshape(n_boot, len(uniq)).astype(np.float64)[:, inv]
+
+
+def resample_weights(part: pd.DataFrame, n_boot: int, seed: int) -> np.ndarray:
+    """The subject resamples of a predictions table (`subject_weights` within label x sex strata): [B, rows]."""
+    strata = part["sex"].astype(str).to_numpy() if "sex" in part.columns else np.zeros(len(part), str)
+    subj_label = part.groupby("subject")["label"].transform("max").to_numpy()
+    return subject_weights(part["subject"].to_numpy(), np.char.add(strata, subj_label.astype(str)), n_boot, seed)
 
 
 def percentile_interval(v: np.ndarray) -> tuple[float, float]:
@@ -88,15 +115,14 @@ def bootstrap(part: pd.DataFrame, groups: list[Subgroup], *, threshold: float, n
               metrics: tuple[str, ...] = ("f1", "auc"), gaps: tuple[Gap, ...] = (),
               gap_metrics: tuple[str, ...] = ("recall", "specificity", "f1")
               ) -> dict[tuple[str, str], tuple[float, float]]:
-    """(subgroup or gap name, metric) -> 95% percentile interval, from one set of subject resamples (within label
-    x sex strata) shared by every subgroup and gap of this split."""
+    """(subgroup or gap name, metric) -> 95% interval, from one set of subject resamples (within label x sex
+    strata) shared by every subgroup and gap of this split: the percentile interval, and for a proportion in
+    `metrics` (accuracy, precision, recall, specificity) `subject_wilson`."""
     if part.empty or n_boot <= 0:
         return {}
     y = part["label"].to_numpy()
     p = part["probability"].to_numpy().astype(float)
-    strata = part["sex"].astype(str).to_numpy() if "sex" in part.columns else np.zeros(len(part), str)
-    subj_label = part.groupby("subject")["label"].transform("max").to_numpy()
-    w = subject_weights(part["subject"].to_numpy(), np.char.add(strata, subj_label.astype(str)), n_boot, seed)
+    w = resample_weights(part, n_boot, seed)
     out: dict[tuple[str, str], tuple[float, float]] = {}
     per_group = {}
     for g in groups:
@@ -104,11 +130,20 @@ def bootstrap(part: pd.DataFrame, groups: list[Subgroup], *, threshold: float, n
         if not mask.any():
             continue
         per_group[g.name] = _resampled(w[:, mask], y[mask], p[mask], threshold)
+        point = rates(confusion(y[mask], p[mask], threshold))
         for m in metrics:
-            out[(g.name, m)] = percentile_interval(per_group[g.name][m])
+            out[(g.name, m)] = percentile_interval(per_group[g.name][m]) if m not in PROPORTIONS else \
+                subject_wilson(point[m][0, 0], per_group[g.name][m], _subjects_behind(part[mask], m, threshold))
     for gap in gaps:
         for m in gap_metrics:
             v = _gap_values(per_group, gap, m)
             if v is not None:
                 out[(gap.name, m)] = percentile_interval(v)
     return out
+
+
+def _subjects_behind(part: pd.DataFrame, metric: str, threshold: float) -> int:
+    """The subjects in a proportion's denominator (all, predicted positive, patients, controls)."""
+    rows = {"accuracy": np.ones(len(part), bool), "precision": part["probability"].to_numpy() >= threshold,
+            "recall": part["label"].to_numpy() == 1, "specificity": part["label"].to_numpy() == 0}[metric]
+    return part["subject"][rows].nunique()

@@ -8,7 +8,7 @@ import pandas as pd
 
 from cushing.stats.metrics import auc, confusion, roc_points
 
-__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "pyplot"]
+__all__ = ["roc_plot", "confusion_plot", "curves_plot", "calibration_plot", "decision_plot", "pyplot"]
 
 
 def pyplot():
@@ -32,7 +32,7 @@ def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
             fpr, tpr = roc_points(y, p)
             ax.plot(fpr, tpr, style, drawstyle="steps-post",
                     label=f"{label} AUC {float(auc(y, p)[0]):.3f} (n={len(y)}, pos={int(y.sum())})")
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, label="chance")
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{split} ROC", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
     if title:
@@ -91,5 +91,32 @@ def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> 
            title="reliability")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def decision_plot(curves: dict[str, pd.DataFrame], operating: dict[str, tuple[float, float]],
+                  path: str | Path | None = None, title: str = "decision curve"):
+    """Decision curves (`decision.decision_curve`) over one another: net benefit with its 95% subject band and a
+    dot at (operating threshold, net benefit) per label, treat all (the first's) and treat none. Written to `path`,
+    or the figure returned."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    first = next(iter(curves.values()))
+    ax.plot(first["threshold"], first["treat_all"], "--", color="0.4", label="treat all")
+    ax.axhline(0, color="0.6", lw=0.8, label="treat none")
+    for i, (label, d) in enumerate(curves.items()):
+        ax.plot(d["threshold"], d["net_benefit"], color=f"C{i}", label=label)
+        ax.fill_between(d["threshold"], d["ci_low"], d["ci_high"], color=f"C{i}", alpha=0.15, lw=0)
+        t, nb = operating.get(label, (np.inf, np.nan))
+        if t <= d["threshold"].max():
+            ax.plot([t], [nb], "o", color=f"C{i}", ms=5)
+    top = np.nanmax(np.concatenate([d[c].to_numpy(float) for d in curves.values() for c in ("ci_high", "treat_all")]
+                                   + [[0.01]]))
+    ax.set(xlabel="threshold probability", ylabel="net benefit", ylim=(-0.1 * top, 1.1 * top), title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=110)
     plt.close(fig)

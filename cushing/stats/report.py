@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from cushing.stats.calibration import brier, ece, ppv_npv, reliability
-from cushing.stats.intervals import Gap, bootstrap, wilson
+from cushing.stats.decision import THRESHOLDS, decision_curve
+from cushing.stats.intervals import Gap, bootstrap as bootstrap_intervals, wilson
 from cushing.stats.metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
 from cushing.stats.subgroups import Subgroup, gap_name, subgroups_of
 
@@ -46,7 +48,7 @@ class MetricRow:
 
 
 def _interval(metric: str, c: Counts, boot: tuple[float, float] | None) -> tuple[float, float]:
-    if metric in PROPORTIONS:
+    if metric in PROPORTIONS and boot is None:  # one photo per subject: Wilson from the counts
         tp, fp, fn, tn = (int(round(float(v[0, 0]))) for v in (c.tp, c.fp, c.fn, c.tn))
         k, n = {"accuracy": (tp + tn, tp + fp + fn + tn), "precision": (tp, tp + fp), "recall": (tp, tp + fn),
                 "specificity": (tn, tn + fp)}[metric]
@@ -57,8 +59,8 @@ def _interval(metric: str, c: Counts, boot: tuple[float, float] | None) -> tuple
 def summarize(pred: pd.DataFrame, *, split: str, threshold: float, groups: list[Subgroup] | None = None,
               min_positives: int = 0, boot: dict[tuple[str, str], tuple[float, float]] | None = None,
               label: str | None = None) -> list[MetricRow]:
-    """Every metric for one split, overall and per subgroup (default: per sex); F1/AUC intervals from `boot`
-    (the bootstrap of this split) when given, Wilson intervals for proportions always.
+    """Every metric for one split, overall and per subgroup (default: per sex); intervals from `boot` (the
+    bootstrap of this split) when given, else Wilson for the proportions.
 
     `label` renames the split in metric names (e.g. test_argmax) without changing which rows are used.
     A subgroup with fewer than `min_positives` positives gets NaN for the positive-dependent metrics and
@@ -122,6 +124,7 @@ class Report:
     tags: dict[str, str]
     reliability: dict[str, pd.DataFrame] = field(default_factory=dict)
     per_subgroup: pd.DataFrame = field(default_factory=pd.DataFrame)
+    decision_curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # of the last split (test, external, oof)
 
 
 def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) -> list[Gap]:
@@ -167,18 +170,25 @@ def _gap_metrics(rows: list[MetricRow], split: str, gap: Gap, boot: dict, min_po
 
 def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...] = ("val", "test"),
                  min_positives: int = 5, bootstrap: int = 2000, seed: int = 0, prevalence: float | None = None,
-                 argmax_split: str | None = "test", subgroup_columns: tuple[str, ...] = ("sex",)) -> Report:
+                 argmax_split: str | None = "test", subgroup_columns: tuple[str, ...] = ("sex",),
+                 decision: bool = True) -> Report:
+    """Metrics with intervals for each split; with `decision`, the decision curve of the last split (its scores
+    must be probabilities: not pooled folds recentred on their thresholds) and its net benefit at `threshold`."""
     rows: list[MetricRow] = []
     metrics: dict[str, float] = {"threshold": float(threshold)}
     reasons: dict[str, str] = {}
     reliability_tables = {}
     groups = subgroups_of(pred, subgroup_columns)
     present = [s for s in splits if (pred["split"] == s).any()]
+    # several photos of a subject: proportions too get their intervals from the subjects' bootstrap
+    props = PROPORTIONS if bootstrap > 0 and pred["subject"].duplicated().any() else ()
+    curve = pd.DataFrame()
     for split in present:
         part = pred[pred["split"] == split]
         gaps = _gaps_for(groups, part, min_positives)
-        # one bootstrap per split serves every subgroup's F1/AUC intervals and every gap's interval
-        boot = _bootstrap(part, groups, threshold, bootstrap, seed, gaps)
+        # one bootstrap per split serves every subgroup's intervals and every gap's interval
+        boot = bootstrap_intervals(part, groups, threshold=threshold, n_boot=bootstrap, seed=seed, gaps=tuple(gaps),
+                                   metrics=("f1", "auc", *props))
         split_rows = summarize(pred, split=split, threshold=threshold, groups=groups, min_positives=min_positives,
                                boot=boot)
         rows += split_rows
@@ -188,30 +198,51 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
         for gap in gaps:
             metrics.update(_gap_metrics(split_rows, split, gap, boot, min_positives, reasons))
         if prevalence is not None:
-            overall = {r.metric: r.value for r in split_rows if r.group == "overall"}
-            metrics[f"{split}/ppv"], metrics[f"{split}/npv"] = ppv_npv(overall["recall"], overall["specificity"],
-                                                                       prevalence)
-    rows += _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives)
+            metrics.update(_predictive_values(split, split_rows, prevalence))
+        if decision and split == present[-1]:
+            curve = decision_curve(part, np.append(THRESHOLDS, threshold), prevalence, bootstrap, seed)
+            metrics.update(_net_benefit_at(split, curve.iloc[-1]))
+            curve = curve.iloc[:-1]
+    argmax = argmax_split in present and not math.isclose(threshold, 0.5)  # else test's rows under its name
+    boot = bootstrap_intervals(pred[pred["split"] == argmax_split], groups, threshold=0.5, n_boot=bootstrap,
+                               seed=seed, metrics=props) if props and argmax else None
+    rows += _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives, boot)
     metrics.update(rows_to_metrics(rows))
     metrics.update(_counts(rows))
     if prevalence is not None:
         metrics["prevalence"] = float(prevalence)
     summary = _not_estimable_summary(rows, min_positives) + [f"{k}: {v}" for k, v in reasons.items()]
     tags = {"not_estimable": _bounded("; ".join(summary))} if summary else {}
-    return Report(metrics, rows, per_sex_table(rows), tags, reliability_tables, per_subgroup_table(rows))
+    tags["interval_method"] = "subject_bootstrap" if props else "wilson"
+    return Report(metrics, rows, per_sex_table(rows), tags, reliability_tables, per_subgroup_table(rows), curve)
 
 
-def _bootstrap(part, groups, threshold, n_boot, seed, gaps):
-    return bootstrap(part, groups, threshold=threshold, n_boot=n_boot, seed=seed, gaps=tuple(gaps))
+def _predictive_values(split: str, rows: list[MetricRow], prevalence: float) -> dict[str, float]:
+    """PPV and NPV at the screening prevalence (Bayes); both rise with recall and specificity, so their interval
+    maps the ends of those two intervals (which count subjects)."""
+    o = {r.metric: r for r in rows if r.group == "overall"}
+    out = dict(zip((f"{split}/ppv", f"{split}/npv"), ppv_npv(o["recall"].value, o["specificity"].value, prevalence)))
+    for end in ("ci_low", "ci_high"):
+        vals = ppv_npv(getattr(o["recall"], end), getattr(o["specificity"], end), prevalence)
+        out.update({f"{k}/{end}": v for k, v in zip((f"{split}/ppv", f"{split}/npv"), vals) if math.isfinite(v)})
+    return out
 
 
-def _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives) -> list[MetricRow]:
+def _net_benefit_at(split: str, row: pd.Series) -> dict[str, float]:
+    """Net benefit at the operating threshold, with its subject-bootstrap interval, beside treating everyone."""
+    out = {f"{split}/net_benefit": row["net_benefit"], f"{split}/net_benefit/treat_all": row["treat_all"]}
+    if math.isfinite(row["ci_low"]):
+        out[f"{split}/net_benefit/ci_low"], out[f"{split}/net_benefit/ci_high"] = row["ci_low"], row["ci_high"]
+    return out
+
+
+def _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives, boot) -> list[MetricRow]:
     """The test split at 0.5 (the paper classifies by argmax) under `test_argmax/...`."""
     if argmax_split not in present:
         return []
     if not math.isclose(threshold, 0.5):
         return summarize(pred, split=argmax_split, threshold=0.5, groups=groups, min_positives=min_positives,
-                         label=f"{argmax_split}_argmax")
+                         boot=boot, label=f"{argmax_split}_argmax")
     # the chosen threshold is argmax: the same numbers under the paper's name
     return [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
 

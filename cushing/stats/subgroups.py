@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # imported where used: the config (and `cushing --help`) reach this module without pandas
+    import pandas as pd
 
 __all__ = ["Subgroup", "subgroups_of", "subgroup_name", "gap_name", "check_subgroup_columns", "SEX_NAMES",
            "SubgroupError", "IDENTIFYING"]
@@ -70,6 +73,7 @@ def check_subgroup_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> Non
     """Refuse columns that identify patients or photos (protected health information in every metric name and
     table), columns that do not exist, numeric columns (a value per patient is not a subgroup: bin it) and columns
     with so many values that no subgroup could be estimated or that single out patients."""
+    import pandas as pd
     problems = []
     subjects = table["subject_id"].nunique() if "subject_id" in table.columns else len(table)
     for col in columns:

@@ -29,7 +29,7 @@ from cushing.tracking.liveness import machine_id
 from cushing.tracking.logger import EPOCH_PREFIX, RunLogger
 from cushing.tracking.queries import download_artifact, end_run_as, experiment_id, experiment_of_run, \
     experiments_with_runs, find_finished, find_runs, get_run, last_step, list_artifacts, log_artifacts_to, reap, \
-    set_tags
+    runs_link, set_tags
 from cushing.tracking.records import RunRecord
 from cushing.tracking.runs import ERROR_TAG, env_run_id, launcher_run, log_into, offer_run, resolve_experiment, \
     resume_run, start_run
@@ -39,4 +39,4 @@ __all__ = ["tracking_uri", "configure", "RunLogger", "start_run", "artifact_dir"
            "env_run_id", "experiments_with_runs", "experiment_of_run", "reap", "check_reachable",
            "TrackingUnavailable", "last_step", "log_artifacts_to", "RunRecord", "set_tags", "end_run_as",
            "list_artifacts", "log_into", "client", "machine_id", "find_finished", "offer_run", "launcher_run",
-           "http_defaults", "ERROR_TAG", "resolve_experiment"]
+           "http_defaults", "ERROR_TAG", "resolve_experiment", "runs_link"]

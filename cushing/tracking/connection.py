@@ -119,14 +119,17 @@ def artifact_dir() -> Iterator[Path]:
 @contextmanager
 def using_store(uri: str) -> Iterator[str]:
     """Point this process at another tracking store for a block (a benchmark's throwaway one, between its runs);
-    restore after."""
+    restore after. The block runs in an absolute SQLite store's folder: MLflow puts such a store's artifacts in
+    ./mlruns, which is then beside the store instead of in the caller's working directory."""
     import mlflow
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    saved, cwd, store = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd(), sqlite_path(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(store.parent if store is not None and store.is_absolute() else cwd)
     try:
         yield configure()
     finally:
+        os.chdir(cwd)
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

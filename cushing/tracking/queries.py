@@ -12,28 +12,56 @@ from cushing.tracking.liveness import _dead_because
 from cushing.tracking.records import RunRecord, _record
 from cushing.tracking.stores import sqlite_path
 
-__all__ = ["experiment_id", "get_run", "set_tags", "end_run_as", "list_artifacts", "find_runs", "reap",
-           "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run", "download_artifact",
-           "find_finished"]
+__all__ = ["experiment_id", "mark_experiment", "runs_link", "get_run", "set_tags", "end_run_as", "list_artifacts",
+           "find_runs", "reap", "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run",
+           "download_artifact", "find_finished"]
+
+
+KIND_TAG = "mlflow.experimentKind"  # the experiment's kind, as the MLflow 3 UI's experiment-type selector writes it
+MODEL_DEVELOPMENT = "custom_model_development"  # the selector's "Machine learning" (else genai_development)
 
 
 def experiment_id(name: str) -> str:
-    """The id of an experiment, created (with the server's default artifact location) when missing.
+    """The id of an experiment, created (with the server's default artifact location) when missing, and marked as
+    model development (`mark_experiment`).
 
     Unlike mlflow.set_experiment this leaves no process-wide state behind (it would export MLFLOW_EXPERIMENT_ID
     to every subprocess, which then clashes with `mlflow run --experiment-name`).
     """
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except Exception:  # another worker created it first
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={KIND_TAG: MODEL_DEVELOPMENT})
+        except Exception:  # another worker created it first
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    return _marked(exp).experiment_id
+
+
+def mark_experiment(experiment_id: str) -> str:
+    """Mark an experiment as model development unless it has a kind already (a user's choice stays), e.g. one
+    `mlflow run --experiment-name` created; returns its name."""
+    return _marked(client().get_experiment(experiment_id)).name
+
+
+def _marked(exp):
+    if not exp.tags.get(KIND_TAG):
+        client().set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
+    return exp
+
+
+def runs_link(experiment: str) -> str:
+    """The experiment's runs table in the MLflow UI: the tracking server's, else where `mlflow ui` serves the
+    embedded store. MLflow 3.17's UI opens every experiment on its GenAI overview unless its sidebar is in "Model
+    training" mode (kept in the browser, not on the experiment): the link asks for that mode."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(tracking_uri())
+    base = f"{u.scheme}://{u.netloc.rpartition('@')[2]}{u.path.rstrip('/')}" if u.scheme in ("http", "https") \
+        else "http://127.0.0.1:5000"  # no password shown
+    return f"{base}/#/experiments/{experiment_id(experiment)}/runs?workflowType=machine_learning"
 
 
 def get_run(run_id: str) -> RunRecord:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -17,7 +18,7 @@ from cushing.tracking.queries import experiment_id, experiment_of_run
 __all__ = ["env_run_id", "launcher_run", "start_run", "resume_run", "log_into", "offer_run", "ERROR_TAG",
            "resolve_experiment"]
 
-ERROR_TAG = "cushing.error"  # a FAILED run's reason, one line
+ERROR_TAG = "cushing.error"  # why a run ended FAILED: the first line of the error, photo file names left out
 _taken: set[str] = set()  # launcher runs already taken by a run of this process
 _offered: contextvars.ContextVar[str | None] = contextvars.ContextVar("cushing_offered_run", default=None)
 
@@ -66,8 +67,8 @@ def _take(experiment: str, run_name: str, tags: Mapping[str, Any]) -> str | None
     run_id = launcher_run()
     if run_id is None:
         return None
-    if run_id == env_run_id():
-        resolve_experiment(experiment)  # refuses an experiment other than the one `mlflow run` chose
+    if run_id == env_run_id():  # refuses an experiment other than the one `mlflow run` chose, and marks it
+        experiment_id(resolve_experiment(experiment))
     if _offered.get() == run_id:
         _offered.set(None)
     _taken.add(run_id)
@@ -123,9 +124,10 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
 
 
 def _note_error(logger: RunLogger, e: BaseException) -> None:
-    text = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+    line = (f"{type(e).__name__}: {e}".splitlines() or [""])[0].rstrip(" :")
     try:
-        logger.set_tags({ERROR_TAG: text[:4900]})
+        logger.set_tags({ERROR_TAG: re.sub(r"[^\s'\"]+\.(jpe?g|png|bmp|tiff?|webp|heic)\b", "<photo>", line,
+                                           flags=re.I)[:1000]})
     except Exception:  # the store itself may be what failed: the status still says it
         pass
 

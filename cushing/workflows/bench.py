@@ -289,10 +289,12 @@ def bench_faces(*, manifest: str | None, limit: int, sam_checkpoint: str | None,
             df.to_csv(src, index=False)
         s = FaceSettings(sam_checkpoint=sam_checkpoint)
         t = time.perf_counter()
-        cold = extract_faces(src, Path(tmp) / "cold", s, cache_dir=Path(tmp) / "cache", progress=False)
+        cold = extract_faces(src, Path(tmp) / "cold", s, cache_dir=Path(tmp) / "cache", progress=False,
+                             skip_bad_photos=True)
         t_cold = time.perf_counter() - t
         t = time.perf_counter()
-        warm = extract_faces(src, Path(tmp) / "warm", s, cache_dir=Path(tmp) / "cache", progress=False)
+        warm = extract_faces(src, Path(tmp) / "warm", s, cache_dir=Path(tmp) / "cache", progress=False,
+                             skip_bad_photos=True)
         t_warm = time.perf_counter() - t
     n = len(cold.report)
     res = {"device": device_name(pick_device("auto")), "photos": n, "extracted": cold.extracted,

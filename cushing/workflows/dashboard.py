@@ -20,7 +20,7 @@ import pandas as pd
 
 from cushing import __version__
 from cushing import tracking
-from cushing.stats import calibration
+from cushing.stats import calibration, plots
 from cushing.stats.metrics import auc, lower_is_better, roc_points
 from cushing.stats.plots import pyplot
 from cushing.stats.report import interval_of, shown
@@ -54,6 +54,8 @@ class RunData:
     predictions: pd.DataFrame | None
     cam: dict[str, np.ndarray]
     splits: pd.DataFrame | None
+    origin: str = ""  # a registry model trained outside the runs shown: its sweep's (parent run's) name
+    decision: pd.DataFrame | None = None  # decision_curve.csv
 
 
 def _artifact(run_id: str, path: str, d: Path):
@@ -70,10 +72,14 @@ def _has_overlays(run_id: str) -> bool:
         return False
 
 
-def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
-    """Finished training runs (with test metrics) of an experiment or of one parent, with their aggregates."""
-    runs = [r for r in tracking.find_runs(experiment, parent_run_id=parent_run_id)
-            if r.status == "FINISHED" and "test/f1" in r.metrics and "model" in r.tags]
+def _trained(r) -> bool:
+    return r.status == "FINISHED" and "test/f1" in r.metrics and "model" in r.tags
+
+
+def collect(experiment: str, parent_run_id: str | None = None, also: tuple[str, ...] = ()) -> list[RunData]:
+    """Finished training runs (with test metrics) of an experiment or of one parent, with their aggregates; and
+    the runs `also` names (the registry's champion and challenger) wherever they were trained."""
+    runs = [r for r in tracking.find_runs(experiment, parent_run_id=parent_run_id) if _trained(r)]
     if parent_run_id is None:
         runs = [r for r in runs if r.tags.get("task") not in ("explain", "external_validation")]
     if not runs:
@@ -83,6 +89,10 @@ def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
         hint = (f"Experiments with runs: {others} (pass --experiment NAME or --project STUDY.yaml)." if others
                 else "Train or sweep first (e.g. `cushing sweep projects/demo.yaml`).")
         raise DashboardError(f"{where} has no finished training runs with test metrics: nothing to show. {hint}")
+    own = {r.run_id for r in runs}
+    extra = [r for r in map(_run_or_none, dict.fromkeys(i for i in also if i not in own)) if r and _trained(r)]
+    origin = {r.run_id: ((r.parent_run_id and _run_or_none(r.parent_run_id)) or r).name for r in extra}  # its sweep
+    runs += extra
     for r in runs:
         if _has_overlays(r.run_id) and r.tags.get("allow_phi_artifacts") != "true":
             raise DashboardError(f"run {r.run_id} holds per-image artifacts (cam/overlays) but was not run with "
@@ -95,12 +105,21 @@ def collect(experiment: str, parent_run_id: str | None = None) -> list[RunData]:
             pred = _artifact(rid, "predictions.csv", sub)
             npz = _artifact(rid, "cam/mean_maps.npz", sub)
             spl = _artifact(rid, "splits.csv", sub)
+            dc = _artifact(rid, "decision_curve.csv", sub)
             cam = {}
             if npz is not None:
                 with np.load(npz) as z:
                     cam = {str(k): z[str(k)].astype(np.float32) for k in z["names"]}
-            out.append(RunData(r, pd.read_csv(pred) if pred else None, cam, pd.read_csv(spl) if spl else None))
+            out.append(RunData(r, pd.read_csv(pred) if pred else None, cam, pd.read_csv(spl) if spl else None,
+                               origin.get(rid, ""), pd.read_csv(dc) if dc else None))
     return out
+
+
+def _run_or_none(run_id: str):
+    try:
+        return tracking.get_run(run_id)
+    except Exception:  # deleted, or in another store
+        return None
 
 
 def _label(r) -> str:
@@ -141,7 +160,7 @@ def _roc_figure(ranked: list[RunData], top: int) -> str:
         if 0 < y.sum() < len(y):
             fpr, tpr = roc_points(y, p)
             ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{_label(rd.run)} ({float(auc(y, p)[0]):.3f})")
-    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8, label="chance")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="test ROC (AUC)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -152,7 +171,7 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
-    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+    ax.plot([0, 1], [0, 1], color="0.8", lw=0.8, label="perfect")
     for rd in ranked[:top]:
         if rd.predictions is None:
             continue
@@ -166,6 +185,14 @@ def _calibration_figure(ranked: list[RunData], top: int) -> str:
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return _png(fig)
+
+
+def _decision_figure(ranked: list[RunData], top: int) -> str | None:
+    shown_ = [rd for rd in ranked[:top] if rd.decision is not None and not rd.decision.empty]
+    return _png(plots.decision_plot(
+        {_label(rd.run): rd.decision for rd in shown_},
+        {_label(rd.run): (rd.run.metrics["threshold"], rd.run.metrics.get("test/net_benefit", math.nan))
+         for rd in shown_}, title="test decision curves")) if shown_ else None
 
 
 def _per_sex_figure(ranked: list[RunData]) -> str:
@@ -240,11 +267,11 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
 
 
     spec, root = _definition(name)
-    runs = collect(experiment, parent_run_id)
+    registry = registry_status()
+    runs = collect(experiment, parent_run_id, also=tuple(a["run"] for a in registry))  # ranked wherever trained
     rank_metric = next((r.run.params.get("select_metric") for r in runs if r.run.params.get("select_metric")),
                        "val/f1")
     ranked = rank_runs(runs, rank_metric)
-    registry = registry_status()
     by_run = {a["run"]: a["alias"] for a in reversed(registry)}
     rows, per_sex, per_subgroup = [], [], []
     for rd in ranked:
@@ -253,6 +280,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
         rows.append({"label": _label(rd.run), "freeze": t.get("freeze", ""), "kind": t.get("model_type", ""),
                      "rank_value": f"{rv:.6f}" if math.isfinite(rv) else "", "rank_text": f"{rv:.3f}"
                      if math.isfinite(rv) else "n/a", "alias": by_run.get(rd.run.run_id, ""),
+                     "run": rd.run.run_id, "origin": rd.origin,
                      "test": {k: _cell(m, f"test/{k}") for k in spec["leaderboard_metrics"]}})
         for group in ("female", "male"):
             pos = None
@@ -268,7 +296,7 @@ def build_dashboard(*, experiment: str, parent_run_id: str | None = None, out: s
     cohort, cohort_note = _cohort(runs)
     figures = {"roc": _roc_figure(ranked, spec["roc_top"]), "calibration": _calibration_figure(ranked,
                spec["calibration_top"]), "per_sex": _per_sex_figure(ranked), "cam": _cam_figure(ranked,
-               spec["cam_models"])}
+               spec["cam_models"]), "decision": _decision_figure(ranked, spec["roc_top"])}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), autoescape=True)
     html = env.get_template(spec["template"]).render(
         title=spec["title"], experiment=experiment, parent=parent_run_id, runs=rows, per_sex=per_sex,

@@ -16,13 +16,17 @@ import pandas as pd
 from cushing import __version__
 from cushing import tracking
 from cushing.model.backbones import get_spec
-from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
+from cushing.config import EXECUTION_FIELDS, ConfigError, TrainConfig, config_digest, resolve, run_name, to_params
 from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, checkpoint_dir, load_checkpoint,
                                       resume_lock)
 from cushing.model.engine import EpochCallback, FitState
 from cushing.stats.metrics import METRICS
 from cushing.stats.report import build_report
-from cushing.data.splits import assign_folds
+from cushing.data.audit.settings import TOGETHER
+from cushing.data.manifest import skipped_counts
+from cushing.data.splits import assign_folds, fold_split
+from cushing.faces.settings import settings_for_manifest
+from cushing.stats.thresholds import unattainable
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
 from cushing import stops
@@ -50,6 +54,15 @@ def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
     return tags
 
 
+def _check_guarantee(cfg: TrainConfig, cohort: Cohort) -> None:
+    """A guaranteed threshold rule (sensitivity_lcb:X) that no model could meet on this validation split is
+    refused before training, not found out after it."""
+    val = cohort.table[(cohort.split == "val").to_numpy()].groupby("subject_id")["label"].max()
+    why = unattainable(cfg.threshold, int(val.sum()), int(len(val) - val.sum()))
+    if why:
+        raise ConfigError(why)
+
+
 def _chain(*callbacks: EpochCallback | None) -> EpochCallback:
     live = [c for c in callbacks if c is not None]
 
@@ -73,24 +86,33 @@ def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
                        "sex": cohort.table["sex"].to_numpy(), "label": cohort.table["label"].to_numpy()})
     name = "demo-cohort" if cohort.manifest.synthetic else "cohort"
     run.log_dataset(ds, digest=cohort.manifest.digest, name=name)
+    # photos left out here (skip_bad_photos) and by the face stage that made these crops (its sidecar)
+    faces = (settings_for_manifest(cohort.manifest.source) or {}).get("skipped", {})
+    run.log_metrics({k: v + faces.get(k, 0.0) for k, v in skipped_counts(cohort.manifest.skipped).items()})
     if cohort.audit is not None:
         _log_audit(run, cfg, cohort)
 
 
 def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> None:
-    """The cohort audit that shaped the split: audit.csv (CSV lines and hashed ids only), counts, how many
-    subjects were merged into another's split group, and a warning when a given split keeps pairs apart."""
+    """The cohort audit that shaped the split: audit.csv (pair numbers, CSV lines and hashed ids only), counts, how
+    many subjects joined another's split group as one person (merges) or as a precaution, and a warning when a
+    given split keeps such pairs apart."""
     audit = cohort.audit
     pairs = audit.pairs.assign(split_a=cohort.split.to_numpy()[audit.pairs["line_a"].to_numpy() - 2],
                                split_b=cohort.split.to_numpy()[audit.pairs["line_b"].to_numpy() - 2])
     pairs["straddles_splits"] = pairs["split_a"] != pairs["split_b"]
+    lines = cohort.manifest.lines  # CSV lines (they differ from the table's rows once photos are skipped)
+    pairs["line_a"], pairs["line_b"] = lines[pairs["line_a"] - 2], lines[pairs["line_b"] - 2]
     run.log_table(pairs, "audit.csv")
-    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["merged"]).sum())
-    run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges), "audit/pairs_across_splits": apart})
-    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges), **audit.params()}
+    apart = int((pairs["straddles_splits"] & ~pairs["same_subject"] & pairs["outcome"].isin(TOGETHER)).sum())
+    run.log_metrics({**audit.summary(), "audit/merges": float(cohort.merges),
+                     "audit/precautions": float(cohort.precautions), "audit/pairs_across_splits": apart})
+    tags = {"audit": cfg.audit, "audit_merges": str(cohort.merges), "audit_precautions": str(cohort.precautions),
+            **audit.params()}
     if apart:
-        tags["audit_warning"] = (f"{apart} pair(s) of different subjects that look like one photo or one person sit "
-                                 "in different splits (a split given in the manifest is kept as it is): see audit.csv")
+        tags["audit_warning"] = (f"{apart} pair(s) of different subjects, merged as one photo or one person or kept "
+                                 "together as a precaution, sit in different splits (a split given in the manifest "
+                                 "is kept as it is): see audit.csv")
     run.set_tags(tags)
 
 
@@ -107,6 +129,7 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
         with phase("store: tracking server check"):
             tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
         cohort = cohort or prepare_cohort(cfg, progress=progress)
+        _check_guarantee(cfg, cohort)
         tags = {**_tags(cfg, cohort), **(extra_tags or {})}
         opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), tags=tags,
                                     parent_run_id=parent_run_id)
@@ -227,12 +250,6 @@ def _checkpoint_of(run_id: str) -> FitState:
                           f"checkpoint is on {host} (log_checkpoint=true puts it in the run's artifacts)") from None
 
 
-def _fold_split(folds: pd.Series, i: int, k: int) -> pd.Series:
-    """Fold i is the test fold, fold i+1 (mod k) validates, the rest train."""
-    out = np.where(folds == i, "test", np.where(folds == (i + 1) % k, "val", "train"))
-    return pd.Series(out, index=folds.index, name="split")
-
-
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
     out = pred.copy()
@@ -253,7 +270,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
         _log_config(parent, cfg)
         children, pooled = [], []
         for i in range(k):
-            fold_cohort = cohort.with_split(_fold_split(folds, i, k))
+            fold_cohort = cohort.with_split(fold_split(folds, i, k))
             fcfg = dataclasses.replace(child_cfg, run_name=f"{run_name(cfg)}-fold{i}")
             summary = run_single(fcfg, cohort=fold_cohort, parent_run_id=parent.run_id, progress=progress,
                                  extra_tags={"fold": str(i)})
@@ -263,7 +280,7 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
         oof = pd.concat(pooled, ignore_index=True).assign(split="oof")
         report = build_report(oof, threshold=0.5, splits=("oof",), min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
-                              argmax_split=None, subgroup_columns=cfg.subgroup_columns)
+                              argmax_split=None, subgroup_columns=cfg.subgroup_columns, decision=False)
         metrics = {**report.metrics, **_spread(children)}
         parent.log_metrics(metrics)
         parent.set_tags(report.tags)

@@ -3,6 +3,7 @@ model, tables, plots and Grad-CAM into one artifact folder, then the final metri
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,23 @@ def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], d
     tags["device"] = outcome.device
     if fit.stopped:
         tags["stopped_early"] = fit.stopped
+    op = outcome.operating
+    if op is not None and op.statement:  # a guaranteed rule (sensitivity_lcb, specificity_lcb): met or not
+        tags["threshold_guarantee"] = op.statement
+        metrics.update({"threshold/lower_bound": op.lower_bound, "threshold/guarantee_met": float(op.met)})
+        if not op.met:
+            print(f"cushing: {run_name(outcome.config)}: threshold {op.rule} {op.statement}", file=sys.stderr,
+                  flush=True)
     return metrics, tags
 
 
 def _write_tables(d: Path, outcome: TrainOutcome, report: Report) -> None:
-    """predictions.csv, per_sex.csv, per_subgroup.csv and history.csv into the run's artifact folder."""
+    """predictions.csv, per_sex.csv, per_subgroup.csv, history.csv and decision_curve.csv into the run's folder."""
     extra = [c for c in outcome.config.subgroup_columns if c != "sex"]
     pred = outcome.predictions[["subject", "split", "sex", *extra, "label", "probability", "prediction"]]
     for table, name in ((pred, "predictions.csv"), (report.per_sex, "per_sex.csv"),
-                        (report.per_subgroup, "per_subgroup.csv"), (pd.DataFrame(outcome.fit.history), "history.csv")):
+                        (report.per_subgroup, "per_subgroup.csv"), (pd.DataFrame(outcome.fit.history), "history.csv"),
+                        (report.decision_curve, "decision_curve.csv")):
         table.to_csv(d / name, index=False)
 
 
@@ -74,6 +83,8 @@ def _write_plots(d: Path, outcome: TrainOutcome, report: Report) -> None:
     plots.confusion_plot(outcome.predictions, outcome.threshold, d / "plots" / "confusion.png")
     plots.curves_plot(fit.history, fit.best_epoch, d / "plots" / "curves.png")
     plots.calibration_plot(report.reliability, d / "plots" / "calibration.png")
+    plots.decision_plot({"model": report.decision_curve}, {"model": (outcome.threshold, report.metrics.get(
+        "test/net_benefit", math.nan))}, d / "plots" / "decision_curve.png", "decision curve (test)")
 
 
 def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
@@ -165,7 +176,8 @@ def _summary(scored: _Scored, metrics: dict[str, float], uri: str | None) -> Run
     fit = outcome.fit
     selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
                  f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
-                 f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})")
+                 f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})"
+                 + (f"; {outcome.operating.statement}" if outcome.operating and outcome.operating.statement else ""))
     return RunSummary(scored.trained.run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions,
                       stopped=fit.stopped, selection=selection)
 

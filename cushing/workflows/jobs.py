@@ -102,6 +102,7 @@ class EvaluationResult:
     run_id: str
     report: Report
     predictions: pd.DataFrame
+    excluded: dict[str, int]  # photos not scored, by face_status (no_face, multiple_faces, ...)
 
 
 def _score_with_pyfunc(model, paths: list[str], batch: int = 32) -> pd.DataFrame:
@@ -140,15 +141,19 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
         r.log_metrics({**report.metrics, "external/unscored": float(pred["probability"].isna().sum())})
         r.log_table(scored[["subject", "split", "sex", "label", "probability", "prediction"]], "predictions.csv")
         r.log_table(report.per_sex, "per_sex.csv")
+        r.log_table(report.decision_curve, "decision_curve.csv")
         r.log_table(pred["face_status"].value_counts().rename_axis("face_status").reset_index(), "face_status.csv")
         with tracking.artifact_dir() as d:
             plots.calibration_plot(report.reliability, d / "calibration.png")
+            plots.decision_plot({"model": report.decision_curve}, {"model": (threshold, report.metrics.get(
+                "external/net_benefit", float("nan")))}, d / "decision_curve.png", "decision curve (external)")
             r.log_files(d, "plots")
         ds = scored[["subject", "sex", "label"]].assign(split="external")
         r.log_dataset(ds, digest=m.digest, name="external-cohort", context="evaluation")
         if version:
             release.link_evaluation(model_uri, r.run_id)
-        return EvaluationResult(r.run_id, report, scored)
+        excluded = pred.loc[pred["probability"].isna(), "face_status"].value_counts()
+        return EvaluationResult(r.run_id, report, scored, {str(k): int(v) for k, v in excluded.items()})
 
 
 # ------------------------------------------------------------------------------------------------ compare

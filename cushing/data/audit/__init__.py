@@ -12,9 +12,11 @@ cannot see. This package finds both and returns values only (no MLflow, no files
   HOG finds nothing, the whole image as the face box as a last resort, recorded as `whole_image`; 68-point
   alignment; photo and mirror averaged), pairs of different subject ids closer than a threshold chosen for the
   cohort (`threshold`: the shipped false-pair curve x this cohort's pairs by sex, mutual nearest neighbours, a
-  guard on group size) or given; each pair gets a decision (`auto_merged`, `review`, `below_threshold`) that a
-  person's decisions file can override (`decisions`).
-- `merged_groups` turns the pairs into group ids so a splitter keeps merged subjects in one split.
+  guard on group size) or given. Each pair gets a decision in words that claim no more than the audit knows:
+  `merged` (one photo, or closer than a strict distance where the curve expects no false pair in the cohort),
+  `precaution` (kept in one split, for review), `review`, `below_threshold`; a person's decisions file turns a
+  pair into a merge (`same`) or releases it (`different`).
+- `merged_groups` turns the pairs into group ids so a splitter keeps merged and precaution subjects in one split.
 
 Hashes and descriptors are cached per photo content (sha256 of the bytes) in small JSON files written atomically,
 so a rerun over the same cohort decodes nothing. Outputs carry CSV line numbers and keyed subject hashes, never

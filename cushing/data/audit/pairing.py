@@ -1,6 +1,6 @@
 """From signatures to suspicious pairs: duplicate photos and same-person pairs of different subject ids, as
-audit.csv rows (CSV lines and keyed subject hashes, never paths or raw ids) with each pair's decision, and the
-merged subject groups a splitter keeps whole."""
+audit.csv rows (a pair number, CSV lines and keyed subject hashes, never paths or raw ids) with each pair's decision
+and outcome, and the subject groups a splitter keeps whole (merged and precaution pairs)."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -10,21 +10,23 @@ import pandas as pd
 
 from cushing.data.audit.hashing import duplicate_pairs
 from cushing.data.audit.sameperson import ThresholdChoice, same_person_pairs
-from cushing.data.audit.settings import PAIR_KINDS, AuditSettings
+from cushing.data.audit.settings import PAIR_KINDS, TOGETHER, AuditSettings
 from cushing.data.audit.signatures import Signatures
 
 __all__ = ["merged_groups"]
 
 
 def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series | None) -> pd.DataFrame:
-    cols = ["kind", "distance", "decision", "verdict", "merged", "line_a", "line_b", "subject_a", "subject_b"]
+    cols = ["pair", "kind", "distance", "decision", "verdict", "outcome", "line_a", "line_b", "subject_a",
+            "subject_b"]
     df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["kind", "i", "j", "distance", "decision", "verdict"])
     i, j = df["i"].to_numpy(dtype=np.int64), df["j"].to_numpy(dtype=np.int64)
     decision, verdict = df["decision"].astype(str).to_numpy(), df["verdict"].fillna("").astype(str).to_numpy()
     out = pd.DataFrame({"kind": df["kind"].astype(str), "distance": df["distance"].astype(float),
                         "decision": decision, "verdict": verdict,
-                        "merged": ((decision == "auto_merged") & (verdict != "different")) | (verdict == "same"),
+                        "outcome": np.select([verdict == "same", verdict == "different"], ["merged", "released"],
+                                             decision),
                         "line_a": i + 2, "line_b": j + 2,  # the CSV header is line 1
                         "subject_a": subjects.to_numpy()[i], "subject_b": subjects.to_numpy()[j]})
     out["same_subject"] = out["subject_a"] == out["subject_b"]
@@ -34,18 +36,19 @@ def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series
         out["split_a"], out["split_b"] = sp[i], sp[j]
         out["straddles_splits"] = out["split_a"] != out["split_b"]
         cols += ["split_a", "split_b", "straddles_splits"]
-    out = out[cols + ["same_subject", "detail"]]
-    return out.sort_values(["kind", "distance", "line_a", "line_b"], ignore_index=True)
+    out = out.sort_values(["kind", "distance", "line_a", "line_b"], ignore_index=True)
+    out["pair"] = np.arange(1, len(out) + 1)  # the key the review page shows: not a subject id
+    return out[cols + ["same_subject", "detail"]]
 
 
 def _find_pairs(sig: Signatures, subject_ids: np.ndarray, sex: np.ndarray, s: AuditSettings,
                 verdicts: dict[tuple[int, int], str]) -> tuple[list[pd.DataFrame], ThresholdChoice | None]:
-    """Duplicate photos (always merged, unless a person said different) and same-person pairs with their
-    decisions; the threshold choice (None when faces were not described)."""
+    """Duplicate photos (merged, unless a person said different) and same-person pairs with their decisions; the
+    threshold choice (None when faces were not described)."""
     dup = duplicate_pairs(sig.hashes, s.duplicate_max_bits, mirrors=sig.mirrors if s.mirror else None,
                           valid=sig.ok, thumbs=sig.thumbs, max_color=s.duplicate_max_color)
     dup = dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""),
-                     decision="auto_merged",
+                     decision="merged",
                      verdict=[verdicts.get((a + 2, b + 2), "") for a, b in zip(dup["i"], dup["j"])])
     rows, choice = [dup.drop(columns="mirrored")], None
     if sig.descriptors is not None:
@@ -59,10 +62,10 @@ def _find_pairs(sig: Signatures, subject_ids: np.ndarray, sex: np.ndarray, s: Au
     return [r for r in rows if len(r)], choice
 
 
-def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *,
-                  kinds: Iterable[str] = PAIR_KINDS) -> pd.Series:
-    """Group id per manifest row: subjects joined by any merged pair (transitively, union-find) share one id.
-    Pairs with a `merged` column merge only where it is true (not `review` or `below_threshold` pairs).
+def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *, kinds: Iterable[str] = PAIR_KINDS,
+                  outcomes: Iterable[str] = TOGETHER) -> pd.Series:
+    """Group id per manifest row: subjects joined by a pair (transitively, union-find) share one id. Pairs with an
+    `outcome` join only for `outcomes` (default: merged and kept as a precaution, not review or near misses).
 
     The id is the smallest raw subject id in the group, so unmerged subjects keep their own and a splitter can
     group on this instead of `subject_id`. Internal use only: the ids are raw, do not log them.
@@ -77,8 +80,8 @@ def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *,
         return x
 
     sel = pairs[pairs["kind"].isin(list(kinds))]
-    if "merged" in sel:
-        sel = sel[sel["merged"].astype(bool)]
+    if "outcome" in sel:
+        sel = sel[sel["outcome"].isin(list(outcomes))]
     for a, b in zip(sel["line_a"].to_numpy() - 2, sel["line_b"].to_numpy() - 2):
         ra, rb = find(subj.iat[int(a)]), find(subj.iat[int(b)])
         if ra != rb:

@@ -11,7 +11,7 @@ import pandas as pd
 from cushing.data.audit.decisions import Decisions, read_decisions
 from cushing.data.audit.pairing import _find_pairs, _pairs_frame, merged_groups
 from cushing.data.audit.sameperson import ThresholdChoice
-from cushing.data.audit.settings import DECISIONS, PAIR_KINDS, AuditSettings
+from cushing.data.audit.settings import OUTCOMES, PAIR_KINDS, AuditSettings
 from cushing.data.audit.signatures import _photo_shas, photo_signatures
 from cushing.data.manifest import Manifest, hash_subject, subject_key
 
@@ -20,16 +20,18 @@ __all__ = ["CohortAudit", "audit_manifest"]
 
 @dataclass(frozen=True)
 class CohortAudit:
-    """`pairs` is audit.csv: one row per suspicious pair, PHI-safe (CSV lines and keyed subject hashes only).
+    """`pairs` is audit.csv: one row per suspicious pair, PHI-safe (a pair number, CSV lines and keyed subject
+    hashes only; the review page shows the same pair numbers).
 
     A copy of a photo under another id appears twice, as `duplicate_photo` and as `same_person`: two questions.
     `detail` is `mirrored` for a flipped copy and `whole_image` for a same-person pair where a photo had no
-    detected face (less reliable: the whole frame stood in for the face box). `decision` is `auto_merged`,
-    `review` (below the threshold, not mutual nearest neighbours) or `below_threshold` (a near miss); `verdict`
-    is what a decisions file said; `merged` whether the pair joins one split group.
+    detected face (less reliable: the whole frame stood in for the face box). `decision` is what the audit can
+    say (settings.DECISIONS): `merged` (a duplicate photo, or closer than the strict distance), `precaution`
+    (kept in one split, for review), `review` or `below_threshold` (not kept together); `verdict` is what a
+    decisions file said; `outcome` the decision after it (`same` merges, `different` releases).
     """
 
-    pairs: pd.DataFrame  # kind, distance, decision, verdict, merged, line_a, line_b, subject_a, subject_b, ...
+    pairs: pd.DataFrame  # pair, kind, distance, decision, verdict, outcome, line_a, line_b, subject_a, ...
     photos: pd.DataFrame  # one row per manifest row: line, subject, status, descriptor_source, detector
     settings: AuditSettings
     cached: int
@@ -48,8 +50,7 @@ class CohortAudit:
         out["audit/unreadable_photos"] = float((ph["status"] != "ok").sum())
         out.update(self._groups())
         different = p[~p["same_subject"]] if len(p) else p
-        out.update({f"audit/pairs_{d}": float((different["decision"] == d).sum()) for d in DECISIONS})
-        out["audit/pairs_merged"] = float(different["merged"].sum()) if len(p) else 0.0
+        out.update({f"audit/pairs_{o}": float((different["outcome"] == o).sum()) for o in OUTCOMES})
         if self.settings.faces:
             ok = ph["status"] == "ok"
             out["audit/face_detected_rate"] = float((ph.loc[ok, "descriptor_source"] == "detected").mean()) \
@@ -61,22 +62,25 @@ class CohortAudit:
         return out
 
     def _groups(self) -> dict[str, float]:
-        """Merged groups (>= 2 subject ids): how many subjects joined another, and the largest, in photos."""
+        """Subjects joined to another as one person (merged) and only as a precaution, and the largest group kept
+        in one split (>= 2 subject ids), in photos."""
         ph = self.photos
-        groups = merged_groups(self.pairs, ph["subject"])  # hashed ids merge the same way as raw ones
+        groups = merged_groups(self.pairs, ph["subject"])  # hashed ids group the same way as raw ones
+        merged = ph["subject"].nunique() - merged_groups(self.pairs, ph["subject"], outcomes=["merged"]).nunique()
         per = ph.groupby(groups).agg(photos=("subject", "size"), subjects=("subject", "nunique"))
         multi = per[per["subjects"] >= 2]
         largest = float(multi["photos"].max()) if len(multi) else 0.0
-        return {"audit/merged_subjects": float(ph["subject"].nunique() - groups.nunique()),
-                "audit/largest_merged_group": largest,
-                "audit/largest_merged_group_share": largest / len(ph) if len(ph) else 0.0,
-                "audit/largest_merged_group_subjects": float(multi["subjects"].max()) if len(multi) else 0.0}
+        return {"audit/merged_subjects": float(merged),
+                "audit/precaution_subjects": float(ph["subject"].nunique() - groups.nunique() - merged),
+                "audit/largest_group": largest, "audit/largest_group_share": largest / len(ph) if len(ph) else 0.0,
+                "audit/largest_group_subjects": float(multi["subjects"].max()) if len(multi) else 0.0}
 
     def _threshold_metrics(self) -> dict[str, float]:
         c = self.choice
         if c is None:
             return {}
-        out = {"audit/threshold": c.threshold, "audit/threshold_auto": float(c.auto),
+        out = {"audit/threshold": c.threshold, "audit/strict_distance": c.strict,
+               "audit/expected_false_merges": c.expected_false_merges, "audit/threshold_auto": float(c.auto),
                "audit/guard_bound": float(c.guard_bound), "audit/group_limit": float(c.group_limit)}
         if c.auto:
             out["audit/threshold_curve"] = c.threshold_curve
@@ -92,7 +96,8 @@ class CohortAudit:
         if c is not None:
             out["audit_threshold_rule"] = (
                 f"auto: loosest curve distance with E <= {s.false_pairs_per_photo} x photos, mutual "
-                f"{s.mutual_k}-NN merge, guard max(floor({s.max_group_share} x photos), 3)" if c.auto else "fixed")
+                f"{s.mutual_k}-NN kept together, guard max(floor({s.max_group_share} x photos), 3)" if c.auto
+                else "fixed") + f"; merged below the loosest curve distance with E <= {s.certain_false_pairs}"
             out["audit_curve_sha256"] = c.curve_sha256
         if self.decisions is not None:
             out["audit_decisions_sha256"] = self.decisions.digest

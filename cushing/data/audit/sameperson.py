@@ -1,5 +1,6 @@
-"""Same-person pairs and what happens to each: the threshold (automatic or fixed), the mutual-nearest filter, the
-guard on group size, a person's verdicts; every pair below the threshold is listed, with the nearest misses."""
+"""Same-person pairs and what happens to each: the strict distance (merged), the threshold (automatic or fixed) with
+the mutual-nearest filter (kept in one split as a precaution), the guard on group size, a person's verdicts; every
+pair below the threshold is listed, with the nearest misses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import pandas as pd
 from cushing.data.audit.descriptors import CURVE_MODELS, descriptor_pairs
 from cushing.data.audit.settings import AuditSettings
 from cushing.data.audit.threshold import Curve, curve_threshold, expected_at, guarded_threshold, mutual_pairs, \
-    nearest_strangers, pair_counts, read_curve
+    nearest_strangers, pair_counts, read_curve, strict_distance
 
 __all__ = ["ThresholdChoice", "same_person_pairs", "check_curve"]
 
@@ -21,7 +22,9 @@ NEAR_MARGIN = 0.05
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    threshold: float  # pairs closer than this are candidates (merged when mutual, else review)
+    threshold: float  # pairs closer than this are candidates (kept together when mutual, else review)
+    strict: float  # pairs closer than this are merged as one person (0: none, e.g. without a curve)
+    expected_false_merges: float  # E at the strict distance: near zero
     auto: bool  # chosen by the rule (else the number given)
     threshold_curve: float  # the rule's threshold before the guard (NaN when fixed)
     guard_bound: bool  # the guard lowered it to keep groups small
@@ -89,13 +92,14 @@ def _with_verdicts(df: pd.DataFrame, desc: np.ndarray, codes: np.ndarray,
                      ignore_index=True)
 
 
-def _decide(df: pd.DataFrame, t: float, near: int) -> pd.DataFrame:
-    """auto_merged (below t, mutual), review (below t), below_threshold (the `near` closest at or above t, and
-    any reviewed pair); other pairs are dropped."""
+def _decide(df: pd.DataFrame, t: float, strict: float, near: int) -> pd.DataFrame:
+    """merged (below the strict distance), precaution (below t, mutual), review (below t), below_threshold (the
+    `near` closest at or above t, and any reviewed pair); other pairs are dropped."""
     df = df.sort_values(["distance", "i", "j"], ignore_index=True, na_position="last")
-    below = df["distance"].to_numpy() < t
-    df["decision"] = np.where(below & df["mutual"].to_numpy(), "auto_merged",
-                              np.where(below, "review", "below_threshold"))
+    d = df["distance"].to_numpy()
+    below = d < t
+    df["decision"] = np.select([d < strict, below & df["mutual"].to_numpy(), below],
+                               ["merged", "precaution", "review"], "below_threshold")
     misses = np.cumsum(~below) <= near
     return df[below | misses | (df["verdict"] != "")].reset_index(drop=True)
 
@@ -112,10 +116,12 @@ def same_person_pairs(desc: np.ndarray, subject_ids: np.ndarray, sex: np.ndarray
     counts = pair_counts(np.asarray(sex, dtype=object)[valid], codes[valid])
     curve = _curve_for(s, fingerprint)
     t, t_curve, e = _choose(s, curve, counts, n)
+    strict = strict_distance(curve, counts, s.certain_false_pairs) if curve else 0.0
     df = _with_verdicts(_rows(desc, codes, t + NEAR_MARGIN, s.mutual_k), desc, codes, verdicts)
     limit = max(int(np.floor(s.max_group_share * n)), 3)
     if s.same_person_max_distance is None:
-        edges = df[(df["distance"] < t) & df["mutual"] & (df["verdict"] != "different")]
+        kept = df["mutual"] | (df["distance"] < strict)
+        edges = df[(df["distance"] < t) & kept & (df["verdict"] != "different")]
         forced_codes = [(codes[a], codes[b]) for a, b in forced if verdicts.get((a + 2, b + 2)) != "different"]
         forced_codes += [(codes[a - 2], codes[b - 2]) for (a, b), v in verdicts.items() if v == "same"]
         t, _ = guarded_threshold(pd.DataFrame({"a": codes[edges["i"]], "b": codes[edges["j"]],
@@ -123,7 +129,9 @@ def same_person_pairs(desc: np.ndarray, subject_ids: np.ndarray, sex: np.ndarray
                                  np.bincount(codes, minlength=codes.max() + 1 if len(codes) else 0),
                                  curve.grid, t, limit, forced_codes)
         e = expected_at(curve, counts, t)
-    choice = ThresholdChoice(t, s.same_person_max_distance is None, t_curve, bool(t < t_curve), e, n, limit,
-                             curve.path.name if curve else "", curve.sha256 if curve else "")
-    return _decide(df, t, s.near_misses), choice
+    strict = min(strict, t)  # never past the threshold: a fixed one, or one the guard lowered
+    e_strict = expected_at(curve, counts, strict) if strict else 0.0
+    choice = ThresholdChoice(t, strict, e_strict, s.same_person_max_distance is None, t_curve, bool(t < t_curve), e,
+                             n, limit, curve.path.name if curve else "", curve.sha256 if curve else "")
+    return _decide(df, t, strict, s.near_misses), choice
 

@@ -1,5 +1,5 @@
 """The audit's thresholds and detector knobs (`AuditSettings`), measured on CelebA, and the vocabulary of its
-outputs (descriptor sources, pair kinds, decisions)."""
+outputs (descriptor sources, pair kinds, decisions and outcomes, with the words every report uses for them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,13 +8,22 @@ from cushing.config import parse_audit_threshold
 from cushing.data.manifest import Manifest
 
 __all__ = ["AuditSettings", "audit_settings", "parse_audit_threshold", "DESCRIPTOR_SOURCES", "PAIR_KINDS",
-           "DECISIONS", "VERDICTS"]
+           "DECISIONS", "VERDICTS", "OUTCOMES", "TOGETHER"]
 
 DESCRIPTOR_SOURCES = ("detected", "whole_image")
 PAIR_KINDS = ("duplicate_photo", "same_person")
-# what the audit decided for a pair: merged into one split group, listed for a person to look at, or a near miss
-DECISIONS = ("auto_merged", "review", "below_threshold")
+# what the audit decided for a pair, and what it says of it: words that claim no more than it knows
+DECISIONS = {
+    "merged": "merged: one photo or one person (a duplicate photo, or closer than the strict distance)",
+    "precaution": "kept in one split as a precaution, for review",
+    "review": "for review, not kept together (below the threshold, not mutual nearest neighbours)",
+    "below_threshold": "a near miss, not kept together",
+}
 VERDICTS = ("same", "different")  # what a person wrote in the decisions file
+# a pair's outcome: its decision, unless a person's verdict merged (same) or released (different) it
+OUTCOMES = {**DECISIONS, "merged": "merged: one photo or one person (certain, or marked same)",
+            "released": "released: marked different, not kept together"}
+TOGETHER = ("merged", "precaution")  # outcomes whose subject ids share one split group
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,9 @@ class AuditSettings:
     # that is 0.525: 75% of same-person pairs found on held-out CelebA, vs 43% at the old fixed 0.45.
     same_person_max_distance: float | None = None
     false_pairs_per_photo: float = 0.2  # the bound b of the automatic threshold (docs: cohort audit)
+    # the strict distance below which a pair is merged as one person: the loosest curve distance expecting at most
+    # this many false pairs in the whole cohort, so that at most about 1 cohort in 20 holds one false merge
+    certain_false_pairs: float = 0.05
     mutual_k: int = 2  # a pair below the threshold merges only if each is among the other's k nearest strangers
     max_group_share: float = 0.05  # the guard: merged groups hold at most max(floor(share x photos), 3) photos
     near_misses: int = 20  # the closest pairs at or above the threshold, listed as below_threshold
@@ -55,8 +67,10 @@ class AuditSettings:
             raise ValueError(f"duplicate_max_bits must be in 0..{self.hash_block ** 2}")
         if self.same_person_max_distance is not None and not self.same_person_max_distance > 0:
             raise ValueError("same_person_max_distance must be > 0 (or None: automatic)")
-        if not self.false_pairs_per_photo > 0 or self.mutual_k < 1 or not 0 < self.max_group_share <= 1:
-            raise ValueError("false_pairs_per_photo > 0, mutual_k >= 1 and 0 < max_group_share <= 1")
+        if not (self.false_pairs_per_photo > 0 and self.certain_false_pairs >= 0 and self.mutual_k >= 1
+                and 0 < self.max_group_share <= 1):
+            raise ValueError("false_pairs_per_photo > 0, certain_false_pairs >= 0, mutual_k >= 1 and "
+                             "0 < max_group_share <= 1")
 
 
 def audit_settings(manifest: Manifest, threshold: str | float | None = None, decisions: str | None = None,

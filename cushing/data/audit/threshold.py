@@ -3,9 +3,11 @@
     E(t)    = rate_FF(t) C(n_F, 2) + rate_MM(t) C(n_M, 2) + rate_mixed(t) n_F n_M (+ rate_all(t) x pairs with a
               photo of unknown sex), over pairs of photos under different subject ids
     t_curve = the loosest grid distance with E(t) <= false_pairs_per_photo x photos
-    merged  = pairs below t that are mutual k-nearest neighbours (each among the other's k closest photos of other
-              subjects); the other pairs below t go to review
-    guard   = t lowered until no merged group of >= 3 subject ids holds > max(floor(share x photos), 3) photos
+    t_strict = the loosest grid distance with E(t) <= certain_false_pairs (0.05) in the whole cohort
+    merged  = pairs below t_strict: one person, as near certain as the curve can say
+    kept    = pairs below t that are mutual k-nearest neighbours (each among the other's k closest photos of other
+              subjects): kept in one split as a precaution; the other pairs below t go to review
+    guard   = t lowered until no kept group of >= 3 subject ids holds > max(floor(share x photos), 3) photos
 
 Why these: false pairs pile onto a few "hub" faces, which would chain strangers into one group if every pair
 below t merged; a hub can merge with its k mutual neighbours only. The measurements are in
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["Curve", "read_curve", "SHIPPED_CURVE", "pair_counts", "expected_false_pairs", "curve_threshold",
-           "nearest_strangers", "mutual_pairs", "guarded_threshold", "CURVE_FORMAT"]
+           "strict_distance", "nearest_strangers", "mutual_pairs", "guarded_threshold", "CURVE_FORMAT"]
 
 SHIPPED_CURVE = Path(__file__).with_name("same_person_curve.csv")
 CURVE_FORMAT = "cushing same-person curve v1"
@@ -106,6 +108,13 @@ def curve_threshold(curve: Curve, counts: dict[str, int], n_photos: int, bound: 
     ok = np.flatnonzero(e <= bound * n_photos)
     i = int(ok.max()) if len(ok) else 0
     return float(curve.grid[i]), float(e[i])
+
+
+def strict_distance(curve: Curve, counts: dict[str, int], bound: float) -> float:
+    """The loosest grid distance whose expected false pairs in the whole cohort stay <= bound; 0 when even the
+    grid's first distance expects more (a large cohort: then only duplicate photos are merged)."""
+    ok = np.flatnonzero(expected_false_pairs(curve, counts) <= bound)
+    return float(curve.grid[ok.max()]) if len(ok) else 0.0
 
 
 def nearest_strangers(x: np.ndarray, codes: np.ndarray, k: int, block_rows: int = 512) -> np.ndarray:

@@ -21,13 +21,15 @@ from typing import Any
 import yaml
 
 from cushing import tracking
-from cushing.config import ConfigError, TrainConfig, config_digest, resolve
+from cushing.config import ConfigError, TrainConfig, config_digest, resolve, run_name
+from cushing.data.manifest import load_manifest
+from cushing.model.train import check_cohort
 from cushing.tracking.stores import sqlite_path
 from cushing.workflows.studies import Study, load_study
 
 __all__ = ["PipelineSpec", "user_folders", "resolve_input", "default_out", "file_sha256", "manifest_digest",
            "code_version", "step_key", "derived_study", "study_of", "write_study", "parse_overrides", "study_identity",
-           "run_digests", "PROJECT_ROOT"]
+           "run_digests", "validate_inputs", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the clone: projects/, dashboards/, MLproject
 PIPELINE_FIXED = ("data", "experiment", "run_name", "resume")  # what the pipeline sets itself, never --set
@@ -47,6 +49,7 @@ class PipelineSpec:
     workers: int | None = None
     gpu: str | None = None  # a GPU named for the estimate (h200)
     sam_checkpoint: str | None = None
+    skip_bad_photos: bool = False  # leave out photos that cannot be found, read or cropped instead of stopping
 
     def command(self, experiment: str, tracking_uri: str | None = None) -> str:
         """The same pipeline as one `cushing pipeline` command line: what resumes it."""
@@ -62,6 +65,8 @@ class PipelineSpec:
             args += ["--workers", str(self.workers)]
         if self.sam_checkpoint:
             args += ["--sam-checkpoint", self.sam_checkpoint]
+        if self.skip_bad_photos:
+            args += ["--skip-bad-photos", "true"]
         prefix = f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} " if tracking_uri else ""
         return prefix + shlex.join(args)
 
@@ -160,7 +165,7 @@ def derived_study(spec: PipelineSpec, *, data: str, data_digest: str, experiment
     """The study the pipeline trains, as a study file's mapping: the user's file with the face crops as every
     configuration's data, --set applied to the base and every configuration, one configuration when a model is
     named, and a name carrying the crops' digest (new crops under the same path are a new sweep, never the old
-    one's finished configurations)."""
+    one's finished configurations) and, with --set, the overrides' digest (its labels carry the overrides)."""
     user = load_study(spec.study)  # checked first: its errors name the user's file and line
     if user.kind != "sweep":
         raise ConfigError(f"{spec.study} is a {user.kind} study; the pipeline runs a sweep study (or --model)")
@@ -169,8 +174,14 @@ def derived_study(spec: PipelineSpec, *, data: str, data_digest: str, experiment
     base = {**(data_map.get("base") or {}), **sets, "data": data}
     confs = [{"model": spec.model}] if spec.model else (data_map.get("configurations") or [])
     confs = [{**{k: v for k, v in c.items() if k not in PIPELINE_FIXED}, **sets} for c in confs]
-    return {**data_map, "name": f"{user.name}-{data_digest[:8]}", "experiment": experiment, "base": base,
-            "configurations": confs}
+    name = f"{user.name}-{data_digest[:8]}"
+    if sets:  # told apart from the study's other sweeps in the run list: by name, and each configuration's label
+        text = ",".join(f"{k}={v}" for k, v in sorted(sets.items()))
+        name += f"-set-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+        for c in confs:
+            own = c.pop("label", None) or run_name(user.config_for(c))
+            c["label"] = f"{own}[{text}]"
+    return {**data_map, "name": name, "experiment": experiment, "base": base, "configurations": confs}
 
 
 def write_study(mapping: dict[str, Any], path: Path) -> Path:
@@ -189,6 +200,17 @@ def study_of(mapping: dict[str, Any]) -> Study:
         return load_study(write_study(mapping, Path(name)))
     finally:
         os.unlink(name)
+
+
+def validate_inputs(spec: PipelineSpec, study: Study) -> None:
+    """What is checked before the pipeline makes a run, a folder or a lock, so that a refused input leaves nothing
+    behind: the photos' manifest with every photo in it, the external cohort's, and whether the cohort can support
+    a claim under each configuration (`check_cohort`, on the photos: training checks again on the crops)."""
+    photos = load_manifest(spec.photos, skip_bad_photos=spec.skip_bad_photos)
+    if spec.external:
+        load_manifest(spec.external)
+    for cfg in study.configurations:
+        check_cohort(cfg, photos)
 
 
 def study_identity(study: Study) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 from cushing import stops, tracking
 from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
-from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, step_key
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, file_sha256, manifest_digest, step_key, \
+    validate_inputs
 from cushing.workflows.pipeline.plan import KEY_TAG, OUTPUTS_TAG, STEP_TAG, Plan, format_plan, gpu_estimate, \
     plan_steps, reusable
 from cushing.workflows.pipeline.steps import Context, Step, steps_for
@@ -61,6 +62,7 @@ class PipelineResult:
     dashboard: Path | None = None
     serve: str = ""
     seconds: float = 0.0
+    ui: str = ""  # the experiment's runs table in the MLflow UI
 
 
 def pipeline_experiment(spec: PipelineSpec) -> str:
@@ -167,6 +169,8 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
     end. A failed step raises `StepFailed`; a stop (Ctrl-C, SIGTERM) ends the runs KILLED and is re-raised."""
     t0 = time.perf_counter()
     experiment, code = pipeline_experiment(spec), code_version()
+    ctx = Context(spec, experiment, code)
+    validate_inputs(spec, ctx.study())  # before any run, folder or lock: a refused input leaves nothing behind
     with _folder_lock(spec.out, say):
         say(format_plan(plan_pipeline(spec, experiment=experiment, code=code)))
         name = f"pipeline-{load_study(spec.study).name}"
@@ -175,14 +179,35 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
         with tracking.start_run(experiment=experiment, run_name=name, tags=tags) as run:
             run_id = run.run_id
             say(f"[pipeline] run {run_id} in experiment {experiment!r}")
-            ctx = Context(spec, experiment, code)
-            records = []
+            run.log_params(_inputs(spec))
+            exp_id, records = tracking.experiment_id(experiment), []
             for step in steps_for(spec):
                 stops.check()
                 records.append(_step(step, ctx, run_id, say))
+                tracking.set_tags(run_id, {"mlflow.note.content": _describe(exp_id, records)})
             result = _finish(ctx, records, run_id)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _inputs(spec: PipelineSpec) -> dict[str, str]:
+    """The pipeline run's params: its inputs, files by content (under `mlflow run`, a -P value given otherwise,
+    e.g. a relative path, stays and this one is `resolved/<name>`)."""
+    return {"photos_digest": manifest_digest(spec.photos)[:16], "study": str(spec.study),
+            "study_digest": file_sha256(spec.study)[:16], "set": " ".join(f"{k}={v}" for k, v in spec.overrides),
+            "model": spec.model or "", "external_digest": manifest_digest(spec.external)[:16] if spec.external else "",
+            "skip_bad_photos": str(spec.skip_bad_photos).lower()}
+
+
+def _describe(experiment_id: str, records: list[StepRecord]) -> str:
+    """The pipeline run's description (`mlflow.note.content`, Markdown on its page in the MLflow UI): each step's
+    run, linked (in the UI's model-training mode, see `runs_link`), ran here or reused (a reused step's run sits
+    under the pipeline that ran it)."""
+    rows = [f"| {r.name} | [{r.run_id[:8]}](#/experiments/{experiment_id}/runs/{r.run_id}?workflowType="
+            f"machine_learning) | " + ("reused (finished earlier with the same inputs) |" if r.reused else
+                                       "ran here |") for r in records]
+    return "\n".join([f"{sum(r.reused for r in records)} of {len(records)} steps reused.", "",
+                      "| step | run | |", "|---|---|---|", *rows])
 
 
 def _finish(ctx: Context, records: list[StepRecord], run_id: str) -> PipelineResult:
@@ -197,14 +222,17 @@ def _finish(ctx: Context, records: list[StepRecord], run_id: str) -> PipelineRes
     serve = f"mlflow models serve -m models:/{name}@champion --env-manager local -p {SERVE_PORT}"
     uri = _shown_uri()
     serve = f"MLFLOW_TRACKING_URI={uri} {serve}" if uri else serve
+    ui = tracking.runs_link(ctx.experiment)
+    if uri and not uri.startswith("http"):  # the embedded store: no UI until one runs on it
+        ui += f" (once `mlflow ui --backend-store-uri {uri} --port 5000` runs)"
     summary = {"pipeline_run": run_id, "experiment": ctx.experiment, "champion": champion,
                "steps": [{"step": r.name, "run": r.run_id, "reused": r.reused, "outputs": r.outputs}
-                         for r in records], "serve": serve}
+                         for r in records], "serve": serve, "mlflow_ui": ui}
     (ctx.spec.out / "pipeline.json").write_text(json.dumps(summary, indent=1, default=str))
     _log_summary(run_id, summary)
     tracking.set_tags(run_id, {"champion_version": champion.get("version", ""), "registered_model": name})
     dashboard = Path(ctx.outputs["dashboard"]["path"])
-    return PipelineResult(run_id, ctx.experiment, records, champion, card, dashboard, serve)
+    return PipelineResult(run_id, ctx.experiment, records, champion, card, dashboard, serve, ui=ui)
 
 
 def _log_summary(run_id: str, summary: dict[str, Any]) -> None:

@@ -91,14 +91,16 @@ def _face_settings(spec: PipelineSpec) -> FaceSettings:
 
 def _faces(ctx: Context) -> dict[str, Any]:
     res = run_faces(manifest=str(ctx.spec.photos), out=str(ctx.spec.out / "faces"),
-                    settings=_face_settings(ctx.spec), experiment=ctx.experiment)
+                    settings=_face_settings(ctx.spec), experiment=ctx.experiment,
+                    skip_bad_photos=ctx.spec.skip_bad_photos)
     o = res.outcome
     if o.extracted == 0:
         raise StepError(f"no face could be extracted from {len(o.report)} photos (why: "
                         f"{o.manifest.parent / 'faces_report.csv'})")
     rejected = o.report.loc[o.report["status"] != "ok", "reason"].value_counts()
     return {"manifest": str(o.manifest), "digest": manifest_digest(o.manifest), "photos": len(o.report),
-            "extracted": o.extracted, "rejected": {str(k): int(v) for k, v in rejected.items()},
+            "extracted": o.extracted, "skipped": len(o.skipped),
+            "rejected": {str(k): int(v) for k, v in rejected.items()},
             "mask": o.settings.mask_method}
 
 
@@ -111,7 +113,7 @@ def _audit(ctx: Context) -> dict[str, Any]:
     res = run_audit(manifest=str(ctx.crops), out=str(ctx.spec.out / "audit"), experiment=ctx.experiment,
                     threshold=p.audit_threshold, decisions=p.audit_decisions, curve=p.audit_curve)
     pairs = res.audit.pairs
-    different = pairs[~pairs["same_subject"]]["kind"].value_counts() if len(pairs) else {}
+    different = pairs.loc[~pairs["same_subject"], "outcome"].value_counts() if len(pairs) else {}
     return {"audit": str(res.out), "sha256": file_sha256(res.out),
             "pairs": {str(k): int(v) for k, v in dict(different).items()}}
 
@@ -183,7 +185,7 @@ def _evaluate(ctx: Context) -> dict[str, Any]:
                        min_positives=cfg.min_positives, bootstrap=cfg.bootstrap, seed=cfg.seed,
                        prevalence=cfg.prevalence)
     m = res.report.metrics
-    return {"run": res.run_id, "model_uri": _model_uri(ctx),
+    return {"run": res.run_id, "model_uri": _model_uri(ctx), "excluded": sum(res.excluded.values()),
             **{k: m.get(f"external/{k}", math.nan) for k in ("n", "auc", "f1", "recall", "specificity")}}
 
 
@@ -199,12 +201,16 @@ def _n(x: Any) -> str:
 
 STEPS = (
     Step("faces", (), lambda c: {"photos": manifest_digest(c.spec.photos), "out": str(c.spec.out / "faces"),
-                                 "settings": _face_settings(c.spec).to_dict()}, _faces, _crops_intact,
-         lambda o: f"{o['extracted']} of {o['photos']} photos extracted ({o['mask']}): {o['manifest']}"),
+                                 "settings": _face_settings(c.spec).to_dict(), "skip": c.spec.skip_bad_photos},
+         _faces, _crops_intact, lambda o: f"{o['extracted']} of {o['photos']} photos extracted ({o['mask']}"
+                                          f"{'; ' + str(o['skipped']) + ' skipped' if o.get('skipped') else ''}): "
+                                          f"{o['manifest']}"),
     Step("audit", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "out": str(c.spec.out / "audit"),
                                           "settings": dataclasses.asdict(AuditSettings()),
                                           "threshold": _audit_keys(c)}, _audit,
-         _file_intact("audit"), lambda o: f"{sum(o['pairs'].values())} suspicious pairs: {o['audit']}"),
+         _file_intact("audit"), lambda o: f"{o['pairs'].get('merged', 0)} pairs merged, "
+                                          f"{o['pairs'].get('precaution', 0)} kept in one split as a precaution "
+                                          f"(for review): {o['audit']}"),
     Step("sweep", ("faces",), lambda c: {"crops": c.outputs["faces"]["digest"], "study": study_identity(c.study())},
          _sweep, _run_exists, lambda o: f"{o['configurations']} configurations (best on validation: {o['best']}), "
                                         f"parent run {o['parent_run']}"),

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cushing import stops, tracking
+from cushing.model.train import check_cohorts
 from cushing.workflows.plan import Overhead, estimate, makespan
 from cushing.workflows.studies import Study
 from cushing.workflows.sweeps.grid import _Grid, _open_grid, _standings
@@ -114,8 +115,11 @@ class SweepHandle:
 
 def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
                compile: str | None = None) -> SweepHandle:
-    """Load the study file, open (or create) its Optuna study and parent run: what every launcher does first."""
+    """Load the study file, check every configuration's cohort (`check_cohort`: a cohort no claim can be made on
+    is refused before a study or a run exists), open (or create) its Optuna study and parent run: what every
+    launcher does first."""
     study = load_for(path, "sweep", compile)
+    check_cohorts(study.configurations)
     launcher_run = tracking.launcher_run()  # read before the parent run may take it
     storage = storage or default_storage()
     return SweepHandle(study, storage, _open_grid(study, storage, parent_run_id), launcher_run, time.perf_counter())

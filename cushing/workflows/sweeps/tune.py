@@ -13,6 +13,7 @@ import pandas as pd
 
 from cushing import tracking
 from cushing.model.engine import StopTraining
+from cushing.model.train import check_cohorts
 from cushing.workflows.experiment import run_single
 from cushing.tracking.stores import sqlalchemy_url, store_lock
 from cushing.workflows.studies import Study
@@ -108,9 +109,11 @@ class TuneHandle:
 
 def open_tune(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
               compile: str | None = None) -> TuneHandle:
-    """Load the study file, open (or create) its Optuna study and parent run: what every tuning launcher does."""
+    """Load the study file, check its cohort (`check_cohorts`), open (or create) its Optuna study and parent run:
+    what every tuning launcher does."""
     optuna = _optuna()
     study = load_for(path, "tune", compile)
+    check_cohorts([study.config_for({})])
     storage = storage or default_storage()
     launcher_run = tracking.launcher_run()
     rdb = _storage(storage, retry_stale=True)
