@@ -2,19 +2,24 @@
 
 Ctrl-C (SIGINT), SIGTERM (a scheduler, `docker stop`) and Slurm's preemption signal (SIGUSR2, see
 `workflows/cluster/task.py`) take one path, as in Lightning, Marian or submitit: the first signal asks for a stop,
-a second means now. The code calls `check()` at safe points (between batches and epochs, bootstrap chunks,
-Grad-CAM batches, decode chunks and photos, sweep configurations and pipeline steps): it raises `Stopped` there,
-inside the scope of the run being stopped, so the run ends KILLED and says how to resume. `wait` is a sleep that a
-stop ends early; `grace` is one that only a second signal ends (the clean-up after a stop). Nothing is raised from
-a signal handler, and no timer is touched, so a stop never lands inside a store write, a lock or a library call.
+a second means now. Inside `cooperative()` (a run, a sweep worker, the pipeline, face extraction, the audit's
+signatures) the handler only records the signal, and the code calls `check()` at safe points (between batches and
+epochs, Grad-CAM batches, decode chunks, photos, sweep configurations and pipeline steps): it raises `Stopped`
+there, inside the scope of the run being stopped, so the run ends KILLED and says how to resume; leaving the scope
+with a stop unanswered raises it there. `wait` is a sleep that a stop ends early; `grace` is one that only a second
+signal ends (the clean-up after a stop). No timer is touched, so a stop never lands inside a store write, a lock or
+a library call. Outside every scope (and at a third signal, the way out of a hang) the handler raises `Stopped` at
+once, as Python's own Ctrl-C does: code with no safe points stays stoppable.
 
 Standard library only (the bottom layer)."""
 from __future__ import annotations
 
 import signal
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
-__all__ = ["Stopped", "install", "requested", "now", "check", "wait", "grace", "reset", "exit_code"]
+__all__ = ["Stopped", "install", "cooperative", "requested", "now", "check", "wait", "grace", "reset", "exit_code"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -26,10 +31,26 @@ class Stopped(KeyboardInterrupt):
 
 
 _seen: list[str] = []  # the signals received, in order (the handler only appends: it takes no lock)
+_depth = 0  # how many cooperative() scopes the main thread is in
 
 
 def _on_signal(signum: int, frame) -> None:
     _seen.append(signal.Signals(signum).name)
+    if not _depth or len(_seen) > 2:
+        raise Stopped(_seen[0])
+
+
+@contextmanager
+def cooperative() -> Iterator[None]:
+    """A block whose code has safe points: a signal inside it is only recorded, and answered at the next `check()`
+    (or at the block's end). Nests."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+    check()
 
 
 def install(*names: str) -> None:

@@ -32,8 +32,8 @@ TINY = dict(model="resnet18", pretrained=False, img_size=16, epochs=1, bootstrap
 
 
 @pytest.fixture()
-def cooperative():
-    """This process handles SIGINT and SIGTERM cooperatively for the test; its own handlers come back after."""
+def handlers():
+    """This process handles SIGINT and SIGTERM as the CLI does for the test; its own handlers come back after."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     stops.reset()
     stops.install()
@@ -41,6 +41,40 @@ def cooperative():
     for s, h in saved.items():
         signal.signal(s, h)
     stops.reset()
+
+
+@pytest.fixture()
+def cooperative(handlers):
+    """... and the test runs inside a cooperative scope, as a run's code does."""
+    with stops.cooperative():
+        yield
+        stops.reset()  # what the test asked ends with it
+
+
+def test_code_without_safe_points_stays_stoppable(handlers):
+    """Outside every cooperative scope (code with no safe points: following Slurm jobs, waiting for a server) a
+    signal raises at once, as Python's own Ctrl-C does; a scope's end answers a stop that no safe point answered;
+    a third signal raises even inside a scope (the way out of a hang)."""
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t = time.monotonic()
+    with pytest.raises(stops.Stopped) as e:
+        time.sleep(30)
+    assert time.monotonic() - t < 5 and e.value.signame == "SIGTERM"
+    stops.reset()
+    with pytest.raises(stops.Stopped) as e:
+        with stops.cooperative():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # no safe point in here: the stop waits for the scope's end
+            assert stops.requested() == "SIGINT"
+    assert e.value.signame == "SIGINT"
+    stops.reset()
+    with stops.cooperative():
+        with pytest.raises(stops.Stopped):
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert stops.now()
+        stops.reset()
 
 
 def _runs(uri: str, experiment: str) -> list:

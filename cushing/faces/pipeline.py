@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from cushing import stops
 from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import REQUIRED, load_manifest, sha256_file, skipped_counts, subject_key
 from cushing.private import private_dir
@@ -128,7 +129,7 @@ def _process_all(table, todo, keys, settings, cache, workers, progress) -> dict[
 
     if not todo:
         return {}
-    with tqdm(total=len(todo), desc="faces", unit="photo", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc="faces", unit="photo", disable=not progress) as bar, stops.cooperative():
         return dict(_process(table, todo, keys, settings, cache, workers, bar))
 
 
@@ -161,6 +162,7 @@ def _process(table, todo, keys, settings, cache, workers, bar):
         results = pool.map(_detect_one, items, chunksize=4)
     try:
         for i, res in results:
+            stops.check()  # a stop keeps every photo cached so far: the rerun goes on from there
             if isinstance(res, Detection):
                 pending.append((i, res))
                 if len(pending) >= 16:

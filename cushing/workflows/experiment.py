@@ -125,7 +125,7 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
                extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None
                ) -> RunSummary:
     """One tracked training, finished (scored, logged, ended) before it returns."""
-    with timing() as timer:
+    with stops.cooperative(), timing() as timer:
         with phase("store: tracking server check"):
             tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
         cohort = cohort or prepare_cohort(cfg, progress=progress)

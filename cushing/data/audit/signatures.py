@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cushing import stops
 from cushing.config import cache_home
 from cushing.data.audit.descriptors import FaceDescriber, _face_fingerprint
 from cushing.data.audit.hashing import color_thumbnail, perceptual_hash
@@ -109,19 +110,21 @@ def _run_pool(items: list[tuple[int, str, bool, bool]], s: AuditSettings, worker
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items), desc="audit", unit="photo", disable=not progress or not items)  # all cached: none
+    pool = None
     try:
         if workers <= 1 or len(items) <= 1:
             _init_worker(asdict(s))
-            for it in items:
-                yield _compute_one(it)
-                bar.update()
-            return
-        with ProcessPoolExecutor(min(workers, len(items)), initializer=_init_worker,
-                                 initargs=(asdict(s),)) as pool:
-            for fut in as_completed([pool.submit(_compute_one, it) for it in items]):
-                yield fut.result()
-                bar.update()
+            done = map(_compute_one, items)
+        else:
+            pool = ProcessPoolExecutor(min(workers, len(items)), initializer=_init_worker, initargs=(asdict(s),))
+            done = (fut.result() for fut in as_completed([pool.submit(_compute_one, it) for it in items]))
+        for result in done:
+            stops.check()  # every signature so far is cached: the rerun goes on from there
+            yield result
+            bar.update()
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         bar.close()
 
 
@@ -186,13 +189,14 @@ def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = Audi
     hkeys, fkeys, hrec, frec, fp = _lookup(cache, shas, settings, cache.root / "weights_hashes.json")
     items = [(i, p, hrec[i] is None, settings.faces and frec[i] is None)
              for i, p in enumerate(paths) if shas[i] and (hrec[i] is None or (settings.faces and frec[i] is None))]
-    for i, h, f in _run_pool(items, settings, workers or _cpus(), progress):
-        if h is not None:
-            cache.put("hash", hkeys[i], h)
-            hrec[i] = h
-        if f is not None:
-            cache.put("face", fkeys[i], f)
-            frec[i] = f
+    with stops.cooperative():
+        for i, h, f in _run_pool(items, settings, workers or _cpus(), progress):
+            if h is not None:
+                cache.put("hash", hkeys[i], h)
+                hrec[i] = h
+            if f is not None:
+                cache.put("face", fkeys[i], f)
+                frec[i] = f
     for i, sha in enumerate(shas):
         if sha is None:
             hrec[i] = frec[i] = {"status": "file_not_found" if not Path(paths[i]).exists() else "unreadable"}

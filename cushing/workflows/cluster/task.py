@@ -44,7 +44,8 @@ def run_array_task(task: ArrayTask, index: int) -> int:
     _announce(task, index)
     preempt = _preemption()
     try:
-        return _sweep_task(task, storage) if task.kind == "sweep" else _tune_task(task, storage)
+        with stops.cooperative():
+            return _sweep_task(task, storage) if task.kind == "sweep" else _tune_task(task, storage)
     except stops.Stopped as e:
         if preempt is None or e.signame != preempt[0].name:
             raise

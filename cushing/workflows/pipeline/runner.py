@@ -181,10 +181,11 @@ def run_pipeline(spec: PipelineSpec, *, say: Callable[[str], None] = _say) -> Pi
             say(f"[pipeline] run {run_id} in experiment {experiment!r}")
             run.log_params(_inputs(spec))
             exp_id, records = tracking.experiment_id(experiment), []
-            for step in steps_for(spec):
-                stops.check()
-                records.append(_step(step, ctx, run_id, say))
-                tracking.set_tags(run_id, {"mlflow.note.content": _describe(exp_id, records)})
+            with stops.cooperative():
+                for step in steps_for(spec):
+                    stops.check()
+                    records.append(_step(step, ctx, run_id, say))
+                    tracking.set_tags(run_id, {"mlflow.note.content": _describe(exp_id, records)})
             result = _finish(ctx, records, run_id)
     result.seconds = time.perf_counter() - t0
     return result

@@ -47,14 +47,15 @@ def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str |
     extra = ["--compile", compile] if compile else []
     procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--parent-run", parent,
                                "--worker", *extra], env=env) for _ in range(n)]
-    try:
-        while any(p.poll() is None for p in procs):
-            stops.check()
-            stops.wait(0.5)
-        return [p.returncode for p in procs]
-    except KeyboardInterrupt as e:
-        stop_processes(procs, forward=getattr(e, "signame", "SIGINT") != "SIGINT")
-        raise
+    with stops.cooperative():  # the clean-up too: a second signal only cuts its grace short
+        try:
+            while any(p.poll() is None for p in procs):
+                stops.check()
+                stops.wait(0.5)
+            return [p.returncode for p in procs]
+        except KeyboardInterrupt as e:
+            stop_processes(procs, forward=getattr(e, "signame", "SIGINT") != "SIGINT")
+            raise
 
 
 def _stop_grace() -> float:

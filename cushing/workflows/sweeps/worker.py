@@ -223,18 +223,19 @@ def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, p
     own = grid is None
     grid = grid or _open_grid(study, storage, parent_run_id)
     try:
-        memo, trained = _CohortMemo(), 0
-        interval, _ = _beat()
-        while True:
-            stops.check()
-            _tend(grid)
-            trial = _ask(grid)
-            if trial is not None:
-                trained += _run_trial(grid, trial, memo, progress)
-            elif not any(s.training or s.waiting for s in _standings(grid).values()):
-                return trained
-            else:
-                stops.wait(min(interval, 2.0))  # the rest train elsewhere: wait, in case a worker dies
+        with stops.cooperative():
+            memo, trained = _CohortMemo(), 0
+            interval, _ = _beat()
+            while True:
+                stops.check()
+                _tend(grid)
+                trial = _ask(grid)
+                if trial is not None:
+                    trained += _run_trial(grid, trial, memo, progress)
+                elif not any(s.training or s.waiting for s in _standings(grid).values()):
+                    return trained
+                else:
+                    stops.wait(min(interval, 2.0))  # the rest train elsewhere: wait, in case a worker dies
     finally:
         if own:
             grid.close()
