@@ -199,6 +199,20 @@ def pg_stack():
     s.stop()
 
 
+def fresh_database(pg_stack, name: str) -> str:
+    """A new database on the session's PostgreSQL, owned by the stack's Optuna role; its storage URL (no password
+    in it: libpq reads PGPASSFILE)."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=pg_stack.pg.port, dbname="postgres", user="postgres",
+                            password=pg_stack.pg.superuser_password)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} OWNER optuna")
+    conn.close()
+    return pg_stack.storage_for(name)
+
+
 def running(pid: int) -> bool:
     """Still running: neither gone nor a zombie waiting to be reaped."""
     try:

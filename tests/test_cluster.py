@@ -28,7 +28,7 @@ from cushing.workflows import cluster
 from cushing.workflows.cluster import secrets as cluster_secrets
 from cushing.workflows.cluster import task as cluster_task
 from cushing.workflows.cluster import ClusterError, SlurmOptions, launch_checks
-from tests.conftest import ROOT, env_vars
+from tests.conftest import ROOT, env_vars, fresh_database
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import INSTALL_HINT, SlurmCluster, missing_binaries  # noqa: E402
@@ -298,18 +298,6 @@ def _study(tmp_path: Path) -> Path:
     return path
 
 
-def _fresh_database(pg_stack, name: str) -> str:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=pg_stack.pg.port, dbname="postgres", user="postgres",
-                            password=pg_stack.pg.superuser_password)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} OWNER optuna")
-    conn.close()
-    return pg_stack.storage_for(name)  # no password in it: libpq reads PGPASSFILE
-
-
 class _Output:
     """The launcher's merged stdout/stderr, read as it comes."""
 
@@ -393,7 +381,7 @@ def test_sweep_on_slurm_retries_cancelled_and_preempted_tasks(tmp_path, pg_stack
     import mlflow
     import optuna
 
-    storage = _fresh_database(pg_stack, "optuna_slurm")
+    storage = fresh_database(pg_stack, "optuna_slurm")
     secrets = [pg_stack.admin_password, pg_stack.mlflow_db_password, pg_stack.optuna_db_password,
                pg_stack.pg.superuser_password]
     logs = tmp_path / "slurm-logs"
@@ -492,7 +480,7 @@ def test_tune_on_slurm_shares_the_trials_between_tasks(tmp_path, pg_stack, demo_
                  "aug_strength": 0.0},
         "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
         "space": {"lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}}))
-    storage = _fresh_database(pg_stack, "optuna_slurm_tune")
+    storage = fresh_database(pg_stack, "optuna_slurm_tune")
     r = subprocess.run([sys.executable, "-m", "cushing", "tune", str(study), "--launcher", "slurm", "--array", "2",
                         "--wait"], cwd=tmp_path, env=_launcher_env(slurm, pg_stack, storage), capture_output=True,
                        text=True, timeout=400)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import env_vars, foreground_job
+from tests.conftest import env_vars, foreground_job, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -79,15 +79,7 @@ def test_three_launchers_on_a_fresh_sqlite_store(tmp_path, cushing_home):
 
 @pytest.mark.postgres
 def test_three_launchers_on_a_fresh_postgres_database(tmp_path, pg_stack, cushing_home):
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=pg_stack.pg.port, dbname="postgres", user="postgres",
-                            password=pg_stack.pg.superuser_password)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE DATABASE optuna_race OWNER optuna")
-    conn.close()
-    storage = pg_stack.storage_for("optuna_race")  # no password in it: libpq reads PGPASSFILE
+    storage = fresh_database(pg_stack, "optuna_race")
     env = {**os.environ, **pg_stack.env(), "CUSHING_OPTUNA_STORAGE": storage, "CUSHING_HEARTBEAT_S": "2"}
     env.pop("MLFLOW_RUN_ID", None)
     results = _launch_three(_study(tmp_path, "race-pg"), env, tmp_path)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -39,15 +39,7 @@ def test_a_sweep_stopped_at_random_moments_trains_each_configuration_once(tmp_pa
 @pytest.mark.postgres
 def test_the_soak_on_postgres_with_the_tracking_server_restarted(tmp_path, pg_stack, cushing_home, demo_manifest,
                                                                   monkeypatch):
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=pg_stack.pg.port, dbname="postgres", user="postgres",
-                            password=pg_stack.pg.superuser_password)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE DATABASE optuna_soak OWNER optuna")
-    conn.close()
-    for k, v in {**pg_stack.env(), "CUSHING_OPTUNA_STORAGE": pg_stack.storage_for("optuna_soak")}.items():
+    for k, v in {**pg_stack.env(), "CUSHING_OPTUNA_STORAGE": fresh_database(pg_stack, "optuna_soak")}.items():
         monkeypatch.setenv(k, v)
 
     def restart_the_server(final):  # once the final launch is under way, the server goes away and comes back
