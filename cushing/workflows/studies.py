@@ -43,7 +43,7 @@ class Study:
     path: Path
     name: str
     kind: str  # sweep | tune
-    experiment: str
+    experiment: str  # "" when the file names none: resolved where it is used (sweeps/storage.py load_for)
     base: dict[str, Any]
     configurations: tuple[TrainConfig, ...] = ()
     labels: tuple[str, ...] = ()  # one per configuration: what the paper calls it
@@ -191,7 +191,7 @@ def load_study(path: str | Path) -> Study:
     if problems:
         raise ConfigError("invalid study file:\n  " + "\n  ".join(problems))
     return Study(path=path, name=str(data.get("name") or path.stem), kind=kind, experiment=str(
-        data.get("experiment") or (base_cfg.experiment if base_cfg else "cushing")), base=dict(base),
+        data.get("experiment") or (base_cfg.experiment if base_cfg else "")), base=dict(base),
         configurations=tuple(configs), labels=tuple(labels), promote=dict(promote), objective_metric=metric,
         direction=direction, n_trials=n_trials, sampler=sampler, pruner=pruner, space=space)
 

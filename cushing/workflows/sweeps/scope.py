@@ -42,7 +42,7 @@ def resolve_scope(*, experiment: str | None = None, parent_run_id: str | None = 
             parent = _study_parent(study, storage)
         except StorageMissing:  # nothing launched with this storage: the study file's experiment, read as is
             parent = None
-        return Scope(experiment or study.experiment, parent,
+        return Scope(experiment or study.experiment or default_experiment(), parent,
                      f"study {study.path.name}" + (f" (parent run {parent})" if parent else " (not launched yet)"))
     name = experiment or default_experiment()
     return Scope(name, None, f"experiment {name!r}")

@@ -135,10 +135,11 @@ def _name_metric(ostudy, study: Study) -> None:
 
 
 def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
-    """The study file, checked to be a `kind` study (and, under `mlflow run`, to train in the launcher's
-    experiment), with a command-line compile mode applied to it."""
+    """The study file, checked to be a `kind` study, its experiment resolved (under `mlflow run`, checked to be the
+    launcher's; unnamed: MLFLOW_EXPERIMENT_NAME, else `cushing`), with a command-line compile mode applied to it."""
     study = load_study(path)
     if study.kind != kind:
         raise ValueError(f"{path} is a {study.kind} study; use `cushing {study.kind}`")
-    tracking.resolve_experiment(study.experiment, f"{Path(path).name} trains in experiment")
+    study = dataclasses.replace(study, experiment=tracking.resolve_experiment(
+        study.experiment, f"{Path(path).name} trains in experiment"))
     return with_execution(study, compile=compile) if compile else study
