@@ -35,6 +35,7 @@ TINY = dict(model="resnet18", pretrained=False, img_size=16, epochs=1, bootstrap
 def handlers():
     """This process handles SIGINT and SIGTERM as the CLI does for the test; its own handlers come back after."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist's workers ignore SIGINT; a terminal's not
     stops.reset()
     stops.install()
     yield

@@ -27,7 +27,7 @@ from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.data.splits import SplitError, assign_folds, assign_splits, claim_problems, fold_split, split_table
 from cushing.stats.subgroups import check_subgroup_columns
 from cushing.stats.calibration import apply_temperature, fit_temperature
-from cushing.stats.thresholds import OperatingPoint, operating_point
+from cushing.stats.thresholds import OperatingPoint, operating_point, unattainable
 from cushing.data.demo import make_demo_cohort
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 from cushing.data.audit.settings import TOGETHER
@@ -134,6 +134,11 @@ def check_cohort(cfg: TrainConfig, manifest: Manifest, groups: pd.Series | None 
                               allow_few=cfg.allow_few_positives, allow_one_class=cfg.allow_one_class_subgroups)
     if problems:
         raise SplitError("\n".join(f"{manifest.source}: {p}" for p in problems))
+    for name, split in splits.items():  # a guaranteed threshold (sensitivity_lcb:X) this validation split can't give
+        val = t[(split == "val").to_numpy()].groupby("subject_id")["label"].max()
+        why = unattainable(cfg.threshold, int(val.sum()), int(len(val) - val.sum()))
+        if why:
+            raise ConfigError(name + why)
 
 
 def check_cohorts(configs: Iterable[TrainConfig]) -> None:

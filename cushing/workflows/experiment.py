@@ -26,7 +26,6 @@ from cushing.data.audit.settings import TOGETHER
 from cushing.data.manifest import skipped_counts
 from cushing.data.splits import assign_folds, fold_split
 from cushing.faces.settings import settings_for_manifest
-from cushing.stats.thresholds import unattainable
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
 from cushing import stops
@@ -52,15 +51,6 @@ def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
     if cohort.manifest.synthetic:
         tags["data_note"] = "SYNTHETIC demo cohort: procedurally drawn faces, not patients"
     return tags
-
-
-def _check_guarantee(cfg: TrainConfig, cohort: Cohort) -> None:
-    """A guaranteed threshold rule (sensitivity_lcb:X) that no model could meet on this validation split is
-    refused before training, not found out after it."""
-    val = cohort.table[(cohort.split == "val").to_numpy()].groupby("subject_id")["label"].max()
-    why = unattainable(cfg.threshold, int(val.sum()), int(len(val) - val.sum()))
-    if why:
-        raise ConfigError(why)
 
 
 def _chain(*callbacks: EpochCallback | None) -> EpochCallback:
@@ -129,7 +119,6 @@ def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id:
         with phase("store: tracking server check"):
             tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
         cohort = cohort or prepare_cohort(cfg, progress=progress)
-        _check_guarantee(cfg, cohort)
         tags = {**_tags(cfg, cohort), **(extra_tags or {})}
         opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), tags=tags,
                                     parent_run_id=parent_run_id)
