@@ -44,11 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt as e:
         return stopped(ns.command, e)
-    except (ConfigError, *_data_errors(), _stack_error()) as e:
+    except (ConfigError, *_data_errors(), _stack_error(), *_user_errors()) as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
-        return 2
-    except _user_errors() as e:
-        print(f"cushing {ns.command}: {e}", file=sys.stderr)
+        if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, which MLflow ends FAILED, says why
+            from cushing.tracking.runs import note_refusal
+
+            note_refusal(e)
         return 2
 
 

@@ -16,7 +16,7 @@ from cushing.tracking.logger import RunLogger
 from cushing.tracking.queries import experiment_id, experiment_of_run
 
 __all__ = ["env_run_id", "launcher_run", "start_run", "resume_run", "log_into", "offer_run", "ERROR_TAG",
-           "resolve_experiment"]
+           "resolve_experiment", "note_refusal"]
 
 ERROR_TAG = "cushing.error"  # why a run ended FAILED: the first line of the error, photo file names left out
 _taken: set[str] = set()  # launcher runs already taken by a run of this process
@@ -117,16 +117,23 @@ def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None 
         raise
     except BaseException as e:
         status = "FAILED"
-        _note_error(logger, e)
+        _note_error(run_id, e)
         raise
     finally:
         _end(logger, status)
 
 
-def _note_error(logger: RunLogger, e: BaseException) -> None:
+def note_refusal(e: BaseException) -> None:
+    """A command refused before it took `mlflow run`'s run (which MLflow then ends FAILED): that run says why."""
+    run_id = env_run_id()
+    if run_id and run_id not in _taken:
+        _note_error(run_id, e)
+
+
+def _note_error(run_id: str, e: BaseException) -> None:
     line = (f"{type(e).__name__}: {e}".splitlines() or [""])[0].rstrip(" :")
     try:
-        logger.set_tags({ERROR_TAG: re.sub(r"[^\s'\"]+\.(jpe?g|png|bmp|tiff?|webp|heic)\b", "<photo>", line,
+        RunLogger(run_id).set_tags({ERROR_TAG: re.sub(r"[^\s'\"]+\.(jpe?g|png|bmp|tiff?|webp|heic)\b", "<photo>", line,
                                            flags=re.I)[:1000]})
     except Exception:  # the store itself may be what failed: the status still says it
         pass

@@ -177,6 +177,25 @@ def test_a_one_class_cohort_is_refused_by_train_and_the_pipeline_leaving_nothing
         assert list(work.iterdir()) == [], f"{args[0]}: no store, no run, no folder, no lock"
 
 
+def test_under_mlflow_run_a_refusal_is_the_launchers_runs_reason(tmp_path, celeba_manifest):
+    """`mlflow run` made the run before the command refused the cohort (MLflow then ends it FAILED): the run says
+    why, in the same tag as any failed run, and no other run is made."""
+    import mlflow
+
+    manifest = _one_class(celeba_manifest, tmp_path / "patients.csv")
+    (tmp_path / "work").mkdir()
+    c = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    launcher = c.create_run(c.create_experiment("made-by-mlflow-run")).info.run_id  # as `mlflow run` makes it
+    env = {**_env(tmp_path / "work"), "MLFLOW_RUN_ID": launcher}
+    r = subprocess.run([sys.executable, "-m", "cushing", "train", "--data", str(manifest), *TINY], cwd=tmp_path / "work",
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert run.info.run_id == launcher
+    assert run.data.tags["cushing.error"] == (f"SplitError: {manifest}: the cohort has 40 patients and 0 controls: a "
+                                              "screening model needs both")
+
+
 def test_a_pipeline_with_a_missing_photo_is_refused_before_anything_is_made(tmp_path, celeba_manifest):
     rows = celeba_manifest.drop_duplicates("subject_id").head(6).copy()
     rows.loc[rows.index[4], "image"] = str(tmp_path / "typo.jpg")
