@@ -8,8 +8,8 @@ epochs, Grad-CAM batches, decode chunks, photos, sweep configurations and pipeli
 there, inside the scope of the run being stopped, so the run ends KILLED and says how to resume; leaving the scope
 with a stop unanswered raises it there. `wait` is a sleep that a stop ends early; `grace` is one that only a second
 signal ends (the clean-up after a stop). No timer is touched, so a stop never lands inside a store write, a lock or
-a library call. Outside every scope (and at a third signal, the way out of a hang) the handler raises `Stopped` at
-once, as Python's own Ctrl-C does: code with no safe points stays stoppable.
+a library call. Outside every scope the first signal raises `Stopped` at once, as Python's own Ctrl-C does: code with
+no safe points stays stoppable.
 
 Standard library only (the bottom layer)."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ _depth = 0  # how many cooperative() scopes the main thread is in
 
 def _on_signal(signum: int, frame) -> None:
     _seen.append(signal.Signals(signum).name)
-    if not _depth or len(_seen) > 2:
+    if not _depth and len(_seen) == 1:  # later signals never raise: they must not cut a stop's clean-up short
         raise Stopped(_seen[0])
 
 
