@@ -20,14 +20,15 @@ from pathlib import Path
 
 
 # What each check runs on a GPU (False) and with --quick (True): the smallest sizes that still take every code path
-# on a CPU. tests/test_gpu_scripts.py checks that every model named here is still in the registry.
+# on a CPU (28 px: a multiple of DINOv2's 14-px patch, so one decoded cohort serves every model).
+# tests/test_gpu_scripts.py checks that every model named here is still in the registry.
 SIZES = {
-    False: {"img": 224, "dinov2_img": 224, "epochs": 8, "cam_images": 114, "sam_batch": 8, "sam_photos": 343,
+    False: {"img": 224, "epochs": 8, "cam_images": 114, "sam_batch": 8, "sam_photos": 343,
             "train": [("resnet50", None), ("vit_b_16", None), ("swin_b", None), ("dinov2_b", True),
                       ("dinov2_b", False)],
             "cam": ["resnet50", "vit_b_32", "swin_b", "dinov2_b"], "run": "vit_b_32", "run_epochs": 200,
             "bootstrap": 500},
-    True: {"img": 32, "dinov2_img": 28, "epochs": 1, "cam_images": 5, "sam_batch": 2, "sam_photos": 3,
+    True: {"img": 28, "epochs": 1, "cam_images": 5, "sam_batch": 2, "sam_photos": 3,
            "train": [("resnet18", None), ("dinov2_s", True)], "cam": ["resnet18"], "run": "resnet18",
            "run_epochs": 1, "bootstrap": 50},
 }
@@ -90,13 +91,11 @@ def main() -> None:
 
         rows = {}
         for name, freeze in z["train"]:
-            img = z["dinov2_img"] if name.startswith("dinov2") else size
-            cfg = TrainConfig(model=name, freeze=freeze, pretrained=False, epochs=z["epochs"], img_size=img,
+            cfg = TrainConfig(model=name, freeze=freeze, pretrained=False, epochs=z["epochs"], img_size=size,
                               cam=False, bootstrap=0)
-            co = cohort if img == size else prepare_cohort(cfg, progress=False)
             _sync()
             t = time.perf_counter()
-            o = train(cfg, co, progress=False)
+            o = train(cfg, cohort, progress=False)
             _sync()
             te = o.predictions[o.predictions["split"] == "test"]
             rows[f"{name}{'-frozen' if o.frozen else ''}"] = {

@@ -133,7 +133,7 @@ def test_the_engine_mode_runs_every_command_on_a_cpu(dry_runs):
     assert not [c for c in CHECKS if "error" in checks[c]], {c: checks[c].get("error") for c in CHECKS}
     assert set(checks["cuda_training"]) == {"resnet18", "dinov2_s-frozen"}
     assert all(r["epochs"] == 1 and r["device"] == "cpu" for r in checks["cuda_training"].values())
-    assert checks["gradcam_114"]["resnet18"]["shape"] == [5, 32, 32]
+    assert checks["gradcam_114"]["resnet18"]["shape"] == [5, 28, 28]
     assert checks["sam_batched"]["photos"] == 3 and 0 < checks["sam_batched"]["mean_mask_area"] < 1
     run = checks["paper_protocol_run_with_mlflow"]
     assert None not in run.values() and run["model_uri"].startswith("models:/"), run
