@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -28,11 +29,8 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """postgresql:// -> postgresql+psycopg2:// (the driver the project pins); others unchanged."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
-    return url
+    """postgresql:// (or postgres://) -> postgresql+psycopg2:// (the driver the project pins); others unchanged."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", url)
 
 
 @contextmanager
@@ -47,8 +45,7 @@ def store_lock(url: str, name: str) -> Iterator[None]:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-        return
-    if url.startswith(("postgresql", "postgres:")):
+    elif url.startswith(("postgresql", "postgres:")):
         import sqlalchemy
         from sqlalchemy.pool import NullPool
 
@@ -63,8 +60,8 @@ def store_lock(url: str, name: str) -> Iterator[None]:
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         finally:
             engine.dispose()
-        return
-    yield
+    else:
+        yield
 
 
 def seed_sqlite(url: str) -> bool:
@@ -117,8 +114,7 @@ def _schema_key() -> str | None:
     from importlib import metadata, util
 
     try:
-        spec = util.find_spec("mlflow")
-        version = metadata.version("mlflow")
+        spec, version = util.find_spec("mlflow"), metadata.version("mlflow")
     except (ImportError, ValueError, metadata.PackageNotFoundError):
         return None
     if spec is None or not spec.submodule_search_locations:
