@@ -37,12 +37,6 @@ def _as_postgres(cmd: list[str]) -> list[str]:
                                                                    " ".join(cmd)]
 
 
-def _postgres_can_enter(path: Path) -> bool:
-    if os.geteuid() != 0:
-        return True
-    return subprocess.run(_as_postgres(["test", "-x", str(path)]), capture_output=True).returncode == 0
-
-
 @dataclass
 class Postgres:
     """A throwaway cluster listening on 127.0.0.1:port, password required for every connection."""
@@ -74,7 +68,8 @@ class Postgres:
             return
         if os.geteuid() == 0:
             os.chmod(self.base, 0o711)
-        if _postgres_can_enter(self.base):
+        if os.geteuid() != 0 or subprocess.run(_as_postgres(["test", "-x", str(self.base)]),
+                                               capture_output=True).returncode == 0:
             self.root = self.base / "pg"
             self.root.mkdir(exist_ok=True)
         else:

@@ -36,8 +36,7 @@ def wait_http(url: str, timeout: float = 90.0, ok=(200,), proc: subprocess.Popen
     import urllib.error
     import urllib.request
 
-    deadline = time.time() + timeout
-    last = ""
+    deadline, last = time.time() + timeout, ""
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
@@ -46,11 +45,9 @@ def wait_http(url: str, timeout: float = 90.0, ok=(200,), proc: subprocess.Popen
             with urllib.request.urlopen(url, timeout=3) as r:
                 if r.status in ok:
                     return
-        except urllib.error.HTTPError as e:
-            if e.code in ok:
+        except OSError as e:  # an HTTPError too: an expected error status is an answer
+            if isinstance(e, urllib.error.HTTPError) and e.code in ok:
                 return
-            last = str(e)
-        except OSError as e:
             last = str(e)
         time.sleep(0.5)
     raise StackError(f"{url} did not answer within {timeout:.0f}s ({last})")
