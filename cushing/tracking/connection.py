@@ -24,8 +24,7 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQU
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def http_defaults(startup: bool = False) -> None:

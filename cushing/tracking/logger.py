@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from cushing.tracking.connection import artifact_dir, client
+from cushing.tracking.connection import client
 from cushing.tracking.liveness import _Heartbeat
 
 __all__ = ["EPOCH_PREFIX", "RunLogger"]
@@ -160,11 +160,7 @@ class RunLogger:
         client().log_dict(self.run_id, data, name)
 
     def log_table(self, df: pd.DataFrame, name: str) -> None:
-        with artifact_dir() as d:
-            path = d / Path(name).name
-            df.to_csv(path, index=False)
-            parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
-            client().log_artifact(self.run_id, str(path), parent)
+        client().log_text(self.run_id, df.to_csv(index=False), name)
 
     def log_files(self, folder: str | Path, artifact_path: str | None = None) -> None:
         client().log_artifacts(self.run_id, str(folder), artifact_path)

@@ -12,9 +12,9 @@ from cushing.tracking.liveness import _dead_because
 from cushing.tracking.records import RunRecord, _record
 from cushing.tracking.stores import sqlite_path
 
-__all__ = ["experiment_id", "runs_link", "get_run", "set_tags", "end_run_as", "list_artifacts",
-           "find_runs", "reap", "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run",
-           "download_artifact", "find_finished"]
+__all__ = ["experiment_id", "runs_link", "get_run", "set_tags", "end_run_as", "list_artifacts", "find_runs", "reap",
+           "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run", "download_artifact",
+           "find_finished"]
 
 
 KIND_TAG = "mlflow.experimentKind"  # the experiment's kind, as the MLflow 3 UI's experiment-type selector writes it

@@ -4,6 +4,7 @@ run continued by id; or a new (child) run), beating while open, ended FINISHED, 
 every call names its run, so runs nest and end exactly as the code says, whatever thread or order."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
@@ -124,11 +125,9 @@ def note_refusal(e: BaseException) -> None:
 
 def _note_error(run_id: str, e: BaseException) -> None:
     line = (f"{type(e).__name__}: {e}".splitlines() or [""])[0].rstrip(" :")
-    try:
+    with contextlib.suppress(Exception):  # the store itself may be what failed: the status still says it
         RunLogger(run_id).set_tags({ERROR_TAG: re.sub(r"[^\s'\"]+\.(jpe?g|png|bmp|tiff?|webp|heic)\b", "<photo>", line,
                                            flags=re.I)[:1000]})
-    except Exception:  # the store itself may be what failed: the status still says it
-        pass
 
 
 def _end(logger: RunLogger, status: str) -> None:

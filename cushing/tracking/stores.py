@@ -71,10 +71,7 @@ def seed_sqlite(url: str) -> bool:
     schema version, creating the Default experiment with this store's artifact root) still happens. Returns
     whether it copied; a no-op for an existing file, another kind of URL, or when no template can be made."""
     path = sqlite_path(url)
-    if path is None or path.exists():
-        return False
-    template = schema_template()
-    if template is None:
+    if path is None or path.exists() or (template := schema_template()) is None:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.seed")
