@@ -1,6 +1,5 @@
-"""What a run logs, one method per kind of thing (`RunLogger`): params, per-epoch series (written by a
-background thread, several epochs per call), final metrics linked to the logged model, tables, files, the cohort as
-a dataset, checkpoints, heartbeats."""
+"""What a run logs (`RunLogger`): params, per-epoch series (written by a background thread, several epochs per
+call), final metrics linked to the logged model, tables, files, the cohort as a dataset, checkpoints, heartbeats."""
 from __future__ import annotations
 
 import math
@@ -90,8 +89,7 @@ class _EpochWriter:
 
 
 class RunLogger:
-    """Everything a run logs, one method per kind of thing. Every call names the run by id (none relies on
-    MLflow's active run)."""
+    """Everything a run logs, one method per kind of thing; every call names the run by id (not MLflow's active run)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id

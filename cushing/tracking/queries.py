@@ -80,8 +80,7 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 
 def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | None = None,
               max_results: int = 5000) -> list[RunRecord]:
-    """Runs of an experiment (optionally the children of one parent), newest first. Runs whose process died are
-    marked FAILED on the way (`reap`): the next command that meets a SIGKILLed run cleans it up."""
+    """Runs of an experiment (optionally the children of one parent), newest first; dead ones reaped on the way."""
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:

@@ -1,11 +1,9 @@
-"""The stores runs and studies live in: which file a SQLite URL names, the driver a PostgreSQL URL needs, a lock
-that serialises the first use of a fresh store across processes (MLflow's SQLite schema migration, Optuna's schema
-creation on PostgreSQL: two launchers starting at once otherwise race in them), and a new SQLite store's schema
-copied from a template instead of migrated again.
+"""The stores runs and studies live in: SQLite paths, PostgreSQL's driver, a lock serialising a fresh store's first
+use across processes (two launchers starting at once otherwise race in MLflow's SQLite migration or Optuna's schema
+creation on PostgreSQL), and a new SQLite store's schema copied from a template instead of migrated again.
 
 Standard library only at import (`python cushing/tracking/stores.py seed URL` runs without the package's imports);
-MLflow is imported only to make the schema template, once per MLflow version.
-"""
+MLflow is imported only to make the schema template, once per MLflow version."""
 from __future__ import annotations
 
 import fcntl
