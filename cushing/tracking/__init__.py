@@ -3,21 +3,18 @@
 Tracking URI: MLFLOW_TRACKING_URI when set, else the embedded default: `sqlite:///mlflow.db` with artifacts in
 `./mlruns`, both in the working directory (MLflow's own default, made explicit).
 
-Metric names: one name, one meaning. Per-epoch series live under `epoch/` with step = epoch (`epoch/val/f1`,
-`epoch/train/loss`, ...): the MLflow UI draws them as curves in their own chart section. Final results (best
-epoch, operating threshold chosen on validation) keep the contract names (`val/f1`, `test/f1/female`,
-`test/f1/ci_low`, ...) and are logged once at step 0, so the UI shows them as single values (bar charts) that the
-compare view lines up across runs.
+Metric names: one name, one meaning. Per-epoch series live under `epoch/` with step = epoch (`epoch/val/f1`, ...):
+the UI draws them as curves in their own chart section. Final results (best epoch, operating threshold chosen on
+validation) keep the contract names (`val/f1`, `test/f1/female`, `test/f1/ci_low`, ...), logged once at step 0: the
+UI shows them as single values that the compare view lines up across runs.
 
-Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every entry point logs into the run
-`mlflow run` created (MLflow's multistep-workflow convention) instead of opening a second one. Runs are named by id
-in every call: none is MLflow's active run, and no environment variable is written after start-up.
+Runs started by `mlflow run` (MLFLOW_RUN_ID set) are used as they are: every entry point logs into that run
+(MLflow's multistep-workflow convention) instead of opening a second one. Runs are named by id in every call: none is
+MLflow's active run, and no environment variable is written after start-up.
 
-Owns: `connection` (the tracking URI, the reachability check, the client, a block on another store), `runs` (a
-run's life: start, resume, log into, FAILED with its reason, KILLED on a stop; a run offered to a block),
-`logger` (`RunLogger`: everything a run logs), `records` (`RunRecord`, the typed record other packages read runs
-as), `queries` (runs read, tagged and ended by id; dead runs reaped; finished runs found by their tags),
-`liveness` (heartbeats and process identity), `stores` (SQLite paths, first-use locks). Imports mlflow (inside
+Owns: `connection` (URI, reachability check, client, another store for a block), `runs` (a run's life), `logger`
+(`RunLogger`), `records` (`RunRecord`), `queries` (runs read, tagged, ended, reaped and found by id or tags),
+`liveness` (heartbeats, process identity), `stores` (SQLite paths, first-use locks). Imports mlflow (inside
 functions), nothing of the package but `cushing.config`; with `cushing.release`, the only place that touches an
 MLflow object.
 """

@@ -19,17 +19,12 @@ __all__ = ["HTTP_RETRY_DEFAULTS", "http_defaults", "tracking_uri", "TrackingUnav
 
 
 # Client-side retries so a brief server restart does not kill a run (MLflow's own variables).
-HTTP_RETRY_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
-}
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def http_defaults(startup: bool = False) -> None:
@@ -80,8 +75,8 @@ def check_reachable(timeout: float | None = None) -> None:
 def configure() -> str:
     """Point MLflow at the resolved tracking URI; returns the URI.
 
-    The first use of an embedded SQLite store creates or migrates its schema; two launchers starting at once on a
-    fresh store would race in that migration (`duplicate column name`), so it runs under a file lock."""
+    The first use of an embedded SQLite store creates or migrates its schema, once per process; two launchers
+    starting at once on a fresh store would race in that migration (`duplicate column name`): it runs under a lock."""
     import mlflow
 
     http_defaults()  # a no-op after the CLI's start-up; library use gets the same settings on first use
@@ -89,19 +84,12 @@ def configure() -> str:
     check_reachable()
     if mlflow.get_tracking_uri() != uri:  # MLflow writes the environment here: not after start-up (`http_defaults`)
         mlflow.set_tracking_uri(uri)
-    _ensure_store(uri)
-    return uri
-
-
-def _ensure_store(uri: str) -> None:
-    """Create or migrate an embedded SQLite store once per process, under the store's lock."""
-    import mlflow
-
     if uri not in _READY and sqlite_path(uri) is not None:
         with store_lock(uri, "mlflow-schema"):
             seed_sqlite(uri)  # a new store gets its schema from a template, not ~60 migrations again
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
         _READY.add(uri)
+    return uri
 
 
 def client():
@@ -130,10 +118,8 @@ def using_store(uri: str) -> Iterator[str]:
         yield configure()
     finally:
         os.chdir(cwd)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.environ.update({} if saved is None else {"MLFLOW_TRACKING_URI": saved})
         mlflow.set_tracking_uri(saved or tracking_uri())  # point back only: opening it is for whoever uses it
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)  # MLflow's set_tracking_uri writes it

@@ -3,6 +3,7 @@
 CUSHING_RUN_STALE_S, is dead (`queries.reap` marks it)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -67,10 +68,8 @@ class _Heartbeat:
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):
-            try:
+            with contextlib.suppress(Exception):  # a brief server outage; the next beat tries again
                 self._beat()
-            except Exception:  # a brief server outage; the next beat tries again
-                pass
 
     def stop(self) -> None:
         self.stopped.set()
@@ -80,13 +79,11 @@ class _Heartbeat:
 
 def _dead_because(run: "RunRecord", now: float) -> str | None:
     """Why a RUNNING run's process is gone, or None while it may still live."""
-    tags = run.tags
-    beat = tags.get("cushing.heartbeat")
+    tags, beat = run.tags, run.tags.get("cushing.heartbeat")
     if run.status != "RUNNING" or beat is None:
         return None
     host, _, process = tags.get("cushing.process", "/").partition("/")
-    here = host == socket.gethostname() and tags.get("cushing.machine") == machine_id()
-    if here and process and not _alive(process):
+    if host == socket.gethostname() and tags.get("cushing.machine") == machine_id() and process and not _alive(process):
         return f"its process ({process.split(':')[0]} on {host}) is gone"
     stale = float(os.environ.get("CUSHING_RUN_STALE_S", "180"))
     if now - float(beat) > stale:

@@ -1,6 +1,5 @@
-"""What a run logs, one method per kind of thing (`RunLogger`): params, per-epoch series (written by a
-background thread, several epochs per call), final metrics linked to the logged model, tables, files, the cohort as
-a dataset, checkpoints, heartbeats."""
+"""What a run logs (`RunLogger`): params, per-epoch series (written by a background thread, several epochs per
+call), final metrics linked to the logged model, tables, files, the cohort as a dataset, checkpoints, heartbeats."""
 from __future__ import annotations
 
 import math
@@ -13,7 +12,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from cushing.tracking.connection import artifact_dir, client
+from cushing.tracking.connection import client
 from cushing.tracking.liveness import _Heartbeat
 
 __all__ = ["EPOCH_PREFIX", "RunLogger"]
@@ -24,14 +23,10 @@ EPOCH_PREFIX = "epoch/"  # per-epoch series: epoch/val/f1 at step = epoch; final
 
 def _clean(metrics: Mapping[str, float]) -> dict[str, float]:
     """MLflow forbids '=' in names; NaN is allowed and means 'not estimable'."""
-    out = {}
-    for k, v in metrics.items():
-        if v is None:
-            continue
-        if "=" in k:
-            raise ValueError(f"metric name {k!r} contains '=', which MLflow forbids")
-        out[k] = float(v)
-    return out
+    bad = next((k for k, v in metrics.items() if v is not None and "=" in k), None)
+    if bad is not None:
+        raise ValueError(f"metric name {bad!r} contains '=', which MLflow forbids")
+    return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
 class _EpochWriter:
@@ -73,11 +68,8 @@ class _EpochWriter:
     def _loop(self) -> None:
         while True:
             items = [self.q.get()]
-            while True:
-                try:
-                    items.append(self.q.get_nowait())
-                except queue.Empty:
-                    break
+            while not self.q.empty():  # this thread is the only one taking: what is there stays there
+                items.append(self.q.get_nowait())
             try:
                 self._write([it for it in items if it is not self._CLOSE])
             except Exception as e:  # surfaced on the next put/flush/close, in the training thread
@@ -96,18 +88,8 @@ class _EpochWriter:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
 
 
-def _param_text(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _same_param(logged: str, value: str) -> bool:
-    """`mlflow run` records an empty -P value as the two characters '' (its shell quoting)."""
-    return logged == value or (logged in ("''", '""') and value == "")
-
-
 class RunLogger:
-    """Everything a run logs, one method per kind of thing. Every call names the run by id (none relies on
-    MLflow's active run)."""
+    """Everything a run logs, one method per kind of thing; every call names the run by id (not MLflow's active run)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
@@ -116,8 +98,8 @@ class RunLogger:
         self._beat: _Heartbeat | None = None
 
     def start_heartbeat(self) -> None:
-        """Tag the run with this process (host, pid and start time) and a heartbeat every
-        CUSHING_RUN_HEARTBEAT_S seconds, so the next command that meets the run after a SIGKILL marks it FAILED."""
+        """Tag the run with this process and beat (`liveness`): the next command that meets it after a SIGKILL
+        marks it FAILED."""
         self._beat = _Heartbeat(self.run_id)
         self._beat.start()
 
@@ -130,9 +112,12 @@ class RunLogger:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):  # log_batch takes at most 100 tags per call
-            client().log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
+        self._batches("tags", [RunTag(k, str(v)) for k, v in tags.items()], 100)
+
+    def _batches(self, kind: str, items: list, size: int) -> None:
+        """`log_batch` in calls of at most `size` items (it takes at most 100 tags or params, 1000 metrics)."""
+        for i in range(0, len(items), size):
+            client().log_batch(self.run_id, **{kind: items[i:i + size]}, synchronous=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params, keeping those `mlflow run` already logged from -P. A value that really differs from the one
@@ -142,14 +127,13 @@ class RunLogger:
         logged = client().get_run(self.run_id).data.params
         out = {}
         for k, v in params.items():
-            text = _param_text(v)
+            text = "" if v is None else str(v)
             if k not in logged:
                 out[k] = text
-            elif not _same_param(logged[k], text) and f"resolved/{k}" not in logged:
+            # `mlflow run` records an empty -P value as the two characters '' (its shell quoting)
+            elif logged[k] != text and not (logged[k] in ("''", '""') and text == "") and f"resolved/{k}" not in logged:
                 out[f"resolved/{k}"] = text
-        items = list(out.items())
-        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            client().log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]], synchronous=True)
+        self._batches("params", [Param(k, v) for k, v in out.items()], 100)
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Queued for a background `log_batch` (one call per epoch, or fewer): the training loop never waits on the
@@ -168,19 +152,13 @@ class RunLogger:
         for i in range(0, len(finite), 900):  # log_batch takes at most 1000 metrics per call
             mlflow.log_metrics(dict(finite[i:i + 900]), step=step, run_id=self.run_id, model_id=self.model_id)
         ts = int(time.time() * 1000)
-        nan = [Metric(k, v, ts, step) for k, v in clean.items() if not math.isfinite(v)]
-        for i in range(0, len(nan), 900):
-            client().log_batch(self.run_id, metrics=nan[i:i + 900], synchronous=True)
+        self._batches("metrics", [Metric(k, v, ts, step) for k, v in clean.items() if not math.isfinite(v)], 900)
 
     def log_dict(self, data: Any, name: str) -> None:
         client().log_dict(self.run_id, data, name)
 
     def log_table(self, df: pd.DataFrame, name: str) -> None:
-        with artifact_dir() as d:
-            path = d / Path(name).name
-            df.to_csv(path, index=False)
-            parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
-            client().log_artifact(self.run_id, str(path), parent)
+        client().log_text(self.run_id, df.to_csv(index=False), name)
 
     def log_files(self, folder: str | Path, artifact_path: str | None = None) -> None:
         client().log_artifacts(self.run_id, str(folder), artifact_path)

@@ -12,9 +12,9 @@ from cushing.tracking.liveness import _dead_because
 from cushing.tracking.records import RunRecord, _record
 from cushing.tracking.stores import sqlite_path
 
-__all__ = ["experiment_id", "mark_experiment", "runs_link", "get_run", "set_tags", "end_run_as", "list_artifacts",
-           "find_runs", "reap", "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run",
-           "download_artifact", "find_finished"]
+__all__ = ["experiment_id", "runs_link", "get_run", "set_tags", "end_run_as", "list_artifacts", "find_runs", "reap",
+           "experiments_with_runs", "log_artifacts_to", "last_step", "experiment_of_run", "download_artifact",
+           "find_finished"]
 
 
 KIND_TAG = "mlflow.experimentKind"  # the experiment's kind, as the MLflow 3 UI's experiment-type selector writes it
@@ -23,7 +23,8 @@ MODEL_DEVELOPMENT = "custom_model_development"  # the selector's "Machine learni
 
 def experiment_id(name: str) -> str:
     """The id of an experiment, created (with the server's default artifact location) when missing, and marked as
-    model development (`mark_experiment`).
+    model development unless it has a kind already (a user's choice stays), e.g. one `mlflow run
+    --experiment-name` created.
 
     Unlike mlflow.set_experiment this leaves no process-wide state behind (it would export MLFLOW_EXPERIMENT_ID
     to every subprocess, which then clashes with `mlflow run --experiment-name`).
@@ -37,19 +38,9 @@ def experiment_id(name: str) -> str:
             exp = c.get_experiment_by_name(name)
             if exp is None:
                 raise
-    return _marked(exp).experiment_id
-
-
-def mark_experiment(experiment_id: str) -> str:
-    """Mark an experiment as model development unless it has a kind already (a user's choice stays), e.g. one
-    `mlflow run --experiment-name` created; returns its name."""
-    return _marked(client().get_experiment(experiment_id)).name
-
-
-def _marked(exp):
     if not exp.tags.get(KIND_TAG):
-        client().set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
-    return exp
+        c.set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
+    return exp.experiment_id
 
 
 def runs_link(experiment: str) -> str:
@@ -89,16 +80,13 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 
 def find_runs(experiment: str, *, filter_string: str = "", parent_run_id: str | None = None,
               max_results: int = 5000) -> list[RunRecord]:
-    """Runs of an experiment (optionally the children of one parent), newest first. Runs whose process died are
-    marked FAILED on the way (`reap`): the next command that meets a SIGKILLed run cleans it up."""
+    """Runs of an experiment (optionally the children of one parent), newest first; dead ones reaped on the way."""
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    f = filter_string
-    if parent_run_id:
-        clause = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-        f = f"{f} and {clause}" if f else clause
+    f = " and ".join(filter(None, [filter_string, parent_run_id and f"tags.mlflow.parentRunId = '{parent_run_id}'"]))
+
     def search() -> list[RunRecord]:
         return [_record(r) for r in c.search_runs([exp.experiment_id], filter_string=f, max_results=max_results,
                                                    order_by=["attributes.start_time DESC"])]
@@ -126,12 +114,8 @@ def experiments_with_runs() -> list[tuple[str, int]]:
     """(experiment name, number of runs) for every experiment holding runs, most runs first: what an empty
     experiment's error message offers instead."""
     c = client()
-    out = []
-    for exp in c.search_experiments():
-        n = len(c.search_runs([exp.experiment_id], max_results=1000))
-        if n:
-            out.append((exp.name, n))
-    return sorted(out, key=lambda t: -t[1])
+    counts = [(e.name, len(c.search_runs([e.experiment_id], max_results=1000))) for e in c.search_experiments()]
+    return sorted([t for t in counts if t[1]], key=lambda t: -t[1])
 
 
 def log_artifacts_to(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
@@ -162,8 +146,7 @@ def reap(runs: list["RunRecord"]) -> int:
     how many were marked."""
     now, n = time.time(), 0
     for r in runs:
-        why = _dead_because(r, now)
-        if why:
+        if why := _dead_because(r, now):
             end_run_as(r.run_id, "FAILED", {"cushing.died": why})
             n += 1
     return n

@@ -9,8 +9,6 @@ __all__ = ["RunRecord"]
 
 @dataclass(frozen=True)
 class RunRecord:
-    """A run as the rest of the package reads it (nothing outside tracking/ and release/ sees an MLflow object)."""
-
     run_id: str
     name: str
     status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED

@@ -4,6 +4,7 @@ run continued by id; or a new (child) run), beating while open, ended FINISHED, 
 every call names its run, so runs nest and end exactly as the code says, whatever thread or order."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
@@ -31,11 +32,8 @@ def env_run_id() -> str | None:
 def launcher_run() -> str | None:
     """The run the next `start_run` of this block takes: one offered to it (`offer_run`), else `mlflow run`'s until
     a run of this process has taken it."""
-    offered = _offered.get()
-    if offered:
-        return offered
     env = env_run_id()
-    return env if env and env not in _taken else None
+    return _offered.get() or (env if env not in _taken else None)
 
 
 @contextmanager
@@ -84,24 +82,19 @@ def _new_run(experiment: str, run_name: str, tags: Mapping[str, Any], parent_run
     return client().create_run(experiment_id(experiment), run_name=run_name, tags=resolve_tags(tags)).info.run_id
 
 
-def _reopen(run_id: str) -> str:
-    client().update_run(run_id, status="RUNNING")  # a stopped run continued (resume)
-    return run_id
-
-
 @contextmanager
 def start_run(*, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
               parent_run_id: str | None = None, use_env_run: bool = True,
               run_id: str | None = None) -> Iterator[RunLogger]:
-    """A run in `experiment` ("": `resolve_experiment`): `run_id` (continued), else the launcher's run (`launcher_run`, when `use_env_run` and no
-    parent is given), else a new (child) run. It beats while open (`cushing.heartbeat`) and ends FINISHED; FAILED
-    when the body raises (the reason in the tag `cushing.error`); KILLED on a stop (the interrupt carries the
-    innermost run id as `cushing_run`, for the one-line message)."""
+    """A run in `experiment` ("": `resolve_experiment`): `run_id` (continued), else the launcher's run
+    (`launcher_run`, when `use_env_run` and no parent is given), else a new (child) run. It beats while open
+    (`cushing.heartbeat`) and ends FINISHED; FAILED when the body raises (the reason in the tag `cushing.error`);
+    KILLED on a stop (the interrupt carries the innermost run id as `cushing_run`, for the one-line message)."""
     configure()
     experiment = experiment or resolve_experiment(None)  # "" (an MLproject default): the launcher's, or the default
     tags = dict(tags or {})
     if run_id:
-        run_id = _reopen(run_id)
+        client().update_run(run_id, status="RUNNING")  # a stopped run continued (resume)
     else:
         taken = _take(experiment, run_name, tags) if use_env_run and parent_run_id is None else None
         run_id = taken or _new_run(experiment, run_name, tags, parent_run_id)
@@ -132,11 +125,9 @@ def note_refusal(e: BaseException) -> None:
 
 def _note_error(run_id: str, e: BaseException) -> None:
     line = (f"{type(e).__name__}: {e}".splitlines() or [""])[0].rstrip(" :")
-    try:
+    with contextlib.suppress(Exception):  # the store itself may be what failed: the status still says it
         RunLogger(run_id).set_tags({ERROR_TAG: re.sub(r"[^\s'\"]+\.(jpe?g|png|bmp|tiff?|webp|heic)\b", "<photo>", line,
                                            flags=re.I)[:1000]})
-    except Exception:  # the store itself may be what failed: the status still says it
-        pass
 
 
 def _end(logger: RunLogger, status: str) -> None:

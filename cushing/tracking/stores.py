@@ -1,16 +1,15 @@
-"""The stores runs and studies live in: which file a SQLite URL names, the driver a PostgreSQL URL needs, a lock
-that serialises the first use of a fresh store across processes (MLflow's SQLite schema migration, Optuna's schema
-creation on PostgreSQL: two launchers starting at once otherwise race in them), and a new SQLite store's schema
-copied from a template instead of migrated again.
+"""The stores runs and studies live in: SQLite paths, PostgreSQL's driver, a lock serialising a fresh store's first
+use across processes (two launchers starting at once otherwise race in MLflow's SQLite migration or Optuna's schema
+creation on PostgreSQL), and a new SQLite store's schema copied from a template instead of migrated again.
 
 Standard library only at import (`python cushing/tracking/stores.py seed URL` runs without the package's imports);
-MLflow is imported only to make the schema template, once per MLflow version.
-"""
+MLflow is imported only to make the schema template, once per MLflow version."""
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -28,11 +27,8 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """postgresql:// -> postgresql+psycopg2:// (the driver the project pins); others unchanged."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
-    return url
+    """postgresql:// (or postgres://) -> postgresql+psycopg2:// (the driver the project pins); others unchanged."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", url)
 
 
 @contextmanager
@@ -47,8 +43,7 @@ def store_lock(url: str, name: str) -> Iterator[None]:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-        return
-    if url.startswith(("postgresql", "postgres:")):
+    elif url.startswith(("postgresql", "postgres:")):
         import sqlalchemy
         from sqlalchemy.pool import NullPool
 
@@ -63,8 +58,8 @@ def store_lock(url: str, name: str) -> Iterator[None]:
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         finally:
             engine.dispose()
-        return
-    yield
+    else:
+        yield
 
 
 def seed_sqlite(url: str) -> bool:
@@ -74,10 +69,7 @@ def seed_sqlite(url: str) -> bool:
     schema version, creating the Default experiment with this store's artifact root) still happens. Returns
     whether it copied; a no-op for an existing file, another kind of URL, or when no template can be made."""
     path = sqlite_path(url)
-    if path is None or path.exists():
-        return False
-    template = schema_template()
-    if template is None:
+    if path is None or path.exists() or (template := schema_template()) is None:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.seed")
@@ -117,8 +109,7 @@ def _schema_key() -> str | None:
     from importlib import metadata, util
 
     try:
-        spec = util.find_spec("mlflow")
-        version = metadata.version("mlflow")
+        spec, version = util.find_spec("mlflow"), metadata.version("mlflow")
     except (ImportError, ValueError, metadata.PackageNotFoundError):
         return None
     if spec is None or not spec.submodule_search_locations:

@@ -3,10 +3,10 @@ artifact proxy) on 127.0.0.1, and the server launcher the docker-compose service
 same way. No other account on the host reaches the database, a secret or an artifact, and no password is ever on a
 command line (`ps` shows them to every account).
 
-Owns: `local` (`LocalStack`: up all or nothing, down, restart, its saved state), `postgres` (the cluster),
-`server` (the MLflow server: command, environment, migration, the compose services' launcher), `credentials`
-(admin password rules, owner-only files), `processes` (ports, HTTP readiness, process groups, `StackError`). Of
-the package it imports only `cushing.private`; neither torch nor mlflow (the server runs as a process).
+Owns: `local` (`LocalStack`: up all or nothing, down, restart, saved state), `postgres`, `server` (command,
+environment, migration, the compose launcher), `credentials` (password rules, owner-only files), `processes` (ports,
+HTTP readiness, process groups, `StackError`). Imports only `cushing.private` of the package; neither torch nor
+mlflow (the server runs as a process).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ MLflow server, started all or nothing, its state (stack.json) and secrets (secre
 and `restart`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -168,11 +169,9 @@ def stop_saved(base: Path, remove: bool = False) -> list[str]:
     if _group_is_ours(pgid, base):
         stop_group(pgid)
     for pid in _listeners(int(state["port"])):
-        try:
+        with contextlib.suppress(OSError):
             if _ours(pid, base):
                 stop_group(os.getpgid(pid))
-        except OSError:
-            pass
     if port_open(int(state["port"])):
         problems.append(f"something still listens on 127.0.0.1:{state['port']}")
     pg = Postgres(base, int(state["pg_port"]), root=Path(state["pg_root"]))
@@ -186,8 +185,7 @@ def stop_saved(base: Path, remove: bool = False) -> list[str]:
 
 def restart_saved(base: Path) -> LocalStack:
     """Stop and start the stack of `base` again with the same data, ports and passwords."""
-    problems = stop_saved(base)
-    if problems:
+    if problems := stop_saved(base):
         raise StackError("could not stop the running stack: " + "; ".join(problems))
     s = LocalStack.from_saved(base)
     s.start()

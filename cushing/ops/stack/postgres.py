@@ -37,12 +37,6 @@ def _as_postgres(cmd: list[str]) -> list[str]:
                                                                    " ".join(cmd)]
 
 
-def _postgres_can_enter(path: Path) -> bool:
-    if os.geteuid() != 0:
-        return True
-    return subprocess.run(_as_postgres(["test", "-x", str(path)]), capture_output=True).returncode == 0
-
-
 @dataclass
 class Postgres:
     """A throwaway cluster listening on 127.0.0.1:port, password required for every connection."""
@@ -56,16 +50,8 @@ class Postgres:
         self.port = self.port or free_port()
 
     @property
-    def log(self) -> Path:
-        return self.root / "postgres.log"
-
-    @property
     def data(self) -> Path:
         return self.root / "pgdata"
-
-    @property
-    def sock(self) -> Path:
-        return self.root / "sock"
 
     def _place(self) -> None:
         """base/pg when the postgres user can reach base (base is made traversable, not listable, for it);
@@ -74,7 +60,8 @@ class Postgres:
             return
         if os.geteuid() == 0:
             os.chmod(self.base, 0o711)
-        if _postgres_can_enter(self.base):
+        if os.geteuid() != 0 or subprocess.run(_as_postgres(["test", "-x", str(self.base)]),
+                                               capture_output=True).returncode == 0:
             self.root = self.base / "pg"
             self.root.mkdir(exist_ok=True)
         else:
@@ -97,21 +84,22 @@ class Postgres:
         self._place()
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
-        self.log.touch()
-        self._own(self.log)
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} -c unix_socket_permissions=0700"
-        r = self._pg_ctl("-l", str(self.log), "-o", opts, "-w", "-t", "60", "start")
+        log = self.root / "postgres.log"
+        log.touch()
+        self._own(log)
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root / 'sock'} -c unix_socket_permissions=0700"
+        r = self._pg_ctl("-l", str(log), "-o", opts, "-w", "-t", "60", "start")
         if r.returncode != 0:
-            raise StackError(f"PostgreSQL did not start: {r.stderr}\n{self.log.read_text()[-2000:]}")
+            raise StackError(f"PostgreSQL did not start: {r.stderr}\n{log.read_text()[-2000:]}")
         return self
 
     def _initdb(self) -> None:
-        pwfile = self.root / "pwfile"
-        for d in (self.data, self.sock):
+        pwfile, dirs = self.root / "pwfile", (self.data, self.root / "sock")
+        for d in dirs:
             d.mkdir(exist_ok=True)
             os.chmod(d, 0o700)
         write_private(pwfile, self.superuser_password)
-        self._own(self.data, self.sock, pwfile)
+        self._own(*dirs, pwfile)
         r = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
                                          "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
                                          f"--pwfile={pwfile}"]), capture_output=True, text=True)

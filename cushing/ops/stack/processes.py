@@ -2,6 +2,7 @@
 stopping a process group, only once it is checked to be this stack's (a saved group id is only a number)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -36,8 +37,7 @@ def wait_http(url: str, timeout: float = 90.0, ok=(200,), proc: subprocess.Popen
     import urllib.error
     import urllib.request
 
-    deadline = time.time() + timeout
-    last = ""
+    deadline, last = time.time() + timeout, ""
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
@@ -46,11 +46,9 @@ def wait_http(url: str, timeout: float = 90.0, ok=(200,), proc: subprocess.Popen
             with urllib.request.urlopen(url, timeout=3) as r:
                 if r.status in ok:
                     return
-        except urllib.error.HTTPError as e:
-            if e.code in ok:
+        except OSError as e:  # an HTTPError too: an expected error status is an answer
+            if isinstance(e, urllib.error.HTTPError) and e.code in ok:
                 return
-            last = str(e)
-        except OSError as e:
             last = str(e)
         time.sleep(0.5)
     raise StackError(f"{url} did not answer within {timeout:.0f}s ({last})")
@@ -79,22 +77,15 @@ def _listeners(port: int) -> set[int]:
     """Pids of processes with a socket listening on 127.0.0.1:port (from /proc, no tools needed)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(parts[9])
+        with contextlib.suppress(OSError):
+            for parts in (line.split() for line in Path(table).read_text().splitlines()[1:]):
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(parts[9])
     pids = set()
     for fd in glob.glob("/proc/[0-9]*/fd/*"):
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            pids.add(int(fd.split("/")[2]))
+        with contextlib.suppress(OSError):
+            if (link := os.readlink(fd)).startswith("socket:[") and link[8:-1] in inodes:
+                pids.add(int(fd.split("/")[2]))
     return pids
 
 
@@ -117,13 +108,11 @@ def _group_members(pgid: int, live: bool = False) -> list[int]:
     /proc/PID/stat: pid (comm) state ppid pgrp ..."""
     pids = []
     for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
+        with contextlib.suppress(OSError):
             text = Path(stat).read_text()
-        except OSError:
-            continue
-        state, _, pgrp = text[text.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and not (live and state in "ZX"):
-            pids.append(int(stat.split("/")[2]))
+            state, _, pgrp = text[text.rindex(")") + 2:].split()[:3]
+            if int(pgrp) == pgid and not (live and state in "ZX"):
+                pids.append(int(stat.split("/")[2]))
     return pids
 
 
