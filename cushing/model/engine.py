@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cushing import stops
-from cushing.config import cache_home
 from cushing.data.bank import ImageBank
 from cushing.devices import autocast_for
 from cushing.model.augment import DeviceAugment
@@ -323,12 +321,12 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
 def compiled_forward(model: torch.nn.Module, mode: str):
     """(forward callable, step marker): the model itself, or torch.compile of it with static shapes.
 
-    Inductor's on-disk caches default to `cache_home()/inductor` (TORCHINDUCTOR_CACHE_DIR overrides, e.g. a folder
-    shared by the hosts of a sweep), so the second training of an architecture (a rerun, tuning trials, folds,
-    seeds) skips most of the compile. The step marker tells CUDA-graph trees that a new iteration begins."""
+    Inductor's on-disk caches live in TORCHINDUCTOR_CACHE_DIR (set at start-up by the CLI: `cache_home()/inductor`
+    unless set, e.g. to a folder shared by a sweep's hosts), so the second training of an architecture (a rerun,
+    tuning trials, folds, seeds) skips most of the compile. The step marker tells CUDA-graph trees that a new
+    iteration begins."""
     if mode == "none":
         return model, lambda: None
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))  # set at start-up by the CLI
     return torch.compile(model, mode=mode, dynamic=False), torch.compiler.cudagraph_mark_step_begin
 
 
