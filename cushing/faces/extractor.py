@@ -4,13 +4,11 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import suppress
 
 import numpy as np
 
-from cushing.faces.detect import Detection, _Dlib, detect
-from cushing.faces.mask import FaceResult, _result, hull_mask, sam_prompt
+from cushing.faces.detect import FaceResult, _Dlib, _result, _unprompted, detect, sam_prompt
 from cushing.faces.sam import SamMasker
 from cushing.faces.settings import FaceSettings
 
@@ -18,12 +16,10 @@ __all__ = ["FaceExtractor"]
 
 
 class FaceExtractor:
-    """The whole pipeline for single photos (serving), safe to call from many threads at once.
-
-    The scoring server calls `predict` from a pool of threads; dlib's detector and shape predictor crash the process
-    when two threads use one object (seen: signal 11 at 4 concurrent clients). Each call borrows one of at most
-    `pool` dlib model sets (made on first need, about 100 MB each) and returns it; SAM, which keeps per-image state,
-    runs one image at a time behind a lock."""
+    """The whole pipeline for single photos. The scoring server calls `predict` from a pool of threads; dlib's
+    detector and shape predictor crash the process when two threads use one object (seen: signal 11 at 4 concurrent
+    clients). Each call borrows one of at most `pool` dlib model sets (made on first need, about 100 MB each) and
+    returns it; SAM, which keeps per-image state, runs one image at a time behind a lock."""
 
     def __init__(self, settings: FaceSettings, pool: int | None = None):
         self.s = settings
@@ -38,10 +34,8 @@ class FaceExtractor:
         """A free model set, else a new one while under the limit, else wait for one. A set that fails to build
         frees its slot (the error goes to this caller), so waiting callers retry instead of waiting forever."""
         while True:
-            try:
+            with suppress(queue.Empty):
                 return self._free.get_nowait()
-            except queue.Empty:
-                pass
             with self._lock:
                 make = self._made < self._limit
                 self._made += make
@@ -52,37 +46,21 @@ class FaceExtractor:
                     with self._lock:
                         self._made -= 1
                     raise
-            try:
+            with suppress(queue.Empty):
                 return self._free.get(timeout=1.0)
-            except queue.Empty:
-                continue
-
-    @contextmanager
-    def _models(self) -> Iterator[_Dlib]:
-        models = self._borrow()
-        try:
-            yield models
-        finally:
-            self._free.put(models)
-
-    def _masker(self):
-        if self._sam is None:
-            self._sam = SamMasker(self.s.sam_checkpoint, self.s.sam_model_type, self.s.device)
-        return self._sam
 
     def extract(self, rgb: np.ndarray) -> FaceResult:
-        with self._models() as models:
+        models = self._borrow()
+        try:
             d = detect(rgb, models, self.s)
+        finally:
+            self._free.put(models)
         if isinstance(d, str):
             return FaceResult(d)
-        mask, score = self._mask(d)
+        if self.s.mask_method != "sam":
+            return _unprompted(d, self.s)
+        with self._sam_lock:
+            if self._sam is None:
+                self._sam = SamMasker(self.s.sam_checkpoint, self.s.sam_model_type, self.s.device)
+            mask, score = self._sam.masks([d.image], [sam_prompt(d)])[0]
         return _result(d, mask, score, self.s)
-
-    def _mask(self, d: Detection) -> tuple[np.ndarray | None, float]:
-        method = self.s.mask_method
-        if method == "sam":
-            with self._sam_lock:
-                return self._masker().masks([d.image], [sam_prompt(d)])[0]
-        if method == "landmark_hull":
-            return hull_mask(d, self.s), float("nan")
-        return None, float("nan")

@@ -1,16 +1,20 @@
 """Face extraction over a manifest, as in the paper: dlib detection and 68 landmarks, eyes levelled, a crop that
 keeps forehead and chin, a Segment Anything mask (or the landmark hull, recorded as such), white background, white
-border trimmed, 224 px. Cached by content. A photo that gives no crop gets a reason code, and stops the stage
-(naming each one) unless the caller leaves such photos out (skip_bad_photos).
+border trimmed, 224 px. A photo that gives no crop gets a reason code, and stops the stage (naming each one) unless
+the caller leaves such photos out (skip_bad_photos).
 
-Writes only to the output and cache folders it is given. dlib runs on a process pool, SAM batched in this process
-on the device; both are imported lazily, and a run over cached photos loads no model at all.
+Crops are cached by content: one PNG and one JSON record per (photo bytes, settings, model weights), written
+atomically. Writes only to the output and cache folders it is given. dlib runs on a process pool, SAM batched in
+this process on the device; both are imported lazily, and a run over cached photos loads no model at all.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +23,69 @@ from typing import Any
 import pandas as pd
 
 from cushing import stops
+from cushing.config import cache_home
 from cushing.data.imageio import BadImage, open_rgb
 from cushing.data.manifest import REQUIRED, load_manifest, sha256_file, skipped_counts, subject_key
+from cushing.data.weights import file_hash, landmark_model_path, models_dir
 from cushing.private import private_dir
-from cushing.faces.cache import _Cache, _default_cache, cache_key, weights_fingerprint
-from cushing.faces.detect import Detection, _Dlib, detect
-from cushing.faces.mask import _result, hull_mask, sam_prompt
+from cushing.faces.detect import Detection, FaceResult, _Dlib, _result, _unprompted, detect, sam_prompt
 from cushing.faces.sam import SamMasker
 from cushing.faces.settings import REASONS, SETTINGS_FILE, FaceSettings
 
-__all__ = ["extract_faces", "FacesOutcome", "BadPhotos"]
+__all__ = ["extract_faces", "FacesOutcome", "BadPhotos", "weights_fingerprint", "cache_key"]
+
+
+def weights_fingerprint(s: FaceSettings, memo: Path | None = None) -> dict[str, str]:
+    import dlib
+
+    fp = {"dlib": dlib.__version__, "landmarks": file_hash(landmark_model_path(), memo)}
+    if s.detector == "cnn":
+        fp["detector"] = file_hash(models_dir() / "mmod_human_face_detector.dat", memo)
+    if s.mask_method == "sam":
+        fp["sam"] = file_hash(Path(s.sam_checkpoint), memo)
+    return fp
+
+
+def cache_key(photo_sha: str, s: FaceSettings, fingerprint: dict[str, str]) -> str:
+    params = {k: v for k, v in s.to_dict().items() if k not in ("sam_checkpoint", "device")}
+    blob = json.dumps({"photo": photo_sha, "settings": params, "weights": fingerprint, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Cache:
+    def __init__(self, root: Path):
+        self.root = private_dir(root, narrow=True)  # face crops: this account's only (cushing.private)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        d = self.root / key[:2]
+        return d / f"{key}.png", d / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        png, meta = self._paths(key)
+        if not meta.exists():
+            return None
+        rec = json.loads(meta.read_text())
+        return None if rec["status"] == "ok" and not png.exists() else rec
+
+    def crop_path(self, key: str) -> Path:
+        return self._paths(key)[0]
+
+    def put(self, key: str, result: FaceResult | tuple[str, str]) -> dict:
+        from PIL import Image
+
+        png, meta = self._paths(key)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(result, FaceResult) and result.status == "ok":
+            Image.fromarray(result.crop).save(png)
+            rec = {"status": "ok", **result.record}
+        elif isinstance(result, FaceResult):
+            rec = {"status": result.status, "detail": ""}
+        else:
+            rec = {"status": result[0], "detail": result[1]}
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        tmp.replace(meta)  # atomic: an interrupted run never leaves half an entry
+        return rec
 
 
 _WORKER: dict[str, Any] = {}
@@ -50,11 +107,7 @@ def _detect_one(item: tuple[int, str]) -> tuple[int, Any]:
     d = detect(rgb, _WORKER["dlib"], s)
     if isinstance(d, str):
         return i, (d, "")
-    if s.mask_method == "sam":
-        return i, d
-    mask = hull_mask(d, s) if s.mask_method == "landmark_hull" else None
-    r = _result(d, mask, float("nan"), s)
-    return i, r
+    return i, d if s.mask_method == "sam" else _unprompted(d, s)
 
 
 @dataclass
@@ -98,12 +151,10 @@ def extract_faces(manifest: str | Path, out_dir: str | Path, settings: FaceSetti
     """Extract every photo of a manifest into out_dir: crops/, manifest.csv, faces_report.csv, faces_settings.json.
     A manifest with a problem (a photo that cannot be found or read, unless skip_bad_photos) is refused before
     anything is written; so is one with photos that give no crop (`BadPhotos`), unless skip_bad_photos."""
-    import time
-
     t0 = time.perf_counter()
     m = load_manifest(manifest, skip_bad_photos=skip_bad_photos)
     table, shas = m.table, m.table["sha256"].tolist()
-    cache = _Cache(Path(cache_dir) if cache_dir else _default_cache())
+    cache = _Cache(Path(cache_dir) if cache_dir else cache_home() / "faces")
     fp = weights_fingerprint(settings, cache.root / "weights_hashes.json")
     keys = [cache_key(s, settings, fp) for s in shas]
     records = {i: rec for i, key in enumerate(keys) if (rec := cache.get(key)) is not None}
@@ -129,11 +180,15 @@ def _process_all(table, todo, keys, settings, cache, workers, progress) -> dict[
 
     if not todo:
         return {}
+    out: dict[int, dict] = {}
     with tqdm(total=len(todo), desc="faces", unit="photo", disable=not progress) as bar, stops.cooperative():
-        return dict(_process(table, todo, keys, settings, cache, workers, bar))
+        for i, rec in _process(table, todo, keys, settings, cache, workers):
+            bar.update(1)
+            out[i] = rec
+    return out
 
 
-def _process(table, todo, keys, settings, cache, workers, bar):
+def _process(table, todo, keys, settings, cache, workers):
     """Misses: dlib on a process pool; SAM (if used) batched in this process on the device."""
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     items = [(i, table["path"].iloc[i]) for i in todo]
@@ -147,34 +202,26 @@ def _process(table, todo, keys, settings, cache, workers, bar):
         if masker is None:
             masker = SamMasker(settings.sam_checkpoint, settings.sam_model_type, settings.device)
         res = masker.masks([d.image for _, d in pending], [sam_prompt(d) for _, d in pending])
-        done = []
-        for (i, d), (mask, score) in zip(pending, res):
-            done.append((i, cache.put(keys[i], _result(d, mask, score, settings))))
+        done = [(i, cache.put(keys[i], _result(d, mask, score, settings)))
+                for (i, d), (mask, score) in zip(pending, res)]
         pending.clear()
         return done
 
+    args = (settings.to_dict(),)
     if workers == 1:
-        _init_worker(settings.to_dict())
-        results = map(_detect_one, items)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(settings.to_dict(),))
-        results = pool.map(_detect_one, items, chunksize=4)
+        _init_worker(*args)
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args) if workers > 1 else None
+    results = pool.map(_detect_one, items, chunksize=4) if pool else map(_detect_one, items)
     try:
         for i, res in results:
             stops.check()  # a stop keeps every photo cached so far: the rerun goes on from there
-            if isinstance(res, Detection):
-                pending.append((i, res))
-                if len(pending) >= 16:
-                    for done in flush():
-                        bar.update(1)
-                        yield done
+            if not isinstance(res, Detection):
+                yield i, cache.put(keys[i], res)
                 continue
-            bar.update(1)
-            yield i, cache.put(keys[i], res)
-        for done in flush():
-            bar.update(1)
-            yield done
+            pending.append((i, res))
+            if len(pending) >= 16:
+                yield from flush()
+        yield from flush()
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -211,14 +258,12 @@ def _assemble(m, records, keys, cache):
         skipped = m.skipped.assign(status="rejected", detail=[d or REASONS.get(r, "") for r, d in
                                                               zip(m.skipped["reason"], m.skipped["detail"])])
         report = pd.concat([report, skipped[cols]], ignore_index=True).sort_values("line", ignore_index=True)
-    return report, pd.DataFrame(rows, columns=None if rows else ["image", "label", "sex", *extras, "source_image"]), \
-        crop_keys
+    empty = ["image", "label", "sex", *extras, "source_image"]
+    return report, pd.DataFrame(rows, columns=None if rows else empty), crop_keys
 
 
 def _link_crops(crops: pd.DataFrame, keys: list[str], cache, folder: Path) -> None:
     """The crops of the manifest's rows into `folder` (hard links into the cache, else copies)."""
-    import shutil
-
     for name, key in zip(crops["image"], keys):
         target = folder.parent / name
         if not target.exists():

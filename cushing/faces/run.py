@@ -24,8 +24,7 @@ __all__ = ["run_faces", "audit_table"]
 
 def audit_table(report: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
     """Per sex x label: photos, rejected, failure rate, mask sources, mask area and score summaries."""
-    ok = manifest.copy()
-    rows = []
+    ok, rows = manifest, []
     groups = [("all", report, ok)] + [
         (f"{'female' if s == 'F' else 'male'}/{'patient' if lab == 1 else 'control'}",
          report[(report["sex"] == s) & (report["label"] == lab)], ok[(ok["sex"] == s) & (ok["label"] == lab)])
@@ -56,9 +55,9 @@ def _audit_metrics(audit: pd.DataFrame) -> dict[str, float]:
         if np.isfinite(r["mask_score_mean"]):
             m[f"faces/mask_score_mean{suffix}"] = r["mask_score_mean"]
         if r["group"] == "all":
-            m.update({"faces/photos": r["photos"], "faces/extracted": r["extracted"], "faces/rejected": r["rejected"]})
-            m.update({f"faces/{k}": float(v) for k, v in r.items() if str(k).startswith(("reason_", "mask_"))
-                      and not str(k).startswith(("mask_area", "mask_score"))})
+            m.update({"faces/photos": r["photos"], "faces/extracted": r["extracted"], "faces/rejected": r["rejected"],
+                      **{f"faces/{k}": float(v) for k, v in r.items() if str(k).startswith(("reason_", "mask_"))
+                         and not str(k).startswith(("mask_area", "mask_score"))}})
     return m
 
 
@@ -118,7 +117,10 @@ def run_faces(*, manifest: str, out: str, settings: FaceSettings, cache_dir: str
         run.log_metrics({**_audit_metrics(audit), **skipped_counts(outcome.skipped), "faces/seconds": outcome.seconds,
                          "faces/cached": float(outcome.cached), "faces/processed": float(outcome.processed)})
         run.log_table(audit, "faces_audit.csv")
-        _log_hashed_report(run, outcome)
+        rep, key = outcome.report, outcome.subject_key  # the report without file names
+        run.log_table(pd.DataFrame({"subject": [hash_subject(s, key) for s in rep["subject_id"]], "sex": rep["sex"],
+                                    "label": rep["label"], "status": rep["status"], "reason": rep["reason"]}),
+                      "faces_report_hashed.csv")
         with tracking.artifact_dir() as d:
             _audit_plot(audit, d / "faces_audit.png")
             if allow_phi:
@@ -132,18 +134,8 @@ def run_faces(*, manifest: str, out: str, settings: FaceSettings, cache_dir: str
         return FacesRun(outcome, run.run_id, audit)
 
 
-def _log_hashed_report(run, outcome: FacesOutcome) -> None:
-    """The report without file names: hashed subject, sex, label, status, reason."""
-    rep = outcome.report
-    key = outcome.subject_key
-    safe = pd.DataFrame({"subject": [hash_subject(s, key) for s in rep["subject_id"]], "sex": rep["sex"],
-                         "label": rep["label"], "status": rep["status"], "reason": rep["reason"]})
-    run.log_table(safe, "faces_report_hashed.csv")
-
-
 def _phi_montages(outcome: FacesOutcome, crops: pd.DataFrame, d: Path) -> None:
-    key = outcome.subject_key
-    base = outcome.manifest.parent
+    key, base = outcome.subject_key, outcome.manifest.parent
     _montage([base / p for p in crops["image"]], [hash_subject(s, key) for s in crops["subject_id"]],
              d / "crops_montage.png", "face crops (allow_phi_artifacts=true)")
     failed = outcome.report[outcome.report["status"] != "ok"]

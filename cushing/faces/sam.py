@@ -16,13 +16,6 @@ __all__ = ["SamMasker", "infer_model_type", "load_sam", "SamPrompt"]
 KNOWN = {(1280, 32): "vit_h", (1024, 24): "vit_l", (768, 12): "vit_b"}
 
 
-def _require():
-    try:
-        import segment_anything  # noqa: F401
-    except ImportError as e:  # pragma: no cover - pinned dependency
-        raise ImportError("SAM masks need `segment-anything` (pip install segment-anything==1.0)") from e
-
-
 def _state(path: str | Path) -> dict:
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
@@ -36,27 +29,31 @@ def _architecture(sd: dict) -> dict:
     """Encoder width, depth, heads and global-attention blocks, read from the weights themselves."""
     dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
     blocks = sorted({int(k.split(".")[2]) for k in sd if k.startswith("image_encoder.blocks.")})
-    depth = len(blocks)
     head_dim = sd["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
-    grid = 1024 // 16
+    grid = 1024 // 16  # global-attention blocks hold relative positions over the whole 64x64 token grid
     global_idx = [i for i in blocks if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * grid - 1]
-    return {"encoder_embed_dim": dim, "encoder_depth": depth, "encoder_num_heads": dim // head_dim,
+    return {"encoder_embed_dim": dim, "encoder_depth": len(blocks), "encoder_num_heads": dim // head_dim,
             "encoder_global_attn_indexes": global_idx}
 
 
-def infer_model_type(path: str | Path) -> str:
-    arch = _architecture(_state(path))
+def _known(arch: dict) -> str:
     return KNOWN.get((arch["encoder_embed_dim"], arch["encoder_depth"]), "custom")
+
+
+def infer_model_type(path: str | Path) -> str:
+    return _known(_architecture(_state(path)))
 
 
 def load_sam(path: str | Path, model_type: str | None = None, device: str | torch.device = "cpu"):
     """Build SAM for a checkpoint (vit_h / vit_l / vit_b, or any size: the architecture is read from the file)."""
-    _require()
-    from segment_anything.build_sam import _build_sam
+    try:
+        from segment_anything.build_sam import _build_sam
+    except ImportError as e:  # pragma: no cover - pinned dependency
+        raise ImportError("SAM masks need `segment-anything` (pip install segment-anything==1.0)") from e
 
     sd = _state(path)
     arch = _architecture(sd)
-    inferred = KNOWN.get((arch["encoder_embed_dim"], arch["encoder_depth"]), "custom")
+    inferred = _known(arch)
     if model_type and model_type != "auto" and model_type != inferred:
         raise ValueError(f"{path}: --sam-model-type {model_type} given, but the weights are {inferred} "
                          f"(width {arch['encoder_embed_dim']}, depth {arch['encoder_depth']})")
@@ -76,9 +73,8 @@ class SamMasker:
 
     def __init__(self, checkpoint: str | Path, model_type: str | None = None, device: str = "auto",
                  batch: int = 8):
-        dev = pick_device(device)
-        self.device = dev
-        self.sam, self.model_type = load_sam(checkpoint, model_type, dev)
+        self.device = pick_device(device)
+        self.sam, self.model_type = load_sam(checkpoint, model_type, self.device)
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
@@ -92,9 +88,8 @@ class SamMasker:
             sizes.append(x.shape[:2])
             t = torch.as_tensor(x, device=self.device).permute(2, 0, 1).float()
             xs.append(self.sam.preprocess(t[None])[0])
-        x = torch.stack(xs)
         with autocast_for(self.device):
-            emb = self.sam.image_encoder(x)
+            emb = self.sam.image_encoder(torch.stack(xs))
         return emb.float(), sizes
 
     @torch.no_grad()

@@ -50,9 +50,7 @@ class FaceSettings:
 
     @property
     def mask_method(self) -> str:
-        if self.mask == "auto":
-            return "sam" if self.sam_checkpoint else "landmark_hull"
-        return self.mask
+        return ("sam" if self.sam_checkpoint else "landmark_hull") if self.mask == "auto" else self.mask
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

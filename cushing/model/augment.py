@@ -15,10 +15,8 @@ __all__ = ["DeviceAugment"]
 
 @dataclass
 class DeviceAugment:
-    """Flip, random centre crop, rotation and brightness as one affine resample on the device, then normalise.
-
-    strength scales the paper's ranges: rotation +-10 deg, crop to 80-100%, brightness +-20%.
-    """
+    """Flip, random centre crop, rotation and brightness as one affine resample on the device, then normalise;
+    strength scales the paper's ranges: rotation +-10 deg, crop to 80-100%, brightness +-20%."""
 
     pre: Preprocess
     device: torch.device

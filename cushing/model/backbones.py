@@ -92,16 +92,14 @@ class WeightsUnavailable(RuntimeError):
 
 
 def _weights_help(spec: BackboneSpec, cause: BaseException | str) -> str:
-    return (
-        f"pretrained weights for {spec.name} ({spec.timm_id}) could not be loaded: {cause}\n"
-        f"Provide them in one of two ways:\n"
-        f"  1. a local file: -P weights=/path/to/{spec.timm_id.split('.')[0]}.safetensors (or .pth / .bin state dict; "
-        f"`cushing train --weights FILE`)\n"
-        f"  2. a populated Hugging Face cache: on a machine with internet run "
-        f"`huggingface-cli download timm/{spec.timm_id}` and copy ~/.cache/huggingface (or $HF_HOME) here; "
-        f"set HF_HUB_OFFLINE=1 to use it offline\n"
-        f"or train from random weights with -P pretrained=false."
-    )
+    return (f"pretrained weights for {spec.name} ({spec.timm_id}) could not be loaded: {cause}\n"
+            f"Provide them in one of two ways:\n"
+            f"  1. a local file: -P weights=/path/to/{spec.timm_id.split('.')[0]}.safetensors (or .pth / .bin state "
+            f"dict; `cushing train --weights FILE`)\n"
+            f"  2. a populated Hugging Face cache: on a machine with internet run "
+            f"`huggingface-cli download timm/{spec.timm_id}` and copy ~/.cache/huggingface (or $HF_HOME) here; "
+            f"set HF_HUB_OFFLINE=1 to use it offline\n"
+            f"or train from random weights with -P pretrained=false.")
 
 
 def _create(spec: BackboneSpec, *, pretrained: bool, weights: str | None, num_classes: int, img_size: int,

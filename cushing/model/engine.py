@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cushing import stops
-from cushing.config import cache_home
 from cushing.data.bank import ImageBank
 from cushing.devices import autocast_for
 from cushing.model.augment import DeviceAugment
@@ -112,8 +110,7 @@ def _batches(n: int, bs: int) -> list[tuple[int, int]]:
     """Batch bounds that never leave a batch of one (BatchNorm cannot train on it)."""
     bounds = [(i, min(i + bs, n)) for i in range(0, n, bs)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds[-2] = (bounds[-2][0], n)
-        bounds.pop()
+        bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
 
 
@@ -152,9 +149,8 @@ def _epoch_metrics(y_val: np.ndarray, logits: torch.Tensor, loss_sum: torch.Tens
     z, y = packed[:-1].reshape(-1, 2), np.asarray(y_val, int)
     loss = float(np.mean(np.logaddexp(z[:, 0], z[:, 1]) - z[np.arange(len(z)), y])) if len(y) else float("nan")
     m = point_metrics(y_val, 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1])), 0.5)
-    return {"val/loss": loss, **{f"val/{k}": m[k] for k in ("f1", "auc", "accuracy", "recall", "specificity",
-                                                            "precision")},
-            "train/loss": float(packed[-1]) / max(1, n_train)}
+    shown = ("f1", "auc", "accuracy", "recall", "specificity", "precision")
+    return {"val/loss": loss, **{f"val/{k}": m[k] for k in shown}, "train/loss": float(packed[-1]) / max(1, n_train)}
 
 
 class _Selector:
@@ -163,9 +159,7 @@ class _Selector:
     def __init__(self, metric: str):
         self.metric = metric
         self.sign = -1.0 if lower_is_better(metric) else 1.0
-        self.best = -math.inf
-        self.best_epoch = 0
-        self.best_loss = math.inf
+        self.best, self.best_epoch, self.best_loss = -math.inf, 0, math.inf
 
     def value(self) -> float:
         """The best epoch's value of the metric (per epoch: at argmax), in the metric's own units."""
@@ -187,13 +181,11 @@ class _Selector:
 def fit(model, bank: ImageBank, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
         aug: DeviceAugment, s: FitSettings, on_epoch: EpochCallback | None = None, *,
         resume: FitState | None = None, on_checkpoint: CheckpointCallback | None = None) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch.
-
-    With `resume` (a FitState handed to `on_checkpoint` earlier) training continues after that epoch; on the CPU the
-    result equals that of a fit that never stopped."""
+    """Train `model` in place; on return it holds the weights of the best validation epoch. With `resume` (a
+    FitState handed to `on_checkpoint` earlier) training continues after that epoch; on the CPU the result equals
+    that of a fit that never stopped."""
     torch.manual_seed(s.seed)
-    gen = torch.Generator(device=bank.device)
-    gen.manual_seed(s.seed)
+    gen = torch.Generator(device=bank.device).manual_seed(s.seed)
     ckpt = _Checkpoints(resume, on_checkpoint, s.checkpoint_every, s.checkpoint_seconds)
     split = np.asarray(labels), np.asarray(train_idx), np.asarray(val_idx)
     return (_fit_head if s.frozen else _fit_full)(model, bank, *split, aug, s, gen, on_epoch, ckpt)
@@ -259,10 +251,8 @@ class _Snapshot:
     """The best epoch's weights, kept on the device: buffers allocated once, refreshed with one foreach copy."""
 
     def __init__(self, module: torch.nn.Module, keep: Callable[[], torch.Tensor | None] = lambda: None):
-        self.module = module
-        self.saved: list[torch.Tensor] | None = None
+        self.module, self.saved, self.kept = module, None, None
         self.keep = keep  # what else the best epoch leaves behind (its validation logits), taken with the weights
-        self.kept: torch.Tensor | None = None
 
     def _live(self) -> list[torch.Tensor]:
         return [t.detach() for t in self.module.state_dict().values()]
@@ -288,9 +278,8 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
     start, history, times = ckpt.restore(snap.module, opt, gen, sel, snap)
     stopped = ""
     t0 = time.perf_counter()
-    bar = tqdm(total=s.epochs, initial=start - 1, desc=s.desc, unit="ep", disable=not s.progress, leave=False,
-               mininterval=0.5)
-    try:
+    with tqdm(total=s.epochs, initial=start - 1, desc=s.desc, unit="ep", disable=not s.progress, leave=False,
+              mininterval=0.5) as bar:
         for epoch in range(start, s.epochs + 1):
             te = time.perf_counter()
             metrics = run_epoch(epoch)
@@ -313,22 +302,18 @@ def _loop(s: FitSettings, run_epoch: Callable[[int], dict[str, float]], snap: _S
             if ckpt.due(epoch, s.epochs, stopping=stops.requested() is not None):
                 ckpt.callback(ckpt.capture(epoch, snap.module, opt, gen, sel, snap, history, times))
             stops.check()  # at an epoch's end, after its checkpoint
-    finally:
-        bar.close()
     snap.restore()
     return FitResult(sel.best_epoch, sel.value(), history, len(history), time.perf_counter() - t0, stopped, times,
                      snap.kept)
 
 
 def compiled_forward(model: torch.nn.Module, mode: str):
-    """(forward callable, step marker): the model itself, or torch.compile of it with static shapes.
-
-    Inductor's on-disk caches default to `cache_home()/inductor` (TORCHINDUCTOR_CACHE_DIR overrides, e.g. a folder
-    shared by the hosts of a sweep), so the second training of an architecture (a rerun, tuning trials, folds,
+    """(forward callable, step marker): the model itself, or torch.compile of it with static shapes. Inductor's disk
+    caches live in TORCHINDUCTOR_CACHE_DIR (the CLI sets it at start-up: `cache_home()/inductor` unless set, e.g. to
+    a folder a sweep's hosts share), so the second training of an architecture (a rerun, tuning trials, folds,
     seeds) skips most of the compile. The step marker tells CUDA-graph trees that a new iteration begins."""
     if mode == "none":
         return model, lambda: None
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))  # set at start-up by the CLI
     return torch.compile(model, mode=mode, dynamic=False), torch.compiler.cudagraph_mark_step_begin
 
 

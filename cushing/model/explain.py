@@ -96,10 +96,8 @@ def cams_and_raw(model, name: str, x: torch.Tensor, *, target: int = 1, batch: i
 
 def compute_cams(model, name: str, x: torch.Tensor, *, target: int = 1, batch: int = 32,
                  raw: bool = False) -> np.ndarray:
-    """[N, H, W] Grad-CAM maps in [0, 1] for class `target` (raw=True: the raw grid maps instead); see
-    `cams_and_raw`."""
-    maps, raws = cams_and_raw(model, name, x, target=target, batch=batch)
-    return raws if raw else maps
+    """[N, H, W] Grad-CAM maps in [0, 1] for class `target` (raw=True: the raw grid maps); see `cams_and_raw`."""
+    return cams_and_raw(model, name, x, target=target, batch=batch)[1 if raw else 0]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -191,14 +189,6 @@ def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> No
     plt.close(fig)
 
 
-def _overlay(path: Path, img: np.ndarray, m: np.ndarray) -> None:
-    from PIL import Image
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    rgb = img.transpose(1, 2, 0).astype(np.float32) / 255.0
-    Image.fromarray(show_cam_on_image(rgb, m, use_rgb=True)).save(path)
-
-
 def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndarray, labels: np.ndarray,
                    preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path,
                    allow_phi: bool = False, landmarks: list | None = None, seed: int = 0) -> CamReport:
@@ -210,13 +200,12 @@ def explain_images(model, name: str, x_norm: torch.Tensor, *, images_u8: np.ndar
     with phase("Grad-CAM randomization check"):
         rho = randomization_check(model, name, x_norm, seed=seed, trained_raw=raw)
     with phase("Grad-CAM aggregates (figures, regions)"):
-        return _aggregates(maps, rho, seconds, images_u8=images_u8, labels=labels, preds=preds, sexes=sexes,
-                           subjects=subjects, out_dir=out_dir, allow_phi=allow_phi, landmarks=landmarks)
+        return _aggregates(maps, rho, seconds, images_u8, labels, preds, sexes, subjects, out_dir, allow_phi,
+                           landmarks)
 
 
-def _aggregates(maps: np.ndarray, rho: float, seconds: float, *, images_u8: np.ndarray, labels: np.ndarray,
-                preds: np.ndarray, sexes: np.ndarray, subjects: list[str], out_dir: Path, allow_phi: bool,
-                landmarks: list | None) -> CamReport:
+def _aggregates(maps, rho, seconds, images_u8, labels, preds, sexes, subjects, out_dir, allow_phi, landmarks
+                ) -> CamReport:
     size = maps.shape[-1]
     labs, source = region_masks(len(maps), size, landmarks)
     shares = region_shares(maps, labs)
@@ -242,9 +231,13 @@ def _aggregates(maps: np.ndarray, rho: float, seconds: float, *, images_u8: np.n
         f"({source}). cam_regions.csv: share of CAM mass per region. Per-image overlays: "
         f"{'included (allow_phi_artifacts=true), named by hashed subject id' if allow_phi else 'not logged'}.\n")
     if allow_phi:
+        from PIL import Image
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+
         (cam_dir / "overlays").mkdir(exist_ok=True)
         for i, (img, m, s) in enumerate(zip(images_u8, maps, subjects)):
-            _overlay(cam_dir / "overlays" / f"{s}_{i}.png", img, m)
+            rgb = img.transpose(1, 2, 0).astype(np.float32) / 255.0
+            Image.fromarray(show_cam_on_image(rgb, m, use_rgb=True)).save(cam_dir / "overlays" / f"{s}_{i}.png")
     return CamReport({"cam/randomization_spearman": rho, "cam/seconds": seconds, "cam/images": float(len(maps)),
                       **{f"cam/share/{region}": float(shares[:, r].mean()) for r, region in enumerate(REGIONS)}},
                      {"cam_region_source": source, "cam_overlays": str(bool(allow_phi)).lower()})

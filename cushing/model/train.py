@@ -177,13 +177,17 @@ def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progre
 
 
 @dataclass
-class TrainOutcome:
+class _Trained:
     config: TrainConfig
     spec: BackboneSpec
     frozen: bool
     model: torch.nn.Module  # best-epoch weights, eval mode
     preprocess: Preprocess
     fit: FitResult
+
+
+@dataclass
+class TrainOutcome(_Trained):
     predictions: pd.DataFrame  # subject (hashed), split, sex, label, probability, logit, prediction
     threshold: float
     temperature: float
@@ -212,16 +216,10 @@ def fit_settings(cfg: TrainConfig, frozen: bool, progress: bool, desc: str) -> F
 
 
 @dataclass
-class Fitted:
+class Fitted(_Trained):
     """A finished training loop, not yet scored: the best-epoch model and what scoring it needs. Scoring (and
     everything after it) can run later or on another thread; the images stay on the device until then."""
 
-    config: TrainConfig
-    spec: BackboneSpec
-    frozen: bool
-    model: torch.nn.Module  # best-epoch weights
-    preprocess: Preprocess
-    fit: FitResult
     bank: ImageBank | None  # None once scored
     aug: DeviceAugment
     device: torch.device
@@ -233,9 +231,7 @@ def fit_model(cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | Non
     """The training loop of one configuration on a prepared cohort (continuing from `resume`, a checkpointed
     FitState, when given); the model holds the best validation epoch's weights on return."""
     with phase("model build"):
-        spec = get_spec(cfg.model)
-        frozen = cfg.frozen
-        device = training_device(cfg.device)
+        spec, frozen, device = get_spec(cfg.model), cfg.frozen, training_device(cfg.device)
         torch.manual_seed(cfg.seed)
         model = model_factory(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
                               freeze=frozen).to(device)
