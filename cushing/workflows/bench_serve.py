@@ -1,13 +1,13 @@
-"""`cushing bench serve`: latency and throughput of a served model as clients see them.
-
-Each model URI is served by `mlflow models serve` on a free loopback port (or a running server is given by URL);
-clients post one photo per request (base64 JPEG/PNG) at 1, 4 and 8 at once. Whether the face stage ran is read
-from the answers (`face_status` ok vs not_applied), not assumed.
+"""`cushing bench serve`: latency and throughput of a served model as clients see them. Each model URI is served by
+`mlflow models serve` on a free loopback port (or a running server is given by URL); clients post one photo per
+request (base64 JPEG/PNG) at 1, 4 and 8 at once. Whether the face stage ran is read from the answers (`face_status` ok
+vs not_applied), not assumed.
 """
 from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import statistics
@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +23,7 @@ from cushing.ops.stack import free_port, stop_group, wait_http
 __all__ = ["bench_serve", "serve_model"]
 
 
-@contextmanager
+@contextlib.contextmanager
 def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
     """`mlflow models serve -m URI` on a free 127.0.0.1 port for the block; yields its base URL."""
     port = free_port()
@@ -40,10 +39,8 @@ def serve_model(model_uri: str, timeout: float = 300.0) -> Iterator[str]:
         # the whole group (the server's workers too); quiet when it is gone already (a server that failed to start,
         # whose error is the one to see); SIGKILL for one that ignores SIGTERM
         stop_group(proc.pid)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
         log.unlink(missing_ok=True)
 
 

@@ -1,12 +1,10 @@
 """The cohort before training: the audit as a tracked step (`cushing audit`, entry point `audit`), its threshold
-evaluation, and what a cohort of this size can show (`cushing size`).
-
-Writes OUT/audit.csv (one row per pair, closest first: pair number, kind, distance, decision, verdict, outcome, the
-two CSV lines, hashed subject ids, splits) and OUT/audit_summary.csv (the threshold and the strict distance, how
-they were chosen, the expected false pairs, the counts of merged and precaution pairs, the largest group kept in one
-split, how well recall is known per sex), and logs both with the counts to a run tagged task=audit. No paths, raw
-ids or faces reach MLflow: the review page (`review_page`) and the decisions file itself only with
-allow_phi_artifacts.
+evaluation, and what a cohort of this size can show (`cushing size`). Writes OUT/audit.csv (one row per pair, closest
+first: pair number, kind, distance, decision, verdict, outcome, the two CSV lines, hashed subject ids, splits) and
+OUT/audit_summary.csv (the threshold and the strict distance, how they were chosen, the expected false pairs, the
+counts of merged and precaution pairs, the largest group kept in one split, how well recall is known per sex), and
+logs both with the counts to a run tagged task=audit. No paths, raw ids or faces reach MLflow: the review page
+(`review_page`) and the decisions file itself only with allow_phi_artifacts.
 """
 from __future__ import annotations
 
@@ -18,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from cushing import tracking
-from cushing.data.audit import AuditSettings, CohortAudit, audit_manifest, audit_settings, evaluate_duplicates, \
-    evaluate_same_person
+from cushing.data.audit import (AuditSettings, CohortAudit, audit_manifest, audit_settings, evaluate_duplicates,
+                                evaluate_same_person)
 from cushing.data.audit.curvefile import write_curve
 from cushing.data.audit.review import review_page
 from cushing.data.manifest import load_manifest, sha256_file
@@ -45,8 +43,7 @@ class AuditRun:
 
 def summary_table(audit: CohortAudit) -> pd.DataFrame:
     """audit_summary.csv: key, value (the params, then the metrics): numbers and digests only."""
-    rows = [*audit.params().items(), *audit.summary().items()]
-    return pd.DataFrame(rows, columns=["key", "value"])
+    return pd.DataFrame([*audit.params().items(), *audit.summary().items()], columns=["key", "value"])
 
 
 def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | float | None = "auto",
@@ -63,23 +60,18 @@ def run_audit(*, manifest: str, out: str, faces: bool = True, threshold: str | f
     size = size_line(m)
     summary = pd.concat([summary_table(audit), pd.DataFrame([("cohort_size", size)], columns=["key", "value"])])
     summary.to_csv(folder / "audit_summary.csv", index=False)
-    page = None
-    if review:
-        page = Path(review)
+    page = Path(review) if review else None
+    if page:
         private_dir(page.parent)
+        # each photo as the manifest names it (image entry, subject id): what a reviewer looks up, not a resolved path
+        captions = [f"{image} ({subject})" for image, subject in zip(m.table["image"], m.table["subject_id"])]
         write_private(page, review_page(audit.pairs, m.table["path"].tolist(), choice=audit.choice,
-                                        manifest=str(m.source), captions=_captions(m.table)))
+                                        manifest=str(m.source), captions=captions))
     run_id = _log(audit, m, experiment, summary, page if allow_phi else None, allow_phi) if track else None
     return AuditRun(audit, folder / "audit.csv", run_id, settings.faces, page, size)
 
 
-def _captions(table) -> list[str]:
-    """Each photo as the manifest names it (image entry, subject id): what a reviewer looks up, not a resolved path."""
-    return [f"{image} ({subject})" for image, subject in zip(table["image"], table["subject_id"])]
-
-
-def _log(audit: CohortAudit, m, experiment: str, summary: pd.DataFrame, page: Path | None, allow_phi: bool
-         ) -> str:
+def _log(audit: CohortAudit, m, experiment: str, summary: pd.DataFrame, page: Path | None, allow_phi: bool) -> str:
     s = audit.settings
     counts = audit.summary()
     with tracking.start_run(experiment=experiment, run_name="audit", tags={

@@ -1,11 +1,10 @@
 """A tracked training: prepare the cohort, open the run, train, evaluate, log. Also CV folds and seed repeats.
-
-This module composes the pure steps (train, report, plots, explain) with the two side-effect modules
-(tracking for runs, release for the model); it holds no mlflow import itself.
+Composes the pure steps with tracking (runs) and release (the model); no mlflow import here.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from typing import Callable
@@ -13,10 +12,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cushing import __version__
-from cushing import tracking
+from cushing import __version__, stops, tracking
 from cushing.model.backbones import get_spec
-from cushing.config import EXECUTION_FIELDS, ConfigError, TrainConfig, config_digest, resolve, run_name, to_params
+from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest, resolve, run_name, to_params
 from cushing.model.checkpoint import (CHECKPOINT, Checkpointer, ResumeBusy, checkpoint_dir, load_checkpoint,
                                       resume_lock)
 from cushing.model.engine import EpochCallback, FitState
@@ -28,7 +26,6 @@ from cushing.data.splits import assign_folds, fold_split
 from cushing.faces.settings import settings_for_manifest
 from cushing.model.train import Cohort, fit_model, prepare_cohort
 from cushing.stats.calibration import logit
-from cushing import stops
 from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
 from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part
 
@@ -36,30 +33,18 @@ __all__ = ["RunSummary", "run_experiment", "run_single", "run_cv", "run_seeds",
            "resume_single", "ResumeError", "Trained", "train_part", "finish_part"]
 
 
-
 def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
     spec = get_spec(cfg.model)
-    table = cohort.table
     tags = {"model": cfg.model, "freeze": str(cfg.frozen).lower(), "model_type": spec.kind, "timm_id": spec.timm_id,
             "synthetic_data": str(cohort.manifest.synthetic).lower(), "data_digest": cohort.manifest.digest,
             "split_source": "manifest" if cohort.manifest.has_split else f"drawn (seed {cfg.split_seed})",
             "cushing_version": __version__, "allow_phi_artifacts": str(cfg.allow_phi_artifacts).lower(),
             "pretrained": str(cfg.pretrained or bool(cfg.weights)).lower(), "config_digest": config_digest(cfg)}
-    if "face_mask_source" in table.columns:
-        sources = sorted(table["face_mask_source"].astype(str).unique())
-        tags["face_mask_source"] = ",".join(sources)
+    if "face_mask_source" in cohort.table.columns:
+        tags["face_mask_source"] = ",".join(sorted(cohort.table["face_mask_source"].astype(str).unique()))
     if cohort.manifest.synthetic:
         tags["data_note"] = "SYNTHETIC demo cohort: procedurally drawn faces, not patients"
     return tags
-
-
-def _chain(*callbacks: EpochCallback | None) -> EpochCallback:
-    live = [c for c in callbacks if c is not None]
-
-    def call(epoch: int, metrics: dict[str, float]) -> None:
-        for c in live:
-            c(epoch, metrics)
-    return call
 
 
 def _log_config(run: tracking.RunLogger, cfg: TrainConfig) -> None:
@@ -74,8 +59,7 @@ def _log_setup(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     run.log_table(cohort.split_table(), "splits.csv")
     ds = pd.DataFrame({"subject": cohort.manifest.subject_hashes(), "split": cohort.split.to_numpy(),
                        "sex": cohort.table["sex"].to_numpy(), "label": cohort.table["label"].to_numpy()})
-    name = "demo-cohort" if cohort.manifest.synthetic else "cohort"
-    run.log_dataset(ds, digest=cohort.manifest.digest, name=name)
+    run.log_dataset(ds, digest=cohort.manifest.digest, name="demo-cohort" if cohort.manifest.synthetic else "cohort")
     # photos left out here (skip_bad_photos) and by the face stage that made these crops (its sidecar)
     faces = (settings_for_manifest(cohort.manifest.source) or {}).get("skipped", {})
     run.log_metrics({k: v + faces.get(k, 0.0) for k, v in skipped_counts(cohort.manifest.skipped).items()})
@@ -87,9 +71,9 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     """The cohort audit that shaped the split: audit.csv (pair numbers, CSV lines and hashed ids only), counts, how
     many subjects joined another's split group as one person (merges) or as a precaution, and a warning when a
     given split keeps such pairs apart."""
-    audit = cohort.audit
-    pairs = audit.pairs.assign(split_a=cohort.split.to_numpy()[audit.pairs["line_a"].to_numpy() - 2],
-                               split_b=cohort.split.to_numpy()[audit.pairs["line_b"].to_numpy() - 2])
+    audit, split = cohort.audit, cohort.split.to_numpy()
+    pairs = audit.pairs.assign(split_a=split[audit.pairs["line_a"].to_numpy() - 2],
+                               split_b=split[audit.pairs["line_b"].to_numpy() - 2])
     pairs["straddles_splits"] = pairs["split_a"] != pairs["split_b"]
     lines = cohort.manifest.lines  # CSV lines (they differ from the table's rows once photos are skipped)
     pairs["line_a"], pairs["line_b"] = lines[pairs["line_a"] - 2], lines[pairs["line_b"] - 2]
@@ -106,53 +90,41 @@ def _log_audit(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort) -> Non
     run.set_tags(tags)
 
 
-RUN_START = "run start (store, experiment, tags, heartbeat)"
-RUN_END = "run end"
-
-
 def run_single(cfg: TrainConfig, *, cohort: Cohort | None = None, parent_run_id: str | None = None,
-               on_epoch: EpochCallback | None = None, progress: bool = True,
-               extra_tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None
-               ) -> RunSummary:
+               on_epoch: EpochCallback | None = None, progress: bool = True, extra_tags: dict[str, str] | None = None,
+               on_start: Callable[[str], None] | None = None) -> RunSummary:
     """One tracked training, finished (scored, logged, ended) before it returns."""
     with stops.cooperative(), timing() as timer:
         with phase("store: tracking server check"):
             tracking.check_reachable()  # an unreachable server fails now, before any image is decoded
         cohort = cohort or prepare_cohort(cfg, progress=progress)
-        tags = {**_tags(cfg, cohort), **(extra_tags or {})}
-        opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), tags=tags,
-                                    parent_run_id=parent_run_id)
-        with phased(opened, RUN_START, RUN_END) as run:
+        opened = tracking.start_run(experiment=cfg.experiment, run_name=run_name(cfg), parent_run_id=parent_run_id,
+                                    tags={**_tags(cfg, cohort), **(extra_tags or {})})
+        with phased(opened, "run start (store, experiment, tags, heartbeat)", "run end") as run:
             stops.check()  # a stop that came while the run was being opened ends it KILLED
             if on_start is not None:
                 on_start(run.run_id)
             with phase("setup logging (params, splits, dataset)"):
                 _log_setup(run, cfg, cohort)
-            summary = _train_and_log(run, cfg, cohort, on_epoch=on_epoch, progress=progress)
+            summary = finish_part(train_part(run, cfg, cohort, on_epoch=on_epoch, progress=progress), progress=progress)
     summary.phases = timer
     return summary
 
 
-def _train_and_log(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
-                   progress: bool, resume: FitState | None = None, logged: int = 0) -> RunSummary:
-    """Train (from the start, or on from a checkpoint), then evaluate and log everything into `run`. Epochs up to
-    `logged` (a resumed run's epochs already in MLflow before it stopped) are recomputed but not logged twice."""
-    trained = train_part(run, cfg, cohort, on_epoch=on_epoch, progress=progress, resume=resume, logged=logged)
-    return finish_part(trained, progress=progress)
-
-
 def train_part(run: tracking.RunLogger, cfg: TrainConfig, cohort: Cohort, *, on_epoch: EpochCallback | None,
                progress: bool, resume: FitState | None = None, logged: int = 0) -> Trained:
-    """The training loop of a run, its epochs logged as they end (written by the run logger's own thread)."""
-    saver = None
-    if cfg.checkpoint_every:
-        saver = Checkpointer(run.run_id, lambda path, epoch: run.note_checkpoint(path, epoch, cfg.log_checkpoint))
+    """The training loop of a run (from the start, or on from a checkpoint), its epochs logged as they end (written
+    by the run logger's own thread). Epochs up to `logged` (a resumed run's epochs already in MLflow before it
+    stopped) are recomputed but not logged twice."""
+    saver = (Checkpointer(run.run_id, lambda path, epoch: run.note_checkpoint(path, epoch, cfg.log_checkpoint))
+             if cfg.checkpoint_every else None)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch > logged:
             run.log_epoch(epoch, metrics)
-    fitted = fit_model(cfg, cohort, on_epoch=_chain(log_epoch, on_epoch), progress=progress, resume=resume,
-                       on_checkpoint=saver)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    fitted = fit_model(cfg, cohort, on_epoch=log_epoch, progress=progress, resume=resume, on_checkpoint=saver)
     with phase("epoch metrics flush"):
         run.flush()
     return Trained(run, cfg, cohort, fitted)
@@ -190,13 +162,14 @@ def _resume(target: str, cfg: TrainConfig, env_run: str | None, progress: bool) 
     logged = tracking.last_step(target, f"{tracking.EPOCH_PREFIX}train/loss")
     with tracking.start_run(experiment=saved.experiment, run_name=run_name(saved), run_id=target) as run:
         run.set_tags({"resumed_from_epoch": state.epoch})
-        return _train_and_log(run, saved, cohort, on_epoch=None, progress=progress, resume=state, logged=logged)
+        return finish_part(train_part(run, saved, cohort, on_epoch=None, progress=progress, resume=state,
+                                      logged=logged), progress=progress)
 
 
 def _resume_target(cfg: TrainConfig, env_run: str | None) -> str:
     if cfg.resume and cfg.resume != "true":
         return cfg.resume
-    if env_run and _has_checkpoint(env_run):  # `mlflow run --run-id ID -P resume=true`
+    if env_run and "checkpoint_epoch" in tracking.get_run(env_run).tags:  # `mlflow run --run-id ID -P resume=true`
         return env_run
     digest = config_digest(cfg)
     for r in tracking.find_runs(cfg.experiment, filter_string=f"tags.config_digest = '{digest}'"):
@@ -206,14 +179,9 @@ def _resume_target(cfg: TrainConfig, env_run: str | None) -> str:
                       f"experiment {cfg.experiment!r}; pass its run id (--resume RUN_ID)")
 
 
-def _has_checkpoint(run_id: str) -> bool:
-    return "checkpoint_epoch" in tracking.get_run(run_id).tags
-
-
 def _saved_config(run_id: str, cfg: TrainConfig) -> TrainConfig:
     """The configuration the run was started with (its config.yaml), with how it executes taken from `cfg`."""
     import yaml
-
 
     run = tracking.get_run(run_id)
     if run.status == "FINISHED":
@@ -241,9 +209,8 @@ def _checkpoint_of(run_id: str) -> FitState:
 
 def _recentre(pred: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Shift a fold's scores on the logit scale so its validation-chosen threshold lands at 0.5."""
-    out = pred.copy()
-    out["probability"] = 1 / (1 + np.exp(-(logit(out["probability"].to_numpy()) - logit(np.array([threshold]))[0])))
-    return out
+    shift = logit(np.array([threshold]))[0]
+    return pred.assign(probability=1 / (1 + np.exp(-(logit(pred["probability"].to_numpy()) - shift))))
 
 
 def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = True,
@@ -252,17 +219,15 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
     cohort = cohort or prepare_cohort(cfg, progress=progress)
     k = cfg.cv_folds
     folds = assign_folds(cohort.table, k, seed=cfg.split_seed, strata=cohort.strata, groups=cohort.groups)
-    child_cfg = dataclasses.replace(cfg, cv_folds=0, seeds=1)
     name = f"{run_name(cfg)}-cv{k}"
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort), "cv_folds": str(k)},
                             parent_run_id=parent_run_id) as parent:
         _log_config(parent, cfg)
         children, pooled = [], []
         for i in range(k):
-            fold_cohort = cohort.with_split(fold_split(folds, i, k))
-            fcfg = dataclasses.replace(child_cfg, run_name=f"{run_name(cfg)}-fold{i}")
-            summary = run_single(fcfg, cohort=fold_cohort, parent_run_id=parent.run_id, progress=progress,
-                                 extra_tags={"fold": str(i)})
+            summary = run_single(dataclasses.replace(cfg, cv_folds=0, seeds=1, run_name=f"{run_name(cfg)}-fold{i}"),
+                                 cohort=cohort.with_split(fold_split(folds, i, k)), parent_run_id=parent.run_id,
+                                 progress=progress, extra_tags={"fold": str(i)})
             children.append(summary)
             test = summary.predictions[summary.predictions["split"] == "test"]
             pooled.append(_recentre(test, summary.metrics["threshold"]).assign(fold=i))
@@ -284,13 +249,12 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
 def _spread(children: list[RunSummary]) -> dict[str, float]:
     """Mean and standard deviation over child runs of the headline validation and test metrics."""
     out = {}
-    for split in ("val", "test"):
-        for m in METRICS:
-            vals = np.array([c.metrics.get(f"{split}/{m}", math.nan) for c in children], float)
-            vals = vals[np.isfinite(vals)]
-            if len(vals):
-                out[f"{split}/{m}/mean"] = float(vals.mean())
-                out[f"{split}/{m}/std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    for split, m in itertools.product(("val", "test"), METRICS):
+        vals = np.array([c.metrics.get(f"{split}/{m}", math.nan) for c in children], float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals):
+            out[f"{split}/{m}/mean"] = float(vals.mean())
+            out[f"{split}/{m}/std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     return out
 
 
@@ -302,12 +266,10 @@ def run_seeds(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool 
     with tracking.start_run(experiment=cfg.experiment, run_name=name, tags={**_tags(cfg, cohort),
                             "seeds": str(cfg.seeds)}, parent_run_id=parent_run_id) as parent:
         _log_config(parent, cfg)
-        children = []
-        for j in range(cfg.seeds):
-            scfg = dataclasses.replace(cfg, seeds=1, cv_folds=0, seed=cfg.seed + j,
-                                       run_name=f"{run_name(cfg)}-seed{cfg.seed + j}")
-            children.append(run_single(scfg, cohort=cohort, parent_run_id=parent.run_id, progress=progress,
-                                       extra_tags={"seed": str(cfg.seed + j)}))
+        children = [run_single(dataclasses.replace(cfg, seeds=1, cv_folds=0, seed=s,
+                                                   run_name=f"{run_name(cfg)}-seed{s}"),
+                               cohort=cohort, parent_run_id=parent.run_id, progress=progress,
+                               extra_tags={"seed": str(s)}) for s in range(cfg.seed, cfg.seed + cfg.seeds)]
         spread = _spread(children)
         parent.log_metrics(spread)
         return RunSummary(parent.run_id, name, spread, None, children)
@@ -319,21 +281,16 @@ def run_experiment(cfg: TrainConfig, *, progress: bool = True, on_epoch: EpochCa
     where the time went (named phases, and when this process started) is written there as JSON."""
     cfg = dataclasses.replace(cfg, experiment=tracking.resolve_experiment(cfg.experiment))
     with timing() as timer:
-        summary = _dispatch(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
+        if cfg.resume:
+            summary = resume_single(cfg, progress=progress)
+        elif cfg.cv_folds > 1:
+            summary = run_cv(cfg, progress=progress, parent_run_id=parent_run_id)
+        elif cfg.seeds > 1:
+            summary = run_seeds(cfg, progress=progress, parent_run_id=parent_run_id)
+        else:
+            summary = run_single(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)
     summary.phases = timer
-    out = os.environ.get(PHASES_OUT_ENV)
-    if out:
-        timer.write(out, process_start=process_start_time(), run_id=summary.run_id,
+    if os.environ.get(PHASES_OUT_ENV):
+        timer.write(os.environ[PHASES_OUT_ENV], process_start=process_start_time(), run_id=summary.run_id,
                     train_seconds=summary.metrics.get("train_seconds"))
     return summary
-
-
-def _dispatch(cfg: TrainConfig, *, progress: bool, on_epoch: EpochCallback | None,
-              parent_run_id: str | None) -> RunSummary:
-    if cfg.resume:
-        return resume_single(cfg, progress=progress)
-    if cfg.cv_folds > 1:
-        return run_cv(cfg, progress=progress, parent_run_id=parent_run_id)
-    if cfg.seeds > 1:
-        return run_seeds(cfg, progress=progress, parent_run_id=parent_run_id)
-    return run_single(cfg, progress=progress, on_epoch=on_epoch, parent_run_id=parent_run_id)

@@ -2,6 +2,7 @@
 model, tables, plots and Grad-CAM into one artifact folder, then the final metrics, tags and one upload."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from cushing.model.train import Cohort, Fitted, TrainOutcome, score
 from cushing.phases import PhaseTimer, phase
 from cushing.stats import plots
 from cushing.stats.report import Report, build_report
-from cushing.tracking import artifact_dir
 
 __all__ = ["RunSummary", "Trained", "finish_part"]
 
@@ -39,9 +39,7 @@ class RunSummary:
 
 
 def _prevalence(cfg: TrainConfig, cohort: Cohort) -> float:
-    if cfg.prevalence is not None:
-        return cfg.prevalence
-    return float(cohort.labels[cohort.index("train")].mean())
+    return cfg.prevalence if cfg.prevalence is not None else float(cohort.labels[cohort.index("train")].mean())
 
 
 def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], dict[str, str]]:
@@ -52,8 +50,7 @@ def _results(outcome: TrainOutcome, report: Report) -> tuple[dict[str, float], d
                "epoch_seconds_median": float(np.median(fit.epoch_seconds)) if fit.epoch_seconds else math.nan,
                # the first epoch carries one-off costs (cuDNN autotuning, torch.compile): compare it with the median
                "first_epoch_seconds": fit.epoch_seconds[0] if fit.epoch_seconds else math.nan}
-    tags = dict(report.tags)
-    tags["device"] = outcome.device
+    tags = {**report.tags, "device": outcome.device}
     if fit.stopped:
         tags["stopped_early"] = fit.stopped
     op = outcome.operating
@@ -77,19 +74,13 @@ def _write_tables(d: Path, outcome: TrainOutcome, report: Report) -> None:
 
 
 def _write_plots(d: Path, outcome: TrainOutcome, report: Report) -> None:
-    fit = outcome.fit
-    (d / "plots").mkdir()
-    plots.roc_plot(outcome.predictions, d / "plots" / "roc.png", title=run_name(outcome.config))
-    plots.confusion_plot(outcome.predictions, outcome.threshold, d / "plots" / "confusion.png")
-    plots.curves_plot(fit.history, fit.best_epoch, d / "plots" / "curves.png")
-    plots.calibration_plot(report.reliability, d / "plots" / "calibration.png")
+    (p := d / "plots").mkdir()
+    plots.roc_plot(outcome.predictions, p / "roc.png", title=run_name(outcome.config))
+    plots.confusion_plot(outcome.predictions, outcome.threshold, p / "confusion.png")
+    plots.curves_plot(outcome.fit.history, outcome.fit.best_epoch, p / "curves.png")
+    plots.calibration_plot(report.reliability, p / "calibration.png")
     plots.decision_plot({"model": report.decision_curve}, {"model": (outcome.threshold, report.metrics.get(
-        "test/net_benefit", math.nan))}, d / "plots" / "decision_curve.png", "decision curve (test)")
-
-
-def _faces_settings(cohort: Cohort) -> dict[str, Any] | None:
-    """The face-stage settings recorded in a face-crop manifest's sidecar, so serving applies the same."""
-    return settings_for_manifest(cohort.manifest.source)
+        "test/net_benefit", math.nan))}, p / "decision_curve.png", "decision curve (test)")
 
 
 class _Stages:
@@ -109,9 +100,6 @@ class _Stages:
         self.started = True
         self.bar.set_postfix_str(name)
 
-    def close(self) -> None:
-        self.bar.close()
-
 
 @dataclass
 class Trained:
@@ -122,16 +110,6 @@ class Trained:
     cfg: TrainConfig
     cohort: Cohort
     fitted: Fitted
-
-
-@dataclass
-class _Scored:
-    trained: Trained
-    outcome: TrainOutcome
-    report: Report
-    metrics: dict[str, float]
-    tags: dict[str, str]
-    stages: "_Stages"
 
 
 def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
@@ -152,11 +130,10 @@ def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
                                   bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
                                   subgroup_columns=cfg.subgroup_columns)
         metrics, tags = _results(outcome, report)
-        scored = _Scored(trained, outcome, report, metrics, tags, stages)
-        made: dict[str, Any] = {"metrics": dict(metrics), "tags": dict(tags), "uri": None}
-        with artifact_dir() as d:
+        made: dict[str, Any] = {"metrics": metrics, "tags": tags, "uri": None}
+        with tracking.artifact_dir() as d:
             try:
-                _finish_into(d, scored, made)
+                _finish_into(d, trained, outcome, report, stages, made)
             except BaseException:
                 _keep_what_was_made(run, d, made)
                 raise
@@ -166,35 +143,34 @@ def finish_part(trained: Trained, *, progress: bool) -> RunSummary:
             with phase("artifact upload"):
                 run.log_files(d, None)
     finally:
-        stages.close()
+        stages.bar.close()
     remove_checkpoint(run.run_id)  # finished: nothing to resume
-    return _summary(scored, made["metrics"], made["uri"])
+    return _summary(trained, outcome, made["metrics"], made["uri"])
 
 
-def _summary(scored: _Scored, metrics: dict[str, float], uri: str | None) -> RunSummary:
-    cfg, outcome = scored.trained.cfg, scored.outcome
-    fit = outcome.fit
+def _summary(trained: Trained, outcome: TrainOutcome, metrics: dict[str, float], uri: str | None) -> RunSummary:
+    cfg, fit = trained.cfg, outcome.fit
     selection = (f"best epoch {fit.best_epoch} of {fit.epochs_run} by {cfg.select_metric} "
                  f"{fit.best_score:.3f} per epoch (at argmax, as the epoch bar showed); final results at that "
                  f"epoch and the threshold {outcome.threshold:.3f} chosen on validation (rule {cfg.threshold})"
                  + (f"; {outcome.operating.statement}" if outcome.operating and outcome.operating.statement else ""))
-    return RunSummary(scored.trained.run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions,
+    return RunSummary(trained.run.run_id, run_name(cfg), metrics, uri, predictions=outcome.predictions,
                       stopped=fit.stopped, selection=selection)
 
 
-def _finish_into(d: Path, scored: _Scored, made: dict[str, Any]) -> None:
+def _finish_into(d: Path, trained: Trained, outcome: TrainOutcome, report: Report, stages: _Stages,
+                 made: dict[str, Any]) -> None:
     """Model, tables, plots, Grad-CAM: files into `d`, metrics and tags into `made` as they come (so that a
     failure later keeps them)."""
-    run, cfg, cohort, outcome, stages = (scored.trained.run, scored.trained.cfg, scored.trained.cohort,
-                                         scored.outcome, scored.stages)
+    cfg, cohort = trained.cfg, trained.cohort
     if cfg.log_model:  # first, so that the final metrics logged next are linked to the logged model
         stages("model")
-        made["uri"] = _log_model(run, outcome, cohort)
+        made["uri"] = _log_model(trained.run, outcome, cohort)
     stages("tables and plots")
     with phase("tables"):
-        _write_tables(d, outcome, scored.report)
+        _write_tables(d, outcome, report)
     with phase("plots"):
-        _write_plots(d, outcome, scored.report)
+        _write_plots(d, outcome, report)
     if cfg.cam:
         stages("Grad-CAM")
         cams = explain.explain_outcome(outcome, cohort, out_dir=d, allow_phi=cfg.allow_phi_artifacts)
@@ -207,15 +183,15 @@ def _keep_what_was_made(run: tracking.RunLogger, d: Path, made: dict[str, Any]) 
     never hiding the failure itself."""
     for keep in (lambda: run.log_metrics(made["metrics"]), lambda: run.set_tags(made["tags"]),
                  lambda: run.log_files(d, None)):
-        try:
+        with contextlib.suppress(Exception):
             keep()
-        except Exception:
-            pass
 
 
 def _log_model(run: tracking.RunLogger, outcome: TrainOutcome, cohort: Cohort) -> str:
-    logged = release.log_model(outcome, faces=_faces_settings(cohort), data_digest=cohort.manifest.digest,
-                               synthetic=cohort.manifest.synthetic, run_id=run.run_id)
+    # the face-stage settings a face-crop manifest's sidecar recorded, so serving applies the same
+    logged = release.log_model(outcome, faces=settings_for_manifest(cohort.manifest.source),
+                               data_digest=cohort.manifest.digest, synthetic=cohort.manifest.synthetic,
+                               run_id=run.run_id)
     run.model_id = logged.model_id
     run.set_tags({"model_uri": logged.uri})
     return logged.uri

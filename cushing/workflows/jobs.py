@@ -4,14 +4,14 @@ comparison of runs. Composes the pure modules with tracking (runs) and release (
 from __future__ import annotations
 
 import base64
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cushing import release
-from cushing import tracking
+from cushing import release, tracking
 from cushing.model.explain import CamReport, explain_images, landmarks_of
 from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.stats import plots
@@ -47,7 +47,6 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
                 split: str = "test", allow_phi: bool = False, experiment: str = "cushing",
                 device: str = "auto") -> tuple[str, CamReport]:
     """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run)."""
-
     params, digest = None, None
     if run_id:
         run = tracking.get_run(run_id)
@@ -63,8 +62,7 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
     m = load_manifest(resolve_data(data))
     idx = _rows_for(m, split, params, digest)
     model, mcfg = release.load_torch_model(model_uri)
-    dev = pick_device(device)
-    model = model.to(dev)
+    model = model.to(dev := pick_device(device))
     size = int(mcfg["img_size"])
     images = decode_images(m.table["path"].iloc[idx].tolist(), size, mcfg.get("interpolation", "bicubic"))
     aug = DeviceAugment(Preprocess.from_model_config(mcfg), dev, 0.0)
@@ -78,24 +76,14 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
             preds=(prob >= float(mcfg["threshold"])).astype(int), sexes=t["sex"].to_numpy(),
             subjects=[hash_subject(s, m.subject_key) for s in t["subject_id"]], out_dir=d, allow_phi=allow_phi,
             landmarks=landmarks_of(m.table, idx, size))
-        if run_id:
-            with tracking.resume_run(run_id) as r:
-                _log_cam(r, d, report)
-            return run_id, report
-        with tracking.start_run(experiment=experiment, run_name=f"explain-{mcfg['model']}",
-                                tags={"task": "explain", "source_model_uri": model_uri,
-                                      "synthetic_data": str(m.synthetic).lower()}) as r:
-            _log_cam(r, d, report)
+        with tracking.resume_run(run_id) if run_id else tracking.start_run(
+                experiment=experiment, run_name=f"explain-{mcfg['model']}", tags={
+                    "task": "explain", "source_model_uri": model_uri, "synthetic_data": str(m.synthetic).lower()}) as r:
+            r.log_files(d)
+            r.log_metrics(report.metrics)
+            r.set_tags(report.tags)
             return r.run_id, report
 
-
-def _log_cam(r: tracking.RunLogger, folder: Path, report: CamReport) -> None:
-    r.log_files(folder)
-    r.log_metrics(report.metrics)
-    r.set_tags(report.tags)
-
-
-# ------------------------------------------------------------------------------------------------ evaluate
 
 @dataclass
 class EvaluationResult:
@@ -119,7 +107,7 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
     same metrics, intervals, per-sex table and calibration as a new run linked to the model."""
     m = load_manifest(resolve_data(manifest))
     pyf = release.load_model(model_uri)
-    meta = pyf.metadata.metadata.get("cushing", {}) if pyf.metadata.metadata else {}
+    meta = (pyf.metadata.metadata or {}).get("cushing", {})
     threshold = float(meta.get("threshold", 0.5))
     out = _score_with_pyfunc(pyf, m.table["path"].tolist())
     t = m.table
@@ -156,8 +144,6 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
         return EvaluationResult(r.run_id, report, scored, {str(k): int(v) for k, v in excluded.items()})
 
 
-# ------------------------------------------------------------------------------------------------ compare
-
 class CompareError(ValueError):
     pass
 
@@ -172,9 +158,8 @@ def _test_predictions(run_id: str) -> tuple[pd.DataFrame, float, str]:
     run = tracking.get_run(run_id)
     with tracking.artifact_dir() as d:
         pred = pd.read_csv(tracking.download_artifact(run_id, "predictions.csv", d))
-    thr = run.metrics.get("threshold", 0.5)
-    return pred[pred["split"] == "test"].sort_values("subject").reset_index(drop=True), float(thr), \
-        run.tags.get("mlflow.runName", run_id)
+    return (pred[pred["split"] == "test"].sort_values("subject").reset_index(drop=True),
+            float(run.metrics.get("threshold", 0.5)), run.tags.get("mlflow.runName", run_id))
 
 
 def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: str = "cushing") -> ComparisonResult:
@@ -190,30 +175,23 @@ def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: s
             raise CompareError(f"run {rid} ({name}) was evaluated on different test subjects than run {ref_id}: "
                                "paired tests need the same cohort and split (same data digest and split seed)")
     rows = []
-    ids = list(loaded)
-    for i in range(len(ids)):
-        for j in range(i + 1, len(ids)):
-            (pa, ta, na), (pb, tb, nb) = loaded[ids[i]], loaded[ids[j]]
-            y = pa["label"].to_numpy()
-            d = delong_test(y, pa["probability"].to_numpy(), pb["probability"].to_numpy())
-            ca = (pa["probability"].to_numpy() >= ta).astype(int) == y
-            cb = (pb["probability"].to_numpy() >= tb).astype(int) == y
-            mc = mcnemar_test(ca, cb)
-            rows.append({"run_a": ids[i], "model_a": na, "run_b": ids[j], "model_b": nb, "n": len(y),
-                         "auc_a": d["auc1"], "auc_b": d["auc2"], "auc_diff": d["diff"], "delong_z": d["z"],
-                         "delong_p": d["p_value"], "acc_a": ca.mean(), "acc_b": cb.mean(), "mcnemar_b": mc["b"],
-                         "mcnemar_c": mc["c"], "mcnemar_p": mc["p_value"]})
+    for a, b in itertools.combinations(loaded, 2):
+        (pa, ta, na), (pb, tb, nb) = loaded[a], loaded[b]
+        y = pa["label"].to_numpy()
+        d = delong_test(y, pa["probability"].to_numpy(), pb["probability"].to_numpy())
+        ca = (pa["probability"].to_numpy() >= ta).astype(int) == y
+        cb = (pb["probability"].to_numpy() >= tb).astype(int) == y
+        mc = mcnemar_test(ca, cb)
+        rows.append({"run_a": a, "model_a": na, "run_b": b, "model_b": nb, "n": len(y),
+                     "auc_a": d["auc1"], "auc_b": d["auc2"], "auc_diff": d["diff"], "delong_z": d["z"],
+                     "delong_p": d["p_value"], "acc_a": ca.mean(), "acc_b": cb.mean(), "mcnemar_b": mc["b"],
+                     "mcnemar_c": mc["c"], "mcnemar_p": mc["p_value"]})
     table = pd.DataFrame(rows)
     table["delong_p_holm"] = holm(table["delong_p"].tolist())
     table["mcnemar_p_holm"] = holm(table["mcnemar_p"].tolist())
-    run_id = None
-    if log_to is not None:
-        run_id = _log_comparison(table, run_ids, log_to, experiment)
-    return ComparisonResult(table, run_id)
-
-
-def _log_comparison(table: pd.DataFrame, run_ids: list[str], parent: str, experiment: str) -> str:
-    with tracking.log_into(parent or None, experiment=experiment, run_name="compare",
+    if log_to is None:
+        return ComparisonResult(table, None)
+    with tracking.log_into(log_to or None, experiment=experiment, run_name="compare",
                            tags={"task": "compare", "compared_runs": ",".join(run_ids)}) as r:
         r.log_table(table, "comparison.csv")
-        return r.run_id
+        return ComparisonResult(table, r.run_id)

@@ -1,12 +1,11 @@
-"""Roughly how long a sweep takes on one GPU, before it runs (`cushing sweep FILE --plan`).
-
-A configuration is three phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the
-training loop (CPU: logging, model build, scoring, bootstrap, tables, plots, Grad-CAM, upload), which overlaps other
-workers' training. Training seconds are runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup, with
-H200 figures from the tables below, runs = the CV folds (else the seeds), and a frozen backbone counting
-FROZEN_EPOCH_EQUIV epochs (features once, then the head). Concurrent trainings share the GPU as measured in
-../shared/bench/gpu_ceiling_h200_2026-11-26.json (GPU_SHARING); CPU phases run in parallel. On another GPU the
-seconds scale; compare with a measured sweep.
+"""Roughly how long a sweep takes on one GPU, before it runs (`cushing sweep FILE --plan`). A configuration is three
+phases: compile (CPU, only with `compile`), training (GPU), and the run's work outside the training loop (CPU:
+logging, model build, scoring, bootstrap, tables, plots, Grad-CAM, upload), which overlaps other workers' training.
+Training seconds are runs x epochs x epoch cost x (img_size / 224)^2 / compile speedup, with H200 figures from the
+tables below, runs = the CV folds (else the seeds), and a frozen backbone counting FROZEN_EPOCH_EQUIV epochs (features
+once, then the head). Concurrent trainings share the GPU as measured in
+../shared/bench/gpu_ceiling_h200_2026-11-26.json (GPU_SHARING); CPU phases run in parallel. On another GPU the seconds
+scale; compare with a measured sweep.
 """
 from __future__ import annotations
 
@@ -85,8 +84,7 @@ def estimate(cfg: TrainConfig, overhead: Overhead | None = None) -> Estimate:
     per_epoch = EPOCH_COST_S[cfg.model] * (cfg.img_size / 224) ** 2
     if cfg.frozen:
         return Estimate(0.0, runs * FROZEN_EPOCH_EQUIV * per_epoch, runs * o.worker_s)
-    compiled = cfg.compile != "none"
-    speedup, compile_s = COMPILE_EFFECT[family] if compiled else (1.0, 0.0)
+    speedup, compile_s = COMPILE_EFFECT[family] if cfg.compile != "none" else (1.0, 0.0)
     return Estimate(runs * compile_s, runs * cfg.epochs * per_epoch / speedup, runs * o.worker_s)
 
 

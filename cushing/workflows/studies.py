@@ -1,7 +1,6 @@
-"""Study files (projects/*.yaml): a sweep grid or a tuning space, validated with line numbers.
-
-A study overrides only what differs from TrainConfig's defaults. Unknown keys, unknown model names, mistyped
-values and bad ranges are errors that name the file and line.
+"""Study files (projects/*.yaml): a sweep grid or a tuning space, validated with line numbers. A study overrides only
+what differs from TrainConfig's defaults. Unknown keys, unknown model names, mistyped values and bad ranges are errors
+that name the file and line.
 """
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cushing.config import EXECUTION_FIELDS, ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve, \
-    run_name
+from cushing.config import (EXECUTION_FIELDS, ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve,
+                            run_name)
 from cushing.stats.metrics import lower_is_better
 
 __all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution"]
@@ -68,10 +67,8 @@ def _check_keys(path, lines, prefix: tuple, data: dict, allowed: set, what: str,
     if not isinstance(data, dict):
         problems.append(_err(path, lines, prefix, f"{what} must be a mapping"))
         return
-    for k in data:
-        if k not in allowed:
-            problems.append(_err(path, lines, prefix + (k,), f"unknown key {k!r} in {what}; allowed: "
-                                 f"{', '.join(sorted(allowed))}"))
+    problems += [_err(path, lines, prefix + (k,), f"unknown key {k!r} in {what}; allowed: {', '.join(sorted(allowed))}")
+                 for k in data if k not in allowed]
 
 
 def _train_config(path, lines, prefix: tuple, overrides: dict, problems: list) -> TrainConfig | None:
@@ -170,9 +167,8 @@ def load_study(path: str | Path) -> Study:
         problems.append(_err(path, lines, ("configurations",), "a sweep needs at least one configuration"))
     if len(set(labels)) != len(labels):
         problems.append(f"{path}: configuration labels must be unique (got {labels})")
-    promote = data.get("promote") or {}
+    promote, objective = data.get("promote") or {}, data.get("objective") or {}
     _check_keys(path, lines, ("promote",), promote, PROMOTE_KEYS, "promote", problems)
-    objective = data.get("objective") or {}
     _check_keys(path, lines, ("objective",), objective, OBJECTIVE_KEYS, "objective", problems)
     metric = objective.get("metric", "val/f1")
     if not str(metric).startswith("val/"):
@@ -202,8 +198,7 @@ def promotion_overrides(path: str | Path) -> dict[str, Any]:
 
 def with_execution(study: Study, **fields: Any) -> Study:
     """The study with execution fields (e.g. compile) set on its base and every configuration."""
-    bad = set(fields) - set(EXECUTION_FIELDS)
-    if bad:
+    if bad := set(fields) - set(EXECUTION_FIELDS):
         raise ConfigError(f"not execution fields: {sorted(bad)}; allowed: {', '.join(EXECUTION_FIELDS)}")
     configs = tuple(resolve(TrainConfig, fields, base=c, source="command line") for c in study.configurations)
     return dataclasses.replace(study, base={**study.base, **fields}, configurations=configs)
