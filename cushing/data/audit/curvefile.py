@@ -58,8 +58,7 @@ def curve_counts(x: np.ndarray, subjects: np.ndarray, sex: np.ndarray, grid: np.
 
 def rate(k: int, n: int) -> tuple[float, float, float]:
     """(k / n, Wilson 95% low, high); NaN when n is 0."""
-    lo, hi = wilson(int(k), int(n))
-    return (k / n if n else float("nan")), lo, hi
+    return (k / n if n else float("nan")), *wilson(int(k), int(n))
 
 
 def _rates(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,14 +68,11 @@ def _rates(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def curve_table(counts: dict[str, Any], grid: np.ndarray = GRID) -> pd.DataFrame:
     """The curve's columns, in the shipped file's order."""
     cols: dict[str, Any] = {"distance": grid}
-    for g in _NEG:
-        rate, lo, hi = _rates(counts[f"false_{g}"], counts[f"neg_{g}"])
-        cols.update({f"neg_pairs_{g}": counts[f"neg_{g}"], f"false_pairs_{g}": counts[f"false_{g}"],
-                     f"false_pair_rate_{g}": rate, f"fpr_lo_{g}": lo, f"fpr_hi_{g}": hi})
-    for g in _POS:
-        rate, lo, hi = _rates(counts[f"true_{g}"], counts[f"pos_{g}"])
-        cols.update({f"pos_pairs_{g}": counts[f"pos_{g}"], f"true_pairs_{g}": counts[f"true_{g}"],
-                     f"recall_{g}": rate, f"recall_lo_{g}": lo, f"recall_hi_{g}": hi})
+    for total, k, groups, names in (("neg", "false", _NEG, ("false_pair_rate", "fpr_lo", "fpr_hi")),
+                                    ("pos", "true", _POS, ("recall", "recall_lo", "recall_hi"))):
+        for g in groups:
+            cols.update({f"{total}_pairs_{g}": counts[f"{total}_{g}"], f"{k}_pairs_{g}": counts[f"{k}_{g}"],
+                         **dict(zip((f"{n}_{g}" for n in names), _rates(counts[f"{k}_{g}"], counts[f"{total}_{g}"])))})
     return pd.DataFrame(cols)
 
 

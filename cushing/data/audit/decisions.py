@@ -49,18 +49,6 @@ def _row_pair(path: Path, n: int, row: dict[str, str], n_lines: int) -> tuple[in
     return (a, b) if a < b else (b, a)
 
 
-def _check_subjects(path: Path, n: int, row: dict[str, str], pair: tuple[int, int], subjects) -> None:
-    """The hashed subject ids in the file, when present, must be those now on those lines."""
-    got = (row.get("subject_a") or "").strip(), (row.get("subject_b") or "").strip()
-    if not all(got):
-        return
-    now = {subjects[pair[0] - 2], subjects[pair[1] - 2]}
-    if set(got) != now:
-        raise DecisionsError(f"{path} line {n}: lines {pair[0]} and {pair[1]} now hold other subjects than when "
-                             f"this pair was reviewed (the manifest changed): run the audit again and review "
-                             f"its new audit.csv")
-
-
 def read_decisions(path: str | Path, subjects: np.ndarray) -> Decisions:
     """The reviewed verdicts, checked against this manifest's hashed `subjects` (one per manifest row)."""
     p = Path(path)
@@ -87,7 +75,11 @@ def read_decisions(path: str | Path, subjects: np.ndarray) -> Decisions:
         if pair is None:
             unmatched += 1
             continue
-        _check_subjects(p, n, row, pair, subjects)
+        got = {(row.get("subject_a") or "").strip(), (row.get("subject_b") or "").strip()}  # hashed ids, if any
+        if "" not in got and got != {subjects[pair[0] - 2], subjects[pair[1] - 2]}:
+            raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} now hold other subjects than when "
+                                 f"this pair was reviewed (the manifest changed): run the audit again and review "
+                                 f"its new audit.csv")
         if pair in verdicts and verdicts[pair][0] != v:
             raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} are marked {v} here and "
                                  f"{verdicts[pair][0]} on line {verdicts[pair][1]}")

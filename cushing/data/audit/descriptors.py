@@ -1,6 +1,6 @@
 """The same person: dlib's 128-d ResNet face descriptor (HOG detection with upsampling, the mmod CNN when HOG finds
-nothing, the whole image as a last resort; 68-point alignment; photo and mirror averaged) and the pairs of descriptors closer than a threshold. dlib is imported
-where a describer is made."""
+nothing, the whole image as a last resort; 68-point alignment; photo and mirror averaged) and the pairs of
+descriptors closer than a threshold. dlib is imported where a describer is made."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -52,11 +52,8 @@ def _threshold_rows(d: np.ndarray, same: np.ndarray, group: str, thresholds: Seq
     pos, neg = np.sort(d[same]), np.sort(d[~same])
     rows = []
     for t in thresholds:
-        tp = int(np.searchsorted(pos, t, side="left"))
-        fp = int(np.searchsorted(neg, t, side="left"))
-        p, plo, phi = rate(tp, tp + fp)
-        r, rlo, rhi = rate(tp, len(pos))
-        f, flo, fhi = rate(fp, len(neg))
+        tp, fp = (int(np.searchsorted(v, t, side="left")) for v in (pos, neg))
+        (p, plo, phi), (r, rlo, rhi), (f, flo, fhi) = rate(tp, tp + fp), rate(tp, len(pos)), rate(fp, len(neg))
         rows.append({"threshold": float(t), "group": group, "pos_pairs": len(pos), "neg_pairs": len(neg),
                      "tp": tp, "fp": fp, "precision": p, "precision_lo": plo, "precision_hi": phi,
                      "recall": r, "recall_lo": rlo, "recall_hi": rhi, "false_match_rate": f,

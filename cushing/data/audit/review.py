@@ -21,25 +21,20 @@ REVIEWED = ("merged", "precaution", "review")  # the outcomes a person should lo
 _SIDE = 256
 
 
-def _data_uri(path: str) -> str:
+def _img(path: str, caption: str | None = None) -> str:
     from PIL import Image
 
+    name = html.escape(caption or Path(path).name)
     try:
         im = Image.fromarray(open_rgb(path))
     except BadImage as e:
-        return f"unreadable ({e.reason})"
-    im.thumbnail((_SIDE, _SIDE))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(path: str, caption: str | None = None) -> str:
-    uri = _data_uri(path)
-    name = html.escape(caption or Path(path).name)
-    if not uri.startswith("data:"):
-        return f"<figure><div class=missing>{html.escape(uri)}</div><figcaption>{name}</figcaption></figure>"
-    return f"<figure><img src='{uri}' alt='{name}'><figcaption>{name}</figcaption></figure>"
+        body = f"<div class=missing>unreadable ({html.escape(e.reason)})</div>"
+    else:
+        im.thumbnail((_SIDE, _SIDE))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        body = f"<img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}' alt='{name}'>"
+    return f"<figure>{body}<figcaption>{name}</figcaption></figure>"
 
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:70em}

@@ -71,12 +71,6 @@ def _choose(s: AuditSettings, curve: Curve | None, counts: dict[str, int], n: in
     return t, float("nan"), expected_at(curve, counts, t) if curve is not None else float("nan")
 
 
-def _rows(desc: np.ndarray, codes: np.ndarray, radius: float, k: int) -> pd.DataFrame:
-    i, j, d = descriptor_pairs(desc, radius, groups=codes)
-    nn = nearest_strangers(desc, codes, k)
-    return pd.DataFrame({"i": i, "j": j, "distance": d, "mutual": mutual_pairs(i, j, nn)})
-
-
 def _with_verdicts(df: pd.DataFrame, desc: np.ndarray, codes: np.ndarray,
                    verdicts: dict[tuple[int, int], str]) -> pd.DataFrame:
     """Each row's verdict, plus the pairs marked `same` that the search did not reach (any distance)."""
@@ -117,7 +111,9 @@ def same_person_pairs(desc: np.ndarray, subject_ids: np.ndarray, sex: np.ndarray
     curve = _curve_for(s, fingerprint)
     t, t_curve, e = _choose(s, curve, counts, n)
     strict = strict_distance(curve, counts, s.certain_false_pairs) if curve else 0.0
-    df = _with_verdicts(_rows(desc, codes, t + NEAR_MARGIN, s.mutual_k), desc, codes, verdicts)
+    i, j, d = descriptor_pairs(desc, t + NEAR_MARGIN, groups=codes)
+    mutual = mutual_pairs(i, j, nearest_strangers(desc, codes, s.mutual_k))
+    df = _with_verdicts(pd.DataFrame({"i": i, "j": j, "distance": d, "mutual": mutual}), desc, codes, verdicts)
     limit = max(int(np.floor(s.max_group_share * n)), 3)
     if s.same_person_max_distance is None:
         kept = df["mutual"] | (df["distance"] < strict)
