@@ -17,8 +17,8 @@ __all__ = ["FaceDescriptor", "FaceDescriber", "descriptor_pairs", "LANDMARKS", "
 
 LANDMARKS = "shape_predictor_68_face_landmarks.dat"  # the chip's alignment (the 5-point model until issue 22)
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-# a same-person curve's header key -> the model file whose sha256 it records (a curve measured with other weights
-# does not apply)
+CNN_MODEL = "mmod_human_face_detector.dat"
+# a curve's header key -> the model file whose sha256 it records (a curve measured with other weights does not apply)
 CURVE_MODELS = {"sha256_descriptor_model": DESCRIPTOR_MODEL, "sha256_landmark_model": LANDMARKS}
 
 
@@ -44,13 +44,9 @@ class FaceDescriptor:
 
 
 class FaceDescriber:
-    """dlib's HOG detector, 68-point landmarks and ResNet descriptor (+ the mmod CNN on demand).
-
-    The 68-point model aligns the 150 px chip better than the 5-point one: +0.016 recall at the same false-pair
-    rate on CelebA (both identity halves), most for women, at the same cost (docs: cohort audit).
-
-    Native dlib objects are not thread-safe: make one per process (the pool does) and never share it.
-    """
+    """dlib's HOG detector, 68-point landmarks and ResNet descriptor (+ the mmod CNN on demand). The 68-point model
+    aligns the 150 px chip better than the 5-point one: +0.016 recall at the same false-pair rate on CelebA, most
+    for women, at the same cost. Native dlib objects are not thread-safe: one per process, never shared."""
 
     def __init__(self, settings: AuditSettings = AuditSettings()):
         dlib = _import_dlib()
@@ -58,16 +54,14 @@ class FaceDescriber:
         need = [models / LANDMARKS, models / DESCRIPTOR_MODEL]
         if missing := [p.name for p in need if not p.exists()]:
             raise ImportError(f"{', '.join(missing)} not found in {models}: reinstall face-recognition-models==0.3.0")
-        self.settings = settings
-        self._dlib = dlib
+        self.settings, self._dlib, self._cnn = settings, dlib, None
         self.hog = dlib.get_frontal_face_detector()
         self.landmarks = dlib.shape_predictor(str(need[0]))
         self.net = dlib.face_recognition_model_v1(str(need[1]))
-        self._cnn = None
 
     def _cnn_detector(self):
         if self._cnn is None:
-            self._cnn = self._dlib.cnn_face_detection_model_v1(str(models_dir() / "mmod_human_face_detector.dat"))
+            self._cnn = self._dlib.cnn_face_detection_model_v1(str(models_dir() / CNN_MODEL))
         return self._cnn
 
     def _find(self, img: np.ndarray) -> tuple[Any, str, int]:
@@ -144,14 +138,12 @@ def _dlib_version() -> str:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
-            continue
+            pass
     return _import_dlib().__version__
 
 
 def _face_fingerprint(s: AuditSettings, memo: Path) -> dict[str, Any]:
     """What a descriptor depends on besides the photo: the weights (hashed, memoised), dlib, the knobs."""
-    models = models_dir()
-    names = [LANDMARKS, DESCRIPTOR_MODEL]
-    names += ["mmod_human_face_detector.dat"] if s.cnn_fallback else []
-    return {"dlib": _dlib_version(), "weights": {n: file_hash(models / n, memo) for n in names},
+    names = [LANDMARKS, DESCRIPTOR_MODEL, *([CNN_MODEL] if s.cnn_fallback else [])]
+    return {"dlib": _dlib_version(), "weights": {n: file_hash(models_dir() / n, memo) for n in names},
             "max_upsample": s.max_upsample, "cnn_fallback": s.cnn_fallback, "max_side": s.max_side}

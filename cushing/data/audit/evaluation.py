@@ -32,10 +32,9 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
     of other identities (strangers only) to fill up. n_photos <= 0: every photo."""
     if n_photos <= 0 or n_photos >= len(df):
         return df.reset_index(drop=True)
-    rng = np.random.default_rng(seed)
     counts = df["subject_id"].value_counts()
     multi = counts[counts >= 2].index.to_numpy()
-    rng.shuffle(multi)
+    np.random.default_rng(seed).shuffle(multi)
     take, n = [], 0
     for s in multi:
         if n + counts[s] > multi_share * n_photos:
@@ -90,11 +89,9 @@ def evaluate_same_person(manifest_csv: str | Path, *, n_photos: int = 2000, seed
     d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))[iu, ju]  # n x n, not pairs x 128
     subj, sex = df["subject_id"].to_numpy(), df["sex"].to_numpy()
     same = subj[iu] == subj[ju]
-    rows = _threshold_rows(d, same, "all", thresholds)
-    masks = {"F": (sex[iu] == "F") & (sex[ju] == "F"), "M": (sex[iu] == "M") & (sex[ju] == "M"),
-             "both_detected": (src[iu] == "detected") & (src[ju] == "detected")}
-    for g, m in masks.items():
-        rows += _threshold_rows(d[m], same[m], g, thresholds)
+    both = {"F": (sex, "F"), "M": (sex, "M"), "both_detected": (src, "detected")}
+    masks = {"all": np.ones_like(same), **{g: (v[iu] == w) & (v[ju] == w) for g, (v, w) in both.items()}}
+    rows = [r for g, m in masks.items() for r in _threshold_rows(d[m], same[m], g, thresholds)]
     det = pd.Series(sig.detector)[keep].replace("", "whole_image").value_counts().to_dict()
     majority = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda v: v.mode().iat[0]))
     curve = curve_table(curve_counts(x, subj, majority.to_numpy()))
@@ -148,19 +145,17 @@ def _distance_histograms(hashes: np.ndarray, mirrors: np.ndarray | None, subject
     """Counts of pairs (i < j) at each Hamming distance, strangers and same identity apart (min over mirror)."""
     bits = hashes.shape[1] * 64
     codes = pd.factorize(subjects)[0]
-    hist = np.zeros((2, bits + 1), np.int64)
+    strangers, same = np.zeros(bits + 1, np.int64), np.zeros(bits + 1, np.int64)
     cols = np.arange(len(hashes))
     for s in range(0, len(hashes), block_rows):
         rows = cols[s:s + block_rows]
         d = _hamming_block(hashes[rows], hashes)
         if mirrors is not None:
-            d = np.minimum(d, _hamming_block(hashes[rows], mirrors))
-            d = np.minimum(d, _hamming_block(mirrors[rows], hashes))
-        upper = cols[None, :] > rows[:, None]
-        same = codes[rows][:, None] == codes[None, :]
-        hist[0] += np.bincount(d[upper & ~same], minlength=bits + 1)
-        hist[1] += np.bincount(d[upper & same], minlength=bits + 1)
-    return hist[0], hist[1]
+            d = np.minimum(d, np.minimum(_hamming_block(hashes[rows], mirrors), _hamming_block(mirrors[rows], hashes)))
+        upper, one = cols[None, :] > rows[:, None], codes[rows][:, None] == codes[None, :]
+        strangers += np.bincount(d[upper & ~one], minlength=bits + 1)
+        same += np.bincount(d[upper & one], minlength=bits + 1)
+    return strangers, same
 
 
 def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300, n_copies: int = 100,

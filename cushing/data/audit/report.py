@@ -20,16 +20,12 @@ __all__ = ["CohortAudit", "audit_manifest"]
 
 @dataclass(frozen=True)
 class CohortAudit:
-    """`pairs` is audit.csv: one row per suspicious pair, PHI-safe (a pair number, CSV lines and keyed subject
-    hashes only; the review page shows the same pair numbers).
+    """`pairs` is audit.csv: one row per suspicious pair, PHI-safe (pair number, CSV lines, keyed subject hashes).
 
     A copy of a photo under another id appears twice, as `duplicate_photo` and as `same_person`: two questions.
-    `detail` is `mirrored` for a flipped copy and `whole_image` for a same-person pair where a photo had no
-    detected face (less reliable: the whole frame stood in for the face box). `decision` is what the audit can
-    say (settings.DECISIONS): `merged` (a duplicate photo, or closer than the strict distance), `precaution`
-    (kept in one split, for review), `review` or `below_threshold` (not kept together); `verdict` is what a
-    decisions file said; `outcome` the decision after it (`same` merges, `different` releases).
-    """
+    `detail` is `mirrored` for a flipped copy, `whole_image` for a same-person pair where a photo had no detected
+    face (less reliable). `decision` is what the audit can say (settings.DECISIONS); `verdict` what a decisions
+    file said; `outcome` the decision after it (`same` merges, `different` releases)."""
 
     pairs: pd.DataFrame  # pair, kind, distance, decision, verdict, outcome, line_a, line_b, subject_a, ...
     photos: pd.DataFrame  # one row per manifest row: line, subject, status, descriptor_source, detector
