@@ -1,10 +1,7 @@
-"""The same-person curve on a labelled cohort (`cushing audit --evaluate`): for every grid distance, how many pairs
-of different people (by sex of the pair) and of one person come closer, with Wilson intervals; written in the
-format of the shipped `same_person_curve.csv` so a site can audit with its own (`audit_curve`).
-
-Counts are kept beside the rates so that intervals can be recomputed and curves of several cohorts merged by
-summing counts. All pairs are counted in row blocks (bounded memory).
-"""
+"""The same-person curve on a labelled cohort (`cushing audit --evaluate`): per grid distance, how many pairs of
+different people (by sex of the pair) and of one person come closer, with Wilson intervals, in the format of the
+shipped `same_person_curve.csv` (a site audits with its own: `audit_curve`). Counts are kept beside the rates so
+intervals can be recomputed and curves of several cohorts merged by summing. Pairs are counted in row blocks."""
 from __future__ import annotations
 
 import datetime as dt

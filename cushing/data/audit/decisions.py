@@ -1,10 +1,8 @@
 """A person's review of the audit's pairs: a CSV with `line_a`, `line_b` (the manifest's CSV lines, as in audit.csv)
-and `verdict` (`same` or `different`; empty = not reviewed). audit.csv itself, with its `verdict` column filled
-in, is such a file. The next run merges a `same` pair even above the threshold and never merges a `different` one.
-
-When the file also has `subject_a`/`subject_b` (audit.csv's hashed ids), they must still match the manifest's: a
-review of lines that now hold other subjects (rows moved, photos added) is refused rather than applied to the wrong
-people. Errors name the file and its line.
+and `verdict` (`same`, `different` or empty), e.g. audit.csv with its verdicts filled in. The next run merges a
+`same` pair even above the threshold and never merges a `different` one. Hashed `subject_a`/`subject_b`, when
+present, must still match the manifest's: a review of lines that now hold other subjects is refused rather than
+applied to the wrong people. Errors name the file and its line.
 """
 from __future__ import annotations
 

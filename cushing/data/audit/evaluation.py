@@ -1,7 +1,6 @@
-"""The evidence behind the audit's thresholds, on a manifest of real identities (CelebA): precision and recall of
-"same person" with Wilson intervals, overall and by sex, and the same-person curve the automatic threshold reads;
-false duplicate pairs among strangers and how far re-saved copies drift (the copies made in memory, never
-written)."""
+"""The evidence behind the audit's thresholds, on real identities (CelebA): precision and recall of "same person"
+with Wilson intervals, overall and by sex, and the curve the automatic threshold reads; false duplicate pairs among
+strangers and how far re-saved copies (made in memory, never written) drift."""
 from __future__ import annotations
 
 import dataclasses

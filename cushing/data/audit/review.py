@@ -1,7 +1,6 @@
-"""The review page (`cushing audit --review-page OUT.html`): the two photos of each pair side by side, for the person
-who may see them. One self-contained HTML file, the photos embedded as data URIs (JPEG, at most 256 px), so it
-opens offline and can be moved without its photos. It shows faces and file names: it is PHI, written locally
-only and logged to MLflow only with allow_phi_artifacts."""
+"""The review page (`cushing audit --review-page OUT.html`): each pair's two photos side by side, in one
+self-contained HTML file (photos embedded as JPEG data URIs, at most 256 px). It shows faces and file names: it is
+PHI, written locally only and logged to MLflow only with allow_phi_artifacts."""
 from __future__ import annotations
 
 import base64

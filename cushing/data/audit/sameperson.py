@@ -62,15 +62,6 @@ def _curve_for(s: AuditSettings, fingerprint: dict | None) -> Curve | None:
     return curve
 
 
-def _choose(s: AuditSettings, curve: Curve | None, counts: dict[str, int], n: int) -> tuple[float, float, float]:
-    """(threshold to search with, rule threshold before the guard or NaN, E at it)."""
-    if s.same_person_max_distance is None:
-        t, e = curve_threshold(curve, counts, n, s.false_pairs_per_photo)
-        return t, t, e
-    t = s.same_person_max_distance
-    return t, float("nan"), expected_at(curve, counts, t) if curve is not None else float("nan")
-
-
 def _with_verdicts(df: pd.DataFrame, desc: np.ndarray, codes: np.ndarray,
                    verdicts: dict[tuple[int, int], str]) -> pd.DataFrame:
     """Each row's verdict, plus the pairs marked `same` that the search did not reach (any distance)."""
@@ -109,7 +100,12 @@ def same_person_pairs(desc: np.ndarray, subject_ids: np.ndarray, sex: np.ndarray
     n = int(valid.sum())
     counts = pair_counts(np.asarray(sex, dtype=object)[valid], codes[valid])
     curve = _curve_for(s, fingerprint)
-    t, t_curve, e = _choose(s, curve, counts, n)
+    if s.same_person_max_distance is None:  # the threshold to search with, the rule's before the guard, E at it
+        t, e = curve_threshold(curve, counts, n, s.false_pairs_per_photo)
+        t_curve = t
+    else:
+        t, t_curve = s.same_person_max_distance, float("nan")
+        e = expected_at(curve, counts, t) if curve is not None else float("nan")
     strict = strict_distance(curve, counts, s.certain_false_pairs) if curve else 0.0
     i, j, d = descriptor_pairs(desc, t + NEAR_MARGIN, groups=codes)
     mutual = mutual_pairs(i, j, nearest_strangers(desc, codes, s.mutual_k))
