@@ -27,8 +27,7 @@ class ManifestError(ValueError):
     """Every problem found in a manifest, each with its CSV line; nothing was written."""
 
     def __init__(self, path: str | Path, problems: list[str], hint: str = ""):
-        self.path = str(path)
-        self.problems = problems
+        self.path, self.problems = str(path), problems
         head = f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the manifest"
         super().__init__(head + ":\n  " + "\n  ".join(problems[:200])
                          + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "") + hint)

@@ -116,12 +116,10 @@ def claim_problems(table: pd.DataFrame, splits: dict[str, pd.Series], *, min_pos
 
 
 def check_no_leak(table: pd.DataFrame, split: pd.Series) -> None:
-    bad = set(split.dropna().unique()) - set(SPLITS)
-    if bad:
+    if bad := set(split.dropna().unique()) - set(SPLITS):
         raise SplitError(f"unknown split value(s): {sorted(bad)}")
     per_subject = pd.DataFrame({"s": table["subject_id"], "split": split}).groupby("s")["split"].nunique()
-    leaked = per_subject[per_subject > 1]
-    if len(leaked):
+    if len(leaked := per_subject[per_subject > 1]):
         raise SplitError(f"{len(leaked)} subject(s) appear in more than one split, e.g. {list(leaked.index[:3])}")
     for need in ("train", "val"):
         if not (split == need).any():

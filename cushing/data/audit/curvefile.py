@@ -95,7 +95,6 @@ def write_curve(table: pd.DataFrame, path: str | Path, *, fingerprint: dict[str,
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as f:
-        for k, v in meta.items():
-            f.write(f"# {k}: {v}\n")
+        f.writelines(f"# {k}: {v}\n" for k, v in meta.items())
         table.to_csv(f, index=False, float_format="%.6g")
     return p

@@ -39,9 +39,6 @@ class FaceDescriptor:
     detector: str  # hog | cnn | "" (whole image)
     upsample: int
 
-    def combined(self, flip_average: bool = True) -> np.ndarray:
-        return (self.vector + self.mirrored) / 2 if flip_average else self.vector
-
 
 class FaceDescriber:
     """dlib's HOG detector, 68-point landmarks and ResNet descriptor (+ the mmod CNN on demand). The 68-point model
@@ -101,10 +98,8 @@ class FaceDescriber:
 def descriptor_pairs(descriptors: np.ndarray, max_distance: float, *, groups: Sequence | None = None,
                      block_rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, distance), i < j, Euclidean distance < max_distance; with `groups`, only pairs whose groups differ.
-
-    Rows with NaN (no descriptor) are skipped. Distances are screened with one matrix product per block and the
-    survivors recomputed exactly, so results do not depend on the block size.
-    """
+    Rows with NaN are skipped. One matrix product per block screens, the survivors are recomputed exactly, so
+    results do not depend on the block size."""
     full = np.asarray(descriptors, dtype=np.float64)
     idx = np.flatnonzero(np.isfinite(full).all(axis=1))
     full = full[idx]

@@ -60,12 +60,9 @@ def _find_pairs(sig: Signatures, subject_ids: np.ndarray, sex: np.ndarray, s: Au
 
 def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *, kinds: Iterable[str] = PAIR_KINDS,
                   outcomes: Iterable[str] = TOGETHER) -> pd.Series:
-    """Group id per manifest row: subjects joined by a pair (transitively) share one id. Pairs with an `outcome`
-    join only for `outcomes` (default: merged and kept as a precaution, not review or near misses).
-
-    The id is the smallest raw subject id in the group, so unmerged subjects keep their own and a splitter can
-    group on this instead of `subject_id`. Internal use only: the ids are raw, do not log them.
-    """
+    """Group id per manifest row: subjects joined by a pair (transitively) share one id, the smallest raw subject id
+    in the group (unmerged subjects keep their own), so a splitter can group on it instead of `subject_id`. Pairs
+    with an `outcome` join only for `outcomes` (default: merged and precaution). Raw ids: never log them."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

@@ -46,10 +46,9 @@ figure{margin:0;text-align:center}img{height:200px}figcaption{font-size:.8em;col
 
 def review_page(pairs: pd.DataFrame, paths: Sequence[str], *, choice=None, manifest: str = "",
                 captions: Sequence[str] | None = None) -> str:
-    """HTML for the pairs to review (merged, precaution and review, and any pair with a verdict), closest first.
-    `pairs` is audit.csv (lines refer to rows of `paths`, line 2 = row 0); `choice` the ThresholdChoice (None:
-    faces not described); `captions` (one per row) name each photo as the manifest does (its image entry and
-    subject id), default the file's name."""
+    """HTML for the pairs to review (merged, precaution, review, or with a verdict), closest first. `pairs` is
+    audit.csv (line 2 = row 0 of `paths`); `choice` the ThresholdChoice (None: faces not described); `captions`
+    (one per row) name each photo as the manifest does, default the file's name."""
     def img(line: int) -> str:
         return _img(paths[line - 2], captions[line - 2] if captions is not None else None)
 

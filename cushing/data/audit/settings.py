@@ -71,10 +71,9 @@ class AuditSettings:
 
 def audit_settings(manifest: Manifest, threshold: str | float | None = None, decisions: str | None = None,
                    curve: str | None = None, faces: bool = True) -> AuditSettings:
-    """The defaults, without the same-person check on a synthetic cohort (or with `faces` false): dlib's
-    face-recognition model was trained on photos and sees every drawn demo face as one person, so its distances
-    mean nothing there. `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions file;
-    `curve` a site's same-person curve (default the shipped one)."""
+    """The defaults, without the same-person check on a synthetic cohort (or with `faces` false): dlib sees every
+    drawn demo face as one person. `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions
+    file; `curve` a site's same-person curve (default the shipped one)."""
     return AuditSettings(faces=faces and not manifest.synthetic,
                          same_person_max_distance=parse_audit_threshold(threshold), decisions=decisions or None,
                          curve=curve or None)
