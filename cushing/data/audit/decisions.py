@@ -75,9 +75,9 @@ def read_decisions(path: str | Path, subjects: np.ndarray) -> Decisions:
             continue
         got = {(row.get("subject_a") or "").strip(), (row.get("subject_b") or "").strip()}  # hashed ids, if any
         if "" not in got and got != {subjects[pair[0] - 2], subjects[pair[1] - 2]}:
-            raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} now hold other subjects than when "
-                                 f"this pair was reviewed (the manifest changed): run the audit again and review "
-                                 f"its new audit.csv")
+            raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} now hold other subjects than when this "
+                                 "pair was reviewed (the manifest changed): run the audit again and review its new "
+                                 "audit.csv")
         if pair in verdicts and verdicts[pair][0] != v:
             raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} are marked {v} here and "
                                  f"{verdicts[pair][0]} on line {verdicts[pair][1]}")

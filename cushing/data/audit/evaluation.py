@@ -52,10 +52,10 @@ def _threshold_rows(d: np.ndarray, same: np.ndarray, group: str, thresholds: Seq
     for t in thresholds:
         tp, fp = (int(np.searchsorted(v, t, side="left")) for v in (pos, neg))
         (p, plo, phi), (r, rlo, rhi), (f, flo, fhi) = rate(tp, tp + fp), rate(tp, len(pos)), rate(fp, len(neg))
-        rows.append({"threshold": float(t), "group": group, "pos_pairs": len(pos), "neg_pairs": len(neg),
-                     "tp": tp, "fp": fp, "precision": p, "precision_lo": plo, "precision_hi": phi,
-                     "recall": r, "recall_lo": rlo, "recall_hi": rhi, "false_match_rate": f,
-                     "fmr_lo": flo, "fmr_hi": fhi, "false_pairs_per_343": f * 343 * 342 / 2})
+        rows.append({"threshold": float(t), "group": group, "pos_pairs": len(pos), "neg_pairs": len(neg), "tp": tp,
+                     "fp": fp, "precision": p, "precision_lo": plo, "precision_hi": phi, "recall": r, "recall_lo": rlo,
+                     "recall_hi": rhi, "false_match_rate": f, "fmr_lo": flo, "fmr_hi": fhi,
+                     "false_pairs_per_343": f * 343 * 342 / 2})
     return rows
 
 
@@ -124,8 +124,7 @@ def _variants(data: bytes) -> dict[str, bytes]:
             "mirrored_q90": save(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90)}
 
 
-def _copy_distances(paths: Sequence[str], hashes: np.ndarray, mirrors: np.ndarray,
-                    s: AuditSettings) -> pd.DataFrame:
+def _copy_distances(paths: Sequence[str], hashes: np.ndarray, mirrors: np.ndarray, s: AuditSettings) -> pd.DataFrame:
     rows = []
     for p, h, m in zip(paths, hashes, mirrors):
         original = color_thumbnail(_decode(p, s.max_side))
@@ -157,10 +156,9 @@ def _distance_histograms(hashes: np.ndarray, mirrors: np.ndarray | None, subject
     return strangers, same
 
 
-def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300, n_copies: int = 100,
-                        seed: int = 0, settings: AuditSettings = AuditSettings(),
-                        cache_dir: str | Path | None = None, workers: int = 0,
-                        progress: bool = True) -> dict[str, Any]:
+def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300, n_copies: int = 100, seed: int = 0,
+                        settings: AuditSettings = AuditSettings(), cache_dir: str | Path | None = None,
+                        workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """False pairs among distinct photos of different identities (cannot be the same photo) at the threshold,
     the closest such pair, and how far re-saved copies drift (PNG, JPEG q60, 0.7x, 3x, 0.5x q40, mirrored),
     the copies made in memory and never written."""

@@ -110,8 +110,7 @@ def audit_manifest(manifest: Manifest | pd.DataFrame, *, settings: AuditSettings
     paths = table["path"] if "path" in table else table["image"]
     has_sha = "sha256" in table and table["sha256"].notna().all()
     shas = list(table["sha256"]) if has_sha else _photo_shas(list(paths))
-    sig = photo_signatures(list(paths), settings, shas=shas, cache_dir=cache_dir, workers=workers,
-                           progress=progress)
+    sig = photo_signatures(list(paths), settings, shas=shas, cache_dir=cache_dir, workers=workers, progress=progress)
     key = key or subject_key(shas)
     raw = table["subject_id"].astype(str)
     subjects = raw.map(lambda x: hash_subject(x, key))

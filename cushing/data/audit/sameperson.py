@@ -116,10 +116,9 @@ def same_person_pairs(desc: np.ndarray, subject_ids: np.ndarray, sex: np.ndarray
         edges = df[(df["distance"] < t) & kept & (df["verdict"] != "different")]
         forced_codes = [(codes[a], codes[b]) for a, b in forced if verdicts.get((a + 2, b + 2)) != "different"]
         forced_codes += [(codes[a - 2], codes[b - 2]) for (a, b), v in verdicts.items() if v == "same"]
-        t, _ = guarded_threshold(pd.DataFrame({"a": codes[edges["i"]], "b": codes[edges["j"]],
-                                               "distance": edges["distance"]}),
-                                 np.bincount(codes, minlength=codes.max() + 1 if len(codes) else 0),
-                                 curve.grid, t, limit, forced_codes)
+        edges = pd.DataFrame({"a": codes[edges["i"]], "b": codes[edges["j"]], "distance": edges["distance"]})
+        t, _ = guarded_threshold(edges, np.bincount(codes, minlength=codes.max(initial=-1) + 1), curve.grid, t, limit,
+                                 forced_codes)
         e = expected_at(curve, counts, t)
     strict = min(strict, t)  # never past the threshold: a fixed one, or one the guard lowered
     e_strict = expected_at(curve, counts, strict) if strict else 0.0

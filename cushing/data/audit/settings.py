@@ -74,6 +74,5 @@ def audit_settings(manifest: Manifest, threshold: str | float | None = None, dec
     """The defaults, without the same-person check on a synthetic cohort (or with `faces` false): dlib sees every
     drawn demo face as one person. `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions
     file; `curve` a site's same-person curve (default the shipped one)."""
-    return AuditSettings(faces=faces and not manifest.synthetic,
-                         same_person_max_distance=parse_audit_threshold(threshold), decisions=decisions or None,
-                         curve=curve or None)
+    return AuditSettings(faces=faces and not manifest.synthetic, decisions=decisions or None, curve=curve or None,
+                         same_person_max_distance=parse_audit_threshold(threshold))
