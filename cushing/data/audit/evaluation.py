@@ -36,10 +36,9 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
     np.random.default_rng(seed).shuffle(multi)
     take, n = [], 0
     for s in multi:
-        if n + counts[s] > multi_share * n_photos:
-            continue
-        take.append(s)
-        n += counts[s]
+        if n + counts[s] <= multi_share * n_photos:
+            take.append(s)
+            n += counts[s]
     chosen = df[df["subject_id"].isin(take)]
     rest = df[~df["subject_id"].isin(take)].drop_duplicates("subject_id")
     fill = rest.sample(min(len(rest), max(0, n_photos - len(chosen))), random_state=seed)
