@@ -64,15 +64,11 @@ class ImageBank:
     def __init__(self, images: torch.Tensor, device: torch.device, budget_bytes: float):
         self.device = device
         self.resident = images.numel() * images.element_size() <= budget_bytes
-        if self.resident:
-            self.images = images.to(device)
-        else:
-            self.images = images.pin_memory() if device.type == "cuda" else images
+        pinned = images.pin_memory() if device.type == "cuda" and not self.resident else images
+        self.images = images.to(device) if self.resident else pinned
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         if self.resident:
             return self.images.index_select(0, idx.to(self.device))
         batch = self.images.index_select(0, idx.cpu())
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True)
+        return (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device, non_blocking=True)

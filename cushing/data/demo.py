@@ -43,8 +43,7 @@ class FaceTraits:
 
     @staticmethod
     def draw(rng: np.random.Generator, label: int, sex: str) -> "FaceTraits":
-        base = 0.74 if sex == "F" else 0.79
-        roundness = base + (0.11 if label else 0.0) + rng.normal(0, 0.035)
+        roundness = (0.74 if sex == "F" else 0.79) + (0.11 if label else 0.0) + rng.normal(0, 0.035)
         redness = float(np.clip((0.45 if label else 0.08) + rng.normal(0, 0.12), 0, 0.85))
         skin = SKIN[rng.integers(len(SKIN))] + rng.integers(-12, 13, 3)
         bg = rng.integers(150, 256, 3)

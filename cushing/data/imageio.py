@@ -82,10 +82,7 @@ def open_rgb(src: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, d
         if draft and im.format == "JPEG":
             im.draft("RGB", (draft, draft))
         im.load()
-        im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
-    except BadImage:
-        raise
+        return _to_rgb(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
         raise BadImage("not_an_image", source=label) from None
     except Image.DecompressionBombError as e:

@@ -27,8 +27,7 @@ class ManifestError(ValueError):
     """Every problem found in a manifest, each with its CSV line; nothing was written."""
 
     def __init__(self, path: str | Path, problems: list[str], hint: str = ""):
-        self.path = str(path)
-        self.problems = problems
+        self.path, self.problems = str(path), problems
         head = f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the manifest"
         super().__init__(head + ":\n  " + "\n  ".join(problems[:200])
                          + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "") + hint)
@@ -129,35 +128,27 @@ def _row_problems(df: pd.DataFrame) -> list[str]:
         line = i + 2  # header is line 1
         if not row["image"].strip():
             problems.append(f"line {line}: image is empty")
-        if row["label"].strip() not in ("0", "1"):
-            problems.append(f"line {line}: label must be 0 or 1, got {row['label']!r}")
-        if row["sex"].strip() not in SEXES:
-            problems.append(f"line {line}: sex must be F or M, got {row['sex']!r}")
-        if "split" in df.columns and row["split"].strip() not in SPLITS + ("",):
-            problems.append(f"line {line}: split must be train, val or test, got {row['split']!r}")
+        for col, allowed, words in (("label", ("0", "1"), "0 or 1"), ("sex", SEXES, "F or M"),
+                                    ("split", SPLITS + ("",), "train, val or test")):
+            if col in df.columns and row[col].strip() not in allowed:
+                problems.append(f"line {line}: {col} must be {words}, got {row[col]!r}")
     return problems
 
 
 def _group_problems(df: pd.DataFrame) -> list[str]:
     problems = []
     for key, what in (("path", "the same image file"), ("sha256", "identical image bytes")):
-        col = df[key]
-        dup = df[col.notna() & col.duplicated(keep=False)]
-        for _, grp in dup.groupby(key):
-            lines = ", ".join(str(i + 2) for i in grp.index)
-            problems.append(f"lines {lines}: duplicate images ({what})")
-    sexes = df[df["sex"].isin(SEXES)].groupby("subject_id")["sex"].nunique()
-    for subject in sexes[sexes > 1].index:
-        lines = ", ".join(str(i + 2) for i in df.index[df["subject_id"] == subject])
-        problems.append(f"lines {lines}: subject {subject!r} has two sexes")
-    if "split" in df.columns:
-        splits = df[df["split"].isin(SPLITS)].groupby("subject_id")["split"].nunique()
-        for subject in splits[splits > 1].index:
-            lines = ", ".join(str(i + 2) for i in df.index[df["subject_id"] == subject])
-            problems.append(f"lines {lines}: subject {subject!r} is in more than one split (leakage)")
-        filled = (df["split"].str.strip() != "").sum()
-        if 0 < filled < len(df):
-            problems.append(f"split column is filled on {filled} of {len(df)} rows: fill all or none")
+        dup = df[df[key].notna() & df[key].duplicated(keep=False)]
+        problems += [f"lines {', '.join(str(i + 2) for i in grp.index)}: duplicate images ({what})"
+                     for _, grp in dup.groupby(key)]
+    for col, values, what in (("sex", SEXES, "has two sexes"),
+                              ("split", SPLITS, "is in more than one split (leakage)")):
+        if col in df.columns:
+            n = df[df[col].isin(values)].groupby("subject_id")[col].nunique()
+            problems += [f"lines {', '.join(str(i + 2) for i in df.index[df['subject_id'] == subject])}: subject "
+                         f"{subject!r} {what}" for subject in n[n > 1].index]
+    if "split" in df.columns and 0 < (filled := (df["split"].str.strip() != "").sum()) < len(df):
+        problems.append(f"split column is filled on {filled} of {len(df)} rows: fill all or none")
     return problems
 
 
@@ -174,24 +165,22 @@ def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = Tr
     the caller offers that option (the error then names it), None that it does not."""
     path = Path(path).expanduser().resolve()
     df = _read_csv(path)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
+    if missing := [c for c in REQUIRED if c not in df.columns]:
         raise ManifestError(path, [f"missing column(s): {', '.join(missing)} (found: {', '.join(df.columns)})"])
     if df.empty:
         raise ManifestError(path, ["the manifest has no rows"])
-    df = df.copy()
     df["image"] = df["image"].str.strip()
     df["sex"] = df["sex"].str.strip().str.upper()
-    if "subject_id" not in df.columns:
-        df["subject_id"] = ""
-    stems = df["image"].map(lambda s: Path(s).stem)
-    df["subject_id"] = df["subject_id"].str.strip().where(df["subject_id"].str.strip() != "", stems)
+    subject = df.get("subject_id", pd.Series("", index=df.index)).str.strip()
+    df["subject_id"] = subject.where(subject != "", df["image"].map(lambda s: Path(s).stem))
     if "split" in df.columns:
         df["split"] = df["split"].str.strip().str.lower()
     problems = _row_problems(df)
-    root = path.parent
-    df["path"] = [str((root / p).resolve()) if p else None for p in df["image"]]
-    results = _check_all(df["path"], workers) if check_images else [(None, None)] * len(df)
+    df["path"] = [str((path.parent / p).resolve()) if p else None for p in df["image"]]
+    results = [(None, None)] * len(df)
+    if check_images:
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # an empty image cell is a row problem
+            results = list(pool.map(lambda p: _check_image(Path(p)) if p else (None, None), df["path"]))
     df["sha256"] = [r[0] for r in results]
     bad = [i for i, (_, e) in enumerate(results) if e]
     if not skip_bad_photos:
@@ -211,10 +200,3 @@ def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = Tr
     synthetic = "synthetic" in df.columns and df["synthetic"].astype(str).str.lower().isin(["1", "true"]).all()
     return Manifest(source=path, table=df, digest=_digest(df) if check_images else "", synthetic=bool(synthetic),
                     skipped=skipped)
-
-
-def _check_all(paths: pd.Series, workers: int) -> list[tuple[str | None, BadImage | None]]:
-    def one(p):
-        return (None, None) if not p else _check_image(Path(p))  # an empty image cell is a row problem
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(one, paths))

@@ -27,14 +27,19 @@ def _units(table: pd.DataFrame, strata: tuple[str, ...] = ("label", "sex"),
     return units
 
 
+def _shuffled(units: pd.DataFrame, seed: int):
+    """Each stratum's unit ids, strata in sorted order, each shuffled in turn by one generator seeded `seed`."""
+    rng = np.random.default_rng(seed)
+    for stratum in sorted(units["stratum"].unique()):
+        ids = units.index[units["stratum"] == stratum].to_numpy()
+        yield ids[rng.permutation(len(ids))]
+
+
 def _allocate(n: int, ratios: tuple[float, ...]) -> list[int]:
     """Largest-remainder allocation of n items to parts with the given ratios (exact total)."""
-    r = np.asarray(ratios, float) / float(sum(ratios))
-    raw = r * n
+    raw = np.asarray(ratios, float) / float(sum(ratios)) * n
     counts = np.floor(raw).astype(int)
-    order = np.argsort(-(raw - counts), kind="stable")
-    for i in order[: n - counts.sum()]:
-        counts[i] += 1
+    counts[np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]] += 1
     return counts.tolist()
 
 
@@ -45,18 +50,10 @@ def assign_splits(table: pd.DataFrame, ratios: tuple[float, float, float] = (1, 
     if "split" in table.columns:
         check_no_leak(table, table["split"])
         return table["split"].copy()
-    units = _units(table, strata, groups)
-    rng = np.random.default_rng(seed)
     where: dict[str, str] = {}
-    for stratum in sorted(units["stratum"].unique()):
-        ids = units.index[units["stratum"] == stratum].to_numpy()
-        ids = ids[rng.permutation(len(ids))]
-        counts = _allocate(len(ids), ratios)
-        start = 0
-        for split, c in zip(SPLITS, counts):
-            for s in ids[start:start + c]:
-                where[s] = split
-            start += c
+    for ids in _shuffled(_units(table, strata, groups), seed):
+        bounds = np.cumsum([0, *_allocate(len(ids), ratios)])
+        where.update({s: split for split, a, b in zip(SPLITS, bounds, bounds[1:]) for s in ids[a:b]})
     out = (groups if groups is not None else table["subject_id"]).map(where)
     check_no_leak(table, out)
     return out.rename("split")
@@ -71,15 +68,9 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int = 0, *, strata: tuple[st
     units = _units(table, strata, groups)
     if len(units) < k:
         raise SplitError(f"cv_folds={k} needs at least {k} subjects (or merged subject groups), got {len(units)}")
-    rng = np.random.default_rng(seed)
     fold_of: dict[str, int] = {}
-    offset = 0
-    for stratum in sorted(units["stratum"].unique()):
-        ids = units.index[units["stratum"] == stratum].to_numpy()
-        ids = ids[rng.permutation(len(ids))]
-        for j, s in enumerate(ids):
-            fold_of[s] = (j + offset) % k
-        offset += len(ids)  # rotate so small strata do not all start at fold 0
+    for ids in _shuffled(units, seed):  # each stratum starts where the last ended: small ones not all at fold 0
+        fold_of.update({s: (j + len(fold_of)) % k for j, s in enumerate(ids)})
     key = groups if groups is not None else table["subject_id"]
     return key.map(fold_of).astype(int).rename("fold")
 
@@ -125,12 +116,10 @@ def claim_problems(table: pd.DataFrame, splits: dict[str, pd.Series], *, min_pos
 
 
 def check_no_leak(table: pd.DataFrame, split: pd.Series) -> None:
-    bad = set(split.dropna().unique()) - set(SPLITS)
-    if bad:
+    if bad := set(split.dropna().unique()) - set(SPLITS):
         raise SplitError(f"unknown split value(s): {sorted(bad)}")
     per_subject = pd.DataFrame({"s": table["subject_id"], "split": split}).groupby("s")["split"].nunique()
-    leaked = per_subject[per_subject > 1]
-    if len(leaked):
+    if len(leaked := per_subject[per_subject > 1]):
         raise SplitError(f"{len(leaked)} subject(s) appear in more than one split, e.g. {list(leaked.index[:3])}")
     for need in ("train", "val"):
         if not (split == need).any():

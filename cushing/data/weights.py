@@ -29,10 +29,9 @@ def file_hash(path: Path, memo: Path | None) -> str:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     table = json.loads(memo.read_text()) if memo and memo.exists() else {}
-    if key in table:
-        return table[key]
-    table[key] = sha256_file(path, chunk=1 << 22)
-    if memo:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps(table))
+    if key not in table:
+        table[key] = sha256_file(path, chunk=1 << 22)
+        if memo:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            memo.write_text(json.dumps(table))
     return table[key]

@@ -1,10 +1,7 @@
-"""The same-person curve on a labelled cohort (`cushing audit --evaluate`): for every grid distance, how many pairs
-of different people (by sex of the pair) and of one person come closer, with Wilson intervals; written in the
-format of the shipped `same_person_curve.csv` so a site can audit with its own (`audit_curve`).
-
-Counts are kept beside the rates so that intervals can be recomputed and curves of several cohorts merged by
-summing counts. All pairs are counted in row blocks (bounded memory).
-"""
+"""The same-person curve on a labelled cohort (`cushing audit --evaluate`): per grid distance, how many pairs of
+different people (by sex of the pair) and of one person come closer, with Wilson intervals, in the format of the
+shipped `same_person_curve.csv` (a site audits with its own: `audit_curve`). Counts are kept beside the rates so
+intervals can be recomputed and curves of several cohorts merged by summing. Pairs are counted in row blocks."""
 from __future__ import annotations
 
 import datetime as dt
@@ -58,8 +55,7 @@ def curve_counts(x: np.ndarray, subjects: np.ndarray, sex: np.ndarray, grid: np.
 
 def rate(k: int, n: int) -> tuple[float, float, float]:
     """(k / n, Wilson 95% low, high); NaN when n is 0."""
-    lo, hi = wilson(int(k), int(n))
-    return (k / n if n else float("nan")), lo, hi
+    return (k / n if n else float("nan")), *wilson(int(k), int(n))
 
 
 def _rates(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,14 +65,11 @@ def _rates(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def curve_table(counts: dict[str, Any], grid: np.ndarray = GRID) -> pd.DataFrame:
     """The curve's columns, in the shipped file's order."""
     cols: dict[str, Any] = {"distance": grid}
-    for g in _NEG:
-        rate, lo, hi = _rates(counts[f"false_{g}"], counts[f"neg_{g}"])
-        cols.update({f"neg_pairs_{g}": counts[f"neg_{g}"], f"false_pairs_{g}": counts[f"false_{g}"],
-                     f"false_pair_rate_{g}": rate, f"fpr_lo_{g}": lo, f"fpr_hi_{g}": hi})
-    for g in _POS:
-        rate, lo, hi = _rates(counts[f"true_{g}"], counts[f"pos_{g}"])
-        cols.update({f"pos_pairs_{g}": counts[f"pos_{g}"], f"true_pairs_{g}": counts[f"true_{g}"],
-                     f"recall_{g}": rate, f"recall_lo_{g}": lo, f"recall_hi_{g}": hi})
+    for total, k, groups, names in (("neg", "false", _NEG, ("false_pair_rate", "fpr_lo", "fpr_hi")),
+                                    ("pos", "true", _POS, ("recall", "recall_lo", "recall_hi"))):
+        for g in groups:
+            cols.update({f"{total}_pairs_{g}": counts[f"{total}_{g}"], f"{k}_pairs_{g}": counts[f"{k}_{g}"],
+                         **dict(zip((f"{n}_{g}" for n in names), _rates(counts[f"{k}_{g}"], counts[f"{total}_{g}"])))})
     return pd.DataFrame(cols)
 
 
@@ -102,7 +95,6 @@ def write_curve(table: pd.DataFrame, path: str | Path, *, fingerprint: dict[str,
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as f:
-        for k, v in meta.items():
-            f.write(f"# {k}: {v}\n")
+        f.writelines(f"# {k}: {v}\n" for k, v in meta.items())
         table.to_csv(f, index=False, float_format="%.6g")
     return p

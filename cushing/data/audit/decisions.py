@@ -1,10 +1,8 @@
 """A person's review of the audit's pairs: a CSV with `line_a`, `line_b` (the manifest's CSV lines, as in audit.csv)
-and `verdict` (`same` or `different`; empty = not reviewed). audit.csv itself, with its `verdict` column filled
-in, is such a file. The next run merges a `same` pair even above the threshold and never merges a `different` one.
-
-When the file also has `subject_a`/`subject_b` (audit.csv's hashed ids), they must still match the manifest's: a
-review of lines that now hold other subjects (rows moved, photos added) is refused rather than applied to the wrong
-people. Errors name the file and its line.
+and `verdict` (`same`, `different` or empty), e.g. audit.csv with its verdicts filled in. The next run merges a
+`same` pair even above the threshold and never merges a `different` one. Hashed `subject_a`/`subject_b`, when
+present, must still match the manifest's: a review of lines that now hold other subjects is refused rather than
+applied to the wrong people. Errors name the file and its line.
 """
 from __future__ import annotations
 
@@ -49,18 +47,6 @@ def _row_pair(path: Path, n: int, row: dict[str, str], n_lines: int) -> tuple[in
     return (a, b) if a < b else (b, a)
 
 
-def _check_subjects(path: Path, n: int, row: dict[str, str], pair: tuple[int, int], subjects) -> None:
-    """The hashed subject ids in the file, when present, must be those now on those lines."""
-    got = (row.get("subject_a") or "").strip(), (row.get("subject_b") or "").strip()
-    if not all(got):
-        return
-    now = {subjects[pair[0] - 2], subjects[pair[1] - 2]}
-    if set(got) != now:
-        raise DecisionsError(f"{path} line {n}: lines {pair[0]} and {pair[1]} now hold other subjects than when "
-                             f"this pair was reviewed (the manifest changed): run the audit again and review "
-                             f"its new audit.csv")
-
-
 def read_decisions(path: str | Path, subjects: np.ndarray) -> Decisions:
     """The reviewed verdicts, checked against this manifest's hashed `subjects` (one per manifest row)."""
     p = Path(path)
@@ -87,7 +73,11 @@ def read_decisions(path: str | Path, subjects: np.ndarray) -> Decisions:
         if pair is None:
             unmatched += 1
             continue
-        _check_subjects(p, n, row, pair, subjects)
+        got = {(row.get("subject_a") or "").strip(), (row.get("subject_b") or "").strip()}  # hashed ids, if any
+        if "" not in got and got != {subjects[pair[0] - 2], subjects[pair[1] - 2]}:
+            raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} now hold other subjects than when this "
+                                 "pair was reviewed (the manifest changed): run the audit again and review its new "
+                                 "audit.csv")
         if pair in verdicts and verdicts[pair][0] != v:
             raise DecisionsError(f"{p} line {n}: lines {pair[0]} and {pair[1]} are marked {v} here and "
                                  f"{verdicts[pair][0]} on line {verdicts[pair][1]}")

@@ -1,6 +1,6 @@
 """The same person: dlib's 128-d ResNet face descriptor (HOG detection with upsampling, the mmod CNN when HOG finds
-nothing, the whole image as a last resort; 68-point alignment; photo and mirror averaged) and the pairs of descriptors closer than a threshold. dlib is imported
-where a describer is made."""
+nothing, the whole image as a last resort; 68-point alignment; photo and mirror averaged) and the pairs of
+descriptors closer than a threshold. dlib is imported where a describer is made."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +17,8 @@ __all__ = ["FaceDescriptor", "FaceDescriber", "descriptor_pairs", "LANDMARKS", "
 
 LANDMARKS = "shape_predictor_68_face_landmarks.dat"  # the chip's alignment (the 5-point model until issue 22)
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-# a same-person curve's header key -> the model file whose sha256 it records (a curve measured with other weights
-# does not apply)
+CNN_MODEL = "mmod_human_face_detector.dat"
+# a curve's header key -> the model file whose sha256 it records (a curve measured with other weights does not apply)
 CURVE_MODELS = {"sha256_descriptor_model": DESCRIPTOR_MODEL, "sha256_landmark_model": LANDMARKS}
 
 
@@ -39,18 +39,11 @@ class FaceDescriptor:
     detector: str  # hog | cnn | "" (whole image)
     upsample: int
 
-    def combined(self, flip_average: bool = True) -> np.ndarray:
-        return (self.vector + self.mirrored) / 2 if flip_average else self.vector
-
 
 class FaceDescriber:
-    """dlib's HOG detector, 68-point landmarks and ResNet descriptor (+ the mmod CNN on demand).
-
-    The 68-point model aligns the 150 px chip better than the 5-point one: +0.016 recall at the same false-pair
-    rate on CelebA (both identity halves), most for women, at the same cost (docs: cohort audit).
-
-    Native dlib objects are not thread-safe: make one per process (the pool does) and never share it.
-    """
+    """dlib's HOG detector, 68-point landmarks and ResNet descriptor (+ the mmod CNN on demand). The 68-point model
+    aligns the 150 px chip better than the 5-point one: +0.016 recall at the same false-pair rate on CelebA, most
+    for women, at the same cost. Native dlib objects are not thread-safe: one per process, never shared."""
 
     def __init__(self, settings: AuditSettings = AuditSettings()):
         dlib = _import_dlib()
@@ -58,16 +51,14 @@ class FaceDescriber:
         need = [models / LANDMARKS, models / DESCRIPTOR_MODEL]
         if missing := [p.name for p in need if not p.exists()]:
             raise ImportError(f"{', '.join(missing)} not found in {models}: reinstall face-recognition-models==0.3.0")
-        self.settings = settings
-        self._dlib = dlib
+        self.settings, self._dlib, self._cnn = settings, dlib, None
         self.hog = dlib.get_frontal_face_detector()
         self.landmarks = dlib.shape_predictor(str(need[0]))
         self.net = dlib.face_recognition_model_v1(str(need[1]))
-        self._cnn = None
 
     def _cnn_detector(self):
         if self._cnn is None:
-            self._cnn = self._dlib.cnn_face_detection_model_v1(str(models_dir() / "mmod_human_face_detector.dat"))
+            self._cnn = self._dlib.cnn_face_detection_model_v1(str(models_dir() / CNN_MODEL))
         return self._cnn
 
     def _find(self, img: np.ndarray) -> tuple[Any, str, int]:
@@ -107,10 +98,8 @@ class FaceDescriber:
 def descriptor_pairs(descriptors: np.ndarray, max_distance: float, *, groups: Sequence | None = None,
                      block_rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, distance), i < j, Euclidean distance < max_distance; with `groups`, only pairs whose groups differ.
-
-    Rows with NaN (no descriptor) are skipped. Distances are screened with one matrix product per block and the
-    survivors recomputed exactly, so results do not depend on the block size.
-    """
+    Rows with NaN are skipped. One matrix product per block screens, the survivors are recomputed exactly, so
+    results do not depend on the block size."""
     full = np.asarray(descriptors, dtype=np.float64)
     idx = np.flatnonzero(np.isfinite(full).all(axis=1))
     full = full[idx]
@@ -144,14 +133,12 @@ def _dlib_version() -> str:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
-            continue
+            pass
     return _import_dlib().__version__
 
 
 def _face_fingerprint(s: AuditSettings, memo: Path) -> dict[str, Any]:
     """What a descriptor depends on besides the photo: the weights (hashed, memoised), dlib, the knobs."""
-    models = models_dir()
-    names = [LANDMARKS, DESCRIPTOR_MODEL]
-    names += ["mmod_human_face_detector.dat"] if s.cnn_fallback else []
-    return {"dlib": _dlib_version(), "weights": {n: file_hash(models / n, memo) for n in names},
+    names = [LANDMARKS, DESCRIPTOR_MODEL, *([CNN_MODEL] if s.cnn_fallback else [])]
+    return {"dlib": _dlib_version(), "weights": {n: file_hash(models_dir() / n, memo) for n in names},
             "max_upsample": s.max_upsample, "cnn_fallback": s.cnn_fallback, "max_side": s.max_side}

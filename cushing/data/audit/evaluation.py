@@ -1,7 +1,6 @@
-"""The evidence behind the audit's thresholds, on a manifest of real identities (CelebA): precision and recall of
-"same person" with Wilson intervals, overall and by sex, and the same-person curve the automatic threshold reads;
-false duplicate pairs among strangers and how far re-saved copies drift (the copies made in memory, never
-written)."""
+"""The evidence behind the audit's thresholds, on real identities (CelebA): precision and recall of "same person"
+with Wilson intervals, overall and by sex, and the curve the automatic threshold reads; false duplicate pairs among
+strangers and how far re-saved copies (made in memory, never written) drift."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,16 +31,14 @@ def _sample(df: pd.DataFrame, n_photos: int, seed: int, multi_share: float = 0.8
     of other identities (strangers only) to fill up. n_photos <= 0: every photo."""
     if n_photos <= 0 or n_photos >= len(df):
         return df.reset_index(drop=True)
-    rng = np.random.default_rng(seed)
     counts = df["subject_id"].value_counts()
     multi = counts[counts >= 2].index.to_numpy()
-    rng.shuffle(multi)
+    np.random.default_rng(seed).shuffle(multi)
     take, n = [], 0
     for s in multi:
-        if n + counts[s] > multi_share * n_photos:
-            continue
-        take.append(s)
-        n += counts[s]
+        if n + counts[s] <= multi_share * n_photos:
+            take.append(s)
+            n += counts[s]
     chosen = df[df["subject_id"].isin(take)]
     rest = df[~df["subject_id"].isin(take)].drop_duplicates("subject_id")
     fill = rest.sample(min(len(rest), max(0, n_photos - len(chosen))), random_state=seed)
@@ -52,15 +49,12 @@ def _threshold_rows(d: np.ndarray, same: np.ndarray, group: str, thresholds: Seq
     pos, neg = np.sort(d[same]), np.sort(d[~same])
     rows = []
     for t in thresholds:
-        tp = int(np.searchsorted(pos, t, side="left"))
-        fp = int(np.searchsorted(neg, t, side="left"))
-        p, plo, phi = rate(tp, tp + fp)
-        r, rlo, rhi = rate(tp, len(pos))
-        f, flo, fhi = rate(fp, len(neg))
-        rows.append({"threshold": float(t), "group": group, "pos_pairs": len(pos), "neg_pairs": len(neg),
-                     "tp": tp, "fp": fp, "precision": p, "precision_lo": plo, "precision_hi": phi,
-                     "recall": r, "recall_lo": rlo, "recall_hi": rhi, "false_match_rate": f,
-                     "fmr_lo": flo, "fmr_hi": fhi, "false_pairs_per_343": f * 343 * 342 / 2})
+        tp, fp = (int(np.searchsorted(v, t, side="left")) for v in (pos, neg))
+        (p, plo, phi), (r, rlo, rhi), (f, flo, fhi) = rate(tp, tp + fp), rate(tp, len(pos)), rate(fp, len(neg))
+        rows.append({"threshold": float(t), "group": group, "pos_pairs": len(pos), "neg_pairs": len(neg), "tp": tp,
+                     "fp": fp, "precision": p, "precision_lo": plo, "precision_hi": phi, "recall": r, "recall_lo": rlo,
+                     "recall_hi": rhi, "false_match_rate": f, "fmr_lo": flo, "fmr_hi": fhi,
+                     "false_pairs_per_343": f * 343 * 342 / 2})
     return rows
 
 
@@ -93,11 +87,9 @@ def evaluate_same_person(manifest_csv: str | Path, *, n_photos: int = 2000, seed
     d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))[iu, ju]  # n x n, not pairs x 128
     subj, sex = df["subject_id"].to_numpy(), df["sex"].to_numpy()
     same = subj[iu] == subj[ju]
-    rows = _threshold_rows(d, same, "all", thresholds)
-    masks = {"F": (sex[iu] == "F") & (sex[ju] == "F"), "M": (sex[iu] == "M") & (sex[ju] == "M"),
-             "both_detected": (src[iu] == "detected") & (src[ju] == "detected")}
-    for g, m in masks.items():
-        rows += _threshold_rows(d[m], same[m], g, thresholds)
+    both = {"F": (sex, "F"), "M": (sex, "M"), "both_detected": (src, "detected")}
+    masks = {"all": np.ones_like(same), **{g: (v[iu] == w) & (v[ju] == w) for g, (v, w) in both.items()}}
+    rows = [r for g, m in masks.items() for r in _threshold_rows(d[m], same[m], g, thresholds)]
     det = pd.Series(sig.detector)[keep].replace("", "whole_image").value_counts().to_dict()
     majority = df["subject_id"].map(df.groupby("subject_id")["sex"].agg(lambda v: v.mode().iat[0]))
     curve = curve_table(curve_counts(x, subj, majority.to_numpy()))
@@ -131,8 +123,7 @@ def _variants(data: bytes) -> dict[str, bytes]:
             "mirrored_q90": save(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90)}
 
 
-def _copy_distances(paths: Sequence[str], hashes: np.ndarray, mirrors: np.ndarray,
-                    s: AuditSettings) -> pd.DataFrame:
+def _copy_distances(paths: Sequence[str], hashes: np.ndarray, mirrors: np.ndarray, s: AuditSettings) -> pd.DataFrame:
     rows = []
     for p, h, m in zip(paths, hashes, mirrors):
         original = color_thumbnail(_decode(p, s.max_side))
@@ -151,25 +142,22 @@ def _distance_histograms(hashes: np.ndarray, mirrors: np.ndarray | None, subject
     """Counts of pairs (i < j) at each Hamming distance, strangers and same identity apart (min over mirror)."""
     bits = hashes.shape[1] * 64
     codes = pd.factorize(subjects)[0]
-    hist = np.zeros((2, bits + 1), np.int64)
+    strangers, same = np.zeros(bits + 1, np.int64), np.zeros(bits + 1, np.int64)
     cols = np.arange(len(hashes))
     for s in range(0, len(hashes), block_rows):
         rows = cols[s:s + block_rows]
         d = _hamming_block(hashes[rows], hashes)
         if mirrors is not None:
-            d = np.minimum(d, _hamming_block(hashes[rows], mirrors))
-            d = np.minimum(d, _hamming_block(mirrors[rows], hashes))
-        upper = cols[None, :] > rows[:, None]
-        same = codes[rows][:, None] == codes[None, :]
-        hist[0] += np.bincount(d[upper & ~same], minlength=bits + 1)
-        hist[1] += np.bincount(d[upper & same], minlength=bits + 1)
-    return hist[0], hist[1]
+            d = np.minimum(d, np.minimum(_hamming_block(hashes[rows], mirrors), _hamming_block(mirrors[rows], hashes)))
+        upper, one = cols[None, :] > rows[:, None], codes[rows][:, None] == codes[None, :]
+        strangers += np.bincount(d[upper & ~one], minlength=bits + 1)
+        same += np.bincount(d[upper & one], minlength=bits + 1)
+    return strangers, same
 
 
-def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300, n_copies: int = 100,
-                        seed: int = 0, settings: AuditSettings = AuditSettings(),
-                        cache_dir: str | Path | None = None, workers: int = 0,
-                        progress: bool = True) -> dict[str, Any]:
+def evaluate_duplicates(manifest_csv: str | Path, *, n_photos: int | None = 300, n_copies: int = 100, seed: int = 0,
+                        settings: AuditSettings = AuditSettings(), cache_dir: str | Path | None = None,
+                        workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """False pairs among distinct photos of different identities (cannot be the same photo) at the threshold,
     the closest such pair, and how far re-saved copies drift (PNG, JPEG q60, 0.7x, 3x, 0.5x q40, mirrored),
     the copies made in memory and never written."""

@@ -16,11 +16,8 @@ def perceptual_hash(rgb: np.ndarray, *, size: int = 64, block: int = 16, mirror:
 
     gray = Image.fromarray(np.ascontiguousarray(rgb)).convert("L")
     g = np.asarray(gray.resize((size, size), Image.Resampling.BOX), dtype=np.float64)
-    if mirror:
-        g = g[:, ::-1]
-    coeffs = dctn(g, type=2, norm="ortho")[:block, :block].ravel()
-    bits = (coeffs > np.median(coeffs)).astype(np.uint8)
-    return np.packbits(bits).view(">u8").astype(np.uint64)
+    coeffs = dctn(g[:, ::-1] if mirror else g, type=2, norm="ortho")[:block, :block].ravel()
+    return np.packbits(coeffs > np.median(coeffs)).view(">u8").astype(np.uint64)
 
 
 def color_thumbnail(rgb: np.ndarray, side: int = 8) -> np.ndarray:
@@ -46,11 +43,8 @@ def _hamming_block(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def hamming_pairs(a: np.ndarray, max_bits: int, *, b: np.ndarray | None = None,
                   block_rows: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, bits) with popcount(a[i] ^ b[j]) <= max_bits, in row blocks (10k photos: ~25 MB at a time).
-
-    Without `b`, compares `a` with itself and returns i < j only; with `b`, every i != j (the mirror check,
-    where the two directions differ).
-    """
+    """(i, j, bits) with popcount(a[i] ^ b[j]) <= max_bits, in row blocks (10k photos: ~25 MB at a time). Without
+    `b`, `a` against itself, i < j only; with `b`, every i != j (the mirror check: the two directions differ)."""
     a = np.ascontiguousarray(a, dtype=np.uint64)
     other = a if b is None else np.ascontiguousarray(b, dtype=np.uint64)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -59,8 +53,7 @@ def hamming_pairs(a: np.ndarray, max_bits: int, *, b: np.ndarray | None = None,
         d = _hamming_block(a[s:s + block_rows], other[start:])
         ii, jj = np.nonzero(d <= max_bits)
         keep = jj + start > ii + s if b is None else jj != ii + s
-        ii, jj = ii[keep], jj[keep]
-        found.append((ii + s, jj + start, d[ii, jj]))
+        found.append((ii[keep] + s, jj[keep] + start, d[ii[keep], jj[keep]]))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint16)
     return tuple(np.concatenate(x) for x in zip(*found))  # type: ignore[return-value]
@@ -77,8 +70,7 @@ def duplicate_pairs(hashes: np.ndarray, max_bits: int, *, mirrors: np.ndarray | 
         i, j, d = hamming_pairs(hashes[idx], max_bits, b=mirrors[idx])
         parts.append(pd.DataFrame({"i": np.minimum(i, j), "j": np.maximum(i, j), "d": d}, dtype=np.int64)
                      .assign(m=True))
-    df = pd.concat(parts, ignore_index=True).sort_values(["i", "j", "d", "m"])
-    df = df.drop_duplicates(["i", "j"], keep="first")
+    df = pd.concat(parts, ignore_index=True).sort_values(["i", "j", "d", "m"]).drop_duplicates(["i", "j"])
     out = pd.DataFrame({"i": idx[df["i"].to_numpy()], "j": idx[df["j"].to_numpy()],
                         "distance": df["d"].to_numpy(), "mirrored": df["m"].to_numpy(dtype=bool)})
     if thumbs is None or out.empty:

@@ -17,24 +17,21 @@ __all__ = ["merged_groups"]
 
 
 def _pairs_frame(rows: list[pd.DataFrame], subjects: pd.Series, split: pd.Series | None) -> pd.DataFrame:
-    cols = ["pair", "kind", "distance", "decision", "verdict", "outcome", "line_a", "line_b", "subject_a",
-            "subject_b"]
+    cols = ["pair", "kind", "distance", "decision", "verdict", "outcome", "line_a", "line_b", "subject_a", "subject_b"]
     df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["kind", "i", "j", "distance", "decision", "verdict"])
     i, j = df["i"].to_numpy(dtype=np.int64), df["j"].to_numpy(dtype=np.int64)
     decision, verdict = df["decision"].astype(str).to_numpy(), df["verdict"].fillna("").astype(str).to_numpy()
-    out = pd.DataFrame({"kind": df["kind"].astype(str), "distance": df["distance"].astype(float),
-                        "decision": decision, "verdict": verdict,
-                        "outcome": np.select([verdict == "same", verdict == "different"], ["merged", "released"],
-                                             decision),
+    subj = subjects.to_numpy()
+    out = pd.DataFrame({"kind": df["kind"].astype(str), "distance": df["distance"].astype(float), "decision": decision,
+                        "verdict": verdict, "outcome": np.select([verdict == "same", verdict == "different"],
+                                                                 ["merged", "released"], decision),
                         "line_a": i + 2, "line_b": j + 2,  # the CSV header is line 1
-                        "subject_a": subjects.to_numpy()[i], "subject_b": subjects.to_numpy()[j]})
-    out["same_subject"] = out["subject_a"] == out["subject_b"]
-    out["detail"] = df["detail"].fillna("").astype(str).to_numpy() if len(df) else []
+                        "subject_a": subj[i], "subject_b": subj[j], "same_subject": subj[i] == subj[j],
+                        "detail": df["detail"].fillna("").astype(str).to_numpy() if len(df) else []})
     if split is not None:
         sp = split.astype(str).to_numpy()
-        out["split_a"], out["split_b"] = sp[i], sp[j]
-        out["straddles_splits"] = out["split_a"] != out["split_b"]
+        out = out.assign(split_a=sp[i], split_b=sp[j], straddles_splits=sp[i] != sp[j])
         cols += ["split_a", "split_b", "straddles_splits"]
     out = out.sort_values(["kind", "distance", "line_a", "line_b"], ignore_index=True)
     out["pair"] = np.arange(1, len(out) + 1)  # the key the review page shows: not a subject id
@@ -47,8 +44,7 @@ def _find_pairs(sig: Signatures, subject_ids: np.ndarray, sex: np.ndarray, s: Au
     threshold choice (None when faces were not described)."""
     dup = duplicate_pairs(sig.hashes, s.duplicate_max_bits, mirrors=sig.mirrors if s.mirror else None,
                           valid=sig.ok, thumbs=sig.thumbs, max_color=s.duplicate_max_color)
-    dup = dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""),
-                     decision="merged",
+    dup = dup.assign(kind="duplicate_photo", detail=np.where(dup["mirrored"], "mirrored", ""), decision="merged",
                      verdict=[verdicts.get((a + 2, b + 2), "") for a, b in zip(dup["i"], dup["j"])])
     rows, choice = [dup.drop(columns="mirrored")], None
     if sig.descriptors is not None:
@@ -64,28 +60,18 @@ def _find_pairs(sig: Signatures, subject_ids: np.ndarray, sex: np.ndarray, s: Au
 
 def merged_groups(pairs: pd.DataFrame, subject_ids: Sequence | pd.Series, *, kinds: Iterable[str] = PAIR_KINDS,
                   outcomes: Iterable[str] = TOGETHER) -> pd.Series:
-    """Group id per manifest row: subjects joined by a pair (transitively, union-find) share one id. Pairs with an
-    `outcome` join only for `outcomes` (default: merged and kept as a precaution, not review or near misses).
+    """Group id per manifest row: subjects joined by a pair (transitively) share one id, the smallest raw subject id
+    in the group (unmerged subjects keep their own), so a splitter can group on it instead of `subject_id`. Pairs
+    with an `outcome` join only for `outcomes` (default: merged and precaution). Raw ids: never log them."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    The id is the smallest raw subject id in the group, so unmerged subjects keep their own and a splitter can
-    group on this instead of `subject_id`. Internal use only: the ids are raw, do not log them.
-    """
-    subj = pd.Series(subject_ids).reset_index(drop=True).astype(str)
-    parent = {s: s for s in subj.unique()}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    given = pd.Series(subject_ids)
+    codes, names = pd.factorize(given.astype(str))
     sel = pairs[pairs["kind"].isin(list(kinds))]
     if "outcome" in sel:
         sel = sel[sel["outcome"].isin(list(outcomes))]
-    for a, b in zip(sel["line_a"].to_numpy() - 2, sel["line_b"].to_numpy() - 2):
-        ra, rb = find(subj.iat[int(a)]), find(subj.iat[int(b)])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the smaller id becomes the root, so it names the group
-    out = subj.map(find)
-    out.index = pd.Series(subject_ids).index
-    return out
+    a, b = (codes[sel[c].to_numpy(dtype=np.int64) - 2] for c in ("line_a", "line_b"))
+    component = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(names),) * 2), directed=False)[1]
+    smallest = pd.Series(names).groupby(component).transform("min").to_numpy()
+    return pd.Series(smallest[codes], index=given.index, name=given.name)

@@ -20,16 +20,12 @@ __all__ = ["CohortAudit", "audit_manifest"]
 
 @dataclass(frozen=True)
 class CohortAudit:
-    """`pairs` is audit.csv: one row per suspicious pair, PHI-safe (a pair number, CSV lines and keyed subject
-    hashes only; the review page shows the same pair numbers).
+    """`pairs` is audit.csv: one row per suspicious pair, PHI-safe (pair number, CSV lines, keyed subject hashes).
 
     A copy of a photo under another id appears twice, as `duplicate_photo` and as `same_person`: two questions.
-    `detail` is `mirrored` for a flipped copy and `whole_image` for a same-person pair where a photo had no
-    detected face (less reliable: the whole frame stood in for the face box). `decision` is what the audit can
-    say (settings.DECISIONS): `merged` (a duplicate photo, or closer than the strict distance), `precaution`
-    (kept in one split, for review), `review` or `below_threshold` (not kept together); `verdict` is what a
-    decisions file said; `outcome` the decision after it (`same` merges, `different` releases).
-    """
+    `detail` is `mirrored` for a flipped copy, `whole_image` for a same-person pair where a photo had no detected
+    face (less reliable). `decision` is what the audit can say (settings.DECISIONS); `verdict` what a decisions
+    file said; `outcome` the decision after it (`same` merges, `different` releases)."""
 
     pairs: pd.DataFrame  # pair, kind, distance, decision, verdict, outcome, line_a, line_b, subject_a, ...
     photos: pd.DataFrame  # one row per manifest row: line, subject, status, descriptor_source, detector
@@ -114,8 +110,7 @@ def audit_manifest(manifest: Manifest | pd.DataFrame, *, settings: AuditSettings
     paths = table["path"] if "path" in table else table["image"]
     has_sha = "sha256" in table and table["sha256"].notna().all()
     shas = list(table["sha256"]) if has_sha else _photo_shas(list(paths))
-    sig = photo_signatures(list(paths), settings, shas=shas, cache_dir=cache_dir, workers=workers,
-                           progress=progress)
+    sig = photo_signatures(list(paths), settings, shas=shas, cache_dir=cache_dir, workers=workers, progress=progress)
     key = key or subject_key(shas)
     raw = table["subject_id"].astype(str)
     subjects = raw.map(lambda x: hash_subject(x, key))

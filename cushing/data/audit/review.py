@@ -1,7 +1,6 @@
-"""The review page (`cushing audit --review-page OUT.html`): the two photos of each pair side by side, for the person
-who may see them. One self-contained HTML file, the photos embedded as data URIs (JPEG, at most 256 px), so it
-opens offline and can be moved without its photos. It shows faces and file names: it is PHI, written locally
-only and logged to MLflow only with allow_phi_artifacts."""
+"""The review page (`cushing audit --review-page OUT.html`): each pair's two photos side by side, in one
+self-contained HTML file (photos embedded as JPEG data URIs, at most 256 px). It shows faces and file names: it is
+PHI, written locally only and logged to MLflow only with allow_phi_artifacts."""
 from __future__ import annotations
 
 import base64
@@ -21,25 +20,20 @@ REVIEWED = ("merged", "precaution", "review")  # the outcomes a person should lo
 _SIDE = 256
 
 
-def _data_uri(path: str) -> str:
+def _img(path: str, caption: str | None = None) -> str:
     from PIL import Image
 
+    name = html.escape(caption or Path(path).name)
     try:
         im = Image.fromarray(open_rgb(path))
     except BadImage as e:
-        return f"unreadable ({e.reason})"
-    im.thumbnail((_SIDE, _SIDE))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(path: str, caption: str | None = None) -> str:
-    uri = _data_uri(path)
-    name = html.escape(caption or Path(path).name)
-    if not uri.startswith("data:"):
-        return f"<figure><div class=missing>{html.escape(uri)}</div><figcaption>{name}</figcaption></figure>"
-    return f"<figure><img src='{uri}' alt='{name}'><figcaption>{name}</figcaption></figure>"
+        body = f"<div class=missing>unreadable ({html.escape(e.reason)})</div>"
+    else:
+        im.thumbnail((_SIDE, _SIDE))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        body = f"<img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}' alt='{name}'>"
+    return f"<figure>{body}<figcaption>{name}</figcaption></figure>"
 
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:70em}
@@ -52,10 +46,9 @@ figure{margin:0;text-align:center}img{height:200px}figcaption{font-size:.8em;col
 
 def review_page(pairs: pd.DataFrame, paths: Sequence[str], *, choice=None, manifest: str = "",
                 captions: Sequence[str] | None = None) -> str:
-    """HTML for the pairs to review (merged, precaution and review, and any pair with a verdict), closest first.
-    `pairs` is audit.csv (lines refer to rows of `paths`, line 2 = row 0); `choice` the ThresholdChoice (None:
-    faces not described); `captions` (one per row) name each photo as the manifest does (its image entry and
-    subject id), default the file's name."""
+    """HTML for the pairs to review (merged, precaution, review, or with a verdict), closest first. `pairs` is
+    audit.csv (line 2 = row 0 of `paths`); `choice` the ThresholdChoice (None: faces not described); `captions`
+    (one per row) name each photo as the manifest does, default the file's name."""
     def img(line: int) -> str:
         return _img(paths[line - 2], captions[line - 2] if captions is not None else None)
 

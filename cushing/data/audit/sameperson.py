@@ -62,21 +62,6 @@ def _curve_for(s: AuditSettings, fingerprint: dict | None) -> Curve | None:
     return curve
 
 
-def _choose(s: AuditSettings, curve: Curve | None, counts: dict[str, int], n: int) -> tuple[float, float, float]:
-    """(threshold to search with, rule threshold before the guard or NaN, E at it)."""
-    if s.same_person_max_distance is None:
-        t, e = curve_threshold(curve, counts, n, s.false_pairs_per_photo)
-        return t, t, e
-    t = s.same_person_max_distance
-    return t, float("nan"), expected_at(curve, counts, t) if curve is not None else float("nan")
-
-
-def _rows(desc: np.ndarray, codes: np.ndarray, radius: float, k: int) -> pd.DataFrame:
-    i, j, d = descriptor_pairs(desc, radius, groups=codes)
-    nn = nearest_strangers(desc, codes, k)
-    return pd.DataFrame({"i": i, "j": j, "distance": d, "mutual": mutual_pairs(i, j, nn)})
-
-
 def _with_verdicts(df: pd.DataFrame, desc: np.ndarray, codes: np.ndarray,
                    verdicts: dict[tuple[int, int], str]) -> pd.DataFrame:
     """Each row's verdict, plus the pairs marked `same` that the search did not reach (any distance)."""
@@ -115,19 +100,25 @@ def same_person_pairs(desc: np.ndarray, subject_ids: np.ndarray, sex: np.ndarray
     n = int(valid.sum())
     counts = pair_counts(np.asarray(sex, dtype=object)[valid], codes[valid])
     curve = _curve_for(s, fingerprint)
-    t, t_curve, e = _choose(s, curve, counts, n)
+    if s.same_person_max_distance is None:  # the threshold to search with, the rule's before the guard, E at it
+        t, e = curve_threshold(curve, counts, n, s.false_pairs_per_photo)
+        t_curve = t
+    else:
+        t, t_curve = s.same_person_max_distance, float("nan")
+        e = expected_at(curve, counts, t) if curve is not None else float("nan")
     strict = strict_distance(curve, counts, s.certain_false_pairs) if curve else 0.0
-    df = _with_verdicts(_rows(desc, codes, t + NEAR_MARGIN, s.mutual_k), desc, codes, verdicts)
+    i, j, d = descriptor_pairs(desc, t + NEAR_MARGIN, groups=codes)
+    mutual = mutual_pairs(i, j, nearest_strangers(desc, codes, s.mutual_k))
+    df = _with_verdicts(pd.DataFrame({"i": i, "j": j, "distance": d, "mutual": mutual}), desc, codes, verdicts)
     limit = max(int(np.floor(s.max_group_share * n)), 3)
     if s.same_person_max_distance is None:
         kept = df["mutual"] | (df["distance"] < strict)
         edges = df[(df["distance"] < t) & kept & (df["verdict"] != "different")]
         forced_codes = [(codes[a], codes[b]) for a, b in forced if verdicts.get((a + 2, b + 2)) != "different"]
         forced_codes += [(codes[a - 2], codes[b - 2]) for (a, b), v in verdicts.items() if v == "same"]
-        t, _ = guarded_threshold(pd.DataFrame({"a": codes[edges["i"]], "b": codes[edges["j"]],
-                                               "distance": edges["distance"]}),
-                                 np.bincount(codes, minlength=codes.max() + 1 if len(codes) else 0),
-                                 curve.grid, t, limit, forced_codes)
+        edges = pd.DataFrame({"a": codes[edges["i"]], "b": codes[edges["j"]], "distance": edges["distance"]})
+        t, _ = guarded_threshold(edges, np.bincount(codes, minlength=codes.max(initial=-1) + 1), curve.grid, t, limit,
+                                 forced_codes)
         e = expected_at(curve, counts, t)
     strict = min(strict, t)  # never past the threshold: a fixed one, or one the guard lowered
     e_strict = expected_at(curve, counts, strict) if strict else 0.0

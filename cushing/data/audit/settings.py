@@ -41,15 +41,11 @@ class AuditSettings:
     duplicate_max_color: float = 5.0
     mirror: bool = True  # also match horizontally flipped copies (selfie cameras, flip augmentation)
     faces: bool = True  # compute face descriptors (dlib); False audits duplicates only
-    # Euclidean; None = automatic (`threshold.choose_threshold`): the loosest distance at which the shipped curve's
-    # false-pair rates, times this cohort's photo pairs by sex, expect <= false_pairs_per_photo x photos, lowered
-    # further until no merged group holds more than max_group_share of the photos. At 343 photos (85% women)
-    # that is 0.525: 75% of same-person pairs found on held-out CelebA, vs 43% at the old fixed 0.45.
+    # Euclidean; None = automatic (module `threshold`). At 343 photos (85% women) that is 0.525: 75% of same-person
+    # pairs found on held-out CelebA, vs 43% at the old fixed 0.45.
     same_person_max_distance: float | None = None
     false_pairs_per_photo: float = 0.2  # the bound b of the automatic threshold (docs: cohort audit)
-    # the strict distance below which a pair is merged as one person: the loosest curve distance expecting at most
-    # this many false pairs in the whole cohort, so that at most about 1 cohort in 20 holds one false merge
-    certain_false_pairs: float = 0.05
+    certain_false_pairs: float = 0.05  # E at the strict distance (merged as one person): ~1 cohort in 20 errs once
     mutual_k: int = 2  # a pair below the threshold merges only if each is among the other's k nearest strangers
     max_group_share: float = 0.05  # the guard: merged groups hold at most max(floor(share x photos), 3) photos
     near_misses: int = 20  # the closest pairs at or above the threshold, listed as below_threshold
@@ -75,10 +71,8 @@ class AuditSettings:
 
 def audit_settings(manifest: Manifest, threshold: str | float | None = None, decisions: str | None = None,
                    curve: str | None = None, faces: bool = True) -> AuditSettings:
-    """The defaults, without the same-person check on a synthetic cohort (or with `faces` false): dlib's
-    face-recognition model was trained on photos and sees every drawn demo face as one person, so its distances
-    mean nothing there. `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions file;
-    `curve` a site's same-person curve (default the shipped one)."""
-    return AuditSettings(faces=faces and not manifest.synthetic,
-                         same_person_max_distance=parse_audit_threshold(threshold), decisions=decisions or None,
-                         curve=curve or None)
+    """The defaults, without the same-person check on a synthetic cohort (or with `faces` false): dlib sees every
+    drawn demo face as one person. `threshold` is `auto` (None) or a distance; `decisions` a reviewed decisions
+    file; `curve` a site's same-person curve (default the shipped one)."""
+    return AuditSettings(faces=faces and not manifest.synthetic, decisions=decisions or None, curve=curve or None,
+                         same_person_max_distance=parse_audit_threshold(threshold))

@@ -3,7 +3,6 @@ process) and cached per photo content (sha256 of the bytes) in small JSON files 
 over the same cohort decodes nothing."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -71,12 +70,11 @@ def _decode(src: str | bytes, max_side: int) -> np.ndarray:
 
     rgb = open_rgb(src, draft=2 * max_side)
     h, w = rgb.shape[:2]
-    if max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        im = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                         Image.Resampling.LANCZOS)
-        rgb = np.asarray(im)
-    return rgb
+    if max(h, w) <= max_side:
+        return rgb
+    scale = max_side / max(h, w)
+    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                  Image.Resampling.LANCZOS))
 
 
 def _compute_one(item: tuple[int, str, bool, bool]) -> tuple[int, dict | None, dict | None]:
@@ -150,11 +148,8 @@ class Signatures:
 
 
 def _cpus() -> int:
-    """CPUs this process may use (the container's share, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """CPUs this process may use (the container's share, not the host's count; all of them off Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _photo_shas(paths: Sequence[str]) -> list[str | None]:
@@ -167,17 +162,6 @@ def _photo_shas(paths: Sequence[str]) -> list[str | None]:
     return out
 
 
-def _lookup(cache: SignatureCache, shas, s: AuditSettings, memo: Path) -> tuple[list, list, list, list, Any]:
-    """Cache keys and hits for every photo; None keys for photos whose bytes could not be read."""
-    hp = {"v": HASH_VERSION, "size": s.hash_image, "block": s.hash_block, "max_side": s.max_side}
-    fp = {"v": FACE_VERSION, **_face_fingerprint(s, memo)} if s.faces else None
-    hkeys = [cache.key("hash", sha, hp) if sha else None for sha in shas]
-    fkeys = [cache.key("face", sha, fp) if sha and fp else None for sha in shas]
-    hrec = [cache.get("hash", k) if k else None for k in hkeys]
-    frec = [cache.get("face", k) if k else None for k in fkeys]
-    return hkeys, fkeys, hrec, frec, fp
-
-
 def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = AuditSettings(), *,
                      shas: Sequence[str | None] | None = None, cache_dir: str | Path | None = None,
                      workers: int = 0, progress: bool = True) -> Signatures:
@@ -185,12 +169,18 @@ def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = Audi
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     shas = list(shas) if shas is not None else _photo_shas(paths)
-    cache = SignatureCache(cache_dir or _default_cache())
-    hkeys, fkeys, hrec, frec, fp = _lookup(cache, shas, settings, cache.root / "weights_hashes.json")
-    items = [(i, p, hrec[i] is None, settings.faces and frec[i] is None)
-             for i, p in enumerate(paths) if shas[i] and (hrec[i] is None or (settings.faces and frec[i] is None))]
+    cache = SignatureCache(cache_dir or cache_home() / "audit")
+    s = settings
+    hp = {"v": HASH_VERSION, "size": s.hash_image, "block": s.hash_block, "max_side": s.max_side}
+    fp = {"v": FACE_VERSION, **_face_fingerprint(s, cache.root / "weights_hashes.json")} if s.faces else None
+    hkeys = [cache.key("hash", sha, hp) if sha else None for sha in shas]
+    fkeys = [cache.key("face", sha, fp) if sha and fp else None for sha in shas]
+    hrec = [cache.get("hash", k) if k else None for k in hkeys]
+    frec = [cache.get("face", k) if k else None for k in fkeys]
+    items = [(i, p, hrec[i] is None, s.faces and frec[i] is None)
+             for i, p in enumerate(paths) if shas[i] and (hrec[i] is None or (s.faces and frec[i] is None))]
     with stops.cooperative():
-        for i, h, f in _run_pool(items, settings, workers or _cpus(), progress):
+        for i, h, f in _run_pool(items, s, workers or _cpus(), progress):
             if h is not None:
                 cache.put("hash", hkeys[i], h)
                 hrec[i] = h
@@ -200,37 +190,22 @@ def photo_signatures(paths: Sequence[str | Path], settings: AuditSettings = Audi
     for i, sha in enumerate(shas):
         if sha is None:
             hrec[i] = frec[i] = {"status": "file_not_found" if not Path(paths[i]).exists() else "unreadable"}
-    sig = _assemble(hrec, frec if settings.faces else None, settings, len(paths) - len(items), len(items),
-                    time.perf_counter() - t0)
-    return dataclasses.replace(sig, fingerprint=fp)
-
-
-def _assemble(hrec: list[dict], frec: list[dict] | None, s: AuditSettings, cached: int, computed: int,
-              seconds: float) -> Signatures:
-    words = s.hash_block ** 2 // 64
-    hashes = np.zeros((len(hrec), words), np.uint64)
+    n = len(paths)
+    hashes = np.zeros((n, s.hash_block ** 2 // 64), np.uint64)
     mirrors = np.zeros_like(hashes)
-    thumbs = np.zeros((len(hrec), 8, 8, 3), np.uint8)
+    thumbs = np.zeros((n, 8, 8, 3), np.uint8)
     for i, r in enumerate(hrec):
         if r["status"] == "ok":
             hashes[i] = np.frombuffer(bytes.fromhex(r["hash"]), np.uint64)
             mirrors[i] = np.frombuffer(bytes.fromhex(r["mirror"]), np.uint64)
             thumbs[i] = np.frombuffer(bytes.fromhex(r["thumb"]), np.uint8).reshape(8, 8, 3)
-    desc = None
-    source = detector = [""] * len(hrec)
-    if frec is not None:
-        desc = np.full((len(frec), 128), np.nan, np.float32)
-        source, detector = [], []
+    desc, source, detector = None, [""] * n, [""] * n
+    if s.faces:
+        desc = np.full((n, 128), np.nan, np.float32)
         for i, r in enumerate(frec):
-            ok = r["status"] == "ok"
-            if ok:
+            if r["status"] == "ok":
                 v = np.asarray(r["descriptor"], np.float32)
                 desc[i] = (v + np.asarray(r["mirrored"], np.float32)) / 2 if s.flip_average else v
-            source.append(r.get("source", "") if ok else "")
-            detector.append(r.get("detector", "") if ok else "")
-    return Signatures([r["status"] for r in hrec], hashes, mirrors, desc, source, detector, cached, computed,
-                      seconds, thumbs)
-
-
-def _default_cache() -> Path:
-    return cache_home() / "audit"
+                source[i], detector[i] = r.get("source", ""), r.get("detector", "")
+    return Signatures([r["status"] for r in hrec], hashes, mirrors, desc, source, detector, n - len(items),
+                      len(items), time.perf_counter() - t0, thumbs, fp)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +56,8 @@ def read_curve(path: str | Path | None = None) -> Curve:
         raise FileNotFoundError(f"same-person curve {p} not found (write one with `cushing audit --evaluate`)")
     data = p.read_bytes()
     text = data.decode("utf-8", errors="replace")
-    meta: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        k, _, v = line[1:].strip().partition(":")
-        meta[k.strip()] = v.strip()
+    head = itertools.takewhile(lambda line: line.startswith("#"), text.splitlines())
+    meta = {k.strip(): v.strip() for k, _, v in (line[1:].strip().partition(":") for line in head)}
     if meta.get("format") != CURVE_FORMAT:
         raise ValueError(f"{p}: not a same-person curve (its first lines must say `# format: {CURVE_FORMAT}`)")
     table = pd.read_csv(io.StringIO(text), comment="#")
@@ -77,18 +74,13 @@ def pair_counts(sex: np.ndarray, subjects: np.ndarray) -> dict[str, int]:
     those are never candidates. `sex` per photo (F, M or anything else = unknown)."""
     sex = np.asarray(sex, dtype=object)
     f, m = sex == "F", sex == "M"
-    u = ~(f | m)
-    nf, nm, nu = int(f.sum()), int(m.sum()), int(u.sum())
-    out = {"F": nf * (nf - 1) // 2, "M": nm * (nm - 1) // 2, "mixed": nf * nm,
-           "unknown": nu * (nu - 1) // 2 + nu * (nf + nm)}
-    frame = pd.DataFrame({"s": np.asarray(subjects, dtype=object), "f": f, "m": m, "u": u})
-    for _, g in frame.groupby("s"):
-        a, b, c = int(g["f"].sum()), int(g["m"].sum()), int(g["u"].sum())
-        out["F"] -= a * (a - 1) // 2
-        out["M"] -= b * (b - 1) // 2
-        out["mixed"] -= a * b
-        out["unknown"] -= c * (c - 1) // 2 + c * (a + b)
-    return out
+    frame = pd.DataFrame({"f": f, "m": m, "u": ~(f | m)}, dtype=np.int64)
+
+    def pairs(f, m, u):  # photo counts -> pair counts (ints for the cohort, arrays per subject)
+        return {"F": f * (f - 1) // 2, "M": m * (m - 1) // 2, "mixed": f * m, "unknown": u * (u - 1) // 2 + u * (f + m)}
+    every = pairs(*frame.sum())
+    own = pairs(*(v.to_numpy() for _, v in frame.groupby(np.asarray(subjects, dtype=object)).sum().items()))
+    return {k: int(every[k] - own[k].sum()) for k in every}
 
 
 def expected_false_pairs(curve: Curve, counts: dict[str, int]) -> np.ndarray:
@@ -105,8 +97,7 @@ def curve_threshold(curve: Curve, counts: dict[str, int], n_photos: int, bound: 
     """(t_curve, E(t_curve)): the loosest grid distance whose expected false pairs stay <= bound x photos; the
     grid's first distance when even that expects more (a very large cohort: the audit then says so)."""
     e = expected_false_pairs(curve, counts)
-    ok = np.flatnonzero(e <= bound * n_photos)
-    i = int(ok.max()) if len(ok) else 0
+    i = int(np.flatnonzero(e <= bound * n_photos).max(initial=0))
     return float(curve.grid[i]), float(e[i])
 
 
@@ -146,12 +137,11 @@ def mutual_pairs(i: np.ndarray, j: np.ndarray, nn: np.ndarray) -> np.ndarray:
 
 def guarded_threshold(edges: pd.DataFrame, photos_per_subject: np.ndarray, grid: np.ndarray, t_curve: float,
                       limit: int, forced: list[tuple[int, int]] = ()) -> tuple[float, int]:
-    """(t, largest merged group in photos at t): walk the merging `edges` (columns a, b = subject codes,
-    distance; only those below t_curve) from the closest, as union-find over subjects that starts from the
-    `forced` merges (duplicate photos, pairs a person marked same). The first edge that would make a group of
-    >= 3 subjects hold more than `limit` photos sets t to the loosest grid distance that excludes it. Two subjects
-    alone are never a chain of strangers: one person under two ids, each with several photos, may merge even
-    when their photos together pass the limit (with one photo per subject, the bound is the same)."""
+    """(t, largest merged group in photos at t): union-find over subjects, from the `forced` merges (duplicate
+    photos, pairs marked same), along the merging `edges` (a, b = subject codes, distance < t_curve) closest first.
+    The first edge that would make a group of >= 3 subjects hold more than `limit` photos sets t to the loosest
+    grid distance that excludes it. Two subjects alone are never a chain of strangers: one person under two ids
+    may merge even when their photos together pass the limit."""
     parent = np.arange(len(photos_per_subject))
     size = np.asarray(photos_per_subject, dtype=np.int64).copy()
     count = np.ones(len(parent), dtype=np.int64)
@@ -170,10 +160,9 @@ def guarded_threshold(edges: pd.DataFrame, photos_per_subject: np.ndarray, grid:
     for a, b in forced:
         if (ra := find(a)) != (rb := find(b)):
             union(ra, rb)
-    biggest = int(size[count >= 2].max()) if (count >= 2).any() else 0
+    biggest = int(size[count >= 2].max(initial=0))
     for e in edges.sort_values("distance", kind="stable").itertuples():
-        ra, rb = find(int(e.a)), find(int(e.b))
-        if ra == rb:
+        if (ra := find(int(e.a))) == (rb := find(int(e.b))):
             continue
         if size[ra] + size[rb] > limit and count[ra] + count[rb] >= 3:
             below = grid[grid <= e.distance]
