@@ -131,11 +131,8 @@ def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) ->
     """The sex gap (female - male) and, for every other column, the range over its subgroups that have enough
     positives to be estimated."""
     positives = {g.name: int(part.loc[g.mask(part), "label"].sum()) for g in groups}
-    gaps, columns = [], []
-    for g in groups:
-        if g.column and g.column not in columns:
-            columns.append(g.column)
-    for col in columns:
+    gaps = []
+    for col in dict.fromkeys(g.column for g in groups if g.column):
         names = [g.name for g in groups if g.column == col]
         if col == "sex":
             if {"female", "male"} <= set(names):
@@ -273,9 +270,7 @@ def shown(v: float | None, digits: int = 3) -> str:
 def interval_of(metrics: dict[str, float], name: str) -> tuple[float, float] | None:
     """The logged 95% interval of a metric (`<name>/ci_low`, `<name>/ci_high`) when it and the metric are finite."""
     v, lo, hi = metrics.get(name), metrics.get(f"{name}/ci_low"), metrics.get(f"{name}/ci_high")
-    if v is None or lo is None or hi is None or not all(math.isfinite(x) for x in (v, lo, hi)):
-        return None
-    return lo, hi
+    return (lo, hi) if all(x is not None and math.isfinite(x) for x in (v, lo, hi)) else None
 
 
 def _bounded(text: str, limit: int = 4900) -> str:
@@ -294,9 +289,8 @@ def _not_estimable_summary(rows: list[MetricRow], min_positives: int) -> list[st
         if not r.estimable:
             by_group.setdefault((r.split, r.group), []).append(r)
     for (split, group), rs in by_group.items():
-        names = ", ".join(r.metric for r in rs)
         pos = rs[0].positives
         why = (f"{pos} positives < min_positives={min_positives}" if group != "overall" and pos < min_positives
                else "undefined: no positives, no negatives or no predicted positives")
-        lines.append(f"{split}/{group}: {names} ({why})")
+        lines.append(f"{split}/{group}: {', '.join(r.metric for r in rs)} ({why})")
     return lines
