@@ -77,8 +77,7 @@ def model_description(cfg: dict[str, Any]) -> str:
             f"{', frozen backbone' if cfg.get('frozen') else ''}). "
             f"Input: column `image`, base64 JPEG/PNG. It {how}. Output: probability, label at threshold "
             f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status, "
-            f"operating_point. {_operating_point(cfg)}. "
-            f"A screening aid, not a diagnosis.")
+            f"operating_point. {_operating_point(cfg)}. A screening aid, not a diagnosis.")
 
 
 def _operating_point(cfg: dict[str, Any]) -> str:
@@ -91,8 +90,7 @@ def save_model_artifacts(folder: Path, *, model, cfg: dict[str, Any]) -> dict[st
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     (folder / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
     return {"weights": str(folder / WEIGHTS), "config": str(folder / MODEL_CONFIG)}
 
@@ -143,9 +141,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         self.model = model.eval().to(self.device)
         # the training engine's own normalisation (uint8 -> float, mean/std), not a re-implementation of it
         self.normalize = DeviceAugment(Preprocess.from_model_config(c), self.device, strength=0.0).normalize
-        self.faces = None
-        if c.get("faces"):
-            self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"]))
+        self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"])) if c.get("faces") else None
 
     def _prepare(self, raw: bytes | str) -> tuple[np.ndarray | None, str]:
         """The model's input for one photo, or None and the status that says why there is none."""

@@ -82,11 +82,11 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
         rows.append({"run_id": r.run_id, "run_name": tags.get("mlflow.runName", ""), "model": tags.get("model"),
                      "freeze": tags.get("freeze"), policy.metric: value, "sex_gap": gap,
                      **{t: m.get(t, math.nan) for t, _ in TIE_BREAKERS},
-                     "test/f1 (not used)": m.get("test/f1", math.nan), "test/auc (not used)": m.get("test/auc", math.nan),
+                     **{f"test/{k} (not used)": m.get(f"test/{k}", math.nan) for k in ("f1", "auc")},
                      "start_time": r.start_time, "eligible": not why, "excluded_because": "; ".join(why),
                      "model_uri": tags["model_uri"], "threshold": m.get("threshold", math.nan),
                      "data_digest": tags.get("data_digest", ""),
-                     "synthetic_data": tags.get("synthetic_data", "false") == "true"})
+                     "synthetic_data": tags.get("synthetic_data") == "true"})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
