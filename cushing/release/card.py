@@ -1,9 +1,7 @@
-"""A model card for a registered version, following the TRIPOD+AI items that apply to a screening model.
-
-Pure rendering: the caller gathers the run's metrics, params, tags and tables (release.registry does, from the
-version's source run) and gets back Markdown (the registered version's description) and a self-contained HTML page.
-PHI rules apply: aggregates only; no faces, no file names (a manifest path is shown as its content digest).
-"""
+"""A model card for a registered version, following the TRIPOD+AI items that apply to a screening model. Pure
+rendering: the caller (release.registry) gathers the source run's metrics, params, tags and tables and gets back
+Markdown (the version's description) and a self-contained HTML page. PHI rules apply: aggregates only; no faces,
+no file names (a manifest path is shown as its content digest)."""
 from __future__ import annotations
 
 import html
@@ -60,9 +58,8 @@ def _subgroups(c: CardInputs) -> str:
     t = c.per_subgroup
     if t is None or t.empty:
         return "No per-subgroup table was logged."
-    t = t[t["split"] == "test"]
-    rows = [[str(r["group"]), str(int(r["n"])), str(int(r["positives"]))] +
-            [shown(r.get(k)) for k in ("recall", "specificity", "f1", "auc")] for _, r in t.iterrows()]
+    rows = [[str(r["group"]), str(int(r["n"])), str(int(r["positives"]))] + [shown(r.get(k)) for k in
+            ("recall", "specificity", "f1", "auc")] for _, r in t[t["split"] == "test"].iterrows()]
     return _table(rows, ["test subgroup", "images", "positives", "recall", "specificity", "F1", "AUC"])
 
 
@@ -103,14 +100,10 @@ def _skipped(m: dict[str, float]) -> str:
 
 def _command(c: CardInputs) -> str:
     """The `mlflow run` that reproduces the run: every parameter that differs from the defaults."""
-    skip = {"experiment", "run_name", "resume"}
-    args = []
-    for k, v in sorted(c.params.items()):
-        if k in skip or k.startswith("resolved/") or c.defaults.get(k) == v or v in ("", "''"):
-            continue
-        if k == "data" and v != "demo":
-            v = f"<your manifest: content digest {c.tags.get('data_digest', '')[:16]}>"
-        args.append(f"-P {k}={v}")
+    digest = f"<your manifest: content digest {c.tags.get('data_digest', '')[:16]}>"
+    args = [f"-P {k}={digest if k == 'data' and v != 'demo' else v}" for k, v in sorted(c.params.items())
+            if k not in ("experiment", "run_name", "resume") and not k.startswith("resolved/")
+            and c.defaults.get(k) != v and v not in ("", "''")]
     exp = c.params.get("experiment", "cushing")
     return f"mlflow run . --env-manager local --experiment-name {exp} " + " ".join(args)
 

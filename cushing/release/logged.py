@@ -107,10 +107,10 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthe
 
 
 class _Pyfunc:
-    """mlflow.pyfunc as `Model.log`'s flavor (`mlflow.pyfunc.log_model` is `Model.log(flavor=mlflow.pyfunc, ...)`),
-    with `validate_serving_input=False`, which pyfunc's own log_model does not pass on. That check reloads the model
-    and scores the input example (a second or more per run; a failure is only a warning); the tests load and serve
-    logged models, old releases' too. The input example and its serving form are still saved."""
+    """mlflow.pyfunc as `Model.log`'s flavor (what `mlflow.pyfunc.log_model` passes), with
+    `validate_serving_input=False`, which pyfunc's log_model does not pass on: that check reloads the model and
+    scores the input example (a second or more per run; a failure is only a warning). The input example is still
+    saved; the tests load and serve logged models, old releases' too."""
 
     @staticmethod
     def save_model(path, mlflow_model=None, validate_serving_input: bool = True, **kwargs):

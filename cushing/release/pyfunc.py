@@ -129,8 +129,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from safetensors.torch import load_file
 
-        self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
-        c = self.cfg
+        self.cfg = c = json.loads(Path(context.artifacts["config"]).read_text())
         if c.get("synthetic_data"):
             logging.getLogger("cushing.serve").warning(
                 "this model was TRAINED ON SYNTHETIC DATA (the demo cohort, data digest %s): its outputs on real "
@@ -177,8 +176,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
                 logits = self.model(self.normalize(x)).float()
             z = (logits[:, 1] - logits[:, 0]).cpu().numpy() / float(self.cfg.get("temperature", 1.0))
             prob[ok] = 1.0 / (1.0 + np.exp(-z))
-        thr = float(self.cfg["threshold"])
-        label = np.where(np.isnan(prob), -1, (prob >= thr).astype(int))
+        label = np.where(np.isnan(prob), -1, (prob >= float(self.cfg["threshold"])).astype(int))
         # not scored: probability None (JSON null; NaN would make the served response invalid JSON)
         probability = pd.Series([float(v) if math.isfinite(v) else None for v in prob], dtype=object)
         return pd.DataFrame({"probability": probability, "label": label.astype(np.int64),

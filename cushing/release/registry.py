@@ -1,9 +1,7 @@
 """Promotion in the model registry: rank runs on a validation metric, gate, register, move aliases.
-
 Registered model `cushing`, aliases `challenger` (the best of the candidates just ranked) and `champion` (moved
 only when the challenger beats it on validation). Test metrics are shown in the ranking, never used to choose.
-Idempotent: a second call with nothing new changes nothing and logs nothing.
-"""
+Idempotent: a second call with nothing new changes nothing and logs nothing."""
 from __future__ import annotations
 
 import json

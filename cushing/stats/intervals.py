@@ -50,11 +50,8 @@ def subject_wilson(point, resampled: np.ndarray | None, n_subjects):
 
 
 def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """[B, n_images] weights: how often each image's subject was drawn in each resample.
-
-    Subjects are resampled with replacement within strata (label x sex of the subject), so a subject's images
-    always travel together and each resample keeps the stratum sizes.
-    """
+    """[B, n_images] weights: how often each image's subject was drawn in each resample. Subjects are drawn with
+    replacement within strata (label x sex), so a subject's images travel together and stratum sizes are kept."""
     rng = np.random.default_rng(seed)
     uniq, first, inv = np.unique(subjects, return_index=True, return_inverse=True)
     subj_stratum = np.asarray(strata)[first]

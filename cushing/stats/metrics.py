@@ -1,9 +1,6 @@
-"""One metric implementation: weighted confusion counts, the rates made from them, and a rank AUC.
-
-Every number the project reports comes from `confusion` (point metrics at a threshold, the subject bootstrap's
-thousands of weighted resamples, the choice of an operating threshold over all cut-offs, ROC points) and `auc`.
-Undefined values are NaN, never a fake 0. This module imports nothing of the package.
-"""
+"""One metric implementation: weighted confusion counts, the rates made from them, and a rank AUC. Every number
+the project reports comes from `confusion` (point metrics, the subject bootstrap's weighted resamples, the choice of
+an operating threshold over all cut-offs, ROC points) and `auc`. Undefined values are NaN, never a fake 0."""
 from __future__ import annotations
 
 from dataclasses import dataclass

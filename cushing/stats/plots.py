@@ -90,9 +90,8 @@ def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> 
 
 def decision_plot(curves: dict[str, pd.DataFrame], operating: dict[str, tuple[float, float]],
                   path: str | Path | None = None, title: str = "decision curve"):
-    """Decision curves (`decision.decision_curve`) over one another: net benefit with its 95% subject band and a
-    dot at (operating threshold, net benefit) per label, treat all (the first's) and treat none. Written to `path`,
-    or the figure returned."""
+    """Decision curves over one another: net benefit, its 95% band and a dot at (operating threshold, net benefit)
+    per label; treat all (the first's) and treat none. Written to `path`, or the figure returned."""
     fig, ax = pyplot().subplots(figsize=(6, 4.4))
     first = next(iter(curves.values()))
     ax.plot(first["threshold"], first["treat_all"], "--", color="0.4", label="treat all")

@@ -1,11 +1,7 @@
-"""The evaluation of a predictions table: metrics with intervals overall and per subgroup, subgroup gaps,
-calibration, the counts that explain what is not estimable.
-
-Used for training runs, pooled cross-validation and external validation alike, so every report has the same
-names. The operating threshold is given (chosen on validation elsewhere); nothing here chooses anything.
-A predictions table has columns subject (hashed id), split, sex (F/M), label (0/1), probability, and any subgroup
-columns named in `subgroup_columns`.
-"""
+"""The evaluation of a predictions table (columns subject (hashed id), split, sex (F/M), label (0/1), probability
+and any `subgroup_columns`): metrics with intervals overall and per subgroup, subgroup gaps, calibration, the counts
+that explain what is not estimable. The same names for training runs, pooled cross-validation and external
+validation; the operating threshold is given (chosen on validation elsewhere): nothing here chooses anything."""
 from __future__ import annotations
 
 import math
@@ -59,13 +55,10 @@ def _interval(metric: str, c: Counts, boot: tuple[float, float] | None) -> tuple
 def summarize(pred: pd.DataFrame, *, split: str, threshold: float, groups: list[Subgroup] | None = None,
               min_positives: int = 0, boot: dict[tuple[str, str], tuple[float, float]] | None = None,
               label: str | None = None) -> list[MetricRow]:
-    """Every metric for one split, overall and per subgroup (default: per sex); intervals from `boot` (the
-    bootstrap of this split) when given, else Wilson for the proportions.
-
-    `label` renames the split in metric names (e.g. test_argmax) without changing which rows are used.
-    A subgroup with fewer than `min_positives` positives gets NaN for the positive-dependent metrics and
-    `estimable=False`; a subgroup with no positives or no negatives gets NaN where the metric is undefined.
-    """
+    """Every metric for one split, overall and per subgroup (default: per sex); intervals from `boot` (this split's
+    bootstrap) when given, else Wilson for the proportions. `label` renames the split in metric names (test_argmax).
+    A subgroup with fewer than `min_positives` positives gets NaN and `estimable=False` for the positive-dependent
+    metrics; one with no positives or no negatives gets NaN where the metric is undefined."""
     part = pred[pred["split"] == split]
     groups = groups if groups is not None else subgroups_of(part, ("sex",))
     boot = boot or {}

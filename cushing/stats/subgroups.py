@@ -1,9 +1,7 @@
 """Subgroups a clinician asks about: sex (the paper's Table III), and any manifest column (site, age band, ...).
-
 Metric names: sex keeps the contract names `test/f1/female` and `test/f1/male`; any other column reads
 `test/f1/<column>:<value>` (MLflow forbids `=` in names; `:` is the closest character it accepts, on Linux and
-macOS clients), with characters MLflow refuses in names replaced by `_` (`site:St_Marys`).
-"""
+macOS clients), with characters MLflow refuses in names replaced by `_` (`site:St_Marys`)."""
 from __future__ import annotations
 
 import re
