@@ -85,8 +85,7 @@ def rows_to_metrics(rows: list[MetricRow], intervals: bool = True) -> dict[str, 
     for r in rows:
         out[r.name] = r.value
         if intervals and not (math.isnan(r.ci_low) and math.isnan(r.ci_high)):
-            out[f"{r.name}/ci_low"] = r.ci_low
-            out[f"{r.name}/ci_high"] = r.ci_high
+            out[f"{r.name}/ci_low"], out[f"{r.name}/ci_high"] = r.ci_low, r.ci_high
     return out
 
 
@@ -94,12 +93,10 @@ def per_subgroup_table(rows: list[MetricRow]) -> pd.DataFrame:
     """One row per split x subgroup: metric columns with intervals, `not estimable` where a metric is not."""
     recs: dict[tuple[str, str], dict] = {}
     for r in rows:
-        rec = recs.setdefault((r.split, r.group), {"split": r.split, "column": r.column or "all", "group": r.group,
-                                                   "n": r.n, "positives": r.positives,
-                                                   "threshold": round(r.threshold, 6)})
+        rec = recs.setdefault((r.split, r.group), dict(split=r.split, column=r.column or "all", group=r.group, n=r.n,
+                                                       positives=r.positives, threshold=round(r.threshold, 6)))
         rec[r.metric] = "not estimable" if not r.estimable and math.isnan(r.value) else r.value
-        rec[f"{r.metric}_ci_low"] = r.ci_low
-        rec[f"{r.metric}_ci_high"] = r.ci_high
+        rec[f"{r.metric}_ci_low"], rec[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
     return pd.DataFrame(list(recs.values()))
 
 
@@ -127,11 +124,10 @@ def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) ->
     gaps = []
     for col in dict.fromkeys(g.column for g in groups if g.column):
         names = [g.name for g in groups if g.column == col]
-        if col == "sex":
-            if {"female", "male"} <= set(names):
-                gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
-            continue
-        gaps.append(Gap(gap_name(col), tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+        if col != "sex":
+            gaps.append(Gap(gap_name(col), tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+        elif {"female", "male"} <= set(names):
+            gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
     return gaps
 
 
@@ -193,10 +189,14 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
             curve = decision_curve(part, np.append(THRESHOLDS, threshold), prevalence, bootstrap, seed)
             metrics.update(_net_benefit_at(split, curve.iloc[-1]))
             curve = curve.iloc[:-1]
-    argmax = argmax_split in present and not math.isclose(threshold, 0.5)  # else test's rows under its name
-    boot = bootstrap_intervals(pred[pred["split"] == argmax_split], groups, threshold=0.5, n_boot=bootstrap,
-                               seed=seed, metrics=props) if props and argmax else None
-    rows += _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives, boot)
+    if argmax_split in present and not math.isclose(threshold, 0.5):  # test at 0.5 (the paper's argmax), test_argmax
+        boot = bootstrap_intervals(pred[pred["split"] == argmax_split], groups, threshold=0.5, n_boot=bootstrap,
+                                   seed=seed, metrics=props) if props else None
+        rows += summarize(pred, split=argmax_split, threshold=0.5, groups=groups, min_positives=min_positives,
+                          boot=boot, label=f"{argmax_split}_argmax")
+    elif argmax_split in present:  # the chosen threshold is argmax: the same numbers under the paper's name
+        rows += [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows
+                 if r.split == argmax_split]
     metrics.update(rows_to_metrics(rows))
     metrics.update(_counts(rows))
     if prevalence is not None:
@@ -226,26 +226,11 @@ def _net_benefit_at(split: str, row: pd.Series) -> dict[str, float]:
     return out
 
 
-def _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives, boot) -> list[MetricRow]:
-    """The test split at 0.5 (the paper classifies by argmax) under `test_argmax/...`."""
-    if argmax_split not in present:
-        return []
-    if not math.isclose(threshold, 0.5):
-        return summarize(pred, split=argmax_split, threshold=0.5, groups=groups, min_positives=min_positives,
-                         boot=boot, label=f"{argmax_split}_argmax")
-    # the chosen threshold is argmax: the same numbers under the paper's name
-    return [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
-
-
 def _counts(rows: list[MetricRow]) -> dict[str, float]:
     """Images and positives per split and subgroup (`test/positives/male`): finite numbers the MLflow UI shows,
     which explain a not-estimable (NaN, hidden by the UI) subgroup metric beside it."""
-    out = {}
-    for r in rows:
-        if r.metric == "accuracy" and not r.split.endswith("_argmax"):
-            out[metric_name(r.split, "n", r.group)] = float(r.n)
-            out[metric_name(r.split, "positives", r.group)] = float(r.positives)
-    return out
+    return {metric_name(r.split, k, r.group): float(getattr(r, k)) for r in rows
+            if r.metric == "accuracy" and not r.split.endswith("_argmax") for k in ("n", "positives")}
 
 
 def shown(v: float | None, digits: int = 3) -> str:
