@@ -235,9 +235,8 @@ def _html(md: str) -> str:
             continue
         if table:
             cells = [[_inline(x.strip()) for x in r.strip("| ").split(" | ")] for r in table]
-            out.append("<table><tr>" + "".join(f"<th>{x}</th>" for x in cells[0]) + "</tr>" +
-                       "".join("<tr>" + "".join(f"<td>{x}</td>" for x in r) + "</tr>" for r in cells[1:]) +
-                       "</table>")
+            out.append("<table><tr>" + "".join(f"<th>{x}</th>" for x in cells[0]) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{x}</td>" for x in r) + "</tr>" for r in cells[1:]) + "</table>")
             table = []
         if line.startswith("```"):
             code = []

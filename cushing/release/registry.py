@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -117,10 +118,9 @@ def _version_for_run(c, name: str, run_id: str):
 
 
 def _alias_version(c, name: str, alias: str):
-    try:
+    with suppress(Exception):  # no such alias (or registered model)
         return c.get_model_version_by_alias(name, alias)
-    except Exception:
-        return None
+    return None
 
 
 def _register(c, policy: PromotionPolicy, row: pd.Series):
@@ -139,11 +139,9 @@ def _register(c, policy: PromotionPolicy, row: pd.Series):
 
 
 def _csv(run_id: str, path: str) -> pd.DataFrame | None:
-    with artifact_dir() as d:
-        try:
-            return pd.read_csv(download_artifact(run_id, path, d))
-        except Exception:  # not logged by this run
-            return None
+    with artifact_dir() as d, suppress(Exception):  # not logged by this run
+        return pd.read_csv(download_artifact(run_id, path, d))
+    return None
 
 
 def _external(c, mv) -> list[dict]:
@@ -256,10 +254,9 @@ def _against_champion(c, best: pd.Series, policy: PromotionPolicy, champion) -> 
 def _champion_value(c, champion, metric: str) -> float:
     if champion.tags.get("selection_metric") == metric:
         return float(champion.tags.get("selection_value", "nan"))
-    try:
+    with suppress(Exception):  # the source run was deleted
         return float(c.get_run(champion.tags["source_run"]).data.metrics.get(metric, math.nan))
-    except Exception:  # the source run was deleted
-        return math.nan
+    return math.nan
 
 
 def _reason(best, policy, champion, verdict: _Verdict, moved, version) -> str:
