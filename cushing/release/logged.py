@@ -56,7 +56,7 @@ def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str, syn
 def _model_params(cfg: dict[str, Any]) -> dict[str, str]:
     """Shown on the logged-model page beside its metrics."""
     keys = ("model", "frozen", "img_size", "threshold", "threshold_rule", "threshold_guarantee", "temperature",
-            "best_epoch", "synthetic_data", "data_digest")  # `threshold` is the run's rule param: renamed
+            "best_epoch", "synthetic_data", "data_digest")  # `threshold` as operating_threshold: the run's is the rule
     return {"operating_threshold" if k == "threshold" else k: str(cfg[k]).lower() if isinstance(cfg[k], bool)
             else str(cfg[k]) for k in keys}
 

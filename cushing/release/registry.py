@@ -146,8 +146,9 @@ def _csv(run_id: str, path: str) -> pd.DataFrame | None:
 
 def _external(c, mv) -> list[dict]:
     runs = [k.split("/", 1)[1] for k in mv.tags if k.startswith("external_validation/")]
+    metrics = {r: c.get_run(r).data.metrics for r in runs}
     return [{"run_id": r, "auc": m.get("external/auc"), "f1": m.get("external/f1"), "n": m.get("external/n", 0)}
-            for r, m in ((r, c.get_run(r).data.metrics) for r in runs)]
+            for r, m in metrics.items()]
 
 
 def publish_card(name: str, version: str) -> str:
