@@ -93,6 +93,4 @@ def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     thr = np.concatenate([[np.inf], np.unique(np.asarray(p, float))[::-1]])
     c = confusion(y, p, thr)
     with np.errstate(invalid="ignore", divide="ignore"):
-        fpr = c.fp[0] / np.maximum(c.fp[0] + c.tn[0], 1e-12)
-        tpr = c.tp[0] / np.maximum(c.tp[0] + c.fn[0], 1e-12)
-    return fpr, tpr
+        return c.fp[0] / np.maximum(c.fp[0] + c.tn[0], 1e-12), c.tp[0] / np.maximum(c.tp[0] + c.fn[0], 1e-12)
