@@ -1,13 +1,12 @@
-"""A model card for a registered version, following the TRIPOD+AI items that apply to a screening model.
-
-Pure rendering: the caller gathers the run's metrics, params, tags and tables (release.registry does, from the
-version's source run) and gets back Markdown (the registered version's description) and a self-contained HTML page.
-PHI rules apply: aggregates only; no faces, no file names (a manifest path is shown as its content digest).
-"""
+"""A model card for a registered version, following the TRIPOD+AI items that apply to a screening model. Pure
+rendering: the caller (release.registry) gathers the source run's metrics, params, tags and tables and gets back
+Markdown (the version's description) and a self-contained HTML page. PHI rules apply: aggregates only; no faces,
+no file names (a manifest path is shown as its content digest)."""
 from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +37,6 @@ class CardInputs:
     defaults: dict[str, str] = field(default_factory=dict)  # TrainConfig defaults, to print only what differs
 
 
-def _num(v: Any, digits: int = 3) -> str:
-    return shown(v, digits)
-
-
 def _with_ci(m: dict[str, float], name: str) -> str:
     ci = interval_of(m, name)
     return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else shown(m.get(name, math.nan))
@@ -63,9 +58,8 @@ def _subgroups(c: CardInputs) -> str:
     t = c.per_subgroup
     if t is None or t.empty:
         return "No per-subgroup table was logged."
-    t = t[t["split"] == "test"]
-    rows = [[str(r["group"]), str(int(r["n"])), str(int(r["positives"]))] +
-            [_num(r.get(k)) for k in ("recall", "specificity", "f1", "auc")] for _, r in t.iterrows()]
+    rows = [[str(r["group"]), str(int(r["n"])), str(int(r["positives"]))] + [shown(r.get(k)) for k in
+            ("recall", "specificity", "f1", "auc")] for _, r in t[t["split"] == "test"].iterrows()]
     return _table(rows, ["test subgroup", "images", "positives", "recall", "specificity", "F1", "AUC"])
 
 
@@ -82,8 +76,8 @@ def _utility(m: dict[str, float]) -> str:
     if nb is None:
         return "No decision curve was logged."
     return (f"Net benefit at the operating threshold: {_with_ci(m, 'test/net_benefit')} vs "
-            f"{_num(m.get('test/net_benefit/treat_all'))} for treating everyone and 0 for no one, at prevalence "
-            f"{_num(m.get('prevalence'))}: {_num(100 * nb, 1)} true cases found per 100 people screened, net of the "
+            f"{shown(m.get('test/net_benefit/treat_all'))} for treating everyone and 0 for no one, at prevalence "
+            f"{shown(m.get('prevalence'))}: {shown(100 * nb, 1)} true cases found per 100 people screened, net of the "
             "unnecessary work-ups this threshold accepts (below 0: worse than screening no one).")
 
 
@@ -106,14 +100,10 @@ def _skipped(m: dict[str, float]) -> str:
 
 def _command(c: CardInputs) -> str:
     """The `mlflow run` that reproduces the run: every parameter that differs from the defaults."""
-    skip = {"experiment", "run_name", "resume"}
-    args = []
-    for k, v in sorted(c.params.items()):
-        if k in skip or k.startswith("resolved/") or c.defaults.get(k) == v or v in ("", "''"):
-            continue
-        if k == "data" and v != "demo":
-            v = f"<your manifest: content digest {c.tags.get('data_digest', '')[:16]}>"
-        args.append(f"-P {k}={v}")
+    digest = f"<your manifest: content digest {c.tags.get('data_digest', '')[:16]}>"
+    args = [f"-P {k}={digest if k == 'data' and v != 'demo' else v}" for k, v in sorted(c.params.items())
+            if k not in ("experiment", "run_name", "resume") and not k.startswith("resolved/")
+            and c.defaults.get(k) != v and v not in ("", "''")]
     exp = c.params.get("experiment", "cushing")
     return f"mlflow run . --env-manager local --experiment-name {exp} " + " ".join(args)
 
@@ -122,11 +112,11 @@ def _limitations(c: CardInputs) -> list[str]:
     m, tags = c.metrics, c.tags
     out = [f"Small test set: {int(m.get('test/n', 0))} images with {int(m.get('test/positives', 0))} patients; one "
            "patient more or less moves recall by several points. Read the intervals, not the third decimal.",
-           f"The operating threshold ({_num(m.get('threshold'))}) was chosen on a validation split with "
+           f"The operating threshold ({shown(m.get('threshold'))}) was chosen on a validation split with "
            f"{int(m.get('val/positives', 0))} patients (rule {c.params.get('threshold', 'f1')}); a new site should "
            "re-check it on its own validation data.",
            "Predictive values depend on prevalence: PPV and NPV below assume "
-           f"{_num(m.get('prevalence'))} (set with -P prevalence=...)."]
+           f"{shown(m.get('prevalence'))} (set with -P prevalence=...)."]
     if tags.get("not_estimable"):
         out.append(f"Not estimable (too few patients): {tags['not_estimable']}.")
     if tags.get("synthetic_data") == "true":
@@ -152,7 +142,7 @@ def _markdown(c: CardInputs) -> str:
     weights = ("pretrained (" + (p.get("weights") if p.get("weights") not in (None, "", "''") else
                                  f"timm: {t.get('timm_id', '')}") + ")") if t.get("pretrained") == "true" \
         else "random initialisation (pretrained=false)"
-    external = "\n".join(f"- run `{e['run_id']}`: external AUC {_num(e.get('auc'))}, F1 {_num(e.get('f1'))}, "
+    external = "\n".join(f"- run `{e['run_id']}`: external AUC {shown(e.get('auc'))}, F1 {shown(e.get('f1'))}, "
                          f"{int(e.get('n', 0))} images" for e in c.external) or "None linked yet (`cushing evaluate`)."
     limits = "\n".join(f"- {x}" for x in _limitations(c))
     return f"""# Model card: {c.name} version {c.version}
@@ -165,9 +155,9 @@ def _markdown(c: CardInputs) -> str:
 ## Model
 - Backbone: `{t.get('model', p.get('model', ''))}` ({t.get('model_type', '')}, timm `{t.get('timm_id', '')}`), \
 {'frozen backbone, head trained' if t.get('freeze') == 'true' else 'fine-tuned'}; weights: {weights}.
-- Input: a frontal facial photo (base64 JPEG/PNG); face stage: {t.get('face_mask_source', 'none (trained on the images as given)')}; \
-{p.get('img_size', '')} px.
-- Operating threshold: {_num(m.get('threshold'), 4)}, chosen on validation by rule `{p.get('threshold', 'f1')}`\
+- Input: a frontal facial photo (base64 JPEG/PNG); face stage: \
+{t.get('face_mask_source', 'none (trained on the images as given)')}; {p.get('img_size', '')} px.
+- Operating threshold: {shown(m.get('threshold'), 4)}, chosen on validation by rule `{p.get('threshold', 'f1')}`\
 {f" ({t['threshold_guarantee']})" if t.get('threshold_guarantee') else ''}; best epoch \
 {int(m.get('best_epoch', 0))} of {int(m.get('epochs_run', 0))} chosen on `{p.get('select_metric', 'val/f1')}`.
 - Source run: `{c.run_id}`.
@@ -189,8 +179,8 @@ def _markdown(c: CardInputs) -> str:
 Sex gap (female - male), test: recall {_with_ci(m, 'test/recall/sex_gap')}, F1 {_with_ci(m, 'test/f1/sex_gap')}.
 
 ## Calibration
-Brier {_num(m.get('test/brier'))} (test), ECE {_num(m.get('test/ece'))}; PPV {_with_ci(m, 'test/ppv')} and NPV \
-{_with_ci(m, 'test/npv')} at prevalence {_num(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the \
+Brier {shown(m.get('test/brier'))} (test), ECE {shown(m.get('test/ece'))}; PPV {_with_ci(m, 'test/ppv')} and NPV \
+{_with_ci(m, 'test/npv')} at prevalence {shown(m.get('prevalence'))}. Reliability plot: `plots/calibration.png` of the \
 source run.
 
 ## Clinical utility (decision curve, test)
@@ -221,11 +211,11 @@ def render_card(c: CardInputs) -> tuple[str, str]:
 
 
 def _inline(text: str) -> str:
-    import re
-
-    e = html.escape(text)
-    e = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", e)
+    e = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
     return re.sub(r"`(.+?)`", r"<code>\1</code>", e)
+
+
+_BLOCKS = (("# ", "<h1>", "</h1>"), ("## ", "<h2>", "</h2>"), ("- ", "<li>", "</li>"), ("> ", "<p><em>", "</em></p>"))
 
 
 def _html(md: str) -> str:
@@ -245,20 +235,12 @@ def _html(md: str) -> str:
             continue
         if table:
             cells = [[_inline(x.strip()) for x in r.strip("| ").split(" | ")] for r in table]
-            out.append("<table><tr>" + "".join(f"<th>{x}</th>" for x in cells[0]) + "</tr>" +
-                       "".join("<tr>" + "".join(f"<td>{x}</td>" for x in r) + "</tr>" for r in cells[1:]) +
-                       "</table>")
+            out.append("<table><tr>" + "".join(f"<th>{x}</th>" for x in cells[0]) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{x}</td>" for x in r) + "</tr>" for r in cells[1:]) + "</table>")
             table = []
         if line.startswith("```"):
             code = []
-        elif line.startswith("# "):
-            out.append(f"<h1>{_inline(line[2:])}</h1>")
-        elif line.startswith("## "):
-            out.append(f"<h2>{_inline(line[3:])}</h2>")
-        elif line.startswith("- "):
-            out.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.startswith("> "):
-            out.append(f"<p><em>{_inline(line[2:])}</em></p>")
         elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
+            mark, start, end = next((b for b in _BLOCKS if line.startswith(b[0])), ("", "<p>", "</p>"))
+            out.append(f"{start}{_inline(line[len(mark):])}{end}")
     return "\n".join(out)

@@ -44,25 +44,21 @@ class LoggedModel:
 
 def model_config(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthetic: bool) -> dict[str, Any]:
     """What the pyfunc needs to rebuild and apply the model, and what the registry records about it."""
-    cfg = outcome.config
-    pre = outcome.preprocess
-    return {
-        "model": cfg.model, "timm_id": outcome.spec.timm_id, "frozen": outcome.frozen, "img_size": cfg.img_size,
-        "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
-        "threshold": float(outcome.threshold), "threshold_rule": cfg.threshold,
-        "threshold_guarantee": outcome.operating.statement if outcome.operating else "",
-        "temperature": float(outcome.temperature), "faces": faces, "data_digest": data_digest,
-        "synthetic_data": bool(synthetic), "best_epoch": outcome.fit.best_epoch,
-    }
+    cfg, pre = outcome.config, outcome.preprocess
+    return {"model": cfg.model, "timm_id": outcome.spec.timm_id, "frozen": outcome.frozen, "img_size": cfg.img_size,
+            "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
+            "threshold": float(outcome.threshold), "threshold_rule": cfg.threshold,
+            "threshold_guarantee": outcome.operating.statement if outcome.operating else "",
+            "temperature": float(outcome.temperature), "faces": faces, "data_digest": data_digest,
+            "synthetic_data": bool(synthetic), "best_epoch": outcome.fit.best_epoch}
 
 
 def _model_params(cfg: dict[str, Any]) -> dict[str, str]:
     """Shown on the logged-model page beside its metrics."""
-    keys = {"model": "model", "frozen": "frozen", "img_size": "img_size", "threshold": "operating_threshold",
-            "threshold_rule": "threshold_rule", "threshold_guarantee": "threshold_guarantee",
-            "temperature": "temperature", "best_epoch": "best_epoch",
-            "synthetic_data": "synthetic_data", "data_digest": "data_digest"}  # `threshold` is the run's rule param
-    return {name: str(cfg[k]).lower() if isinstance(cfg[k], bool) else str(cfg[k]) for k, name in keys.items()}
+    keys = ("model", "frozen", "img_size", "threshold", "threshold_rule", "threshold_guarantee", "temperature",
+            "best_epoch", "synthetic_data", "data_digest")  # `threshold` as operating_threshold: the run's is the rule
+    return {"operating_threshold" if k == "threshold" else k: str(cfg[k]).lower() if isinstance(cfg[k], bool)
+            else str(cfg[k]) for k in keys}
 
 
 @contextmanager
@@ -71,14 +67,13 @@ def _logging_model():
     synthetic-data warning (meant for servers) stay out of the training run's console."""
     import logging
 
-    logs = [logging.getLogger(n) for n in ("mlflow.pyfunc", "cushing.serve")]
-    levels = [log.level for log in logs]
-    for log in logs:
+    levels = {log: log.level for log in map(logging.getLogger, ("mlflow.pyfunc", "cushing.serve"))}
+    for log in levels:
         log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        for log, level in zip(logs, levels):
+        for log, level in levels.items():
             log.setLevel(level)
 
 
@@ -99,34 +94,23 @@ def log_model(outcome, *, faces: dict[str, Any] | None, data_digest: str, synthe
             example = pd.DataFrame({"image": [synthetic_jpeg_b64(seed=7)]})
         with phase("model: MLflow log_model"):
             info = Model.log(
-                artifact_path=None,  # MLflow 3: `name` names the logged model
-                name=name,
-                flavor=_Pyfunc,
-                flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for models from code
-                validate_serving_input=False,
-                run_id=run_id,
-                python_model=str(Path(__file__).with_name("model_code.py")),
-                artifacts=artifacts,
-                code_paths=[str(code)],
-                signature=pyfunc.signature(),
-                input_example=example,
-                pip_requirements=pip_requirements(),
+                artifact_path=None, name=name, run_id=run_id,  # MLflow 3: `name` names the logged model
+                flavor=_Pyfunc, flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for it
+                validate_serving_input=False, python_model=str(Path(__file__).with_name("model_code.py")),
+                artifacts=artifacts, code_paths=[str(code)], signature=pyfunc.signature(), input_example=example,
+                pip_requirements=pip_requirements(), params=_model_params(cfg),
                 metadata={"cushing": {k: v for k, v in cfg.items() if k != "faces"}, "description":
                           pyfunc.model_description(cfg), "synthetic_data": cfg["synthetic_data"]},
-                params=_model_params(cfg),
                 tags={"model": cfg["model"], "freeze": str(cfg["frozen"]).lower(),
-                      "synthetic_data": str(cfg["synthetic_data"]).lower(), "data_digest": data_digest},
-            )
+                      "synthetic_data": str(cfg["synthetic_data"]).lower(), "data_digest": data_digest})
     return LoggedModel(info.model_uri, info.model_id)
 
 
 class _Pyfunc:
-    """mlflow.pyfunc as the flavor `Model.log` saves with: `mlflow.pyfunc.log_model` is `Model.log(flavor=
-    mlflow.pyfunc, ...)`, and this is the same call with `validate_serving_input=False`, which pyfunc's own
-    log_model does not pass on. That check loads the model just saved (timm build, weights, the face stage) and
-    scores the input example, a second or more of every run, and a failure is only a warning in the log. What it
-    would catch is tested where it matters: the tests load logged models (also those of earlier releases) and
-    serve them. The input example and its serving form are still saved with the model."""
+    """mlflow.pyfunc as `Model.log`'s flavor (what `mlflow.pyfunc.log_model` passes), with
+    `validate_serving_input=False`, which pyfunc's log_model does not pass on: that check reloads the model and
+    scores the input example (a second or more per run; a failure is only a warning). The input example is still
+    saved; the tests load and serve logged models, old releases' too."""
 
     @staticmethod
     def save_model(path, mlflow_model=None, validate_serving_input: bool = True, **kwargs):
@@ -142,7 +126,6 @@ def load_torch_model(uri: str):
     import mlflow
     from safetensors.torch import load_file
 
-
     configure()
     local = Path(mlflow.artifacts.download_artifacts(uri))
     cfg_path = next(local.rglob(MODEL_CONFIG), None)
@@ -157,7 +140,6 @@ def load_torch_model(uri: str):
 
 def load_model(uri: str):
     import mlflow
-
 
     configure()
     return mlflow.pyfunc.load_model(uri)

@@ -77,8 +77,7 @@ def model_description(cfg: dict[str, Any]) -> str:
             f"{', frozen backbone' if cfg.get('frozen') else ''}). "
             f"Input: column `image`, base64 JPEG/PNG. It {how}. Output: probability, label at threshold "
             f"{cfg['threshold']:.4f} (chosen on validation by rule {cfg.get('threshold_rule')!r}), face_status, "
-            f"operating_point. {_operating_point(cfg)}. "
-            f"A screening aid, not a diagnosis.")
+            f"operating_point. {_operating_point(cfg)}. A screening aid, not a diagnosis.")
 
 
 def _operating_point(cfg: dict[str, Any]) -> str:
@@ -91,8 +90,7 @@ def save_model_artifacts(folder: Path, *, model, cfg: dict[str, Any]) -> dict[st
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     (folder / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
     return {"weights": str(folder / WEIGHTS), "config": str(folder / MODEL_CONFIG)}
 
@@ -131,8 +129,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from safetensors.torch import load_file
 
-        self.cfg = json.loads(Path(context.artifacts["config"]).read_text())
-        c = self.cfg
+        self.cfg = c = json.loads(Path(context.artifacts["config"]).read_text())
         if c.get("synthetic_data"):
             logging.getLogger("cushing.serve").warning(
                 "this model was TRAINED ON SYNTHETIC DATA (the demo cohort, data digest %s): its outputs on real "
@@ -143,9 +140,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
         self.model = model.eval().to(self.device)
         # the training engine's own normalisation (uint8 -> float, mean/std), not a re-implementation of it
         self.normalize = DeviceAugment(Preprocess.from_model_config(c), self.device, strength=0.0).normalize
-        self.faces = None
-        if c.get("faces"):
-            self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"]))
+        self.faces = FaceExtractor(FaceSettings.from_dict(c["faces"])) if c.get("faces") else None
 
     def _prepare(self, raw: bytes | str) -> tuple[np.ndarray | None, str]:
         """The model's input for one photo, or None and the status that says why there is none."""
@@ -181,8 +176,7 @@ class CushingModel(mlflow.pyfunc.PythonModel):
                 logits = self.model(self.normalize(x)).float()
             z = (logits[:, 1] - logits[:, 0]).cpu().numpy() / float(self.cfg.get("temperature", 1.0))
             prob[ok] = 1.0 / (1.0 + np.exp(-z))
-        thr = float(self.cfg["threshold"])
-        label = np.where(np.isnan(prob), -1, (prob >= thr).astype(int))
+        label = np.where(np.isnan(prob), -1, (prob >= float(self.cfg["threshold"])).astype(int))
         # not scored: probability None (JSON null; NaN would make the served response invalid JSON)
         probability = pd.Series([float(v) if math.isfinite(v) else None for v in prob], dtype=object)
         return pd.DataFrame({"probability": probability, "label": label.astype(np.int64),

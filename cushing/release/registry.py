@@ -1,13 +1,12 @@
 """Promotion in the model registry: rank runs on a validation metric, gate, register, move aliases.
-
 Registered model `cushing`, aliases `challenger` (the best of the candidates just ranked) and `champion` (moved
 only when the challenger beats it on validation). Test metrics are shown in the ranking, never used to choose.
-Idempotent: a second call with nothing new changes nothing and logs nothing.
-"""
+Idempotent: a second call with nothing new changes nothing and logs nothing."""
 from __future__ import annotations
 
 import json
 import math
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -22,8 +21,7 @@ from cushing.release.card import CardInputs, render_card
 REGISTERED_MODEL = "cushing"
 
 __all__ = ["REGISTERED_MODEL", "PromotionPolicy", "Decision", "promote", "rank_candidates", "model_version_of",
-           "link_evaluation",
-           "publish_card", "model_card", "registry_status"]
+           "link_evaluation", "publish_card", "model_card", "registry_status"]
 
 TIE_BREAKERS = (("val/auc", False), ("val/brier", True))  # (metric, lower is better); then the older run
 
@@ -58,10 +56,6 @@ class Decision:
         return self.challenger_moved or self.champion_moved or self.registered_new_version
 
 
-def _gap_metric(metric: str) -> str:
-    return metric + "/sex_gap"
-
-
 def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
     """One row per run with a logged model: validation metric, tie-breakers, gates, test metrics for show."""
     rows = []
@@ -69,8 +63,7 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
         m, tags = r.metrics, r.tags
         if r.status != "FINISHED" or "model_uri" not in tags:
             continue
-        value = m.get(policy.metric, math.nan)
-        gap = m.get(_gap_metric(policy.metric), math.nan)
+        value, gap = m.get(policy.metric, math.nan), m.get(policy.metric + "/sex_gap", math.nan)
         why = []
         n, pos = m.get("val/n", math.nan), m.get("val/positives", math.nan)
         if n > 0 and pos in (0, n):  # F1 and accuracy have a value on one class, but it estimates nothing
@@ -88,11 +81,11 @@ def rank_candidates(runs: list, policy: PromotionPolicy) -> pd.DataFrame:
         rows.append({"run_id": r.run_id, "run_name": tags.get("mlflow.runName", ""), "model": tags.get("model"),
                      "freeze": tags.get("freeze"), policy.metric: value, "sex_gap": gap,
                      **{t: m.get(t, math.nan) for t, _ in TIE_BREAKERS},
-                     "test/f1 (not used)": m.get("test/f1", math.nan), "test/auc (not used)": m.get("test/auc", math.nan),
+                     **{f"test/{k} (not used)": m.get(f"test/{k}", math.nan) for k in ("f1", "auc")},
                      "start_time": r.start_time, "eligible": not why, "excluded_because": "; ".join(why),
                      "model_uri": tags["model_uri"], "threshold": m.get("threshold", math.nan),
                      "data_digest": tags.get("data_digest", ""),
-                     "synthetic_data": tags.get("synthetic_data", "false") == "true"})
+                     "synthetic_data": tags.get("synthetic_data") == "true"})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -107,8 +100,7 @@ def _subgroup_gap_problems(metrics: dict[str, float], subgroups: str, policy: Pr
     """The --max-subgroup-gap gate: every subgroup column other than sex needs an estimable gap (range over its
     subgroups with enough positives) of the selection metric within the limit."""
     out = []
-    columns = TrainConfig(subgroups=subgroups).subgroup_columns
-    for col in [c for c in columns if c != "sex"]:
+    for col in [c for c in TrainConfig(subgroups=subgroups).subgroup_columns if c != "sex"]:
         gap = metrics.get(f"{policy.metric}/{gap_name(col)}", math.nan)
         if not math.isfinite(gap):
             out.append(f"{col} gap of {policy.metric} not estimable")
@@ -126,10 +118,9 @@ def _version_for_run(c, name: str, run_id: str):
 
 
 def _alias_version(c, name: str, alias: str):
-    try:
+    with suppress(Exception):  # no such alias (or registered model)
         return c.get_model_version_by_alias(name, alias)
-    except Exception:
-        return None
+    return None
 
 
 def _register(c, policy: PromotionPolicy, row: pd.Series):
@@ -148,32 +139,24 @@ def _register(c, policy: PromotionPolicy, row: pd.Series):
 
 
 def _csv(run_id: str, path: str) -> pd.DataFrame | None:
-    with artifact_dir() as d:
-        try:
-            return pd.read_csv(download_artifact(run_id, path, d))
-        except Exception:  # not logged by this run
-            return None
+    with artifact_dir() as d, suppress(Exception):  # not logged by this run
+        return pd.read_csv(download_artifact(run_id, path, d))
+    return None
 
 
 def _external(c, mv) -> list[dict]:
-    out = []
-    for key in mv.tags:
-        if key.startswith("external_validation/"):
-            run_id = key.split("/", 1)[1]
-            m = c.get_run(run_id).data.metrics
-            out.append({"run_id": run_id, "auc": m.get("external/auc"), "f1": m.get("external/f1"),
-                        "n": m.get("external/n", 0)})
-    return out
+    runs = [k.split("/", 1)[1] for k in mv.tags if k.startswith("external_validation/")]
+    metrics = {r: c.get_run(r).data.metrics for r in runs}
+    return [{"run_id": r, "auc": m.get("external/auc"), "f1": m.get("external/f1"), "n": m.get("external/n", 0)}
+            for r, m in metrics.items()]
 
 
 def publish_card(name: str, version: str) -> str:
     """Render the version's model card from its source run, log model_card.md/.html there and make the Markdown
     the registered version's description (what the registry's version page shows). Returns the Markdown."""
-
     c = client()
     mv = c.get_model_version(name, version)
-    run_id = mv.tags["source_run"]
-    run = c.get_run(run_id)
+    run = c.get_run(run_id := mv.tags["source_run"])
     subgroups = _csv(run_id, "per_subgroup.csv")
     md, page = render_card(CardInputs(
         name, str(version), run_id, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags),
@@ -197,11 +180,9 @@ def promote(*, experiment: str, policy: PromotionPolicy = PromotionPolicy(), par
         if log and launcher_run():
             d.logged_run = _log_decision(experiment, d, policy, parent_run_id)
         return d
-    best = eligible.iloc[0]
-    name = policy.registered_model
+    best, name = eligible.iloc[0], policy.registered_model
     mv = _version_for_run(c, name, best["run_id"])
-    new_version = mv is None
-    if new_version:
+    if new_version := mv is None:
         mv = _register(c, policy, best)
     challenger = _alias_version(c, name, "challenger")
     moved_challenger = challenger is None or challenger.version != mv.version
@@ -274,10 +255,9 @@ def _against_champion(c, best: pd.Series, policy: PromotionPolicy, champion) -> 
 def _champion_value(c, champion, metric: str) -> float:
     if champion.tags.get("selection_metric") == metric:
         return float(champion.tags.get("selection_value", "nan"))
-    try:
+    with suppress(Exception):  # the source run was deleted
         return float(c.get_run(champion.tags["source_run"]).data.metrics.get(metric, math.nan))
-    except Exception:  # the source run was deleted
-        return math.nan
+    return math.nan
 
 
 def _reason(best, policy, champion, verdict: _Verdict, moved, version) -> str:
@@ -288,11 +268,9 @@ def _reason(best, policy, champion, verdict: _Verdict, moved, version) -> str:
         return f"{head}; already champion (version {version})"
     was = f"champion version {champion.version} ({verdict.value:.4f})"
     if verdict.note:
-        action = f"champion moved to {version}" if moved else "champion stays"
-        return f"{head}; {was}: {verdict.note}: {action}"
-    if moved:
-        return f"{head} beats {was}: champion moved to {version}"
-    return f"{head} does not beat {was}: champion stays"
+        return f"{head}; {was}: {verdict.note}: " + (f"champion moved to {version}" if moved else "champion stays")
+    return (f"{head} beats {was}: champion moved to {version}" if moved
+            else f"{head} does not beat {was}: champion stays")
 
 
 def _log_decision(experiment: str, d: Decision, policy: PromotionPolicy, parent_run_id: str | None) -> str:
@@ -324,8 +302,7 @@ def model_version_of(model_uri: str) -> str | None:
     rest = model_uri[len("models:/"):]
     c = client()
     if "@" in rest:
-        name, alias = rest.split("@", 1)
-        mv = _alias_version(c, name, alias)
+        mv = _alias_version(c, *rest.split("@", 1))
         return mv.version if mv else None
     parts = rest.split("/")
     return parts[1] if len(parts) == 2 and parts[1].isdigit() else None
@@ -333,10 +310,8 @@ def model_version_of(model_uri: str) -> str | None:
 
 def link_evaluation(model_uri: str, run_id: str) -> None:
     """Record an external-validation run on the model version it evaluated."""
-    rest = model_uri[len("models:/"):]
-    name = rest.split("@")[0].split("/")[0]
-    version = model_version_of(model_uri)
-    if version:
+    name = model_uri[len("models:/"):].split("@")[0].split("/")[0]
+    if version := model_version_of(model_uri):
         client().set_model_version_tag(name, version, f"external_validation/{run_id}", "see run")
         publish_card(name, version)  # the card lists the version's external evaluations
 
@@ -349,11 +324,8 @@ def model_card(name: str, version: str) -> str:
 def registry_status(name: str = REGISTERED_MODEL) -> list[dict[str, str]]:
     """Champion and challenger of the registered model, if any (for reports and dashboards)."""
     c = client()
-    out = []
-    for alias in ("champion", "challenger"):
-        mv = _alias_version(c, name, alias)
-        if mv is not None:
-            out.append({"alias": alias, "version": mv.version, "model": mv.tags.get("model", ""),
-                        "run": mv.tags.get("source_run", ""), "selection":
-                        f"{mv.tags.get('selection_metric', '')} = {mv.tags.get('selection_value', '')}"})
-    return out
+    aliases = {alias: _alias_version(c, name, alias) for alias in ("champion", "challenger")}
+    return [{"alias": alias, "version": mv.version, "model": mv.tags.get("model", ""),
+             "run": mv.tags.get("source_run", ""),
+             "selection": f"{mv.tags.get('selection_metric', '')} = {mv.tags.get('selection_value', '')}"}
+            for alias, mv in aliases.items() if mv is not None]

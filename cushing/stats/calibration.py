@@ -18,22 +18,18 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
     """Equal-width bins: mean predicted probability, observed positive rate, count."""
     y, p = np.asarray(y, float), np.asarray(p, float)
     idx = np.minimum((p * bins).astype(int), bins - 1)
-    rows = []
-    for b in range(bins):
-        m = idx == b
-        rows.append({"bin": b, "low": b / bins, "high": (b + 1) / bins, "count": int(m.sum()),
-                     "mean_predicted": float(p[m].mean()) if m.any() else float("nan"),
-                     "observed_rate": float(y[m].mean()) if m.any() else float("nan")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"bin": b, "low": b / bins, "high": (b + 1) / bins, "count": int(m.sum()),
+                          "mean_predicted": float(p[m].mean()) if m.any() else float("nan"),
+                          "observed_rate": float(y[m].mean()) if m.any() else float("nan")}
+                         for b, m in enumerate(np.arange(bins)[:, None] == idx)])
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error: count-weighted mean |observed - predicted| over equal-width bins."""
     r = reliability(y, p, bins)
     r = r[r["count"] > 0]
-    if r.empty:
-        return float("nan")
-    return float((r["count"] * (r["observed_rate"] - r["mean_predicted"]).abs()).sum() / r["count"].sum())
+    return float((r["count"] * (r["observed_rate"] - r["mean_predicted"]).abs()).sum() / r["count"].sum()) \
+        if not r.empty else float("nan")
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -55,17 +51,11 @@ def fit_temperature(y_val: np.ndarray, p_val: np.ndarray) -> float:
 
 
 def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    if temperature == 1.0:
-        return np.asarray(p, float)
-    return 1 / (1 + np.exp(-logit(p) / temperature))
+    return np.asarray(p, float) if temperature == 1.0 else 1 / (1 + np.exp(-logit(p) / temperature))
 
 
 def ppv_npv(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
     """Predictive values at a screening prevalence (Bayes), since a study's test prevalence is inflated."""
-    tp = sensitivity * prevalence
-    fp = (1 - specificity) * (1 - prevalence)
-    tn = specificity * (1 - prevalence)
-    fn = (1 - sensitivity) * prevalence
-    ppv = tp / (tp + fp) if tp + fp > 0 else float("nan")
-    npv = tn / (tn + fn) if tn + fn > 0 else float("nan")
-    return float(ppv), float(npv)
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return float(tp / (tp + fp) if tp + fp > 0 else "nan"), float(tn / (tn + fn) if tn + fn > 0 else "nan")

@@ -1,6 +1,5 @@
 """Decision curve analysis (Vickers & Elkin 2006): the net benefit of acting on the model's score across threshold
 probabilities, against treating everyone and no one, with bands from the subject bootstrap the intervals use.
-
 Net benefit = true positives/n - false positives/n x t/(1 - t): true cases found, less unnecessary work-ups
 weighted by how many a clinician would accept per case at threshold t. At a screening `prevalence` the cohort's
 cases and controls are re-weighted to it (sensitivity x prevalence - (1 - specificity) x (1 - prevalence) x odds),

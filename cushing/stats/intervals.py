@@ -50,11 +50,8 @@ def subject_wilson(point, resampled: np.ndarray | None, n_subjects):
 
 
 def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """[B, n_images] weights: how often each image's subject was drawn in each resample.
-
-    Subjects are resampled with replacement within strata (label x sex of the subject), so a subject's images
-    always travel together and each resample keeps the stratum sizes.
-    """
+    """[B, n_images] weights: how often each image's subject was drawn in each resample. Subjects are drawn with
+    replacement within strata (label x sex), so a subject's images travel together and stratum sizes are kept."""
     rng = np.random.default_rng(seed)
     uniq, first, inv = np.unique(subjects, return_index=True, return_inverse=True)
     subj_stratum = np.asarray(strata)[first]
@@ -77,9 +74,7 @@ def resample_weights(part: pd.DataFrame, n_boot: int, seed: int) -> np.ndarray:
 def percentile_interval(v: np.ndarray) -> tuple[float, float]:
     """95% percentile interval of finite bootstrap values (NaN with fewer than 10)."""
     v = v[np.isfinite(v)]
-    if len(v) < 10:
-        return (float("nan"), float("nan"))
-    lo, hi = np.percentile(v, [2.5, 97.5])
+    lo, hi = np.percentile(v, [2.5, 97.5]) if len(v) >= 10 else (np.nan, np.nan)
     return (float(lo), float(hi))
 
 
@@ -91,12 +86,6 @@ class Gap:
     name: str  # e.g. sex_gap, gap:site
     members: tuple[str, ...]  # subgroup names
     kind: str = "range"
-
-
-def _resampled(w: np.ndarray, y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    out = {k: v[:, 0] for k, v in rates(confusion(y, p, threshold, w)).items()}
-    out["auc"] = auc(y, p, w)
-    return out
 
 
 def _gap_values(per_group: dict[str, dict[str, np.ndarray]], gap: Gap, metric: str) -> np.ndarray | None:
@@ -120,8 +109,7 @@ def bootstrap(part: pd.DataFrame, groups: list[Subgroup], *, threshold: float, n
     `metrics` (accuracy, precision, recall, specificity) `subject_wilson`."""
     if part.empty or n_boot <= 0:
         return {}
-    y = part["label"].to_numpy()
-    p = part["probability"].to_numpy().astype(float)
+    y, p = part["label"].to_numpy(), part["probability"].to_numpy().astype(float)
     w = resample_weights(part, n_boot, seed)
     out: dict[tuple[str, str], tuple[float, float]] = {}
     per_group = {}
@@ -129,11 +117,12 @@ def bootstrap(part: pd.DataFrame, groups: list[Subgroup], *, threshold: float, n
         mask = g.mask(part)
         if not mask.any():
             continue
-        per_group[g.name] = _resampled(w[:, mask], y[mask], p[mask], threshold)
+        r = {k: v[:, 0] for k, v in rates(confusion(y[mask], p[mask], threshold, w[:, mask])).items()}
+        r = per_group[g.name] = {**r, "auc": auc(y[mask], p[mask], w[:, mask])}
         point = rates(confusion(y[mask], p[mask], threshold))
         for m in metrics:
-            out[(g.name, m)] = percentile_interval(per_group[g.name][m]) if m not in PROPORTIONS else \
-                subject_wilson(point[m][0, 0], per_group[g.name][m], _subjects_behind(part[mask], m, threshold))
+            out[(g.name, m)] = percentile_interval(r[m]) if m not in PROPORTIONS else \
+                subject_wilson(point[m][0, 0], r[m], _subjects_behind(part[mask], m, threshold))
     for gap in gaps:
         for m in gap_metrics:
             v = _gap_values(per_group, gap, m)

@@ -1,9 +1,6 @@
-"""One metric implementation: weighted confusion counts, the rates made from them, and a rank AUC.
-
-Every number the project reports comes from `confusion` (point metrics at a threshold, the subject bootstrap's
-thousands of weighted resamples, the choice of an operating threshold over all cut-offs, ROC points) and `auc`.
-Undefined values are NaN, never a fake 0. This module imports nothing of the package.
-"""
+"""One metric implementation: weighted confusion counts, the rates made from them, and a rank AUC. Every number
+the project reports comes from `confusion` (point metrics, the subject bootstrap's weighted resamples, the choice of
+an operating threshold over all cut-offs, ROC points) and `auc`. Undefined values are NaN, never a fake 0."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,14 +35,12 @@ def confusion(y: np.ndarray, p: np.ndarray, thresholds: float | np.ndarray,
               weights: np.ndarray | None = None) -> Counts:
     """Weighted confusion counts of `p >= threshold` against `y`, for every threshold and every row of
     `weights` ([B, n]; None: each image counts once) at once."""
-    y = np.asarray(y).astype(bool)
-    p = np.asarray(p, float)
+    y, p = np.asarray(y).astype(bool), np.asarray(p, float)
     thr = np.atleast_1d(np.asarray(thresholds, float))
     w = np.ones((1, len(y))) if weights is None else np.atleast_2d(np.asarray(weights, float))
     pred = p[None, :] >= thr[:, None]  # [T, n]
     pos, neg = w * y, w * ~y  # [B, n]
-    tp = pos @ pred.T
-    fp = neg @ pred.T
+    tp, fp = pos @ pred.T, neg @ pred.T
     return Counts(tp, fp, pos.sum(1, keepdims=True) - tp, neg.sum(1, keepdims=True) - fp)
 
 
@@ -63,18 +58,15 @@ def rates(c: Counts) -> dict[str, np.ndarray]:
 def auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """ROC AUC (Mann-Whitney, ties counted half) per row of `weights` ([B]; a 1-element array without weights);
     NaN unless both classes are present."""
-    y = np.asarray(y).astype(bool)
-    p = np.asarray(p, float)
+    y, p = np.asarray(y).astype(bool), np.asarray(p, float)
     w = np.ones((1, len(y))) if weights is None else np.atleast_2d(np.asarray(weights, float))
     if len(y) == 0:
         return np.full(len(w), np.nan)
     order = np.argsort(p, kind="stable")
     ps, ys, ws = p[order], y[order], w[:, order]
     _, first = np.unique(ps, return_index=True)
-    pos_w = np.add.reduceat(ws * ys, first, axis=1)
-    neg_w = np.add.reduceat(ws * ~ys, first, axis=1)
-    below = np.cumsum(neg_w, 1) - neg_w
-    num = (pos_w * (below + 0.5 * neg_w)).sum(1)
+    pos_w, neg_w = np.add.reduceat(ws * ys, first, axis=1), np.add.reduceat(ws * ~ys, first, axis=1)
+    num = (pos_w * (np.cumsum(neg_w, 1) - neg_w + 0.5 * neg_w)).sum(1)
     den = pos_w.sum(1) * neg_w.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
@@ -92,8 +84,7 @@ def cutoffs(p: np.ndarray) -> np.ndarray:
     u = np.unique(np.asarray(p, float))
     if len(u) == 0:
         return np.array([0.5])
-    mids = (u[:-1] + u[1:]) / 2 if len(u) > 1 else np.array([])
-    return np.concatenate([[u[0] / 2 if u[0] > 0 else 0.0], mids, [min(1.0, (u[-1] + 1) / 2)]])
+    return np.concatenate([[u[0] / 2 if u[0] > 0 else 0.0], (u[:-1] + u[1:]) / 2, [min(1.0, (u[-1] + 1) / 2)]])
 
 
 def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,6 +93,4 @@ def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     thr = np.concatenate([[np.inf], np.unique(np.asarray(p, float))[::-1]])
     c = confusion(y, p, thr)
     with np.errstate(invalid="ignore", divide="ignore"):
-        fpr = c.fp[0] / np.maximum(c.fp[0] + c.tn[0], 1e-12)
-        tpr = c.tp[0] / np.maximum(c.tp[0] + c.fn[0], 1e-12)
-    return fpr, tpr
+        return c.fp[0] / np.maximum(c.fp[0] + c.tn[0], 1e-12), c.tp[0] / np.maximum(c.tp[0] + c.fn[0], 1e-12)

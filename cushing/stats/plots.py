@@ -19,9 +19,14 @@ def pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4.6))
     for ax, split in zip(axes, ("val", "test")):
         part = pred[pred["split"] == split]
         for label, sub, style in (("all", part, "-"), ("female", part[part["sex"] == "F"], "--"),
@@ -37,34 +42,27 @@ def roc_plot(pred: pd.DataFrame, path: str | Path, title: str = "") -> None:
         ax.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def confusion_plot(pred: pd.DataFrame, threshold: float, path: str | Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.8))
     for ax, split in zip(axes, ("val", "test")):
         part = pred[pred["split"] == split]
         c = confusion(part["label"].to_numpy(), part["probability"].to_numpy(), threshold)
         m = np.rint([[c.tn[0, 0], c.fp[0, 0]], [c.fn[0, 0], c.tp[0, 0]]]).astype(int)  # rows: true, cols: predicted
         ax.imshow(m, cmap="Blues")
-        for a in (0, 1):
-            for b in (0, 1):
-                ax.text(b, a, str(m[a, b]), ha="center", va="center", fontsize=14,
-                        color="white" if m[a, b] > m.max() / 2 else "black")
+        for a, b in np.ndindex(2, 2):
+            ax.text(b, a, str(m[a, b]), ha="center", va="center", fontsize=14,
+                    color="white" if m[a, b] > m.max() / 2 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["control", "patient"], yticklabels=["control", "patient"],
                xlabel="predicted", ylabel="true", title=f"{split} (threshold {threshold:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def curves_plot(history: list[dict[str, float]], best_epoch: int, path: str | Path) -> None:
-    plt = pyplot()
     h = pd.DataFrame(history)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     a1.plot(h["epoch"], h["train/loss"], label="train")
     a1.plot(h["epoch"], h["val/loss"], label="val")
     a1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -75,14 +73,11 @@ def curves_plot(history: list[dict[str, float]], best_epoch: int, path: str | Pa
     for ax in (a1, a2):
         ax.axvline(best_epoch, color="0.5", ls="--", lw=0.8, label=f"best epoch {best_epoch}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    fig, ax = pyplot().subplots(figsize=(4.8, 4.6))
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, label="perfect")
     for split, r in reliability.items():
         r = r[r["count"] > 0]
@@ -90,18 +85,14 @@ def calibration_plot(reliability: dict[str, pd.DataFrame], path: str | Path) -> 
     ax.set(xlabel="mean predicted probability", ylabel="observed patient rate", xlim=(0, 1), ylim=(0, 1),
            title="reliability")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def decision_plot(curves: dict[str, pd.DataFrame], operating: dict[str, tuple[float, float]],
                   path: str | Path | None = None, title: str = "decision curve"):
-    """Decision curves (`decision.decision_curve`) over one another: net benefit with its 95% subject band and a
-    dot at (operating threshold, net benefit) per label, treat all (the first's) and treat none. Written to `path`,
-    or the figure returned."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.4))
+    """Decision curves over one another: net benefit, its 95% band and a dot at (operating threshold, net benefit)
+    per label; treat all (the first's) and treat none. Written to `path`, or the figure returned."""
+    fig, ax = pyplot().subplots(figsize=(6, 4.4))
     first = next(iter(curves.values()))
     ax.plot(first["threshold"], first["treat_all"], "--", color="0.4", label="treat all")
     ax.axhline(0, color="0.6", lw=0.8, label="treat none")
@@ -115,8 +106,7 @@ def decision_plot(curves: dict[str, pd.DataFrame], operating: dict[str, tuple[fl
                                    + [[0.01]]))
     ax.set(xlabel="threshold probability", ylabel="net benefit", ylim=(-0.1 * top, 1.1 * top), title=title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     if path is None:
+        fig.tight_layout()
         return fig
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

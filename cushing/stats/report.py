@@ -1,11 +1,7 @@
-"""The evaluation of a predictions table: metrics with intervals overall and per subgroup, subgroup gaps,
-calibration, the counts that explain what is not estimable.
-
-Used for training runs, pooled cross-validation and external validation alike, so every report has the same
-names. The operating threshold is given (chosen on validation elsewhere); nothing here chooses anything.
-A predictions table has columns subject (hashed id), split, sex (F/M), label (0/1), probability, and any subgroup
-columns named in `subgroup_columns`.
-"""
+"""The evaluation of a predictions table (columns subject (hashed id), split, sex (F/M), label (0/1), probability
+and any `subgroup_columns`): metrics with intervals overall and per subgroup, subgroup gaps, calibration, the counts
+that explain what is not estimable. The same names for training runs, pooled cross-validation and external
+validation; the operating threshold is given (chosen on validation elsewhere): nothing here chooses anything."""
 from __future__ import annotations
 
 import math
@@ -59,13 +55,10 @@ def _interval(metric: str, c: Counts, boot: tuple[float, float] | None) -> tuple
 def summarize(pred: pd.DataFrame, *, split: str, threshold: float, groups: list[Subgroup] | None = None,
               min_positives: int = 0, boot: dict[tuple[str, str], tuple[float, float]] | None = None,
               label: str | None = None) -> list[MetricRow]:
-    """Every metric for one split, overall and per subgroup (default: per sex); intervals from `boot` (the
-    bootstrap of this split) when given, else Wilson for the proportions.
-
-    `label` renames the split in metric names (e.g. test_argmax) without changing which rows are used.
-    A subgroup with fewer than `min_positives` positives gets NaN for the positive-dependent metrics and
-    `estimable=False`; a subgroup with no positives or no negatives gets NaN where the metric is undefined.
-    """
+    """Every metric for one split, overall and per subgroup (default: per sex); intervals from `boot` (this split's
+    bootstrap) when given, else Wilson for the proportions. `label` renames the split in metric names (test_argmax).
+    A subgroup with fewer than `min_positives` positives gets NaN and `estimable=False` for the positive-dependent
+    metrics; one with no positives or no negatives gets NaN where the metric is undefined."""
     part = pred[pred["split"] == split]
     groups = groups if groups is not None else subgroups_of(part, ("sex",))
     boot = boot or {}
@@ -92,8 +85,7 @@ def rows_to_metrics(rows: list[MetricRow], intervals: bool = True) -> dict[str, 
     for r in rows:
         out[r.name] = r.value
         if intervals and not (math.isnan(r.ci_low) and math.isnan(r.ci_high)):
-            out[f"{r.name}/ci_low"] = r.ci_low
-            out[f"{r.name}/ci_high"] = r.ci_high
+            out[f"{r.name}/ci_low"], out[f"{r.name}/ci_high"] = r.ci_low, r.ci_high
     return out
 
 
@@ -101,12 +93,10 @@ def per_subgroup_table(rows: list[MetricRow]) -> pd.DataFrame:
     """One row per split x subgroup: metric columns with intervals, `not estimable` where a metric is not."""
     recs: dict[tuple[str, str], dict] = {}
     for r in rows:
-        rec = recs.setdefault((r.split, r.group), {"split": r.split, "column": r.column or "all", "group": r.group,
-                                                   "n": r.n, "positives": r.positives,
-                                                   "threshold": round(r.threshold, 6)})
+        rec = recs.setdefault((r.split, r.group), dict(split=r.split, column=r.column or "all", group=r.group, n=r.n,
+                                                       positives=r.positives, threshold=round(r.threshold, 6)))
         rec[r.metric] = "not estimable" if not r.estimable and math.isnan(r.value) else r.value
-        rec[f"{r.metric}_ci_low"] = r.ci_low
-        rec[f"{r.metric}_ci_high"] = r.ci_high
+        rec[f"{r.metric}_ci_low"], rec[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
     return pd.DataFrame(list(recs.values()))
 
 
@@ -131,17 +121,13 @@ def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) ->
     """The sex gap (female - male) and, for every other column, the range over its subgroups that have enough
     positives to be estimated."""
     positives = {g.name: int(part.loc[g.mask(part), "label"].sum()) for g in groups}
-    gaps, columns = [], []
-    for g in groups:
-        if g.column and g.column not in columns:
-            columns.append(g.column)
-    for col in columns:
+    gaps = []
+    for col in dict.fromkeys(g.column for g in groups if g.column):
         names = [g.name for g in groups if g.column == col]
-        if col == "sex":
-            if {"female", "male"} <= set(names):
-                gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
-            continue
-        gaps.append(Gap(gap_name(col), tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+        if col != "sex":
+            gaps.append(Gap(gap_name(col), tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+        elif {"female", "male"} <= set(names):
+            gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
     return gaps
 
 
@@ -203,10 +189,14 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
             curve = decision_curve(part, np.append(THRESHOLDS, threshold), prevalence, bootstrap, seed)
             metrics.update(_net_benefit_at(split, curve.iloc[-1]))
             curve = curve.iloc[:-1]
-    argmax = argmax_split in present and not math.isclose(threshold, 0.5)  # else test's rows under its name
-    boot = bootstrap_intervals(pred[pred["split"] == argmax_split], groups, threshold=0.5, n_boot=bootstrap,
-                               seed=seed, metrics=props) if props and argmax else None
-    rows += _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives, boot)
+    if argmax_split in present and not math.isclose(threshold, 0.5):  # test at 0.5 (the paper's argmax), test_argmax
+        boot = bootstrap_intervals(pred[pred["split"] == argmax_split], groups, threshold=0.5, n_boot=bootstrap,
+                                   seed=seed, metrics=props) if props else None
+        rows += summarize(pred, split=argmax_split, threshold=0.5, groups=groups, min_positives=min_positives,
+                          boot=boot, label=f"{argmax_split}_argmax")
+    elif argmax_split in present:  # the chosen threshold is argmax: the same numbers under the paper's name
+        rows += [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows
+                 if r.split == argmax_split]
     metrics.update(rows_to_metrics(rows))
     metrics.update(_counts(rows))
     if prevalence is not None:
@@ -236,26 +226,11 @@ def _net_benefit_at(split: str, row: pd.Series) -> dict[str, float]:
     return out
 
 
-def _argmax_rows(pred, rows, argmax_split, present, threshold, groups, min_positives, boot) -> list[MetricRow]:
-    """The test split at 0.5 (the paper classifies by argmax) under `test_argmax/...`."""
-    if argmax_split not in present:
-        return []
-    if not math.isclose(threshold, 0.5):
-        return summarize(pred, split=argmax_split, threshold=0.5, groups=groups, min_positives=min_positives,
-                         boot=boot, label=f"{argmax_split}_argmax")
-    # the chosen threshold is argmax: the same numbers under the paper's name
-    return [MetricRow(**{**r.__dict__, "split": f"{argmax_split}_argmax"}) for r in rows if r.split == argmax_split]
-
-
 def _counts(rows: list[MetricRow]) -> dict[str, float]:
     """Images and positives per split and subgroup (`test/positives/male`): finite numbers the MLflow UI shows,
     which explain a not-estimable (NaN, hidden by the UI) subgroup metric beside it."""
-    out = {}
-    for r in rows:
-        if r.metric == "accuracy" and not r.split.endswith("_argmax"):
-            out[metric_name(r.split, "n", r.group)] = float(r.n)
-            out[metric_name(r.split, "positives", r.group)] = float(r.positives)
-    return out
+    return {metric_name(r.split, k, r.group): float(getattr(r, k)) for r in rows
+            if r.metric == "accuracy" and not r.split.endswith("_argmax") for k in ("n", "positives")}
 
 
 def shown(v: float | None, digits: int = 3) -> str:
@@ -273,9 +248,7 @@ def shown(v: float | None, digits: int = 3) -> str:
 def interval_of(metrics: dict[str, float], name: str) -> tuple[float, float] | None:
     """The logged 95% interval of a metric (`<name>/ci_low`, `<name>/ci_high`) when it and the metric are finite."""
     v, lo, hi = metrics.get(name), metrics.get(f"{name}/ci_low"), metrics.get(f"{name}/ci_high")
-    if v is None or lo is None or hi is None or not all(math.isfinite(x) for x in (v, lo, hi)):
-        return None
-    return lo, hi
+    return (lo, hi) if all(x is not None and math.isfinite(x) for x in (v, lo, hi)) else None
 
 
 def _bounded(text: str, limit: int = 4900) -> str:
@@ -294,9 +267,8 @@ def _not_estimable_summary(rows: list[MetricRow], min_positives: int) -> list[st
         if not r.estimable:
             by_group.setdefault((r.split, r.group), []).append(r)
     for (split, group), rs in by_group.items():
-        names = ", ".join(r.metric for r in rs)
         pos = rs[0].positives
         why = (f"{pos} positives < min_positives={min_positives}" if group != "overall" and pos < min_positives
                else "undefined: no positives, no negatives or no predicted positives")
-        lines.append(f"{split}/{group}: {names} ({why})")
+        lines.append(f"{split}/{group}: {', '.join(r.metric for r in rs)} ({why})")
     return lines

@@ -60,11 +60,9 @@ def _check(sensitivity: float, specificity: float, auc: float, width: float) -> 
 
 def plan(subjects: pd.DataFrame, *, test_fraction: float, sensitivity: float = 0.85, specificity: float = 0.9,
          auc: float = 0.9, width: float = 0.2, columns: tuple[str, ...] = ("sex",)) -> pd.DataFrame:
-    """Per group (overall, then each value of `columns`): test patients and controls (`subjects`: one row per
-    subject with label, split and the columns), the expected 95% widths, and the patients and controls the test
-    split (and so the cohort, at `test_fraction`) needs for `width` on recall, specificity and AUC: patients for
-    recall and for the AUC at the group's control:patient ratio, then controls for specificity and for the AUC
-    beside those patients."""
+    """Per group (overall, then each value of `columns`; `subjects`: one row per subject): test patients and
+    controls, expected 95% widths, and the patients (for recall, and the AUC at the group's control:patient ratio),
+    then controls (for specificity, and the AUC beside them) the test split and cohort need for `width`."""
     _check(sensitivity, specificity, auc, width)
     if not (subjects["label"] == 1).any():
         raise ValueError("the cohort has no patients (label 1): there is nothing to estimate recall or AUC from")

@@ -1,9 +1,7 @@
 """Subgroups a clinician asks about: sex (the paper's Table III), and any manifest column (site, age band, ...).
-
 Metric names: sex keeps the contract names `test/f1/female` and `test/f1/male`; any other column reads
 `test/f1/<column>:<value>` (MLflow forbids `=` in names; `:` is the closest character it accepts, on Linux and
-macOS clients), with characters MLflow refuses in names replaced by `_` (`site:St_Marys`).
-"""
+macOS clients), with characters MLflow refuses in names replaced by `_` (`site:St_Marys`)."""
 from __future__ import annotations
 
 import re
@@ -77,22 +75,21 @@ def check_subgroup_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> Non
     problems = []
     subjects = table["subject_id"].nunique() if "subject_id" in table.columns else len(table)
     for col in columns:
+        values = table[col].dropna().astype(str) if col in table.columns else pd.Series(dtype=str)
+        n = values.nunique()
+        numeric = len(values) > 0 and pd.to_numeric(values, errors="coerce").notna().mean() == 1.0
         if col in IDENTIFYING:
             problems.append(f"subgroup column {col!r} identifies patients or photos: its values would be logged in "
                             f"metric names and tables (protected health information)")
-            continue
-        if col not in table.columns:
+        elif col not in table.columns:
             problems.append(f"subgroup column {col!r} is not in the manifest (columns: {', '.join(table.columns)})")
-            continue
-        values = table[col].dropna().astype(str)
-        numeric = pd.to_numeric(values, errors="coerce").notna().mean() == 1.0 if len(values) else False
-        if col != "label" and numeric and values.nunique() > 10:
-            problems.append(f"subgroup column {col!r} is numeric with {values.nunique()} values: add a banded "
-                            f"column to the manifest (e.g. {col}_band with 18-39, 40-59, 60+) and name that")
-        elif values.nunique() > MAX_LEVELS:
-            problems.append(f"subgroup column {col!r} has {values.nunique()} values (at most {MAX_LEVELS})")
-        elif col not in ("label", "sex") and subjects > 5 and values.nunique() >= subjects:
-            problems.append(f"subgroup column {col!r} has a value per subject ({values.nunique()} values, {subjects} "
-                            f"subjects): it would single out patients in metric names and tables")
+        elif col != "label" and numeric and n > 10:
+            problems.append(f"subgroup column {col!r} is numeric with {n} values: add a banded column to the manifest "
+                            f"(e.g. {col}_band with 18-39, 40-59, 60+) and name that")
+        elif n > MAX_LEVELS:
+            problems.append(f"subgroup column {col!r} has {n} values (at most {MAX_LEVELS})")
+        elif col not in ("label", "sex") and subjects > 5 and n >= subjects:
+            problems.append(f"subgroup column {col!r} has a value per subject ({n} values, {subjects} subjects): it "
+                            "would single out patients in metric names and tables")
     if problems:
         raise SubgroupError("; ".join(problems))

@@ -1,6 +1,5 @@
 """The operating threshold, chosen on validation only: a rule (F1, Youden, a target sensitivity or specificity, a
-guaranteed one, a fixed number) scored over every cut-off of the validation scores with the one confusion-count
-implementation.
+guaranteed one, a fixed number) scored over every cut-off of the validation scores.
 
 `sensitivity_lcb:X` promises recall: the highest cut-off whose validation recall has a subject-level 95% lower
 bound (the logged `val/recall/ci_low`, same method and resamples) of at least X; `specificity_lcb:X` the lowest
@@ -85,11 +84,8 @@ def unattainable(rule: ThresholdRule | str, patients: int, controls: int) -> str
     """Why a guaranteed rule cannot be met by any model on this validation split (even a perfect rate's lower
     bound falls short), or None: known before training, so a run can refuse before it trains."""
     rule = parse_threshold_rule(rule) if isinstance(rule, str) else rule
-    if not rule.kind.endswith("_lcb"):
-        return None
     n, who = (patients, "patients") if rule.metric == "recall" else (controls, "controls")
-    need = subjects_needed(rule.value, 1.0)
-    if n >= need:
+    if not rule.kind.endswith("_lcb") or n >= (need := subjects_needed(rule.value, 1.0)):
         return None
     return (f"threshold={rule} cannot be promised: the validation split has {n} {who} (subjects), and even with "
             f"every one classified right the 95% lower bound of {rule.metric} is {n / (n + Z95 ** 2):.3f}; a lower "
@@ -129,10 +125,8 @@ def operating_point(val: pd.DataFrame | dict, rule: ThresholdRule | str, *, n_bo
         return OperatingPoint(0.5, str(rule), met=not lcb, statement="NOT MET: validation holds one class only; "
                               "threshold 0.5 (argmax), no guarantee" if lcb else "")
     cuts = cutoffs(p)
-    plain = ThresholdRule(rule.kind.removesuffix("_lcb"), rule.value)
-    score = _scores(y, p, cuts, plain)
-    best = np.flatnonzero(score == score.max())
-    # among ties prefer the threshold closest to 0.5 (least extreme)
+    score = _scores(y, p, cuts, ThresholdRule(rule.kind.removesuffix("_lcb"), rule.value))
+    best = np.flatnonzero(score == score.max())  # among ties the threshold closest to 0.5 (least extreme)
     fallback = float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
     if not rule.kind.endswith("_lcb"):
         return OperatingPoint(fallback, str(rule))
@@ -142,17 +136,15 @@ def operating_point(val: pd.DataFrame | dict, rule: ThresholdRule | str, *, n_bo
 def _guaranteed(val: pd.DataFrame, y: np.ndarray, p: np.ndarray, cuts: np.ndarray, rule: ThresholdRule,
                 fallback: float, n_boot: int, seed: int) -> OperatingPoint:
     m, target = rule.metric, rule.value
-    other = "specificity" if m == "recall" else "recall"
+    other, who = ("specificity", "patients") if m == "recall" else ("recall", "controls")
     every = rates(confusion(y, p, cuts))
     point = every[m][0]
     cand = np.flatnonzero(point >= target)  # a lower bound never exceeds its point estimate
     subjects = np.asarray(val["subject"])
     n = len(np.unique(subjects[y if m == "recall" else ~y]))
-    resampled = None
-    if n_boot > 0 and len(np.unique(subjects)) < len(subjects):  # several photos a subject: the report's bootstrap
-        resampled = rates(confusion(y, p, cuts[cand], resample_weights(val, n_boot, seed)))[m]
+    resampled = rates(confusion(y, p, cuts[cand], resample_weights(val, n_boot, seed)))[m] \
+        if n_boot > 0 and len(np.unique(subjects)) < len(subjects) else None  # several photos a subject: bootstrap
     low = subject_wilson(point[cand], resampled, n)[0]
-    who = "patients" if m == "recall" else "controls"
     ok = cand[low >= target]
     if len(ok):
         i = ok.max() if m == "recall" else ok.min()
