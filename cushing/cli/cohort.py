@@ -64,8 +64,6 @@ def _faces(ns: argparse.Namespace) -> int:
 COMMANDS["faces"] = ("extract aligned, masked face crops (dlib + SAM or landmark hull), cached", _faces_args, _faces)
 
 
-# ------------------------------------------------------------------------------------------------ audit
-
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
     p.add_argument("--out", required=True, help="folder for audit.csv and audit_summary.csv (with --evaluate: the "
@@ -84,8 +82,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
                                                  "photos (default: the one shipped, measured on CelebA)")
     p.add_argument("--review-page", default=None, metavar="OUT.html",
                    help="write a local HTML page with the two photos of each merged, precaution and review pair "
-                        "side by "
-                        "side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
+                        "side by side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
     p.add_argument("--allow-phi-artifacts", default="false",
                    help="true: also log the review page and the decisions file to MLflow")
     p.add_argument("--no-faces", action="store_true", help="duplicates only: skip the same-person check (dlib)")
@@ -180,8 +177,6 @@ def _print_audit(res) -> None:
 COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",
                      _audit_args, _audit)
 
-
-# ------------------------------------------------------------------------------------------------ size
 
 def _size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
