@@ -125,9 +125,7 @@ def run_name(cfg: TrainConfig) -> str:
 
 def config_digest(cfg: TrainConfig) -> str:
     """Identity of a configuration (resumable sweeps, resume=true): everything but how it executes."""
-    d = dataclasses.asdict(cfg)
-    for k in EXECUTION_FIELDS:
-        d.pop(k, None)
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_FIELDS}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -214,10 +212,9 @@ _NONE_WORDS = ("", "none", "null", "auto")
 def _coerce(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
             return None
-        return _coerce(args[0], value)
+        return _coerce(next(a for a in typing.get_args(tp) if a is not type(None)), value)
     if tp is bool:
         return parse_bool(value)
     if tp is int:

@@ -101,9 +101,8 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
 def _evaluate(ns: argparse.Namespace) -> int:
     from cushing.workflows.cohort_audit import run_evaluation
 
-    command = "cushing audit " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, seed=ns.seed,
-                                workers=ns.workers, cache_dir=ns.cache_dir, command=command)
+    table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, seed=ns.seed, workers=ns.workers,
+                                cache_dir=ns.cache_dir, command=shlex.join(["cushing", "audit", *sys.argv[2:]]))
     cols = ["threshold", "group", "pos_pairs", "precision", "precision_lo", "precision_hi", "recall",
             "recall_lo", "recall_hi", "false_pairs_per_343"]
     print(table[[c for c in cols if c in table.columns]].round(3).to_string(index=False))
