@@ -142,10 +142,9 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
 
 def _validate_train(c: TrainConfig) -> None:
     problems = [] if c.model in MODEL_NAMES else [f"model: unknown {c.model!r}; choose one of: {' '.join(MODEL_NAMES)}"]
-    for name in ("epochs", "batch_size", "img_size", "oversample", "aug_views", "bootstrap", "checkpoint_every"):
-        low = 0 if name in ("bootstrap", "checkpoint_every") else 1
-        if getattr(c, name) < low:
-            problems.append(f"{name}: must be >= {low}, got {getattr(c, name)}")
+    lows = {"epochs": 1, "batch_size": 1, "img_size": 1, "oversample": 1, "aug_views": 1, "bootstrap": 0,
+            "checkpoint_every": 0}
+    problems += [f"{n}: must be >= {low}, got {getattr(c, n)}" for n, low in lows.items() if getattr(c, n) < low]
     refusals = (  # (the value is wrong, what to say)
         (not (math.isfinite(c.checkpoint_minutes) and c.checkpoint_minutes >= 0),
          f"checkpoint_minutes: must be >= 0, got {c.checkpoint_minutes}"),
