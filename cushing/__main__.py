@@ -4,11 +4,9 @@ from cushing.cli import main
 
 
 def _exit(code: int) -> None:
-    """Leave without tearing the interpreter down module by module: after a run, freeing torch, timm, MLflow and
-    pandas object by object takes seconds (3 s measured on the 2-core CPU under load, about 1 s quiet) that the
-    operating system does at once. What an exit must still do is done first: other threads finish (as at a normal
-    exit), exit handlers run (MLflow ending a run left active, temporary folders removed, logging flushed), and
-    the output streams are flushed."""
+    """Leave without tearing the interpreter down module by module (seconds of freeing torch, timm, MLflow and
+    pandas that the OS does at once), after what an exit must still do: other threads finish, exit handlers run
+    (MLflow ending a run left active, temporary folders removed, logging flushed), the output streams flush."""
     import atexit
     import os
     import threading

@@ -6,7 +6,10 @@ files (YAML); unknown or mistyped keys are errors that name the key (and the YAM
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -16,8 +19,7 @@ from cushing.stats.thresholds import parse_threshold_rule
 from cushing.model_names import MODEL_NAMES, resolve_freeze
 
 __all__ = ["TrainConfig", "ConfigError", "resolve", "to_params", "parse_bool", "parse_ratios", "EXECUTION_FIELDS",
-           "run_name", "config_digest",
-           "load_yaml_with_lines", "cache_home", "COMPILE_MODES", "parse_audit_threshold"]
+           "run_name", "config_digest", "load_yaml_with_lines", "cache_home", "COMPILE_MODES", "parse_audit_threshold"]
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -123,12 +125,7 @@ def run_name(cfg: TrainConfig) -> str:
 
 def config_digest(cfg: TrainConfig) -> str:
     """Identity of a configuration (resumable sweeps, resume=true): everything but how it executes."""
-    import hashlib
-    import json
-
-    d = dataclasses.asdict(cfg)
-    for k in EXECUTION_FIELDS:
-        d.pop(k, None)
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_FIELDS}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -144,66 +141,57 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
 
 
 def _validate_train(c: TrainConfig) -> None:
-    problems = []
-    if c.model not in MODEL_NAMES:
-        problems.append(f"model: unknown {c.model!r}; choose one of: {' '.join(MODEL_NAMES)}")
-    for name in ("epochs", "batch_size", "img_size", "oversample", "aug_views", "bootstrap", "checkpoint_every"):
-        low = 0 if name in ("bootstrap", "checkpoint_every") else 1
-        if getattr(c, name) < low:
-            problems.append(f"{name}: must be >= {low}, got {getattr(c, name)}")
-    if not (math.isfinite(c.checkpoint_minutes) and c.checkpoint_minutes >= 0):
-        problems.append(f"checkpoint_minutes: must be >= 0, got {c.checkpoint_minutes}")
-    if c.resume is not None and c.resume != "true" and not (len(c.resume) == 32 and c.resume.isalnum()):
-        problems.append(f"resume: a run id (32 characters) or true, got {c.resume!r}")
-    if c.lr <= 0:
-        problems.append(f"lr: must be > 0, got {c.lr}")
-    if not 0 <= c.momentum < 1:
-        problems.append(f"momentum: must be in [0, 1), got {c.momentum}")
-    if c.weight_decay < 0:
-        problems.append(f"weight_decay: must be >= 0, got {c.weight_decay}")
-    if c.aug_strength < 0:
-        problems.append(f"aug_strength: must be >= 0, got {c.aug_strength}")
-    if c.prevalence is not None and not 0 < c.prevalence < 1:
-        problems.append(f"prevalence: must be in (0, 1), got {c.prevalence}")
-    if c.cv_folds == 1 or c.cv_folds < 0:
-        problems.append(f"cv_folds: 0 (off) or >= 2, got {c.cv_folds}")
-    if c.seeds < 1:
-        problems.append(f"seeds: must be >= 1, got {c.seeds}")
-    if c.device not in ("auto", "cpu", "cuda", "mps") and not c.device.startswith("cuda:"):
-        problems.append(f"device: auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
-    if c.compile not in COMPILE_MODES:
-        problems.append(f"compile: one of {' | '.join(COMPILE_MODES)}, got {c.compile!r}")
-    if c.audit not in ("off", "warn", "strict"):
-        problems.append(f"audit: off, warn or strict, got {c.audit!r}")
-    try:
-        parse_audit_threshold(c.audit_threshold)
-    except ValueError as e:
-        problems.append(str(e))
+    problems = [] if c.model in MODEL_NAMES else [f"model: unknown {c.model!r}; choose one of: {' '.join(MODEL_NAMES)}"]
+    lows = {"epochs": 1, "batch_size": 1, "img_size": 1, "oversample": 1, "aug_views": 1, "bootstrap": 0,
+            "checkpoint_every": 0}
+    problems += [f"{n}: must be >= {low}, got {getattr(c, n)}" for n, low in lows.items() if getattr(c, n) < low]
+    refusals = (  # (the value is wrong, what to say)
+        (not (math.isfinite(c.checkpoint_minutes) and c.checkpoint_minutes >= 0),
+         f"checkpoint_minutes: must be >= 0, got {c.checkpoint_minutes}"),
+        (c.resume is not None and c.resume != "true" and not (len(c.resume) == 32 and c.resume.isalnum()),
+         f"resume: a run id (32 characters) or true, got {c.resume!r}"),
+        (c.lr <= 0, f"lr: must be > 0, got {c.lr}"),
+        (not 0 <= c.momentum < 1, f"momentum: must be in [0, 1), got {c.momentum}"),
+        (c.weight_decay < 0, f"weight_decay: must be >= 0, got {c.weight_decay}"),
+        (c.aug_strength < 0, f"aug_strength: must be >= 0, got {c.aug_strength}"),
+        (c.prevalence is not None and not 0 < c.prevalence < 1, f"prevalence: must be in (0, 1), got {c.prevalence}"),
+        (c.cv_folds == 1 or c.cv_folds < 0, f"cv_folds: 0 (off) or >= 2, got {c.cv_folds}"),
+        (c.seeds < 1, f"seeds: must be >= 1, got {c.seeds}"),
+        (c.device not in ("auto", "cpu", "cuda", "mps") and not c.device.startswith("cuda:"),
+         f"device: auto, cpu, cuda, cuda:N or mps, got {c.device!r}"),
+        (c.compile not in COMPILE_MODES, f"compile: one of {' | '.join(COMPILE_MODES)}, got {c.compile!r}"),
+        (c.audit not in ("off", "warn", "strict"), f"audit: off, warn or strict, got {c.audit!r}"),
+    )
+    problems += [message for wrong, message in refusals if wrong]
+    problems += _refusal(parse_audit_threshold, c.audit_threshold)
     if not _columns(c.subgroups):
         problems.append("subgroups: at least one manifest column (default sex)")
     if not c.select_metric.startswith("val/"):
         problems.append(f"select_metric: must be a validation metric (val/...), got {c.select_metric!r}")
-    try:
-        parse_ratios(c.split_ratios)
-    except ConfigError as e:
-        problems.append(str(e))
-    try:
-        parse_threshold_rule(c.threshold)
-    except ValueError as e:
-        problems.append(f"threshold: {e}")
+    problems += _refusal(parse_ratios, c.split_ratios) + _refusal(parse_threshold_rule, c.threshold, "threshold: ")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _refusal(parse, value: Any, prefix: str = "") -> list[str]:
+    """[the message of the ValueError that `parse(value)` raises], or [] when it parses."""
+    try:
+        parse(value)
+    except ValueError as e:
+        return [f"{prefix}{e}"]
+    return []
+
+
+_BOOL_WORDS = {**dict.fromkeys(("true", "1", "yes", "y", "on"), True),
+               **dict.fromkeys(("false", "0", "no", "n", "off"), False)}
 
 
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "y", "on"):
-        return True
-    if text in ("false", "0", "no", "n", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {value!r}")
+    if (text := str(value).strip().lower()) not in _BOOL_WORDS:
+        raise ValueError(f"expected true/false, got {value!r}")
+    return _BOOL_WORDS[text]
 
 
 def parse_audit_threshold(value: str | float | None) -> float | None:
@@ -223,25 +211,22 @@ _NONE_WORDS = ("", "none", "null", "auto")
 def _coerce(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
             return None
-        return _coerce(args[0], value)
+        return _coerce(next(a for a in typing.get_args(tp) if a is not type(None)), value)
     if tp is bool:
         return parse_bool(value)
     if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
         try:
-            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if isinstance(value, (int, float)) else int(str(value).strip())
         except ValueError:
             raise ValueError(f"expected an integer, got {value!r}") from None
     if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
         try:
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
@@ -263,8 +248,7 @@ def resolve(cls: type, overrides: Mapping[str, Any] | None = None, *, base: Any 
         where = _where(source, lines, key)
         if key not in names:
             close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").replace("-", "")]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{where}unknown key {key!r}{hint}")
+            problems.append(f"{where}unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
         try:
             values[key] = _coerce(hints[key], raw)
@@ -281,18 +265,14 @@ def resolve(cls: type, overrides: Mapping[str, Any] | None = None, *, base: Any 
 
 
 def _where(source: str, lines: Mapping[str, int] | None, key: str) -> str:
-    if lines and key in lines:
-        return f"{source}:{lines[key]}: "
-    return f"{source}: " if source else ""
+    return f"{source}:{lines[key]}: " if lines and key in lines else f"{source}: " if source else ""
 
 
 def to_params(cfg: Any) -> dict[str, str]:
     """Flat string params for MLflow (None -> 'auto' for freeze, '' otherwise)."""
-    out = {}
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = ("auto" if f.name == "freeze" else "") if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-    return out
+    def text(name: str, v: Any) -> str:
+        return ("auto" if name == "freeze" else "") if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return {f.name: text(f.name, getattr(cfg, f.name)) for f in fields(cfg)}
 
 
 def load_yaml_with_lines(path: str | Path) -> tuple[Any, dict[tuple, int]]:
@@ -329,7 +309,5 @@ def lines_under(lines: Mapping[tuple, int], prefix: tuple) -> dict[str, int]:
 
 def cache_home() -> Path:
     """Where demo data and caches live: CUSHING_HOME, else ~/.cache/cushing."""
-    import os
-
     return Path(os.environ.get("CUSHING_HOME", Path.home() / ".cache" / "cushing")).expanduser()
 

@@ -2,8 +2,7 @@
 
 The bottom layer, beside `cushing.config`: the typed configuration checks a run's model name against this list
 without importing the model package, and the one backbone registry (`cushing.model.backbones`) holds one spec per
-name here; `tests/test_backbones.py` checks that the two agree. Imports nothing.
-"""
+name here; `tests/test_backbones.py` checks that the two agree. Imports nothing."""
 from __future__ import annotations
 
 __all__ = ["MODEL_NAMES", "FROZEN_BY_DEFAULT", "resolve_freeze"]

@@ -3,10 +3,8 @@
 A `PhaseTimer` is made current for a block (`with timing() as timer:`); code anywhere below marks its work with
 `phase("name")`, a no-op when no timer is current (library use, tests). A phase's seconds exclude the phases
 nested in it, so the rows add up to the timed span; what no phase covers shows as `other (not in a phase)`.
-The current timer lives in a context variable: another thread has its own.
-
-Standard library only: every command can import it for free.
-"""
+The current timer lives in a context variable: another thread has its own. Standard library only: every command
+can import it for free."""
 from __future__ import annotations
 
 import contextvars

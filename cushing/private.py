@@ -1,9 +1,7 @@
 """Files and folders only this account can read: those that hold faces or what is derived from them (crops, face
 descriptors, the audit's pairs and review page: protected health information) and the local stack's secrets. A
-host may have other accounts, and the umask (often 022) would leave them readable by all.
-
-Imports nothing of the package (the bottom layer, beside `phases` and `stops`).
-"""
+host may have other accounts, and the umask (often 022) would leave them readable by all. Imports nothing of the
+package (the bottom layer, beside `phases` and `stops`)."""
 from __future__ import annotations
 
 import os

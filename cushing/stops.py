@@ -6,12 +6,9 @@ a second means now. Inside `cooperative()` (a run, a sweep worker, the pipeline,
 signatures) the handler only records the signal, and the code calls `check()` at safe points (between batches and
 epochs, Grad-CAM batches, decode chunks, photos, sweep configurations and pipeline steps): it raises `Stopped`
 there, inside the scope of the run being stopped, so the run ends KILLED and says how to resume; leaving the scope
-with a stop unanswered raises it there. `wait` is a sleep that a stop ends early; `grace` is one that only a second
-signal ends (the clean-up after a stop). No timer is touched, so a stop never lands inside a store write, a lock or
-a library call. Outside every scope the first signal raises `Stopped` at once, as Python's own Ctrl-C does: code with
-no safe points stays stoppable.
-
-Standard library only (the bottom layer)."""
+with a stop unanswered raises it there. No timer is touched, so a stop never lands inside a store write, a lock or a
+library call. Outside every scope the first signal raises `Stopped` at once, as Python's own Ctrl-C does: code with
+no safe points stays stoppable. Standard library only (the bottom layer)."""
 from __future__ import annotations
 
 import signal

@@ -36,15 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         _startup()
     try:
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt as e:
         return stopped(ns.command, e)
-    except (ConfigError, *_data_errors(), _stack_error(), *_user_errors()) as e:
+    except (ConfigError, *_user_errors()) as e:
         print(f"cushing {ns.command}: {e}", file=sys.stderr)
         if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, which MLflow ends FAILED, says why
             from cushing.tracking.runs import note_refusal
@@ -65,27 +64,18 @@ def _startup() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
 
 
-def _data_errors() -> tuple[type[BaseException], ...]:
+def _user_errors() -> tuple[type[BaseException], ...]:
     """Imported when an error is being handled, not before every command: the data modules import pandas
     (a quarter of a second of `cushing --help` on a 2-core CPU)."""
     from cushing.data.manifest import ManifestError
     from cushing.data.splits import SplitError
     from cushing.faces.pipeline import BadPhotos
-
-    return ManifestError, SplitError, BadPhotos
-
-
-def _stack_error() -> type[BaseException]:
     from cushing.ops.stack import StackError
-
-    return StackError
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
     from cushing.model.backbones import WeightsUnavailable
     from cushing.workflows.experiment import ResumeError
     from cushing.stats.subgroups import SubgroupError
     from cushing.tracking import TrackingUnavailable
     from cushing.model.train import AuditError
 
-    return (WeightsUnavailable, FileNotFoundError, TrackingUnavailable, ResumeError, AuditError, SubgroupError)
+    return (ManifestError, SplitError, BadPhotos, StackError, WeightsUnavailable, FileNotFoundError,
+            TrackingUnavailable, ResumeError, AuditError, SubgroupError)

@@ -64,8 +64,6 @@ def _faces(ns: argparse.Namespace) -> int:
 COMMANDS["faces"] = ("extract aligned, masked face crops (dlib + SAM or landmark hull), cached", _faces_args, _faces)
 
 
-# ------------------------------------------------------------------------------------------------ audit
-
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")
     p.add_argument("--out", required=True, help="folder for audit.csv and audit_summary.csv (with --evaluate: the "
@@ -84,8 +82,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
                                                  "photos (default: the one shipped, measured on CelebA)")
     p.add_argument("--review-page", default=None, metavar="OUT.html",
                    help="write a local HTML page with the two photos of each merged, precaution and review pair "
-                        "side by "
-                        "side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
+                        "side by side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
     p.add_argument("--allow-phi-artifacts", default="false",
                    help="true: also log the review page and the decisions file to MLflow")
     p.add_argument("--no-faces", action="store_true", help="duplicates only: skip the same-person check (dlib)")
@@ -104,9 +101,8 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
 def _evaluate(ns: argparse.Namespace) -> int:
     from cushing.workflows.cohort_audit import run_evaluation
 
-    command = "cushing audit " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, seed=ns.seed,
-                                workers=ns.workers, cache_dir=ns.cache_dir, command=command)
+    table, dup = run_evaluation(manifest=ns.manifest, out=ns.out, photos=ns.photos, seed=ns.seed, workers=ns.workers,
+                                cache_dir=ns.cache_dir, command=shlex.join(["cushing", "audit", *sys.argv[2:]]))
     cols = ["threshold", "group", "pos_pairs", "precision", "precision_lo", "precision_hi", "recall",
             "recall_lo", "recall_hi", "false_pairs_per_343"]
     print(table[[c for c in cols if c in table.columns]].round(3).to_string(index=False))
@@ -180,8 +176,6 @@ def _print_audit(res) -> None:
 COMMANDS["audit"] = ("find the same photo, or the same person, under two subject ids (before splitting)",
                      _audit_args, _audit)
 
-
-# ------------------------------------------------------------------------------------------------ size
 
 def _size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="the cohort (manifest CSV, or demo)")

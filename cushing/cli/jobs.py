@@ -25,15 +25,14 @@ def _explain(ns: argparse.Namespace) -> int:
 
     run_id, rep = run_explain(run_id=ns.run_id, model_uri=ns.model, manifest=ns.manifest, split=ns.split,
                               allow_phi=parse_bool(ns.allow_phi_artifacts), experiment=ns.experiment, device=ns.device)
+    spearman = rep.metrics.get("cam/randomization_spearman", float("nan"))
     print(f"Grad-CAM for {int(rep.metrics.get('cam/images', 0))} images logged to run {run_id}: "
-          f"cam/mean_*.png, cam_regions.csv; randomisation Spearman {rep.metrics.get('cam/randomization_spearman', float('nan')):.3f}")
+          f"cam/mean_*.png, cam_regions.csv; randomisation Spearman {spearman:.3f}")
     return 0
 
 
 COMMANDS["explain"] = ("Grad-CAM aggregates for an existing run or registered model", _explain_args, _explain)
 
-
-# ------------------------------------------------------------------------------------------------ evaluate
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="models:/cushing@champion, models:/cushing/3, runs:/ID/model")
@@ -61,8 +60,6 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 COMMANDS["evaluate"] = ("score a registered model on a new cohort (external validation)", _evaluate_args, _evaluate)
 
-
-# ------------------------------------------------------------------------------------------------ compare
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_ids", nargs="*", help="runs evaluated on the same test subjects")

@@ -25,8 +25,7 @@ def add_config_options(p: argparse.ArgumentParser, cls: type = TrainConfig) -> N
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
-        tp = hints[f.name]
-        kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("typing.", "")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.upper()[:5],
                        help=f"default: {'auto' if default is None and f.name == 'freeze' else default}")
 

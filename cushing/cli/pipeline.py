@@ -70,8 +70,7 @@ def _print_result(res) -> None:
     ran = sum(not s.reused for s in res.steps)
     print(f"\npipeline run {res.run_id}: {len(res.steps)} steps ({ran} ran, {len(res.steps) - ran} reused) in "
           f"{res.seconds:.0f} s")
-    c = res.champion
-    if c:
+    if c := res.champion:
         print(f"champion: version {c['version']} ({c['model']}, run {c['run']}; {c['selection']})")
         print(f"model card: {res.model_card} (also the version's description in the registry)")
     print(f"dashboard: {res.dashboard}")
@@ -79,8 +78,7 @@ def _print_result(res) -> None:
     if skipped := res.steps[0].outputs.get("skipped"):
         print(f"skipped photos: {skipped} (--skip-bad-photos true; per class and sex on the face-stage run and in "
               "the model card)")
-    evaluation = next((s for s in res.steps if s.name == "evaluate"), None)
-    if evaluation is not None:
+    if (evaluation := next((s for s in res.steps if s.name == "evaluate"), None)) is not None:
         o = evaluation.outputs
         print(f"external evaluation: run {o['run']} ({o['model_uri']}; AUC {o['auc']:.3f}, F1 {o['f1']:.3f}, "
               f"n {o['n']:.0f}" + (f"; {o['excluded']} photos excluded, not scored: no usable face)" if
@@ -93,10 +91,8 @@ def _name_plan_run(title: str) -> None:
     random name beside the pipeline's real runs."""
     from cushing import tracking
 
-    run_id = tracking.env_run_id()
-    if run_id:
-        tracking.set_tags(run_id, {"mlflow.runName": f"{title} (plan)",
-                                   "cushing.pipeline_plan": "true"})
+    if run_id := tracking.env_run_id():
+        tracking.set_tags(run_id, {"mlflow.runName": f"{title} (plan)", "cushing.pipeline_plan": "true"})
 
 
 def _pipeline(ns: argparse.Namespace) -> int:

@@ -52,8 +52,7 @@ def _stack(ns: argparse.Namespace) -> int:
         return 1
     if ns.action == "down":
         port = json.loads((base / "stack.json").read_text())["port"]
-        problems = stack.stop_saved(base, remove=True)
-        if problems:
+        if problems := stack.stop_saved(base, remove=True):
             print("cushing stack down: could not stop everything, so nothing was removed: " + "; ".join(problems),
                   file=sys.stderr)
             return 1

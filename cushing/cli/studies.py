@@ -70,26 +70,21 @@ def _slurm_options(ns: argparse.Namespace):
     from cushing.workflows.cluster import DEFAULT_TIME_MIN, SlurmOptions
 
     extra = tuple(item for value in ns.slurm_option for item in value.split() if item not in ("''", '""'))
-    kwargs = {"partition": ns.slurm_partition or None, "account": ns.slurm_account or None,
-              "time_min": ns.slurm_time or DEFAULT_TIME_MIN, "gpus_per_task": ns.slurm_gpus,
-              "cpus_per_task": ns.slurm_cpus, "mem_gb": ns.slurm_mem_gb, "array": ns.array,
-              "max_parallel": ns.max_parallel, "extra": extra, "requeue": not ns.no_requeue}
-    if ns.slurm_logs:
-        kwargs["folder"] = Path(ns.slurm_logs)
-    return SlurmOptions(**kwargs)
+    return SlurmOptions(partition=ns.slurm_partition or None, account=ns.slurm_account or None,
+                        time_min=ns.slurm_time or DEFAULT_TIME_MIN, gpus_per_task=ns.slurm_gpus,
+                        cpus_per_task=ns.slurm_cpus, mem_gb=ns.slurm_mem_gb, array=ns.array,
+                        max_parallel=ns.max_parallel, extra=extra, requeue=not ns.no_requeue,
+                        **({"folder": Path(ns.slurm_logs)} if ns.slurm_logs else {}))
 
 
 def _on_slurm(ns: argparse.Namespace, command: str) -> int:
     """The study as a Slurm job array; with --wait, the results as a local launch prints them."""
     from cushing.workflows.cluster import ClusterError, submit_sweep, submit_tune
 
+    submit, more = (submit_sweep, {}) if command == "sweep" else (submit_tune, {"n_trials": ns.n_trials or None})
     try:
-        if command == "sweep":
-            sub = submit_sweep(ns.project, _slurm_options(ns), storage=ns.storage or None, compile=ns.compile,
-                               wait=ns.wait)
-        else:
-            sub = submit_tune(ns.project, _slurm_options(ns), storage=ns.storage or None,
-                              n_trials=ns.n_trials or None, compile=ns.compile, wait=ns.wait)
+        sub = submit(ns.project, _slurm_options(ns), storage=ns.storage or None, compile=ns.compile, wait=ns.wait,
+                     **more)
     except ClusterError as e:
         print(f"cushing {command}: {e}", file=sys.stderr)
         return 2

@@ -10,16 +10,11 @@ from cushing.cli.options import Command, add_config_options, config_from
 COMMANDS: dict[str, Command] = {}
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    add_config_options(p)
-
-
 def _train(ns: argparse.Namespace) -> int:
     from cushing.workflows.experiment import run_experiment
     from cushing.tracking import tracking_uri
 
-    cfg = config_from(ns)
-    summary = run_experiment(cfg, progress=True)
+    summary = run_experiment(config_from(ns), progress=True)
     m = summary.metrics
     print(f"run {summary.run_id} ({summary.run_name}) in {tracking_uri()}")
     if summary.selection:
@@ -34,7 +29,7 @@ def _train(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS["train"] = ("train one configuration (the MLproject main entry point)", _train_args, _train)
+COMMANDS["train"] = ("train one configuration (the MLproject main entry point)", add_config_options, _train)
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +63,8 @@ def _models(ns: argparse.Namespace) -> int:
     print(f"{'name':11s} {'timm id':48s} {'params':>8s}  {'type':7s} default")
     for name, spec in REGISTRY.items():
         params = "" if ns.no_params else f"{param_count(name) / 1e6:7.1f}M"
-        print(f"{name:11s} {spec.timm_id:48s} {params:>8s}  {spec.kind:7s} {'frozen' if spec.default_freeze else 'fine-tuned'}")
+        freeze = "frozen" if spec.default_freeze else "fine-tuned"
+        print(f"{name:11s} {spec.timm_id:48s} {params:>8s}  {spec.kind:7s} {freeze}")
     return 0
 
 
