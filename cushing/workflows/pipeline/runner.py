@@ -68,10 +68,9 @@ class PipelineResult:
 def pipeline_experiment(spec: PipelineSpec) -> str:
     """The experiment of `mlflow run`'s run (--experiment must agree), else --experiment, MLFLOW_EXPERIMENT_NAME,
     the study file's, else `cushing`."""
-    if tracking.env_run_id():
+    if spec.experiment or tracking.env_run_id() or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return tracking.resolve_experiment(spec.experiment, "--experiment")
-    return tracking.resolve_experiment(spec.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                                       or load_study(spec.study).experiment)
+    return tracking.resolve_experiment(load_study(spec.study).experiment)
 
 
 def _shown_uri() -> str | None:

@@ -23,11 +23,9 @@ class Scope:
 
 
 def default_experiment() -> str:
-    """MLFLOW_EXPERIMENT_NAME, else the experiment of the run `mlflow run` created, else `cushing`."""
-    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        return os.environ["MLFLOW_EXPERIMENT_NAME"]
-    run = tracking.launcher_run()
-    return tracking.experiment_of_run(run) if run else "cushing"
+    """MLFLOW_EXPERIMENT_NAME (first, even under `mlflow run`), else `tracking.resolve_experiment`'s: the
+    experiment of the run `mlflow run` created, else `cushing`."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.resolve_experiment(None)
 
 
 def resolve_scope(*, experiment: str | None = None, parent_run_id: str | None = None, project: str | None = None,
