@@ -47,11 +47,8 @@ def reusable(step: Step, ctx: Context, key: str) -> tuple[str, dict[str, Any]] |
 
 def _to_train(study: Study, experiment: str) -> list[int]:
     """Indexes of the configurations with no finished training run yet (a resumed sweep trains only these)."""
-    out = []
-    for i, digest in enumerate(run_digests(study)):
-        if not tracking.find_finished(experiment, {"config_digest": digest, "sweep": study.name}):
-            out.append(i)
-    return out
+    return [i for i, digest in enumerate(run_digests(study))
+            if not tracking.find_finished(experiment, {"config_digest": digest, "sweep": study.name})]
 
 
 def plan_steps(ctx: Context) -> tuple[list[PlannedStep], list[int] | None]:
@@ -64,8 +61,7 @@ def plan_steps(ctx: Context) -> tuple[list[PlannedStep], list[int] | None]:
             waits = next(n for n in step.needs if n not in ctx.outputs)
             planned.append(PlannedStep(step.name, "after", note=f"or reuse, if what {waits} hands on is unchanged"))
             continue
-        found = reusable(step, ctx, step_key(step.name, inputs))
-        if found:
+        if found := reusable(step, ctx, step_key(step.name, inputs)):
             ctx.outputs[step.name] = found[1]
             to_train = [] if step.name == "sweep" else to_train
             planned.append(PlannedStep(step.name, "reuse", found[0], step.describe(found[1])))
@@ -86,12 +82,11 @@ def gpu_estimate(study: Study, to_train: list[int] | None, gpu: str | None, work
 
     if to_train == []:
         return "estimated time: nothing to train (the sweep is reused)"
-    device = None
     if gpu:
         device = f"one NVIDIA {gpu.upper()}"
     elif torch.cuda.is_available():
         device = f"this {torch.cuda.get_device_name(0)} (with the H200's figures; other GPUs scale)"
-    if device is None:
+    else:
         return f"estimated time: no estimate on CPU (`--gpu {GPU_FIGURES}` shows the sweep's on one H200)"
     idx = range(len(study.configurations)) if to_train is None else to_train
     est = [estimate(study.configurations[i]) for i in idx]
@@ -104,12 +99,7 @@ def gpu_estimate(study: Study, to_train: list[int] | None, gpu: str | None, work
 def format_plan(plan: Plan) -> str:
     lines = [plan.header]
     for s in plan.steps:
-        if s.status == "reuse":
-            text = f"reuse run {s.run_id}: {s.note}"
-        elif s.status == "after":
-            text = f"run ({s.note})"
-        else:
-            text = "run" + (f": {s.note}" if s.note else "")
+        text = {"reuse": f"reuse run {s.run_id}: {s.note}", "after": f"run ({s.note})"}.get(
+            s.status, "run" + (f": {s.note}" if s.note else ""))
         lines.append(f"  {s.name:<10} {text}")
-    lines.append(plan.estimate)
-    return "\n".join(lines)
+    return "\n".join([*lines, plan.estimate])

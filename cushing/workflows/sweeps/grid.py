@@ -1,8 +1,6 @@
-"""The grid on Optuna's own queue. Opening a sweep (under the storage's lock, so any number of launchers can open it
-at once) creates or loads the study, enqueues every configuration once (`enqueue_trial(..., skip_if_exists=True)`,
-its label as the user attribute `label` and as the parameter `configuration`, beside every training option that
-varies across the grid) and creates the parent run once. Where each configuration stands is read from its trials:
-done, training, waiting in the queue, or failed for good."""
+"""The grid on Optuna's own queue. Opening a sweep (under the storage's lock: any number of launchers may open it at
+once) creates or loads the study, enqueues every configuration once (its label as user attribute `label` and
+parameter `configuration`, beside every option that varies across the grid) and creates the parent run once."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +10,8 @@ from typing import Any
 from cushing.config import EXECUTION_FIELDS, TrainConfig
 from cushing.tracking.stores import sqlalchemy_url, store_lock
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.parent import _parent_run
-from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _storage, _study_name
+from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _parent_run, _storage, \
+    _study_name
 
 __all__ = ["grid_parameters", "GRID_PARAM"]
 
@@ -97,8 +95,7 @@ def _standings(grid: _Grid) -> dict[str, _Standing]:
 
     out = {label: _Standing() for label in grid.study.labels}
     for t in sorted(grid.ostudy.get_trials(deepcopy=False), key=lambda t: t.number):
-        s = out.get(t.user_attrs.get("label"))
-        if s is None:
+        if (s := out.get(t.user_attrs.get("label"))) is None:
             continue
         s.done |= t.state == TrialState.COMPLETE
         s.training |= t.state == TrialState.RUNNING

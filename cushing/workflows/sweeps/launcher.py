@@ -1,6 +1,5 @@
-"""What a sweep launcher does: open the study and its parent run, run the workers (this process, or N worker
-processes it stops cleanly on SIGTERM and Ctrl-C), then log the tables; and the plan of a sweep (estimated wall
-time per worker count) before anything trains."""
+"""A sweep launcher: open the study and its parent run, run the workers (this process, or N worker processes it
+stops cleanly on SIGTERM and Ctrl-C), log the tables; and a sweep's plan (wall time per worker count)."""
 from __future__ import annotations
 
 import os
@@ -58,11 +57,6 @@ def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str |
             raise
 
 
-def _stop_grace() -> float:
-    """Seconds a stopped launcher gives its workers at each step (CUSHING_STOP_GRACE_S, default 30)."""
-    return float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
-
-
 def stop_processes(procs: list[subprocess.Popen], forward: bool) -> None:
     """Stop a stopped launcher's processes without cutting their own clean-up short.
 
@@ -70,8 +64,8 @@ def stop_processes(procs: list[subprocess.Popen], forward: bool) -> None:
     failing their trial as `interrupted` and ending their MLflow run KILLED. So they are given the grace period to
     exit on their own, then sent SIGTERM, and SIGKILLed only after a further grace period. A SIGTERM (docker stop, a
     scheduler, `kill`) usually reaches the launcher alone, so it is passed on at once (`forward`). A second signal
-    (Ctrl-C again) ends every grace period at once."""
-    grace = _stop_grace()
+    (Ctrl-C again) ends every grace period at once. The grace period: CUSHING_STOP_GRACE_S seconds (default 30)."""
+    grace = float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
     for step in ([] if forward else [None]) + [subprocess.Popen.terminate, subprocess.Popen.kill]:
         alive = [p for p in procs if p.poll() is None]
         if not alive:
@@ -127,14 +121,14 @@ def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: s
 
 
 def sweep_status(h: SweepHandle) -> dict[str, Any]:
-    """Where the grid stands (for progress lines): configurations done, training, failed for good, waiting."""
+    """Where the grid stands (for progress lines): configurations done, training, failed for good, finished."""
     states = _standings(h.grid)
-    interrupted = {k for k, s in states.items() if s.failed and s.last is not None
-                   and "interrupted" in s.last.user_attrs}  # queued again by the next worker or launch
+    # an interrupted configuration is queued again by the next worker or launch: not failed for good
+    failed = sorted(k for k, s in states.items()
+                    if s.failed and not (s.last is not None and "interrupted" in s.last.user_attrs))
     return {"n": len(states), "done": sum(s.done for s in states.values()),
-            "training": sum(s.training for s in states.values()),
-            "failed": sorted(k for k, s in states.items() if s.failed and k not in interrupted),
-            "finished": all(s.done or (s.failed and k not in interrupted) for k, s in states.items())}
+            "training": sum(s.training for s in states.values()), "failed": failed,
+            "finished": all(s.done or k in failed for k, s in states.items())}
 
 
 def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
@@ -142,9 +136,7 @@ def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
     the experiment whose process died (a SIGKILLed worker or launcher) are marked FAILED on the way."""
     tracking.find_runs(h.study.experiment, filter_string="attributes.status = 'RUNNING'")  # reaps the dead
     t2, t3 = sweep_tables(h.grid.parent, h.study)
-    retried = _retries(h.grid.ostudy)
-    done = sweep_status(h)["done"]
-    seconds = time.perf_counter() - h.started
+    retried, done, seconds = _retries(h.grid.ostudy), sweep_status(h)["done"], time.perf_counter() - h.started
     _log_tables(h.grid.parent, t2, t3, retried, seconds, done, len(h.study.labels))
     if h.launcher_run and h.launcher_run != h.grid.parent:
         _log_pass(h.launcher_run, h.grid, trained, done)
@@ -166,8 +158,7 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
         if sweep_status(h)["finished"]:
             trained = 0  # nothing queued or training: no worker to start
         elif workers > 1:
-            codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
-            trained = -1
+            trained, codes = -1, _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
             if any(codes):
                 raise RuntimeError(f"sweep workers exited with {codes}")
         else:

@@ -1,12 +1,13 @@
 """Optuna's RDB storage and the study in it: optuna imported (here and only through here), the storage opened with
-heartbeats (its schema made under a lock) or opened to read only, the study's name (a digest of what it trains)
-and the study file checked to be of the kind a command runs."""
+heartbeats (its schema made under a lock) or to read only, the study's name (a digest of what it trains), its
+MLflow parent run (created once, recorded in the study) and the study file checked for a command."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,11 +17,12 @@ from cushing.config import EXECUTION_FIELDS, config_digest
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.studies import Study, load_study, with_execution
 
-__all__ = ["MAX_RETRY", "default_storage", "StorageMissing", "load_for"]
+__all__ = ["MAX_RETRY", "default_storage", "StorageMissing", "load_for", "PARENT_ATTR"]
 
 
 MAX_RETRY = 2  # deaths (not stops) of a configuration's workers that are retried; one more fails it for good
 GRID_LAYOUT = "grid-v3"  # Optuna's queue: the label as user attribute and parameter, the varying fields (in the name)
+PARENT_ATTR = "mlflow_parent_run"
 
 
 def _beat() -> tuple[int, int]:
@@ -46,14 +48,11 @@ def default_storage() -> str:
 
 
 def _storage(url: str, retry_stale: bool = False):
-    """Optuna's RDB storage with heartbeats (`retry_stale`: a trial whose worker stopped beating is failed and
-    re-queued, at most MAX_RETRY times); its schema is created under a lock (two first launches on a fresh
-    PostgreSQL database otherwise race: `type studydirection already exists`)."""
-    import warnings
-
+    """Optuna's RDB storage with heartbeats (`retry_stale`: a stale trial is re-queued, at most MAX_RETRY times);
+    its schema is created under a lock (two first launches on a fresh PostgreSQL database otherwise race: `type
+    studydirection already exists`)."""
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
-
 
     url = sqlalchemy_url(url)
     heartbeat, grace = _beat()
@@ -79,8 +78,8 @@ class StorageMissing(FileNotFoundError):
 
 @contextmanager
 def _read_storage(url: str) -> Iterator[Any]:
-    """An existing Optuna storage, opened to read and closed after: a missing SQLite file or a database without
-    Optuna's schema is a `StorageMissing` error, never created (reading must not leave an empty store behind)."""
+    """An existing Optuna storage, opened to read and closed after; a missing one is a `StorageMissing` error, never
+    created (reading must not leave an empty store behind)."""
     import sqlalchemy as sa
 
     path = sqlite_path(sqlalchemy_url(url))
@@ -126,8 +125,6 @@ def _study_name(study: Study) -> str:
 
 def _name_metric(ostudy, study: Study) -> None:
     """The objective's name in the study (optuna-dashboard shows it instead of "Objective 0")."""
-    import warnings
-
     if ostudy.metric_names != [study.objective_metric]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks set_metric_names experimental
@@ -143,3 +140,32 @@ def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
     study = dataclasses.replace(study, experiment=tracking.resolve_experiment(
         study.experiment, f"{Path(path).name} trains in experiment"))
     return with_execution(study, compile=compile) if compile else study
+
+
+def _parent_run(ostudy, study: Study, parent_run_id: str | None) -> str:
+    """The study's parent run: `parent_run_id` when given, else the one recorded, else a new one (the run `mlflow
+    run` created for this launch, when there is one). Called under the storage's lock."""
+    if parent_run_id:
+        if ostudy.user_attrs.get(PARENT_ATTR) != parent_run_id:
+            ostudy.set_user_attr(PARENT_ATTR, parent_run_id)
+        return parent_run_id
+    existing = ostudy.user_attrs.get(PARENT_ATTR)  # read from the storage
+    if existing:
+        return existing
+    with tracking.start_run(experiment=study.experiment, run_name=f"{study.kind}-{study.name}",
+                            tags={"task": study.kind, "study": ostudy.study_name, "study_file": study.path.name}
+                            ) as parent:
+        parent.log_dict({"study": ostudy.study_name, "file": study.path.read_text()}, "study.json")
+    ostudy.set_user_attr(PARENT_ATTR, parent.run_id)
+    return parent.run_id
+
+
+def _study_parent(study: Study, storage: str | None) -> str | None:
+    """The parent run of a study file's Optuna study, if launched; the storage is read, never created
+    (`StorageMissing`)."""
+    optuna = _optuna()
+    with _read_storage(storage or default_storage()) as rdb:
+        try:
+            return optuna.load_study(study_name=_study_name(study), storage=rdb).user_attrs.get(PARENT_ATTR)
+        except KeyError:
+            return None
