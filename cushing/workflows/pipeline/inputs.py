@@ -61,11 +61,8 @@ class PipelineSpec:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def manifest_digest(path: str | Path) -> str:
@@ -151,10 +148,9 @@ def parse_overrides(items: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def derived_study(spec: PipelineSpec, *, data: str, data_digest: str, experiment: str) -> dict[str, Any]:
-    """The study the pipeline trains, as a study file's mapping: the user's file with the face crops as every
-    configuration's data, --set applied to the base and every configuration, one configuration when a model is
-    named, and a name carrying the crops' digest (new crops under the same path are a new sweep, never the old
-    one's finished configurations) and, with --set, the overrides' digest (its labels carry the overrides)."""
+    """The study the pipeline trains, as a study file's mapping: the user's file with the crops as data, --set on
+    the base and every configuration, one configuration when a model is named; its name carries the crops' digest
+    (new crops are a new sweep) and, with --set, the overrides' digest (its labels carry the overrides)."""
     user = load_study(spec.study)  # checked first: its errors name the user's file and line
     if user.kind != "sweep":
         raise ConfigError(f"{spec.study} is a {user.kind} study; the pipeline runs a sweep study (or --model)")

@@ -8,17 +8,16 @@ would repeat). A stop (Ctrl-C, SIGTERM, preemption) is no failure: the trial is 
 configuration whose run FINISHED is never trained again. Tune: TPE with median or successive-halving pruning.
 Every trial is a child MLflow run under one parent run per study.
 
-Owns: `storage` (Optuna, imported only here; the study's name and parent run), `grid` (the queue and where each
-configuration stands), `worker`, `launcher`, `tables` (Tables II and III; the scope utility commands look at),
+Owns: `storage` (Optuna, imported only here; the study's name, parent run and queue, where each configuration
+stands), `worker`, `launcher`, `tables` (Tables II and III; the scope utility commands look at),
 `tune`. May import `cushing.workflows.studies`, `experiment` and `plan`, every subpackage below workflows; MLflow
 only through `cushing.tracking`.
 """
 from __future__ import annotations
 
-from cushing.workflows.sweeps.grid import grid_parameters
 from cushing.workflows.sweeps.launcher import SweepHandle, SweepResult, auto_workers, finish_sweep, open_sweep, \
     plan_sweep, run_sweep, sweep_status
-from cushing.workflows.sweeps.storage import MAX_RETRY, StorageMissing, default_storage, load_for
+from cushing.workflows.sweeps.storage import MAX_RETRY, StorageMissing, default_storage, grid_parameters, load_for
 from cushing.workflows.sweeps.tables import Scope, default_experiment, report_sweep, resolve_scope, sweep_tables
 from cushing.workflows.sweeps.tune import TuneHandle, TuneResult, finish_tune, open_tune, run_tune
 from cushing.workflows.sweeps.worker import sweep_worker

@@ -23,8 +23,7 @@ from cushing.model.backbones import interpolation_of
 from cushing.model.train import prepare_cohort
 from cushing.workflows.experiment import run_single
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.grid import _Grid, _open_grid, _standings
-from cushing.workflows.sweeps.storage import _beat
+from cushing.workflows.sweeps.storage import _Grid, _beat, _open_grid, _standings
 
 __all__ = ["sweep_worker", "worker_id"]
 
@@ -61,8 +60,8 @@ def _say(grid: _Grid, text: str) -> None:
 
 
 def _trial_id(grid: _Grid, number: int) -> int:
-    return grid.storage.get_trial_id_from_study_id_trial_number(grid.storage.get_study_id_from_name(grid.name),
-                                                                number)
+    study_id = grid.storage.get_study_id_from_name(grid.name)
+    return grid.storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 @contextmanager
@@ -164,14 +163,13 @@ def _finished_run(grid: _Grid, label: str) -> tracking.RunRecord | None:
     return runs[0] if runs else None
 
 
-def _train(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> float | None:
-    """Train the trial's configuration (or take its finished run's value); None when it was given up."""
+def _train(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> float:
+    """Train the trial's configuration (or take its finished run's value)."""
     study, label = grid.study, trial.user_attrs["label"]
     i = study.labels.index(label)
     for name, d in grid.dists.items():
         trial.suggest_categorical(name, d.choices)  # the queued values: the trial's real parameters
-    done = _finished_run(grid, label)
-    if done is not None:
+    if (done := _finished_run(grid, label)) is not None:
         trial.set_user_attr("mlflow_run_id", done.run_id)
         trial.set_user_attr("recovered", "its run had finished; the value was not told before its worker stopped")
         return _objective_value(done.metrics, study)
@@ -195,11 +193,9 @@ def _run_trial(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> bool:
             return False  # failed as beatless meanwhile (a very slow store): its retry is queued
         try:
             value = _train(grid, trial, memo, progress)
-        except KeyboardInterrupt as e:
-            _fail(grid, trial, "interrupted", f"{type(e).__name__}: {e}")
-            raise
-        except BaseException as e:  # a training error would only repeat: not retried
-            _fail(grid, trial, "error", f"{type(e).__name__}: {e}")
+        except BaseException as e:  # a stop is queued again; a training error would only repeat: not retried
+            _fail(grid, trial, "interrupted" if isinstance(e, KeyboardInterrupt) else "error",
+                  f"{type(e).__name__}: {e}")
             raise
         _retrying(grid.ostudy.tell, trial, value, skip_if_finished=True)
     label, n = trial.user_attrs["label"], len(grid.study.labels)
@@ -220,8 +216,7 @@ def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, p
             while True:
                 stops.check()
                 _tend(grid)
-                trial = _ask(grid)
-                if trial is not None:
+                if (trial := _ask(grid)) is not None:
                     trained += _run_trial(grid, trial, memo, progress)
                 elif not any(s.training or s.waiting for s in _standings(grid).values()):
                     return trained
