@@ -61,8 +61,11 @@ class PipelineSpec:
 
 
 def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def manifest_digest(path: str | Path) -> str:
