@@ -1,6 +1,5 @@
-"""What the job array asks Slurm for (`SlurmOptions`): Slurm's time formats, extra sbatch options (those the
-launcher sets itself refused), and submitit's executor parameters (they become #SBATCH lines: no secret goes
-there); the errors a launch is refused with."""
+"""What the job array asks Slurm for (`SlurmOptions`, Slurm's time formats, extra sbatch options) as submitit's
+executor parameters (#SBATCH lines: no secret goes there); the errors a launch is refused with."""
 from __future__ import annotations
 
 import math
@@ -37,8 +36,8 @@ def parse_time(text: str | int | None) -> int | None:
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
     if not m:
         raise ClusterError(f"time limit: minutes or [D-]HH:MM[:SS] as sbatch takes it, got {s!r}")
-    days, *rest = m.groups()
-    parts = [int(p) for p in rest if p is not None]
+    days, *parts = m.groups()
+    parts = [int(p) for p in parts if p is not None]
     units = (3600, 60, 1) if days is not None or len(parts) == 3 else (60, 1)  # D-HH[:MM[:SS]], HH:MM:SS; MM[:SS]
     seconds = int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
     if seconds <= 0:
@@ -49,7 +48,7 @@ def parse_time(text: str | int | None) -> int | None:
 def parse_sbatch_options(items: Sequence[str]) -> dict[str, Any]:
     """`key=value` (or a bare `key` flag) per item, as sbatch's long options without the dashes."""
     out: dict[str, Any] = {}
-    problems = []
+    problems: list[str] = []
     for item in items:
         key, sep, value = str(item).strip().lstrip("-").partition("=")
         key = key.strip()
@@ -103,9 +102,7 @@ class SlurmOptions:
 
     def tasks_for(self, work: int) -> int:
         """Array size: the one asked for, else one task per unit of work, capped by max_parallel."""
-        if self.array:
-            return self.array
-        return max(1, min(work, self.max_parallel or work))
+        return self.array or max(1, min(work, self.max_parallel or work))
 
     def at_once(self, tasks: int) -> int:
         return min(tasks, self.max_parallel or tasks)
@@ -117,10 +114,8 @@ def sbatch_parameters(options: SlurmOptions, name: str, tasks: int) -> dict[str,
     extra["requeue" if options.requeue else "no-requeue"] = True
     params: dict[str, Any] = {"job_name": name, "time": options.time_min, "array_parallelism": options.at_once(tasks),
                               "stderr_to_stdout": True, "additional_parameters": extra}
-    for key in ("partition", "account", "cpus_per_task", "gpus_per_task"):
-        if getattr(options, key) is not None:
-            params[key] = getattr(options, key)
-    gb = options.mem_gb
-    if gb is not None:
+    params.update({k: getattr(options, k) for k in ("partition", "account", "cpus_per_task", "gpus_per_task")
+                   if getattr(options, k) is not None})
+    if (gb := options.mem_gb) is not None:
         params["mem"] = f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
     return params

@@ -1,6 +1,5 @@
-"""What would make a multi-node launch fail or leak, found before anything is submitted: no Slurm client here, a
-tracking store or Optuna storage the compute nodes do not share or cannot reach (this host's loopback), secret
-files other accounts can read, secrets that would reach the tasks through the job's environment."""
+"""What would make a multi-node launch fail or leak, found before anything is submitted: no Slurm client, a store
+the compute nodes do not share or cannot reach (this host's loopback), secrets other accounts or Slurm could read."""
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +40,8 @@ def _is_loopback(url: str) -> bool:
     except ValueError:
         return False
     host = u.hostname or ""
-    if not host and "host=" in (u.query or ""):
-        host = re.search(r"host=([^&]+)", u.query).group(1)
-        host = "" if host.startswith("/") else host
+    if not host and (m := re.search(r"host=([^&]+)", u.query or "")):
+        host = "" if m.group(1).startswith("/") else m.group(1)
     if host == "":  # postgresql:///db: a Unix socket on whichever host runs the client
         return _scheme(url).startswith("postgres")
     return host.lower() in _LOOPBACK or host.startswith("127.")

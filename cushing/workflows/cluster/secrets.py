@@ -35,12 +35,10 @@ def _mode_problem(var: str, path: str) -> str | None:
 
 def read_secrets_file(path: str | os.PathLike) -> dict[str, str]:
     """KEY=VALUE lines (`export ` and quotes allowed, # comments) from a file only its owner can read."""
-    problem = _mode_problem(SECRETS_FILE_ENV, str(path))
-    if problem:
+    if problem := _mode_problem(SECRETS_FILE_ENV, str(path)):
         raise ClusterError(problem)
     out = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
+    for line in (raw.strip() for raw in Path(path).read_text().splitlines()):
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.removeprefix("export ").partition("=")

@@ -1,9 +1,7 @@
 """What each array task runs: one sweep worker (or its share of tuning trials) on the storage its environment
-names, the same worker `cushing sweep --workers N` runs on one host. Preemption and time limits: submitit asks for
-`--signal=USR2@90`; here that signal is a cooperative stop (`cushing.stops`) like Ctrl-C: the worker stops at its
-next safe point, its trial is failed as interrupted (a live worker queues it again at once) and its run ends
-KILLED; then submitit's own handler, called from the task's code instead of from the signal, requeues the task (at
-most 3 times after time-outs). Module-level, so submitit pickles the task by reference and the node imports it."""
+names. Preemption and time limits: submitit asks for `--signal=USR2@90`, here a cooperative stop like Ctrl-C (the
+trial fails as interrupted and is queued again, its run ends KILLED); then submitit's own handler, called from the
+task's code, requeues the task (at most 3 times after time-outs). Module-level: submitit pickles it by reference."""
 from __future__ import annotations
 
 import os
@@ -85,16 +83,16 @@ def _sweep_task(task: ArrayTask, storage: str) -> int:
 
 def _first_to_finish(h) -> bool:
     with h.grid.lock():
-        if h.grid.ostudy.user_attrs.get("tables_logged_for") == len(h.grid.ostudy.get_trials(deepcopy=False)):
+        n = len(h.grid.ostudy.get_trials(deepcopy=False))
+        if h.grid.ostudy.user_attrs.get("tables_logged_for") == n:
             return False
-        h.grid.ostudy.set_user_attr("tables_logged_for", len(h.grid.ostudy.get_trials(deepcopy=False)))
+        h.grid.ostudy.set_user_attr("tables_logged_for", n)
         return True
 
 
 def _tune_task(task: ArrayTask, storage: str) -> int:
-    res = run_tune(task.path, storage=storage, n_trials=task.n_trials, progress=False,
-                   parent_run_id=task.parent_run_id, compile=task.compile)
-    return res.n_complete
+    return run_tune(task.path, storage=storage, n_trials=task.n_trials, progress=False,
+                    parent_run_id=task.parent_run_id, compile=task.compile).n_complete
 
 
 def _task_id(index: int) -> tuple[str, str]:
@@ -117,9 +115,7 @@ def _announce(task: ArrayTask, index: int) -> None:
 def worker_tasks(folder: str | os.PathLike, array_id: str) -> dict[str, str]:
     """Worker (host:pid, as a trial's `worker` attribute) -> array task id ('12_1') for a job array's tasks so far."""
     d = Path(folder) / "cushing-workers" / str(array_id)
-    if not d.is_dir():
-        return {}
-    return {p.name: p.read_text().strip() for p in d.iterdir() if p.is_file()}
+    return {p.name: p.read_text().strip() for p in d.iterdir() if p.is_file()} if d.is_dir() else {}
 
 
 def _preemption():

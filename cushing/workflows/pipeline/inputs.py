@@ -1,17 +1,12 @@
 """What a pipeline is asked to do (`PipelineSpec`) and what its steps are keyed on: content digests of files and
-manifests, the code version (a digest of the package's sources, so it works without git), and the study the
-pipeline trains: the user's study file (or one model on its protocol) with the face crops as its data.
-
-Nothing here touches MLflow; reading the photos and study files is all it does (planning writes nothing).
-Under `mlflow run` the working directory is the project folder: relative paths and the default pipeline folder are
-then taken from the folder holding the embedded tracking store, which is where `mlflow run` was typed."""
+manifests, the code version (a digest of the package's sources: no git needed), and the study it trains (the
+user's study file, or one model on its protocol, with the face crops as its data). Nothing here touches MLflow."""
 from __future__ import annotations
 
 import csv
 import dataclasses
 import hashlib
 import json
-import os
 import shlex
 import tempfile
 from dataclasses import dataclass
@@ -53,20 +48,14 @@ class PipelineSpec:
 
     def command(self, experiment: str, tracking_uri: str | None = None) -> str:
         """The same pipeline as one `cushing pipeline` command line: what resumes it."""
-        args = ["cushing", "pipeline", "--photos", str(self.photos), "--study", str(self.study)]
-        if self.model:
-            args += ["--model", self.model]
-        for k, v in self.overrides:
-            args += ["--set", f"{k}={v}"]
-        if self.external:
-            args += ["--external", str(self.external)]
-        args += ["--out", str(self.out), "--experiment", experiment]
-        if self.workers:
-            args += ["--workers", str(self.workers)]
-        if self.sam_checkpoint:
-            args += ["--sam-checkpoint", self.sam_checkpoint]
-        if self.skip_bad_photos:
-            args += ["--skip-bad-photos", "true"]
+        args = ["cushing", "pipeline", "--photos", str(self.photos), "--study", str(self.study),
+                *(["--model", self.model] if self.model else []),
+                *(a for k, v in self.overrides for a in ("--set", f"{k}={v}")),
+                *(["--external", str(self.external)] if self.external else []),
+                "--out", str(self.out), "--experiment", experiment,
+                *(["--workers", str(self.workers)] if self.workers else []),
+                *(["--sam-checkpoint", self.sam_checkpoint] if self.sam_checkpoint else []),
+                *(["--skip-bad-photos", "true"] if self.skip_bad_photos else [])]
         prefix = f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} " if tracking_uri else ""
         return prefix + shlex.join(args)
 
@@ -162,10 +151,9 @@ def parse_overrides(items: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def derived_study(spec: PipelineSpec, *, data: str, data_digest: str, experiment: str) -> dict[str, Any]:
-    """The study the pipeline trains, as a study file's mapping: the user's file with the face crops as every
-    configuration's data, --set applied to the base and every configuration, one configuration when a model is
-    named, and a name carrying the crops' digest (new crops under the same path are a new sweep, never the old
-    one's finished configurations) and, with --set, the overrides' digest (its labels carry the overrides)."""
+    """The study the pipeline trains, as a study file's mapping: the user's file with the crops as data, --set on
+    the base and every configuration, one configuration when a model is named; its name carries the crops' digest
+    (new crops are a new sweep) and, with --set, the overrides' digest (its labels carry the overrides)."""
     user = load_study(spec.study)  # checked first: its errors name the user's file and line
     if user.kind != "sweep":
         raise ConfigError(f"{spec.study} is a {user.kind} study; the pipeline runs a sweep study (or --model)")
@@ -194,12 +182,8 @@ def write_study(mapping: dict[str, Any], path: Path) -> Path:
 def study_of(mapping: dict[str, Any]) -> Study:
     """The Study a derived mapping describes, loaded (and validated) through a temporary file: planning writes
     nothing where the user looks."""
-    fd, name = tempfile.mkstemp(prefix="cushing-study-", suffix=".yaml")
-    os.close(fd)
-    try:
-        return load_study(write_study(mapping, Path(name)))
-    finally:
-        os.unlink(name)
+    with tempfile.TemporaryDirectory(prefix="cushing-study-") as folder:
+        return load_study(write_study(mapping, Path(folder) / "cushing-study.yaml"))
 
 
 def validate_inputs(spec: PipelineSpec, study: Study) -> None:

@@ -5,7 +5,10 @@ that fails ends the pipeline FAILED naming itself, its run and the command that 
 Each step runs in this process: its run is created here as a child of the pipeline run and offered to the step's
 own code (`tracking.offer_run`) as MLflow's multistep convention offers the run `mlflow run` created, so the step
 logs exactly as its `cushing` command does. Between steps, a stop ends the pipeline KILLED. One pipeline at a time
-works in a pipeline folder (a file lock)."""
+works in a pipeline folder (a file lock).
+
+The plan shown before anything runs: which steps finished earlier with the same inputs (reused), which will run,
+and the sweep's estimated time on a GPU (the sweep planner's figures). Planning only reads; it writes nothing."""
 from __future__ import annotations
 
 import fcntl
@@ -20,17 +23,105 @@ from typing import Any, Callable, Iterator
 from cushing import stops, tracking
 from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
-from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, file_sha256, manifest_digest, step_key, \
-    validate_inputs
-from cushing.workflows.pipeline.plan import KEY_TAG, OUTPUTS_TAG, STEP_TAG, Plan, format_plan, gpu_estimate, \
-    plan_steps, reusable
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, file_sha256, manifest_digest, \
+    run_digests, step_key, validate_inputs
 from cushing.workflows.pipeline.steps import Context, Step, steps_for
-from cushing.workflows.studies import load_study
+from cushing.workflows.plan import estimate, makespan
+from cushing.workflows.studies import Study, load_study
 
 __all__ = ["StepFailed", "StepRecord", "PipelineResult", "plan_pipeline", "run_pipeline", "pipeline_experiment",
-           "SERVE_PORT"]
+           "SERVE_PORT", "PlannedStep", "Plan", "plan_steps", "reusable", "format_plan", "KEY_TAG", "STEP_TAG",
+           "OUTPUTS_TAG"]
 
 SERVE_PORT = 5001  # the port the printed serve command uses (the tutorial's)
+STEP_TAG = "cushing.pipeline.step"
+KEY_TAG = "cushing.pipeline.key"  # set when the step finished: what a later pipeline looks its work up by
+OUTPUTS_TAG = "cushing.pipeline.outputs"
+GPU_FIGURES = "h200"  # the only GPU the sweep planner has figures for (workflows/plan.py)
+
+
+@dataclass
+class PlannedStep:
+    name: str
+    status: str  # reuse | run | after (its inputs come from a step that runs first)
+    run_id: str | None = None  # the finished run it reuses
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    header: str
+    steps: list[PlannedStep]
+    estimate: str
+
+
+def reusable(step: Step, ctx: Context, key: str) -> tuple[str, dict[str, Any]] | None:
+    """A FINISHED run of this step with the same key whose outputs are still intact: (run id, outputs)."""
+    for r in tracking.find_finished(ctx.experiment, {KEY_TAG: key, STEP_TAG: step.name}):
+        outputs = json.loads(r.tags.get(OUTPUTS_TAG, "null") or "null")
+        if outputs is not None and step.still_there(outputs):
+            return r.run_id, outputs
+    return None
+
+
+def _to_train(study: Study, experiment: str) -> list[int]:
+    """Indexes of the configurations with no finished training run yet (a resumed sweep trains only these)."""
+    return [i for i, digest in enumerate(run_digests(study))
+            if not tracking.find_finished(experiment, {"config_digest": digest, "sweep": study.name})]
+
+
+def plan_steps(ctx: Context) -> tuple[list[PlannedStep], list[int] | None]:
+    """Each step's status, walking the steps as the pipeline will (a reused step's outputs feed the next key);
+    and the sweep's configurations still to train (None: all, as far as can be known before faces runs)."""
+    planned, to_train = [], None
+    for step in steps_for(ctx.spec):
+        inputs = step.inputs(ctx)
+        if inputs is None:
+            waits = next(n for n in step.needs if n not in ctx.outputs)
+            planned.append(PlannedStep(step.name, "after", note=f"or reuse, if what {waits} hands on is unchanged"))
+            continue
+        if found := reusable(step, ctx, step_key(step.name, inputs)):
+            ctx.outputs[step.name] = found[1]
+            to_train = [] if step.name == "sweep" else to_train
+            planned.append(PlannedStep(step.name, "reuse", found[0], step.describe(found[1])))
+            continue
+        note = ""
+        if step.name == "sweep":
+            to_train = _to_train(ctx.study(), ctx.experiment)
+            n = len(ctx.study().labels)
+            note = f"{len(to_train)} of {n} configurations to train" + (
+                f" ({n - len(to_train)} finished earlier)" if len(to_train) < n else "")
+        planned.append(PlannedStep(step.name, "run", note=note))
+    return planned, to_train
+
+
+def gpu_estimate(study: Study, to_train: list[int] | None, gpu: str | None, workers: int | None) -> str:
+    """The sweep's estimated wall time where a GPU is named or CUDA is present; else say there is none."""
+    import torch
+
+    if to_train == []:
+        return "estimated time: nothing to train (the sweep is reused)"
+    if gpu:
+        device = f"one NVIDIA {gpu.upper()}"
+    elif torch.cuda.is_available():
+        device = f"this {torch.cuda.get_device_name(0)} (with the H200's figures; other GPUs scale)"
+    else:
+        return f"estimated time: no estimate on CPU (`--gpu {GPU_FIGURES}` shows the sweep's on one H200)"
+    idx = range(len(study.configurations)) if to_train is None else to_train
+    est = [estimate(study.configurations[i]) for i in idx]
+    w = workers or 2  # two trainings share one GPU at 1.5x the throughput of one (the sweep's auto)
+    return (f"estimated time: sweep {makespan(est, w) / 60:.1f} min on {device} ({len(est)} configuration"
+            f"{'s' if len(est) != 1 else ''} to train, {w} workers; the sweep planner's figures, as `cushing sweep "
+            "--plan`); the other steps run on the CPU besides (not estimated)")
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [plan.header]
+    for s in plan.steps:
+        text = {"reuse": f"reuse run {s.run_id}: {s.note}", "after": f"run ({s.note})"}.get(
+            s.status, "run" + (f": {s.note}" if s.note else ""))
+        lines.append(f"  {s.name:<10} {text}")
+    return "\n".join([*lines, plan.estimate])
 
 
 class StepFailed(RuntimeError):
@@ -68,10 +159,9 @@ class PipelineResult:
 def pipeline_experiment(spec: PipelineSpec) -> str:
     """The experiment of `mlflow run`'s run (--experiment must agree), else --experiment, MLFLOW_EXPERIMENT_NAME,
     the study file's, else `cushing`."""
-    if tracking.env_run_id():
+    if spec.experiment or tracking.env_run_id() or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return tracking.resolve_experiment(spec.experiment, "--experiment")
-    return tracking.resolve_experiment(spec.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                                       or load_study(spec.study).experiment)
+    return tracking.resolve_experiment(load_study(spec.study).experiment)
 
 
 def _shown_uri() -> str | None:
@@ -89,11 +179,10 @@ def plan_pipeline(spec: PipelineSpec, *, experiment: str | None = None, code: st
     experiment = experiment or pipeline_experiment(spec)
     ctx = Context(spec, experiment, code or code_version())
     planned, to_train = plan_steps(ctx)
-    study = ctx.study()
     header = (f"pipeline {load_study(spec.study).name}: {spec.photos} -> {spec.out}\n"
               f"  runs in experiment {experiment!r} of {tracking.tracking_uri()}; steps that finished earlier with "
               "the same inputs are reused")
-    return Plan(header, planned, gpu_estimate(study, to_train, spec.gpu, spec.workers))
+    return Plan(header, planned, gpu_estimate(ctx.study(), to_train, spec.gpu, spec.workers))
 
 
 @contextmanager
@@ -146,8 +235,7 @@ def _run_step(step: Step, ctx: Context, key: str, pipeline_run: str) -> StepReco
 def _step(step: Step, ctx: Context, pipeline_run: str, say: Callable[[str], None]) -> StepRecord:
     """Reuse the step's finished run when its key matches (and its outputs are intact); else run it."""
     key = step_key(step.name, step.inputs(ctx) or {})
-    found = reusable(step, ctx, key)
-    if found:
+    if found := reusable(step, ctx, key):
         record = StepRecord(step.name, found[0], True, found[1])
         say(f"[pipeline] {step.name}: reused run {found[0]} (same inputs, finished earlier)")
     else:
@@ -214,16 +302,14 @@ def _describe(experiment_id: str, records: list[StepRecord]) -> str:
 
 def _finish(ctx: Context, records: list[StepRecord], run_id: str) -> PipelineResult:
     """The registry's champion now, its card in the pipeline folder, pipeline.json (also on the pipeline run)."""
-    promoted = ctx.outputs["promote"]
-    name = promoted["registered_model"]
+    name = ctx.outputs["promote"]["registered_model"]
     champion = next((s for s in registry_status(name) if s["alias"] == "champion"), {})
-    card = None
-    if champion:
-        card = ctx.spec.out / "model_card.md"
+    card = ctx.spec.out / "model_card.md" if champion else None
+    if card:
         card.write_text(model_card(name, champion["version"]))
-    serve = f"mlflow models serve -m models:/{name}@champion --env-manager local -p {SERVE_PORT}"
     uri = _shown_uri()
-    serve = f"MLFLOW_TRACKING_URI={uri} {serve}" if uri else serve
+    serve = ((f"MLFLOW_TRACKING_URI={uri} " if uri else "")
+             + f"mlflow models serve -m models:/{name}@champion --env-manager local -p {SERVE_PORT}")
     ui = tracking.runs_link(ctx.experiment)
     if uri and not uri.startswith("http"):  # the embedded store: no UI until one runs on it
         ui += f" (once `mlflow ui --backend-store-uri {uri} --port 5000` runs)"
@@ -233,8 +319,8 @@ def _finish(ctx: Context, records: list[StepRecord], run_id: str) -> PipelineRes
     (ctx.spec.out / "pipeline.json").write_text(json.dumps(summary, indent=1, default=str))
     _log_summary(run_id, summary)
     tracking.set_tags(run_id, {"champion_version": champion.get("version", ""), "registered_model": name})
-    dashboard = Path(ctx.outputs["dashboard"]["path"])
-    return PipelineResult(run_id, ctx.experiment, records, champion, card, dashboard, serve, ui=ui)
+    return PipelineResult(run_id, ctx.experiment, records, champion, card, Path(ctx.outputs["dashboard"]["path"]),
+                          serve, ui=ui)
 
 
 def _log_summary(run_id: str, summary: dict[str, Any]) -> None:

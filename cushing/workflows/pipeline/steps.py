@@ -46,8 +46,7 @@ class Context:
 
     @property
     def crops(self) -> Path:
-        return Path(self.outputs["faces"]["manifest"]) if "faces" in self.outputs else \
-            self.spec.out / "faces" / "manifest.csv"
+        return Path(self.outputs.get("faces", {}).get("manifest", self.spec.out / "faces" / "manifest.csv"))
 
     def study_mapping(self) -> dict[str, Any]:
         """The derived study (with the crops' digest once faces is known; a placeholder while planning)."""

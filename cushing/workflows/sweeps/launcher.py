@@ -1,6 +1,5 @@
-"""What a sweep launcher does: open the study and its parent run, run the workers (this process, or N worker
-processes it stops cleanly on SIGTERM and Ctrl-C), then log the tables; and the plan of a sweep (estimated wall
-time per worker count) before anything trains."""
+"""A sweep launcher: open the study and its parent run, run the workers (this process, or N worker processes it
+stops cleanly on SIGTERM and Ctrl-C), log the tables; and a sweep's plan (wall time per worker count)."""
 from __future__ import annotations
 
 import os
@@ -17,8 +16,7 @@ from cushing import stops, tracking
 from cushing.model.train import check_cohorts
 from cushing.workflows.plan import Overhead, estimate, makespan
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.grid import _Grid, _open_grid, _standings
-from cushing.workflows.sweeps.storage import default_storage, load_for
+from cushing.workflows.sweeps.storage import _Grid, _open_grid, _standings, default_storage, load_for
 from cushing.workflows.sweeps.tables import _log_tables, _retries, sweep_tables
 from cushing.workflows.sweeps.worker import sweep_worker
 
@@ -40,13 +38,11 @@ class SweepResult:
 def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str | None) -> list[int]:
     """N worker processes; the storage URL (which may hold a password) reaches them through the environment,
     never their command line (which every account on the host can read). A stop is passed on (`stop_processes`)."""
-    env = dict(os.environ)
-    env.pop("MLFLOW_RUN_ID", None)  # workers log children of the parent, not into an `mlflow run` run
-    env["CUSHING_OPTUNA_STORAGE"] = storage
-    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
-    extra = ["--compile", compile] if compile else []
+    # no MLFLOW_RUN_ID: workers log children of the parent, not into an `mlflow run` run
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}, "CUSHING_OPTUNA_STORAGE": storage,
+           "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     procs = [subprocess.Popen([sys.executable, "-m", "cushing", "sweep", str(path), "--parent-run", parent,
-                               "--worker", *extra], env=env) for _ in range(n)]
+                               "--worker", *(["--compile", compile] if compile else [])], env=env) for _ in range(n)]
     with stops.cooperative():  # the clean-up too: a second signal only cuts its grace short
         try:
             while any(p.poll() is None for p in procs):
@@ -58,20 +54,13 @@ def _spawn_workers(path: Path, storage: str, parent: str, n: int, compile: str |
             raise
 
 
-def _stop_grace() -> float:
-    """Seconds a stopped launcher gives its workers at each step (CUSHING_STOP_GRACE_S, default 30)."""
-    return float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
-
-
 def stop_processes(procs: list[subprocess.Popen], forward: bool) -> None:
     """Stop a stopped launcher's processes without cutting their own clean-up short.
 
-    Ctrl-C reaches every process of the terminal's foreground group: the workers got their own SIGINT and are
-    failing their trial as `interrupted` and ending their MLflow run KILLED. So they are given the grace period to
-    exit on their own, then sent SIGTERM, and SIGKILLed only after a further grace period. A SIGTERM (docker stop, a
-    scheduler, `kill`) usually reaches the launcher alone, so it is passed on at once (`forward`). A second signal
-    (Ctrl-C again) ends every grace period at once."""
-    grace = _stop_grace()
+    Ctrl-C reaches the whole foreground group: the workers are failing their trial as `interrupted` already, so
+    they get the grace period (CUSHING_STOP_GRACE_S, default 30 s) to exit, then SIGTERM, then SIGKILL after another.
+    A SIGTERM usually reaches the launcher alone: passed on at once (`forward`). A second signal ends every grace."""
+    grace = float(os.environ.get("CUSHING_STOP_GRACE_S", "30"))
     for step in ([] if forward else [None]) + [subprocess.Popen.terminate, subprocess.Popen.kill]:
         alive = [p for p in procs if p.poll() is None]
         if not alive:
@@ -116,25 +105,23 @@ class SweepHandle:
 
 def open_sweep(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
                compile: str | None = None) -> SweepHandle:
-    """Load the study file, check every configuration's cohort (`check_cohort`: a cohort no claim can be made on
-    is refused before a study or a run exists), open (or create) its Optuna study and parent run: what every
-    launcher does first."""
+    """Load the study file, check every configuration's cohort (one no claim can be made on is refused before a
+    study or a run exists), open (or create) its Optuna study and parent run: what every launcher does first."""
     study = load_for(path, "sweep", compile)
     check_cohorts(study.configurations)
-    launcher_run = tracking.launcher_run()  # read before the parent run may take it
-    storage = storage or default_storage()
+    launcher_run, storage = tracking.launcher_run(), storage or default_storage()  # before the parent may take it
     return SweepHandle(study, storage, _open_grid(study, storage, parent_run_id), launcher_run, time.perf_counter())
 
 
 def sweep_status(h: SweepHandle) -> dict[str, Any]:
-    """Where the grid stands (for progress lines): configurations done, training, failed for good, waiting."""
+    """Where the grid stands (for progress lines): configurations done, training, failed for good, finished."""
     states = _standings(h.grid)
-    interrupted = {k for k, s in states.items() if s.failed and s.last is not None
-                   and "interrupted" in s.last.user_attrs}  # queued again by the next worker or launch
+    # an interrupted configuration is queued again by the next worker or launch: not failed for good
+    failed = sorted(k for k, s in states.items()
+                    if s.failed and not (s.last is not None and "interrupted" in s.last.user_attrs))
     return {"n": len(states), "done": sum(s.done for s in states.values()),
-            "training": sum(s.training for s in states.values()),
-            "failed": sorted(k for k, s in states.items() if s.failed and k not in interrupted),
-            "finished": all(s.done or (s.failed and k not in interrupted) for k, s in states.items())}
+            "training": sum(s.training for s in states.values()), "failed": failed,
+            "finished": all(s.done or k in failed for k, s in states.items())}
 
 
 def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
@@ -142,9 +129,7 @@ def finish_sweep(h: SweepHandle, trained: int = -1) -> SweepResult:
     the experiment whose process died (a SIGKILLed worker or launcher) are marked FAILED on the way."""
     tracking.find_runs(h.study.experiment, filter_string="attributes.status = 'RUNNING'")  # reaps the dead
     t2, t3 = sweep_tables(h.grid.parent, h.study)
-    retried = _retries(h.grid.ostudy)
-    done = sweep_status(h)["done"]
-    seconds = time.perf_counter() - h.started
+    retried, done, seconds = _retries(h.grid.ostudy), sweep_status(h)["done"], time.perf_counter() - h.started
     _log_tables(h.grid.parent, t2, t3, retried, seconds, done, len(h.study.labels))
     if h.launcher_run and h.launcher_run != h.grid.parent:
         _log_pass(h.launcher_run, h.grid, trained, done)
@@ -156,18 +141,15 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
               parent_run_id: str | None = None, compile: str | None = None) -> SweepResult:
     """The whole grid: this process (workers=1) or N worker processes on one storage; then the tables.
 
-    workers=None takes `auto_workers()`. `compile` (a torch.compile mode) overrides the file's for every
-    configuration; it does not change the study's identity, so a sweep can be resumed with or without it.
-    Under `mlflow run`, the run it created becomes the study's parent on the first launch, and on later launches
-    a child of that parent recording what this launch trained."""
+    workers=None takes `auto_workers()`. `compile` overrides the file's; it is not part of the study's identity.
+    Under `mlflow run`, its run becomes the study's parent on the first launch, later a child recording the pass."""
     h = open_sweep(path, storage=storage, parent_run_id=parent_run_id, compile=compile)
     try:
         workers = workers or auto_workers()
         if sweep_status(h)["finished"]:
             trained = 0  # nothing queued or training: no worker to start
         elif workers > 1:
-            codes = _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
-            trained = -1
+            trained, codes = -1, _spawn_workers(h.study.path, h.storage, h.grid.parent, workers, compile)
             if any(codes):
                 raise RuntimeError(f"sweep workers exited with {codes}")
         else:

@@ -1,26 +1,34 @@
 """Optuna's RDB storage and the study in it: optuna imported (here and only through here), the storage opened with
-heartbeats (its schema made under a lock) or opened to read only, the study's name (a digest of what it trains)
-and the study file checked to be of the kind a command runs."""
+heartbeats (its schema made under a lock) or to read only, the study's name (a digest of what it trains), its
+MLflow parent run (created once, recorded in the study) and the study file checked for a command.
+
+The grid on Optuna's own queue: opening a sweep (under the storage's lock: any number of launchers may open it at
+once) creates or loads the study, enqueues every configuration once (its label as user attribute `label` and
+parameter `configuration`, beside every option that varies across the grid) and creates the parent run once."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from cushing import tracking
-from cushing.config import EXECUTION_FIELDS, config_digest
+from cushing.config import EXECUTION_FIELDS, TrainConfig, config_digest
 from cushing.tracking.stores import sqlalchemy_url, sqlite_path, store_lock
 from cushing.workflows.studies import Study, load_study, with_execution
 
-__all__ = ["MAX_RETRY", "default_storage", "StorageMissing", "load_for"]
+__all__ = ["MAX_RETRY", "default_storage", "StorageMissing", "load_for", "PARENT_ATTR", "grid_parameters",
+           "GRID_PARAM"]
 
 
 MAX_RETRY = 2  # deaths (not stops) of a configuration's workers that are retried; one more fails it for good
 GRID_LAYOUT = "grid-v3"  # Optuna's queue: the label as user attribute and parameter, the varying fields (in the name)
+PARENT_ATTR = "mlflow_parent_run"
 
 
 def _beat() -> tuple[int, int]:
@@ -46,14 +54,11 @@ def default_storage() -> str:
 
 
 def _storage(url: str, retry_stale: bool = False):
-    """Optuna's RDB storage with heartbeats (`retry_stale`: a trial whose worker stopped beating is failed and
-    re-queued, at most MAX_RETRY times); its schema is created under a lock (two first launches on a fresh
-    PostgreSQL database otherwise race: `type studydirection already exists`)."""
-    import warnings
-
+    """Optuna's RDB storage with heartbeats (`retry_stale`: a stale trial is re-queued, at most MAX_RETRY times);
+    its schema is created under a lock (two first launches on a fresh PostgreSQL database otherwise race: `type
+    studydirection already exists`)."""
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
-
 
     url = sqlalchemy_url(url)
     heartbeat, grace = _beat()
@@ -79,8 +84,8 @@ class StorageMissing(FileNotFoundError):
 
 @contextmanager
 def _read_storage(url: str) -> Iterator[Any]:
-    """An existing Optuna storage, opened to read and closed after: a missing SQLite file or a database without
-    Optuna's schema is a `StorageMissing` error, never created (reading must not leave an empty store behind)."""
+    """An existing Optuna storage, opened to read and closed after; a missing one is a `StorageMissing` error, never
+    created (reading must not leave an empty store behind)."""
     import sqlalchemy as sa
 
     path = sqlite_path(sqlalchemy_url(url))
@@ -126,8 +131,6 @@ def _study_name(study: Study) -> str:
 
 def _name_metric(ostudy, study: Study) -> None:
     """The objective's name in the study (optuna-dashboard shows it instead of "Objective 0")."""
-    import warnings
-
     if ostudy.metric_names != [study.objective_metric]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks set_metric_names experimental
@@ -143,3 +146,121 @@ def load_for(path: str | Path, kind: str, compile: str | None = None) -> Study:
     study = dataclasses.replace(study, experiment=tracking.resolve_experiment(
         study.experiment, f"{Path(path).name} trains in experiment"))
     return with_execution(study, compile=compile) if compile else study
+
+
+def _parent_run(ostudy, study: Study, parent_run_id: str | None) -> str:
+    """The study's parent run: `parent_run_id` when given, else the one recorded, else a new one (the run `mlflow
+    run` created for this launch, when there is one). Called under the storage's lock."""
+    if parent_run_id:
+        if ostudy.user_attrs.get(PARENT_ATTR) != parent_run_id:
+            ostudy.set_user_attr(PARENT_ATTR, parent_run_id)
+        return parent_run_id
+    existing = ostudy.user_attrs.get(PARENT_ATTR)  # read from the storage
+    if existing:
+        return existing
+    with tracking.start_run(experiment=study.experiment, run_name=f"{study.kind}-{study.name}",
+                            tags={"task": study.kind, "study": ostudy.study_name, "study_file": study.path.name}
+                            ) as parent:
+        parent.log_dict({"study": ostudy.study_name, "file": study.path.read_text()}, "study.json")
+    ostudy.set_user_attr(PARENT_ATTR, parent.run_id)
+    return parent.run_id
+
+
+def _study_parent(study: Study, storage: str | None) -> str | None:
+    """The parent run of a study file's Optuna study, if launched; the storage is read, never created
+    (`StorageMissing`)."""
+    optuna = _optuna()
+    with _read_storage(storage or default_storage()) as rdb:
+        try:
+            return optuna.load_study(study_name=_study_name(study), storage=rdb).user_attrs.get(PARENT_ATTR)
+        except KeyError:
+            return None
+
+
+GRID_PARAM = "configuration"  # the label, as a parameter: every configuration's parameters differ
+
+
+def grid_parameters(study: Study) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(Optuna distributions, one params dict per configuration): the configuration's label and every training
+    option that varies across the grid, with its real values (`freeze` resolved to what trains: DINOv2's auto is
+    frozen)."""
+    from optuna.distributions import CategoricalDistribution
+
+    skip = set(EXECUTION_FIELDS) | {"experiment"}
+    rows = [{GRID_PARAM: label, **dataclasses.asdict(c), "freeze": c.frozen}
+            for label, c in zip(study.labels, study.configurations)]
+    names = [GRID_PARAM] + [f.name for f in dataclasses.fields(TrainConfig) if f.name not in skip]
+    dists = {n: CategoricalDistribution(list(dict.fromkeys(r[n] for r in rows))) for n in names}
+    dists = {n: d for n, d in dists.items() if len(d.choices) > 1 or n == GRID_PARAM}
+    return dists, [{k: r[k] for k in dists} for r in rows]
+
+
+@dataclass
+class _Grid:
+    """An open sweep: the study file, the Optuna study and storage (and its URL), the parent run, the parameters."""
+
+    study: Study
+    ostudy: Any
+    storage: Any
+    url: str
+    parent: str
+    dists: dict[str, Any]
+    params: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.ostudy.study_name
+
+    def lock(self):
+        """The storage's lock: whoever changes the queue holds it (nothing is enqueued twice)."""
+        return store_lock(sqlalchemy_url(self.url), "sweep-queue")
+
+    def close(self) -> None:
+        _close_storage(self.storage)
+
+
+def _open_grid(study: Study, url: str, parent_run_id: str | None = None) -> _Grid:
+    optuna = _optuna()
+    rdb = _storage(url, retry_stale=True)
+    try:
+        dists, params = grid_parameters(study)
+        grid = _Grid(study, None, rdb, url, "", dists, params)
+        with grid.lock():
+            grid.ostudy = optuna.create_study(study_name=_study_name(study), storage=rdb, direction=study.direction,
+                                              load_if_exists=True)
+            _name_metric(grid.ostudy, study)
+            for label, p in zip(study.labels, params):
+                grid.ostudy.enqueue_trial(p, user_attrs={"label": label}, skip_if_exists=True)
+            grid.parent = _parent_run(grid.ostudy, study, parent_run_id)
+        return grid
+    except BaseException:
+        _close_storage(rdb)
+        raise
+
+
+@dataclass
+class _Standing:
+    """One configuration's trials: done, training, waiting in the queue, failed for good."""
+
+    done: bool = False
+    training: bool = False
+    waiting: bool = False
+    last: Any = None  # its latest trial
+
+    @property
+    def failed(self) -> bool:
+        return not (self.done or self.training or self.waiting)
+
+
+def _standings(grid: _Grid) -> dict[str, _Standing]:
+    from optuna.trial import TrialState
+
+    out = {label: _Standing() for label in grid.study.labels}
+    for t in sorted(grid.ostudy.get_trials(deepcopy=False), key=lambda t: t.number):
+        if (s := out.get(t.user_attrs.get("label"))) is None:
+            continue
+        s.done |= t.state == TrialState.COMPLETE
+        s.training |= t.state == TrialState.RUNNING
+        s.waiting |= t.state == TrialState.WAITING
+        s.last = t
+    return out

@@ -4,6 +4,7 @@ on the parent at the end. Any number of workers and hosts may share the storage.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,8 @@ from cushing.model.train import check_cohorts
 from cushing.workflows.experiment import run_single
 from cushing.tracking.stores import sqlalchemy_url, store_lock
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.parent import _parent_run
-from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _storage, _study_name, \
-    default_storage, load_for
+from cushing.workflows.sweeps.storage import _close_storage, _name_metric, _optuna, _parent_run, _storage, \
+    _study_name, default_storage, load_for
 from cushing.workflows.sweeps.worker import _CohortMemo, _objective_value
 
 __all__ = ["TuneResult", "TuneHandle", "open_tune", "run_tune", "finish_tune"]
@@ -28,8 +28,7 @@ __all__ = ["TuneResult", "TuneHandle", "open_tune", "run_tune", "finish_tune"]
 def _sampler(study: Study):
     optuna = _optuna()
     s = dict(study.sampler)
-    kind = s.pop("type", "tpe")
-    if kind == "random":
+    if s.pop("type", "tpe") == "random":
         return optuna.samplers.RandomSampler(**s)
     return optuna.samplers.TPESampler(**{"seed": 0, **s})
 
@@ -61,15 +60,12 @@ def _tune_objective(study: Study, parent: str, memo: _CohortMemo, progress: bool
     """The objective: train a trial's configuration, pruned on the per-epoch validation metric."""
     optuna = _optuna()
 
-    per_epoch = study.objective_metric
-
     def objective(trial) -> float:
-        params = _suggest(trial, study)
-        cfg = study.config_for({**params, "run_name": f"{study.name}-trial{trial.number}"})
+        cfg = study.config_for({**_suggest(trial, study), "run_name": f"{study.name}-trial{trial.number}"})
         cfg = dataclasses.replace(cfg, experiment=study.experiment)
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            v = metrics.get(per_epoch)
+            v = metrics.get(study.objective_metric)
             if v is None or not math.isfinite(v):
                 return
             trial.report(v, epoch)
@@ -109,8 +105,7 @@ class TuneHandle:
 
 def open_tune(path: str | Path, *, storage: str | None = None, parent_run_id: str | None = None,
               compile: str | None = None) -> TuneHandle:
-    """Load the study file, check its cohort (`check_cohorts`), open (or create) its Optuna study and parent run:
-    what every tuning launcher does."""
+    """Load the study file, check its cohort, open (or create) its Optuna study and parent run."""
     optuna = _optuna()
     study = load_for(path, "tune", compile)
     check_cohorts([study.config_for({})])
@@ -150,12 +145,11 @@ def run_tune(path: str | Path, *, storage: str | None = None, n_trials: int | No
 
 
 def _tune_progress(name: str, n: int):
-    count = {"i": 0}
+    count = itertools.count(1)
 
     def callback(ostudy, trial) -> None:
-        count["i"] += 1
         value = "pruned" if trial.value is None else f"{trial.value:.4f}"
-        print(f"[tune {name}] trial {count['i']}/{n} (study trial {trial.number}): {value}", flush=True)
+        print(f"[tune {name}] trial {next(count)}/{n} (study trial {trial.number}): {value}", flush=True)
     return callback
 
 
@@ -163,10 +157,8 @@ def finish_tune(h: TuneHandle) -> TuneResult:
     """Best parameters, importances and the trials table on the parent run."""
     optuna = _optuna()
     ostudy, study, parent = h.ostudy, h.study, h.parent_run_id
-    from optuna.trial import TrialState
-
-    complete = [t for t in ostudy.trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in ostudy.trials if t.state == TrialState.PRUNED]
+    complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.PRUNED]
     imp = pd.DataFrame(columns=["parameter", "importance"])
     if len(complete) >= 2:
         try:

@@ -1,11 +1,11 @@
-"""The sweep worker: take a configuration from Optuna's queue (`study.ask()`), train it as a trial (beating), tell
-its value (`study.tell()`, on this thread, retried on a transient store error), repeat; while others train the
-last ones, wait, so that a configuration whose worker dies (its trial stops beating: failed and re-queued by
-Optuna's `RetryHeartbeatStaleTrialCallback`) is retried. A configuration whose run already FINISHED (its worker died
-before telling) is told its value, never trained again. A stop (Ctrl-C, SIGTERM, preemption) fails the trial as
-`interrupted`; the next launch, or a live worker, queues it again. Cohorts are decoded once per worker process."""
+"""The sweep worker: `ask()` a queued configuration, train it as a beating trial, `tell()` its value (on this
+thread, retried on a transient store error), repeat; while others train the last ones, wait, so that a dead
+worker's configuration (stale, re-queued by Optuna) is retried. A configuration whose run already FINISHED is told
+its value, never trained again. A stop fails the trial as `interrupted`; a live worker or the next launch queues it
+again."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -23,8 +23,7 @@ from cushing.model.backbones import interpolation_of
 from cushing.model.train import prepare_cohort
 from cushing.workflows.experiment import run_single
 from cushing.workflows.studies import Study
-from cushing.workflows.sweeps.grid import _Grid, _open_grid, _standings
-from cushing.workflows.sweeps.storage import _beat
+from cushing.workflows.sweeps.storage import _Grid, _beat, _open_grid, _standings
 
 __all__ = ["sweep_worker", "worker_id"]
 
@@ -47,9 +46,7 @@ class _CohortMemo:
 
     def get(self, cfg: TrainConfig):
         key = self.key(cfg)
-        if key not in self.memo:
-            self.memo[key] = prepare_cohort(cfg, progress=False)
-        return self.memo[key]
+        return self.memo[key] if key in self.memo else self.memo.setdefault(key, prepare_cohort(cfg, progress=False))
 
 
 def _objective_value(metrics: dict[str, float], study: Study) -> float:
@@ -63,20 +60,19 @@ def _say(grid: _Grid, text: str) -> None:
 
 
 def _trial_id(grid: _Grid, number: int) -> int:
-    return grid.storage.get_trial_id_from_study_id_trial_number(grid.storage.get_study_id_from_name(grid.name),
-                                                                number)
+    study_id = grid.storage.get_study_id_from_name(grid.name)
+    return grid.storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 @contextmanager
 def _beating(grid: _Grid, trial_id: int) -> Iterator[None]:
     """Beat for a trial while its configuration trains (the first beat before the block starts), as Optuna's own
     optimize loop does; a worker that dies stops beating and its trial goes stale."""
-    interval, _ = _beat()
     done = threading.Event()
     grid.storage.record_heartbeat(trial_id)
 
     def beat() -> None:
-        while not done.wait(interval):
+        while not done.wait(_beat()[0]):
             try:
                 grid.storage.record_heartbeat(trial_id)
             except Exception:  # a brief database outage: the next beat tries again
@@ -128,13 +124,11 @@ def _tend(grid: _Grid) -> None:
 def _fail_beatless(grid: _Grid, trial) -> None:
     import optuna
 
-    try:
-        if grid.storage.set_trial_state_values(_trial_id(grid, trial.number), optuna.trial.TrialState.FAIL):
-            retry = grid.storage.get_heartbeat_stale_trial_callback()
-            if retry is not None:
-                retry(grid.ostudy, grid.storage.get_trial(_trial_id(grid, trial.number)))
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+    tid = _trial_id(grid, trial.number)
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        retry = grid.storage.get_heartbeat_stale_trial_callback()
+        if grid.storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL) and retry is not None:
+            retry(grid.ostudy, grid.storage.get_trial(tid))
 
 
 def _ask(grid: _Grid):
@@ -158,11 +152,9 @@ def _fail(grid: _Grid, trial, key: str, why: str) -> None:
     """Fail a trial with the reason under user attribute `key` (unless it was failed already, e.g. as stale)."""
     import optuna
 
-    try:
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         trial.set_user_attr(key, why[:2000])
         grid.ostudy.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
 
 
 def _finished_run(grid: _Grid, label: str) -> tracking.RunRecord | None:
@@ -171,14 +163,13 @@ def _finished_run(grid: _Grid, label: str) -> tracking.RunRecord | None:
     return runs[0] if runs else None
 
 
-def _train(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> float | None:
-    """Train the trial's configuration (or take its finished run's value); None when it was given up."""
+def _train(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> float:
+    """Train the trial's configuration (or take its finished run's value)."""
     study, label = grid.study, trial.user_attrs["label"]
     i = study.labels.index(label)
     for name, d in grid.dists.items():
         trial.suggest_categorical(name, d.choices)  # the queued values: the trial's real parameters
-    done = _finished_run(grid, label)
-    if done is not None:
+    if (done := _finished_run(grid, label)) is not None:
         trial.set_user_attr("mlflow_run_id", done.run_id)
         trial.set_user_attr("recovered", "its run had finished; the value was not told before its worker stopped")
         return _objective_value(done.metrics, study)
@@ -202,15 +193,12 @@ def _run_trial(grid: _Grid, trial, memo: _CohortMemo, progress: bool) -> bool:
             return False  # failed as beatless meanwhile (a very slow store): its retry is queued
         try:
             value = _train(grid, trial, memo, progress)
-        except KeyboardInterrupt as e:
-            _fail(grid, trial, "interrupted", f"{type(e).__name__}: {e}")
-            raise
-        except BaseException as e:  # a training error would only repeat: not retried
-            _fail(grid, trial, "error", f"{type(e).__name__}: {e}")
+        except BaseException as e:  # a stop is queued again; a training error would only repeat: not retried
+            _fail(grid, trial, "interrupted" if isinstance(e, KeyboardInterrupt) else "error",
+                  f"{type(e).__name__}: {e}")
             raise
         _retrying(grid.ostudy.tell, trial, value, skip_if_finished=True)
-    label = trial.user_attrs["label"]
-    n = len(grid.study.labels)
+    label, n = trial.user_attrs["label"], len(grid.study.labels)
     done = sum(s.done for s in _standings(grid).values())
     _say(grid, f"configuration {grid.study.labels.index(label) + 1}/{n} {label}: {grid.study.objective_metric} "
                f"{value:.4f}; {done}/{n} done")
@@ -224,13 +212,11 @@ def sweep_worker(study: Study, storage: str, parent_run_id: str | None = None, p
     grid = grid or _open_grid(study, storage, parent_run_id)
     try:
         with stops.cooperative():
-            memo, trained = _CohortMemo(), 0
-            interval, _ = _beat()
+            memo, trained, interval = _CohortMemo(), 0, _beat()[0]
             while True:
                 stops.check()
                 _tend(grid)
-                trial = _ask(grid)
-                if trial is not None:
+                if (trial := _ask(grid)) is not None:
                     trained += _run_trial(grid, trial, memo, progress)
                 elif not any(s.training or s.waiting for s in _standings(grid).values()):
                     return trained
