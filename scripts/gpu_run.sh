@@ -69,7 +69,8 @@ fi
 python3 -c "import torch, importlib.metadata as m; print('torch', torch.__version__, 'timm', m.version('timm'))" \
   | tee -a "$OUT/nvidia.txt"  # timm's version without its import (3 s on a CPU)
 if [ "$what" = sweep ]; then
-  run 330 sweep_timing python3 scripts/gpu_sweep_timing.py --out "$OUT" --epochs 20 --workers 2 | tail -6
+  run 330 sweep_timing python3 scripts/gpu_sweep_timing.py --out "$OUT" --epochs 20 --workers 2 --img-size 224 \
+    | tail -6
   run 240 bench_compile python3 -m cushing bench --models densenet121,swin_b --frozen "" --epochs 4 \
     --compile reduce-overhead --out "$OUT/bench_compile.json" | tail -4
   run 90 bench_run python3 -m cushing bench run --models vit_b_32 --img-size 224 --epochs 20 \

@@ -6,8 +6,8 @@ storage, and reports: the measured wall time, the model's estimate for the same 
 training seconds and median epoch, and the model's estimate for the full-length grid scaled by measured/estimated
 (the extrapolation). JSON under --out; exits 1 unless every configuration finished.
 
-  python scripts/gpu_sweep_timing.py --out $OUT --epochs 20 --workers 2                  # GPU: the paper grid
-  python scripts/gpu_sweep_timing.py --out /tmp/x --study projects/demo.yaml --epochs 1   # CPU smoke test
+  python scripts/gpu_sweep_timing.py --out $OUT --epochs 20 --workers 2 --img-size 224   # GPU: the paper grid
+  python scripts/gpu_sweep_timing.py --out /tmp/x --study projects/demo.yaml --epochs 1 --img-size 14  # CPU smoke
 """
 from __future__ import annotations
 
@@ -23,15 +23,19 @@ from pathlib import Path
 import yaml
 
 
-def shortened(study: Path, epochs: int, dst: Path, compile: str | None) -> Path:
+def shortened(study: Path, epochs: int, dst: Path, compile: str | None, img_size: int | None = None) -> Path:
     data = yaml.safe_load(study.read_text())
     data["name"] = f"{data.get('name', study.stem)}-{epochs}ep"
     data.setdefault("base", {}).update(epochs=epochs, pretrained=False)
     if compile:
         data["base"]["compile"] = compile
+    if img_size:
+        data["base"]["img_size"] = img_size
     for conf in data.get("configurations", []):
         conf.pop("epochs", None)
         conf.pop("pretrained", None)
+        if img_size:
+            conf.pop("img_size", None)
     dst.write_text(yaml.safe_dump(data, sort_keys=False))
     return dst
 
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--full-epochs", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--compile", default=None, choices=COMPILE_MODES)
+    ap.add_argument("--img-size", type=int, default=None, help="every configuration at this size (default: the "
+                    "study's own sizes)")
     return ap.parse_args(argv)
 
 
@@ -74,8 +80,8 @@ def main() -> None:
     os.environ.setdefault("CUSHING_HOME", str(work / "home"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["CUSHING_OPTUNA_STORAGE"] = f"sqlite:///{work / 'optuna.db'}"
-    short = shortened(Path(a.study), a.epochs, work / "short.yaml", a.compile)
-    full = shortened(Path(a.study), a.full_epochs, work / "full.yaml", a.compile)
+    short = shortened(Path(a.study), a.epochs, work / "short.yaml", a.compile, a.img_size)
+    full = shortened(Path(a.study), a.full_epochs, work / "full.yaml", a.compile, a.img_size)
 
     from cushing.workflows.sweeps import load_for, plan_sweep
 
@@ -89,7 +95,8 @@ def main() -> None:
     kids = children(study.experiment)
     scale = wall / est_short[a.workers]
     result = {
-        "study": a.study, "epochs": a.epochs, "workers": a.workers, "compile": a.compile, "exit_code": proc.returncode,
+        "study": a.study, "epochs": a.epochs, "img_size": a.img_size, "workers": a.workers, "compile": a.compile,
+        "exit_code": proc.returncode,
         "measured_wall_s": wall, "estimated_wall_s": est_short[a.workers], "measured_over_estimated": scale,
         "full_estimate_s": est_full, "full_extrapolated_s": {w: s * scale for w, s in est_full.items()},
         "children_finished": len(kids), "children": kids, "stderr_tail": proc.stderr[-3000:],

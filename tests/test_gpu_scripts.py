@@ -107,7 +107,7 @@ def test_the_sweep_mode_runs_every_command_on_a_cpu(dry_runs):
     assert "dry run" in (out / "nvidia.txt").read_text() and "torch " in (out / "nvidia.txt").read_text()
     timing = json.loads((out / "sweep_timing_1ep_w2.json").read_text())
     demo = yaml.safe_load((ROOT / "projects" / "demo.yaml").read_text())
-    assert timing["study"] == "projects/demo.yaml" and timing["exit_code"] == 0
+    assert (timing["study"], timing["img_size"], timing["exit_code"]) == ("projects/demo.yaml", 14, 0)
     assert timing["children_finished"] == len(demo["configurations"]) == 3, timing["stderr_tail"]
     for child in timing["children"]:
         assert None not in child.values() and child["train_s"] > 0, child
@@ -169,7 +169,7 @@ def test_every_option_model_and_module_the_gpu_scripts_name_still_exists(tmp_pat
         script = _script(Path(words[1]).stem)
         ns = script.parse_args(words[2:])
         if hasattr(ns, "study"):
-            short = script.shortened(ROOT / ns.study, ns.epochs, tmp_path / "short.yaml", ns.compile)
+            short = script.shortened(ROOT / ns.study, ns.epochs, tmp_path / "short.yaml", ns.compile, ns.img_size)
             assert len(load_for(short, "sweep").configurations) == 23
     checks = _script("gpu_checks")
     for z in checks.SIZES.values():
