@@ -22,8 +22,9 @@ from tests.conftest import ROOT
 SCRIPTS = ROOT / "scripts"
 GPU_RUN = SCRIPTS / "gpu_run.sh"
 MODES = {"sweep": {"sweep_timing", "bench_compile", "bench_run"}, "engine": {"bench_required", "checks", "bench_rest"}}
-# the dry run as three invocations at once, about even in CPU time, so that two cores finish them together
-GROUPS = (("sweep", ["sweep_timing"]), ("sweep", ["bench_compile", "bench_run"]), ("engine", []))
+# the dry run as four invocations at once, about even in CPU time, so that two cores finish them together
+GROUPS = (("sweep", ["sweep_timing"]), ("sweep", ["bench_compile", "bench_run"]), ("engine", ["checks"]),
+          ("engine", ["bench_required", "bench_rest"]))
 CHECKS = ("cuda_training", "gradcam_114", "sam_batched", "paper_protocol_run_with_mlflow")
 STORES = ("mlruns", "mlflow.db", "optuna.db")  # what an MLflow run or a sweep leaves in its working directory
 
@@ -125,10 +126,11 @@ def test_the_engine_mode_runs_every_command_on_a_cpu(dry_runs):
     """The benches against the compute floor (fine-tuned and frozen) and every check of gpu_checks.py --quick,
     none of which recorded an error."""
     _ran(dry_runs, "engine")
-    out = dry_runs["checks"]["checks"][0]
     for name in ("bench_required", "bench_rest"):
+        out = dry_runs["checks"][name][0]
         assert [(r["model"], r["frozen"]) for r in _rows(out / f"{name}.json")] == [("resnet18", False),
                                                                                   ("dinov2_s", True)]
+    out = dry_runs["checks"]["checks"][0]
     checks = json.loads((out / "gpu_checks.json").read_text())
     assert not [c for c in CHECKS if "error" in checks[c]], {c: checks[c].get("error") for c in CHECKS}
     assert set(checks["cuda_training"]) == {"resnet18", "dinov2_s-frozen"}
