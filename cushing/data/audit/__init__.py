@@ -14,8 +14,10 @@ keyed subject hashes, never paths or raw ids.
   `merged`, `precaution`, `review`, `below_threshold`; a decisions file marks pairs `same` or `different`.
 - `merged_groups` turns pairs into group ids so a splitter keeps merged and precaution subjects in one split.
 
-May import `cushing.data.manifest`, `.imageio`, `.weights`, `cushing.stats` and `cushing.config`; neither torch nor
-mlflow; dlib only where a describer is made.
+Owns: `settings`, `hashing`, `descriptors`, `signatures` (per photo, on a process pool, cached by content),
+`threshold`, `sameperson`, `decisions`, `pairing`, `report`, `review` (the HTML review page), `evaluation` and
+`curvefile` (the measured same-person curve). May import `cushing.data.manifest`, `.imageio`, `.weights`,
+`cushing.stats` and `cushing.config`; neither torch nor mlflow; dlib only where a describer is made.
 """
 from __future__ import annotations
 
