@@ -114,7 +114,8 @@ def main() -> None:
         rows = {}
         for name in z["cam"]:
             m = build_model(name, pretrained=False, img_size=size).to(dev).eval()
-            compute_cams(m, name, x[:4])  # warm-up
+            if dev.type == "cuda":
+                compute_cams(m, name, x[:4])  # warm-up: lazy CUDA init, cuDNN autotuning
             _sync()
             t = time.perf_counter()
             maps = compute_cams(m, name, x)
@@ -149,7 +150,8 @@ def main() -> None:
         imgs = [np.asarray(draw_face(FaceTraits.draw(rng, i % 2, "F"), size=WORK, seed=i)) for i in range(n)]
         prompts = [SamPrompt(points=np.array([[224.0, 230.0], [224.0, 260.0], [160.0, 250.0], [288.0, 250.0]]),
                              box=np.array([90.0, 40.0, 358.0, 420.0])) for _ in range(n)]
-        masker.masks(imgs[:batch], prompts[:batch])  # warm-up
+        if torch.cuda.is_available():
+            masker.masks(imgs[:batch], prompts[:batch])  # warm-up: lazy CUDA init, cuDNN autotuning
         _sync()
         t = time.perf_counter()
         masks = masker.masks(imgs, prompts)

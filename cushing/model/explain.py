@@ -184,7 +184,7 @@ def _draw_mean(path: Path, m: np.ndarray, title: str, outline: np.ndarray) -> No
     ax.contour(outline, levels=np.arange(len(REGIONS)) + 0.5, colors="white", linewidths=0.5, alpha=0.6)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.91)  # fixed: tight_layout draws it twice
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

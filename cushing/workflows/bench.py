@@ -102,15 +102,17 @@ def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: in
         for a in range(0, n, 128):
             with autocast_for(dev):
                 model(x[:min(128, n - a)])
+    cuda = dev.type == "cuda"
     model.train()
-    for k in {*sizes, bs}:  # warm-up, one per shape (cuDNN autotuning)
+    for k in {*sizes, bs} if cuda else ():  # warm-up, one per shape: cuDNN autotuning (a CPU has none)
         step(k)
-    reps, n = (5, 10) if dev.type == "cuda" else (2, 1)
+    reps, n = (5, 10) if cuda else (1, 1)
     t_step = _timed(lambda: [step(bs) for _ in range(n)], reps, dev) / n
     t_epoch = _timed(lambda: [step(k) for k in sizes], reps, dev) if sizes else 0.0
     model.eval()
-    forward(n_val)
-    forward(val)
+    if cuda:
+        forward(n_val)
+        forward(val)
     t_val, t_fwd = _timed(lambda: forward(n_val), reps, dev), _timed(lambda: forward(val), reps, dev)
     return t_epoch + t_val, n_train / bs * t_step + n_val / val * t_fwd
 
@@ -187,8 +189,9 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
               device: str = "auto", cam: bool = True, out: str = "bench_run.json", launches: int = 1) -> list[dict]:
     """Whole runs on the demo cohort (random weights), split by the phases the run's own timer recorded.
 
-    In process (`run_single`, as a sweep worker runs them; median of `repeats` after one warm-up run): the per-run
-    cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager local`, each
+    In process (`run_single`, as a sweep worker runs them; median of `repeats`, after one warm-up run on CUDA for
+    its lazy start and cuDNN's autotuning; a CPU has neither, and the median leaves out the first run's imports):
+    the per-run cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager local`, each
     on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and the exit.
     Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
@@ -196,7 +199,8 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \
             tracking.using_store(f"sqlite:///{d}/mlflow.db"):
         cohort = prepare_cohort(cfg, progress=False)
-        run_single(cfg, cohort=cohort, progress=False)  # warm-up: imports, allocator, cuDNN autotuning
+        if pick_device(device).type == "cuda":
+            run_single(cfg, cohort=cohort, progress=False)  # warm-up
         rows = []
         for _ in range(repeats):
             t = time.perf_counter()

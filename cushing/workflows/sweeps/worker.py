@@ -46,7 +46,9 @@ class _CohortMemo:
 
     def get(self, cfg: TrainConfig):
         key = self.key(cfg)
-        return self.memo[key] if key in self.memo else self.memo.setdefault(key, prepare_cohort(cfg, progress=False))
+        if key not in self.memo:
+            self.memo[key] = prepare_cohort(cfg, progress=False)
+        return self.memo[key]
 
 
 def _objective_value(metrics: dict[str, float], study: Study) -> float:
