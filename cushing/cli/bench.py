@@ -19,7 +19,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="resnet50,vit_b_16,swin_b,dinov2_b")
     p.add_argument("--frozen", default="dinov2_b", help="comma list also benchmarked with a frozen backbone")
     p.add_argument("--epochs", type=int, default=10, help="timed epochs after warm-up (median reported)")
-    p.add_argument("--repeats", type=int, default=3, help="run: in-process runs timed (median; after a warm-up run on CUDA)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="run: in-process runs timed (median; after a warm-up run on CUDA)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default="none", choices=list(COMPILE_MODES),

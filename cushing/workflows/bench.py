@@ -191,8 +191,9 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
 
     In process (`run_single`, as a sweep worker runs them; median of `repeats`, after one warm-up run on CUDA for
     its lazy start and cuDNN's autotuning; a CPU has neither, and the median leaves out the first run's imports):
-    the per-run cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager local`, each
-    on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start and the exit.
+    the per-run cost a sweep pays for each configuration. Launched (`launches` times `mlflow run . --env-manager
+    local`, each on a fresh store, as a user's first run in a fresh clone): also the launcher, the process start
+    and the exit.
     Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
