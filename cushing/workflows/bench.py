@@ -104,8 +104,9 @@ def compute_floor(model, spec, dev: torch.device, img: int, bs: int, n_train: in
                 model(x[:min(128, n - a)])
     cuda = dev.type == "cuda"
     model.train()
-    for k in {*sizes, bs} if cuda else ():  # warm-up, one per shape: cuDNN autotuning (a CPU has none)
-        step(k)
+    if cuda:  # warm-up, one step per shape: cuDNN autotuning (a CPU has none)
+        for k in {*sizes, bs}:
+            step(k)
     reps, n = (5, 10) if cuda else (1, 1)
     t_step = _timed(lambda: [step(bs) for _ in range(n)], reps, dev) / n
     t_epoch = _timed(lambda: [step(k) for k in sizes], reps, dev) if sizes else 0.0
@@ -197,10 +198,11 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     Logs into throwaway stores, not yours. Prints one table and writes it as JSON."""
     cfg = TrainConfig(model=model, pretrained=False, img_size=img_size, epochs=epochs, device=device, cam=cam,
                       experiment="cushing-bench")
+    dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="cushing-bench-run-") as d, \
             tracking.using_store(f"sqlite:///{d}/mlflow.db"):
         cohort = prepare_cohort(cfg, progress=False)
-        if pick_device(device).type == "cuda":
+        if dev.type == "cuda":
             run_single(cfg, cohort=cohort, progress=False)  # warm-up
         rows = []
         for _ in range(repeats):
@@ -215,7 +217,7 @@ def bench_run(*, model: str = "resnet18", img_size: int = 112, epochs: int = 3, 
     med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "train_s", "other_s")}
     table = {"in_process": _median_phases([r["phases"] for r in rows]),
              "mlflow_run": _median_phases([r["phases"] for r in launched]) if launched else {}}
-    name = device_name(pick_device(device))
+    name = device_name(dev)
     print(f"device: {name}; {model} at {img_size} px, {epochs} epochs, Grad-CAM {'on' if cam else 'off'}; "
           f"median of {repeats} in-process runs" + (f" and of {launches} launched (mlflow run)" if launches else ""))
     _print_phases(table)
