@@ -146,7 +146,7 @@ def cushing_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_manifest(cushing_home) -> Path:
-    from cushing.model.train import resolve_data
+    from cushing.data.checks import resolve_data
 
     return resolve_data("demo")
 

@@ -195,7 +195,7 @@ def test_bench_run_splits_whole_runs_into_training_and_the_rest(tmp_path, capsys
     import json
 
     from cushing.phases import OTHER
-    from cushing.workflows.bench import bench_run
+    from cushing.workflows.bench_run import bench_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
     rows = bench_run(model="resnet18", img_size=32, epochs=1, repeats=1, device="cpu", cam=False,
@@ -227,7 +227,7 @@ def test_a_launched_run_is_timed_from_the_launcher_to_its_exit(cushing_home, dem
     """`mlflow run` as a user types it: the launcher, the process start and the exit around the phases the run
     recorded itself, which add up to the launch's wall time."""
     from cushing.phases import OTHER
-    from cushing.workflows.bench import EXIT, LAUNCHER, STARTUP, launch_run
+    from cushing.workflows.bench_run import EXIT, LAUNCHER, STARTUP, launch_run
 
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     r = launch_run(model="resnet18", img_size=32, epochs=1, device="cpu", cam=True)

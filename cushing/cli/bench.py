@@ -35,7 +35,7 @@ def _bench(ns: argparse.Namespace) -> int:
     if ns.what == "serve":
         from cushing.workflows.bench_serve import bench_serve
         from cushing.data.manifest import load_manifest
-        from cushing.model.train import resolve_data
+        from cushing.data.checks import resolve_data
 
         photos = load_manifest(resolve_data(ns.manifest or "demo"), check_images=False).table["path"].tolist()
         bench_serve(model_uris=ns.model_uri, urls=ns.url, photos=photos[: ns.limit or None],
@@ -46,7 +46,7 @@ def _bench(ns: argparse.Namespace) -> int:
 
         bench_faces(manifest=ns.manifest, limit=ns.limit, sam_checkpoint=ns.sam_checkpoint, out=ns.out)
     elif ns.what == "run":
-        from cushing.workflows.bench import bench_run
+        from cushing.workflows.bench_run import bench_run
 
         bench_run(model=ns.models.split(",")[0], img_size=ns.img_size, epochs=ns.epochs, device=ns.device,
                   out=ns.out, repeats=ns.repeats)

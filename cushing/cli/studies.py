@@ -138,11 +138,13 @@ def _print_tables(t2, t3) -> None:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from cushing.workflows.sweeps import default_storage, load_for, report_sweep, run_sweep, sweep_worker
+    from cushing.workflows.sweeps import default_storage, load_for, report_sweep, run_sweep
 
     if ns.plan:
         return _print_plan(ns.project, ns.workers, ns.compile, ns.plan_from)
     if ns.worker:
+        from cushing.workflows.sweeps.worker import sweep_worker
+
         sweep_worker(load_for(ns.project, "sweep", ns.compile), ns.storage or default_storage(), ns.parent_run,
                      progress=False)
         return 0

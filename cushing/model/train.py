@@ -6,54 +6,31 @@ The data DAG: manifest (validated, digested) -> split (grouped, stratified) -> d
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from cushing.model.backbones import BackboneSpec, Preprocess, build_model, get_spec, interpolation_of, preprocess_of
-from cushing.config import ConfigError, TrainConfig, cache_home
+from cushing.config import ConfigError, TrainConfig
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import ImageBank, decode_images
 from cushing.devices import training_device
 from cushing.model.engine import (CheckpointCallback, EpochCallback, FitResult, FitSettings, FitState, fit,
                                   predict_proba, proba_of_logits)
 from cushing.data.manifest import Manifest, hash_subject, load_manifest
-from cushing.data.splits import SplitError, assign_folds, assign_splits, claim_problems, fold_split, split_table
-from cushing.stats.subgroups import check_subgroup_columns
+from cushing.data.checks import check_cohort, resolve_data
+from cushing.data.splits import assign_splits, split_table
 from cushing.stats.calibration import apply_temperature, fit_temperature
-from cushing.stats.thresholds import OperatingPoint, operating_point, unattainable
-from cushing.data.demo import make_demo_cohort
+from cushing.stats.thresholds import OperatingPoint, operating_point
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 from cushing.data.audit.settings import TOGETHER
 from cushing.phases import phase
 
-__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "check_cohort", "check_cohorts", "train", "resolve_data",
-           "predictions_frame", "AuditError", "Fitted", "fit_model", "score"]
-
-
-def resolve_data(data: str) -> Path:
-    """'demo' -> the demo cohort's manifest (made on first use, atomically); else the manifest path."""
-    if data != "demo":
-        return Path(data).expanduser()
-
-    root = cache_home() / "demo-v1"
-    manifest = root / "manifest.csv"
-    if manifest.exists():
-        return manifest
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="demo-", dir=root.parent))
-    make_demo_cohort(tmp)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+__all__ = ["Cohort", "TrainOutcome", "prepare_cohort", "train", "predictions_frame", "AuditError", "Fitted",
+           "fit_model", "score"]
 
 
 @dataclass
@@ -118,37 +95,6 @@ def _audit(cfg: TrainConfig, manifest: Manifest, progress: bool):
         return audit, groups, 0, 0
     counts = audit.summary()
     return audit, groups, int(counts["audit/merged_subjects"]), int(counts["audit/precaution_subjects"])
-
-
-def check_cohort(cfg: TrainConfig, manifest: Manifest, groups: pd.Series | None = None) -> None:
-    """Refuse a cohort whose split (with cv_folds, every fold's) cannot support a claim (`claim_problems`),
-    one line per problem with its numbers; cheap, so it runs before any photo is decoded or any run is made."""
-    t = manifest.table
-    check_subgroup_columns(t, tuple(c for c in (*cfg.subgroup_columns, *cfg.strata_columns) if c != "label"))
-    if cfg.cv_folds > 1:
-        folds = assign_folds(t, cfg.cv_folds, seed=cfg.split_seed, strata=cfg.strata_columns, groups=groups)
-        splits = {f"fold {i} ": fold_split(folds, i, cfg.cv_folds) for i in range(cfg.cv_folds)}
-    else:
-        splits = {"": assign_splits(t, cfg.ratios, seed=cfg.split_seed, strata=cfg.strata_columns, groups=groups)}
-    problems = claim_problems(t, splits, min_positives=cfg.min_positives, subgroups=cfg.subgroup_columns,
-                              allow_few=cfg.allow_few_positives, allow_one_class=cfg.allow_one_class_subgroups)
-    if problems:
-        raise SplitError("\n".join(f"{manifest.source}: {p}" for p in problems))
-    for name, split in splits.items():  # a guaranteed threshold (sensitivity_lcb:X) this validation split can't give
-        val = t[(split == "val").to_numpy()].groupby("subject_id")["label"].max()
-        why = unattainable(cfg.threshold, int(val.sum()), int(len(val) - val.sum()))
-        if why:
-            raise ConfigError(name + why)
-
-
-def check_cohorts(configs: Iterable[TrainConfig]) -> None:
-    """`check_cohort` for every configuration (each manifest read once): what a sweep or a tuning checks before its
-    study or any run exists."""
-    read: dict[tuple, Manifest] = {}
-    for cfg in configs:
-        key = (cfg.data, cfg.skip_bad_photos)
-        read[key] = read.get(key) or load_manifest(resolve_data(cfg.data), skip_bad_photos=cfg.skip_bad_photos)
-        check_cohort(cfg, read[key])
 
 
 def prepare_cohort(cfg: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True) -> Cohort:

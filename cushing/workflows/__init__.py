@@ -3,7 +3,7 @@ storage (local workers or a Slurm job array), the sweep planner, benchmarks, the
 tracked step, and jobs on existing models (Grad-CAM, external validation, paired comparison).
 
 Owns: `experiment`, `finishing`, `studies`, `sweeps/` (storage, parent, grid, worker, launcher, tables, scope, tune),
-`cluster/`, `plan`, `bench`, `bench_serve`, `dashboard`, `cohort_audit`, `jobs`. Composes every other subpackage;
-MLflow only through `cushing.tracking` and `cushing.release` (never `import mlflow` here). optuna and submitit are
-imported where they are used.
+`cluster/`, `plan`, `bench`, `bench_run`, `bench_serve`, `dashboard`, `cohort_audit`, `jobs`. Composes every other
+subpackage; MLflow only through `cushing.tracking` and `cushing.release` (never `import mlflow` here). optuna and
+submitit are imported where they are used.
 """

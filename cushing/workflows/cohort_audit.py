@@ -22,7 +22,7 @@ from cushing.data.audit.curvefile import write_curve
 from cushing.data.audit.review import review_page
 from cushing.data.manifest import load_manifest, sha256_file
 from cushing.private import private_dir, write_private
-from cushing.model.train import resolve_data
+from cushing.data.checks import resolve_data
 from cushing.config import TrainConfig, resolve
 from cushing.data.splits import SplitError, assign_splits
 from cushing.stats.size import known_to, plan

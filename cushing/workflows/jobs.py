@@ -19,7 +19,7 @@ from cushing.stats.calibration import apply_temperature
 from cushing.stats.paired import delong_test, holm, mcnemar_test
 from cushing.stats.report import Report, build_report
 from cushing.data.splits import assign_splits
-from cushing.model.train import resolve_data
+from cushing.data.checks import resolve_data
 from cushing.config import parse_ratios
 from cushing.model.backbones import Preprocess
 from cushing.model.augment import DeviceAugment

@@ -18,7 +18,7 @@ import yaml
 from cushing import tracking
 from cushing.config import ConfigError, TrainConfig, config_digest, resolve, run_name
 from cushing.data.manifest import load_manifest
-from cushing.model.train import check_cohort
+from cushing.data.checks import check_cohort
 from cushing.tracking.stores import sqlite_path
 from cushing.workflows.studies import Study, load_study
 

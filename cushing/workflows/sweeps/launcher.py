@@ -13,12 +13,12 @@ from typing import Any
 import pandas as pd
 
 from cushing import stops, tracking
-from cushing.model.train import check_cohorts
+from cushing.data.checks import check_cohorts
 from cushing.workflows.plan import Overhead, estimate, makespan
+from cushing.workflows import sweeps  # its training names import torch when first used
 from cushing.workflows.studies import Study
 from cushing.workflows.sweeps.storage import _Grid, _open_grid, _standings, default_storage, load_for
 from cushing.workflows.sweeps.tables import _log_tables, _retries, sweep_tables
-from cushing.workflows.sweeps.worker import sweep_worker
 
 __all__ = ["SweepResult", "SweepHandle", "open_sweep", "sweep_status", "finish_sweep", "run_sweep", "auto_workers",
            "plan_sweep"]
@@ -153,7 +153,7 @@ def run_sweep(path: str | Path, *, storage: str | None = None, workers: int | No
             if any(codes):
                 raise RuntimeError(f"sweep workers exited with {codes}")
         else:
-            trained = sweep_worker(h.study, h.storage, progress=progress, grid=h.grid)
+            trained = sweeps.sweep_worker(h.study, h.storage, progress=progress, grid=h.grid)
         return finish_sweep(h, trained)
     finally:
         h.grid.close()

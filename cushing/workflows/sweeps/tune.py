@@ -14,7 +14,7 @@ import pandas as pd
 
 from cushing import tracking
 from cushing.model.engine import StopTraining
-from cushing.model.train import check_cohorts
+from cushing.data.checks import check_cohorts
 from cushing.workflows.experiment import run_single
 from cushing.tracking.stores import sqlalchemy_url, store_lock
 from cushing.workflows.studies import Study
