@@ -1,30 +1,28 @@
+import atexit
+import os
 import sys
 
-from cushing.cli import main
+_status: int | None = None  # main's exit code; None while it runs or when it raised (a normal exit then)
 
 
-def _exit(code: int) -> None:
-    """Leave without tearing the interpreter down module by module (seconds of freeing torch, timm, MLflow and
-    pandas that the OS does at once), after what an exit must still do: other threads finish, exit handlers run
-    (MLflow ending a run left active, temporary folders removed, logging flushed), the output streams flush."""
-    import atexit
-    import os
-    import threading
-
-    shutdown = getattr(threading, "_shutdown", None)  # what a normal exit runs first (CPython)
-    if shutdown is not None:
-        shutdown()  # threading's exit hooks (a ThreadPoolExecutor's workers are told to stop), then the joins
-    else:
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
-    atexit._run_exitfuncs()
+def _leave() -> None:
+    """Registered before anything else, so the last exit handler to run: the interpreter has already done what an
+    exit must (other threads' exit hooks and joins, every other exit handler: MLflow ending a run left active,
+    temporary folders removed, logging flushed); leave without tearing it down module by module (seconds of
+    freeing torch, timm, MLflow and pandas that the OS does at once)."""
+    if _status is None:
+        return
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said through it
             pass
-    os._exit(code)
+    os._exit(_status)
 
 
-_exit(int(main() or 0))
+atexit.register(_leave)
+
+from cushing.cli import main  # noqa: E402  (after the registration: its imports register exit handlers too)
+
+_status = int(main() or 0)
+sys.exit(_status)

@@ -171,14 +171,17 @@ class RunLogger:
         the same dataset to one server can collide on its unique key; the loser retries and finds it."""
         import mlflow
         from mlflow.data.code_dataset_source import CodeDatasetSource
-        from mlflow.tracking.fluent import _create_dataset_input  # what mlflow.log_input sends, for this run id
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         table = table.astype({c: "float64" for c in table.columns if pd.api.types.is_integer_dtype(table[c])})
         source = CodeDatasetSource({"cohort_digest": digest, "note": "file paths withheld (faces are PHI)"})
-        ds = mlflow.data.from_pandas(table, source=source, name=name, digest=digest[:36], targets="label")
+        ds = mlflow.data.from_pandas(table, source=source, name=name, digest=digest[:36], targets="label").to_dict()
+        fields = ("name", "digest", "source_type", "source", "schema", "profile")  # what mlflow.log_input sends
+        entry = DatasetInput(Dataset(**{k: ds.get(k) for k in fields}), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for attempt in range(4):
             try:
-                client().log_inputs(self.run_id, datasets=[_create_dataset_input(ds, context, None)])
+                client().log_inputs(self.run_id, datasets=[entry])
                 return
             except Exception:  # e.g. a unique violation on the dataset row another worker just created
                 if attempt == 3:

@@ -120,17 +120,21 @@ def _schema_key() -> str | None:
 
 
 def _make_template(template: Path) -> None:
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables  # what SqlAlchemyStore runs on an empty database
+    """MLflow's own store made once on an empty file (tables, migrations, the Default experiment), then without that
+    experiment: a copy's store makes it again on opening, with its own artifact root."""
+    import sqlite3
+    import tempfile
+    from contextlib import closing
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     template.parent.mkdir(parents=True, exist_ok=True)
     tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
-    try:
-        _initialize_tables(engine)
-    finally:
-        engine.dispose()
+    with tempfile.TemporaryDirectory() as artifacts:
+        SqlAlchemyStore(f"sqlite:///{tmp}", artifacts).engine.dispose()
+    with closing(sqlite3.connect(tmp)) as db, db:
+        db.execute("DELETE FROM experiments WHERE experiment_id = 0")
     os.replace(tmp, template)
 
 
