@@ -131,14 +131,13 @@ def main() -> None:
     @step(res, "sam_batched")
     def _sam():
         import numpy as np
-        from segment_anything.build_sam import _build_sam
 
         from cushing.data.demo import FaceTraits, draw_face
         from cushing.faces.detect import WORK
-        from cushing.faces.sam import SamMasker, SamPrompt
+        from cushing.faces.sam import SamMasker, SamPrompt, build_sam
 
         t = time.perf_counter()
-        sam = _build_sam(checkpoint=None, **SAM_ARCH[a.quick])
+        sam = build_sam(**SAM_ARCH[a.quick])
         torch.save(sam.state_dict(), work / "sam.pth")
         del sam
         build_s = time.perf_counter() - t

@@ -105,11 +105,10 @@ def test_bad_photos_get_exact_reason_codes_and_nothing_is_lost(bad_set, tmp_path
 def tiny_sam(tmp_path_factory):
     """A small, randomly initialised SAM saved as a checkpoint file (real SAM weights are not available here)."""
     import torch
-    from segment_anything.build_sam import _build_sam
+    from cushing.faces.sam import build_sam
 
     torch.manual_seed(0)
-    sam = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1],
-                     checkpoint=None)
+    sam = build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
     path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
     torch.save(sam.state_dict(), path)
     return path

@@ -4,6 +4,7 @@ prompted inference (the image encoder runs once per batch on the device, bf16 on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from cushing.devices import autocast_for, pick_device
 
-__all__ = ["SamMasker", "infer_model_type", "load_sam", "SamPrompt"]
+__all__ = ["SamMasker", "infer_model_type", "build_sam", "load_sam", "SamPrompt"]
 
 KNOWN = {(1280, 32): "vit_h", (1024, 24): "vit_l", (768, 12): "vit_b"}
 
@@ -44,20 +45,35 @@ def infer_model_type(path: str | Path) -> str:
     return _known(_architecture(_state(path)))
 
 
-def load_sam(path: str | Path, model_type: str | None = None, device: str | torch.device = "cpu"):
-    """Build SAM for a checkpoint (vit_h / vit_l / vit_b, or any size: the architecture is read from the file)."""
+def build_sam(encoder_embed_dim: int, encoder_depth: int, encoder_num_heads: int,
+              encoder_global_attn_indexes: list[int]):
+    """SAM with an encoder of any size and random weights, built as segment_anything's registry builds vit_h / l / b
+    (from its public modules: the registry takes no other size)."""
     try:
-        from segment_anything.build_sam import _build_sam
+        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
     except ImportError as e:  # pragma: no cover - pinned dependency
         raise ImportError("SAM masks need `segment-anything` (pip install segment-anything==1.0)") from e
 
+    encoder = ImageEncoderViT(depth=encoder_depth, embed_dim=encoder_embed_dim, img_size=1024, mlp_ratio=4,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=encoder_num_heads,
+                              patch_size=16, qkv_bias=True, use_rel_pos=True, window_size=14, out_chans=256,
+                              global_attn_indexes=encoder_global_attn_indexes)
+    prompts = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                            mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    return Sam(encoder, prompts, decoder, pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+
+
+def load_sam(path: str | Path, model_type: str | None = None, device: str | torch.device = "cpu"):
+    """Build SAM for a checkpoint (vit_h / vit_l / vit_b, or any size: the architecture is read from the file)."""
     sd = _state(path)
     arch = _architecture(sd)
     inferred = _known(arch)
     if model_type and model_type != "auto" and model_type != inferred:
         raise ValueError(f"{path}: --sam-model-type {model_type} given, but the weights are {inferred} "
                          f"(width {arch['encoder_embed_dim']}, depth {arch['encoder_depth']})")
-    sam = _build_sam(checkpoint=None, **arch)
+    sam = build_sam(**arch)
     sam.load_state_dict(sd)
     return sam.to(device).eval(), inferred
 
