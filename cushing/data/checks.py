@@ -19,6 +19,7 @@ from cushing.stats.thresholds import unattainable
 
 __all__ = ["resolve_data", "check_cohort", "check_cohorts"]
 
+
 def resolve_data(data: str) -> Path:
     """'demo' -> the demo cohort's manifest (made on first use, atomically); else the manifest path."""
     if data != "demo":
@@ -36,6 +37,7 @@ def resolve_data(data: str) -> Path:
     except OSError:  # another process made it first
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
 
 def check_cohort(cfg: TrainConfig, manifest: Manifest, groups: pd.Series | None = None) -> None:
     """Refuse a cohort whose split (with cv_folds, every fold's) cannot support a claim (`claim_problems`),
@@ -56,6 +58,7 @@ def check_cohort(cfg: TrainConfig, manifest: Manifest, groups: pd.Series | None 
         why = unattainable(cfg.threshold, int(val.sum()), int(len(val) - val.sum()))
         if why:
             raise ConfigError(name + why)
+
 
 def check_cohorts(configs: Iterable[TrainConfig]) -> None:
     """`check_cohort` for every configuration (each manifest read once): what a sweep or a tuning checks before its
