@@ -1,6 +1,9 @@
 """Typed configuration declared once: every key checked and coerced, every problem named, defaults printable."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from cushing.config import ConfigError, TrainConfig, load_yaml_with_lines, parse_bool, parse_ratios, resolve, \
@@ -49,6 +52,18 @@ def test_parse_bool_and_ratios_refuse_nonsense():
     for bad in ("1:1", "0:1:1", "a:b:c", "1:-1:1"):
         with pytest.raises(ConfigError, match="split_ratios"):
             parse_ratios(bad)
+
+
+@pytest.mark.parametrize("argv", [["faces", "--manifest", "m.csv", "--out", "o", "--allow-phi-artifacts", "maybe"],
+                                  ["audit", "--manifest", "m.csv", "--allow-phi-artifacts", "maybe"],
+                                  ["explain", "--run-id", "r", "--allow-phi-artifacts", "maybe"],
+                                  ["promote", "--allow-synthetic", "maybe"]])
+def test_a_word_that_is_not_a_boolean_is_refused_in_one_line(argv, tmp_path):
+    """Every true/false option is parsed once, by the command line, in the words parse_bool takes."""
+    r = subprocess.run([sys.executable, "-m", "cushing", *argv], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "true or false, got 'maybe'" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
 
 
 def test_params_are_flat_strings_for_mlflow():

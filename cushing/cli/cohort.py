@@ -27,13 +27,13 @@ def _faces_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-photos", type=_yes, default=False, metavar="BOOL",
                    help="true: leave out photos that cannot be found, read or cropped (counted, logged) instead of "
                         "stopping on them")
-    p.add_argument("--allow-phi-artifacts", default="false", help="true: log montages of crops and failures")
+    p.add_argument("--allow-phi-artifacts", type=_yes, default=False, metavar="BOOL",
+                   help="true: log montages of crops and failures")
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
 
 def _faces(ns: argparse.Namespace) -> int:
-    from cushing.config import parse_bool
     from cushing.faces.settings import FaceSettings
     from cushing.faces.run import run_faces
 
@@ -41,7 +41,7 @@ def _faces(ns: argparse.Namespace) -> int:
                             sam_checkpoint=ns.sam_checkpoint or None, sam_model_type=ns.sam_model_type or None,
                             device=ns.device)
     res = run_faces(manifest=ns.manifest, out=ns.out, settings=settings, cache_dir=ns.cache_dir or None,
-                    workers=ns.workers, experiment=ns.experiment, allow_phi=parse_bool(ns.allow_phi_artifacts),
+                    workers=ns.workers, experiment=ns.experiment, allow_phi=ns.allow_phi_artifacts,
                     track=not ns.no_track, skip_bad_photos=ns.skip_bad_photos)
     o = res.outcome
     rep = o.report
@@ -83,7 +83,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--review-page", default=None, metavar="OUT.html",
                    help="write a local HTML page with the two photos of each merged, precaution and review pair "
                         "side by side (embedded; PHI: logged to MLflow only with --allow-phi-artifacts true)")
-    p.add_argument("--allow-phi-artifacts", default="false",
+    p.add_argument("--allow-phi-artifacts", type=_yes, default=False, metavar="BOOL",
                    help="true: also log the review page and the decisions file to MLflow")
     p.add_argument("--no-faces", action="store_true", help="duplicates only: skip the same-person check (dlib)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
@@ -125,7 +125,6 @@ def _warn_thin(path: str) -> None:
 
 
 def _audit(ns: argparse.Namespace) -> int:
-    from cushing.config import parse_bool
     from cushing.data.audit.decisions import DecisionsError
     from cushing.workflows.cohort_audit import run_audit
 
@@ -134,7 +133,7 @@ def _audit(ns: argparse.Namespace) -> int:
     try:
         res = run_audit(manifest=ns.manifest, out=ns.out, faces=not ns.no_faces, threshold=ns.threshold,
                         decisions=ns.decisions or None, curve=ns.curve or None, review=ns.review_page or None,
-                        allow_phi=parse_bool(ns.allow_phi_artifacts), workers=ns.workers, cache_dir=ns.cache_dir,
+                        allow_phi=ns.allow_phi_artifacts, workers=ns.workers, cache_dir=ns.cache_dir,
                         experiment=ns.experiment, track=not ns.no_track)
     except (DecisionsError, ValueError, FileNotFoundError) as e:
         print(f"cushing audit: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cushing.cli.options import Command, _opt_float, _scope, _scope_options
+from cushing.cli.options import Command, _opt_float, _scope, _scope_options, _yes
 
 COMMANDS: dict[str, Command] = {}
 
@@ -13,18 +13,19 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default=None, help="a training run: CAMs are logged into it")
     p.add_argument("--model", default=None, help="a model URI (models:/cushing@champion): CAMs go to a new run")
     p.add_argument("--manifest", default=None, help="images to explain (default: the run's own data, test split)")
-    p.add_argument("--split", default="test", help="train/val/test, or all")
-    p.add_argument("--allow-phi-artifacts", default="false", help="true: also per-image overlays (hashed names)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="which photos of the run's own data (of a manifest's split column)")
+    p.add_argument("--allow-phi-artifacts", type=_yes, default=False, metavar="BOOL",
+                   help="true: also per-image overlays (hashed names)")
     p.add_argument("--experiment", default="cushing")
     p.add_argument("--device", default="auto")
 
 
 def _explain(ns: argparse.Namespace) -> int:
     from cushing.workflows.jobs import run_explain
-    from cushing.config import parse_bool
 
     run_id, rep = run_explain(run_id=ns.run_id, model_uri=ns.model, manifest=ns.manifest, split=ns.split,
-                              allow_phi=parse_bool(ns.allow_phi_artifacts), experiment=ns.experiment, device=ns.device)
+                              allow_phi=ns.allow_phi_artifacts, experiment=ns.experiment, device=ns.device)
     spearman = rep.metrics.get("cam/randomization_spearman", float("nan"))
     print(f"Grad-CAM for {int(rep.metrics.get('cam/images', 0))} images logged to run {run_id}: "
           f"cam/mean_*.png, cam_regions.csv; randomisation Spearman {spearman:.3f}")

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from typing import Callable
 
-from cushing.config import COMPILE_MODES, TrainConfig, resolve
+from cushing.config import COMPILE_MODES, TrainConfig, parse_bool, resolve
 
 __all__ = ["Command", "add_config_options", "config_from"]
 
@@ -71,11 +71,11 @@ def _opt_count(text: str) -> int | None:
 
 
 def _yes(text: str) -> bool:
-    value = {"": False, "true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-        str(text).strip().lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"true or false, got {text!r}")
-    return value
+    """A boolean in the words `parse_bool` takes, '' for false (MLproject's unset)."""
+    try:
+        return bool(str(text).strip()) and parse_bool(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"true or false, got {text!r}") from None
 
 
 def _workers(text: str) -> int | None:

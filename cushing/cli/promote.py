@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cushing.cli.options import Command, _opt_float, _scope, _scope_options
+from cushing.cli.options import Command, _opt_float, _scope, _scope_options, _yes
 
 COMMANDS: dict[str, Command] = {}
 
@@ -15,19 +15,18 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sex-gap", type=_opt_float, default=None, help="gate: |female - male| of the metric")
     p.add_argument("--max-subgroup-gap", type=_opt_float, default=None,
                    help="gate: best - worst subgroup of the metric, for every subgroup column other than sex")
-    p.add_argument("--allow-synthetic", default="false", metavar="BOOL",
+    p.add_argument("--allow-synthetic", type=_yes, default=False, metavar="BOOL",
                    help="true: a model trained on synthetic data (the demo cohort) may become champion")
 
 
 def _promote(ns: argparse.Namespace) -> int:
-    from cushing.config import parse_bool
     from cushing.release.registry import PromotionPolicy, promote
     from cushing.workflows.studies import promotion_overrides
 
     base = promotion_overrides(ns.project) if ns.project else {}
     given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap),
                                ("max_subgroup_gap", ns.max_subgroup_gap)) if v not in (None, "")}
-    policy = PromotionPolicy(**{**base, **given, "allow_synthetic": parse_bool(ns.allow_synthetic)})
+    policy = PromotionPolicy(**{**base, **given, "allow_synthetic": ns.allow_synthetic})
     scope = _scope(ns)
     where = "" if scope.how == f"experiment {scope.experiment!r}" else f" in experiment {scope.experiment!r}"
     print(f"ranking runs of {scope.how}{where}")
