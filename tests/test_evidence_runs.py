@@ -161,3 +161,26 @@ def test_external_intervals_count_patients_not_photos(seeds, celeba_manifest, tm
     names = {x.path for x in c.list_artifacts(runs[1].info.run_id)}
     assert "decision_curve.csv" in names and "plots/decision_curve.png" in {
         x.path for x in c.list_artifacts(runs[1].info.run_id, "plots")}
+
+
+def test_explain_on_a_runs_own_cohort_uses_the_split_it_trained_on(store, small_demo, tmp_path):
+    """A split drawn with other strata than the default (here by label only): `explain --run-id` on the run's
+    test split explains exactly the test subjects the run was scored on (its overlays are named by hashed subject),
+    not a split drawn again; `all` explains every photo."""
+    import mlflow
+
+    from cushing.workflows.experiment import run_experiment
+    from cushing.workflows.jobs import run_explain
+
+    drawn = tmp_path / "manifest.csv"
+    pd.read_csv(small_demo).drop(columns="split").to_csv(drawn, index=False)
+    run = run_experiment(_cfg(drawn, split_strata="label", bootstrap=50), progress=False)
+    c = mlflow.MlflowClient()
+    pred = pd.read_csv(c.download_artifacts(run.run_id, "predictions.csv", str(tmp_path)))
+    test = pred.loc[pred["split"] == "test", "subject"]
+    _, report = run_explain(run_id=run.run_id, split="test", allow_phi=True)
+    overlays = [a.path.rsplit("/", 1)[1] for a in c.list_artifacts(run.run_id, "cam/overlays")]
+    assert report.metrics["cam/images"] == len(test) == len(overlays)
+    assert sorted(o.rsplit("_", 1)[0] for o in overlays) == sorted(test)
+    _, everything = run_explain(run_id=run.run_id, split="all")
+    assert everything.metrics["cam/images"] == len(pd.read_csv(drawn))

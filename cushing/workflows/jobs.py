@@ -18,9 +18,7 @@ from cushing.stats import plots
 from cushing.stats.calibration import apply_temperature
 from cushing.stats.paired import delong_test, holm, mcnemar_test
 from cushing.stats.report import Report, build_report
-from cushing.data.splits import assign_splits
 from cushing.data.checks import resolve_data
-from cushing.config import parse_ratios
 from cushing.model.backbones import Preprocess
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import decode_images, ImageBank
@@ -30,15 +28,17 @@ from cushing.model.engine import predict_proba
 __all__ = ["run_explain", "run_evaluate", "compare_runs", "CompareError", "ComparisonResult"]
 
 
-def _rows_for(manifest: Manifest, split: str, run_params: dict | None, run_digest: str | None) -> np.ndarray:
-    """Which rows to use: the run's own split when this is its training cohort, else the manifest's split
-    column, else every row (an external cohort)."""
+def _rows_for(manifest: Manifest, split: str, run_id: str | None, run_digest: str | None) -> np.ndarray:
+    """Which rows to use: every row for `all`; on the run's own cohort, the run's own split (each subject where its
+    predictions.csv put it, train when it is not there: drawing the split again could differ, with other strata
+    or around subjects the audit merged); else the manifest's split column; else every row (an external cohort)."""
     table = manifest.table
-    if run_params is not None and run_digest and manifest.digest == run_digest:
-        s = assign_splits(table, parse_ratios(run_params.get("split_ratios", "1:1:1")),
-                          seed=int(run_params.get("split_seed", 0)))
-        return np.flatnonzero((s == split).to_numpy())
-    if "split" in table.columns and split != "all":
+    if split == "all":
+        return np.arange(len(table))
+    if run_id and run_digest and manifest.digest == run_digest:
+        where = dict(zip(*_predictions(run_id)[["subject", "split"]].to_numpy().T))
+        return np.flatnonzero(manifest.subject_hashes().map(lambda h: where.get(h, "train")).to_numpy() == split)
+    if "split" in table.columns:
         return np.flatnonzero((table["split"] == split).to_numpy())
     return np.arange(len(table))
 
@@ -60,7 +60,7 @@ def run_explain(*, run_id: str | None = None, model_uri: str | None = None, mani
     if not data:
         raise ValueError("give --manifest (the images to explain)")
     m = load_manifest(resolve_data(data))
-    idx = _rows_for(m, split, params, digest)
+    idx = _rows_for(m, split, run_id, digest)
     model, mcfg = release.load_torch_model(model_uri)
     model = model.to(dev := pick_device(device))
     size = int(mcfg["img_size"])
@@ -154,10 +154,15 @@ class ComparisonResult:
     run_id: str | None
 
 
+def _predictions(run_id: str) -> pd.DataFrame:
+    """A run's predictions.csv: hashed subject, split, sex, label and probability of each photo it scored."""
+    with tracking.artifact_dir() as d:
+        return pd.read_csv(tracking.download_artifact(run_id, "predictions.csv", d))
+
+
 def _test_predictions(run_id: str) -> tuple[pd.DataFrame, float, str]:
     run = tracking.get_run(run_id)
-    with tracking.artifact_dir() as d:
-        pred = pd.read_csv(tracking.download_artifact(run_id, "predictions.csv", d))
+    pred = _predictions(run_id)
     return (pred[pred["split"] == "test"].sort_values("subject").reset_index(drop=True),
             float(run.metrics.get("threshold", 0.5)), run.tags.get("mlflow.runName", run_id))
 
