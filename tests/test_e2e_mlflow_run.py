@@ -23,7 +23,7 @@ def finished_run(tmp_path_factory, demo_manifest):
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     cmd = ["mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "cushing",
            "-P", "model=resnet18", "-P", "pretrained=false", "-P", "epochs=2", "-P", "img_size=64",
-           "-P", "bootstrap=200", "-P", "seed=1"]
+           "-P", "bootstrap=200", "-P", "seed=1", "-P", "momentum=.9"]
     r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     import mlflow
@@ -43,6 +43,9 @@ def test_run_is_finished_with_params_and_tags(finished_run):
     assert p["model"] == "resnet18" and p["epochs"] == "2" and p["pretrained"] == "false" and p["lr"] == "0.001"
     for key in ("batch_size", "oversample", "seed", "weights", "img_size", "device", "freeze"):
         assert key in p
+    # -P as written, and what it resolved to where that reads differently (docs/reference/run-outputs.md)
+    assert (p["momentum"], p["resolved/momentum"]) == (".9", "0.9") and "resolved/lr" not in p
+    assert (p["experiment"], p["resolved/experiment"]) == ("''", "cushing")
     t = run.data.tags
     assert t["mlflow.runName"] == "resnet18" and t["model"] == "resnet18" and t["freeze"] == "false"
     assert t["synthetic_data"] == "true" and "SYNTHETIC" in t["data_note"]

@@ -48,9 +48,9 @@ def _tags(cfg: TrainConfig, cohort: Cohort) -> dict[str, str]:
 
 
 def _log_config(run: tracking.RunLogger, cfg: TrainConfig) -> None:
-    """The resolved configuration as params (except those `mlflow run` already logged from -P) and config.yaml."""
-    existing = tracking.get_run(run.run_id).params
-    run.log_params({k: v for k, v in to_params(cfg).items() if k not in existing})
+    """The resolved configuration as params (those `mlflow run` already logged from -P kept, a value resolved to
+    something else as `resolved/<name>`) and config.yaml."""
+    run.log_params(to_params(cfg))
     run.log_dict(dataclasses.asdict(cfg), "config.yaml")
 
 
