@@ -18,18 +18,26 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture(scope="module")
 def page_file(demo_sweep, tmp_path_factory):
+    import tempfile
+
     import mlflow
 
     from cushing.workflows.dashboard import build_dashboard
 
     out = tmp_path_factory.mktemp("dash") / "dashboard.html"
-    with env_vars({"MLFLOW_TRACKING_URI": demo_sweep["uri"]}):
-        c = mlflow.MlflowClient()
-        exp = c.get_experiment_by_name("cushing-demo")
-        parent = next(r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("task") == "sweep")
-        path = build_dashboard(experiment="cushing-demo", parent_run_id=parent.info.run_id, out=out)
-        logged = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    tmp, tempfile.tempdir = tempfile.tempdir, str(tmp_path_factory.mktemp("tmp"))  # the temporary files' folder
+    try:
+        with env_vars({"MLFLOW_TRACKING_URI": demo_sweep["uri"]}):
+            c = mlflow.MlflowClient()
+            exp = c.get_experiment_by_name("cushing-demo")
+            parent = next(r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("task") == "sweep")
+            path = build_dashboard(experiment="cushing-demo", parent_run_id=parent.info.run_id, out=out)
+            logged = {a.path for a in c.list_artifacts(parent.info.run_id)}
+        left = list(Path(tempfile.tempdir).iterdir())
+    finally:
+        tempfile.tempdir = tmp
     assert "dashboard.html" in logged, "logged as an artifact of the parent run"
+    assert not left, f"temporary files left behind: {left}"
     return path
 
 

@@ -273,10 +273,8 @@ def _log(path: Path, experiment: str, parent_run_id: str | None) -> None:
     """Into the run `mlflow run -e dashboard` created (nested under the sweep shown); else into the sweep's
     parent run; else a new run named dashboard."""
     import shutil
-    import tempfile
 
-    d = Path(tempfile.mkdtemp(prefix="cushing-dash-"))  # a folder holding only the dashboard, named dashboard.html
-    shutil.copy(path, d / "dashboard.html")
-    with tracking.log_into(parent_run_id, experiment=experiment, run_name="dashboard",
-                           tags={"task": "dashboard"}) as r:
+    with tracking.artifact_dir() as d, tracking.log_into(parent_run_id, experiment=experiment, run_name="dashboard",
+                                                         tags={"task": "dashboard"}) as r:
+        shutil.copy(path, d / "dashboard.html")  # a folder holding only the dashboard, named dashboard.html
         r.log_files(d)
