@@ -21,9 +21,9 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 
 def _promote(ns: argparse.Namespace) -> int:
     from cushing.release.registry import PromotionPolicy, promote
-    from cushing.workflows.studies import promotion_overrides
+    from cushing.workflows.studies import load_study
 
-    base = promotion_overrides(ns.project) if ns.project else {}
+    base = dict(load_study(ns.project).promote) if ns.project else {}
     given = {k: v for k, v in (("metric", ns.metric), ("min_value", ns.min_value), ("max_sex_gap", ns.max_sex_gap),
                                ("max_subgroup_gap", ns.max_subgroup_gap)) if v not in (None, "")}
     policy = PromotionPolicy(**{**base, **given, "allow_synthetic": ns.allow_synthetic})

@@ -14,7 +14,7 @@ from cushing.config import (EXECUTION_FIELDS, ConfigError, TrainConfig, lines_un
                             run_name)
 from cushing.stats.metrics import lower_is_better
 
-__all__ = ["Study", "SearchParam", "load_study", "promotion_overrides", "STUDY_KEYS", "with_execution"]
+__all__ = ["Study", "SearchParam", "load_study", "STUDY_KEYS", "with_execution"]
 
 STUDY_KEYS = {"name", "kind", "description", "experiment", "base", "configurations", "promote", "objective",
               "n_trials", "sampler", "pruner", "space"}
@@ -190,10 +190,6 @@ def load_study(path: str | Path) -> Study:
         data.get("experiment") or (base_cfg.experiment if base_cfg else "")), base=dict(base),
         configurations=tuple(configs), labels=tuple(labels), promote=dict(promote), objective_metric=metric,
         direction=direction, n_trials=n_trials, sampler=sampler, pruner=pruner, space=space)
-
-
-def promotion_overrides(path: str | Path) -> dict[str, Any]:
-    return dict(load_study(path).promote)
 
 
 def with_execution(study: Study, **fields: Any) -> Study:

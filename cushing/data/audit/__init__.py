@@ -26,12 +26,12 @@ from cushing.data.audit.evaluation import SamePersonEvaluation, evaluate_duplica
 from cushing.data.audit.hashing import color_distance, color_thumbnail, duplicate_pairs, hamming_pairs, perceptual_hash
 from cushing.data.audit.pairing import merged_groups
 from cushing.data.audit.report import CohortAudit, audit_manifest
-from cushing.data.audit.settings import DESCRIPTOR_SOURCES, PAIR_KINDS, AuditSettings, audit_settings
+from cushing.data.audit.settings import PAIR_KINDS, AuditSettings, audit_settings
 from cushing.data.audit.signatures import SignatureCache, Signatures, photo_signatures
 
 __all__ = [
     "AuditSettings", "FaceDescriptor", "FaceDescriber", "Signatures", "SignatureCache", "CohortAudit",
     "perceptual_hash", "hamming_pairs", "duplicate_pairs", "descriptor_pairs", "photo_signatures",
     "audit_manifest", "merged_groups", "evaluate_same_person", "evaluate_duplicates", "SamePersonEvaluation",
-    "DESCRIPTOR_SOURCES", "PAIR_KINDS", "audit_settings", "color_thumbnail", "color_distance",
+    "PAIR_KINDS", "audit_settings", "color_thumbnail", "color_distance",
 ]

@@ -1,5 +1,5 @@
 """The audit's thresholds and detector knobs (`AuditSettings`), measured on CelebA, and the vocabulary of its
-outputs (descriptor sources, pair kinds, decisions and outcomes, with the words every report uses for them)."""
+outputs (pair kinds, decisions and outcomes, with the words every report uses for them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from cushing.config import parse_audit_threshold
 from cushing.data.manifest import Manifest
 
-__all__ = ["AuditSettings", "audit_settings", "parse_audit_threshold", "DESCRIPTOR_SOURCES", "PAIR_KINDS",
+__all__ = ["AuditSettings", "audit_settings", "parse_audit_threshold", "PAIR_KINDS",
            "DECISIONS", "VERDICTS", "OUTCOMES", "TOGETHER"]
 
-DESCRIPTOR_SOURCES = ("detected", "whole_image")
 PAIR_KINDS = ("duplicate_photo", "same_person")
 # what the audit decided for a pair, and what it says of it: words that claim no more than it knows
 DECISIONS = {

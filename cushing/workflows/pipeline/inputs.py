@@ -17,12 +17,12 @@ import yaml
 
 from cushing import tracking
 from cushing.config import ConfigError, TrainConfig, config_digest, resolve, run_name
-from cushing.data.manifest import load_manifest
+from cushing.data.manifest import load_manifest, sha256_file
 from cushing.data.checks import check_cohort
 from cushing.tracking.stores import sqlite_path
 from cushing.workflows.studies import Study, load_study
 
-__all__ = ["PipelineSpec", "user_folders", "resolve_input", "default_out", "file_sha256", "manifest_digest",
+__all__ = ["PipelineSpec", "user_folders", "resolve_input", "default_out", "manifest_digest",
            "code_version", "step_key", "derived_study", "study_of", "write_study", "parse_overrides", "study_identity",
            "run_digests", "validate_inputs", "PROJECT_ROOT"]
 
@@ -60,14 +60,6 @@ class PipelineSpec:
         return prefix + shlex.join(args)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_digest(path: str | Path) -> str:
     """The manifest's bytes and the bytes of every image it names (relative to its folder, as the contract says),
     in its order. Nothing is validated here: a row that names no readable file counts as missing, and the step
@@ -82,7 +74,7 @@ def manifest_digest(path: str | Path) -> str:
     for name in images:
         p = (path.parent / name.strip()) if name.strip() else None
         try:
-            h.update(file_sha256(p).encode() if p is not None and p.is_file() else b"missing")
+            h.update(sha256_file(p).encode() if p is not None and p.is_file() else b"missing")
         except OSError:
             h.update(b"unreadable")
     return h.hexdigest()

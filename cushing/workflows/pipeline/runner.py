@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cushing import stops, tracking
+from cushing.data.manifest import sha256_file
 from cushing.private import private_dir
 from cushing.release.registry import model_card, registry_status
-from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, file_sha256, manifest_digest, \
-    run_digests, step_key, validate_inputs
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, manifest_digest, run_digests, step_key, \
+    validate_inputs
 from cushing.workflows.pipeline.steps import Context, Step, steps_for
 from cushing.workflows.plan import estimate, makespan
 from cushing.workflows.studies import Study, load_study
@@ -284,7 +285,7 @@ def _inputs(spec: PipelineSpec) -> dict[str, str]:
     """The pipeline run's params: its inputs, files by content (under `mlflow run`, a -P value given otherwise,
     e.g. a relative path, stays and this one is `resolved/<name>`)."""
     return {"photos_digest": manifest_digest(spec.photos)[:16], "study": str(spec.study),
-            "study_digest": file_sha256(spec.study)[:16], "set": " ".join(f"{k}={v}" for k, v in spec.overrides),
+            "study_digest": sha256_file(spec.study)[:16], "set": " ".join(f"{k}={v}" for k, v in spec.overrides),
             "model": spec.model or "", "external_digest": manifest_digest(spec.external)[:16] if spec.external else "",
             "skip_bad_photos": str(spec.skip_bad_photos).lower()}
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from cushing import tracking
 from cushing.config import TrainConfig
 from cushing.data.audit import AuditSettings
+from cushing.data.manifest import sha256_file
 from cushing.faces.run import run_faces
 from cushing.faces.settings import FaceSettings
 from cushing.release.registry import PromotionPolicy, promote, registry_status
@@ -20,8 +21,8 @@ from cushing.tracking.stores import store_lock
 from cushing.workflows.cohort_audit import run_audit
 from cushing.workflows.dashboard import build_dashboard, dashboards_dir
 from cushing.workflows.jobs import run_evaluate
-from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, derived_study, file_sha256, \
-    manifest_digest, study_identity, study_of, write_study
+from cushing.workflows.pipeline.inputs import PipelineSpec, code_version, derived_study, manifest_digest, \
+    study_identity, study_of, write_study
 from cushing.workflows.studies import Study
 from cushing.workflows.sweeps import run_sweep
 
@@ -113,7 +114,7 @@ def _audit(ctx: Context) -> dict[str, Any]:
                     threshold=p.audit_threshold, decisions=p.audit_decisions, curve=p.audit_curve)
     pairs = res.audit.pairs
     different = pairs.loc[~pairs["same_subject"], "outcome"].value_counts() if len(pairs) else {}
-    return {"audit": str(res.out), "sha256": file_sha256(res.out),
+    return {"audit": str(res.out), "sha256": sha256_file(res.out),
             "pairs": {str(k): int(v) for k, v in dict(different).items()}}
 
 
@@ -123,11 +124,11 @@ def _audit_keys(ctx: Context) -> dict[str, Any]:
     p = ctx.protocol()
     files = {k: v for k, v in (("decisions", p.audit_decisions), ("curve", p.audit_curve)) if v}
     return {"audit_threshold": p.audit_threshold,
-            **{k: file_sha256(v) if Path(v).is_file() else v for k, v in files.items()}}
+            **{k: sha256_file(v) if Path(v).is_file() else v for k, v in files.items()}}
 
 
 def _file_intact(key: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda o: Path(o[key]).is_file() and file_sha256(o[key]) == o["sha256"]
+    return lambda o: Path(o[key]).is_file() and sha256_file(o[key]) == o["sha256"]
 
 
 def _sweep(ctx: Context) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def _promote(ctx: Context) -> dict[str, Any]:
 def _dashboard(ctx: Context) -> dict[str, Any]:
     path = build_dashboard(experiment=ctx.experiment, parent_run_id=ctx.outputs["sweep"]["parent_run"],
                            out=ctx.spec.out / "dashboard.html", name=DASHBOARD_DEFINITION)
-    return {"path": str(path), "sha256": file_sha256(path)}
+    return {"path": str(path), "sha256": sha256_file(path)}
 
 
 def _model_uri(ctx: Context) -> str:
