@@ -161,6 +161,7 @@ def twin_ids(celeba_manifest, tmp_path_factory):
     counts = df["subject_id"].value_counts()
     ids = sorted(counts[counts >= 5].index)[:5]
     people = df[df["subject_id"].isin(ids)].groupby("subject_id").head(3).copy()
+    people["label"] = people.groupby("subject_id")["label"].transform("first")  # CelebA's Chubby is per photo
     people["rank"] = people.groupby("subject_id").cumcount()
     people["split"] = "train"
     moved = people["rank"] >= 2

@@ -34,6 +34,7 @@ def pool(celeba_manifest):
     counts = df["subject_id"].value_counts()
     twins = sorted(counts[counts >= 2].index)[:RENAMED]
     pairs = df[df["subject_id"].isin(twins)].groupby("subject_id").head(2).copy()
+    pairs["label"] = pairs.groupby("subject_id")["label"].transform("first")  # CelebA's Chubby is per photo
     second = pairs.groupby("subject_id").cumcount() == 1
     pairs["subject_id"] = pairs["subject_id"].astype(str)
     pairs.loc[second, "subject_id"] += "_renamed"

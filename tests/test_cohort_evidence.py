@@ -28,6 +28,7 @@ def renamed_people(celeba_manifest, tmp_path_factory):
     counts = df["subject_id"].value_counts()
     multi = counts[counts >= 6].index[:6]
     people = df[df["subject_id"].isin(multi)].groupby("subject_id").head(6).copy()
+    people["label"] = people.groupby("subject_id")["label"].transform("first")  # CelebA's Chubby is per photo
     second = people.groupby("subject_id").cumcount() >= 3
     people.loc[second, "subject_id"] = people.loc[second, "subject_id"].astype(str) + "-visit2"
     strangers = df[df["subject_id"].map(counts) == 1].groupby("label").head(20)

@@ -54,6 +54,24 @@ def test_every_problem_is_listed_at_once(tmp_path, photos):
     assert len(e.value.problems) >= 6
 
 
+def test_a_subject_that_is_both_patient_and_control_is_refused(tmp_path, photos):
+    """Given as one subject_id, or made one by folders numbered per class (patients/000.jpg, controls/000.jpg)
+    when subject_id is left out: the error names the lines, and for the second says how to fix it."""
+    path = _write(tmp_path, [[f"photos/{photos[0].name}", 1, "F", "a"], [f"photos/{photos[1].name}", 0, "F", "a"],
+                             [f"photos/{photos[2].name}", 0, "F", "b"]])
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    assert e.value.problems == ["lines 2, 3: subject 'a' is both a patient and a control (labels 1 and 0)"]
+    for i, cls in enumerate(("patients", "controls")):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "000.jpg").write_bytes(photos[2 + i].read_bytes())
+    path = _write(tmp_path, [["patients/000.jpg", 1, "M", ""], ["controls/000.jpg", 0, "M", ""]])
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    assert e.value.problems == ["lines 2, 3: subject '000' is both a patient and a control (labels 1 and 0) (the "
+                                "file name's stem stands in for a missing subject_id: give each person's subject_id)"]
+
+
 def test_missing_columns_and_bad_split(tmp_path, photos):
     path = tmp_path / "m.csv"
     pd.DataFrame({"image": [photos[0].name], "sex": ["F"]}).to_csv(path, index=False)

@@ -135,18 +135,24 @@ def _row_problems(df: pd.DataFrame) -> list[str]:
     return problems
 
 
-def _group_problems(df: pd.DataFrame) -> list[str]:
+def _group_problems(df: pd.DataFrame, stem_ids: pd.Series) -> list[str]:
+    """Duplicate images, and subjects whose rows disagree; `stem_ids` marks the rows whose subject id is their
+    file name's stem (no subject_id given), which folders numbered per class make collide."""
     problems = []
     for key, what in (("path", "the same image file"), ("sha256", "identical image bytes")):
         dup = df[df[key].notna() & df[key].duplicated(keep=False)]
         problems += [f"lines {', '.join(str(i + 2) for i in grp.index)}: duplicate images ({what})"
                      for _, grp in dup.groupby(key)]
-    for col, values, what in (("sex", SEXES, "has two sexes"),
+    for col, values, what in (("label", ("0", "1"), "is both a patient and a control (labels 1 and 0)"),
+                              ("sex", SEXES, "has two sexes"),
                               ("split", SPLITS, "is in more than one split (leakage)")):
         if col in df.columns:
             n = df[df[col].isin(values)].groupby("subject_id")[col].nunique()
-            problems += [f"lines {', '.join(str(i + 2) for i in df.index[df['subject_id'] == subject])}: subject "
-                         f"{subject!r} {what}" for subject in n[n > 1].index]
+            for subject in n[n > 1].index:
+                rows = df.index[df["subject_id"] == subject]
+                hint = " (the file name's stem stands in for a missing subject_id: give each person's subject_id)" \
+                    if stem_ids[rows].any() else ""
+                problems.append(f"lines {', '.join(str(i + 2) for i in rows)}: subject {subject!r} {what}{hint}")
     if "split" in df.columns and 0 < (filled := (df["split"].str.strip() != "").sum()) < len(df):
         problems.append(f"split column is filled on {filled} of {len(df)} rows: fill all or none")
     return problems
@@ -172,7 +178,8 @@ def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = Tr
     df["image"] = df["image"].str.strip()
     df["sex"] = df["sex"].str.strip().str.upper()
     subject = df.get("subject_id", pd.Series("", index=df.index)).str.strip()
-    df["subject_id"] = subject.where(subject != "", df["image"].map(lambda s: Path(s).stem))
+    stem_ids = subject == ""
+    df["subject_id"] = subject.where(~stem_ids, df["image"].map(lambda s: Path(s).stem))
     if "split" in df.columns:
         df["split"] = df["split"].str.strip().str.lower()
     problems = _row_problems(df)
@@ -186,7 +193,7 @@ def load_manifest(path: str | Path, *, workers: int = 8, check_images: bool = Tr
     if not skip_bad_photos:
         problems += [f"line {i + 2}: {df.at[i, 'image']}: " + ("file not found" if results[i][1].reason ==
                      "file_not_found" else f"not a readable image ({results[i][1]})") for i in bad]
-    problems += _group_problems(df)
+    problems += _group_problems(df, stem_ids)
     if problems:
         raise ManifestError(path, problems, f"\n({len(bad)} photos cannot be found or read: --skip-bad-photos true "
                                             "leaves them out)" if bad and skip_bad_photos is False else "")
