@@ -88,7 +88,7 @@ def test_not_estimable_subgroups_are_explained_by_visible_counts(finished_run):
     assert m["test/n"] == 114 and m["test/positives"] == 16
     assert m["test/f1/male"] != m["test/f1/male"]
     # ... and one readable tag says why, instead of one tag per metric
-    assert "test/male: precision, recall, f1, auc (4 positives < min_positives=5)" in tags["not_estimable"]
+    assert "test/male: precision, recall, f1, auc (4 patients < min_positives=5)" in tags["not_estimable"]
     assert not [k for k in tags if k.startswith("not_estimable/")]
     assert not any(k.endswith("/male") and "female" in k for k in m), "searching '/male' finds only male"
 

@@ -49,7 +49,26 @@ def test_sex_gap_is_female_minus_male_and_gated():
                                                              - r.metrics["test/recall/male"])
     gated = build_report(pred, threshold=0.5, bootstrap=0, min_positives=10_000)
     assert math.isnan(gated.metrics["test/f1/sex_gap"]) and math.isfinite(gated.metrics["test/specificity/sex_gap"])
-    assert "test/f1/sex_gap: a sex has fewer than min_positives=10000 positives" in gated.tags["not_estimable"]
+    assert "test/f1/sex_gap: a sex has fewer than min_positives=10000 patients" in gated.tags["not_estimable"]
+
+
+def test_min_positives_counts_patients_not_photos():
+    """One male patient with six photos in each split is one patient: male recall, F1, AUC and the sex gap of F1 are
+    not estimable at min_positives=5, and the counts say both numbers."""
+    pred = _pred(3)
+    male = pred["sex"] == "M"
+    pred.loc[male, "label"] = 0
+    for split in ("val", "test"):
+        six = pred.index[male & (pred["split"] == split)][:6]
+        pred.loc[six, ["label", "subject"]] = [1, f"patient-{split}"]
+    r = build_report(pred, threshold=0.5, bootstrap=200, min_positives=5)
+    m = r.metrics
+    assert (m["test/positives/male"], m["test/patients/male"]) == (6, 1)
+    assert m["test/patients/female"] == pred.loc[~male & (pred["split"] == "test"), "label"].sum() >= 5
+    for name in ("test/recall/male", "test/f1/male", "test/auc/male", "test/f1/sex_gap"):
+        assert math.isnan(m[name]) and f"{name}/ci_low" not in m, name
+    assert "test/male: precision, recall, f1, auc (1 patients < min_positives=5)" in r.tags["not_estimable"]
+    assert (r.per_sex.set_index(["split", "group"]).loc[("test", "male"), ["positives", "patients"]] == [6, 1]).all()
 
 
 def test_argmax_rows_and_prevalence():

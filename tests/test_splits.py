@@ -93,3 +93,22 @@ def test_folds_keep_audit_merged_subjects_together_and_honour_strata(celeba_tabl
     assert counts.max() - counts.min() <= 1  # site balanced across folds
     with pytest.raises(SplitError, match="needs at least 5 subjects"):
         assign_folds(celeba_table[celeba_table["subject_id"].isin(subjects[:3])], 5)
+
+
+def test_claims_count_patients_and_controls_as_people_not_photos():
+    """Two patients with six photos each in val are two patients: fewer than min_positives=5, refused; a subgroup
+    whose only patient has six photos still has one patient."""
+    from cushing.data.splits import claim_problems
+
+    rows = [("train", f"p{i}", 1, "F") for i in range(6)] + [("train", f"c{i}", 0, "F") for i in range(6)]
+    rows += [("val", f"vp{i % 2}", 1, "F") for i in range(12)] + [("val", f"vc{i}", 0, "F") for i in range(12)]
+    rows += [("test", f"tp{i}", 1, "F") for i in range(6)] + [("test", "tm", 1, "M")] * 6
+    rows += [("test", f"tc{i}", 0, s) for i in range(12) for s in "FM"]
+    t = pd.DataFrame(rows, columns=["split", "subject_id", "label", "sex"])
+    out = claim_problems(t, {"": t["split"]}, min_positives=5, subgroups=("sex",), allow_few=False,
+                         allow_one_class=False)
+    assert out == ["fewer patients than min_positives=5 (val 2): too few for its metrics to mean much "
+                   "(--allow-few-positives true trains anyway)"]
+    one = t[t["subject_id"] != "tm"]
+    assert "test sex=M: 0 patients, 12 controls" in claim_problems(
+        one, {"": one["split"]}, min_positives=1, subgroups=("sex",), allow_few=False, allow_one_class=False)[0]

@@ -85,25 +85,26 @@ def claim_problems(table: pd.DataFrame, splits: dict[str, pd.Series], *, min_pos
                    subgroups: tuple[str, ...], allow_few: bool, allow_one_class: bool) -> list[str]:
     """What no claim can be made on, one line per kind with its numbers: a split (of each named split, e.g. a
     CV fold's) without patients or without controls; with fewer patients than min_positives; a sex or subgroup
-    of val or test without one of the classes. The two last are refused unless allowed."""
+    of val or test without one of the classes. The two last are refused unless allowed. Patients and controls are
+    people (subject ids), however many photos each has."""
     if table["label"].nunique() < 2:
-        pos = int(table["label"].sum())
-        return [f"the cohort has {pos} patients and {len(table) - pos} controls: a screening model needs both"]
+        pos, neg = _people(table)
+        return [f"the cohort has {pos} patients and {neg} controls: a screening model needs both"]
     one, few, thin = [], [], []
     for where, split in splits.items():
         for name in SPLITS:
             part = table[(split == name).to_numpy()]
-            pos = int(part["label"].sum())
+            pos, neg = _people(part)
             if part.empty and name == "test":  # split_ratios may leave out a test split; never train or val
                 continue
-            if pos in (0, len(part)):
-                one.append(f"{where}{name} {pos} patients, {len(part) - pos} controls")
+            if 0 in (pos, neg):
+                one.append(f"{where}{name} {pos} patients, {neg} controls")
                 continue
             few += [f"{where}{name} {pos}"] if pos < min_positives else []
             for col in subgroups if name != "train" else ():
-                counts = part.groupby(part[col].astype(str))["label"].agg(["sum", "size"])
-                thin += [f"{where}{name} {col}={v}: {int(r['sum'])} patients, {int(r['size'] - r['sum'])} controls"
-                         for v, r in counts.iterrows() if r["sum"] in (0, r["size"])]
+                thin += [f"{where}{name} {col}={v}: {p} patients, {n} controls"
+                         for v, (p, n) in ((v, _people(g)) for v, g in part.groupby(part[col].astype(str)))
+                         if 0 in (p, n)]
     out = [f"a split without patients or without controls ({'; '.join(one)}): nothing can be estimated on one "
            "class; add photos, or change split_ratios or the manifest's split column"] if one else []
     if few and not allow_few:
@@ -113,6 +114,11 @@ def claim_problems(table: pd.DataFrame, splits: dict[str, pd.Series], *, min_pos
         out.append(f"a subgroup without one of the classes ({'; '.join(thin)}): its metrics cannot be estimated "
                    f"(--allow-one-class-subgroups true trains anyway)")
     return out
+
+
+def _people(part: pd.DataFrame) -> tuple[int, int]:
+    """Patients and controls: distinct subject ids with label 1 and with label 0."""
+    return tuple(int(part.loc[part["label"] == k, "subject_id"].nunique()) for k in (1, 0))  # type: ignore[return-value]
 
 
 def check_no_leak(table: pd.DataFrame, split: pd.Series) -> None:

@@ -58,9 +58,10 @@ def _subgroups(c: CardInputs) -> str:
     t = c.per_subgroup
     if t is None or t.empty:
         return "No per-subgroup table was logged."
-    rows = [[str(r["group"]), str(int(r["n"])), str(int(r["positives"]))] + [shown(r.get(k)) for k in
-            ("recall", "specificity", "f1", "auc")] for _, r in t[t["split"] == "test"].iterrows()]
-    return _table(rows, ["test subgroup", "images", "positives", "recall", "specificity", "F1", "AUC"])
+    rows = [[str(r["group"]), str(int(r["n"])), str(int(r.get("patients", r["positives"])))] +
+            [shown(r.get(k)) for k in ("recall", "specificity", "f1", "auc")]
+            for _, r in t[t["split"] == "test"].iterrows()]  # runs before patients were counted: their photos
+    return _table(rows, ["test subgroup", "images", "patients", "recall", "specificity", "F1", "AUC"])
 
 
 def _cohort(c: CardInputs) -> str:
@@ -110,10 +111,11 @@ def _command(c: CardInputs) -> str:
 
 def _limitations(c: CardInputs) -> list[str]:
     m, tags = c.metrics, c.tags
-    out = [f"Small test set: {int(m.get('test/n', 0))} images with {int(m.get('test/positives', 0))} patients; one "
+    patients = {s: int(m.get(f"{s}/patients", m.get(f"{s}/positives", 0))) for s in ("val", "test")}
+    out = [f"Small test set: {int(m.get('test/n', 0))} images with {patients['test']} patients; one "
            "patient more or less moves recall by several points. Read the intervals, not the third decimal.",
            f"The operating threshold ({shown(m.get('threshold'))}) was chosen on a validation split with "
-           f"{int(m.get('val/positives', 0))} patients (rule {c.params.get('threshold', 'f1')}); a new site should "
+           f"{patients['val']} patients (rule {c.params.get('threshold', 'f1')}); a new site should "
            "re-check it on its own validation data.",
            "Predictive values depend on prevalence: PPV and NPV below assume "
            f"{shown(m.get('prevalence'))} (set with -P prevalence=...)."]

@@ -32,8 +32,9 @@ class MetricRow:
     value: float
     ci_low: float = float("nan")
     ci_high: float = float("nan")
-    n: int = 0
-    positives: int = 0
+    n: int = 0  # photos
+    positives: int = 0  # photos of patients
+    patients: int = 0  # distinct patients (subjects): what min_positives counts
     estimable: bool = True
     threshold: float = 0.5
     column: str = ""  # the subgroup's manifest column ("" for overall)
@@ -57,8 +58,9 @@ def summarize(pred: pd.DataFrame, *, split: str, threshold: float, groups: list[
               label: str | None = None) -> list[MetricRow]:
     """Every metric for one split, overall and per subgroup (default: per sex); intervals from `boot` (this split's
     bootstrap) when given, else Wilson for the proportions. `label` renames the split in metric names (test_argmax).
-    A subgroup with fewer than `min_positives` positives gets NaN and `estimable=False` for the positive-dependent
-    metrics; one with no positives or no negatives gets NaN where the metric is undefined."""
+    A subgroup with fewer than `min_positives` patients (subjects, however many photos each) gets NaN and
+    `estimable=False` for the positive-dependent metrics; one with no positives or no negatives gets NaN where the
+    metric is undefined."""
     part = pred[pred["split"] == split]
     groups = groups if groups is not None else subgroups_of(part, ("sex",))
     boot = boot or {}
@@ -66,17 +68,21 @@ def summarize(pred: pd.DataFrame, *, split: str, threshold: float, groups: list[
     for g in groups:
         sub = part[g.mask(part)]
         y, p = sub["label"].to_numpy(), sub["probability"].to_numpy()
-        pos = int(y.sum())
+        pos, patients = int(y.sum()), _patients(sub)
         values = point_metrics(y, p, threshold) if len(sub) else {m: float("nan") for m in METRICS}
         c = confusion(y, p, threshold)
-        gated = g.column is not None and pos < min_positives
+        gated = g.column is not None and patients < min_positives
         for m in METRICS:
             lo, hi = _interval(m, c, boot.get((g.name, m)))
             est = not (gated and m in GATED)
             v = values[m] if est else float("nan")
             rows.append(MetricRow(label or split, g.name, m, v, lo if est else math.nan, hi if est else math.nan,
-                                  len(sub), pos, est and not math.isnan(v), threshold, g.column or ""))
+                                  len(sub), pos, patients, est and not math.isnan(v), threshold, g.column or ""))
     return rows
+
+
+def _patients(part: pd.DataFrame) -> int:
+    return int(part.loc[part["label"] == 1, "subject"].nunique())
 
 
 def rows_to_metrics(rows: list[MetricRow], intervals: bool = True) -> dict[str, float]:
@@ -94,7 +100,8 @@ def per_subgroup_table(rows: list[MetricRow]) -> pd.DataFrame:
     recs: dict[tuple[str, str], dict] = {}
     for r in rows:
         rec = recs.setdefault((r.split, r.group), dict(split=r.split, column=r.column or "all", group=r.group, n=r.n,
-                                                       positives=r.positives, threshold=round(r.threshold, 6)))
+                                                       positives=r.positives, patients=r.patients,
+                                                       threshold=round(r.threshold, 6)))
         rec[r.metric] = "not estimable" if not r.estimable and math.isnan(r.value) else r.value
         rec[f"{r.metric}_ci_low"], rec[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
     return pd.DataFrame(list(recs.values()))
@@ -119,8 +126,8 @@ class Report:
 
 def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) -> list[Gap]:
     """The sex gap (female - male) and, for every other column, the range over its subgroups that have enough
-    positives to be estimated."""
-    positives = {g.name: int(part.loc[g.mask(part), "label"].sum()) for g in groups}
+    patients to be estimated."""
+    positives = {g.name: _patients(part[g.mask(part)]) for g in groups}
     gaps = []
     for col in dict.fromkeys(g.column for g in groups if g.column):
         names = [g.name for g in groups if g.column == col]
@@ -133,7 +140,7 @@ def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) ->
 
 def _gap_metrics(rows: list[MetricRow], split: str, gap: Gap, boot: dict, min_positives: int,
                  reasons: dict[str, str]) -> dict[str, float]:
-    point = {(r.group, r.metric): (r.value, r.positives) for r in rows if r.split == split}
+    point = {(r.group, r.metric): (r.value, r.patients) for r in rows if r.split == split}
     out = {}
     for metric in ("recall", "specificity", "f1"):
         name = f"{split}/{metric}/{gap.name}"
@@ -149,8 +156,8 @@ def _gap_metrics(rows: list[MetricRow], split: str, gap: Gap, boot: dict, min_po
         if math.isfinite(value) and math.isfinite(lo):
             out[f"{name}/ci_low"], out[f"{name}/ci_high"] = lo, hi
         if not math.isfinite(value):
-            reasons[name] = ("a sex has fewer than min_positives={} positives" if gap.kind == "difference" else
-                             "fewer than two subgroups with min_positives={} positives").format(min_positives)
+            reasons[name] = ("a sex has fewer than min_positives={} patients" if gap.kind == "difference" else
+                             "fewer than two subgroups with min_positives={} patients").format(min_positives)
     return out
 
 
@@ -227,10 +234,10 @@ def _net_benefit_at(split: str, row: pd.Series) -> dict[str, float]:
 
 
 def _counts(rows: list[MetricRow]) -> dict[str, float]:
-    """Images and positives per split and subgroup (`test/positives/male`): finite numbers the MLflow UI shows,
-    which explain a not-estimable (NaN, hidden by the UI) subgroup metric beside it."""
+    """Images, positives (photos) and patients per split and subgroup (`test/patients/male`): finite numbers the
+    MLflow UI shows, which explain a not-estimable (NaN, hidden by the UI) subgroup metric beside it."""
     return {metric_name(r.split, k, r.group): float(getattr(r, k)) for r in rows
-            if r.metric == "accuracy" and not r.split.endswith("_argmax") for k in ("n", "positives")}
+            if r.metric == "accuracy" and not r.split.endswith("_argmax") for k in ("n", "positives", "patients")}
 
 
 def shown(v: float | None, digits: int = 3) -> str:
@@ -267,8 +274,8 @@ def _not_estimable_summary(rows: list[MetricRow], min_positives: int) -> list[st
         if not r.estimable:
             by_group.setdefault((r.split, r.group), []).append(r)
     for (split, group), rs in by_group.items():
-        pos = rs[0].positives
-        why = (f"{pos} positives < min_positives={min_positives}" if group != "overall" and pos < min_positives
+        pos = rs[0].patients
+        why = (f"{pos} patients < min_positives={min_positives}" if group != "overall" and pos < min_positives
                else "undefined: no positives, no negatives or no predicted positives")
         lines.append(f"{split}/{group}: {', '.join(r.metric for r in rs)} ({why})")
     return lines
