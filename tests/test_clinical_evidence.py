@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from cushing.stats import size, thresholds
+from cushing.stats import intervals, size, thresholds
 from cushing.stats.decision import THRESHOLDS, decision_curve
 from cushing.stats.report import build_report
 
@@ -94,6 +94,25 @@ def test_net_benefit_at_the_operating_threshold_is_logged_in_closed_form():
 
 
 # ------------------------------------------------------------------------------------------------ guarantee
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_guaranteed_bound_is_the_logged_one_when_only_test_repeats_photos(seed):
+    """One photo per validation subject, two of one test subject: the report takes every split's intervals from
+    the subject bootstrap, and so does the guarantee; its bound is the logged val/recall/ci_low (on these seeds
+    the validation-only choice, Wilson, claimed a bound of 0.904 beside a logged 0.900)."""
+    rng = np.random.default_rng(5500 + seed)
+    rows = [(f"v{i}", "val", int(i < 55)) for i in range(155)] + [(f"t{i}", "test", int(i < 20)) for i in range(80)]
+    pred = pd.DataFrame(rows + [("t0", "test", 1)], columns=["subject", "split", "label"]).assign(sex="F")
+    pred["probability"] = np.where(pred["label"] == 1, rng.beta(5, 2, len(pred)), rng.beta(2, 5, len(pred)))
+    repeats = intervals.photos_repeat(pred)
+    assert repeats and not intervals.photos_repeat(pred[pred["split"] == "val"])
+    op = thresholds.operating_point(pred[pred["split"] == "val"], "sensitivity_lcb:0.9", n_boot=2000, seed=seed,
+                                    repeats=repeats)
+    r = build_report(pred, threshold=op.threshold, bootstrap=2000, seed=seed)
+    assert r.tags["interval_method"] == "subject_bootstrap"
+    assert r.metrics["val/recall/ci_low"] == pytest.approx(op.lower_bound, abs=1e-12)
+    assert op.met == (op.lower_bound >= 0.9)
+
 
 def test_guarantee_is_refused_when_the_validation_set_is_too_small():
     """16 validation patients (the paper's split) cannot promise recall 0.9 even if every one is found:

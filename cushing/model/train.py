@@ -24,6 +24,7 @@ from cushing.data.manifest import Manifest, hash_subject, load_manifest
 from cushing.data.checks import check_cohort, resolve_data
 from cushing.data.splits import assign_splits, split_table
 from cushing.stats.calibration import apply_temperature, fit_temperature
+from cushing.stats.intervals import photos_repeat
 from cushing.stats.thresholds import OperatingPoint, operating_point
 from cushing.data.audit import audit_manifest, audit_settings, merged_groups
 from cushing.data.audit.settings import TOGETHER
@@ -216,7 +217,8 @@ def score(fitted: Fitted, cohort: Cohort) -> TrainOutcome:
         is_val = pred["split"] == "val"
         temperature = fit_temperature(pred.loc[is_val, "label"], pred.loc[is_val, "probability"])
         pred["probability"] = apply_temperature(pred["probability"].to_numpy(), temperature)
-    op = operating_point(pred[pred["split"] == "val"], cfg.threshold, n_boot=cfg.bootstrap, seed=cfg.seed)
+    op = operating_point(pred[pred["split"] == "val"], cfg.threshold, n_boot=cfg.bootstrap, seed=cfg.seed,
+                         repeats=photos_repeat(pred))  # the interval method the report uses
     pred["prediction"] = (pred["probability"] >= op.threshold).astype(int)
     fitted.bank = None  # the device copy of the images is no longer needed
     return TrainOutcome(cfg, fitted.spec, fitted.frozen, fitted.model, fitted.preprocess, fitted.fit, pred,

@@ -15,7 +15,7 @@ from cushing.stats.subgroups import Subgroup
 if TYPE_CHECKING:  # pandas is not imported for `cushing --help` (the config validates threshold rules)
     import pandas as pd
 
-__all__ = ["wilson", "subject_weights", "resample_weights", "subject_wilson", "bootstrap", "Gap",
+__all__ = ["wilson", "photos_repeat", "subject_weights", "resample_weights", "subject_wilson", "bootstrap", "Gap",
            "percentile_interval", "Z95"]
 
 Z95 = 1.959963984540054
@@ -62,6 +62,12 @@ def subject_weights(subjects: np.ndarray, strata: np.ndarray, n_boot: int, seed:
         picks = rng.integers(0, len(members), size=(n_boot, len(members)))  # the same draws, stratum by stratum
         counts += np.bincount((rows + members[picks]).ravel(), minlength=len(counts))
     return counts.reshape(n_boot, len(uniq)).astype(np.float64)[:, inv]
+
+
+def photos_repeat(pred: pd.DataFrame) -> bool:
+    """Some subject has several photos somewhere in a predictions table: then the proportions' intervals come from the
+    subject bootstrap, not Wilson, in every split alike (the report's and the guaranteed threshold's)."""
+    return bool(pred["subject"].duplicated().any())
 
 
 def resample_weights(part: pd.DataFrame, n_boot: int, seed: int) -> np.ndarray:

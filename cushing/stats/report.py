@@ -12,7 +12,7 @@ import pandas as pd
 
 from cushing.stats.calibration import brier, ece, ppv_npv, reliability
 from cushing.stats.decision import THRESHOLDS, decision_curve
-from cushing.stats.intervals import Gap, bootstrap as bootstrap_intervals, wilson
+from cushing.stats.intervals import Gap, bootstrap as bootstrap_intervals, photos_repeat, wilson
 from cushing.stats.metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
 from cushing.stats.subgroups import Subgroup, gap_name, subgroups_of
 
@@ -174,7 +174,7 @@ def build_report(pred: pd.DataFrame, *, threshold: float, splits: tuple[str, ...
     groups = subgroups_of(pred, subgroup_columns)
     present = [s for s in splits if (pred["split"] == s).any()]
     # several photos of a subject: proportions too get their intervals from the subjects' bootstrap
-    props = PROPORTIONS if bootstrap > 0 and pred["subject"].duplicated().any() else ()
+    props = PROPORTIONS if bootstrap > 0 and photos_repeat(pred) else ()
     curve = pd.DataFrame()
     for split in present:
         part = pred[pred["split"] == split]

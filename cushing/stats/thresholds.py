@@ -112,10 +112,12 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: ThresholdRule |
     return operating_point({"subject": np.arange(len(y_val)), "label": y_val, "probability": p_val}, rule).threshold
 
 
-def operating_point(val: pd.DataFrame | dict, rule: ThresholdRule | str, *, n_boot: int = 0,
-                    seed: int = 0) -> OperatingPoint:
+def operating_point(val: pd.DataFrame | dict, rule: ThresholdRule | str, *, n_boot: int = 0, seed: int = 0,
+                    repeats: bool | None = None) -> OperatingPoint:
     """The operating point from a validation predictions table (subject, sex, label, probability), every cut-off
-    scored at once; a guaranteed rule's lower bounds use the report's resamples (`n_boot`, `seed`)."""
+    scored at once; a guaranteed rule's lower bounds use the report's resamples (`n_boot`, `seed`) when `repeats`
+    (`photos_repeat` of the whole predictions table, as the report decides; None: of validation alone), else
+    Wilson, so the bound is the run's own `val/recall/ci_low`."""
     rule = parse_threshold_rule(rule) if isinstance(rule, str) else rule
     if rule.kind == "fixed":
         return OperatingPoint(float(rule.value), str(rule))
@@ -130,11 +132,11 @@ def operating_point(val: pd.DataFrame | dict, rule: ThresholdRule | str, *, n_bo
     fallback = float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
     if not rule.kind.endswith("_lcb"):
         return OperatingPoint(fallback, str(rule))
-    return _guaranteed(val, y, p, cuts, rule, fallback, n_boot, seed)
+    return _guaranteed(val, y, p, cuts, rule, fallback, n_boot, seed, repeats)
 
 
 def _guaranteed(val: pd.DataFrame, y: np.ndarray, p: np.ndarray, cuts: np.ndarray, rule: ThresholdRule,
-                fallback: float, n_boot: int, seed: int) -> OperatingPoint:
+                fallback: float, n_boot: int, seed: int, repeats: bool | None) -> OperatingPoint:
     m, target = rule.metric, rule.value
     other, who = ("specificity", "patients") if m == "recall" else ("recall", "controls")
     every = rates(confusion(y, p, cuts))
@@ -142,8 +144,9 @@ def _guaranteed(val: pd.DataFrame, y: np.ndarray, p: np.ndarray, cuts: np.ndarra
     cand = np.flatnonzero(point >= target)  # a lower bound never exceeds its point estimate
     subjects = np.asarray(val["subject"])
     n = len(np.unique(subjects[y if m == "recall" else ~y]))
+    repeats = len(np.unique(subjects)) < len(subjects) if repeats is None else repeats
     resampled = rates(confusion(y, p, cuts[cand], resample_weights(val, n_boot, seed)))[m] \
-        if n_boot > 0 and len(np.unique(subjects)) < len(subjects) else None  # several photos a subject: bootstrap
+        if n_boot > 0 and repeats else None  # several photos of a subject: the subject bootstrap
     low = subject_wilson(point[cand], resampled, n)[0]
     ok = cand[low >= target]
     if len(ok):
