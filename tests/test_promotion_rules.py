@@ -3,10 +3,14 @@ them (the end-to-end promotion against a real server is in test_server.py)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pandas as pd
+import pytest
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
+from cushing.config import ConfigError
 from cushing.release.registry import PromotionPolicy, _against_champion
 
 
@@ -52,3 +56,18 @@ def test_a_champion_chosen_on_another_metric_is_compared_on_this_one(tmp_path, m
     assert worse.value == 0.10 and not worse.better and better.better  # brier: lower is better
     gone = _against_champion(c, _best(0.20), policy, _version("1", source_run="missing"))
     assert math.isnan(gone.value) and gone.better
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"metric": "val/loss"}, "val/loss is logged per epoch only"),
+    ({"metric": "val/auc", "max_sex_gap": 0.1}, "a gap gate (max_sex_gap) needs a metric with gaps"),
+    ({"metric": "val/brier", "max_subgroup_gap": 0.1}, "a gap gate (max_subgroup_gap) needs a metric with gaps"),
+    ({"metric": "test/f1"}, "validation metrics only")])
+def test_a_policy_that_could_rank_or_gate_nothing_is_refused(kw, needle):
+    """A metric finished runs do not log, or a gap gate on a metric without gaps, would exclude every run for a
+    made-up reason ('not estimable'): refused up front, in one line from the command line."""
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        PromotionPolicy(**kw)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    r = subprocess.run([sys.executable, "-m", "cushing", "promote", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

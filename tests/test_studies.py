@@ -37,6 +37,8 @@ def test_shipped_study_files_are_valid():
     ("name: x\nkind: tune\nspace:\n  nonsense: {type: int, low: 1, high: 2}\n", ":4: search parameter 'nonsense'"),
     ("name: x\nkind: tune\nobjective: {metric: test/f1}\nspace:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
      "must be a validation metric"),
+    ("name: x\nkind: tune\nobjective: {metric: val/loss}\nspace:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
+     ":3: val/loss is logged per epoch only"),
 ])
 def test_bad_study_files_name_the_line(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from cushing.stats.metrics import lower_is_better
+from cushing.stats.metrics import GAP_METRICS, final_metric_problem, lower_is_better
 from cushing.stats.subgroups import gap_name
 from cushing.tracking import artifact_dir, client, download_artifact, experiments_with_runs, find_runs, launcher_run, \
     log_artifacts_to, start_run
-from cushing.config import to_params, TrainConfig
+from cushing.config import ConfigError, to_params, TrainConfig
 from cushing.release.card import CardInputs, render_card
 
 REGISTERED_MODEL = "cushing"
@@ -37,7 +37,13 @@ class PromotionPolicy:
 
     def __post_init__(self) -> None:
         if not self.metric.startswith("val/"):
-            raise ValueError(f"promotion ranks on validation metrics only (val/...), got {self.metric!r}")
+            raise ConfigError(f"promotion ranks on validation metrics only (val/...), got {self.metric!r}")
+        if why := final_metric_problem(self.metric):
+            raise ConfigError(why)
+        gates = [g for g in ("max_sex_gap", "max_subgroup_gap") if getattr(self, g) is not None]
+        if gates and self.metric.split("/")[1] not in GAP_METRICS:
+            raise ConfigError(f"a gap gate ({' and '.join(gates)}) needs a metric with gaps "
+                              f"({', '.join(f'val/{m}' for m in GAP_METRICS)}), got {self.metric!r}")
 
 
 @dataclass

@@ -7,12 +7,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["METRICS", "PROPORTIONS", "GATED", "Counts", "confusion", "rates", "auc", "point_metrics", "roc_points",
-           "lower_is_better", "cutoffs"]
+__all__ = ["METRICS", "PROPORTIONS", "GATED", "GAP_METRICS", "final_metric_problem", "Counts", "confusion", "rates",
+           "auc", "point_metrics", "roc_points", "lower_is_better", "cutoffs"]
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 PROPORTIONS = ("accuracy", "precision", "recall", "specificity")  # Wilson intervals
 GATED = ("precision", "recall", "f1", "auc")  # need enough positives to mean anything
+GAP_METRICS = ("recall", "specificity", "f1")  # those with a sex gap and subgroup gaps ({split}/f1/sex_gap)
+
+
+def final_metric_problem(name: str) -> str | None:
+    """Why `name` cannot rank finished runs (a study's objective, promotion): a loss is logged per epoch only."""
+    if name.endswith("/loss"):
+        return (f"{name} is logged per epoch only (epoch/{name}, for choosing the best epoch); rank finished runs on "
+                f"a final metric such as val/f1, val/auc or val/brier")
+    return None
 
 
 def lower_is_better(name: str) -> bool:

@@ -13,7 +13,7 @@ import pandas as pd
 from cushing.stats.calibration import brier, ece, ppv_npv, reliability
 from cushing.stats.decision import THRESHOLDS, decision_curve
 from cushing.stats.intervals import Gap, bootstrap as bootstrap_intervals, photos_repeat, wilson
-from cushing.stats.metrics import GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
+from cushing.stats.metrics import GAP_METRICS, GATED, METRICS, PROPORTIONS, Counts, confusion, point_metrics
 from cushing.stats.subgroups import Subgroup, gap_name, subgroups_of
 
 __all__ = ["MetricRow", "Report", "build_report", "summarize", "rows_to_metrics", "per_sex_table",
@@ -142,7 +142,7 @@ def _gap_metrics(rows: list[MetricRow], split: str, gap: Gap, boot: dict, min_po
                  reasons: dict[str, str]) -> dict[str, float]:
     point = {(r.group, r.metric): (r.value, r.patients) for r in rows if r.split == split}
     out = {}
-    for metric in ("recall", "specificity", "f1"):
+    for metric in GAP_METRICS:
         name = f"{split}/{metric}/{gap.name}"
         vals = [point.get((m, metric), (math.nan, 0)) for m in gap.members]
         if gap.kind == "difference":

@@ -12,7 +12,7 @@ from typing import Any
 
 from cushing.config import (EXECUTION_FIELDS, ConfigError, TrainConfig, lines_under, load_yaml_with_lines, resolve,
                             run_name)
-from cushing.stats.metrics import lower_is_better
+from cushing.stats.metrics import final_metric_problem, lower_is_better
 
 __all__ = ["Study", "SearchParam", "load_study", "STUDY_KEYS", "with_execution"]
 
@@ -173,6 +173,8 @@ def load_study(path: str | Path) -> Study:
     metric = objective.get("metric", "val/f1")
     if not str(metric).startswith("val/"):
         problems.append(_err(path, lines, ("objective", "metric"), "the objective must be a validation metric"))
+    elif why := final_metric_problem(str(metric)):
+        problems.append(_err(path, lines, ("objective", "metric"), why))
     direction = objective.get("direction", "minimize" if lower_is_better(str(metric)) else "maximize")
     if direction not in ("maximize", "minimize"):
         problems.append(_err(path, lines, ("objective", "direction"), "direction must be maximize or minimize"))
