@@ -37,6 +37,8 @@ def test_shipped_study_files_are_valid():
     ("name: x\nkind: tune\nspace:\n  nonsense: {type: int, low: 1, high: 2}\n", ":4: search parameter 'nonsense'"),
     ("name: x\nkind: tune\nobjective: {metric: test/f1}\nspace:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
      "must be a validation metric"),
+    ("name: x\nkind: sweep\nbase: {cv_folds: 5}\nconfigurations:\n  - {model: resnet18, seeds: 2}\n",
+     ":5: cv_folds=5 and seeds=2: a study trains each configuration once"),
     ("name: x\nkind: tune\nobjective: {metric: val/loss}\nspace:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
      ":3: val/loss is logged per epoch only"),
 ])

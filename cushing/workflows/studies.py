@@ -73,11 +73,15 @@ def _check_keys(path, lines, prefix: tuple, data: dict, allowed: set, what: str,
 
 def _train_config(path, lines, prefix: tuple, overrides: dict, problems: list) -> TrainConfig | None:
     try:
-        return resolve(TrainConfig, overrides, lines=lines_under(lines, prefix), source=str(path))
+        cfg = resolve(TrainConfig, overrides, lines=lines_under(lines, prefix), source=str(path))
     except ConfigError as e:
         problems.append(str(e).replace("invalid configuration:\n  ", "").replace("\n  ", "; ")
                         if lines.get(prefix) is None else f"{path}:{lines[prefix]}: {e}")
         return None
+    if many := [f"{k}={getattr(cfg, k)}" for k in ("cv_folds", "seeds") if getattr(cfg, k) > 1]:
+        problems.append(_err(path, lines, prefix, f"{' and '.join(many)}: a study trains each configuration once, on "
+                             "the split (cross-validation and repeated seeds are `cushing train` options)"))
+    return cfg
 
 
 def _space(path, lines, space: dict, problems: list) -> tuple[SearchParam, ...]:
