@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from cushing.config import TrainConfig
+from cushing.stats.calibration import brier, ece
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,11 @@ def test_cv_parent_children_and_pooled_metrics(cv, small_demo):
     assert m["oof/recall/ci_low"] <= m["oof/recall"] <= m["oof/recall/ci_high"]
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=cv.run_id, artifact_path="oof_predictions.csv"))
     assert len(oof) == 343 and oof["subject"].is_unique, "every subject is held out exactly once"
+    # the folds' own probabilities, whose calibration the parent logs (re-centred scores beside them)
+    own = pd.concat([k.predictions[k.predictions["split"] == "test"] for k in cv.children]).set_index("subject")
+    assert np.allclose(oof.set_index("subject")["probability"], own.loc[oof["subject"], "probability"])
+    y, p = oof["label"].to_numpy(), oof["probability"].to_numpy()
+    assert m["oof/brier"] == pytest.approx(brier(y, p)) and m["oof/ece"] == pytest.approx(ece(y, p))
     assert sorted(oof["fold"].unique()) == [0, 1, 2]
 
 

@@ -25,7 +25,7 @@ from cushing.data.manifest import skipped_counts
 from cushing.data.splits import assign_folds, fold_split
 from cushing.faces.settings import settings_for_manifest
 from cushing.model.train import Cohort, fit_model, prepare_cohort
-from cushing.stats.calibration import logit
+from cushing.stats.calibration import brier, ece, logit
 from cushing.phases import PHASES_OUT_ENV, phase, phased, process_start_time, timing
 from cushing.workflows.finishing import RunSummary, Trained, _prevalence, finish_part
 
@@ -230,15 +230,18 @@ def run_cv(cfg: TrainConfig, *, cohort: Cohort | None = None, progress: bool = T
                                  progress=progress, extra_tags={"fold": str(i)})
             children.append(summary)
             test = summary.predictions[summary.predictions["split"] == "test"]
-            pooled.append(_recentre(test, summary.metrics["threshold"]).assign(fold=i))
+            pooled.append(_recentre(test, summary.metrics["threshold"]).assign(fold=i, raw=test["probability"]))
         oof = pd.concat(pooled, ignore_index=True).assign(split="oof")
         report = build_report(oof, threshold=0.5, splits=("oof",), min_positives=cfg.min_positives,
                               bootstrap=cfg.bootstrap, seed=cfg.seed, prevalence=_prevalence(cfg, cohort),
                               argmax_split=None, subgroup_columns=cfg.subgroup_columns, decision=False)
-        metrics = {**report.metrics, **_spread(children)}
+        # calibration of the folds' own probabilities: the re-centred scores serve the metrics at a threshold only
+        y, raw = oof["label"].to_numpy(), oof["raw"].to_numpy()
+        metrics = {**report.metrics, "oof/brier": brier(y, raw), "oof/ece": ece(y, raw), **_spread(children)}
         parent.log_metrics(metrics)
         parent.set_tags(report.tags)
-        parent.log_table(oof[["subject", "fold", "sex", "label", "probability"]], "oof_predictions.csv")
+        parent.log_table(oof.assign(recentred=oof["probability"], probability=raw)[
+            ["subject", "fold", "sex", "label", "probability", "recentred"]], "oof_predictions.csv")
         parent.log_table(report.per_sex, "per_sex.csv")
         parent.log_table(pd.DataFrame({"fold": folds.to_numpy(), "sex": cohort.table["sex"].to_numpy(),
                                        "label": cohort.labels}).value_counts().rename("images").reset_index()
