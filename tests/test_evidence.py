@@ -184,3 +184,29 @@ def test_mcnemar_hand_checked_and_holm():
     assert r["p_value"] == pytest.approx(2 * sum(math.comb(11, k) for k in range(3)) / 2**11)
     assert paired.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert math.isnan(paired.holm([0.01, float("nan")])[1])
+
+
+def test_compare_counts_subjects_not_photos(tracking):
+    """Two models' test predictions on 60 subjects, logged to a real MLflow store as runs log them; the same
+    predictions with every subject photographed three times give the same paired tests, n = subjects."""
+    from cushing import tracking as trk
+    from cushing.workflows.jobs import compare_runs
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(20, int), np.zeros(40, int)]
+    one = pd.DataFrame({"subject": [f"s{i:02d}" for i in range(60)], "split": "test", "sex": "F", "label": y})
+    scores = {m: np.clip(0.5 * y + rng.normal(0.25, shift, 60), 0, 1) for m, shift in (("a", 0.2), ("b", 0.3))}
+
+    def runs(copies: int) -> list[str]:
+        ids = []
+        for m, p in scores.items():
+            with trk.start_run(experiment="compare", run_name=m) as r:
+                r.log_table(pd.concat([one.assign(probability=p)] * copies, ignore_index=True), "predictions.csv")
+                r.log_metrics({"threshold": 0.5})
+                ids.append(r.run_id)
+        return ids
+
+    once, thrice = (compare_runs(runs(c)).table.iloc[0] for c in (1, 3))
+    assert (once["n"], thrice["n"], once["photos"], thrice["photos"]) == (60, 60, 60, 180)
+    for k in ("delong_p", "mcnemar_p", "auc_diff", "mcnemar_b", "mcnemar_c"):
+        assert thrice[k] == pytest.approx(once[k]), k

@@ -161,14 +161,17 @@ def _predictions(run_id: str) -> pd.DataFrame:
 
 
 def _test_predictions(run_id: str) -> tuple[pd.DataFrame, float, str]:
+    """The run's test subjects, one row each (label, mean probability of its photos, photos), by hashed id."""
     run = tracking.get_run(run_id)
-    pred = _predictions(run_id)
-    return (pred[pred["split"] == "test"].sort_values("subject").reset_index(drop=True),
-            float(run.metrics.get("threshold", 0.5)), run.tags.get("mlflow.runName", run_id))
+    test = _predictions(run_id).query("split == 'test'")
+    per_subject = test.groupby("subject", sort=True).agg(label=("label", "first"), probability=("probability", "mean"),
+                                                         photos=("label", "size")).reset_index()
+    return per_subject, float(run.metrics.get("threshold", 0.5)), run.tags.get("mlflow.runName", run_id)
 
 
 def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: str = "cushing") -> ComparisonResult:
-    """Paired tests on the same test subjects: DeLong for AUC, McNemar at each model's own threshold, Holm."""
+    """Paired tests on the same test subjects, one case each (the mean probability of its photos: photographing a
+    patient again adds no evidence): DeLong for AUC, McNemar at each model's own threshold, Holm."""
     if len(run_ids) < 2:
         raise CompareError("compare needs at least two runs")
     loaded = {rid: _test_predictions(rid) for rid in run_ids}
@@ -188,6 +191,7 @@ def compare_runs(run_ids: list[str], *, log_to: str | None = None, experiment: s
         cb = (pb["probability"].to_numpy() >= tb).astype(int) == y
         mc = mcnemar_test(ca, cb)
         rows.append({"run_a": a, "model_a": na, "run_b": b, "model_b": nb, "n": len(y),
+                     "photos": int(pa["photos"].sum()),
                      "auc_a": d["auc1"], "auc_b": d["auc2"], "auc_diff": d["diff"], "delong_z": d["z"],
                      "delong_p": d["p_value"], "acc_a": ca.mean(), "acc_b": cb.mean(), "mcnemar_b": mc["b"],
                      "mcnemar_c": mc["c"], "mcnemar_p": mc["p_value"]})
