@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cushing.config import TrainConfig
+from cushing.config import ConfigError, TrainConfig
 from cushing.stats.calibration import brier, ece
 
 pytestmark = pytest.mark.slow
@@ -191,3 +191,11 @@ def test_explain_on_a_runs_own_cohort_uses_the_split_it_trained_on(store, small_
     assert sorted(o.rsplit("_", 1)[0] for o in overlays) == sorted(test)
     _, everything = run_explain(run_id=run.run_id, split="all")
     assert everything.metrics["cam/images"] == len(pd.read_csv(drawn))
+    # the model alone on the cohort it trained on: its training run's split, into a new run
+    model_uri = c.get_run(run.run_id).data.tags["model_uri"]
+    new_id, by_model = run_explain(model_uri=model_uri, manifest=str(drawn), split="test", allow_phi=True)
+    overlays = [a.path.rsplit("/", 1)[1] for a in c.list_artifacts(new_id, "cam/overlays")]
+    assert new_id != run.run_id and sorted(o.rsplit("_", 1)[0] for o in overlays) == sorted(test)
+    # another cohort is not the run's: refused, the run's own maps kept
+    with pytest.raises(ConfigError, match=f"is not the cohort run {run.run_id} trained on"):
+        run_explain(run_id=run.run_id, manifest=str(small_demo))

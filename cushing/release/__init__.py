@@ -5,8 +5,8 @@ and `card` (rendering a card; no mlflow). With `cushing.tracking` the only mlflo
 from __future__ import annotations
 
 from cushing.release.logged import LoggedModel, load_model, load_torch_model, log_model, model_config, \
-    pip_requirements
+    pip_requirements, source_run
 from cushing.release.registry import REGISTERED_MODEL, link_evaluation, model_version_of
 
 __all__ = ["log_model", "model_config", "pip_requirements", "load_model", "load_torch_model", "REGISTERED_MODEL",
-           "LoggedModel", "link_evaluation", "model_version_of"]
+           "LoggedModel", "link_evaluation", "model_version_of", "source_run"]

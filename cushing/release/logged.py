@@ -18,7 +18,8 @@ from cushing.release.pyfunc import MODEL_CONFIG, WEIGHTS
 from cushing.tracking import configure
 from cushing.phases import phase
 
-__all__ = ["log_model", "model_config", "pip_requirements", "load_model", "load_torch_model", "LoggedModel"]
+__all__ = ["log_model", "model_config", "pip_requirements", "load_model", "load_torch_model", "source_run",
+           "LoggedModel"]
 
 
 def pip_requirements() -> list[str]:
@@ -136,6 +137,14 @@ def load_torch_model(uri: str):
     model = build_model(cfg["model"], pretrained=False, img_size=int(cfg["img_size"]), freeze=False)
     model.load_state_dict(load_file(str(weights)))
     return model.eval(), cfg
+
+
+def source_run(uri: str) -> str | None:
+    """The run that logged the model at `uri` (a logged model, or a registered version of one)."""
+    import mlflow
+
+    configure()
+    return mlflow.models.get_model_info(uri).run_id
 
 
 def load_model(uri: str):

@@ -19,6 +19,7 @@ from cushing.stats.calibration import apply_temperature
 from cushing.stats.paired import delong_test, holm, mcnemar_test
 from cushing.stats.report import Report, build_report
 from cushing.data.checks import resolve_data
+from cushing.config import ConfigError, parse_bool
 from cushing.model.backbones import Preprocess
 from cushing.model.augment import DeviceAugment
 from cushing.data.bank import decode_images, ImageBank
@@ -28,15 +29,16 @@ from cushing.model.engine import predict_proba
 __all__ = ["run_explain", "run_evaluate", "compare_runs", "CompareError", "ComparisonResult"]
 
 
-def _rows_for(manifest: Manifest, split: str, run_id: str | None, run_digest: str | None) -> np.ndarray:
-    """Which rows to use: every row for `all`; on the run's own cohort, the run's own split (each subject where its
-    predictions.csv put it, train when it is not there: drawing the split again could differ, with other strata
-    or around subjects the audit merged); else the manifest's split column; else every row (an external cohort)."""
+def _rows_for(manifest: Manifest, split: str, own_run: str | None) -> np.ndarray:
+    """Which rows to use: every row for `all`; on the cohort `own_run` trained on, that run's own split (each
+    subject where its predictions.csv put it, train when it is not there: drawing the split again could differ,
+    with other strata or around subjects the audit merged); else the manifest's split column; else every row (an
+    external cohort)."""
     table = manifest.table
     if split == "all":
         return np.arange(len(table))
-    if run_id and run_digest and manifest.digest == run_digest:
-        where = dict(zip(*_predictions(run_id)[["subject", "split"]].to_numpy().T))
+    if own_run:
+        where = dict(zip(*_predictions(own_run)[["subject", "split"]].to_numpy().T))
         return np.flatnonzero(manifest.subject_hashes().map(lambda h: where.get(h, "train")).to_numpy() == split)
     if "split" in table.columns:
         return np.flatnonzero((table["split"] == split).to_numpy())
@@ -46,22 +48,28 @@ def _rows_for(manifest: Manifest, split: str, run_id: str | None, run_digest: st
 def run_explain(*, run_id: str | None = None, model_uri: str | None = None, manifest: str | None = None,
                 split: str = "test", allow_phi: bool = False, experiment: str = "cushing",
                 device: str = "auto") -> tuple[str, CamReport]:
-    """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run)."""
+    """Grad-CAM aggregates for an existing run (logged into it) or a registered model (a new run). On the cohort
+    the model trained on, the split is the training run's own, found from the model when only it is given."""
     params, digest = None, None
     if run_id:
         run = tracking.get_run(run_id)
         params, digest = dict(run.params), run.tags.get("data_digest")
         model_uri = model_uri or run.tags.get("model_uri")
         if not model_uri:
-            raise ValueError(f"run {run_id} has no logged model (log_model=false?); pass --model")
+            raise ConfigError(f"run {run_id} has no logged model (log_model=false?); pass --model")
     if not model_uri:
-        raise ValueError("give --run-id or --model")
+        raise ConfigError("give --run-id or --model")
     data = manifest or (params or {}).get("data")
     if not data:
-        raise ValueError("give --manifest (the images to explain)")
-    m = load_manifest(resolve_data(data))
-    idx = _rows_for(m, split, run_id, digest)
+        raise ConfigError("give --manifest (the images to explain)")
+    m = load_manifest(resolve_data(data), skip_bad_photos=parse_bool((params or {}).get("skip_bad_photos", False)))
+    if run_id and digest != m.digest:
+        raise ConfigError(f"{data} is not the cohort run {run_id} trained on (data digest {m.digest[:12]}, the run's "
+                          f"{str(digest)[:12]}): its maps would replace the run's own; explain it with --model "
+                          f"{model_uri} instead (a new run)")
     model, mcfg = release.load_torch_model(model_uri)
+    own = run_id or (release.source_run(model_uri) if mcfg.get("data_digest") == m.digest else None)
+    idx = _rows_for(m, split, own)
     model = model.to(dev := pick_device(device))
     size = int(mcfg["img_size"])
     images = decode_images(m.table["path"].iloc[idx].tolist(), size, mcfg.get("interpolation", "bicubic"))
