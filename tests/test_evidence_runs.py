@@ -100,7 +100,7 @@ def test_paired_comparison_and_refusal(seeds, cv):
         compare_runs([a.run_id, cv.children[0].run_id])
 
 
-def test_external_validation_of_a_logged_model(seeds, celeba_manifest, tmp_path):
+def test_external_validation_of_a_logged_model(seeds, celeba_manifest, small_demo, tmp_path):
     import mlflow
 
     from cushing.workflows.jobs import run_evaluate
@@ -121,6 +121,8 @@ def test_external_validation_of_a_logged_model(seeds, celeba_manifest, tmp_path)
     for key in ("external/f1", "external/auc", "external/recall/ci_low", "external/brier", "external/ece"):
         assert key in m
     assert len(res.predictions) == 60 and not math.isnan(m["external/auc"])
+    with pytest.raises(ConfigError, match="is the cohort .* was trained on"):  # its training photos are not external
+        run_evaluate(model_uri=model_uri, manifest=str(small_demo), experiment="evidence", bootstrap=200)
     names = {x.path for x in mlflow.MlflowClient().list_artifacts(res.run_id)}
     assert {"per_sex.csv", "predictions.csv", "plots"} <= names
 

@@ -116,6 +116,9 @@ def run_evaluate(*, model_uri: str, manifest: str, experiment: str = "cushing", 
     m = load_manifest(resolve_data(manifest))
     pyf = release.load_model(model_uri)
     meta = (pyf.metadata.metadata or {}).get("cushing", {})
+    if meta.get("data_digest") == m.digest:
+        raise ConfigError(f"{manifest} is the cohort {model_uri} was trained on (data digest {m.digest[:12]}): "
+                          "external validation needs other patients; its own test split is in its training run")
     threshold = float(meta.get("threshold", 0.5))
     out = _score_with_pyfunc(pyf, m.table["path"].tolist())
     t = m.table
