@@ -127,12 +127,12 @@ class Report:
 def _gaps_for(groups: list[Subgroup], part: pd.DataFrame, min_positives: int) -> list[Gap]:
     """The sex gap (female - male) and, for every other column, the range over its subgroups that have enough
     patients to be estimated."""
-    positives = {g.name: _patients(part[g.mask(part)]) for g in groups}
+    patients = {g.name: _patients(part[g.mask(part)]) for g in groups}
     gaps = []
     for col in dict.fromkeys(g.column for g in groups if g.column):
         names = [g.name for g in groups if g.column == col]
         if col != "sex":
-            gaps.append(Gap(gap_name(col), tuple(n for n in names if positives.get(n, 0) >= min_positives)))
+            gaps.append(Gap(gap_name(col), tuple(n for n in names if patients.get(n, 0) >= min_positives)))
         elif {"female", "male"} <= set(names):
             gaps.append(Gap("sex_gap", ("female", "male"), "difference"))
     return gaps
